@@ -1,0 +1,52 @@
+"""A member as this node sees it, and SWIM's precedence between claims about it.
+
+SWIM orders claims by incarnation number, which only the member itself may
+raise: a higher incarnation always wins; at equal incarnation, suspect beats
+alive and dead/left beat both (SWIM section 4.2, memberlist state.go).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from gossip.wire import Address
+
+
+class Status(str, Enum):
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+    @property
+    def up(self) -> bool:
+        """Alive or suspect: still a member we talk to."""
+        return self in (Status.ALIVE, Status.SUSPECT)
+
+
+_RANK = {Status.ALIVE: 0, Status.SUSPECT: 1, Status.DEAD: 2, Status.LEFT: 2}
+
+
+def overrides(new_status: Status, new_inc: int, old_status: Status, old_inc: int) -> bool:
+    """Whether a claim (new_status, new_inc) supersedes what we hold.
+
+    This is the rule the message handlers apply case by case; it lives here
+    once so that property tests can check them against it.
+    """
+    if new_inc != old_inc:
+        return new_inc > old_inc
+    return _RANK[new_status] > _RANK[old_status]
+
+
+@dataclass
+class Member:
+    name: str
+    addr: Address
+    incarnation: int
+    status: Status
+    tags: dict[str, str] = field(default_factory=dict)
+    #: When (protocol clock) the status last changed; drives reaping.
+    status_since: float = 0.0
+    #: Smoothed round-trip time of direct probes, seconds.
+    rtt: float | None = None

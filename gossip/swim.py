@@ -1,0 +1,680 @@
+"""SWIM membership with Lifeguard's refinements, as a sans-I/O state machine.
+
+The caller owns time and sockets.  It feeds :class:`Membership` with
+``receive(now, src, packet)`` and ``tick(now)``, performs what ``drain()``
+returns (datagrams to send, TCP push-pull exchanges to run), and calls
+``tick`` again at ``next_deadline()``.  The same object runs in the trio agent
+and in the simulator on a virtual clock.
+
+References: SWIM (Das, Gupta, Motivala, 2002) for probing, ping-req, suspicion
+and infection-style dissemination; Lifeguard (Dadgar, Phillips, Currey, 2018)
+for the local health multiplier, dynamic suspicion timeouts and the buddy
+system; hashicorp/memberlist for the concrete rules and defaults.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from gossip.awareness import Awareness
+from gossip.broadcast_queue import BroadcastQueue
+from gossip.config import GossipConfig
+from gossip.keyring import SEAL_OVERHEAD
+from gossip.member import Member, Status
+from gossip.suspicion import Suspicion
+from gossip.wire import (
+    PACKET_OVERHEAD,
+    Ack,
+    Address,
+    Alive,
+    Dead,
+    DecodeError,
+    MemberRecord,
+    Message,
+    Nack,
+    Ping,
+    PingReq,
+    PushPull,
+    Suspect,
+    decode_packet,
+    encode_message,
+    encode_packet,
+    format_addr,
+    pack_packet,
+)
+
+# -- what the state machine asks its driver to do ----------------------------------
+
+
+@dataclass(frozen=True)
+class SendPacket:
+    """Send this (plaintext) packet as one UDP datagram to ``addr``."""
+
+    addr: Address
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class StartPushPull:
+    """Open TCP to ``target``, send ``push_pull_payload()``, read the reply, and
+    report back with ``complete_push_pull``.  ``target`` may hold a host name
+    (a seed), which the driver resolves at each attempt."""
+
+    target: Address
+    purpose: str  # "join" (seed retry loop) or "sync" (periodic anti-entropy)
+
+
+Effect = Union[SendPacket, StartPushPull]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth a log line: ``kind`` is the event name, ``fields`` its data."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+# -- internal timers --------------------------------------------------------------
+
+
+@dataclass
+class _Probe:
+    target: str
+    seq: int
+    sent: float
+    direct_deadline: float
+    end: float
+    indirect_sent: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass
+class _Relay:
+    """A ping-req we are serving for someone else."""
+
+    requester: Address
+    orig_seq: int
+    target: str
+    nack_at: float | None
+    expire: float
+
+
+@dataclass
+class _JoinLoop:
+    seeds: list[Address]
+    next_at: float
+    attempt: int = 0
+    in_flight: int = 0
+    done: bool = False
+    last_error: str = ""
+
+
+@dataclass
+class _Counters:
+    drops: Counter[str] = field(default_factory=Counter)
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+class Membership:
+    def __init__(
+        self,
+        name: str,
+        addr: Address,
+        config: GossipConfig,
+        *,
+        tags: dict[str, str] | None = None,
+        rng: random.Random | None = None,
+        now: float = 0.0,
+        incarnation: int = 0,
+        seal_overhead: int = SEAL_OVERHEAD,
+    ) -> None:
+        self.name = name
+        self.addr = addr
+        self.config = config
+        self.rng = rng if rng is not None else random.Random()
+        self.me = Member(name, addr, incarnation, Status.ALIVE, dict(tags or {}), now)
+        self.members: dict[str, Member] = {name: self.me}
+        self.awareness = Awareness(config.awareness_max_multiplier)
+        self.broadcasts = BroadcastQueue()
+        self.counters = _Counters()
+        self.leaving = False
+        self._packet_budget = config.udp_packet_size - seal_overhead - PACKET_OVERHEAD
+        self._seq = self.rng.randrange(1 << 30)
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._suspicions: dict[str, Suspicion] = {}
+        self._join: _JoinLoop | None = None
+        # Spread the first probe over one interval so agents started together
+        # do not probe in lockstep.
+        self._next_probe = now + self.rng.uniform(0, config.probe_interval)
+        self._next_gossip = now + config.gossip_interval
+        self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
+        self._reap_every = max(1.0, min(60.0, config.dead_reap_after / 10))
+        self._next_reap = now + self._reap_every
+        self._outbox: list[Effect] = []
+        self._events: list[Event] = []
+        self._queue_alive_self()
+
+    # -- public inputs --------------------------------------------------------------
+
+    def receive(self, now: float, src: Address, packet: bytes) -> None:
+        """A UDP packet (already opened by the keyring) arrived from ``src``."""
+        try:
+            messages = decode_packet(packet)
+        except DecodeError as exc:
+            self.drop(exc.reason)
+            return
+        self.counters.stats["packets_in"] += 1
+        for msg in messages:
+            self.counters.stats[f"msg_in.{type(msg).__name__.lower()}"] += 1
+            self._handle(now, src, msg)
+
+    def drop(self, reason: str) -> None:
+        """Count a packet or stream dropped for ``reason`` (visible in info)."""
+        self.counters.drops[reason] += 1
+
+    def tick(self, now: float) -> None:
+        """Run every timer that is due at ``now``."""
+        self._tick_probe(now)
+        self._tick_relays(now)
+        self._tick_suspicions(now)
+        if now >= self._next_gossip:
+            if len(self.broadcasts):
+                self._gossip_round(now)
+            self._next_gossip = now + self.config.gossip_interval
+        if now >= self._next_push_pull:
+            self._start_sync(now)
+        self._tick_join(now)
+        if now >= self._next_reap:
+            self._reap(now)
+            self._next_reap = now + self._reap_every
+
+    def next_deadline(self) -> float:
+        """The protocol time at which ``tick`` must next be called."""
+        times = [self._next_push_pull, self._next_reap]
+        if not self.leaving:
+            times.append(self._next_probe)
+        if len(self.broadcasts):
+            times.append(self._next_gossip)
+        p = self._probe
+        if p is not None:
+            times.append(p.end)
+            if not p.indirect_sent:
+                times.append(p.direct_deadline)
+        for r in self._relays.values():
+            times.append(r.expire)
+            if r.nack_at is not None:
+                times.append(r.nack_at)
+        times.extend(s.deadline for s in self._suspicions.values())
+        j = self._join
+        if j is not None and not j.done and j.in_flight == 0:
+            times.append(j.next_at)
+        return min(times)
+
+    def drain(self) -> tuple[list[Effect], list[Event]]:
+        """Take what the driver must do and what it should log."""
+        out, ev = self._outbox, self._events
+        self._outbox, self._events = [], []
+        return out, ev
+
+    def join(self, now: float, seeds: list[Address]) -> None:
+        """Keep trying to push-pull with the seeds, with backoff, until one answers."""
+        if seeds:
+            self._join = _JoinLoop(list(seeds), next_at=now)
+            self._tick_join(now)
+
+    @property
+    def joined(self) -> bool:
+        return self._join is None or self._join.done
+
+    @property
+    def join_error(self) -> str:
+        return self._join.last_error if self._join else ""
+
+    def leave(self, now: float) -> None:
+        """Announce a graceful leave: others will show us as ``left``, never dead."""
+        if self.leaving:
+            return
+        self.leaving = True
+        self._probe = None
+        d = Dead(self.name, self.me.incarnation, self.name)
+        self._set_status(now, self.me, Status.LEFT, "leave requested")
+        self._broadcast(self.name, d)
+        self._gossip_round(now)
+
+    def leave_spread(self) -> bool:
+        """True once our leave has been sent its full retransmit budget."""
+        return self.leaving and (
+            not self.broadcasts.pending(self.name) or not self._gossip_targets(0.0)
+        )
+
+    # -- push-pull (TCP, driven by the agent) -----------------------------------------
+
+    def push_pull_payload(self, join: bool) -> bytes:
+        return encode_packet([PushPull(self.name, join, self._records())])
+
+    def handle_push_pull(self, now: float, src: Address, data: bytes) -> bytes | None:
+        """We are the responder: merge the initiator's state and return ours.
+
+        Returns None (and counts the drop) when the request is not a valid
+        push-pull; the agent then just closes the stream.
+        """
+        remote = self._decode_push_pull(data)
+        if remote is None:
+            return None
+        refused = self._refusal(remote)
+        if refused:
+            self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
+            self.counters.stats["push_pull_refused"] += 1
+        else:
+            self.counters.stats["push_pull_in"] += 1
+            self._merge(now, remote)
+        return encode_packet([PushPull(self.name, False, self._records(), refused)])
+
+    def complete_push_pull(
+        self, now: float, target: Address, purpose: str, reply: bytes | None, error: str = ""
+    ) -> tuple[bool, str]:
+        """We were the initiator: merge the reply (or note the failure)."""
+        ok, reason = False, error or "no reply"
+        if reply is not None:
+            remote = self._decode_push_pull(reply)
+            if remote is None:
+                reason = "malformed reply"
+            elif remote.refused:
+                reason = f"refused by {remote.source}: {remote.refused}"
+                self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
+            else:
+                self._merge(now, remote)
+                self.counters.stats["push_pull_out"] += 1
+                ok, reason = True, ""
+        j = self._join
+        if purpose == "join" and j is not None and not j.done:
+            j.in_flight = max(0, j.in_flight - 1)
+            if ok:
+                j.done = True
+                j.last_error = ""
+            else:
+                j.last_error = f"{format_addr(target)}: {reason}"
+                if j.in_flight == 0:
+                    backoff = min(
+                        self.config.join_retry_max,
+                        self.config.join_retry_min * 2 ** min(j.attempt - 1, 16),
+                    )
+                    j.next_at = now + backoff * self.rng.uniform(0.8, 1.2)
+                    self._event("join_retry", seeds=[format_addr(s) for s in j.seeds],
+                                error=j.last_error, retry_in=round(j.next_at - now, 2))
+        elif ok and j is not None:
+            j.done = True  # an explicit join succeeded: the seed loop can stop
+        return ok, reason
+
+    # -- introspection --------------------------------------------------------------
+
+    def member_list(self) -> list[Member]:
+        return sorted(self.members.values(), key=lambda m: m.name)
+
+    def count_by_status(self) -> dict[str, int]:
+        c = {s.value: 0 for s in Status}
+        for m in self.members.values():
+            c[m.status.value] += 1
+        return c
+
+    def num_up(self) -> int:
+        return sum(1 for m in self.members.values() if m.status.up)
+
+    # -- message handling ---------------------------------------------------------------
+
+    def _handle(self, now: float, src: Address, msg: Message) -> None:
+        if isinstance(msg, Ping):
+            if msg.target != self.name:
+                # The address now belongs to someone else (memberlist checks this too).
+                self.drop("wrong_node")
+                return
+            self._send(src, [Ack(msg.seq, self.name)])
+        elif isinstance(msg, PingReq):
+            self._on_ping_req(now, src, msg)
+        elif isinstance(msg, Ack):
+            self._on_ack(now, msg)
+        elif isinstance(msg, Nack):
+            p = self._probe
+            if p is not None and p.seq == msg.seq:
+                p.nacks += 1
+        elif isinstance(msg, Alive):
+            self._on_alive(now, msg)
+        elif isinstance(msg, Suspect):
+            self._on_suspect(now, msg)
+        elif isinstance(msg, Dead):
+            self._on_dead(now, msg)
+        else:
+            self.drop("unexpected_type")
+
+    def _on_ping_req(self, now: float, src: Address, msg: PingReq) -> None:
+        if msg.target == self.name:
+            self._send(src, [Ack(msg.seq, self.name)])
+            return
+        seq = self._next_seq()
+        nack_at = now + 0.8 * self.config.probe_timeout if msg.want_nack else None
+        self._relays[seq] = _Relay(src, msg.seq, msg.target, nack_at, now + self.config.probe_timeout)
+        self._send(msg.target_addr, [Ping(seq, msg.target, self.name)])
+
+    def _on_ack(self, now: float, msg: Ack) -> None:
+        p = self._probe
+        if p is not None and p.seq == msg.seq:
+            target = self.members.get(p.target)
+            if target is not None and msg.source == p.target and not p.indirect_sent:
+                sample = now - p.sent
+                target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
+            self.awareness.apply_delta(-1)
+            self._probe = None
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            self._send(relay.requester, [Ack(relay.orig_seq, relay.target)])
+
+    # The three rules below follow memberlist's aliveNode/suspectNode/deadNode.
+
+    def _on_alive(self, now: float, a: Alive) -> None:
+        if a.name == self.name:
+            me = self.me
+            if a.addr != me.addr and a.incarnation >= me.incarnation:
+                self._event("name_conflict", name=a.name, ours=format_addr(me.addr),
+                            theirs=format_addr(a.addr),
+                            reason="another agent claims this agent's name")
+                self.counters.stats["name_conflicts"] += 1
+            if not self.leaving and (
+                a.incarnation > me.incarnation
+                or (a.incarnation == me.incarnation and (a.addr != me.addr or a.tags != me.tags))
+            ):
+                self._refute(now, a.incarnation, "stale alive about this agent")
+            return
+        m = self.members.get(a.name)
+        if m is None:
+            m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now)
+            self.members[a.name] = m
+            # Insert at a random place so a new member is probed soon (memberlist).
+            self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), a.name)
+            self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
+                        previous="none", incarnation=a.incarnation, reason="joined")
+            self._broadcast(a.name, a)
+            return
+        if a.addr != m.addr:
+            if m.status.up:
+                self._event("name_conflict", name=a.name, ours=format_addr(m.addr),
+                            theirs=format_addr(a.addr),
+                            reason=f"name already alive at {format_addr(m.addr)}; refused")
+                self.counters.stats["name_conflicts"] += 1
+                return
+            # A dead or departed member may come back at a new address.
+            m.addr = a.addr
+        elif a.incarnation <= m.incarnation:
+            return
+        m.incarnation = a.incarnation
+        m.tags = dict(a.tags)
+        self._suspicions.pop(a.name, None)
+        if m.status is not Status.ALIVE:
+            reason = "refuted suspicion" if m.status is Status.SUSPECT else "rejoined"
+            self._set_status(now, m, Status.ALIVE, reason)
+        self._broadcast(a.name, a)
+
+    def _on_suspect(self, now: float, s: Suspect) -> None:
+        m = self.members.get(s.name)
+        if m is None or s.incarnation < m.incarnation:
+            return
+        if s.name == self.name:
+            if not self.leaving:
+                self._refute(now, s.incarnation, f"suspected by {s.source}")
+            return
+        sus = self._suspicions.get(s.name)
+        if sus is not None:
+            if sus.confirm(s.source):
+                self.counters.stats["suspicion_confirmations"] += 1
+                self._broadcast(s.name, s)
+            return
+        if m.status is not Status.ALIVE:
+            return
+        m.incarnation = s.incarnation
+        self._set_status(now, m, Status.SUSPECT, f"suspected by {s.source}")
+        self.counters.stats["suspicions"] += 1
+        n = self.num_up()
+        k = self.config.suspicion_mult - 2
+        if n - 2 < k:
+            k = 0  # too few members for independent confirmations (memberlist)
+        self._suspicions[s.name] = Suspicion(
+            now, s.source, k, self.config.suspicion_min(n), self.config.suspicion_max(n)
+        )
+        self._broadcast(s.name, s)
+
+    def _on_dead(self, now: float, d: Dead) -> None:
+        m = self.members.get(d.name)
+        if m is None or d.incarnation < m.incarnation or not m.status.up:
+            return
+        if d.name == self.name:
+            if not self.leaving:
+                self._refute(now, d.incarnation, f"declared dead by {d.source}")
+            return
+        m.incarnation = d.incarnation
+        self._suspicions.pop(d.name, None)
+        if d.source == d.name:
+            self._set_status(now, m, Status.LEFT, "left gracefully")
+        else:
+            self._set_status(now, m, Status.DEAD, f"declared dead by {d.source}")
+        self._broadcast(d.name, d)
+
+    def _refute(self, now: float, accused: int, reason: str) -> None:
+        """SWIM: only a member raises its own incarnation, to overrule a claim."""
+        self.me.incarnation = max(self.me.incarnation, accused) + 1
+        self.awareness.apply_delta(1)  # Lifeguard: being suspected hints we are slow
+        self.counters.stats["refutations"] += 1
+        self._event("refute", incarnation=self.me.incarnation, reason=reason)
+        self._queue_alive_self()
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _tick_probe(self, now: float) -> None:
+        p = self._probe
+        if p is not None and not p.indirect_sent and now >= p.direct_deadline:
+            self._send_indirect(now, p)
+        if p is not None and now >= p.end:
+            self._probe_failed(now, p)
+            self._probe = None
+        if not self.leaving and now >= self._next_probe:
+            self._start_probe(now)
+
+    def _start_probe(self, now: float) -> None:
+        interval = self.awareness.scale(self.config.probe_interval)
+        self._next_probe = now + interval
+        target = self._next_probe_target()
+        if target is None:
+            return
+        seq = self._next_seq()
+        msgs: list[Message] = [Ping(seq, target.name, self.name)]
+        if target.status is Status.SUSPECT:
+            # Lifeguard's buddy system: tell the member it is suspected, so it
+            # can refute at once instead of waiting for gossip to reach it.
+            msgs.append(Suspect(target.name, target.incarnation, self.name))
+        timeout = self.awareness.scale(self.config.probe_timeout)
+        self._probe = _Probe(target.name, seq, now, now + timeout, now + interval)
+        self.counters.stats["probes"] += 1
+        self._send(target.addr, msgs)
+
+    def _next_probe_target(self) -> Member | None:
+        # SWIM section 4.3: round-robin over a shuffled list, reshuffled each pass,
+        # bounds the time to first detection.
+        for _ in range(2):
+            while self._probe_index < len(self._probe_order):
+                name = self._probe_order[self._probe_index]
+                self._probe_index += 1
+                m = self.members.get(name)
+                if m is not None and m.status.up and name != self.name:
+                    return m
+            self._probe_order = [n for n, m in self.members.items() if n != self.name and m.status.up]
+            self.rng.shuffle(self._probe_order)
+            self._probe_index = 0
+        return None
+
+    def _send_indirect(self, now: float, p: _Probe) -> None:
+        p.indirect_sent = True
+        target = self.members.get(p.target)
+        if target is None:
+            return
+        helpers = [
+            m for m in self.members.values()
+            if m.status is Status.ALIVE and m.name not in (self.name, p.target)
+        ]
+        chosen = self.rng.sample(helpers, min(self.config.indirect_checks, len(helpers)))
+        for h in chosen:
+            self._send(h.addr, [PingReq(p.seq, target.name, target.addr, self.name, True)])
+        p.expected_nacks = len(chosen)
+        self.counters.stats["ping_reqs"] += len(chosen)
+
+    def _probe_failed(self, now: float, p: _Probe) -> None:
+        # Lifeguard: missing nacks mean our own links are at fault, not the target's.
+        if p.expected_nacks > 0:
+            self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
+        else:
+            self.awareness.apply_delta(1)
+        self.counters.stats["probe_failures"] += 1
+        m = self.members.get(p.target)
+        if m is not None and m.status is Status.ALIVE:
+            self._on_suspect(now, Suspect(m.name, m.incarnation, self.name))
+
+    def _tick_relays(self, now: float) -> None:
+        for seq, r in list(self._relays.items()):
+            if r.nack_at is not None and now >= r.nack_at:
+                r.nack_at = None
+                self._send(r.requester, [Nack(r.orig_seq, self.name)])
+            if now >= r.expire:
+                del self._relays[seq]
+
+    def _tick_suspicions(self, now: float) -> None:
+        for name, s in list(self._suspicions.items()):
+            if s.expired(now):
+                del self._suspicions[name]
+                m = self.members.get(name)
+                if m is not None and m.status is Status.SUSPECT:
+                    self.counters.stats["suspicion_timeouts"] += 1
+                    self._on_dead(now, Dead(name, m.incarnation, self.name))
+
+    def _gossip_targets(self, now: float) -> list[Member]:
+        return [
+            m for m in self.members.values()
+            if m.name != self.name
+            and (m.status.up
+                 or (m.status is Status.DEAD
+                     and now - m.status_since < self.config.gossip_to_the_dead))
+        ]
+
+    def _gossip_round(self, now: float) -> None:
+        candidates = self._gossip_targets(now)
+        k = min(self.config.gossip_nodes, len(candidates))
+        for m in self.rng.sample(candidates, k):
+            if not len(self.broadcasts):
+                break
+            self._send(m.addr, [])
+
+    def _start_sync(self, now: float) -> None:
+        self._next_push_pull = now + self.config.push_pull_scaled(self.num_up())
+        peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
+        if peers and not self.leaving:
+            self._outbox.append(StartPushPull(self.rng.choice(peers).addr, "sync"))
+
+    def _tick_join(self, now: float) -> None:
+        j = self._join
+        if j is None or j.done or j.in_flight or now < j.next_at:
+            return
+        j.attempt += 1
+        j.in_flight = len(j.seeds)
+        for seed in j.seeds:
+            self._outbox.append(StartPushPull(seed, "join"))
+
+    def _reap(self, now: float) -> None:
+        for name, m in list(self.members.items()):
+            if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
+                del self.members[name]
+                self._event("member_reaped", name=name, status=m.status.value)
+
+    # -- push-pull helpers -----------------------------------------------------------------
+
+    def _records(self) -> list[MemberRecord]:
+        return [
+            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags))
+            for m in self.members.values()
+        ]
+
+    def _decode_push_pull(self, data: bytes) -> PushPull | None:
+        try:
+            msgs = decode_packet(data)
+        except DecodeError as exc:
+            self.drop(exc.reason)
+            return None
+        if len(msgs) != 1 or not isinstance(msgs[0], PushPull):
+            self.drop("unexpected_type")
+            return None
+        return msgs[0]
+
+    def _refusal(self, remote: PushPull) -> str:
+        if remote.source == self.name:
+            return f"name {self.name!r} is already taken by the agent at {format_addr(self.addr)}"
+        own = next((r for r in remote.members if r.name == remote.source), None)
+        existing = self.members.get(remote.source)
+        if own is not None and existing is not None and existing.status.up and existing.addr != own.addr:
+            return f"name {remote.source!r} is already alive at {format_addr(existing.addr)}"
+        return ""
+
+    def _merge(self, now: float, remote: PushPull) -> None:
+        # memberlist mergeState: a remote "dead" only makes us suspect, so one
+        # node's stale view cannot kill a member we can still reach.
+        for r in remote.members:
+            if r.status == "alive":
+                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags))
+            elif r.status == "left":
+                self._on_dead(now, Dead(r.name, r.incarnation, r.name))
+            else:
+                self._on_suspect(now, Suspect(r.name, r.incarnation, remote.source))
+
+    # -- output helpers -------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        return self._seq
+
+    def _queue_alive_self(self) -> None:
+        me = self.me
+        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Change our tags: a new incarnation carries them to everyone."""
+        self.me.tags = dict(tags)
+        self.me.incarnation += 1
+        self._queue_alive_self()
+
+    def _broadcast(self, key: str, msg: Message) -> None:
+        self.broadcasts.queue(key, encode_message(msg))
+
+    def _send(self, addr: Address, msgs: list[Message]) -> None:
+        encoded = [encode_message(m) for m in msgs]
+        budget = self._packet_budget - sum(len(e) for e in encoded)
+        limit = self.config.retransmit_limit(self.num_up())
+        encoded.extend(self.broadcasts.get(budget, limit))
+        if not encoded:
+            return
+        payload = pack_packet(encoded)
+        self.counters.stats["packets_out"] += 1
+        self._outbox.append(SendPacket(addr, payload))
+
+    def _set_status(self, now: float, m: Member, status: Status, reason: str) -> None:
+        previous = m.status
+        m.status = status
+        m.status_since = now
+        if previous is not status:
+            self._event("member", name=m.name, addr=format_addr(m.addr), status=status.value,
+                        previous=previous.value, incarnation=m.incarnation, reason=reason)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._events.append(Event(kind, fields))

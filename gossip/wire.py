@@ -1,0 +1,377 @@
+"""The gossip wire format: msgpack, versioned, validated field by field.
+
+A packet is ``[PROTOCOL_VERSION, [message, ...]]``; several messages share one
+datagram (memberlist's compound message) so piggy-backed updates cost no extra
+packets.  Every message is a map with a short type tag ``t``.  Decoding never
+trusts the sender: anything that is not exactly the expected shape raises
+:class:`DecodeError` carrying a reason that the agent counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+#: Upper bounds on what a peer may make us allocate while decoding.
+MAX_NAME_LEN = 128
+MAX_TAGS = 64
+MAX_TAG_LEN = 512
+MAX_STREAM_BYTES = 16 * 1024 * 1024
+
+Address = tuple[str, int]
+
+
+class DecodeError(Exception):
+    """A packet that is not a valid message; ``reason`` names the drop counter."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# -- messages -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ping:
+    seq: int
+    target: str  # the name we expect to answer, so a reused address cannot ack
+    source: str
+
+
+@dataclass(frozen=True)
+class PingReq:
+    """SWIM's ping-req: ask the receiver to probe ``target`` for us."""
+
+    seq: int
+    target: str
+    target_addr: Address
+    source: str
+    want_nack: bool = True
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Nack:
+    """Lifeguard: a ping-req helper could not reach the target either."""
+
+    seq: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Alive:
+    name: str
+    incarnation: int
+    addr: Address
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suspect:
+    name: str
+    incarnation: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Dead:
+    """``source == name`` means the member left gracefully."""
+
+    name: str
+    incarnation: int
+    source: str
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """One member's full state, as exchanged by push-pull."""
+
+    name: str
+    addr: Address
+    incarnation: int
+    status: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PushPull:
+    source: str
+    join: bool
+    members: list[MemberRecord]
+    #: Set by a responder that refuses the initiator (e.g. a name conflict).
+    refused: str = ""
+
+
+Message = Union[Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, PushPull]
+
+STATUSES = ("alive", "suspect", "dead", "left")
+
+
+# -- encoding -------------------------------------------------------------------
+
+
+def _addr(a: Address) -> list[Any]:
+    return [a[0], a[1]]
+
+
+def message_to_obj(msg: Message) -> dict[str, Any]:
+    if isinstance(msg, Ping):
+        return {"t": "ping", "seq": msg.seq, "to": msg.target, "from": msg.source}
+    if isinstance(msg, PingReq):
+        return {
+            "t": "ping-req",
+            "seq": msg.seq,
+            "to": msg.target,
+            "addr": _addr(msg.target_addr),
+            "from": msg.source,
+            "nack": msg.want_nack,
+        }
+    if isinstance(msg, Ack):
+        return {"t": "ack", "seq": msg.seq, "from": msg.source}
+    if isinstance(msg, Nack):
+        return {"t": "nack", "seq": msg.seq, "from": msg.source}
+    if isinstance(msg, Alive):
+        return {
+            "t": "alive",
+            "name": msg.name,
+            "inc": msg.incarnation,
+            "addr": _addr(msg.addr),
+            "tags": dict(msg.tags),
+        }
+    if isinstance(msg, Suspect):
+        return {"t": "suspect", "name": msg.name, "inc": msg.incarnation, "from": msg.source}
+    if isinstance(msg, Dead):
+        return {"t": "dead", "name": msg.name, "inc": msg.incarnation, "from": msg.source}
+    if isinstance(msg, PushPull):
+        return {
+            "t": "push-pull",
+            "from": msg.source,
+            "join": msg.join,
+            "refused": msg.refused,
+            "members": [
+                [m.name, _addr(m.addr), m.incarnation, m.status, dict(m.tags)]
+                for m in msg.members
+            ],
+        }
+    raise TypeError(f"not a message: {msg!r}")
+
+
+def encode_message(msg: Message) -> bytes:
+    """One message, msgpack-encoded, ready to be packed with others."""
+    out: bytes = msgpack.packb(message_to_obj(msg), use_bin_type=True)
+    return out
+
+
+def _array_header(n: int) -> bytes:
+    # msgpack spec: fixarray up to 15 elements, then array16, then array32.
+    if n <= 15:
+        return bytes([0x90 | n])
+    if n <= 0xFFFF:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+#: Bytes a packet adds around its messages, at most (2-array + version + array16).
+PACKET_OVERHEAD = 1 + 1 + 3
+
+
+def pack_packet(encoded_messages: list[bytes]) -> bytes:
+    """Join pre-encoded messages into one versioned packet without re-encoding."""
+    return (
+        b"\x92"
+        + msgpack.packb(PROTOCOL_VERSION)
+        + _array_header(len(encoded_messages))
+        + b"".join(encoded_messages)
+    )
+
+
+def encode_packet(messages: list[Message]) -> bytes:
+    return pack_packet([encode_message(m) for m in messages])
+
+
+# -- decoding -------------------------------------------------------------------
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+        )
+    except msgpack.ExtraData as exc:
+        raise DecodeError("malformed", "trailing bytes") from exc
+    except (ValueError, msgpack.UnpackException) as exc:
+        text = str(exc)
+        if "incomplete" in text or isinstance(exc, msgpack.OutOfData):
+            raise DecodeError("truncated", text) from exc
+        raise DecodeError("malformed", text) from exc
+    except Exception as exc:  # msgpack may raise TypeError etc. on hostile input
+        raise DecodeError("malformed", type(exc).__name__) from exc
+
+
+def _str(obj: dict[str, Any], key: str, max_len: int = MAX_NAME_LEN) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or len(v) > max_len:
+        raise DecodeError("malformed", f"field {key!r} must be a string")
+    return v
+
+
+def _int(obj: dict[str, Any], key: str) -> int:
+    v = obj.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**63:
+        raise DecodeError("malformed", f"field {key!r} must be a non-negative integer")
+    return v
+
+
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    v = obj.get(key, False)
+    if not isinstance(v, bool):
+        raise DecodeError("malformed", f"field {key!r} must be a boolean")
+    return v
+
+
+def _addr_of(v: Any) -> Address:
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not isinstance(v[0], str)
+        or not v[0]
+        or len(v[0]) > 255
+        or not isinstance(v[1], int)
+        or isinstance(v[1], bool)
+        or not 0 < v[1] < 65536
+    ):
+        raise DecodeError("malformed", "bad address")
+    return (v[0], v[1])
+
+
+def _tags_of(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict) or len(v) > MAX_TAGS:
+        raise DecodeError("malformed", "bad tags")
+    for k, val in v.items():
+        if not isinstance(k, str) or not isinstance(val, str):
+            raise DecodeError("malformed", "tags must map strings to strings")
+        if len(k) > MAX_TAG_LEN or len(val) > MAX_TAG_LEN:
+            raise DecodeError("malformed", "tag too long")
+    return dict(v)
+
+
+def _message_from_obj(obj: Any) -> Message:
+    if not isinstance(obj, dict):
+        raise DecodeError("malformed", "message is not a map")
+    t = obj.get("t")
+    if t == "ping":
+        return Ping(_int(obj, "seq"), _str(obj, "to"), _str(obj, "from"))
+    if t == "ping-req":
+        return PingReq(
+            _int(obj, "seq"),
+            _str(obj, "to"),
+            _addr_of(obj.get("addr")),
+            _str(obj, "from"),
+            _bool(obj, "nack"),
+        )
+    if t == "ack":
+        return Ack(_int(obj, "seq"), _str(obj, "from"))
+    if t == "nack":
+        return Nack(_int(obj, "seq"), _str(obj, "from"))
+    if t == "alive":
+        return Alive(
+            _str(obj, "name"),
+            _int(obj, "inc"),
+            _addr_of(obj.get("addr")),
+            _tags_of(obj.get("tags", {})),
+        )
+    if t == "suspect":
+        return Suspect(_str(obj, "name"), _int(obj, "inc"), _str(obj, "from"))
+    if t == "dead":
+        return Dead(_str(obj, "name"), _int(obj, "inc"), _str(obj, "from"))
+    if t == "push-pull":
+        raw_members = obj.get("members")
+        if not isinstance(raw_members, list):
+            raise DecodeError("malformed", "push-pull members must be a list")
+        members = []
+        for rec in raw_members:
+            if not isinstance(rec, list) or len(rec) != 5:
+                raise DecodeError("malformed", "bad member record")
+            name, addr, inc, status, tags = rec
+            if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+                raise DecodeError("malformed", "bad member name")
+            if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc < 2**63:
+                raise DecodeError("malformed", "bad incarnation")
+            if status not in STATUSES:
+                raise DecodeError("malformed", "bad member status")
+            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags)))
+        refused = obj.get("refused", "")
+        if not isinstance(refused, str) or len(refused) > 1024:
+            raise DecodeError("malformed", "bad refusal")
+        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused)
+    raise DecodeError("unknown_type", repr(t)[:40])
+
+
+def decode_packet(data: bytes) -> list[Message]:
+    """Decode a whole packet; all-or-nothing so a bad packet changes no state."""
+    if not data:
+        raise DecodeError("truncated", "empty packet")
+    obj = _unpack(data)
+    if not isinstance(obj, list) or len(obj) != 2:
+        raise DecodeError("malformed", "packet is not [version, messages]")
+    version, body = obj
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise DecodeError("malformed", "version is not an integer")
+    if version != PROTOCOL_VERSION:
+        raise DecodeError("version", f"protocol version {version}")
+    if not isinstance(body, list):
+        raise DecodeError("malformed", "messages is not a list")
+    return [_message_from_obj(m) for m in body]
+
+
+def format_addr(addr: Address) -> str:
+    """host:port, with IPv6 hosts in brackets (RFC 3986 section 3.2.2)."""
+    host, port = addr
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def parse_addr(text: str, default_port: int | None = None) -> Address:
+    """Parse ``host:port``, ``[v6]:port`` or (with a default port) ``host``."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest == "" and default_port is not None:
+            return (host, default_port)
+        if not rest.startswith(":"):
+            raise ValueError(f"bad address {text!r}: expected [host]:port")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" not in text and default_port is not None:
+        return (text, default_port)
+    else:
+        raise ValueError(f"bad address {text!r}: expected host:port")
+    if not host:
+        raise ValueError(f"bad address {text!r}: empty host")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad address {text!r}: port is not a number") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"bad address {text!r}: port out of range")
+    return (host, port)
