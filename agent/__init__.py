@@ -1,0 +1,1 @@
+"""The agent process: config, sockets, the trio nursery that drives gossip, the local API."""

@@ -1,0 +1,162 @@
+"""The local HTTP/JSON API, served with h11 on trio.
+
+Local only (127.0.0.1 by default) and one request per connection: the CLI
+and scripts are its clients, not browsers.  Every failure is a 4xx/5xx with
+``{"error": "one-line reason"}`` -- never a traceback on the wire.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+
+from agent import log
+from gossip.wire import parse_addr
+
+if TYPE_CHECKING:
+    from agent.runner import Agent
+
+MAX_BODY = 1024 * 1024
+REQUEST_TIMEOUT = 10.0
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+Handler = Callable[[dict[str, list[str]], Any], Awaitable[tuple[int, Any]]]
+
+
+class ApiServer:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.log = log.get("mesh.api")
+        self.routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/v1/health"): self.health,
+            ("GET", "/v1/members"): self.members,
+            ("GET", "/v1/agent/self"): self.self_info,
+            ("POST", "/v1/join"): self.join,
+            ("POST", "/v1/leave"): self.leave,
+        }
+
+    # -- routes -------------------------------------------------------------------------
+
+    async def health(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return 200, {"ok": True, "name": self.agent.cfg.name, "status": self.agent.membership.me.status.value}
+
+    async def members(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        members = self.agent.members_view()
+        wanted = query.get("status")
+        if wanted:
+            allowed = {"alive", "suspect", "dead", "left"}
+            bad = [s for s in wanted if s not in allowed]
+            if bad:
+                raise HttpError(400, f"unknown status {bad[0]!r}: use alive, suspect, dead or left")
+            members = [m for m in members if m["status"] in wanted]
+        return 200, members
+
+    async def self_info(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return 200, self.agent.self_view()
+
+    async def join(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("addresses"), list) or not body["addresses"]:
+            raise HttpError(400, 'body must be {"addresses": ["host:port", ...]}')
+        targets = []
+        for a in body["addresses"]:
+            if not isinstance(a, str):
+                raise HttpError(400, "addresses must be strings")
+            try:
+                targets.append(parse_addr(a, 7946))
+            except ValueError as exc:
+                raise HttpError(400, str(exc)) from None
+        result = await self.agent.join(targets)
+        return 200, result
+
+    async def leave(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if self.agent.membership.leaving:
+            return 200, {"ok": True, "detail": "already leaving"}
+        assert self.agent._nursery is not None
+        self.agent._nursery.start_soon(self.agent.leave)
+        return 200, {"ok": True, "detail": "leaving; the agent exits once the leave has spread"}
+
+    # -- HTTP plumbing ------------------------------------------------------------------------
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                status, payload = await self._serve_one(conn, stream)
+                await self._respond(conn, stream, status, payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_one(self, conn: h11.Connection, stream: trio.SocketStream) -> tuple[int, Any]:
+        request: h11.Request | None = None
+        body = bytearray()
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > MAX_BODY:
+                        return 413, {"error": "request body too large"}
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        except h11.RemoteProtocolError as exc:
+            return 400, {"error": f"bad HTTP request: {exc}"}
+        if request is None:
+            return 400, {"error": "no request"}
+        method = request.method.decode("ascii", "replace")
+        split = urlsplit(request.target.decode("ascii", "replace"))
+        path = split.path.rstrip("/") or "/"
+        handler = self.routes.get((method, path))
+        if handler is None:
+            if any(p == path for (_, p) in self.routes):
+                return 405, {"error": f"method {method} not allowed on {path}"}
+            return 404, {"error": f"no such endpoint {path}"}
+        parsed: Any = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                return 400, {"error": "request body is not valid JSON"}
+        try:
+            return await handler(parse_qs(split.query), parsed)
+        except HttpError as exc:
+            return exc.status, {"error": exc.message}
+        except Exception as exc:  # a bug must not take the agent down
+            self.log.exception("api_handler_failed", path=path)
+            return 500, {"error": f"internal error: {type(exc).__name__}"}
+
+    async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any) -> None:
+        data = (json.dumps(payload) + "\n").encode()
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(data))),
+            ("connection", "close"),
+        ]
+        try:
+            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            out += conn.send(h11.Data(data=data)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            # h11 will not answer a request it could not parse; answer raw.
+            head = f"HTTP/1.1 {status} Error\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+            out = head.encode() + b"\r\n" + data
+        await stream.send_all(out)

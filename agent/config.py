@@ -1,0 +1,258 @@
+"""Agent configuration: flags > MESH_* environment > TOML file > defaults.
+
+The contract (shared/CONTRACT.md) fixes the flag names; every one of them can
+also come from the environment or the file, so the same agent runs from a
+shell, a unit file or a container without a wrapper script.  Every problem is
+reported as one :class:`ConfigError` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gossip.config import PROFILES, GossipConfig
+from gossip.keyring import KeyError_, decode_key
+from gossip.wire import Address, format_addr, parse_addr
+
+DEFAULT_GOSSIP_PORT = 7946
+DEFAULT_API = "127.0.0.1:7947"
+DEFAULT_TUNNEL_PORT = 7948
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the user as one line."""
+
+
+#: flag name -> (kind, default).  Kinds: str, list, bool.
+FLAGS: dict[str, tuple[str, Any]] = {
+    "name": ("str", None),
+    "bind": ("str", f"0.0.0.0:{DEFAULT_GOSSIP_PORT}"),
+    "advertise": ("str", None),
+    "join": ("list", []),
+    "api": ("str", DEFAULT_API),
+    "tunnel": ("str", None),
+    "key": ("str", None),
+    "key_file": ("str", None),
+    "insecure": ("bool", False),
+    "data_dir": ("str", None),
+    "profile": ("str", "lan"),
+    "log_format": ("str", "console"),
+    "log_level": ("str", "info"),
+}
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    bind: Address
+    advertise: Address
+    join: list[Address]
+    api: Address
+    tunnel: Address
+    key: bytes | None
+    data_dir: Path | None
+    profile: str
+    gossip: GossipConfig
+    log_format: str
+    log_level: str
+    tags: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def insecure(self) -> bool:
+        return self.key is None
+
+
+def _env_value(kind: str, raw: str) -> Any:
+    if kind == "list":
+        return [p.strip() for p in raw.split(",") if p.strip()]
+    if kind == "bool":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw
+
+
+def _file_values(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return data
+
+
+def _check_kind(name: str, kind: str, value: Any, where: str) -> Any:
+    if kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {name} must be a list of host:port strings")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name} must be a string")
+    return value
+
+
+def _advertise_host(bind_host: str) -> str:
+    """When bound to a wildcard, advertise an address peers can reach."""
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+        if not host.startswith("127."):
+            return host
+    except OSError:
+        pass
+    return "127.0.0.1" if bind_host != "::" else "::1"
+
+
+def _addr(text: str, what: str, default_port: int | None = None) -> Address:
+    try:
+        return parse_addr(text, default_port)
+    except ValueError as exc:
+        raise ConfigError(f"--{what}: {exc}") from None
+
+
+def load_key(key: str | None, key_file: str | None, insecure: bool, warnings: list[str]) -> bytes | None:
+    if key and key_file:
+        raise ConfigError("give either --key or --key-file, not both")
+    if insecure and (key or key_file):
+        raise ConfigError("--insecure cannot be combined with --key or --key-file")
+    if key_file:
+        try:
+            mode = os.stat(key_file).st_mode
+            text = Path(key_file).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"key file {key_file} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read key file {key_file}: {exc.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(f"key file {key_file} is readable by others; chmod 600 it")
+        key = text.strip()
+    if key:
+        try:
+            return decode_key(key)
+        except KeyError_ as exc:
+            raise ConfigError(f"unusable cluster key: {exc} (make one with `mesh-agent keygen`)") from None
+    if insecure:
+        return None
+    raise ConfigError(
+        "gossip is encrypted by default: pass --key or --key-file "
+        "(make one with `mesh-agent keygen`), or --insecure to run without encryption"
+    )
+
+
+def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> AgentConfig:
+    """Merge flags, environment and config file into a checked AgentConfig.
+
+    ``flags`` holds only what the user actually passed (None means unset).
+    """
+    env = os.environ if environ is None else environ
+    config_path = flags.get("config") or env.get("MESH_CONFIG")
+    file_data: dict[str, Any] = _file_values(config_path) if config_path else {}
+
+    values: dict[str, Any] = {}
+    for name, (kind, default) in FLAGS.items():
+        flag_value = flags.get(name)
+        if flag_value is not None and flag_value != () and flag_value is not False:
+            values[name] = list(flag_value) if kind == "list" else flag_value
+            continue
+        env_raw = env.get("MESH_" + name.upper())
+        if env_raw is not None and env_raw != "":
+            values[name] = _env_value(kind, env_raw)
+            continue
+        file_key = name if name in file_data else name.replace("_", "-")
+        if file_key in file_data:
+            values[name] = _check_kind(name, kind, file_data[file_key], f"config file {config_path}")
+            continue
+        values[name] = default
+
+    known = set(FLAGS) | {n.replace("_", "-") for n in FLAGS} | {"timing", "tags", "service", "upstream"}
+    unknown = sorted(set(file_data) - known)
+    if unknown:
+        raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
+
+    warnings: list[str] = []
+    name = values["name"] or socket.gethostname()
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"--name {name!r}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    profile = values["profile"]
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    gossip = PROFILES[profile]
+    timing = file_data.get("timing", {})
+    if not isinstance(timing, dict):
+        raise ConfigError(f"config file {config_path}: [timing] must be a table")
+    try:
+        gossip = gossip.with_overrides(timing)
+    except ValueError as exc:
+        raise ConfigError(f"config file {config_path}: {exc}") from None
+
+    bind = _addr(values["bind"], "bind", DEFAULT_GOSSIP_PORT)
+    advertise = (
+        _addr(values["advertise"], "advertise", bind[1])
+        if values["advertise"]
+        else (_advertise_host(bind[0]), bind[1])
+    )
+    join = [_addr(j, "join", DEFAULT_GOSSIP_PORT) for j in values["join"]]
+    api = _addr(values["api"], "api", 7947)
+    tunnel = _addr(values["tunnel"], "tunnel", DEFAULT_TUNNEL_PORT) if values["tunnel"] else (bind[0], DEFAULT_TUNNEL_PORT)
+    if values["log_format"] not in ("console", "json"):
+        raise ConfigError(f"--log-format {values['log_format']!r}: choose console or json")
+    if values["log_level"] not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"--log-level {values['log_level']!r}: choose debug, info, warning or error")
+
+    key = load_key(values["key"], values["key_file"], bool(values["insecure"]), warnings)
+
+    tags = file_data.get("tags", {})
+    if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        raise ConfigError(f"config file {config_path}: [tags] must map strings to strings")
+
+    data_dir = Path(values["data_dir"]) if values["data_dir"] else None
+    return AgentConfig(
+        name=name,
+        bind=bind,
+        advertise=advertise,
+        join=join,
+        api=api,
+        tunnel=tunnel,
+        key=key,
+        data_dir=data_dir,
+        profile=profile,
+        gossip=gossip,
+        log_format=values["log_format"],
+        log_level=values["log_level"],
+        tags=dict(tags),
+        warnings=warnings,
+    )
+
+
+def describe(cfg: AgentConfig) -> dict[str, Any]:
+    """What the agent logs at start: everything but secrets."""
+    return {
+        "name": cfg.name,
+        "bind": format_addr(cfg.bind),
+        "advertise": format_addr(cfg.advertise),
+        "api": format_addr(cfg.api),
+        "join": [format_addr(j) for j in cfg.join],
+        "profile": cfg.profile,
+        "encrypted": not cfg.insecure,
+    }

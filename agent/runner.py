@@ -1,0 +1,329 @@
+"""The agent's trio nursery: it owns the sockets and drives the gossip machine.
+
+One nursery, one owner per task: the UDP reader, the TCP acceptor, the
+protocol timer, the local API and the signal watcher.  The gossip machine
+itself never awaits; every task feeds it and then ``flush()``es what it asked
+for.  A graceful leave cancels the nursery only after the leave has spread.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+from agent import log
+from agent.config import AgentConfig, describe
+from agent.transport import (
+    UDP_RECV_BUFFER,
+    FrameError,
+    OpenError,
+    Sealer,
+    normalize,
+    open_udp,
+    receive_frame,
+    send_frame,
+)
+from gossip.keyring import Keyring
+from gossip.swim import Membership, SendPacket, StartPushPull
+from gossip.wire import PROTOCOL_VERSION, Address, format_addr
+
+
+class StartupError(Exception):
+    """The agent cannot start (e.g. a port in use); worded as one line."""
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.log = log.get("mesh.agent").bind(node=cfg.name)
+        self.sealer = Sealer(Keyring(cfg.key) if cfg.key else None)
+        self.membership = Membership(
+            cfg.name,
+            cfg.advertise,
+            cfg.gossip,
+            tags=cfg.tags,
+            now=trio.current_time(),
+        )
+        self.io: Counter[str] = Counter()
+        self.started_wall = time.time()
+        self._udp: trio.socket.SocketType | None = None
+        self._nursery: trio.Nursery | None = None
+        self._kick = trio.Event()
+        self._sleep_until = 0.0
+        self._leave_done = trio.Event()
+        self._warned_senders: set[tuple[str, Address]] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from agent.api import ApiServer  # deferred: keeps the gossip path import-light
+
+        for w in self.cfg.warnings:
+            self.log.warning("config_warning", detail=w)
+        if self.cfg.insecure:
+            self.log.warning("insecure_mode", detail="gossip is NOT encrypted or authenticated (--insecure)")
+        self._udp = await self._bind_udp()
+        tcp_listeners = await self._bind_tcp(self.cfg.bind, "gossip TCP")
+        api = ApiServer(self)
+        api_listeners = await self._bind_tcp(self.cfg.api, "API")
+        self.log.info("agent_started", **describe(self.cfg))
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._udp_loop)
+                nursery.start_soon(self._timer_loop)
+                nursery.start_soon(self._signal_loop)
+                nursery.start_soon(
+                    trio.serve_listeners, self._handle_tcp, tcp_listeners
+                )
+                nursery.start_soon(trio.serve_listeners, api.handle, api_listeners)
+                if self.cfg.join:
+                    self.membership.join(trio.current_time(), self.cfg.join)
+                    await self.flush()
+                task_status.started()
+                await self._leave_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._udp.close()
+        self.log.info("agent_stopped")
+
+    async def _bind_udp(self) -> trio.socket.SocketType:
+        try:
+            return await open_udp(self.cfg.bind)
+        except OSError as exc:
+            raise StartupError(_bind_error("gossip UDP", self.cfg.bind, exc)) from None
+
+    async def _bind_tcp(self, addr: Address, what: str) -> list[trio.SocketListener]:
+        try:
+            return await trio.open_tcp_listeners(addr[1], host=addr[0])
+        except OSError as exc:
+            raise StartupError(_bind_error(what, addr, exc)) from None
+
+    async def leave(self) -> None:
+        """Graceful leave: broadcast it, give it time to spread, then stop."""
+        if self.membership.leaving:
+            return
+        self.log.info("leaving", detail="announcing graceful leave")
+        self.membership.leave(trio.current_time())
+        await self.flush()
+        with trio.move_on_after(self.cfg.gossip.leave_propagate_timeout):
+            while not self.membership.leave_spread():
+                await trio.sleep(self.cfg.gossip.gossip_interval / 2)
+        # One more gossip interval lets the last packets leave the socket.
+        await trio.sleep(self.cfg.gossip.gossip_interval)
+        self._leave_done.set()
+
+    async def _signal_loop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.membership.leaving:
+                    self.log.warning("forced_exit", signal=signal.Signals(signum).name)
+                    self._leave_done.set()
+                    return
+                self.log.info("signal", signal=signal.Signals(signum).name)
+                assert self._nursery is not None
+                self._nursery.start_soon(self.leave)
+
+    # -- driving the machine -------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Do what the machine asked for, log its events, and re-arm the timer."""
+        effects, events = self.membership.drain()
+        for ev in events:
+            self._log_event(ev.kind, ev.fields)
+        for eff in effects:
+            if isinstance(eff, SendPacket):
+                await self._send_udp(eff.addr, eff.payload)
+            elif isinstance(eff, StartPushPull) and self._nursery is not None:
+                self._nursery.start_soon(self._push_pull, eff.target, eff.purpose)
+        if self.membership.next_deadline() < self._sleep_until:
+            self._kick.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self.membership.tick(trio.current_time())
+            await self.flush()
+            self._sleep_until = self.membership.next_deadline()
+            with trio.move_on_at(self._sleep_until):
+                await self._kick.wait()
+            self._kick = trio.Event()
+
+    async def _send_udp(self, addr: Address, payload: bytes) -> None:
+        assert self._udp is not None
+        data = self.sealer.seal(payload)
+        try:
+            await self._udp.sendto(data, addr)
+        except OSError as exc:
+            self.io["send_errors"] += 1
+            self.log.debug("udp_send_failed", to=format_addr(addr), error=exc.strerror)
+            return
+        self.io["udp_packets_out"] += 1
+        self.io["udp_bytes_out"] += len(data)
+
+    async def _udp_loop(self) -> None:
+        assert self._udp is not None
+        limit = self.cfg.gossip.udp_packet_size
+        while True:
+            try:
+                data, raw_src = await self._udp.recvfrom(UDP_RECV_BUFFER)
+            except OSError as exc:
+                # ICMP errors surface here on Linux (ECONNREFUSED); they are not ours.
+                self.io["recv_errors"] += 1
+                self.log.debug("udp_recv_error", error=exc.strerror)
+                continue
+            self.io["udp_packets_in"] += 1
+            self.io["udp_bytes_in"] += len(data)
+            if len(data) > limit:
+                self.membership.drop("oversized")
+                continue
+            try:
+                plain = self.sealer.open(data)
+            except OpenError:
+                self.membership.drop("decrypt")
+                continue
+            self.membership.receive(trio.current_time(), normalize(raw_src), plain)
+            await self.flush()
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        """Responder side of push-pull; bad streams are dropped and counted."""
+        try:
+            peer = normalize(stream.socket.getpeername())
+        except OSError:
+            peer = ("?", 0)
+        reply: bytes | None = None
+        with trio.move_on_after(self.cfg.gossip.tcp_timeout) as scope:
+            try:
+                frame = await receive_frame(stream)
+                self.io["tcp_bytes_in"] += len(frame) + 4
+                plain = self.sealer.open(frame)
+                reply = self.membership.handle_push_pull(trio.current_time(), peer, plain)
+                if reply is not None:
+                    sealed = self.sealer.seal(reply)
+                    await send_frame(stream, sealed)
+                    self.io["tcp_bytes_out"] += len(sealed) + 4
+            except FrameError as exc:
+                self.membership.drop("tcp_" + exc.reason)
+            except OpenError:
+                self.membership.drop("decrypt")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.membership.drop("tcp_broken")
+        if scope.cancelled_caught:
+            self.membership.drop("tcp_timeout")
+        await trio.aclose_forcefully(stream)
+        await self.flush()
+
+    async def _push_pull(self, target: Address, purpose: str) -> tuple[bool, str]:
+        """Initiator side of push-pull: one frame out, one frame back."""
+        reply: bytes | None = None
+        error = "timed out"
+        with trio.move_on_after(self.cfg.gossip.tcp_timeout):
+            try:
+                stream = await trio.open_tcp_stream(target[0], target[1])
+                try:
+                    sealed = self.sealer.seal(self.membership.push_pull_payload(purpose == "join"))
+                    await send_frame(stream, sealed)
+                    self.io["tcp_bytes_out"] += len(sealed) + 4
+                    frame = await receive_frame(stream)
+                    self.io["tcp_bytes_in"] += len(frame) + 4
+                    reply = self.sealer.open(frame)
+                finally:
+                    await trio.aclose_forcefully(stream)
+                error = ""
+            except OpenError:
+                self.membership.drop("decrypt")
+                error = "reply not sealed with our key (different cluster key?)"
+            except FrameError as exc:
+                error = f"bad reply ({exc.reason})"
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                error = "connection closed"
+        ok, reason = self.membership.complete_push_pull(
+            trio.current_time(), target, purpose, reply, error
+        )
+        await self.flush()
+        return ok, reason
+
+    async def join(self, targets: list[Address]) -> dict[str, Any]:
+        """Explicit join (API/CLI): push-pull with each target, report per target."""
+        results: dict[str, str] = {}
+
+        async def one(t: Address) -> None:
+            ok, reason = await self._push_pull(t, "explicit")
+            results[format_addr(t)] = "ok" if ok else reason
+
+        async with trio.open_nursery() as n:
+            for t in targets:
+                n.start_soon(one, t)
+        joined = sum(1 for r in results.values() if r == "ok")
+        return {"ok": joined > 0, "joined": joined,
+                "errors": {k: v for k, v in results.items() if v != "ok"}}
+
+    # -- views for the API ------------------------------------------------------------------
+
+    def members_view(self) -> list[dict[str, Any]]:
+        out = []
+        for m in self.membership.member_list():
+            out.append({
+                "name": m.name,
+                "address": format_addr(m.addr),
+                "status": m.status.value,
+                "incarnation": m.incarnation,
+                "tags": dict(m.tags),
+                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
+            })
+        return out
+
+    def self_view(self) -> dict[str, Any]:
+        ms = self.membership
+        stats = dict(ms.counters.stats)
+        stats.update(self.io)
+        return {
+            "name": self.cfg.name,
+            "address": format_addr(self.cfg.advertise),
+            "bind": format_addr(self.cfg.bind),
+            "api": format_addr(self.cfg.api),
+            "status": ms.me.status.value,
+            "incarnation": ms.me.incarnation,
+            "tags": dict(ms.me.tags),
+            "profile": self.cfg.profile,
+            "encrypted": not self.cfg.insecure,
+            "protocol_version": PROTOCOL_VERSION,
+            "joined": ms.joined,
+            "join_error": ms.join_error,
+            "health_score": ms.awareness.score,
+            "members": ms.count_by_status(),
+            "counters": {
+                "dropped": dict(sorted(ms.counters.drops.items())),
+                "dropped_total": sum(ms.counters.drops.values()),
+                **dict(sorted(stats.items())),
+            },
+            "uptime_s": round(time.time() - self.started_wall, 1),
+        }
+
+    # -- logging ---------------------------------------------------------------------------
+
+    def _log_event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "member":
+            self.log.info("member_" + fields["status"], **fields)
+        elif kind in ("name_conflict", "join_refused", "join_refused_by_peer"):
+            self.log.error(kind, **fields)
+        elif kind == "join_retry":
+            self.log.warning(kind, **fields)
+        elif kind == "refute":
+            self.log.info(kind, **fields)
+        else:
+            self.log.debug(kind, **fields)
+
+
+def _bind_error(what: str, addr: Address, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"cannot bind {what} on {format_addr(addr)}: port already in use"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot bind {what} on {format_addr(addr)}: address not available on this host"
+    return f"cannot bind {what} on {format_addr(addr)}: {exc.strerror or exc}"

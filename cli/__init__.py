@@ -1,0 +1,1 @@
+"""The ``mesh-agent`` command line: a thin click front over the local API."""

@@ -1,0 +1,192 @@
+"""``mesh-agent``: run an agent, or talk to the local one through its API.
+
+Client commands never import gossip state: they speak HTTP to the agent, so
+what they print is exactly what the agent believes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.client import ApiError, call
+
+DEFAULT_API = "127.0.0.1:7947"
+STATUSES = ("alive", "suspect", "dead", "left")
+
+api_option = click.option(
+    "--api", envvar="MESH_API", default=DEFAULT_API, show_default=True,
+    help="Address of the local agent's API.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    click.echo(f"mesh-agent: {msg}", err=True)
+    sys.exit(code)
+
+
+def _call(api: str, method: str, path: str, body: Any = None) -> Any:
+    try:
+        return call(api, method, path, body)
+    except ApiError as exc:
+        _fail(str(exc))
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _table(rows: list[list[str]]) -> None:
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mesh-agent")
+def main() -> None:
+    """mesh-agent: a decentralized service mesh agent (SWIM gossip, no control plane)."""
+
+
+@main.command()
+@click.option("--name", help="Unique node name (default: host name).")
+@click.option("--bind", help="Gossip address, UDP and TCP [0.0.0.0:7946].")
+@click.option("--advertise", help="Address peers should use, when --bind is not reachable.")
+@click.option("--join", multiple=True, help="Seed to join through (repeatable).")
+@click.option("--api", "api_addr", help="Local HTTP API address [127.0.0.1:7947].")
+@click.option("--tunnel", help="Encrypted tunnel address [bind host:7948].")
+@click.option("--key", help="Cluster key, base64 of 32 bytes (see `mesh-agent keygen`).")
+@click.option("--key-file", type=click.Path(dir_okay=False), help="File holding the cluster key.")
+@click.option("--insecure", is_flag=True, default=None, help="Run gossip without encryption (not for production).")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Directory for persistent state.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--profile", help="Timing profile: lan (default), local or wan.")
+@click.option("--log-format", help="console (default) or json.")
+@click.option("--log-level", help="debug, info (default), warning or error.")
+def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
+    """Run an agent in the foreground; SIGINT/SIGTERM leave gracefully."""
+    from agent.config import ConfigError, resolve
+
+    flags["api"] = api_addr
+    flags["config"] = config_file
+    try:
+        cfg = resolve(flags)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+        return
+    import trio
+
+    from agent import log
+    from agent.runner import Agent, StartupError
+
+    log.configure(cfg.log_format, cfg.log_level)
+
+    async def _main() -> None:
+        await Agent(cfg).run()
+
+    try:
+        trio.run(_main)
+    except StartupError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+@main.command()
+@api_option
+@json_option
+@click.option("--status", type=click.Choice(STATUSES), help="Only members with this status.")
+def members(api: str, as_json: bool, status: str | None) -> None:
+    """List the members this agent knows, like `serf members`."""
+    path = "/v1/members" + (f"?status={status}" if status else "")
+    data = _call(api, "GET", path)
+    if as_json:
+        _print_json([{k: m[k] for k in ("name", "address", "status", "incarnation", "tags")} for m in data])
+        return
+    rows = [["NAME", "ADDRESS", "STATUS", "INCARNATION", "TAGS"]]
+    for m in data:
+        tags = ",".join(f"{k}={v}" for k, v in sorted(m["tags"].items()))
+        rows.append([m["name"], m["address"], m["status"], str(m["incarnation"]), tags])
+    _table(rows)
+
+
+@main.command()
+@api_option
+@json_option
+def info(api: str, as_json: bool) -> None:
+    """Show this agent's identity, member counts and counters (drops by reason)."""
+    data = _call(api, "GET", "/v1/agent/self")
+    if as_json:
+        _print_json(data)
+        return
+    click.echo(f"name:        {data['name']}")
+    click.echo(f"address:     {data['address']}  (bind {data['bind']}, api {data['api']})")
+    click.echo(f"status:      {data['status']}  incarnation {data['incarnation']}")
+    click.echo(f"profile:     {data['profile']}  encrypted: {'yes' if data['encrypted'] else 'NO'}")
+    click.echo(f"joined:      {'yes' if data['joined'] else 'no, retrying: ' + data['join_error']}")
+    click.echo(f"health:      local health score {data['health_score']} (0 is best)")
+    click.echo("members:     " + ", ".join(f"{k} {v}" for k, v in data["members"].items()))
+    counters = data["counters"]
+    dropped = counters.get("dropped", {})
+    click.echo("dropped:     " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
+    other = {k: v for k, v in counters.items() if k not in ("dropped", "dropped_total")}
+    click.echo("counters:    " + ", ".join(f"{k} {v}" for k, v in other.items()))
+
+
+@main.command()
+@api_option
+@json_option
+@click.argument("addresses", nargs=-1, required=True)
+def join(api: str, as_json: bool, addresses: tuple[str, ...]) -> None:
+    """Ask the local agent to join the cluster through ADDRESSES."""
+    data = _call(api, "POST", "/v1/join", {"addresses": list(addresses)})
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"joined through {data['joined']} of {len(addresses)} address(es)")
+        for addr, err in data.get("errors", {}).items():
+            click.echo(f"  {addr}: {err}")
+    sys.exit(0 if data.get("ok") else 1)
+
+
+@main.command()
+@api_option
+@json_option
+def leave(api: str, as_json: bool) -> None:
+    """Make the local agent leave the cluster gracefully and exit."""
+    data = _call(api, "POST", "/v1/leave")
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(data.get("detail", "leaving"))
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the key to this file (mode 0600).")
+def keygen(out: str | None) -> None:
+    """Print a new cluster key: 32 random bytes, base64."""
+    from gossip.keyring import generate_key
+
+    key = generate_key()
+    if out:
+        path = Path(out)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key + "\n")
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            _fail(f"cannot write {out}: {exc.strerror}")
+    click.echo(key)
+
+
+if __name__ == "__main__":
+    main()
