@@ -214,7 +214,11 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     )
     join = [_addr(j, "join", DEFAULT_GOSSIP_PORT) for j in values["join"]]
     api = _addr(values["api"], "api", 7947)
-    tunnel = _addr(values["tunnel"], "tunnel", DEFAULT_TUNNEL_PORT) if values["tunnel"] else (bind[0], DEFAULT_TUNNEL_PORT)
+    tunnel = (
+        _addr(values["tunnel"], "tunnel", DEFAULT_TUNNEL_PORT)
+        if values["tunnel"]
+        else (bind[0], DEFAULT_TUNNEL_PORT)
+    )
     if values["log_format"] not in ("console", "json"):
         raise ConfigError(f"--log-format {values['log_format']!r}: choose console or json")
     if values["log_level"] not in ("debug", "info", "warning", "error"):

@@ -63,14 +63,18 @@ class Agent:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from agent.api import ApiServer  # deferred: keeps the gossip path import-light
 
+        self._udp = await self._bind_udp()
+        try:
+            tcp_listeners = await self._bind_tcp(self.cfg.bind, "gossip TCP")
+            api_listeners = await self._bind_tcp(self.cfg.api, "API")
+        except StartupError:
+            self._udp.close()
+            raise
+        api = ApiServer(self)
         for w in self.cfg.warnings:
             self.log.warning("config_warning", detail=w)
         if self.cfg.insecure:
             self.log.warning("insecure_mode", detail="gossip is NOT encrypted or authenticated (--insecure)")
-        self._udp = await self._bind_udp()
-        tcp_listeners = await self._bind_tcp(self.cfg.bind, "gossip TCP")
-        api = ApiServer(self)
-        api_listeners = await self._bind_tcp(self.cfg.api, "API")
         self.log.info("agent_started", **describe(self.cfg))
         try:
             async with trio.open_nursery() as nursery:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from typing import Any
 
 from gossip.wire import parse_addr
@@ -26,7 +25,7 @@ def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30
         conn.request(method, path, body=payload, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
-    except (ConnectionRefusedError, socket.timeout, TimeoutError, OSError, http.client.HTTPException) as exc:
+    except (ConnectionRefusedError, TimeoutError, OSError, http.client.HTTPException) as exc:
         reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
         raise ApiError(f"no agent answering at {api} ({reason}); is `mesh-agent agent` running?") from None
     finally:

@@ -47,7 +47,7 @@ def _table(rows: list[list[str]]) -> None:
         return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -186,6 +186,17 @@ def keygen(out: str | None) -> None:
         except OSError as exc:
             _fail(f"cannot write {out}: {exc.strerror}")
     click.echo(key)
+
+
+@main.command()
+@click.option("--nodes", default=5, show_default=True, type=click.IntRange(2, 50), help="How many agents.")
+@click.option("--base-port", default=17946, show_default=True, type=click.IntRange(1024, 65000),
+              help="First port; each agent takes two (gossip, API).")
+def demo(nodes: int, base_port: int) -> None:
+    """Start a local mesh on loopback and watch it converge (Ctrl-C leaves)."""
+    from cli.demo import run_demo
+
+    run_demo(nodes, base_port)
 
 
 if __name__ == "__main__":

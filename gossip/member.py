@@ -8,12 +8,12 @@ alive and dead/left beat both (SWIM section 4.2, memberlist state.go).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from gossip.wire import Address
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     ALIVE = "alive"
     SUSPECT = "suspect"
     DEAD = "dead"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from gossip.awareness import Awareness
 from gossip.broadcast_queue import BroadcastQueue
@@ -67,7 +67,7 @@ class StartPushPull:
     purpose: str  # "join" (seed retry loop) or "sync" (periodic anti-entropy)
 
 
-Effect = Union[SendPacket, StartPushPull]
+Effect = SendPacket | StartPushPull
 
 
 @dataclass(frozen=True)
@@ -336,7 +336,14 @@ class Membership:
                 # The address now belongs to someone else (memberlist checks this too).
                 self.drop("wrong_node")
                 return
-            self._send(src, [Ack(msg.seq, self.name)])
+            reply: list[Message] = [Ack(msg.seq, self.name)]
+            sender = self.members.get(msg.source)
+            if sender is not None and sender.status in (Status.SUSPECT, Status.DEAD):
+                # It is talking to us, so it is up; tell it what we think of it
+                # so it refutes now rather than at its next push-pull.
+                cls = Suspect if sender.status is Status.SUSPECT else Dead
+                reply.append(cls(sender.name, sender.incarnation, self.name))
+            self._send(src, reply)
         elif isinstance(msg, PingReq):
             self._on_ping_req(now, src, msg)
         elif isinstance(msg, Ack):
@@ -478,6 +485,14 @@ class Membership:
 
     def _tick_probe(self, now: float) -> None:
         p = self._probe
+        if p is not None and now - p.end > self.config.probe_interval:
+            # We overslept by more than a whole period (process paused or
+            # starved): the missing ack says nothing about the target.  Drop
+            # the probe instead of accusing it, and count it against our own
+            # health as Lifeguard does for other signs of local trouble.
+            self._probe = p = None
+            self.awareness.apply_delta(1)
+            self.counters.stats["probes_abandoned_late"] += 1
         if p is not None and not p.indirect_sent and now >= p.direct_deadline:
             self._send_indirect(now, p)
         if p is not None and now >= p.end:

@@ -10,7 +10,7 @@ trusts the sender: anything that is not exactly the expected shape raises
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -113,7 +113,7 @@ class PushPull:
     refused: str = ""
 
 
-Message = Union[Ping, PingReq, Ack, Nack, Alive, Suspect, Dead, PushPull]
+Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | PushPull
 
 STATUSES = ("alive", "suspect", "dead", "left")
 
@@ -190,7 +190,7 @@ def pack_packet(encoded_messages: list[bytes]) -> bytes:
     """Join pre-encoded messages into one versioned packet without re-encoding."""
     return (
         b"\x92"
-        + msgpack.packb(PROTOCOL_VERSION)
+        + bytes([PROTOCOL_VERSION])  # a positive fixint is its own encoding
         + _array_header(len(encoded_messages))
         + b"".join(encoded_messages)
     )

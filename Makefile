@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mesh-agent demo --nodes 5
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gossip agent cli tests simulations
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy --strict gossip
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+test: lint typecheck $(STAMP)
+	$(PY) -m pytest
+
+# Side-by-side with HashiCorp Serf (needs Debian's `serf`: apt-get install serf).
+bench: $(STAMP)
+	$(PY) simulations/bench_cluster.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

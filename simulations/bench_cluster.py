@@ -1,0 +1,941 @@
+"""Side-by-side cluster benchmark: mesh-agent (lan profile, encrypted) against HashiCorp Serf.
+
+For each cluster size N, and for ``--runs`` fresh clusters of each implementation, it measures
+
+1. join convergence: N agents started unjoined, then agents 2..N told to join agent 1 at the
+   same instant; time until every agent lists N alive members;
+2. failure detection after ``kill -9`` of one non-seed agent: time until the first, and until
+   every, other agent shows it dead (ours: ``dead``; Serf: ``failed``);
+3. graceful leave of another agent (ours: SIGTERM; Serf: the ``leave`` RPC, which is what
+   ``serf leave`` sends -- Serf's SIGTERM does not leave by default): time until all others
+   show it ``left``;
+4. whether any healthy member was ever seen dead/failed (while polling, in a final snapshot,
+   and in the agents' logs);
+5. idle cost after convergence: RSS per agent, CPU seconds per minute per agent, and bytes
+   sent per node per second (iptables byte counters on loopback, the same method for both).
+
+It prints one Markdown table per N with the medians, Serf's value, the ratio ours/serf and
+the goal.  It is a benchmark, not a test: it exits 0 whatever the numbers say.
+
+Serf is driven through its msgpack RPC (a persistent TCP connection per agent, the protocol
+the ``serf`` CLI itself speaks) instead of spawning ``serf members`` 20 times a second per
+agent, which would drown a 2-core machine.  Our agent is polled through its HTTP API.
+
+    .venv/bin/python simulations/bench_cluster.py --sizes 10,25,50 --runs 3
+
+Standard library only; run as root for the iptables counters (otherwise bytes fall back to
+our agent's own API counters, and Serf's column is empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MESH_AGENT = Path(sys.executable).parent / "mesh-agent"
+SERF = shutil.which("serf") or "/usr/bin/serf"
+IPTABLES = shutil.which("iptables") or "/usr/sbin/iptables"
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- a minimal msgpack, enough for Serf's RPC -----------------------------------------------
+
+
+def mp_pack(obj: Any) -> bytes:
+    if obj is None:
+        return b"\xc0"
+    if obj is True:
+        return b"\xc3"
+    if obj is False:
+        return b"\xc2"
+    if isinstance(obj, int):
+        if 0 <= obj < 128:
+            return bytes([obj])
+        if 0 <= obj < 1 << 32:
+            return b"\xce" + struct.pack(">I", obj)
+        if -32 <= obj < 0:
+            return struct.pack(">b", obj)
+        return b"\xd3" + struct.pack(">q", obj)
+    if isinstance(obj, str):
+        raw = obj.encode()
+        # fixstr or str16 only: both exist in the old msgpack spec that go-msgpack speaks.
+        if len(raw) < 32:
+            return bytes([0xA0 | len(raw)]) + raw
+        return b"\xda" + struct.pack(">H", len(raw)) + raw
+    if isinstance(obj, (list, tuple)):
+        head = bytes([0x90 | len(obj)]) if len(obj) < 16 else b"\xdc" + struct.pack(">H", len(obj))
+        return head + b"".join(mp_pack(x) for x in obj)
+    if isinstance(obj, dict):
+        head = bytes([0x80 | len(obj)]) if len(obj) < 16 else b"\xde" + struct.pack(">H", len(obj))
+        return head + b"".join(mp_pack(k) + mp_pack(v) for k, v in obj.items())
+    raise TypeError(f"cannot msgpack {type(obj).__name__}")
+
+
+class MpReader:
+    """Decodes a stream of msgpack objects from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("serf RPC connection closed")
+            self.buf += chunk
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def _u(self, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        return int(struct.unpack(fmt, self._read(size))[0])
+
+    def _str(self, n: int) -> str:
+        return self._read(n).decode("utf-8", "surrogateescape")
+
+    def unpack(self) -> Any:
+        b = self._read(1)[0]
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self._map(b & 0x0F)
+        if 0x90 <= b <= 0x9F:
+            return [self.unpack() for _ in range(b & 0x0F)]
+        if 0xA0 <= b <= 0xBF:
+            return self._str(b & 0x1F)
+        simple: dict[int, Callable[[], Any]] = {
+            0xC0: lambda: None,
+            0xC2: lambda: False,
+            0xC3: lambda: True,
+            0xC4: lambda: self._read(self._u(">B")),
+            0xC5: lambda: self._read(self._u(">H")),
+            0xC6: lambda: self._read(self._u(">I")),
+            0xC7: lambda: self._ext(self._u(">B")),
+            0xC8: lambda: self._ext(self._u(">H")),
+            0xC9: lambda: self._ext(self._u(">I")),
+            0xCA: lambda: struct.unpack(">f", self._read(4))[0],
+            0xCB: lambda: struct.unpack(">d", self._read(8))[0],
+            0xCC: lambda: self._u(">B"),
+            0xCD: lambda: self._u(">H"),
+            0xCE: lambda: self._u(">I"),
+            0xCF: lambda: self._u(">Q"),
+            0xD0: lambda: self._u(">b"),
+            0xD1: lambda: self._u(">h"),
+            0xD2: lambda: self._u(">i"),
+            0xD3: lambda: self._u(">q"),
+            0xD4: lambda: self._ext(1),
+            0xD5: lambda: self._ext(2),
+            0xD6: lambda: self._ext(4),
+            0xD7: lambda: self._ext(8),
+            0xD8: lambda: self._ext(16),
+            0xD9: lambda: self._str(self._u(">B")),
+            0xDA: lambda: self._str(self._u(">H")),
+            0xDB: lambda: self._str(self._u(">I")),
+            0xDC: lambda: [self.unpack() for _ in range(self._u(">H"))],
+            0xDD: lambda: [self.unpack() for _ in range(self._u(">I"))],
+            0xDE: lambda: self._map(self._u(">H")),
+            0xDF: lambda: self._map(self._u(">I")),
+        }
+        if b not in simple:
+            raise ValueError(f"msgpack: unknown type byte 0x{b:02x}")
+        return simple[b]()
+
+    def _map(self, n: int) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        for _ in range(n):
+            k = self.unpack()
+            out[k if not isinstance(k, bytes) else k.decode("utf-8", "replace")] = self.unpack()
+        return out
+
+    def _ext(self, n: int) -> bytes:
+        self._read(1)  # type
+        return self._read(n)
+
+
+class SerfRPC:
+    """One persistent connection to a Serf agent's RPC port (the `serf` CLI protocol)."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = MpReader(self.sock)
+        self.seq = 0
+        self.lock = threading.Lock()
+        self.call("handshake", {"Version": 1}, has_body=False)
+
+    def call(self, command: str, body: Any = None, has_body: bool = True) -> Any:
+        with self.lock:
+            self.seq += 1
+            seq = self.seq
+            data = mp_pack({"Command": command, "Seq": seq})
+            if body is not None:
+                data += mp_pack(body)
+            self.sock.sendall(data)
+            header = self.reader.unpack()
+            if not isinstance(header, dict) or header.get("Seq") != seq:
+                raise ConnectionError(f"serf RPC: unexpected header {header!r}")
+            if header.get("Error"):
+                raise RuntimeError(f"serf RPC {command}: {header['Error']}")
+            return self.reader.unpack() if has_body else None
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# -- our agent's HTTP API ----------------------------------------------------------------
+
+
+def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if payload is not None else {}
+        conn.request(method, path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status >= 400:
+            raise RuntimeError(f"{method} {path}: HTTP {resp.status} {data[:200]!r}")
+        return json.loads(data)
+    finally:
+        conn.close()
+
+
+# -- processes, ports, /proc --------------------------------------------------------------
+
+
+def free_ports(count: int, udp_too: int) -> list[int]:
+    """``count`` distinct free ports; the first ``udp_too`` are free for UDP as well."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            t.bind((HOST, 0))
+            port = t.getsockname()[1]
+            held.append(t)
+            if len(ports) < udp_too:
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    u.bind((HOST, port))
+                except OSError:
+                    u.close()
+                    continue
+                held.append(u)
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            rest = fh.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+@dataclass
+class Node:
+    name: str
+    port: int  # gossip, UDP and TCP
+    ctl: int  # our API port or Serf's RPC port
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    rpc: SerfRPC | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+# -- the two implementations behind one interface ------------------------------------------
+
+
+class Impl:
+    label = ""
+    dead_statuses: frozenset[str] = frozenset()
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def command(self, node: Node) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self, node: Node) -> bool:
+        raise NotImplementedError
+
+    def members(self, node: Node) -> dict[str, str]:
+        """name -> status as this agent sees it."""
+        raise NotImplementedError
+
+    def prepare_join(self, node: Node) -> Any:
+        return None
+
+    def join(self, node: Node, seed: Node, handle: Any) -> None:
+        raise NotImplementedError
+
+    def leave(self, node: Node) -> None:
+        raise NotImplementedError
+
+    def false_deaths_in_log(self, node: Node, allowed: set[str]) -> set[str]:
+        raise NotImplementedError
+
+    def close(self, node: Node) -> None:
+        pass
+
+
+class Ours(Impl):
+    label = "ours"
+    dead_statuses = frozenset({"dead"})
+
+    def command(self, node: Node) -> list[str]:
+        return [str(MESH_AGENT), "agent", "--name", node.name, "--bind", f"{HOST}:{node.port}",
+                "--api", f"{HOST}:{node.ctl}", "--key", self.key, "--profile", "lan"]
+
+    def ready(self, node: Node) -> bool:
+        return bool(http_json(node.ctl, "GET", "/v1/health", timeout=2.0).get("ok"))
+
+    def members(self, node: Node) -> dict[str, str]:
+        return {m["name"]: m["status"] for m in http_json(node.ctl, "GET", "/v1/members", timeout=5.0)}
+
+    def join(self, node: Node, seed: Node, handle: Any) -> None:
+        res = http_json(node.ctl, "POST", "/v1/join", {"addresses": [f"{HOST}:{seed.port}"]}, timeout=30.0)
+        if not res.get("ok"):
+            raise RuntimeError(f"join refused: {res}")
+
+    def leave(self, node: Node) -> None:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+
+    def io_bytes_out(self, node: Node) -> int:
+        c = http_json(node.ctl, "GET", "/v1/agent/self", timeout=5.0)["counters"]
+        return int(c.get("udp_bytes_out", 0)) + int(c.get("tcp_bytes_out", 0))
+
+    def false_deaths_in_log(self, node: Node, allowed: set[str]) -> set[str]:
+        found = set()
+        try:
+            text = node.log_path.read_text(errors="replace")
+        except OSError:
+            return found
+        for line in text.splitlines():
+            if "member_dead" in line:
+                m = re.search(r"\bname=(\S+)", line)
+                if m and m.group(1).strip("'\"") not in allowed:
+                    found.add(m.group(1).strip("'\""))
+        return found
+
+
+class Serf(Impl):
+    label = "serf"
+    dead_statuses = frozenset({"failed"})
+
+    def command(self, node: Node) -> list[str]:
+        return [SERF, "agent", f"-node={node.name}", f"-bind={HOST}:{node.port}",
+                f"-rpc-addr={HOST}:{node.ctl}", f"-encrypt={self.key}", "-profile=lan",
+                "-log-level=info"]
+
+    def ready(self, node: Node) -> bool:
+        if node.rpc is None:
+            node.rpc = SerfRPC(node.ctl, timeout=5.0)
+        return bool(self.members(node))
+
+    def members(self, node: Node) -> dict[str, str]:
+        if node.rpc is None:
+            node.rpc = SerfRPC(node.ctl, timeout=5.0)
+        try:
+            body = node.rpc.call("members")
+        except (OSError, ConnectionError, ValueError):
+            node.rpc.close()
+            node.rpc = None
+            raise
+        return {m["Name"]: m["Status"] for m in body["Members"]}
+
+    def prepare_join(self, node: Node) -> Any:
+        return SerfRPC(node.ctl, timeout=30.0)
+
+    def join(self, node: Node, seed: Node, handle: Any) -> None:
+        try:
+            res = handle.call("join", {"Existing": [f"{HOST}:{seed.port}"], "Replay": False})
+        finally:
+            handle.close()
+        if int(res.get("Num", 0)) < 1:
+            raise RuntimeError(f"join: {res}")
+
+    def leave(self, node: Node) -> None:
+        rpc = SerfRPC(node.ctl, timeout=30.0)
+        with rpc.lock:  # fire and forget: the agent answers after the leave, then exits
+            rpc.seq += 1
+            rpc.sock.sendall(mp_pack({"Command": "leave", "Seq": rpc.seq}))
+        threading.Thread(target=_drain_and_close, args=(rpc,), daemon=True).start()
+
+    def false_deaths_in_log(self, node: Node, allowed: set[str]) -> set[str]:
+        found = set()
+        try:
+            text = node.log_path.read_text(errors="replace")
+        except OSError:
+            return found
+        for m in re.finditer(r"EventMemberFailed: (\S+)", text):
+            if m.group(1) not in allowed:
+                found.add(m.group(1))
+        return found
+
+    def close(self, node: Node) -> None:
+        if node.rpc is not None:
+            node.rpc.close()
+            node.rpc = None
+
+
+def _drain_and_close(rpc: SerfRPC) -> None:
+    try:
+        rpc.sock.settimeout(30.0)
+        rpc.reader.unpack()
+    except (OSError, ConnectionError, ValueError):
+        pass
+    finally:
+        rpc.close()
+
+
+# -- iptables byte counters ---------------------------------------------------------------
+
+
+class ByteCounters:
+    """Counts bytes leaving on loopback per gossip port, in a chain of our own.
+
+    UDP: ``--sport P`` (every datagram an agent sends leaves from its gossip port).
+    TCP: ``--sport P`` counts what the agent sends as push-pull responder, ``--dport P``
+    what other agents send to it as initiators (their source port is ephemeral).  The
+    cluster total is exact; per node we report total / N.
+    """
+
+    def __init__(self) -> None:
+        self.chain = f"MESHBENCH{os.getpid() % 100000}"
+        self.ok = False
+        self.error = ""
+        self._jump = ["OUTPUT", "-o", "lo", "-j", self.chain]
+
+    def _ipt(self, *args: str, check: bool = True) -> str:
+        res = subprocess.run([IPTABLES, "-w", "5", *args], capture_output=True, text=True, timeout=30)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"iptables {' '.join(args)}: {res.stderr.strip() or res.returncode}")
+        return res.stdout
+
+    def setup(self) -> None:
+        try:
+            self._ipt("-N", self.chain)
+            self._ipt("-I", *self._jump)
+            self.ok = True
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            self.error = str(exc)
+            self.teardown()
+
+    def watch(self, ports: list[int]) -> None:
+        if not self.ok:
+            return
+        self._ipt("-F", self.chain)
+        for p in ports:
+            self._ipt("-A", self.chain, "-p", "udp", "--sport", str(p))
+            self._ipt("-A", self.chain, "-p", "tcp", "--sport", str(p))
+            self._ipt("-A", self.chain, "-p", "tcp", "--dport", str(p))
+
+    def read_total(self) -> int:
+        out = self._ipt("-L", self.chain, "-v", "-x", "-n")
+        total = 0
+        for line in out.splitlines():
+            m = re.match(r"\s*(\d+)\s+(\d+)\s", line)
+            if m and re.search(r"\b[sd]pt:\d+", line):
+                total += int(m.group(2))
+        return total
+
+    def teardown(self) -> None:
+        # Delete every jump we might have inserted, then the chain itself.
+        for _ in range(10):
+            if subprocess.run([IPTABLES, "-w", "5", "-D", *self._jump],
+                              capture_output=True, timeout=30).returncode != 0:
+                break
+        subprocess.run([IPTABLES, "-w", "5", "-F", self.chain], capture_output=True, timeout=30)
+        subprocess.run([IPTABLES, "-w", "5", "-X", self.chain], capture_output=True, timeout=30)
+        self.ok = False
+
+
+# -- one cluster --------------------------------------------------------------------------
+
+
+@dataclass
+class Watch:
+    """Polls a set of agents until a predicate holds on each; notes healthy deaths."""
+
+    impl: Impl
+    nodes: list[Node]
+    predicate: Callable[[Node, dict[str, str]], bool]
+    healthy: set[str]  # members that must never be seen dead
+    poll: float
+    timeout: float
+    t0: float = 0.0
+    done_at: dict[str, float] = field(default_factory=dict)
+    last: dict[str, dict[str, str]] = field(default_factory=dict)
+    false_deaths: set[tuple[str, str, str]] = field(default_factory=set)
+    suspects: set[tuple[str, str]] = field(default_factory=set)
+    errors: dict[str, str] = field(default_factory=dict)
+    polls: int = 0
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._one, args=(n, i), daemon=True)
+                   for i, n in enumerate(self.nodes)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _one(self, node: Node, index: int) -> None:
+        # Spread the polls of different agents over one interval.
+        time.sleep(self.poll * index / max(1, len(self.nodes)))
+        end = self.t0 + self.timeout
+        while True:
+            now = time.monotonic()
+            try:
+                view = self.impl.members(node)
+            except Exception as exc:  # noqa: BLE001 - note and retry
+                self.errors[node.name] = f"{type(exc).__name__}: {exc}"
+                view = None
+            seen = time.monotonic()
+            self.polls += 1
+            if view is not None:
+                self.last[node.name] = view
+                for name, status in view.items():
+                    if name in self.healthy and status in self.impl.dead_statuses:
+                        self.false_deaths.add((node.name, name, status))
+                    elif name in self.healthy and status == "suspect":
+                        self.suspects.add((node.name, name))
+                if self.predicate(node, view):
+                    # The state held by the time the answer came back; take the midpoint.
+                    self.done_at[node.name] = (now + seen) / 2 - self.t0
+                    return
+            if seen > end:
+                return
+            time.sleep(max(0.0, self.poll - (time.monotonic() - now)))
+
+    def first(self) -> float | None:
+        return min(self.done_at.values()) if self.done_at else None
+
+    def all(self) -> float | None:
+        if len(self.done_at) < len(self.nodes):
+            return None
+        return max(self.done_at.values())
+
+    def describe_missing(self) -> str:
+        missing = [n.name for n in self.nodes if n.name not in self.done_at]
+        parts = []
+        for name in missing[:5]:
+            view = self.last.get(name)
+            summary = "no answer" if view is None else json.dumps(
+                {s: sum(1 for v in view.values() if v == s) for s in sorted(set(view.values()))})
+            err = self.errors.get(name, "")
+            parts.append(f"{name}: {summary}{' last error ' + err if err else ''}")
+        return f"{len(missing)} agent(s) not there: " + "; ".join(parts)
+
+
+def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCounters,
+                workdir: Path) -> dict[str, Any]:
+    ports = free_ports(2 * n, udp_too=n)
+    tag = f"{impl.label}-n{n}-{int(time.time() * 1000) % 10**7}"
+    logdir = workdir / tag
+    logdir.mkdir(parents=True)
+    nodes = [Node(f"node{i:02d}", ports[i], ports[n + i], logdir / f"node{i:02d}.log") for i in range(n)]
+    res: dict[str, Any] = {"impl": impl.label, "n": n, "logs": str(logdir), "notes": []}
+    by_name = {nd.name: nd for nd in nodes}
+    bench_cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        # -- start N unjoined agents, one after the other ------------------------------------
+        t_start = time.monotonic()
+        for nd in nodes:
+            with open(nd.log_path, "wb") as fh:
+                nd.proc = subprocess.Popen(impl.command(nd), stdout=fh, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True, cwd=logdir)
+            deadline = time.monotonic() + 30.0
+            while True:
+                if nd.proc.poll() is not None:
+                    raise RuntimeError(f"{nd.name} exited with {nd.proc.returncode}; see {nd.log_path}")
+                try:
+                    if impl.ready(nd):
+                        break
+                except Exception:  # noqa: BLE001,S110 - not up yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{nd.name} did not answer within 30 s; see {nd.log_path}")
+                time.sleep(0.05)
+        res["startup_s"] = time.monotonic() - t_start
+        all_names = set(by_name)
+
+        # -- 1. join convergence ---------------------------------------------------------
+        seed = nodes[0]
+        handles = {nd.name: impl.prepare_join(nd) for nd in nodes[1:]}
+        barrier = threading.Barrier(n)  # n-1 joiners + this thread
+        join_errors: dict[str, str] = {}
+
+        def do_join(nd: Node) -> None:
+            barrier.wait()
+            try:
+                impl.join(nd, seed, handles[nd.name])
+            except Exception as exc:  # noqa: BLE001
+                join_errors[nd.name] = f"{type(exc).__name__}: {exc}"
+
+        joiners = [threading.Thread(target=do_join, args=(nd,), daemon=True) for nd in nodes[1:]]
+        for t in joiners:
+            t.start()
+        time.sleep(0.2)  # let every joiner reach the barrier
+        watch = Watch(impl, nodes,
+                      lambda _nd, view: sum(1 for s in view.values() if s == "alive") >= n,
+                      healthy=all_names, poll=args.poll_ms / 1000, timeout=args.timeout)
+        watch.t0 = time.monotonic()
+        barrier.wait()
+        watch.run()
+        for t in joiners:
+            t.join(timeout=30)
+        res["join_s"] = watch.all()
+        res["join_first_s"] = watch.first()
+        res["false_deaths"] = sorted(watch.false_deaths)
+        res["false_suspects"] = len(watch.suspects)
+        res["polls"] = watch.polls
+        if join_errors:
+            res["notes"].append(f"join errors: {dict(list(join_errors.items())[:3])}")
+        if res["join_s"] is None:
+            res["notes"].append(f"join did not converge in {args.timeout:.0f} s: {watch.describe_missing()}")
+            log(f"  {impl.label} N={n}: {res['notes'][-1]}")
+            return res
+        log(f"  {impl.label} N={n}: converged in {res['join_s']:.2f} s (first {res['join_first_s']:.2f} s)")
+
+        # -- 5. idle cost (before anything is killed) ---------------------------------------
+        time.sleep(args.settle_seconds)
+        counters.watch([nd.port for nd in nodes])
+        api_fallback = not counters.ok
+        cpu0 = {nd.name: proc_cpu_seconds(nd.pid) for nd in nodes}
+        bytes0 = counters.read_total() if counters.ok else None
+        ours_bytes0 = {nd.name: impl.io_bytes_out(nd) for nd in nodes} if isinstance(impl, Ours) else {}
+        t_idle = time.monotonic()
+        time.sleep(args.idle_seconds)
+        elapsed = time.monotonic() - t_idle
+        bytes1 = counters.read_total() if counters.ok else None
+        cpu1 = {nd.name: proc_cpu_seconds(nd.pid) for nd in nodes}
+        ours_bytes1 = {nd.name: impl.io_bytes_out(nd) for nd in nodes} if isinstance(impl, Ours) else {}
+        rss = [r for r in (proc_rss_mib(nd.pid) for nd in nodes) if r is not None]
+        cpu_rates = [
+            (cpu1[k] - cpu0[k]) * 60.0 / elapsed
+            for k in cpu0 if cpu0[k] is not None and cpu1.get(k) is not None
+        ]
+        res["rss_mib"] = statistics.median(rss) if rss else None
+        res["rss_max_mib"] = max(rss) if rss else None
+        res["cpu_s_per_min"] = statistics.median(cpu_rates) if cpu_rates else None
+        res["cpu_s_per_min_max"] = max(cpu_rates) if cpu_rates else None
+        if bytes0 is not None and bytes1 is not None:
+            res["bytes_per_node_s"] = (bytes1 - bytes0) / n / elapsed
+            res["bytes_method"] = "iptables"
+        if ours_bytes0:
+            res["api_bytes_per_node_s"] = (
+                sum(ours_bytes1.values()) - sum(ours_bytes0.values())) / n / elapsed
+            if api_fallback:
+                res["bytes_per_node_s"] = res["api_bytes_per_node_s"]
+                res["bytes_method"] = "api counters"
+        # One snapshot after the idle window: nobody healthy should be anything but alive.
+        for nd in nodes:
+            try:
+                view = impl.members(nd)
+            except Exception:  # noqa: BLE001,S112
+                continue
+            for name, status in view.items():
+                if status in impl.dead_statuses:
+                    res["false_deaths"].append((nd.name, name, status))
+        log(f"  {impl.label} N={n}: idle RSS {res['rss_mib']:.1f} MiB, CPU {res['cpu_s_per_min']:.3f} s/min, "
+            f"{res.get('bytes_per_node_s', float('nan')):.0f} B/s/node")
+
+        # -- 2. failure detection after kill -9 ---------------------------------------------
+        victim = nodes[n // 2]
+        others = [nd for nd in nodes if nd is not victim]
+        healthy = all_names - {victim.name}
+        watch = Watch(impl, others,
+                      lambda _nd, view: view.get(victim.name, "gone") in impl.dead_statuses | {"gone"},
+                      healthy=healthy, poll=args.poll_ms / 1000, timeout=args.timeout)
+        impl.close(victim)
+        watch.t0 = time.monotonic()
+        os.killpg(victim.pid, signal.SIGKILL)
+        watch.run()
+        if victim.proc is not None:
+            victim.proc.wait()
+        res["detect_first_s"] = watch.first()
+        res["detect_all_s"] = watch.all()
+        res["false_deaths"] += sorted(watch.false_deaths)
+        res["false_suspects"] += len(watch.suspects)
+        res["polls"] += watch.polls
+        if res["detect_all_s"] is None:
+            res["notes"].append(f"failure not seen by all in {args.timeout:.0f} s: {watch.describe_missing()}")
+        log(f"  {impl.label} N={n}: kill -9 seen first {_fmt(res['detect_first_s'])} s, "
+            f"all {_fmt(res['detect_all_s'])} s")
+
+        # -- 3. graceful leave -------------------------------------------------------------
+        leaver = nodes[n // 2 + 1] if n // 2 + 1 < n else nodes[1]
+        rest = [nd for nd in others if nd is not leaver]
+        if rest:
+            watch = Watch(impl, rest, lambda _nd, view: view.get(leaver.name, "gone") in ("left", "gone"),
+                          healthy=healthy, poll=args.poll_ms / 1000, timeout=args.timeout)
+            watch.t0 = time.monotonic()
+            impl.leave(leaver)
+            watch.run()
+            res["leave_s"] = watch.all()
+            res["leave_first_s"] = watch.first()
+            res["false_deaths"] += sorted(watch.false_deaths)
+            res["polls"] += watch.polls
+            if res["leave_s"] is None:
+                res["notes"].append(f"leave not seen by all in {args.timeout:.0f} s: {watch.describe_missing()}")
+            try:
+                assert leaver.proc is not None
+                leaver.proc.wait(timeout=15)
+                res["leaver_exit"] = leaver.proc.returncode
+            except subprocess.TimeoutExpired:
+                res["notes"].append("the leaving agent had not exited 15 s after the leave")
+            log(f"  {impl.label} N={n}: leave seen by all {_fmt(res['leave_s'])} s")
+
+        # -- 4. healthy members marked dead, also in the logs (covers the idle window) ----------
+        allowed = {victim.name}
+        for nd in nodes:
+            for name in impl.false_deaths_in_log(nd, allowed):
+                res["false_deaths"].append((nd.name, name, "log"))
+        res["false_deaths"] = sorted(set(map(tuple, res["false_deaths"])))
+        res["false_death_members"] = sorted({fd[1] for fd in res["false_deaths"]})
+        return res
+    finally:
+        for nd in nodes:
+            impl.close(nd)
+            if nd.proc is not None and nd.proc.poll() is None:
+                try:
+                    os.killpg(nd.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for nd in nodes:
+            if nd.proc is not None:
+                try:
+                    nd.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        bench_cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        res["bench_cpu_s"] = (bench_cpu1.ru_utime + bench_cpu1.ru_stime
+                              - bench_cpu0.ru_utime - bench_cpu0.ru_stime)
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "timeout" if v is None else f"{v:.{digits}f}"
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return None
+    if len(vals) < len(runs) and key.endswith("_s"):
+        return None  # a timed-out run makes the median meaningless for a timing
+    return float(statistics.median(vals))
+
+
+METRICS = [
+    # key, label, digits, goal kind, goal value
+    ("join_s", "join convergence, all N alive everywhere (s)", 2, "ratio", 1.0),
+    ("detect_first_s", "kill -9 seen dead by first agent (s)", 2, "ratio", 1.0),
+    ("detect_all_s", "kill -9 seen dead by all agents (s)", 2, "ratio", 1.0),
+    ("leave_s", "graceful leave seen by all (s)", 2, "ratio", 1.0),
+    ("rss_mib", "idle RSS per agent, median (MiB)", 1, "abs", 40.0),
+    ("cpu_s_per_min", "idle CPU per agent, median (CPU-s/min)", 3, "ratio", 2.0),
+    ("bytes_per_node_s", "bytes sent per node (B/s)", 0, "ratio", 1.0),
+]
+
+
+def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle: float) -> tuple[str, dict]:
+    lines = [f"### N = {n}  (median of {max(len(ours), len(serf))} run(s); idle window {idle:.0f} s)", "",
+             "| metric | ours | serf | ours/serf | goal | result |",
+             "|---|---:|---:|---:|---|---|"]
+    summary: dict[str, Any] = {"n": n, "metrics": {}}
+    for key, label, digits, kind, goal in METRICS:
+        o = _median(ours, key) if ours else None
+        s = _median(serf, key) if serf else None
+        ratio = o / s if o is not None and s not in (None, 0) else None
+        if kind == "ratio":
+            goal_txt = f"<= {goal:g}x serf"
+            verdict = "n/a" if ratio is None else ("PASS" if ratio <= goal else "MISS")
+        else:
+            goal_txt = f"<= {goal:g}"
+            verdict = "n/a" if o is None else ("PASS" if o <= goal else "MISS")
+        if ours and o is None and key.endswith("_s"):
+            verdict = "MISS"
+        lab = label
+        if key == "bytes_per_node_s" and ours:
+            methods = {r.get("bytes_method") for r in ours + serf if r.get("bytes_method")}
+            lab += f" [{', '.join(sorted(methods)) or 'unavailable'}]"
+        lines.append(f"| {lab} | {_cell(o, digits, bool(ours))} | {_cell(s, digits, bool(serf))} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | {goal_txt} | {verdict} |")
+        summary["metrics"][key] = {"ours": o, "serf": s, "ratio": ratio, "goal": goal_txt, "result": verdict}
+    fd_o = [len(r.get("false_death_members", [])) for r in ours]
+    fd_s = [len(r.get("false_death_members", [])) for r in serf]
+    verdict = "n/a" if not ours else ("PASS" if sum(fd_o) == 0 else "MISS")
+    lines.append(f"| healthy members ever marked dead (per run) | {_list(fd_o)} | {_list(fd_s)} | - | "
+                 f"0 | {verdict} |")
+    summary["metrics"]["false_deaths"] = {"ours": fd_o, "serf": fd_s, "result": verdict}
+    sus_o = [r.get("false_suspects", 0) for r in ours]
+    sus_s = [r.get("false_suspects", 0) for r in serf]
+    lines.append(f"| (info) healthy members seen suspect, observer pairs (per run) | {_list(sus_o)} | "
+                 f"{_list(sus_s)} | - | - | - |")
+    for key, label, digits in [("join_first_s", "first agent with N alive (s)", 2),
+                               ("rss_max_mib", "idle RSS per agent, max (MiB)", 1),
+                               ("cpu_s_per_min_max", "idle CPU per agent, max (CPU-s/min)", 3),
+                               ("api_bytes_per_node_s", "our API counters: bytes sent per node (B/s)", 0),
+                               ("startup_s", f"start {n} agents one by one (s)", 1),
+                               ("bench_cpu_s", "benchmark process CPU per cluster (s)", 1)]:
+        o = _median(ours, key) if ours else None
+        s = _median(serf, key) if serf else None
+        if o is None and s is None:
+            continue
+        lines.append(f"| (info) {label} | {_cell(o, digits, bool(ours))} | {_cell(s, digits, bool(serf))} "
+                     f"| - | - | - |")
+    notes = [f"{r['impl']} run {i + 1}: {note}" for group in (ours, serf)
+             for i, r in enumerate(group) for note in r.get("notes", [])]
+    for group in (ours, serf):
+        for i, r in enumerate(group):
+            if r.get("false_deaths"):
+                notes.append(f"{r['impl']} run {i + 1}: healthy marked dead (observer, member, how): "
+                             f"{r['false_deaths'][:6]}")
+    if notes:
+        lines.append("")
+        lines.extend(f"- {x}" for x in notes)
+    return "\n".join(lines), summary
+
+
+def _cell(v: float | None, digits: int, present: bool) -> str:
+    if not present:
+        return "-"
+    return "timeout" if v is None else f"{v:.{digits}f}"
+
+
+def _list(vals: list[int]) -> str:
+    return ",".join(str(v) for v in vals) if vals else "-"
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10,25,50", help="comma-separated cluster sizes (default 10,25,50)")
+    ap.add_argument("--runs", type=int, default=3, help="fresh clusters per size and implementation")
+    ap.add_argument("--only", choices=("ours", "serf"), help="benchmark one implementation only")
+    ap.add_argument("--json", action="store_true", help="print JSON (all runs and medians) instead of tables")
+    ap.add_argument("--idle-seconds", type=float, default=30.0, help="idle window for CPU/RSS/bytes")
+    ap.add_argument("--settle-seconds", type=float, default=5.0, help="wait after convergence before idling")
+    ap.add_argument("--poll-ms", type=float, default=50.0, help="per-agent poll interval (default 50)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="give up on a phase after this long (s)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the agents' logs (temp dir)")
+    args = ap.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    if not MESH_AGENT.exists() and args.only != "serf":
+        print(f"bench_cluster: {MESH_AGENT} not found", file=sys.stderr)
+        return 2
+    if not Path(SERF).exists() and args.only != "ours":
+        print(f"bench_cluster: serf not found at {SERF}", file=sys.stderr)
+        return 2
+    key = subprocess.run([str(MESH_AGENT), "keygen"], capture_output=True, text=True, check=True).stdout.strip()
+    impls: list[Impl] = [c(key) for c in (Ours, Serf) if args.only in (None, c.label)]
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    counters = ByteCounters()
+    counters.setup()
+    if not counters.ok:
+        log(f"iptables unavailable ({counters.error}); bytes come from our API counters, Serf's are n/a")
+    log(f"logs in {workdir}; sizes {sizes}, runs {args.runs}, idle {args.idle_seconds:.0f} s, "
+        f"poll {args.poll_ms:.0f} ms, implementations {[i.label for i in impls]}")
+    results: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    tables: list[str] = []
+    summaries = []
+    started = time.monotonic()
+    try:
+        for n in sizes:
+            results[n] = {i.label: [] for i in impls}
+            for run in range(args.runs):
+                for impl in impls:  # interleaved, so drift on the machine hits both alike
+                    log(f"{impl.label} N={n} run {run + 1}/{args.runs}")
+                    results[n][impl.label].append(run_cluster(impl, n, args, counters, workdir))
+            table, summary = report(n, results[n].get("ours", []), results[n].get("serf", []),
+                                    args.idle_seconds)
+            tables.append(table)
+            summaries.append(summary)
+            if not args.json:
+                print(table + "\n", flush=True)
+    finally:
+        counters.teardown()
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"sizes": sizes, "runs": args.runs, "idle_seconds": args.idle_seconds,
+                          "poll_ms": args.poll_ms, "summary": summaries,
+                          "results": {str(k): v for k, v in results.items()}}, indent=2, default=list))
+    else:
+        print("Goals (from the issue): join, detection and leave <= 1.0x Serf; idle CPU <= 2x Serf; bytes sent "
+              "<= 1.0x Serf; RSS <= 40 MiB per agent; no healthy member ever marked dead.")
+        print(f"Ours: mesh-agent --profile lan --key (encrypted). Serf {SERF}: -profile=lan -encrypt. "
+              f"Bytes: {'iptables OUTPUT counters on lo per gossip port' if counters.error == '' else 'our API counters (iptables failed: ' + counters.error + ')'}. "
+              f"Total time {time.monotonic() - started:.0f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Real agent processes on loopback, for tests and the demo.
+
+Each agent runs as its own process group; the harness keeps every Popen and
+kills them all on close, so a failed test never leaks ports into the next.
+Tests wait on conditions, not sleeps, and report the last state seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP (gossip uses both on one port)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no free port")
+
+
+def mesh_agent_cmd() -> list[str]:
+    return [sys.executable, "-m", "cli.main"]
+
+
+class AgentProc:
+    def __init__(
+        self, name: str, gossip_port: int, api_port: int, log_path: Path, popen: subprocess.Popen[bytes]
+    ) -> None:
+        self.name = name
+        self.gossip_port = gossip_port
+        self.api_port = api_port
+        self.log_path = log_path
+        self.popen = popen
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.gossip_port}"
+
+    @property
+    def api(self) -> str:
+        return f"127.0.0.1:{self.api_port}"
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        return {m["name"]: m for m in self.call("GET", "/v1/members")}
+
+    def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("GET", "/v1/agent/self")
+        return result
+
+    def try_members(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            return self.members()
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.popen.pid, sig)
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Cluster:
+    def __init__(self, workdir: Path, key: str | None, profile: str = "local") -> None:
+        self.workdir = workdir
+        self.key = key
+        self.profile = profile
+        self.agents: dict[str, AgentProc] = {}
+        self._all: list[AgentProc] = []
+
+    def start(
+        self,
+        name: str,
+        join: list[str] | None = None,
+        gossip_port: int | None = None,
+        api_port: int | None = None,
+        extra: list[str] | None = None,
+        wait: bool = True,
+    ) -> AgentProc:
+        gossip_port = gossip_port or free_port()
+        api_port = api_port or free_port()
+        args = mesh_agent_cmd() + [
+            "agent", "--name", name,
+            "--bind", f"127.0.0.1:{gossip_port}",
+            "--api", f"127.0.0.1:{api_port}",
+            "--profile", self.profile,
+            "--log-format", "json",
+        ]
+        args += ["--key", self.key] if self.key else ["--insecure"]
+        for j in join or []:
+            args += ["--join", j]
+        args += extra or []
+        log_path = self.workdir / f"{name}-{len(self._all)}.log"
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
+            )
+        proc = AgentProc(name, gossip_port, api_port, log_path, popen)
+        self.agents[name] = proc
+        self._all.append(proc)
+        if wait:
+            wait_for(lambda: proc.try_members() is not None or not proc.running(),
+                     15, f"agent {name} API up", lambda: proc.log()[-2000:])
+            if not proc.running():
+                raise AssertionError(f"agent {name} exited at start:\n{proc.log()}")
+        return proc
+
+    def up(self) -> list[AgentProc]:
+        return [a for a in self.agents.values() if a.running()]
+
+    def statuses(self, observers: list[AgentProc] | None = None) -> dict[str, dict[str, str]]:
+        """observer name -> {member name: status}, for every observer that answers."""
+        out = {}
+        for a in observers or self.up():
+            ms = a.try_members()
+            if ms is not None:
+                out[a.name] = {n: m["status"] for n, m in ms.items()}
+        return out
+
+    def wait_status(self, member: str, status: str, timeout: float, observers: list[AgentProc] | None = None) -> float:
+        """Wait until every observer shows ``member`` with ``status``; return seconds taken."""
+        obs = observers or [a for a in self.up() if a.name != member]
+        t0 = time.monotonic()
+
+        def ok() -> bool:
+            st = self.statuses(obs)
+            return len(st) == len(obs) and all(v.get(member) == status for v in st.values())
+
+        wait_for(ok, timeout, f"all of {[o.name for o in obs]} see {member} {status}",
+                 lambda: json.dumps(self.statuses(obs), indent=1))
+        return time.monotonic() - t0
+
+    def wait_converged(self, names: list[str], timeout: float = 20) -> None:
+        obs = [self.agents[n] for n in names]
+
+        def ok() -> bool:
+            st = self.statuses(obs)
+            return len(st) == len(obs) and all(
+                all(v.get(n) == "alive" for n in names) for v in st.values()
+            )
+
+        wait_for(ok, timeout, f"{names} all alive everywhere", lambda: json.dumps(self.statuses(obs), indent=1))
+
+    def close(self) -> None:
+        for a in self._all:
+            if a.running():
+                try:
+                    os.killpg(a.popen.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                a.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, last_state: Callable[[], str] | None = None,
+             interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            state = last_state() if last_state else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for: {what}\nlast state:\n{state}")
+        time.sleep(interval)
