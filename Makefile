@@ -8,7 +8,6 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -19,7 +18,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gossip agent cli tests simulations
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict gossip
+	$(VENV)/bin/mypy --strict gossip agent cli
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -556,7 +556,9 @@ class Membership:
             self.awareness.apply_delta(1)
         self.counters.stats["probe_failures"] += 1
         m = self.members.get(p.target)
-        if m is not None and m.status is Status.ALIVE:
+        if m is not None and m.status.up:
+            # On a member already suspect this is an independent confirmation,
+            # which shortens its suspicion everywhere (Lifeguard section IV-B).
             self._on_suspect(now, Suspect(m.name, m.incarnation, self.name))
 
     def _tick_relays(self, now: float) -> None:
