@@ -19,7 +19,7 @@ from typing import Any
 
 from gossip.config import PROFILES, GossipConfig
 from gossip.keyring import KeyError_, decode_key
-from gossip.wire import Address, format_addr, parse_addr
+from gossip.wire import MAX_TAGS_BYTES, Address, format_addr, parse_addr
 
 DEFAULT_GOSSIP_PORT = 7946
 DEFAULT_API = "127.0.0.1:7947"
@@ -229,6 +229,9 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     tags = file_data.get("tags", {})
     if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
         raise ConfigError(f"config file {config_path}: [tags] must map strings to strings")
+
+    if sum(len(k.encode()) + len(v.encode()) for k, v in tags.items()) > MAX_TAGS_BYTES:
+        raise ConfigError(f"config file {config_path}: [tags] exceed {MAX_TAGS_BYTES} bytes in all")
 
     data_dir = Path(values["data_dir"]) if values["data_dir"] else None
     return AgentConfig(

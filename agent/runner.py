@@ -116,7 +116,7 @@ class Agent:
         self.membership.leave(trio.current_time())
         await self.flush()
         with trio.move_on_after(self.cfg.gossip.leave_propagate_timeout):
-            while not self.membership.leave_spread():
+            while not self.membership.leave_spread(trio.current_time()):
                 await trio.sleep(self.cfg.gossip.gossip_interval / 2)
         # One more gossip interval lets the last packets leave the socket.
         await trio.sleep(self.cfg.gossip.gossip_interval)

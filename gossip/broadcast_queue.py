@@ -42,7 +42,7 @@ class BroadcastQueue:
     def get(self, budget: int, limit: int, per_item_overhead: int = 0) -> list[bytes]:
         """Take as many updates as fit in ``budget`` bytes, least-transmitted first.
 
-        Ties go to the newest and then the longest, as memberlist's btree
+        Ties go to the longest and then the newest, as memberlist's btree
         ordering does.  Each taken update counts one transmit; one that reaches
         ``limit`` transmits leaves the queue.
         """

@@ -40,8 +40,13 @@ class GossipConfig:
     push_pull_interval: float = 30.0
     #: Deadline for a whole TCP push-pull exchange.
     tcp_timeout: float = 10.0
+    #: Every reconnect_interval, push-pull with one member marked dead, so the
+    #: halves of a healed partition find each other with nobody's help ...
+    reconnect_interval: float = 30.0
+    #: ... for this long after it was marked dead.
+    reconnect_timeout: float = 72 * 3600.0
     #: Dead and left members are forgotten after this long.
-    dead_reap_after: float = 24 * 3600.0
+    dead_reap_after: float = 72 * 3600.0
     #: Join retries back off from this ...
     join_retry_min: float = 1.0
     #: ... up to this.
@@ -104,6 +109,8 @@ LOCAL = GossipConfig(
     retransmit_mult=3,
     push_pull_interval=10.0,
     tcp_timeout=2.0,
+    reconnect_interval=5.0,
+    reconnect_timeout=600.0,
     dead_reap_after=600.0,
     join_retry_min=0.25,
     join_retry_max=5.0,

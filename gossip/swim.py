@@ -64,7 +64,9 @@ class StartPushPull:
     (a seed), which the driver resolves at each attempt."""
 
     target: Address
-    purpose: str  # "join" (seed retry loop) or "sync" (periodic anti-entropy)
+    #: "join" (seed retry loop), "sync" (periodic anti-entropy), "reconnect"
+    #: (a member marked dead), or "explicit" (a join asked for through the API).
+    purpose: str
 
 
 Effect = SendPacket | StartPushPull
@@ -156,6 +158,7 @@ class Membership:
         self._next_probe = now + self.rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
         self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
+        self._next_reconnect = now + self.rng.uniform(0.5, 1.0) * config.reconnect_interval
         self._reap_every = max(1.0, min(60.0, config.dead_reap_after / 10))
         self._next_reap = now + self._reap_every
         self._outbox: list[Effect] = []
@@ -172,6 +175,9 @@ class Membership:
             self.drop(exc.reason)
             return
         self.counters.stats["packets_in"] += 1
+        # Answer pings last, so whatever the rest of the packet makes us say
+        # (a refutation of a buddy-system suspicion, above all) rides on the ack.
+        messages.sort(key=lambda m: isinstance(m, Ping))
         for msg in messages:
             self.counters.stats[f"msg_in.{type(msg).__name__.lower()}"] += 1
             self._handle(now, src, msg)
@@ -191,6 +197,8 @@ class Membership:
             self._next_gossip = now + self.config.gossip_interval
         if now >= self._next_push_pull:
             self._start_sync(now)
+        if now >= self._next_reconnect:
+            self._start_reconnect(now)
         self._tick_join(now)
         if now >= self._next_reap:
             self._reap(now)
@@ -198,7 +206,7 @@ class Membership:
 
     def next_deadline(self) -> float:
         """The protocol time at which ``tick`` must next be called."""
-        times = [self._next_push_pull, self._next_reap]
+        times = [self._next_push_pull, self._next_reap, self._next_reconnect]
         if not self.leaving:
             times.append(self._next_probe)
         if len(self.broadcasts):
@@ -249,10 +257,10 @@ class Membership:
         self._broadcast(self.name, d)
         self._gossip_round(now)
 
-    def leave_spread(self) -> bool:
+    def leave_spread(self, now: float) -> bool:
         """True once our leave has been sent its full retransmit budget."""
         return self.leaving and (
-            not self.broadcasts.pending(self.name) or not self._gossip_targets(0.0)
+            not self.broadcasts.pending(self.name) or not self._gossip_targets(now)
         )
 
     # -- push-pull (TCP, driven by the agent) -----------------------------------------
@@ -294,6 +302,11 @@ class Membership:
                 self._merge(now, remote)
                 self.counters.stats["push_pull_out"] += 1
                 ok, reason = True, ""
+                if purpose in ("join", "explicit"):
+                    # Announce ourselves to the members we just learned about
+                    # now, rather than at the next gossip tick.
+                    self._gossip_round(now)
+                    self._next_gossip = now + self.config.gossip_interval
         j = self._join
         if purpose == "join" and j is not None and not j.done:
             j.in_flight = max(0, j.in_flight - 1)
@@ -430,12 +443,11 @@ class Membership:
         self._broadcast(a.name, a)
 
     def _on_suspect(self, now: float, s: Suspect) -> None:
+        if s.name == self.name:
+            self._accused(now, s.incarnation, f"suspected by {s.source}")
+            return
         m = self.members.get(s.name)
         if m is None or s.incarnation < m.incarnation:
-            return
-        if s.name == self.name:
-            if not self.leaving:
-                self._refute(now, s.incarnation, f"suspected by {s.source}")
             return
         sus = self._suspicions.get(s.name)
         if sus is not None:
@@ -458,12 +470,20 @@ class Membership:
         self._broadcast(s.name, s)
 
     def _on_dead(self, now: float, d: Dead) -> None:
-        m = self.members.get(d.name)
-        if m is None or d.incarnation < m.incarnation or not m.status.up:
-            return
         if d.name == self.name:
-            if not self.leaving:
-                self._refute(now, d.incarnation, f"declared dead by {d.source}")
+            self._accused(now, d.incarnation, f"declared dead by {d.source}")
+            return
+        m = self.members.get(d.name)
+        if m is None or d.incarnation < m.incarnation:
+            return
+        if m.status is Status.DEAD and d.source == d.name:
+            # We timed out our own suspicion before the leave reached us; a
+            # graceful leave is the truer story, so it replaces "dead".
+            m.incarnation = d.incarnation
+            self._set_status(now, m, Status.LEFT, "left gracefully")
+            self._broadcast(d.name, d)
+            return
+        if not m.status.up:
             return
         m.incarnation = d.incarnation
         self._suspicions.pop(d.name, None)
@@ -472,6 +492,17 @@ class Membership:
         else:
             self._set_status(now, m, Status.DEAD, f"declared dead by {d.source}")
         self._broadcast(d.name, d)
+
+    def _accused(self, now: float, incarnation: int, reason: str) -> None:
+        """Someone claims we are suspect or dead."""
+        if self.leaving:
+            return
+        if incarnation >= self.me.incarnation:
+            self._refute(now, incarnation, reason)
+        elif not self.broadcasts.pending(self.name):
+            # A stale claim: its sender missed our refutation.  Repeat our
+            # current alive so it learns (it rides on the ack of a buddy probe).
+            self._queue_alive_self()
 
     def _refute(self, now: float, accused: int, reason: str) -> None:
         """SWIM: only a member raises its own incarnation, to overrule a claim."""
@@ -601,6 +632,17 @@ class Membership:
         if peers and not self.leaving:
             self._outbox.append(StartPushPull(self.rng.choice(peers).addr, "sync"))
 
+    def _start_reconnect(self, now: float) -> None:
+        # memberlist leaves this to Serf's reconnect loop; without it a partition
+        # longer than the suspicion timeout never heals by itself.  Members that
+        # left gracefully are not retried.
+        self._next_reconnect = now + self.config.reconnect_interval
+        dead = [m for m in self.members.values()
+                if m.status is Status.DEAD and now - m.status_since < self.config.reconnect_timeout]
+        if dead and not self.leaving:
+            self.counters.stats["reconnect_attempts"] += 1
+            self._outbox.append(StartPushPull(self.rng.choice(dead).addr, "reconnect"))
+
     def _tick_join(self, now: float) -> None:
         j = self._join
         if j is None or j.done or j.in_flight or now < j.next_at:
@@ -672,7 +714,12 @@ class Membership:
         self._queue_alive_self()
 
     def _broadcast(self, key: str, msg: Message) -> None:
-        self.broadcasts.queue(key, encode_message(msg))
+        encoded = encode_message(msg)
+        if len(encoded) > self._packet_budget:
+            # It could never ride in a datagram; push-pull (TCP) carries it.
+            self.counters.stats["broadcast_too_large"] += 1
+            return
+        self.broadcasts.queue(key, encoded)
 
     def _send(self, addr: Address, msgs: list[Message]) -> None:
         encoded = [encode_message(m) for m in msgs]

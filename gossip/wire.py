@@ -20,6 +20,9 @@ PROTOCOL_VERSION = 1
 MAX_NAME_LEN = 128
 MAX_TAGS = 64
 MAX_TAG_LEN = 512
+#: Tags ride in every alive message, which must fit a datagram with room to
+#: spare (memberlist caps node meta at 512 bytes; we allow a little more).
+MAX_TAGS_BYTES = 1024
 MAX_STREAM_BYTES = 16 * 1024 * 1024
 
 Address = tuple[str, int]
@@ -214,7 +217,9 @@ def _unpack(data: bytes) -> Any:
         raise DecodeError("malformed", "trailing bytes") from exc
     except (ValueError, msgpack.UnpackException) as exc:
         text = str(exc)
-        if "incomplete" in text or isinstance(exc, msgpack.OutOfData):
+        # A header that claims more elements than the buffer holds bytes is a
+        # cut-off packet too; msgpack words that as "exceeds max_*_len".
+        if "incomplete" in text or "exceeds max" in text or isinstance(exc, msgpack.OutOfData):
             raise DecodeError("truncated", text) from exc
         raise DecodeError("malformed", text) from exc
     except Exception as exc:  # msgpack may raise TypeError etc. on hostile input
@@ -317,14 +322,17 @@ def _message_from_obj(obj: Any) -> Message:
         if not isinstance(refused, str) or len(refused) > 1024:
             raise DecodeError("malformed", "bad refusal")
         return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused)
-    raise DecodeError("unknown_type", repr(t)[:40])
+    raise DecodeError("unknown_type", t[:40] if isinstance(t, str) else type(t).__name__)
 
 
 def decode_packet(data: bytes) -> list[Message]:
     """Decode a whole packet; all-or-nothing so a bad packet changes no state."""
     if not data:
         raise DecodeError("truncated", "empty packet")
-    obj = _unpack(data)
+    try:
+        obj = _unpack(data)
+    except RecursionError:
+        raise DecodeError("malformed", "nesting too deep") from None
     if not isinstance(obj, list) or len(obj) != 2:
         raise DecodeError("malformed", "packet is not [version, messages]")
     version, body = obj
@@ -334,7 +342,10 @@ def decode_packet(data: bytes) -> list[Message]:
         raise DecodeError("version", f"protocol version {version}")
     if not isinstance(body, list):
         raise DecodeError("malformed", "messages is not a list")
-    return [_message_from_obj(m) for m in body]
+    try:
+        return [_message_from_obj(m) for m in body]
+    except RecursionError:  # absurdly nested values inside a message
+        raise DecodeError("malformed", "nesting too deep") from None
 
 
 def format_addr(addr: Address) -> str:
@@ -368,10 +379,9 @@ def parse_addr(text: str, default_port: int | None = None) -> Address:
         raise ValueError(f"bad address {text!r}: expected host:port")
     if not host:
         raise ValueError(f"bad address {text!r}: empty host")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"bad address {text!r}: port is not a number") from None
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"bad address {text!r}: port is not a number")
+    port = int(port_text)
     if not 0 <= port < 65536:
         raise ValueError(f"bad address {text!r}: port out of range")
     return (host, port)
