@@ -205,7 +205,7 @@ class Agent:
                 frame = await receive_frame(stream)
                 self.io["tcp_bytes_in"] += len(frame) + 4
                 plain = self.sealer.open(frame)
-                reply = self.membership.handle_push_pull(trio.current_time(), peer, plain)
+                reply = self.membership.handle_stream(trio.current_time(), peer, plain)
                 if reply is not None:
                     sealed = self.sealer.seal(reply)
                     await send_frame(stream, sealed)

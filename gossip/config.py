@@ -26,6 +26,10 @@ class GossipConfig:
     gossip_interval: float = 0.2
     #: How many members each gossip round goes to.
     gossip_nodes: int = 3
+    #: A fresh update does not wait for the next gossip tick: an extra round
+    #: goes out this long after the previous one at the earliest.  (memberlist
+    #: always waits for the tick; set this to gossip_interval to do the same.)
+    eager_gossip_gap: float = 0.05
     #: Dead members keep receiving gossip this long, so they can refute.
     gossip_to_the_dead: float = 30.0
     #: Lifeguard: suspicion timeout min = suspicion_mult * log10(N) * probe_interval.
@@ -103,6 +107,7 @@ LOCAL = GossipConfig(
     indirect_checks=2,
     gossip_interval=0.1,
     gossip_nodes=3,
+    eager_gossip_gap=0.025,
     gossip_to_the_dead=10.0,
     suspicion_mult=3,
     suspicion_max_timeout_mult=4,
@@ -122,6 +127,7 @@ WAN = GossipConfig(
     probe_timeout=3.0,
     gossip_interval=0.5,
     gossip_nodes=4,
+    eager_gossip_gap=0.125,
     gossip_to_the_dead=60.0,
     suspicion_mult=6,
     push_pull_interval=60.0,

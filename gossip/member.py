@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gossip.wire import Address
+from gossip.wire import Address, NodeState
 
 
 class Status(StrEnum):
@@ -50,3 +50,5 @@ class Member:
     status_since: float = 0.0
     #: Smoothed round-trip time of direct probes, seconds.
     rtt: float | None = None
+    #: The member's application state summary (registry version, digest).
+    state: NodeState | None = None

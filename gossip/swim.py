@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gossip.awareness import Awareness
 from gossip.broadcast_queue import BroadcastQueue
@@ -35,9 +35,12 @@ from gossip.wire import (
     MemberRecord,
     Message,
     Nack,
+    NodeState,
     Ping,
     PingReq,
     PushPull,
+    StateReply,
+    StateRequest,
     Suspect,
     decode_packet,
     encode_message,
@@ -69,7 +72,38 @@ class StartPushPull:
     purpose: str
 
 
-Effect = SendPacket | StartPushPull
+@dataclass(frozen=True)
+class FetchState:
+    """Ask ``addr`` over TCP for ``node``'s full state (``state_request_payload``)
+    and hand the reply to ``complete_fetch``."""
+
+    node: str
+    addr: Address
+
+
+Effect = SendPacket | StartPushPull | FetchState
+
+
+class Delegate(Protocol):
+    """Application state that rides on membership, as memberlist's Delegate.
+
+    Only a small summary (``state()``) travels on alive messages; the full
+    state travels over TCP: all of it in push-pull, one node's on demand.
+    """
+
+    def state(self) -> NodeState: ...
+
+    def advertised(self, node: str, version: int, digest: bytes) -> bool: ...
+
+    def dump(self) -> bytes: ...
+
+    def merge_dump(self, data: bytes) -> object: ...
+
+    def encode_node(self, node: str) -> bytes | None: ...
+
+    def apply_node(self, data: bytes) -> object: ...
+
+    def forget(self, node: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -134,12 +168,15 @@ class Membership:
         now: float = 0.0,
         incarnation: int = 0,
         seal_overhead: int = SEAL_OVERHEAD,
+        delegate: Delegate | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
         self.config = config
         self.rng = rng if rng is not None else random.Random()
-        self.me = Member(name, addr, incarnation, Status.ALIVE, dict(tags or {}), now)
+        self.delegate = delegate
+        self.me = Member(name, addr, incarnation, Status.ALIVE, dict(tags or {}), now,
+                         state=delegate.state() if delegate else None)
         self.members: dict[str, Member] = {name: self.me}
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.broadcasts = BroadcastQueue()
@@ -157,6 +194,9 @@ class Membership:
         # do not probe in lockstep.
         self._next_probe = now + self.rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
+        self._last_gossip = now
+        self._eager_at: float | None = None
+        self._now = now
         self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + self.rng.uniform(0.5, 1.0) * config.reconnect_interval
         self._reap_every = max(1.0, min(60.0, config.dead_reap_after / 10))
@@ -169,6 +209,7 @@ class Membership:
 
     def receive(self, now: float, src: Address, packet: bytes) -> None:
         """A UDP packet (already opened by the keyring) arrived from ``src``."""
+        self._now = now
         try:
             messages = decode_packet(packet)
         except DecodeError as exc:
@@ -188,13 +229,15 @@ class Membership:
 
     def tick(self, now: float) -> None:
         """Run every timer that is due at ``now``."""
+        self._now = now
         self._tick_probe(now)
         self._tick_relays(now)
         self._tick_suspicions(now)
-        if now >= self._next_gossip:
+        if now >= self._next_gossip or (self._eager_at is not None and now >= self._eager_at):
             if len(self.broadcasts):
                 self._gossip_round(now)
             self._next_gossip = now + self.config.gossip_interval
+            self._eager_at = None
         if now >= self._next_push_pull:
             self._start_sync(now)
         if now >= self._next_reconnect:
@@ -211,6 +254,8 @@ class Membership:
             times.append(self._next_probe)
         if len(self.broadcasts):
             times.append(self._next_gossip)
+            if self._eager_at is not None:
+                times.append(self._eager_at)
         p = self._probe
         if p is not None:
             times.append(p.end)
@@ -248,6 +293,7 @@ class Membership:
 
     def leave(self, now: float) -> None:
         """Announce a graceful leave: others will show us as ``left``, never dead."""
+        self._now = now
         if self.leaving:
             return
         self.leaving = True
@@ -266,17 +312,35 @@ class Membership:
     # -- push-pull (TCP, driven by the agent) -----------------------------------------
 
     def push_pull_payload(self, join: bool) -> bytes:
-        return encode_packet([PushPull(self.name, join, self._records())])
+        return encode_packet([PushPull(self.name, join, self._records(), delegate=self._delegate_dump())])
 
-    def handle_push_pull(self, now: float, src: Address, data: bytes) -> bytes | None:
-        """We are the responder: merge the initiator's state and return ours.
+    def state_request_payload(self, node: str) -> bytes:
+        return encode_packet([StateRequest(self.name, node)])
 
-        Returns None (and counts the drop) when the request is not a valid
-        push-pull; the agent then just closes the stream.
+    def handle_stream(self, now: float, src: Address, data: bytes) -> bytes | None:
+        """We are the TCP responder: answer a push-pull or a state request.
+
+        Returns None (and counts the drop) when the request is not valid; the
+        agent then just closes the stream.
         """
-        remote = self._decode_push_pull(data)
-        if remote is None:
+        self._now = now
+        try:
+            msgs = decode_packet(data)
+        except DecodeError as exc:
+            self.drop(exc.reason)
             return None
+        if len(msgs) != 1:
+            self.drop("unexpected_type")
+            return None
+        msg = msgs[0]
+        if isinstance(msg, StateRequest):
+            held = self.delegate.encode_node(msg.node) if self.delegate else None
+            self.counters.stats["state_requests_in"] += 1
+            return encode_packet([StateReply(msg.node, held or b"")])
+        if not isinstance(msg, PushPull):
+            self.drop("unexpected_type")
+            return None
+        remote = msg
         refused = self._refusal(remote)
         if refused:
             self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
@@ -284,12 +348,57 @@ class Membership:
         else:
             self.counters.stats["push_pull_in"] += 1
             self._merge(now, remote)
-        return encode_packet([PushPull(self.name, False, self._records(), refused)])
+            self._merge_delegate(remote.delegate)
+        return encode_packet([PushPull(self.name, False, self._records(), refused,
+                                       b"" if refused else self._delegate_dump())])
+
+    def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
+        """The reply to a FetchState arrived (or None: it failed)."""
+        self._now = now
+        if reply is None or self.delegate is None:
+            return False
+        try:
+            msgs = decode_packet(reply)
+        except DecodeError as exc:
+            self.drop(exc.reason)
+            return False
+        if len(msgs) != 1 or not isinstance(msgs[0], StateReply) or not msgs[0].data:
+            return False
+        try:
+            self.delegate.apply_node(msgs[0].data)
+        except DecodeError as exc:
+            self.drop("state_" + exc.reason)
+            return False
+        self.counters.stats["state_fetched"] += 1
+        return True
+
+    def state_changed(self) -> None:
+        """The delegate's state changed: a new incarnation advertises it."""
+        if self.delegate is None:
+            return
+        st = self.delegate.state()
+        if st != self.me.state:
+            self.me.state = st
+            self.me.incarnation += 1
+            self._queue_alive_self()
+
+    def _delegate_dump(self) -> bytes:
+        return self.delegate.dump() if self.delegate else b""
+
+    def _merge_delegate(self, data: bytes) -> None:
+        if self.delegate is None or not data:
+            return
+        try:
+            self.delegate.merge_dump(data)
+        except DecodeError as exc:
+            self.drop("state_" + exc.reason)
+        self.state_changed()  # a restart may have made us move our version on
 
     def complete_push_pull(
         self, now: float, target: Address, purpose: str, reply: bytes | None, error: str = ""
     ) -> tuple[bool, str]:
         """We were the initiator: merge the reply (or note the failure)."""
+        self._now = now
         ok, reason = False, error or "no reply"
         if reply is not None:
             remote = self._decode_push_pull(reply)
@@ -300,6 +409,7 @@ class Membership:
                 self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
             else:
                 self._merge(now, remote)
+                self._merge_delegate(remote.delegate)
                 self.counters.stats["push_pull_out"] += 1
                 ok, reason = True, ""
                 if purpose in ("join", "explicit"):
@@ -415,7 +525,8 @@ class Membership:
             return
         m = self.members.get(a.name)
         if m is None:
-            m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now)
+            m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now, state=a.state)
+            self._note_state(m)
             self.members[a.name] = m
             # Insert at a random place so a new member is probed soon (memberlist).
             self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), a.name)
@@ -436,6 +547,9 @@ class Membership:
             return
         m.incarnation = a.incarnation
         m.tags = dict(a.tags)
+        if a.state != m.state:
+            m.state = a.state
+            self._note_state(m)
         self._suspicions.pop(a.name, None)
         if m.status is not Status.ALIVE:
             reason = "refuted suspicion" if m.status is Status.SUSPECT else "rejoined"
@@ -503,6 +617,11 @@ class Membership:
             # A stale claim: its sender missed our refutation.  Repeat our
             # current alive so it learns (it rides on the ack of a buddy probe).
             self._queue_alive_self()
+
+    def _note_state(self, m: Member) -> None:
+        if self.delegate is not None and m.state is not None:
+            if self.delegate.advertised(m.name, m.state[0], m.state[1]):
+                self._outbox.append(FetchState(m.name, m.addr))
 
     def _refute(self, now: float, accused: int, reason: str) -> None:
         """SWIM: only a member raises its own incarnation, to overrule a claim."""
@@ -619,6 +738,7 @@ class Membership:
         ]
 
     def _gossip_round(self, now: float) -> None:
+        self._last_gossip = now
         candidates = self._gossip_targets(now)
         k = min(self.config.gossip_nodes, len(candidates))
         for m in self.rng.sample(candidates, k):
@@ -656,13 +776,15 @@ class Membership:
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
+                if self.delegate is not None:
+                    self.delegate.forget(name)
                 self._event("member_reaped", name=name, status=m.status.value)
 
     # -- push-pull helpers -----------------------------------------------------------------
 
     def _records(self) -> list[MemberRecord]:
         return [
-            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags))
+            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state)
             for m in self.members.values()
         ]
 
@@ -691,7 +813,7 @@ class Membership:
         # node's stale view cannot kill a member we can still reach.
         for r in remote.members:
             if r.status == "alive":
-                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags))
+                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state))
             elif r.status == "left":
                 self._on_dead(now, Dead(r.name, r.incarnation, r.name))
             else:
@@ -705,7 +827,7 @@ class Membership:
 
     def _queue_alive_self(self) -> None:
         me = self.me
-        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags)))
+        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags), me.state))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Change our tags: a new incarnation carries them to everyone."""
@@ -720,6 +842,8 @@ class Membership:
             self.counters.stats["broadcast_too_large"] += 1
             return
         self.broadcasts.queue(key, encoded)
+        if self._eager_at is None:
+            self._eager_at = max(self._now, self._last_gossip + self.config.eager_gossip_gap)
 
     def _send(self, addr: Address, msgs: list[Message]) -> None:
         encoded = [encode_message(m) for m in msgs]

@@ -26,6 +26,10 @@ MAX_TAGS_BYTES = 1024
 MAX_STREAM_BYTES = 16 * 1024 * 1024
 
 Address = tuple[str, int]
+#: A node's application state summary (registry version, digest) that rides on
+#: its alive messages; the full state travels over TCP.
+NodeState = tuple[int, bytes]
+MAX_STATE_DIGEST = 64
 
 
 class DecodeError(Exception):
@@ -78,6 +82,7 @@ class Alive:
     incarnation: int
     addr: Address
     tags: dict[str, str] = field(default_factory=dict)
+    state: NodeState | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class MemberRecord:
     incarnation: int
     status: str
     tags: dict[str, str] = field(default_factory=dict)
+    state: NodeState | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,25 @@ class PushPull:
     members: list[MemberRecord]
     #: Set by a responder that refuses the initiator (e.g. a name conflict).
     refused: str = ""
+    #: Opaque application state (the service registry), merged by the delegate.
+    delegate: bytes = b""
 
 
-Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | PushPull
+@dataclass(frozen=True)
+class StateRequest:
+    """Ask a member (over TCP) for one node's full application state."""
+
+    source: str
+    node: str
+
+
+@dataclass(frozen=True)
+class StateReply:
+    node: str
+    data: bytes  # empty when the responder holds nothing for that node
+
+
+Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | PushPull | StateRequest | StateReply
 
 STATUSES = ("alive", "suspect", "dead", "left")
 
@@ -126,6 +148,26 @@ STATUSES = ("alive", "suspect", "dead", "left")
 
 def _addr(a: Address) -> list[Any]:
     return [a[0], a[1]]
+
+
+def _state(st: NodeState | None) -> list[Any] | None:
+    return None if st is None else [st[0], st[1]]
+
+
+def _state_of(v: Any) -> NodeState | None:
+    if v is None:
+        return None
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not isinstance(v[0], int)
+        or isinstance(v[0], bool)
+        or not 0 <= v[0] < 2**63
+        or not isinstance(v[1], bytes)
+        or len(v[1]) > MAX_STATE_DIGEST
+    ):
+        raise DecodeError("malformed", "bad node state")
+    return (v[0], v[1])
 
 
 def message_to_obj(msg: Message) -> dict[str, Any]:
@@ -145,13 +187,16 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Nack):
         return {"t": "nack", "seq": msg.seq, "from": msg.source}
     if isinstance(msg, Alive):
-        return {
+        obj: dict[str, Any] = {
             "t": "alive",
             "name": msg.name,
             "inc": msg.incarnation,
             "addr": _addr(msg.addr),
             "tags": dict(msg.tags),
         }
+        if msg.state is not None:
+            obj["st"] = [msg.state[0], msg.state[1]]
+        return obj
     if isinstance(msg, Suspect):
         return {"t": "suspect", "name": msg.name, "inc": msg.incarnation, "from": msg.source}
     if isinstance(msg, Dead):
@@ -163,10 +208,15 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
             "join": msg.join,
             "refused": msg.refused,
             "members": [
-                [m.name, _addr(m.addr), m.incarnation, m.status, dict(m.tags)]
+                [m.name, _addr(m.addr), m.incarnation, m.status, dict(m.tags), _state(m.state)]
                 for m in msg.members
             ],
+            "x": msg.delegate,
         }
+    if isinstance(msg, StateRequest):
+        return {"t": "state-req", "from": msg.source, "node": msg.node}
+    if isinstance(msg, StateReply):
+        return {"t": "state", "node": msg.node, "data": msg.data}
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -297,6 +347,7 @@ def _message_from_obj(obj: Any) -> Message:
             _int(obj, "inc"),
             _addr_of(obj.get("addr")),
             _tags_of(obj.get("tags", {})),
+            _state_of(obj.get("st")),
         )
     if t == "suspect":
         return Suspect(_str(obj, "name"), _int(obj, "inc"), _str(obj, "from"))
@@ -308,20 +359,31 @@ def _message_from_obj(obj: Any) -> Message:
             raise DecodeError("malformed", "push-pull members must be a list")
         members = []
         for rec in raw_members:
-            if not isinstance(rec, list) or len(rec) != 5:
+            if not isinstance(rec, list) or len(rec) not in (5, 6):
                 raise DecodeError("malformed", "bad member record")
-            name, addr, inc, status, tags = rec
+            name, addr, inc, status, tags = rec[:5]
+            state = _state_of(rec[5]) if len(rec) == 6 else None
             if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad member name")
             if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc < 2**63:
                 raise DecodeError("malformed", "bad incarnation")
             if status not in STATUSES:
                 raise DecodeError("malformed", "bad member status")
-            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags)))
+            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags), state))
         refused = obj.get("refused", "")
         if not isinstance(refused, str) or len(refused) > 1024:
             raise DecodeError("malformed", "bad refusal")
-        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused)
+        delegate = obj.get("x", b"")
+        if not isinstance(delegate, bytes):
+            raise DecodeError("malformed", "bad delegate state")
+        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate)
+    if t == "state-req":
+        return StateRequest(_str(obj, "from"), _str(obj, "node"))
+    if t == "state":
+        data = obj.get("data")
+        if not isinstance(data, bytes):
+            raise DecodeError("malformed", "state data must be bytes")
+        return StateReply(_str(obj, "node"), data)
     raise DecodeError("unknown_type", t[:40] if isinstance(t, str) else type(t).__name__)
 
 

@@ -284,7 +284,7 @@ class SimNet:
                 and (target.name, node.name) not in self._blocked
             ):
                 request = machine.push_pull_payload(eff.purpose == "join")
-                reply = target.m.handle_push_pull(self.now, node.addr, request)
+                reply = target.m.handle_stream(self.now, node.addr, request)
                 self._flush(target)
                 error = "" if reply is not None else "stream closed"
             machine.complete_push_pull(self.now, eff.target, eff.purpose, reply, error)
