@@ -7,15 +7,18 @@ and scripts are its clients, not browsers.  Every failure is a 4xx/5xx with
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 import trio
 
 from agent import log
+from agent.health import parse_duration
+from agent.services import ServiceError
 from gossip.wire import parse_addr
 
 if TYPE_CHECKING:
@@ -25,6 +28,10 @@ MAX_BODY = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -32,7 +39,12 @@ class HttpError(Exception):
         self.message = message
 
 
-Handler = Callable[[dict[str, list[str]], Any], Awaitable[tuple[int, Any]]]
+Reply = tuple[int, Any] | tuple[int, Any, list[tuple[str, str]]]
+Handler = Callable[[dict[str, list[str]], Any], Awaitable[Reply]]
+PrefixHandler = Callable[[str, dict[str, list[str]], Any], Awaitable[Reply]]
+#: Longest a blocking query may wait (Consul caps at 10 minutes too).
+MAX_WAIT = 600.0
+DEFAULT_WAIT = 300.0
 
 
 class ApiServer:
@@ -45,6 +57,13 @@ class ApiServer:
             ("GET", "/v1/agent/self"): self.self_info,
             ("POST", "/v1/join"): self.join,
             ("POST", "/v1/leave"): self.leave,
+            ("GET", "/v1/services"): self.services,
+            ("PUT", "/v1/services"): self.register,
+        }
+        #: Routes with one trailing path parameter.
+        self.prefixed: dict[tuple[str, str], PrefixHandler] = {
+            ("GET", "/v1/services/"): self.service_show,
+            ("DELETE", "/v1/services/"): self.deregister,
         }
 
     # -- routes -------------------------------------------------------------------------
@@ -87,49 +106,112 @@ class ApiServer:
         self.agent._nursery.start_soon(self.agent.leave)
         return 200, {"ok": True, "detail": "leaving; the agent exits once the leave has spread"}
 
+    async def _blocking(self, query: dict[str, list[str]], key: str, compute: Callable[[], Any]) -> Reply:
+        """Consul-style blocking query: with ?index=N, answer once the view's index passes N."""
+        try:
+            index = int(query["index"][0]) if "index" in query else None
+            wait = parse_duration(query["wait"][0]) if "wait" in query else DEFAULT_WAIT
+        except ValueError as exc:
+            raise HttpError(400, f"bad index or wait: {exc}") from None
+        if index is not None and index < 0:
+            raise HttpError(400, "index must be a non-negative integer")
+        wait = min(max(wait, 0.0), MAX_WAIT)
+        services = self.agent.services
+        view = compute()
+        current = services.indexed(key, view)
+        if index is not None and current <= index:
+            with trio.move_on_after(wait):
+                while current <= index:
+                    await services.changed.wait()
+                    view = compute()
+                    current = services.indexed(key, view)
+        return 200, view, [("x-mesh-index", str(current))]
+
+    async def services(self, query: dict[str, list[str]], body: Any) -> Reply:
+        return await self._blocking(query, "*", self.agent.services.services)
+
+    async def service_show(self, name: str, query: dict[str, list[str]], body: Any) -> Reply:
+        passing = "passing" in query
+        return await self._blocking(
+            query, f"{name}?passing={passing}",
+            lambda: self.agent.services.instances(name, passing_only=passing))
+
+    async def register(self, query: dict[str, list[str]], body: Any) -> Reply:
+        try:
+            reg = self.agent.services.register(body)
+        except ServiceError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+        return 200, {"ok": True, "id": reg.id}
+
+    async def deregister(self, iid: str, query: dict[str, list[str]], body: Any) -> Reply:
+        try:
+            self.agent.services.deregister(iid)
+        except ServiceError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+        return 200, {"ok": True, "id": iid}
+
     # -- HTTP plumbing ------------------------------------------------------------------------
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         try:
+            reply = await self._serve_one(conn, stream)
             with trio.move_on_after(REQUEST_TIMEOUT):
-                status, payload = await self._serve_one(conn, stream)
-                await self._respond(conn, stream, status, payload)
+                await self._respond(conn, stream, *reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, conn: h11.Connection, stream: trio.SocketStream) -> tuple[int, Any]:
+    async def _serve_one(self, conn: h11.Connection, stream: trio.SocketStream) -> Reply:
         request: h11.Request | None = None
         body = bytearray()
         try:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.Request):
-                    request = event
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_BODY:
-                        return 413, {"error": "request body too large"}
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    break
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request = await self._read_request(conn, stream, body)
+        except trio.TooSlowError:
+            return 408, {"error": "request not received in time"}
         except h11.RemoteProtocolError as exc:
             return 400, {"error": f"bad HTTP request: {exc}"}
+        except _TooLarge:
+            return 413, {"error": "request body too large"}
         if request is None:
             return 400, {"error": "no request"}
+        return await self._dispatch(request, body)
+
+    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream,
+                            body: bytearray) -> h11.Request | None:
+        request: h11.Request | None = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise _TooLarge()
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return request
+
+    async def _dispatch(self, request: h11.Request, body: bytearray) -> Reply:
         method = request.method.decode("ascii", "replace")
         split = urlsplit(request.target.decode("ascii", "replace"))
         path = split.path.rstrip("/") or "/"
-        handler = self.routes.get((method, path))
+        handler: Handler | None = self.routes.get((method, path))
         if handler is None:
-            if any(p == path for (_, p) in self.routes):
-                return 405, {"error": f"method {method} not allowed on {path}"}
-            return 404, {"error": f"no such endpoint {path}"}
+            for (m, prefix), h in self.prefixed.items():
+                if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix):]:
+                    if m == method:
+                        handler = functools.partial(h, unquote(path[len(prefix):]))
+                        break
+            else:
+                known = [p for (_, p) in self.routes] + [
+                    p for (_, p) in self.prefixed if path.startswith(p) and len(path) > len(p)]
+                if any(path == p or path.startswith(p) for p in known):
+                    return 405, {"error": f"method {method} not allowed on {path}"}
+                return 404, {"error": f"no such endpoint {path}"}
         parsed: Any = None
         if body:
             try:
@@ -137,19 +219,21 @@ class ApiServer:
             except (ValueError, UnicodeDecodeError):
                 return 400, {"error": "request body is not valid JSON"}
         try:
-            return await handler(parse_qs(split.query), parsed)
+            return await handler(parse_qs(split.query, keep_blank_values=True), parsed)
         except HttpError as exc:
             return exc.status, {"error": exc.message}
         except Exception as exc:  # a bug must not take the agent down
             self.log.exception("api_handler_failed", path=path)
             return 500, {"error": f"internal error: {type(exc).__name__}"}
 
-    async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any) -> None:
+    async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any,
+                       extra: list[tuple[str, str]] | None = None) -> None:
         data = (json.dumps(payload) + "\n").encode()
         headers = [
             ("content-type", "application/json"),
             ("content-length", str(len(data))),
             ("connection", "close"),
+            *(extra or []),
         ]
         try:
             out = conn.send(h11.Response(status_code=status, headers=headers)) or b""

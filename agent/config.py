@@ -65,6 +65,7 @@ class AgentConfig:
     log_format: str
     log_level: str
     tags: dict[str, str] = field(default_factory=dict)
+    services: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -233,7 +234,27 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     if sum(len(k.encode()) + len(v.encode()) for k, v in tags.items()) > MAX_TAGS_BYTES:
         raise ConfigError(f"config file {config_path}: [tags] exceed {MAX_TAGS_BYTES} bytes in all")
 
+    services = file_data.get("service", [])
+    if not isinstance(services, list) or not all(isinstance(s, dict) for s in services):
+        raise ConfigError(f"config file {config_path}: [[service]] must be an array of tables")
+    from agent.services import ServiceError, validate
+
+    seen: set[str] = set()
+    for i, raw in enumerate(services):
+        try:
+            reg = validate(raw, name, advertise[0], source="config")
+        except ServiceError as exc:
+            raise ConfigError(f"config file {config_path}: service #{i + 1}: {exc}") from None
+        if reg.id in seen:
+            raise ConfigError(f"config file {config_path}: service #{i + 1}: duplicate id {reg.id!r}")
+        seen.add(reg.id)
+
     data_dir = Path(values["data_dir"]) if values["data_dir"] else None
+    if data_dir is not None:
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"--data-dir {data_dir}: {exc.strerror}") from None
     return AgentConfig(
         name=name,
         bind=bind,
@@ -248,6 +269,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         log_format=values["log_format"],
         log_level=values["log_level"],
         tags=dict(tags),
+        services=[dict(s) for s in services],
         warnings=warnings,
     )
 

@@ -18,6 +18,7 @@ import trio
 
 from agent import log
 from agent.config import AgentConfig, describe
+from agent.services import LocalServices
 from agent.transport import (
     UDP_RECV_BUFFER,
     FrameError,
@@ -29,7 +30,8 @@ from agent.transport import (
     send_frame,
 )
 from gossip.keyring import Keyring
-from gossip.swim import Membership, SendPacket, StartPushPull
+from gossip.registry import Registry
+from gossip.swim import FetchState, Membership, SendPacket, StartPushPull
 from gossip.wire import PROTOCOL_VERSION, Address, format_addr
 
 
@@ -42,13 +44,19 @@ class Agent:
         self.cfg = cfg
         self.log = log.get("mesh.agent").bind(node=cfg.name)
         self.sealer = Sealer(Keyring(cfg.key) if cfg.key else None)
+        self.registry = Registry(cfg.name)
         self.membership = Membership(
             cfg.name,
             cfg.advertise,
             cfg.gossip,
             tags=cfg.tags,
             now=trio.current_time(),
+            delegate=self.registry,
         )
+        self.services = LocalServices(
+            cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake
+        )
+        self._registry_index = self.registry.index
         self.io: Counter[str] = Counter()
         self.started_wall = time.time()
         self._udp: trio.socket.SocketType | None = None
@@ -71,6 +79,10 @@ class Agent:
             self._udp.close()
             raise
         api = ApiServer(self)
+        self.services.load(self.cfg.services)
+        self.membership.state_changed()
+        if self.cfg.data_dir is None:
+            self.log.warning("no_data_dir", detail="run-time service registrations will not survive a restart")
         for w in self.cfg.warnings:
             self.log.warning("config_warning", detail=w)
         if self.cfg.insecure:
@@ -79,6 +91,7 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.services.start(nursery)
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
@@ -140,13 +153,22 @@ class Agent:
         effects, events = self.membership.drain()
         for ev in events:
             self._log_event(ev.kind, ev.fields)
+        if self.registry.index != self._registry_index or any(ev.kind == "member" for ev in events):
+            self._registry_index = self.registry.index
+            self.services.notify()
         for eff in effects:
             if isinstance(eff, SendPacket):
                 await self._send_udp(eff.addr, eff.payload)
             elif isinstance(eff, StartPushPull) and self._nursery is not None:
                 self._nursery.start_soon(self._push_pull, eff.target, eff.purpose)
+            elif isinstance(eff, FetchState) and self._nursery is not None:
+                self._nursery.start_soon(self._fetch_state, eff.node, eff.addr)
         if self.membership.next_deadline() < self._sleep_until:
             self._kick.set()
+
+    def _wake(self) -> None:
+        """Local state changed outside a flush: let the timer loop send it."""
+        self._kick.set()
 
     async def _timer_loop(self) -> None:
         while True:
@@ -227,16 +249,7 @@ class Agent:
         error = "timed out"
         with trio.move_on_after(self.cfg.gossip.tcp_timeout):
             try:
-                stream = await trio.open_tcp_stream(target[0], target[1])
-                try:
-                    sealed = self.sealer.seal(self.membership.push_pull_payload(purpose == "join"))
-                    await send_frame(stream, sealed)
-                    self.io["tcp_bytes_out"] += len(sealed) + 4
-                    frame = await receive_frame(stream)
-                    self.io["tcp_bytes_in"] += len(frame) + 4
-                    reply = self.sealer.open(frame)
-                finally:
-                    await trio.aclose_forcefully(stream)
+                reply = await self._exchange(target, self.membership.push_pull_payload(purpose == "join"))
                 error = ""
             except OpenError:
                 self.membership.drop("decrypt")
@@ -252,6 +265,30 @@ class Agent:
         )
         await self.flush()
         return ok, reason
+
+    async def _exchange(self, target: Address, payload: bytes) -> bytes:
+        """One sealed frame out, one back, on a fresh TCP stream."""
+        stream = await trio.open_tcp_stream(target[0], target[1])
+        try:
+            sealed = self.sealer.seal(payload)
+            await send_frame(stream, sealed)
+            self.io["tcp_bytes_out"] += len(sealed) + 4
+            frame = await receive_frame(stream)
+            self.io["tcp_bytes_in"] += len(frame) + 4
+            return self.sealer.open(frame)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _fetch_state(self, node: str, addr: Address) -> None:
+        """A member advertised a newer catalog: fetch it from the member itself."""
+        reply: bytes | None = None
+        with trio.move_on_after(self.cfg.gossip.tcp_timeout):
+            try:
+                reply = await self._exchange(addr, self.membership.state_request_payload(node))
+            except (OSError, OpenError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.log.debug("state_fetch_failed", member=node, error=str(exc))
+        self.membership.complete_fetch(trio.current_time(), node, reply)
+        await self.flush()
 
     async def join(self, targets: list[Address]) -> dict[str, Any]:
         """Explicit join (API/CLI): push-pull with each target, report per target."""

@@ -10,7 +10,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import quote
 
 import click
 
@@ -26,7 +27,7 @@ api_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
 
 
-def _fail(msg: str, code: int = 1) -> None:
+def _fail(msg: str, code: int = 1) -> NoReturn:
     click.echo(f"mesh-agent: {msg}", err=True)
     sys.exit(code)
 
@@ -186,6 +187,103 @@ def keygen(out: str | None) -> None:
         except OSError as exc:
             _fail(f"cannot write {out}: {exc.strerror}")
     click.echo(key)
+
+
+@main.group(invoke_without_command=True)
+@api_option
+@json_option
+@click.pass_context
+def services(ctx: click.Context, api: str, as_json: bool) -> None:
+    """List the services known to the mesh (run `services --help` for more)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = _call(api, "GET", "/v1/services")
+    if as_json:
+        _print_json(data)
+        return
+    rows = [["SERVICE", "INSTANCES", "PASSING"]]
+    rows += [[s["name"], str(s["instances"]), str(s["passing"])] for s in data]
+    _table(rows)
+
+
+@services.command("show")
+@api_option
+@json_option
+@click.option("--passing", is_flag=True, help="Only instances whose health is passing.")
+@click.argument("name")
+def services_show(api: str, as_json: bool, passing: bool, name: str) -> None:
+    """Show the instances of service NAME across the mesh."""
+    path = f"/v1/services/{quote(name, safe='')}" + ("?passing" if passing else "")
+    data = _call(api, "GET", path)
+    if as_json:
+        _print_json([{k: i[k] for k in ("id", "service", "node", "address", "tags", "meta", "health")}
+                     for i in data])
+        return
+    rows = [["ID", "NODE", "ADDRESS", "HEALTH", "TAGS"]]
+    for i in data:
+        health = i["health"] + (" (node suspect)" if i.get("node_status") == "suspect" else "")
+        rows.append([i["id"], i["node"], i["address"], health, ",".join(i["tags"])])
+    _table(rows)
+
+
+def _meta_pairs(values: tuple[str, ...]) -> dict[str, str]:
+    meta = {}
+    for v in values:
+        if "=" not in v:
+            _fail(f"--meta {v!r}: expected KEY=VALUE", 2)
+        k, _, val = v.partition("=")
+        meta[k] = val
+    return meta
+
+
+@services.command("register")
+@api_option
+@json_option
+@click.option("--name", required=True, help="Service name (a DNS label).")
+@click.option("--port", required=True, type=int, help="Port the instance listens on.")
+@click.option("--id", "iid", help="Instance id [NAME-NODE].")
+@click.option("--address", help="Instance address [the agent's advertise host].")
+@click.option("--tag", "tags", multiple=True, help="Tag (repeatable).")
+@click.option("--meta", "meta", multiple=True, help="KEY=VALUE (repeatable).")
+@click.option("--check-tcp", help="Health: TCP connect to HOST:PORT.")
+@click.option("--check-http", help="Health: HTTP GET URL (2xx passing, 429 warning).")
+@click.option("--check-exec", help="Health: shell command (exit 0 passing, 1 warning).")
+@click.option("--check-interval", default="10s", show_default=True, help="Time between checks.")
+@click.option("--check-timeout", default="2s", show_default=True, help="Time a check may take.")
+def services_register(api: str, as_json: bool, name: str, port: int, iid: str | None, address: str | None,
+                      tags: tuple[str, ...], meta: tuple[str, ...], check_tcp: str | None,
+                      check_http: str | None, check_exec: str | None, check_interval: str,
+                      check_timeout: str) -> None:
+    """Register a service instance on the local agent (persisted under --data-dir)."""
+    body: dict[str, Any] = {"name": name, "port": port, "tags": list(tags), "meta": _meta_pairs(meta)}
+    if iid:
+        body["id"] = iid
+    if address:
+        body["address"] = address
+    checks = [(t, v) for t, v in (("tcp", check_tcp), ("http", check_http), ("exec", check_exec)) if v]
+    if len(checks) > 1:
+        _fail("give at most one of --check-tcp, --check-http, --check-exec", 2)
+    if checks:
+        body["check"] = {"type": checks[0][0], "target": checks[0][1],
+                         "interval": check_interval, "timeout": check_timeout}
+    data = _call(api, "PUT", "/v1/services", body)
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"registered {data['id']}")
+
+
+@services.command("deregister")
+@api_option
+@json_option
+@click.argument("iid", metavar="ID")
+def services_deregister(api: str, as_json: bool, iid: str) -> None:
+    """Remove instance ID from the local agent."""
+    data = _call(api, "DELETE", f"/v1/services/{quote(iid, safe='')}")
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"deregistered {data['id']}")
 
 
 @main.command()

@@ -134,6 +134,12 @@ class Registry:
         self.local.digest = catalog_digest(self.local.instances)
         self.index += 1
 
+    def start_after(self, version: int) -> None:
+        """Move our version past ``version`` (one persisted before a restart)."""
+        if version >= self.local.version:
+            self.local.version = version
+            self._changed_local()
+
     def put(self, inst: Instance) -> None:
         self.local.instances[inst.id] = inst
         self._changed_local()
@@ -167,6 +173,8 @@ class Registry:
                 self._changed_local()
             return False
         held = self.remote.get(node)
+        if held is None and digest == EMPTY_DIGEST:
+            return False  # nothing there to fetch
         if held is not None and (version < held.version or (version == held.version and digest == held.digest)):
             return False
         want = self.wanted.get(node)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from gossip.config import LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
-from gossip.swim import Event, Membership, SendPacket, StartPushPull
+from gossip.swim import Delegate, Event, FetchState, Membership, SendPacket, StartPushPull
 from gossip.wire import Address, decode_packet
 
 PORT = 7946
@@ -91,11 +91,12 @@ class SimNet:
         seeds: Iterable[str] = (),
         tags: dict[str, str] | None = None,
         addr: Address | None = None,
+        delegate: Delegate | None = None,
     ) -> Node:
         """Start a node now; it joins through the named seeds, if any."""
         if addr is None:
             addr = (f"10.0.{len(self.nodes) // 250}.{len(self.nodes) % 250 + 1}", PORT)
-        node = Node(name, addr, self._machine(name, addr, tags, 0))
+        node = Node(name, addr, self._machine(name, addr, tags, 0, delegate))
         self.nodes[name] = node
         self._by_addr[addr] = node
         self._flush(node)
@@ -114,9 +115,10 @@ class SimNet:
             node.m.join(self.now, seed_addrs)
             self._flush(node)
 
-    def _machine(self, name: str, addr: Address, tags: dict[str, str] | None, gen: int) -> Membership:
+    def _machine(self, name: str, addr: Address, tags: dict[str, str] | None, gen: int,
+                 delegate: Delegate | None = None) -> Membership:
         rng = random.Random(f"node:{self.seed}:{name}:{gen}")
-        return Membership(name, addr, self.config, tags=tags, rng=rng, now=self.now)
+        return Membership(name, addr, self.config, tags=tags, rng=rng, now=self.now, delegate=delegate)
 
     def leave(self, name: str) -> None:
         node = self.nodes[name]
@@ -247,6 +249,8 @@ class SimNet:
                 self._send(node, eff)
             elif isinstance(eff, StartPushPull):
                 self._schedule(self.now + self._delay(), self._push_pull_action(node, node.m, eff))
+            elif isinstance(eff, FetchState):
+                self._schedule(self.now + self._delay(), self._fetch_action(node, node.m, eff))
             else:  # pragma: no cover - a new effect type the harness does not know
                 raise AssertionError(f"unknown effect {eff!r}")
 
@@ -269,6 +273,20 @@ class SimNet:
                 self._flush(dst)
 
         self._schedule(self.now + self._delay(), deliver)
+
+    def _fetch_action(self, node: Node, machine: Membership, eff: FetchState) -> Callable[[], None]:
+        def action() -> None:
+            if node.m is not machine or not node.up:
+                return
+            target = self._by_addr.get(eff.addr)
+            reply: bytes | None = None
+            if target is not None and target.up and (node.name, target.name) not in self._blocked:
+                reply = target.m.handle_stream(self.now, node.addr, machine.state_request_payload(eff.node))
+                self._flush(target)
+            machine.complete_fetch(self.now, eff.node, reply)
+            self._flush(node)
+
+        return action
 
     def _push_pull_action(self, node: Node, machine: Membership, eff: StartPushPull) -> Callable[[], None]:
         def action() -> None:

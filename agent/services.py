@@ -1,0 +1,314 @@
+"""This agent's own service instances: validation, persistence, health checks.
+
+The agent is the only writer of its instances (gossip/registry.py spreads
+them), so everything about a local instance happens here: input is checked
+before anything changes, run-time registrations are written to ``--data-dir``
+so a restart loses nothing, and each instance's health check runs as a task
+in the agent's nursery, cancelled when the instance is deregistered.
+
+Discovery views combine the registry with membership: instances of dead or
+departed members leave discovery, and those of suspect members are flagged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent import log
+from agent.health import CheckRunner, CheckSpec
+from gossip.member import Status
+from gossip.registry import Instance, Registry
+from gossip.swim import Membership
+from gossip.wire import format_addr
+
+SERVICE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+META_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+MAX_TAGS = 64
+MAX_TAG_LEN = 256
+MAX_META = 64
+MAX_META_VALUE = 512
+FIELDS = {"name", "id", "address", "port", "tags", "meta", "check"}
+STORE_FILE = "services.json"
+
+
+class ServiceError(ValueError):
+    """Bad registration input; ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Registration:
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    check: CheckSpec | None = None
+    #: "config" registrations come back from the config file at each start;
+    #: "api" ones are persisted under --data-dir.
+    source: str = "api"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "name": self.name, "address": self.address, "port": self.port,
+                             "tags": list(self.tags), "meta": dict(self.meta)}
+        if self.check is not None:
+            d["check"] = self.check.to_dict()
+        return d
+
+
+def validate(payload: Any, node: str, default_address: str, source: str = "api") -> Registration:
+    """Check a registration fully before anything changes; one-line errors."""
+    if not isinstance(payload, dict):
+        raise ServiceError("a service registration must be a JSON object")
+    unknown = sorted(set(payload) - FIELDS)
+    if unknown:
+        raise ServiceError(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(FIELDS))})")
+    name = payload.get("name")
+    if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
+        raise ServiceError(
+            f"invalid service name {name!r}: use a DNS label (1-63 of a-z, 0-9 and '-', "
+            "not starting or ending with '-')")
+    port = payload.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ServiceError(f"port must be an integer from 1 to 65535, got {port!r}")
+    iid = payload.get("id") or f"{name}-{node}"
+    if not isinstance(iid, str) or not INSTANCE_ID_RE.match(iid):
+        raise ServiceError(f"invalid id {iid!r}: 1-128 of letters, digits, '_', '.', ':' and '-'")
+    address = payload.get("address") or default_address
+    if not isinstance(address, str) or len(address) > 255 or any(c.isspace() for c in address):
+        raise ServiceError(f"invalid address {address!r}")
+    tags = payload.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN for t in tags):
+        raise ServiceError(f"tags must be a list of non-empty strings of at most {MAX_TAG_LEN} characters")
+    if len(tags) > MAX_TAGS:
+        raise ServiceError(f"at most {MAX_TAGS} tags")
+    meta = payload.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ServiceError("meta must be an object of string values")
+    if len(meta) > MAX_META:
+        raise ServiceError(f"meta holds at most {MAX_META} keys, got {len(meta)}")
+    for k, v in meta.items():
+        if not isinstance(k, str) or not META_KEY_RE.match(k):
+            raise ServiceError(f"invalid meta key {k!r}: 1-128 of letters, digits, '_' and '-'")
+        if not isinstance(v, str) or len(v) > MAX_META_VALUE:
+            raise ServiceError(f"meta value for {k!r} must be a string of at most {MAX_META_VALUE} characters")
+    check = None
+    raw_check = payload.get("check")
+    if raw_check is not None:
+        if not isinstance(raw_check, dict):
+            raise ServiceError("check must be an object with type and target")
+        try:
+            check = CheckSpec.from_dict(raw_check)
+        except ValueError as exc:
+            raise ServiceError(f"invalid check: {exc}") from None
+    return Registration(iid, name, address, port, list(tags), dict(meta), check, source)
+
+
+class LocalServices:
+    def __init__(self, node: str, default_address: str, data_dir: Path | None,
+                 registry: Registry, membership: Membership, on_change: Callable[[], None]) -> None:
+        self.node = node
+        self.default_address = default_address
+        self.data_dir = data_dir
+        self.registry = registry
+        self.membership = membership
+        self._on_change = on_change
+        self.registrations: dict[str, Registration] = {}
+        self.runners: dict[str, CheckRunner] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self.log = log.get("mesh.services").bind(node=node)
+        #: Woken on every change that may alter a discovery answer.
+        self.changed = trio.Event()
+        self._view_hashes: dict[str, bytes] = {}
+        self._view_index: dict[str, int] = {}
+        self._index = 0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def load(self, config_services: list[dict[str, Any]]) -> None:
+        """Register the config file's services and the persisted run-time ones.
+
+        Called before the nursery exists; checks start in ``start()``.
+        """
+        for raw in config_services:
+            reg = validate(raw, self.node, self.default_address, source="config")
+            self._add(reg)
+        stored_version = 0
+        for raw in self._read_store():
+            if raw.get("version") is not None:
+                stored_version = int(raw["version"])
+                continue
+            try:
+                reg = validate(raw, self.node, self.default_address)
+            except ServiceError as exc:
+                self.log.error("stored_service_invalid", detail=str(exc))
+                continue
+            if reg.id not in self.registrations:
+                self._add(reg)
+        # Start counting past anything peers may remember from our last run.
+        self.registry.start_after(stored_version)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        for iid in self.registrations:
+            self._start_check(iid)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def register(self, payload: Any) -> Registration:
+        reg = validate(payload, self.node, self.default_address)
+        if reg.id in self.registrations:
+            raise ServiceError(f"an instance with id {reg.id!r} is already registered on this agent; "
+                               "deregister it first or pick another id", 409)
+        self._add(reg)
+        self._persist()
+        self._start_check(reg.id)
+        self.log.info("service_registered", id=reg.id, service=reg.name, port=reg.port,
+                      check=reg.check.type if reg.check else None)
+        self._changed()
+        return reg
+
+    def deregister(self, iid: str) -> None:
+        reg = self.registrations.pop(iid, None)
+        if reg is None:
+            raise ServiceError(f"no instance with id {iid!r} on this agent", 404)
+        scope = self._scopes.pop(iid, None)
+        if scope is not None:
+            scope.cancel()
+        self.runners.pop(iid, None)
+        self.registry.remove(iid)
+        self._persist()
+        self.log.info("service_deregistered", id=iid, service=reg.name)
+        self._changed()
+
+    def _add(self, reg: Registration) -> None:
+        self.registrations[reg.id] = reg
+        health = "passing" if reg.check is None else "critical"
+        self.registry.put(Instance(reg.id, reg.name, reg.address, reg.port, tuple(reg.tags),
+                                   tuple(sorted(reg.meta.items())), health))
+
+    def _start_check(self, iid: str) -> None:
+        reg = self.registrations[iid]
+        if reg.check is None or self._nursery is None or iid in self._scopes:
+            return
+
+        def on_change(health: str, output: str) -> None:
+            if self.registry.set_health(iid, health):
+                self.log.info("health_changed", id=iid, service=reg.name, health=health, output=output)
+                self._changed()
+
+        runner = CheckRunner(reg.check, on_change)
+        scope = trio.CancelScope()
+        self._scopes[iid] = scope
+        self.runners[iid] = runner
+
+        async def run() -> None:
+            with scope:
+                await runner.run()
+
+        self._nursery.start_soon(run)
+
+    def _changed(self) -> None:
+        self.membership.state_changed()
+        self.notify()
+        self._on_change()
+
+    def notify(self) -> None:
+        """Something discovery shows may have changed (registry or membership)."""
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def _store_path(self) -> Path | None:
+        return None if self.data_dir is None else self.data_dir / STORE_FILE
+
+    def _read_store(self) -> list[dict[str, Any]]:
+        path = self._store_path()
+        if path is None or not path.exists():
+            return []
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            self.log.error("service_store_unreadable", path=str(path), error=str(exc))
+            return []
+        if not isinstance(data, dict) or not isinstance(data.get("services"), list):
+            self.log.error("service_store_unreadable", path=str(path), error="unexpected shape")
+            return []
+        out: list[dict[str, Any]] = [s for s in data["services"] if isinstance(s, dict)]
+        if isinstance(data.get("version"), int):
+            out.append({"version": data["version"]})
+        return out
+
+    def _persist(self) -> None:
+        path = self._store_path()
+        if path is None:
+            return
+        body = {
+            "version": self.registry.local.version,
+            "services": [r.to_dict() for r in self.registrations.values() if r.source == "api"],
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, path)
+
+    # -- discovery views ----------------------------------------------------------------------
+
+    def _node_status(self, node: str) -> Status | None:
+        m = self.membership.members.get(node)
+        return None if m is None else m.status
+
+    def instances(self, service: str | None = None, passing_only: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for node, inst in self.registry.all_instances():
+            if service is not None and inst.service != service:
+                continue
+            status = self._node_status(node)
+            if status is None or not status.up:
+                continue  # dead or departed: out of discovery until it returns
+            if passing_only and inst.health != "passing":
+                continue
+            out.append({
+                "id": inst.id,
+                "service": inst.service,
+                "node": node,
+                "address": format_addr((inst.address, inst.port)),
+                "tags": list(inst.tags),
+                "meta": dict(inst.meta),
+                "health": inst.health,
+                "node_status": status.value,
+            })
+        out.sort(key=lambda d: (d["service"], d["node"], d["id"]))
+        return out
+
+    def services(self) -> list[dict[str, Any]]:
+        counts: dict[str, list[int]] = {}
+        for inst in self.instances():
+            c = counts.setdefault(inst["service"], [0, 0])
+            c[0] += 1
+            c[1] += inst["health"] == "passing"
+        return [{"name": n, "instances": c[0], "passing": c[1]} for n, c in sorted(counts.items())]
+
+    def indexed(self, key: str, view: Any) -> int:
+        """The index of ``view`` under ``key``: it grows whenever the view changes."""
+        digest = hashlib.blake2b(json.dumps(view, sort_keys=True).encode(), digest_size=16).digest()
+        if self._view_hashes.get(key) != digest:
+            self._index += 1
+            self._view_hashes[key] = digest
+            self._view_index[key] = self._index
+        return self._view_index[key]
