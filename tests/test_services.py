@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ROOT, AgentProc, Cluster, wait_for
+from procs import ROOT, AgentProc, Cluster, free_port, wait_for
 
 from gossip.config import LOCAL
 
@@ -51,20 +52,30 @@ def wait_everywhere(agents: list[AgentProc], service: str, pred: Any, what: str,
                                                      if a.running()}, indent=1)[:3000])
 
 
-def listener() -> socket.socket:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)  # the kernel completes handshakes: enough for a tcp check
-    return s
+def http_service(port: int, root: Path) -> subprocess.Popen[bytes]:
+    """A real service process: python's http.server, answering 200 on /."""
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, 10, "http.server up")
+    return proc
 
 
 def test_register_check_flip_deregister_everywhere(cluster: Cluster, tmp_path: Path) -> None:
     agents = start_cluster(cluster, tmp_path)
-    svc = listener()
-    port = svc.getsockname()[1]
+    port = free_port()
+    svc = http_service(port, tmp_path)
     s3 = cluster.agents["s3"]
     p = cli(s3.api, "services", "register", "--name", "web", "--port", str(port), "--tag", "v1",
-            "--meta", "zone=a", "--check-tcp", f"127.0.0.1:{port}", "--check-interval", "300ms",
+            "--meta", "zone=a", "--check-http", f"http://127.0.0.1:{port}/", "--check-interval", "300ms",
             "--check-timeout", "200ms", "--json")
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout) == {"ok": True, "id": "web-s3"}
@@ -77,11 +88,20 @@ def test_register_check_flip_deregister_everywhere(cluster: Cluster, tmp_path: P
     listing = json.loads(cli(cluster.agents["s5"].api, "services", "--json").stdout)
     assert listing == [{"name": "web", "instances": 1, "passing": 1}]
 
-    svc.close()  # the service dies: its check turns critical everywhere
+    os.killpg(svc.pid, signal.SIGKILL)  # the service process dies: critical everywhere
+    svc.wait(5)
     wait_everywhere(agents, "web", lambda v: v.get("web-s3", {}).get("health") == "critical", "web-s3 critical")
     assert cluster.agents["s2"].call("GET", "/v1/services/web?passing") == []
     shown = json.loads(cli(cluster.agents["s2"].api, "services", "show", "web", "--json").stdout)
     assert [i["health"] for i in shown] == ["critical"]
+
+    svc = http_service(port, tmp_path)  # it comes back: passing again
+    try:
+        wait_everywhere(agents, "web", lambda v: v.get("web-s3", {}).get("health") == "passing",
+                        "web-s3 passing again")
+    finally:
+        os.killpg(svc.pid, signal.SIGKILL)
+        svc.wait(5)
 
     p = cli(s3.api, "services", "deregister", "web-s3")
     assert p.returncode == 0, p.stderr
