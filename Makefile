@@ -15,10 +15,10 @@ demo: $(STAMP)
 	$(VENV)/bin/mesh-agent demo --nodes 5
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gossip agent cli tests simulations
+	$(VENV)/bin/ruff check gossip agent cli dataplane tests simulations
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict gossip agent cli
+	$(VENV)/bin/mypy --strict gossip agent cli dataplane
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
+import math
 import os
 import re
 import resource
@@ -42,6 +44,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -102,15 +105,19 @@ class MpReader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.pos = 0
+        self._dispatch = self._build_dispatch()
 
     def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
+        while len(self.buf) - self.pos < n:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise ConnectionError("serf RPC connection closed")
+            del self.buf[:self.pos]
+            self.pos = 0
             self.buf += chunk
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
+        out = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
         return out
 
     def _u(self, fmt: str) -> int:
@@ -132,7 +139,13 @@ class MpReader:
             return [self.unpack() for _ in range(b & 0x0F)]
         if 0xA0 <= b <= 0xBF:
             return self._str(b & 0x1F)
-        simple: dict[int, Callable[[], Any]] = {
+        handler = self._dispatch.get(b)
+        if handler is None:
+            raise ValueError(f"msgpack: unknown type byte 0x{b:02x}")
+        return handler()
+
+    def _build_dispatch(self) -> dict[int, Callable[[], Any]]:
+        return {
             0xC0: lambda: None,
             0xC2: lambda: False,
             0xC3: lambda: True,
@@ -165,9 +178,6 @@ class MpReader:
             0xDE: lambda: self._map(self._u(">H")),
             0xDF: lambda: self._map(self._u(">I")),
         }
-        if b not in simple:
-            raise ValueError(f"msgpack: unknown type byte 0x{b:02x}")
-        return simple[b]()
 
     def _map(self, n: int) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
@@ -305,8 +315,9 @@ class Impl:
     label = ""
     dead_statuses: frozenset[str] = frozenset()
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, env: dict[str, str] | None = None) -> None:
         self.key = key
+        self.env = env
 
     def command(self, node: Node) -> list[str]:
         raise NotImplementedError
@@ -487,14 +498,16 @@ class ByteCounters:
             self._ipt("-A", self.chain, "-p", "tcp", "--sport", str(p))
             self._ipt("-A", self.chain, "-p", "tcp", "--dport", str(p))
 
-    def read_total(self) -> int:
+    def read(self) -> dict[str, int]:
+        """Bytes counted so far, by protocol."""
         out = self._ipt("-L", self.chain, "-v", "-x", "-n")
-        total = 0
+        totals = {"udp": 0, "tcp": 0}
         for line in out.splitlines():
             m = re.match(r"\s*(\d+)\s+(\d+)\s", line)
-            if m and re.search(r"\b[sd]pt:\d+", line):
-                total += int(m.group(2))
-        return total
+            proto = re.search(r"\b(udp|tcp) [sd]pt:\d+", line)  # with -n the prot column is numeric
+            if m and proto:
+                totals[proto.group(1)] += int(m.group(2))
+        return totals
 
     def teardown(self) -> None:
         # Delete every jump we might have inserted, then the chain itself.
@@ -523,6 +536,7 @@ class Watch:
     t0: float = 0.0
     done_at: dict[str, float] = field(default_factory=dict)
     last: dict[str, dict[str, str]] = field(default_factory=dict)
+    phase: str = ""
     false_deaths: set[tuple[str, str, str]] = field(default_factory=set)
     suspects: set[tuple[str, str]] = field(default_factory=set)
     errors: dict[str, str] = field(default_factory=dict)
@@ -553,7 +567,7 @@ class Watch:
                 self.last[node.name] = view
                 for name, status in view.items():
                     if name in self.healthy and status in self.impl.dead_statuses:
-                        self.false_deaths.add((node.name, name, status))
+                        self.false_deaths.add((node.name, name, f"{status} during {self.phase}"))
                     elif name in self.healthy and status == "suspect":
                         self.suspects.add((node.name, name))
                 if self.predicate(node, view):
@@ -584,6 +598,60 @@ class Watch:
         return f"{len(missing)} agent(s) not there: " + "; ".join(parts)
 
 
+def _git(*args: str) -> str:
+    res = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {res.stderr.decode(errors='replace').strip()}")
+    return res.stdout.decode(errors="replace").strip()
+
+
+def snapshot_source(dest: Path, ref: str | None, src_root: Path | None = None) -> tuple[Path, str]:
+    """Copy our packages to ``dest`` and return (dest, what was copied).
+
+    Every agent of every run then imports the same code, even while the tree is being edited
+    (the venv's install is editable: an agent started mid-edit would otherwise run newer code
+    than its neighbours, and a cluster of mixed versions measures nothing).
+    """
+    dest.mkdir(parents=True)
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        head = "unknown"
+    if ref:
+        commit = _git("rev-parse", "--short", ref)
+        data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+                              capture_output=True, check=True, timeout=120).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+        what = f"git revision {ref} ({commit})"
+    else:
+        root = src_root or ROOT
+        pkgs = [d for d in sorted(root.iterdir())
+                if d.is_dir() and (d / "__init__.py").exists() and d.name not in ("tests", "simulations")]
+        for d in pkgs:
+            shutil.copytree(d, dest / d.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        try:
+            dirty = _git("status", "--porcelain", "--", *[d.name for d in pkgs])
+        except (OSError, RuntimeError, subprocess.SubprocessError):
+            dirty = "?"
+        what = f"working tree snapshot at start (HEAD {head}{', with uncommitted changes' if dirty else ''})"
+        if src_root is not None:
+            what = f"code copied from {src_root}"
+    check = subprocess.run([sys.executable, "-c", "import gossip, cli.main; print(gossip.__file__)"],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(dest)),
+                           cwd=dest.parent, timeout=60)
+    if check.returncode != 0 or not check.stdout.strip().startswith(str(dest)):
+        raise RuntimeError(f"the snapshot does not import cleanly: {check.stderr.strip()[-300:]}")
+    return dest, what
+
+
+def push_pull_scaled(n: int, interval: float = 30.0) -> float:
+    """memberlist's pushPullScale: the push-pull interval grows with log2(N) beyond 32 nodes."""
+    if n <= 32:
+        return interval
+    return interval * (math.ceil(math.log2(n) - math.log2(32)) + 1)
+
+
 def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCounters,
                 workdir: Path) -> dict[str, Any]:
     ports = free_ports(2 * n, udp_too=n)
@@ -599,7 +667,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         t_start = time.monotonic()
         for nd in nodes:
             with open(nd.log_path, "wb") as fh:
-                nd.proc = subprocess.Popen(impl.command(nd), stdout=fh, stderr=subprocess.STDOUT,
+                nd.proc = subprocess.Popen(impl.command(nd), stdout=fh, stderr=subprocess.STDOUT, env=impl.env,
                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=logdir)
             deadline = time.monotonic() + 30.0
             while True:
@@ -613,7 +681,8 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{nd.name} did not answer within 30 s; see {nd.log_path}")
                 time.sleep(0.05)
-        res["startup_s"] = time.monotonic() - t_start
+        t_last_start = time.monotonic()
+        res["startup_s"] = t_last_start - t_start
         all_names = set(by_name)
 
         # -- 1. join convergence ---------------------------------------------------------
@@ -636,6 +705,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         watch = Watch(impl, nodes,
                       lambda _nd, view: sum(1 for s in view.values() if s == "alive") >= n,
                       healthy=all_names, poll=args.poll_ms / 1000, timeout=args.timeout)
+        watch.phase = "join"
         watch.t0 = time.monotonic()
         barrier.wait()
         watch.run()
@@ -655,16 +725,22 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         log(f"  {impl.label} N={n}: converged in {res['join_s']:.2f} s (first {res['join_first_s']:.2f} s)")
 
         # -- 5. idle cost (before anything is killed) ---------------------------------------
-        time.sleep(args.settle_seconds)
+        # Idle in steady state: memberlist's first push-pull comes a random stagger (< 30 s) plus
+        # one full, size-scaled interval after start; ours comes earlier.  Measuring right after
+        # start would catch every one of ours and few of Serf's, so wait until both are periodic.
+        warmup = args.warmup_seconds if args.warmup_seconds is not None else 30.0 + push_pull_scaled(n)
+        idle_at = max(time.monotonic() + args.settle_seconds, t_last_start + warmup)
+        res["warmup_s"] = idle_at - t_last_start
+        time.sleep(max(0.0, idle_at - time.monotonic()))
         counters.watch([nd.port for nd in nodes])
         api_fallback = not counters.ok
         cpu0 = {nd.name: proc_cpu_seconds(nd.pid) for nd in nodes}
-        bytes0 = counters.read_total() if counters.ok else None
+        bytes0 = counters.read() if counters.ok else None
         ours_bytes0 = {nd.name: impl.io_bytes_out(nd) for nd in nodes} if isinstance(impl, Ours) else {}
         t_idle = time.monotonic()
         time.sleep(args.idle_seconds)
         elapsed = time.monotonic() - t_idle
-        bytes1 = counters.read_total() if counters.ok else None
+        bytes1 = counters.read() if counters.ok else None
         cpu1 = {nd.name: proc_cpu_seconds(nd.pid) for nd in nodes}
         ours_bytes1 = {nd.name: impl.io_bytes_out(nd) for nd in nodes} if isinstance(impl, Ours) else {}
         rss = [r for r in (proc_rss_mib(nd.pid) for nd in nodes) if r is not None]
@@ -674,10 +750,13 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         ]
         res["rss_mib"] = statistics.median(rss) if rss else None
         res["rss_max_mib"] = max(rss) if rss else None
-        res["cpu_s_per_min"] = statistics.median(cpu_rates) if cpu_rates else None
+        # The mean (cluster CPU / N): per-agent deltas are a few 10 ms clock ticks, too coarse alone.
+        res["cpu_s_per_min"] = statistics.fmean(cpu_rates) if cpu_rates else None
         res["cpu_s_per_min_max"] = max(cpu_rates) if cpu_rates else None
         if bytes0 is not None and bytes1 is not None:
-            res["bytes_per_node_s"] = (bytes1 - bytes0) / n / elapsed
+            for proto in ("udp", "tcp"):
+                res[f"{proto}_bytes_per_node_s"] = (bytes1[proto] - bytes0[proto]) / n / elapsed
+            res["bytes_per_node_s"] = res["udp_bytes_per_node_s"] + res["tcp_bytes_per_node_s"]
             res["bytes_method"] = "iptables"
         if ours_bytes0:
             res["api_bytes_per_node_s"] = (
@@ -693,7 +772,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
                 continue
             for name, status in view.items():
                 if status in impl.dead_statuses:
-                    res["false_deaths"].append((nd.name, name, status))
+                    res["false_deaths"].append((nd.name, name, f"{status} after idle"))
         log(f"  {impl.label} N={n}: idle RSS {res['rss_mib']:.1f} MiB, CPU {res['cpu_s_per_min']:.3f} s/min, "
             f"{res.get('bytes_per_node_s', float('nan')):.0f} B/s/node")
 
@@ -705,6 +784,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
                       lambda _nd, view: view.get(victim.name, "gone") in impl.dead_statuses | {"gone"},
                       healthy=healthy, poll=args.poll_ms / 1000, timeout=args.timeout)
         impl.close(victim)
+        watch.phase = "detection"
         watch.t0 = time.monotonic()
         os.killpg(victim.pid, signal.SIGKILL)
         watch.run()
@@ -716,7 +796,8 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         res["false_suspects"] += len(watch.suspects)
         res["polls"] += watch.polls
         if res["detect_all_s"] is None:
-            res["notes"].append(f"failure not seen by all in {args.timeout:.0f} s: {watch.describe_missing()}")
+            res["notes"].append(
+                f"failure not seen by all in {args.timeout:.0f} s: {watch.describe_missing()}")
         log(f"  {impl.label} N={n}: kill -9 seen first {_fmt(res['detect_first_s'])} s, "
             f"all {_fmt(res['detect_all_s'])} s")
 
@@ -726,6 +807,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         if rest:
             watch = Watch(impl, rest, lambda _nd, view: view.get(leaver.name, "gone") in ("left", "gone"),
                           healthy=healthy, poll=args.poll_ms / 1000, timeout=args.timeout)
+            watch.phase = f"leave of {leaver.name}"
             watch.t0 = time.monotonic()
             impl.leave(leaver)
             watch.run()
@@ -734,7 +816,8 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
             res["false_deaths"] += sorted(watch.false_deaths)
             res["polls"] += watch.polls
             if res["leave_s"] is None:
-                res["notes"].append(f"leave not seen by all in {args.timeout:.0f} s: {watch.describe_missing()}")
+                res["notes"].append(
+                    f"leave not seen by all in {args.timeout:.0f} s: {watch.describe_missing()}")
             try:
                 assert leaver.proc is not None
                 leaver.proc.wait(timeout=15)
@@ -747,7 +830,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         allowed = {victim.name}
         for nd in nodes:
             for name in impl.false_deaths_in_log(nd, allowed):
-                res["false_deaths"].append((nd.name, name, "log"))
+                res["false_deaths"].append((nd.name, name, "in its log"))
         res["false_deaths"] = sorted(set(map(tuple, res["false_deaths"])))
         res["false_death_members"] = sorted({fd[1] for fd in res["false_deaths"]})
         return res
@@ -793,13 +876,15 @@ METRICS = [
     ("detect_all_s", "kill -9 seen dead by all agents (s)", 2, "ratio", 1.0),
     ("leave_s", "graceful leave seen by all (s)", 2, "ratio", 1.0),
     ("rss_mib", "idle RSS per agent, median (MiB)", 1, "abs", 40.0),
-    ("cpu_s_per_min", "idle CPU per agent, median (CPU-s/min)", 3, "ratio", 2.0),
+    ("cpu_s_per_min", "idle CPU per agent, mean (CPU-s/min)", 3, "ratio", 2.0),
     ("bytes_per_node_s", "bytes sent per node (B/s)", 0, "ratio", 1.0),
 ]
 
 
 def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle: float) -> tuple[str, dict]:
-    lines = [f"### N = {n}  (median of {max(len(ours), len(serf))} run(s); idle window {idle:.0f} s)", "",
+    warm = [r["warmup_s"] for r in ours + serf if r.get("warmup_s") is not None]
+    lines = [f"### N = {n}  (median of {max(len(ours), len(serf))} run(s); idle window {idle:.0f} s, "
+             f"starting {min(warm, default=0):.0f} s after the last agent started)", "",
              "| metric | ours | serf | ours/serf | goal | result |",
              "|---|---:|---:|---:|---|---|"]
     summary: dict[str, Any] = {"n": n, "metrics": {}}
@@ -835,6 +920,8 @@ def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle:
     for key, label, digits in [("join_first_s", "first agent with N alive (s)", 2),
                                ("rss_max_mib", "idle RSS per agent, max (MiB)", 1),
                                ("cpu_s_per_min_max", "idle CPU per agent, max (CPU-s/min)", 3),
+                               ("udp_bytes_per_node_s", "of which UDP, per node (B/s)", 0),
+                               ("tcp_bytes_per_node_s", "of which TCP (push-pull), per node (B/s)", 0),
                                ("api_bytes_per_node_s", "our API counters: bytes sent per node (B/s)", 0),
                                ("startup_s", f"start {n} agents one by one (s)", 1),
                                ("bench_cpu_s", "benchmark process CPU per cluster (s)", 1)]:
@@ -842,8 +929,8 @@ def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle:
         s = _median(serf, key) if serf else None
         if o is None and s is None:
             continue
-        lines.append(f"| (info) {label} | {_cell(o, digits, bool(ours))} | {_cell(s, digits, bool(serf))} "
-                     f"| - | - | - |")
+        lines.append(f"| (info) {label} | {_cell(o, digits, bool(ours), 'n/a')} | "
+                     f"{_cell(s, digits, bool(serf), 'n/a')} | - | - | - |")
     notes = [f"{r['impl']} run {i + 1}: {note}" for group in (ours, serf)
              for i, r in enumerate(group) for note in r.get("notes", [])]
     for group in (ours, serf):
@@ -857,10 +944,10 @@ def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle:
     return "\n".join(lines), summary
 
 
-def _cell(v: float | None, digits: int, present: bool) -> str:
+def _cell(v: float | None, digits: int, present: bool, missing: str = "timeout") -> str:
     if not present:
         return "-"
-    return "timeout" if v is None else f"{v:.{digits}f}"
+    return missing if v is None else f"{v:.{digits}f}"
 
 
 def _list(vals: list[int]) -> str:
@@ -878,9 +965,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON (all runs and medians) instead of tables")
     ap.add_argument("--idle-seconds", type=float, default=30.0, help="idle window for CPU/RSS/bytes")
     ap.add_argument("--settle-seconds", type=float, default=5.0, help="wait after convergence before idling")
+    ap.add_argument("--warmup-seconds", type=float, default=None,
+                    help="start the idle window no sooner than this after the last agent started "
+                         "(default: 30 s + memberlist's scaled push-pull interval, so that push-pull "
+                         "is periodic for both implementations)")
     ap.add_argument("--poll-ms", type=float, default=50.0, help="per-agent poll interval (default 50)")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on a phase after this long (s)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the agents' logs (temp dir)")
+    ap.add_argument("--ref", help="benchmark this git revision of our code (e.g. HEAD) instead of a "
+                                  "snapshot of the working tree taken at start")
+    ap.add_argument("--src", help="benchmark the packages in this directory (e.g. a patched copy) instead")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     if not MESH_AGENT.exists() and args.only != "serf":
@@ -889,14 +983,25 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(SERF).exists() and args.only != "ours":
         print(f"bench_cluster: serf not found at {SERF}", file=sys.stderr)
         return 2
-    key = subprocess.run([str(MESH_AGENT), "keygen"], capture_output=True, text=True, check=True).stdout.strip()
-    impls: list[Impl] = [c(key) for c in (Ours, Serf) if args.only in (None, c.label)]
 
     def on_term(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
     workdir = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    try:
+        src, measured = snapshot_source(workdir / "src", args.ref,
+                                        Path(args.src).resolve() if args.src else None)
+    except (OSError, RuntimeError, subprocess.SubprocessError, tarfile.TarError) as exc:
+        print(f"bench_cluster: cannot snapshot our code: {exc}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 2
+    env = dict(os.environ, PYTHONPATH=str(src))
+    key = subprocess.run([str(MESH_AGENT), "keygen"], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip()
+    impls: list[Impl] = [c(key, env if c is Ours else None)
+                         for c in (Ours, Serf) if args.only in (None, c.label)]
+    log(f"ours: {measured}")
     counters = ByteCounters()
     counters.setup()
     if not counters.ok:
@@ -925,15 +1030,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
-        print(json.dumps({"sizes": sizes, "runs": args.runs, "idle_seconds": args.idle_seconds,
+        print(json.dumps({"ours_code": measured, "sizes": sizes, "runs": args.runs, "idle_seconds": args.idle_seconds,
                           "poll_ms": args.poll_ms, "summary": summaries,
                           "results": {str(k): v for k, v in results.items()}}, indent=2, default=list))
     else:
-        print("Goals (from the issue): join, detection and leave <= 1.0x Serf; idle CPU <= 2x Serf; bytes sent "
-              "<= 1.0x Serf; RSS <= 40 MiB per agent; no healthy member ever marked dead.")
-        print(f"Ours: mesh-agent --profile lan --key (encrypted). Serf {SERF}: -profile=lan -encrypt. "
-              f"Bytes: {'iptables OUTPUT counters on lo per gossip port' if counters.error == '' else 'our API counters (iptables failed: ' + counters.error + ')'}. "
-              f"Total time {time.monotonic() - started:.0f} s.")
+        method = ("iptables byte counters (OUTPUT on lo, per gossip port)" if not counters.error
+                  else f"our API counters, Serf n/a (iptables failed: {counters.error})")
+        print("Goals (from the issue): join, detection and leave <= 1.0x Serf; idle CPU <= 2x Serf; "
+              "bytes sent <= 1.0x Serf; RSS <= 40 MiB per agent; no healthy member ever marked dead.")
+        print(f"Ours: {measured}; mesh-agent --profile lan --key (encrypted). "
+              f"Serf {SERF}: -profile=lan -encrypt. "
+              f"Bytes: {method}. Total time {time.monotonic() - started:.0f} s.")
     return 0
 
 
