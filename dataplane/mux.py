@@ -1,0 +1,777 @@
+"""A sans-I/O stream multiplexer: many proxied connections over one encrypted session.
+
+Between a pair of agents there is one long-lived session; every proxied TCP
+connection is a stream on it, so a new connection costs neither a handshake nor
+a round trip.  This module is only the state machine, in the h11 style: it
+never touches a socket, a clock or an event loop.  The caller feeds it the
+decrypted records it received and asks it for the next record to encrypt and
+send; everything else (waiting, timeouts, the cipher) is the caller's business.
+
+Wire format
+-----------
+A *record* is one encrypted message of the session.  It holds one or more
+whole *frames* (a frame never spans records), so several small frames share a
+single cipher call.  The transport must hand records over whole and in order
+(the encrypted channel does); frame order is what keeps both ends' stream
+accounting in step.  Each frame is an 8-byte big-endian header and a payload::
+
+    type (u8) | stream id (u32) | payload length (u24) | payload
+
+    type            stream id  payload
+    DATA 0          stream     1 or more bytes of stream data (flow-controlled)
+    WINDOW_UPDATE 1 stream     u32 credit increment, > 0
+    OPEN 2          stream     opaque header, at most MAX_OPEN_HEADER bytes
+    FIN 3           stream     empty: the sender will send no more data
+    RST 4           stream     u32 reset code (ResetCode)
+    PING 5          0          8 opaque bytes, echoed in a PONG
+    PONG 6          0          the 8 bytes of the PING it answers
+    GOAWAY 7        0          u32 code (GoAwayCode)
+
+Stream ids follow yamux ("Stream ID" in yamux spec.md): the session initiator
+opens odd ids, the responder even ids; 0 is the session itself.  As in RFC 9113
+§5.1.1 ids only grow, so "never opened" and "already closed" are told apart by
+comparing with the highest id seen.  OPEN needs no answer: the opener may send
+DATA right behind it, in the same record.
+
+Flow control is per stream and credit-based, as in yamux ("Flow Control") and
+RFC 9113 §5.2 / §6.9: each direction of a new stream starts with
+``initial_window`` bytes of credit; DATA spends it; the receiver hands it back
+with WINDOW_UPDATE once the application has consumed at least half a window.
+There is deliberately no session-level window: one stream's stalled reader only
+exhausts that stream's credit.  Both ends must be configured with the same
+``initial_window`` and ``max_streams`` (they are not negotiated; a peer that
+exceeds ours is treated as a protocol violation).
+
+API
+---
+``Session(initiator, initial_window=256 KiB, max_record=16368, max_streams=1024, send_buffer=None)``
+
+Local actions:
+
+* ``open_stream(header: bytes = b"") -> int`` -- new stream id; the OPEN is queued.
+* ``writable(stream_id) -> int`` -- how many more bytes ``send`` accepts now.  The
+  per-stream send buffer is limited to ``send_buffer`` (default: the window) so
+  a writer facing a slow reader waits instead of growing our memory.  It grows
+  as ``next_record`` drains the buffer: wake waiting writers after each record.
+* ``send(stream_id, data)`` -- queue data; more than ``writable`` raises
+  :class:`FlowControlError`.
+* ``close(stream_id)`` -- half-close (FIN after the queued data).
+* ``reset(stream_id, code=ResetCode.CANCEL)`` -- abort both directions; idempotent.
+* ``consumed(stream_id, n)`` -- the application delivered ``n`` received bytes
+  to its consumer; credit goes back to the peer (batched).  Never calling it is
+  what stops a fast sender from making us buffer without bound.
+* ``ping(opaque: bytes)`` (8 bytes) and ``go_away(code=GoAwayCode.NORMAL)``.
+
+I/O:
+
+* ``receive(record: bytes) -> list[Event]`` -- events in wire order:
+  :class:`StreamOpened`, :class:`Data`, :class:`StreamEnded`,
+  :class:`StreamReset`, :class:`WindowOpened`, :class:`Ping`, :class:`Pong`,
+  :class:`GoAway`.  A peer's protocol violation raises :class:`ProtocolError`
+  (``reason`` names it); the session is then dead except that ``next_record``
+  yields one last GOAWAY(PROTOCOL_ERROR) record worth sending before closing.
+  Benign races (frames for a stream we just reset, a WINDOW_UPDATE for a stream
+  that just ended) are ignored and counted.
+* ``next_record() -> bytes | None`` -- control frames first, then one turn per
+  ready stream in round-robin order (at most one chunk each per turn), packed
+  up to ``max_record`` bytes; ``None`` when nothing can be sent now.
+
+State: ``stream_count``, ``is_open(stream_id)``, ``failed`` (the ProtocolError
+reason, or None), ``goaway_received``, ``counters`` (a dict of ints for stats).
+Helpers: ``encode_frame`` and ``decode_record`` (framing only, for tests and tools).
+A stream is forgotten once both sides have sent FIN (ours after its queued data
+was emitted) or either side reset it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, NamedTuple
+
+__all__ = [
+    "DEFAULT_MAX_RECORD",
+    "DEFAULT_WINDOW",
+    "HEADER_SIZE",
+    "MAX_OPEN_HEADER",
+    "MAX_STREAM_ID",
+    "MAX_WINDOW",
+    "MIN_RECORD",
+    "Data",
+    "Event",
+    "FlowControlError",
+    "Frame",
+    "FrameType",
+    "GoAway",
+    "GoAwayCode",
+    "MuxError",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "ResetCode",
+    "Session",
+    "StreamClosedError",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "TooManyStreamsError",
+    "WindowOpened",
+    "decode_record",
+    "encode_frame",
+]
+
+_HEADER: Final = struct.Struct(">BIBH")  # type, stream id, length split as u8 + u16 = u24
+_U32: Final = struct.Struct(">I")
+HEADER_SIZE: Final = _HEADER.size
+MAX_PAYLOAD: Final = (1 << 24) - 1
+#: RFC 9113 §6.9.1: a flow-control window may not exceed 2^31 - 1.
+MAX_WINDOW: Final = (1 << 31) - 1
+MAX_STREAM_ID: Final = (1 << 32) - 1
+#: The proxy names its target (service, instance) here; a few hundred bytes at most.
+MAX_OPEN_HEADER: Final = 1024
+#: yamux's initial stream window ("Flow Control": 256KB).
+DEFAULT_WINDOW: Final = 256 * 1024
+#: Leaves room for the 16-byte AEAD tag so a full record encrypts to exactly 16 KiB.
+DEFAULT_MAX_RECORD: Final = 16 * 1024 - 16
+#: A record must always fit the largest control frame (an OPEN with a full header).
+MIN_RECORD: Final = HEADER_SIZE + MAX_OPEN_HEADER
+#: Below this much room left in a record, a larger chunk waits for the next
+#: record rather than going out as a sliver that costs a header for little data.
+_MIN_FRAGMENT: Final = 256
+_PING_LEN: Final = 8
+
+
+class FrameType(IntEnum):
+    DATA = 0
+    WINDOW_UPDATE = 1
+    OPEN = 2
+    FIN = 3
+    RST = 4
+    PING = 5
+    PONG = 6
+    GOAWAY = 7
+
+
+class ResetCode(IntEnum):
+    """RST codes; a peer may send any u32, so events carry a plain ``int``."""
+
+    NO_ERROR = 0
+    PROTOCOL_ERROR = 1
+    INTERNAL_ERROR = 2
+    #: The stream was never processed (e.g. it arrived after our GOAWAY), so the
+    #: opener may safely retry it on another session (RFC 9113 §8.7 REFUSED_STREAM).
+    REFUSED = 3
+    CANCEL = 4
+    #: The proxy could not reach the target named in the OPEN header.
+    CONNECT_FAILED = 5
+
+
+class GoAwayCode(IntEnum):
+    """yamux's GoAway codes ("Go Away" in yamux spec.md)."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    INTERNAL_ERROR = 2
+
+
+_SESSION_FRAMES: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
+#: Payload lengths that are fixed by the frame type.
+_FIXED_LENGTH: Final = {
+    FrameType.WINDOW_UPDATE: 4,
+    FrameType.FIN: 0,
+    FrameType.RST: 4,
+    FrameType.PING: _PING_LEN,
+    FrameType.PONG: _PING_LEN,
+    FrameType.GOAWAY: 4,
+}
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+class MuxError(Exception):
+    """Misuse of the session by the local application, or a dead session."""
+
+
+class StreamClosedError(MuxError):
+    """The stream is unknown, reset, or already half-closed by us.
+
+    Expected in normal operation: a peer's RST can overtake a local writer.
+    """
+
+
+class FlowControlError(MuxError):
+    """``send`` was handed more than ``writable`` allows: the caller must wait."""
+
+
+class TooManyStreamsError(MuxError):
+    """Opening one more stream would exceed ``max_streams``; wait for one to end."""
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the whole session must be closed.
+
+    ``reason`` is a short stable tag suitable as a counter name.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+# -- events -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    stream_id: int
+    header: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed: no more data will arrive, we may still send."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowOpened:
+    """The peer granted send credit: queued data of this stream can move again."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Informational: the PONG is already queued."""
+
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    opaque: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GoAway:
+    """The peer opens no more streams and refuses ours; existing streams go on."""
+
+    code: int
+
+
+Event = StreamOpened | Data | StreamEnded | StreamReset | WindowOpened | Ping | Pong | GoAway
+
+
+# -- framing ----------------------------------------------------------------------
+
+
+class Frame(NamedTuple):
+    type: FrameType
+    stream_id: int
+    payload: bytes
+
+
+def encode_frame(ftype: FrameType, stream_id: int, payload: bytes = b"") -> bytes:
+    """One frame, unchecked beyond what the header can represent."""
+    n = len(payload)
+    if n > MAX_PAYLOAD:
+        raise ValueError(f"payload of {n} bytes exceeds the u24 length field")
+    return _HEADER.pack(ftype, stream_id, n >> 16, n & 0xFFFF) + payload
+
+
+def _iter_frames(record: bytes | memoryview) -> Iterator[tuple[FrameType, int, memoryview]]:
+    """The structural checks every frame must pass before its type's own rules apply."""
+    view = memoryview(record)
+    end = len(view)
+    off = 0
+    while off < end:
+        if end - off < HEADER_SIZE:
+            raise ProtocolError("truncated", f"{end - off} bytes left, a frame header needs {HEADER_SIZE}")
+        raw_type, sid, hi, lo = _HEADER.unpack_from(view, off)
+        length = (hi << 16) | lo
+        off += HEADER_SIZE
+        if length > end - off:
+            raise ProtocolError("truncated", f"frame claims {length} bytes, record has {end - off}")
+        try:
+            ftype = FrameType(raw_type)
+        except ValueError:
+            raise ProtocolError("unknown_frame_type", str(raw_type)) from None
+        fixed = _FIXED_LENGTH.get(ftype)
+        if fixed is not None and length != fixed:
+            raise ProtocolError("bad_length", f"{ftype.name} of {length} bytes, must be {fixed}")
+        if ftype is FrameType.DATA and length == 0:
+            # Our sender never makes one; accepting them would let a peer make
+            # us spin for free (the "empty frames flood", CVE-2019-9518).
+            raise ProtocolError("bad_length", "empty DATA")
+        if ftype is FrameType.OPEN and length > MAX_OPEN_HEADER:
+            raise ProtocolError("bad_length", f"OPEN header of {length} bytes")
+        if (sid == 0) != (ftype in _SESSION_FRAMES):
+            raise ProtocolError("bad_stream_id", f"{ftype.name} on stream {sid}")
+        yield ftype, sid, view[off : off + length]
+        off += length
+
+
+def decode_record(record: bytes) -> list[Frame]:
+    """Split a record into frames, with the structural checks of ``receive``."""
+    return [Frame(t, sid, bytes(p)) for t, sid, p in _iter_frames(record)]
+
+
+# -- state ------------------------------------------------------------------------
+
+
+class _Stream:
+    __slots__ = (
+        "id", "local", "open_sent", "dead",
+        "send_credit", "queue", "fin_queued", "fin_sent", "scheduled",
+        "recv_credit", "unconsumed", "pending_credit", "fin_received",
+    )  # fmt: skip
+
+    def __init__(self, stream_id: int, local: bool, window: int) -> None:
+        self.id = stream_id
+        self.local = local  # we opened it
+        # A peer-opened stream is known to both sides from the start; ours only
+        # once its OPEN has gone out, and no DATA may precede that.
+        self.open_sent = not local
+        self.dead = False
+        # Sending side.
+        self.send_credit = window
+        self.queue = bytearray()
+        self.fin_queued = False
+        self.fin_sent = False
+        self.scheduled = False
+        # Receiving side: recv_credit + unconsumed + pending_credit == window.
+        self.recv_credit = window
+        self.unconsumed = 0
+        self.pending_credit = 0
+        self.fin_received = False
+
+    def sendable(self) -> bool:
+        if not self.open_sent or self.fin_sent or self.dead:
+            return False
+        if self.queue:
+            return self.send_credit > 0
+        return self.fin_queued  # FIN consumes no credit (yamux, RFC 9113 §6.9)
+
+
+_COUNTERS: Final = (
+    "records_in", "records_out", "frames_in", "frames_out", "data_bytes_in", "data_bytes_out",
+    "streams_opened_local", "streams_opened_remote", "streams_closed", "streams_reset_local",
+    "streams_reset_remote", "streams_refused", "window_updates_in", "window_updates_out",
+    "pings_in", "pongs_in", "ignored_after_reset", "ignored_after_close",
+)  # fmt: skip
+
+
+class Session:
+    """One end of a multiplexed session; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        initiator: bool,
+        initial_window: int = DEFAULT_WINDOW,
+        max_record: int = DEFAULT_MAX_RECORD,
+        max_streams: int = 1024,
+        send_buffer: int | None = None,
+    ) -> None:
+        if not 1 <= initial_window <= MAX_WINDOW:
+            raise ValueError(f"initial_window must be in [1, {MAX_WINDOW}]")
+        if max_record < MIN_RECORD:
+            raise ValueError(f"max_record must be at least {MIN_RECORD}")
+        if max_streams < 1:
+            raise ValueError("max_streams must be positive")
+        if send_buffer is not None and send_buffer < 1:
+            raise ValueError("send_buffer must be positive")
+        self.initiator = initiator
+        self.initial_window = initial_window
+        self.max_record = max_record
+        self.max_streams = max_streams
+        self.send_buffer = initial_window if send_buffer is None else send_buffer
+        # yamux "Flow Control": only send an update once half the window is
+        # consumed, so a reader taking small bites costs one frame per half window.
+        self._update_threshold = max(1, initial_window // 2)
+        self._max_chunk = max_record - HEADER_SIZE
+        self._next_id = 1 if initiator else 2
+        self._peer_parity = 0 if initiator else 1
+        self._peer_highest = 0
+        self._streams: dict[int, _Stream] = {}
+        self._local_count = 0
+        self._remote_count = 0
+        # Frames that jump the data queue; an OPEN entry carries its stream so
+        # that a stream reset before its OPEN left is never announced at all.
+        self._control: deque[tuple[_Stream | None, bytes]] = deque()
+        # Peer-triggered control frames (PONG, refusals) are capped so a peer
+        # that pings without reading cannot grow this queue without bound
+        # (the "ping flood", CVE-2019-9512).
+        self._control_limit = 4 * max_streams + 256
+        self._ready: deque[_Stream] = deque()
+        # Ids we reset lately: the peer may still have frames for them in flight
+        # (RFC 9113 §5.4.2 / §6.4 "closed" state).  Bounded, oldest forgotten first.
+        self._recently_reset: dict[int, None] = {}
+        self._recently_reset_limit = 2 * max_streams + 64
+        self._goaway_sent = False
+        self._goaway_received = False
+        self._failed: str | None = None
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def failed(self) -> str | None:
+        """The reason of the ProtocolError that killed the session, if any."""
+        return self._failed
+
+    @property
+    def goaway_received(self) -> bool:
+        return self._goaway_received
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    # -- local actions ------------------------------------------------------------
+
+    def open_stream(self, header: bytes = b"") -> int:
+        self._check_alive()
+        if self._goaway_sent or self._goaway_received:
+            raise MuxError("session is going away: open streams on a new session")
+        if len(header) > MAX_OPEN_HEADER:
+            raise ValueError(f"OPEN header of {len(header)} bytes exceeds {MAX_OPEN_HEADER}")
+        if self._local_count >= self.max_streams:
+            raise TooManyStreamsError(f"{self._local_count} streams open, max_streams is {self.max_streams}")
+        sid = self._next_id
+        if sid > MAX_STREAM_ID:
+            # RFC 9113 §5.1.1: ids cannot be reused; a new session is needed.
+            raise MuxError("stream ids exhausted: open streams on a new session")
+        self._next_id += 2
+        st = _Stream(sid, local=True, window=self.initial_window)
+        self._streams[sid] = st
+        self._local_count += 1
+        self._control.append((st, encode_frame(FrameType.OPEN, sid, bytes(header))))
+        self.counters["streams_opened_local"] += 1
+        return sid
+
+    def writable(self, stream_id: int) -> int:
+        st = self._sending_stream(stream_id)
+        return max(0, self.send_buffer - len(st.queue))
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        st = self._sending_stream(stream_id)
+        room = self.send_buffer - len(st.queue)
+        if len(data) > room:
+            raise FlowControlError(
+                f"stream {stream_id}: {len(data)} bytes offered, only {max(0, room)} writable; wait for writable()"
+            )
+        if data:
+            st.queue += data
+            self._schedule(st)
+
+    def close(self, stream_id: int) -> None:
+        st = self._sending_stream(stream_id)
+        st.fin_queued = True
+        self._schedule(st)
+
+    def reset(self, stream_id: int, code: int = ResetCode.CANCEL) -> None:
+        """Abort the stream both ways; a no-op for a stream already gone (races are normal)."""
+        self._check_alive()
+        if not 0 <= code <= 0xFFFFFFFF:
+            raise ValueError("reset code must fit in a u32")
+        st = self._streams.get(stream_id)
+        if st is None:
+            return
+        if st.open_sent:
+            self._control.append((None, encode_frame(FrameType.RST, stream_id, _U32.pack(code))))
+            self._remember_reset(stream_id)
+        self.counters["streams_reset_local"] += 1
+        self._forget(st)
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        self._check_alive()
+        if n < 0:
+            raise ValueError("consumed a negative number of bytes")
+        st = self._streams.get(stream_id)
+        if st is None:
+            return  # it ended or was reset meanwhile: nobody needs the credit
+        if n > st.unconsumed:
+            raise MuxError(f"stream {stream_id}: consumed {n} bytes but only {st.unconsumed} were delivered")
+        st.unconsumed -= n
+        if st.fin_received:
+            return  # the peer sends no more, so credit would be wasted frames
+        st.pending_credit += n
+        if st.pending_credit >= self._update_threshold:
+            self._control.append((None, encode_frame(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(st.pending_credit))))
+            st.recv_credit += st.pending_credit
+            st.pending_credit = 0
+            self.counters["window_updates_out"] += 1
+
+    def ping(self, opaque: bytes) -> None:
+        """Queue a PING; the caller matches the PONG's opaque bytes to time a round trip."""
+        self._check_alive()
+        if len(opaque) != _PING_LEN:
+            raise ValueError(f"ping payload must be {_PING_LEN} bytes")
+        self._control.append((None, encode_frame(FrameType.PING, 0, bytes(opaque))))
+
+    def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
+        """Stop opening streams both ways; existing streams finish normally."""
+        self._check_alive()
+        if not 0 <= code <= 0xFFFFFFFF:
+            raise ValueError("goaway code must fit in a u32")
+        if not self._goaway_sent:
+            self._goaway_sent = True
+            self._control.append((None, encode_frame(FrameType.GOAWAY, 0, _U32.pack(code))))
+
+    # -- output -------------------------------------------------------------------
+
+    def next_record(self) -> bytes | None:
+        out = bytearray()
+        frames = 0
+        room = self.max_record
+        # Control frames first: credit and resets unblock the peer, and an
+        # OPEN must precede its stream's data.
+        while self._control:
+            st, frame = self._control[0]
+            if len(frame) > room:
+                return self._finish(out, frames)
+            self._control.popleft()
+            if st is not None:  # an OPEN
+                if st.dead:
+                    continue
+                st.open_sent = True
+                self._schedule(st)
+            out += frame
+            room -= len(frame)
+            frames += 1
+        # Then one turn per ready stream, round robin: a turn is at most one
+        # chunk, so a bulk stream cannot starve the others (yamux and RFC 9113
+        # §5.3 leave scheduling to the sender; this is plain fair queueing).
+        while self._ready and room > HEADER_SIZE:
+            st = self._ready.popleft()
+            st.scheduled = False
+            if not st.sendable():
+                continue
+            if st.queue:
+                want = min(len(st.queue), st.send_credit, self._max_chunk)
+                fits = room - HEADER_SIZE
+                if fits < want and fits < _MIN_FRAGMENT and frames:
+                    # Its turn is not over: it goes first in the next record.
+                    self._ready.appendleft(st)
+                    st.scheduled = True
+                    break
+                n = min(want, fits)
+                out += _HEADER.pack(FrameType.DATA, st.id, n >> 16, n & 0xFFFF)
+                out += st.queue[:n]
+                del st.queue[:n]
+                st.send_credit -= n
+                room -= HEADER_SIZE + n
+                frames += 1
+                self.counters["data_bytes_out"] += n
+            if not st.queue and st.fin_queued and room >= HEADER_SIZE:
+                out += encode_frame(FrameType.FIN, st.id)
+                room -= HEADER_SIZE
+                frames += 1
+                st.fin_sent = True
+                self._maybe_forget(st)
+            self._schedule(st)
+        return self._finish(out, frames)
+
+    def _finish(self, out: bytearray, frames: int) -> bytes | None:
+        if not out:
+            return None
+        self.counters["records_out"] += 1
+        self.counters["frames_out"] += frames
+        return bytes(out)
+
+    # -- input --------------------------------------------------------------------
+
+    def receive(self, record: bytes) -> list[Event]:
+        self._check_alive()
+        try:
+            return self._receive(record)
+        except ProtocolError as exc:
+            self._fail(exc.reason)
+            raise
+
+    def _receive(self, record: bytes) -> list[Event]:
+        events: list[Event] = []
+        self.counters["records_in"] += 1
+        for ftype, sid, payload in _iter_frames(record):
+            self.counters["frames_in"] += 1
+            if ftype is FrameType.DATA:
+                st = self._receiving_stream(sid, ftype)
+                if st is None:
+                    continue
+                if st.fin_received:
+                    # RFC 9113 §5.1 half-closed (remote): only WINDOW_UPDATE and RST may follow.
+                    raise ProtocolError("stream_closed", f"DATA after FIN on stream {sid}")
+                n = len(payload)
+                if n > st.recv_credit:
+                    # RFC 9113 §6.9.1 / yamux: a sender must not exceed the window.
+                    raise ProtocolError("flow_control", f"{n} bytes on stream {sid} with {st.recv_credit} of credit")
+                st.recv_credit -= n
+                st.unconsumed += n
+                self.counters["data_bytes_in"] += n
+                events.append(Data(sid, bytes(payload)))
+            elif ftype is FrameType.WINDOW_UPDATE:
+                (increment,) = _U32.unpack(payload)
+                if increment == 0:
+                    raise ProtocolError("zero_window_increment", f"stream {sid}")  # RFC 9113 §6.9
+                st = self._receiving_stream(sid, ftype)
+                if st is None:
+                    continue
+                if st.send_credit + increment > MAX_WINDOW:
+                    raise ProtocolError("flow_control", f"window of stream {sid} overflows 2^31-1")  # RFC 9113 §6.9.1
+                st.send_credit += increment
+                self.counters["window_updates_in"] += 1
+                if not st.fin_queued:
+                    events.append(WindowOpened(sid))
+                self._schedule(st)
+            elif ftype is FrameType.OPEN:
+                opened = self._accept(sid, bytes(payload))
+                if opened is not None:
+                    events.append(opened)
+            elif ftype is FrameType.FIN:
+                st = self._receiving_stream(sid, ftype)
+                if st is None:
+                    continue
+                if st.fin_received:
+                    raise ProtocolError("stream_closed", f"second FIN on stream {sid}")
+                st.fin_received = True
+                events.append(StreamEnded(sid))
+                self._maybe_forget(st)
+            elif ftype is FrameType.RST:
+                (code,) = _U32.unpack(payload)
+                st = self._receiving_stream(sid, ftype)
+                if st is None:
+                    continue
+                self.counters["streams_reset_remote"] += 1
+                self._forget(st)
+                events.append(StreamReset(sid, code))
+            elif ftype is FrameType.PING:
+                self._control_from_peer(encode_frame(FrameType.PONG, 0, bytes(payload)))
+                self.counters["pings_in"] += 1
+                events.append(Ping(bytes(payload)))
+            elif ftype is FrameType.PONG:
+                self.counters["pongs_in"] += 1
+                events.append(Pong(bytes(payload)))
+            else:  # GOAWAY
+                (code,) = _U32.unpack(payload)
+                self._goaway_received = True
+                events.append(GoAway(code))
+        return events
+
+    def _accept(self, sid: int, header: bytes) -> StreamOpened | None:
+        if sid & 1 != self._peer_parity:
+            raise ProtocolError("bad_stream_id", f"peer opened stream {sid} of our parity")  # yamux "Stream ID"
+        if sid <= self._peer_highest:
+            # RFC 9113 §5.1.1: a new stream id must exceed every id the peer used.
+            raise ProtocolError("bad_stream_id", f"stream {sid} reused (highest was {self._peer_highest})")
+        self._peer_highest = sid
+        if self._goaway_sent:
+            # The peer had not seen our GOAWAY yet: refuse, so it may retry elsewhere.
+            self._control_from_peer(encode_frame(FrameType.RST, sid, _U32.pack(ResetCode.REFUSED)))
+            self._remember_reset(sid)
+            self.counters["streams_refused"] += 1
+            return None
+        if self._remote_count >= self.max_streams:
+            # Both ends share max_streams and forget a stream in the same frame
+            # order, so a correct peer never gets here (cf. RFC 9113 §5.1.2).
+            raise ProtocolError("too_many_streams", f"peer has {self._remote_count} open, max is {self.max_streams}")
+        self._streams[sid] = _Stream(sid, local=False, window=self.initial_window)
+        self._remote_count += 1
+        self.counters["streams_opened_remote"] += 1
+        return StreamOpened(sid, header)
+
+    def _receiving_stream(self, sid: int, ftype: FrameType) -> _Stream | None:
+        """The live stream a peer frame is for, None for a benign race, else ProtocolError."""
+        st = self._streams.get(sid)
+        if st is not None:
+            if not st.open_sent:
+                raise ProtocolError("idle_stream", f"{ftype.name} on stream {sid} before its OPEN was sent")
+            return st
+        if sid in self._recently_reset:
+            # RFC 9113 §5.4.2: frames the peer sent before it saw our RST.
+            self.counters["ignored_after_reset"] += 1
+            return None
+        highest = self._peer_highest if sid & 1 == self._peer_parity else self._next_id - 2
+        if sid > highest:
+            # RFC 9113 §5.1 "idle": only an OPEN may name a stream not yet opened.
+            raise ProtocolError("idle_stream", f"{ftype.name} on never-opened stream {sid}")
+        if ftype is FrameType.WINDOW_UPDATE or ftype is FrameType.RST:
+            # The peer may return credit or reset after its FIN, racing our FIN
+            # (RFC 9113 §5.1 "closed": WINDOW_UPDATE / RST_STREAM must be ignored).
+            self.counters["ignored_after_close"] += 1
+            return None
+        raise ProtocolError("stream_closed", f"{ftype.name} on closed stream {sid}")
+
+    # -- helpers ------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise MuxError(f"session failed: {self._failed}")
+
+    def _sending_stream(self, stream_id: int) -> _Stream:
+        self._check_alive()
+        st = self._streams.get(stream_id)
+        if st is None:
+            raise StreamClosedError(f"stream {stream_id} is not open")
+        if st.fin_queued:
+            raise StreamClosedError(f"stream {stream_id} is closed for sending")
+        return st
+
+    def _schedule(self, st: _Stream) -> None:
+        if not st.scheduled and st.sendable():
+            st.scheduled = True
+            self._ready.append(st)
+
+    def _control_from_peer(self, frame: bytes) -> None:
+        if len(self._control) >= self._control_limit:
+            raise ProtocolError("control_flood", f"{len(self._control)} control frames pending")
+        self._control.append((None, frame))
+
+    def _remember_reset(self, sid: int) -> None:
+        self._recently_reset[sid] = None
+        if len(self._recently_reset) > self._recently_reset_limit:
+            del self._recently_reset[next(iter(self._recently_reset))]
+
+    def _maybe_forget(self, st: _Stream) -> None:
+        if st.fin_sent and st.fin_received:
+            self.counters["streams_closed"] += 1
+            self._forget(st)
+
+    def _forget(self, st: _Stream) -> None:
+        # A scheduled entry may linger in _ready; the dead flag makes it a no-op.
+        st.dead = True
+        st.queue.clear()
+        del self._streams[st.id]
+        if st.local:
+            self._local_count -= 1
+        else:
+            self._remote_count -= 1
+
+    def _fail(self, reason: str) -> None:
+        self._failed = reason
+        for st in list(self._streams.values()):
+            self._forget(st)
+        self._ready.clear()
+        self._control.clear()
+        # The caller should send this last record before closing the transport.
+        self._control.append((None, encode_frame(FrameType.GOAWAY, 0, _U32.pack(GoAwayCode.PROTOCOL_ERROR))))
