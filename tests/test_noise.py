@@ -23,8 +23,11 @@ from dataplane.noise import (
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None, max_examples=50)
 
-VECTORS_FILE = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cacophony.txt"
-VECTORS_MISSING = f"cacophony test vectors not found at {VECTORS_FILE}"
+SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "cacophony.txt"
+# The IK vector copied into the repo (public domain), used when shared/ is not beside the checkout.
+LOCAL_VECTORS = Path(__file__).resolve().parent / "vectors" / "noise_ik_cacophony.json"
+VECTORS_FILE = SHARED_VECTORS if SHARED_VECTORS.exists() else LOCAL_VECTORS
+VECTORS_MISSING = f"cacophony test vectors not found at {SHARED_VECTORS} or {LOCAL_VECTORS}"
 
 # Fixed keys for deterministic handshakes (any 32 bytes is a valid X25519 private key).
 I_STATIC = bytes(range(1, 33))
