@@ -8,6 +8,7 @@ for.  A graceful leave cancels the nursery only after the leave has spread.
 
 from __future__ import annotations
 
+import base64
 import errno
 import signal
 import time
@@ -16,7 +17,7 @@ from typing import Any
 
 import trio
 
-from agent import log
+from agent import identity, log
 from agent.config import AgentConfig, describe
 from agent.services import LocalServices
 from agent.transport import (
@@ -45,6 +46,12 @@ class Agent:
         self.log = log.get("mesh.agent").bind(node=cfg.name)
         self.sealer = Sealer(Keyring(cfg.key) if cfg.key else None)
         self.registry = Registry(cfg.name)
+        try:
+            self.tunnel_private, self.tunnel_public, id_warnings = identity.load_or_create(cfg.data_dir)
+        except identity.IdentityError as exc:
+            raise StartupError(str(exc)) from None
+        cfg.warnings.extend(id_warnings)
+        tunnel_host = cfg.advertise[0] if cfg.tunnel[0] in ("0.0.0.0", "::") else cfg.tunnel[0]
         self.membership = Membership(
             cfg.name,
             cfg.advertise,
@@ -52,6 +59,7 @@ class Agent:
             tags=cfg.tags,
             now=trio.current_time(),
             delegate=self.registry,
+            tunnel=((tunnel_host, cfg.tunnel[1]), self.tunnel_public),
         )
         self.services = LocalServices(
             cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake
@@ -317,6 +325,8 @@ class Agent:
                 "incarnation": m.incarnation,
                 "tags": dict(m.tags),
                 "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
+                "tunnel": None if m.tunnel is None else format_addr(m.tunnel[0]),
+                "tunnel_key": None if m.tunnel is None else base64.b64encode(m.tunnel[1]).decode(),
             })
         return out
 

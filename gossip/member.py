@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from gossip.wire import Address, NodeState
+from gossip.wire import Address, NodeState, Tunnel
 
 
 class Status(StrEnum):
@@ -52,3 +52,5 @@ class Member:
     rtt: float | None = None
     #: The member's application state summary (registry version, digest).
     state: NodeState | None = None
+    #: Where its encrypted tunnels listen, and its static tunnel key.
+    tunnel: Tunnel | None = None

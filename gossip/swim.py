@@ -42,6 +42,7 @@ from gossip.wire import (
     StateReply,
     StateRequest,
     Suspect,
+    Tunnel,
     decode_packet,
     encode_message,
     encode_packet,
@@ -169,6 +170,7 @@ class Membership:
         incarnation: int = 0,
         seal_overhead: int = SEAL_OVERHEAD,
         delegate: Delegate | None = None,
+        tunnel: Tunnel | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
@@ -176,7 +178,7 @@ class Membership:
         self.rng = rng if rng is not None else random.Random()
         self.delegate = delegate
         self.me = Member(name, addr, incarnation, Status.ALIVE, dict(tags or {}), now,
-                         state=delegate.state() if delegate else None)
+                         state=delegate.state() if delegate else None, tunnel=tunnel)
         self.members: dict[str, Member] = {name: self.me}
         self.awareness = Awareness(config.awareness_max_multiplier)
         self.broadcasts = BroadcastQueue()
@@ -525,7 +527,8 @@ class Membership:
             return
         m = self.members.get(a.name)
         if m is None:
-            m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now, state=a.state)
+            m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now, state=a.state,
+                       tunnel=a.tunnel)
             self._note_state(m)
             self.members[a.name] = m
             # Insert at a random place so a new member is probed soon (memberlist).
@@ -547,6 +550,7 @@ class Membership:
             return
         m.incarnation = a.incarnation
         m.tags = dict(a.tags)
+        m.tunnel = a.tunnel
         if a.state != m.state:
             m.state = a.state
             self._note_state(m)
@@ -784,7 +788,7 @@ class Membership:
 
     def _records(self) -> list[MemberRecord]:
         return [
-            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state)
+            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state, m.tunnel)
             for m in self.members.values()
         ]
 
@@ -813,7 +817,7 @@ class Membership:
         # node's stale view cannot kill a member we can still reach.
         for r in remote.members:
             if r.status == "alive":
-                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state))
+                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel))
             elif r.status == "left":
                 self._on_dead(now, Dead(r.name, r.incarnation, r.name))
             else:
@@ -827,7 +831,7 @@ class Membership:
 
     def _queue_alive_self(self) -> None:
         me = self.me
-        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags), me.state))
+        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Change our tags: a new incarnation carries them to everyone."""

@@ -30,6 +30,10 @@ Address = tuple[str, int]
 #: its alive messages; the full state travels over TCP.
 NodeState = tuple[int, bytes]
 MAX_STATE_DIGEST = 64
+#: Where a member's encrypted tunnels listen, and its static X25519 key, so any
+#: agent can open a Noise IK session to it knowing nothing else.
+Tunnel = tuple[Address, bytes]
+TUNNEL_KEY_SIZE = 32
 
 
 class DecodeError(Exception):
@@ -83,6 +87,7 @@ class Alive:
     addr: Address
     tags: dict[str, str] = field(default_factory=dict)
     state: NodeState | None = None
+    tunnel: Tunnel | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class MemberRecord:
     status: str
     tags: dict[str, str] = field(default_factory=dict)
     state: NodeState | None = None
+    tunnel: Tunnel | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,18 @@ def _addr(a: Address) -> list[Any]:
 
 def _state(st: NodeState | None) -> list[Any] | None:
     return None if st is None else [st[0], st[1]]
+
+
+def _tunnel(t: Tunnel | None) -> list[Any] | None:
+    return None if t is None else [t[0][0], t[0][1], t[1]]
+
+
+def _tunnel_of(v: Any) -> Tunnel | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != 3 or not isinstance(v[2], bytes) or len(v[2]) != TUNNEL_KEY_SIZE:
+        raise DecodeError("malformed", "bad tunnel info")
+    return (_addr_of(v[:2]), v[2])
 
 
 def _state_of(v: Any) -> NodeState | None:
@@ -196,6 +214,8 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         }
         if msg.state is not None:
             obj["st"] = [msg.state[0], msg.state[1]]
+        if msg.tunnel is not None:
+            obj["dp"] = _tunnel(msg.tunnel)
         return obj
     if isinstance(msg, Suspect):
         return {"t": "suspect", "name": msg.name, "inc": msg.incarnation, "from": msg.source}
@@ -208,7 +228,8 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
             "join": msg.join,
             "refused": msg.refused,
             "members": [
-                [m.name, _addr(m.addr), m.incarnation, m.status, dict(m.tags), _state(m.state)]
+                [m.name, _addr(m.addr), m.incarnation, m.status, dict(m.tags), _state(m.state),
+                 _tunnel(m.tunnel)]
                 for m in msg.members
             ],
             "x": msg.delegate,
@@ -348,6 +369,7 @@ def _message_from_obj(obj: Any) -> Message:
             _addr_of(obj.get("addr")),
             _tags_of(obj.get("tags", {})),
             _state_of(obj.get("st")),
+            _tunnel_of(obj.get("dp")),
         )
     if t == "suspect":
         return Suspect(_str(obj, "name"), _int(obj, "inc"), _str(obj, "from"))
@@ -359,17 +381,18 @@ def _message_from_obj(obj: Any) -> Message:
             raise DecodeError("malformed", "push-pull members must be a list")
         members = []
         for rec in raw_members:
-            if not isinstance(rec, list) or len(rec) not in (5, 6):
+            if not isinstance(rec, list) or not 5 <= len(rec) <= 7:
                 raise DecodeError("malformed", "bad member record")
             name, addr, inc, status, tags = rec[:5]
-            state = _state_of(rec[5]) if len(rec) == 6 else None
+            state = _state_of(rec[5]) if len(rec) >= 6 else None
+            tunnel = _tunnel_of(rec[6]) if len(rec) >= 7 else None
             if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad member name")
             if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc < 2**63:
                 raise DecodeError("malformed", "bad incarnation")
             if status not in STATUSES:
                 raise DecodeError("malformed", "bad member status")
-            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags), state))
+            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags), state, tunnel))
         refused = obj.get("refused", "")
         if not isinstance(refused, str) or len(refused) > 1024:
             raise DecodeError("malformed", "bad refusal")
