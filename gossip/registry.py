@@ -119,6 +119,9 @@ class Registry:
         self.remote: dict[str, NodeCatalog] = {}
         #: node -> newest (version, digest) advertised that we do not hold yet.
         self.wanted: dict[str, tuple[int, bytes]] = {}
+        #: Nodes whose catalog is being fetched: a burst of changes on one node
+        #: costs one fetch at a time, not one per change per observer.
+        self.inflight: set[str] = set()
         #: Bumped on every change of what this agent knows; drives blocking queries.
         self.index = 1
         self.stats: dict[str, int] = {"applied": 0, "stale": 0, "duplicate": 0, "rejected": 0}
@@ -180,7 +183,26 @@ class Registry:
         want = self.wanted.get(node)
         if want is None or version > want[0]:
             self.wanted[node] = (version, digest)
+        if node in self.inflight:
+            return False  # fetch_done() will ask again if this one comes back stale
+        self.inflight.add(node)
         return True
+
+    def fetch_done(self, node: str, ok: bool = True) -> bool:
+        """A fetch of ``node`` ended; True if a newer one is wanted and should start now.
+
+        After a failed fetch nothing is retried at once: the owner's next
+        advertisement, or the next push-pull, brings the catalog.
+        """
+        self.inflight.discard(node)
+        if not ok:
+            return False
+        want = self.wanted.get(node)
+        held = self.remote.get(node)
+        if want is not None and (held is None or want[0] > held.version):
+            self.inflight.add(node)
+            return True
+        return False
 
     def apply(self, node: str, catalog: NodeCatalog) -> bool:
         """Store a fetched catalog unless it is older than, or the same as, what we hold."""
@@ -209,6 +231,7 @@ class Registry:
         if self.remote.pop(node, None) is not None:
             self.index += 1
         self.wanted.pop(node, None)
+        self.inflight.discard(node)
 
     # -- encoding for TCP (push-pull and fetch) ------------------------------------------------
 

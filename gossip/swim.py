@@ -104,6 +104,8 @@ class Delegate(Protocol):
 
     def apply_node(self, data: bytes) -> object: ...
 
+    def fetch_done(self, node: str, ok: bool = True) -> bool: ...
+
     def forget(self, node: str) -> None: ...
 
 
@@ -357,7 +359,18 @@ class Membership:
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
         """The reply to a FetchState arrived (or None: it failed)."""
         self._now = now
-        if reply is None or self.delegate is None:
+        if self.delegate is None:
+            return False
+        ok = self._apply_fetched(reply)
+        m = self.members.get(node)
+        up = m is not None and m.status.up
+        if self.delegate.fetch_done(node, ok and up) and m is not None:
+            self._outbox.append(FetchState(node, m.addr))  # it changed again meanwhile
+        return ok
+
+    def _apply_fetched(self, reply: bytes | None) -> bool:
+        assert self.delegate is not None
+        if reply is None:
             return False
         try:
             msgs = decode_packet(reply)

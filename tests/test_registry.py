@@ -82,6 +82,7 @@ def test_advertised_asks_for_newer_versions_only() -> None:
     assert not r.advertised("o", 0, EMPTY_DIGEST)  # unknown but empty: nothing to fetch
     assert r.advertised("o", 2, b"x" * 8)  # unknown node: fetch
     r.apply_node(snaps[1])  # version 2
+    assert not r.fetch_done("o")
     assert "o" not in r.wanted
     held = r.held("o")
     assert held is not None
@@ -191,3 +192,25 @@ def test_membership_emits_fetch_for_newer_state() -> None:
     served = b.handle_stream(1.0, a.addr, a.state_request_payload("b"))
     assert a.complete_fetch(1.0, "b", served)
     assert [i.id for _, i in reg_a.all_instances()] == ["web-1"]
+
+
+def test_a_burst_of_changes_costs_one_fetch_at_a_time() -> None:
+    r = Registry("me")
+    snaps = owner_snapshots(5)
+    assert r.advertised("o", 1, b"a" * 8)
+    for v in range(2, 6):  # four more changes while the first fetch is in flight
+        assert not r.advertised("o", v, bytes([v]) * 8)
+    r.apply_node(snaps[0])  # the first fetch returns version 1; 5 is wanted
+    assert r.fetch_done("o")  # so exactly one more fetch starts
+    assert not r.advertised("o", 5, b"e" * 8)
+    r.apply_node(snaps[4])
+    assert not r.fetch_done("o")  # up to date: nothing more
+    assert r.inflight == set()
+
+
+def test_a_failed_fetch_waits_for_the_next_advertisement() -> None:
+    r = Registry("me")
+    assert r.advertised("o", 3, b"c" * 8)
+    assert not r.fetch_done("o", ok=False)
+    assert r.inflight == set()
+    assert r.advertised("o", 4, b"d" * 8)
