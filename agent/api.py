@@ -59,11 +59,14 @@ class ApiServer:
             ("POST", "/v1/leave"): self.leave,
             ("GET", "/v1/services"): self.services,
             ("PUT", "/v1/services"): self.register,
+            ("GET", "/v1/upstreams"): self.upstreams,
+            ("PUT", "/v1/upstreams"): self.upstream_add,
         }
         #: Routes with one trailing path parameter.
         self.prefixed: dict[tuple[str, str], PrefixHandler] = {
             ("GET", "/v1/services/"): self.service_show,
             ("DELETE", "/v1/services/"): self.deregister,
+            ("DELETE", "/v1/upstreams/"): self.upstream_remove,
         }
 
     # -- routes -------------------------------------------------------------------------
@@ -149,6 +152,21 @@ class ApiServer:
         except ServiceError as exc:
             raise HttpError(exc.status, str(exc)) from None
         return 200, {"ok": True, "id": iid}
+
+    async def upstreams(self, query: dict[str, list[str]], body: Any) -> Reply:
+        return 200, self.agent.upstreams.view()
+
+    async def upstream_add(self, query: dict[str, list[str]], body: Any) -> Reply:
+        try:
+            return 200, await self.agent.upstreams.add(body)
+        except ServiceError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+
+    async def upstream_remove(self, service: str, query: dict[str, list[str]], body: Any) -> Reply:
+        try:
+            return 200, await self.agent.upstreams.remove(service)
+        except ServiceError as exc:
+            raise HttpError(exc.status, str(exc)) from None
 
     # -- HTTP plumbing ------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class AgentConfig:
     log_level: str
     tags: dict[str, str] = field(default_factory=dict)
     services: list[dict[str, Any]] = field(default_factory=list)
+    upstreams: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -249,6 +250,17 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
             raise ConfigError(f"config file {config_path}: service #{i + 1}: duplicate id {reg.id!r}")
         seen.add(reg.id)
 
+    upstreams = file_data.get("upstream", [])
+    if not isinstance(upstreams, list) or not all(isinstance(u, dict) for u in upstreams):
+        raise ConfigError(f"config file {config_path}: [[upstream]] must be an array of tables")
+    from agent.upstreams import validate as validate_upstream
+
+    for i, raw in enumerate(upstreams):
+        try:
+            validate_upstream(raw)
+        except ServiceError as exc:
+            raise ConfigError(f"config file {config_path}: upstream #{i + 1}: {exc}") from None
+
     data_dir = Path(values["data_dir"]) if values["data_dir"] else None
     if data_dir is not None:
         try:
@@ -270,6 +282,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         log_level=values["log_level"],
         tags=dict(tags),
         services=[dict(s) for s in services],
+        upstreams=[dict(u) for u in upstreams],
         warnings=warnings,
     )
 

@@ -19,6 +19,7 @@ import trio
 
 from agent import identity, log
 from agent.config import AgentConfig, describe
+from agent.directory import MeshDirectory
 from agent.services import LocalServices
 from agent.transport import (
     UDP_RECV_BUFFER,
@@ -30,6 +31,9 @@ from agent.transport import (
     receive_frame,
     send_frame,
 )
+from agent.upstreams import Upstreams
+from dataplane.proxy import Proxy, ProxyError, TunnelStream
+from dataplane.tunnel import TunnelManager
 from gossip.keyring import Keyring
 from gossip.registry import Registry
 from gossip.swim import FetchState, Membership, SendPacket, StartPushPull
@@ -51,7 +55,7 @@ class Agent:
         except identity.IdentityError as exc:
             raise StartupError(str(exc)) from None
         cfg.warnings.extend(id_warnings)
-        tunnel_host = cfg.advertise[0] if cfg.tunnel[0] in ("0.0.0.0", "::") else cfg.tunnel[0]
+        self._tunnel_host = cfg.advertise[0] if cfg.tunnel[0] in ("0.0.0.0", "::") else cfg.tunnel[0]
         self.membership = Membership(
             cfg.name,
             cfg.advertise,
@@ -59,11 +63,19 @@ class Agent:
             tags=cfg.tags,
             now=trio.current_time(),
             delegate=self.registry,
-            tunnel=((tunnel_host, cfg.tunnel[1]), self.tunnel_public),
+            tunnel=((self._tunnel_host, cfg.tunnel[1]), self.tunnel_public),
         )
         self.services = LocalServices(
             cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake
         )
+        self.directory = MeshDirectory(self.membership, self.services)
+        self.dp_stats: Counter[str] = Counter()
+        self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning)
+        self.tunnels = TunnelManager(
+            cfg.name, self.tunnel_private, self.directory, on_stream=self.proxy.handle_stream,
+            stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
+        )
+        self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name)
         self._registry_index = self.registry.index
         self.io: Counter[str] = Counter()
         self.started_wall = time.time()
@@ -83,10 +95,14 @@ class Agent:
         try:
             tcp_listeners = await self._bind_tcp(self.cfg.bind, "gossip TCP")
             api_listeners = await self._bind_tcp(self.cfg.api, "API")
+            tunnel_listeners = await self._bind_tcp(self.cfg.tunnel, "tunnel")
         except StartupError:
             self._udp.close()
             raise
         api = ApiServer(self)
+        # With --tunnel HOST:0 the OS picks the port; peers must learn that one.
+        bound_port = int(tunnel_listeners[0].socket.getsockname()[1])
+        self.membership.set_tunnel(((self._tunnel_host, bound_port), self.tunnel_public))
         self.services.load(self.cfg.services)
         self.membership.state_changed()
         if self.cfg.data_dir is None:
@@ -100,6 +116,12 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.services.start(nursery)
+                await nursery.start(self.tunnels.serve, tunnel_listeners)
+                self.proxy.start(nursery)
+                try:
+                    await self.upstreams.load(self.cfg.upstreams)
+                except ProxyError as exc:
+                    raise StartupError(f"upstream: {exc}") from None
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
@@ -334,11 +356,14 @@ class Agent:
         ms = self.membership
         stats = dict(ms.counters.stats)
         stats.update(self.io)
+        stats.update({f"dataplane.{k}": v for k, v in self.dp_stats.items()})
+        stats.update({f"proxy.{k}": v for k, v in self.proxy.stats.items()})
         return {
             "name": self.cfg.name,
             "address": format_addr(self.cfg.advertise),
             "bind": format_addr(self.cfg.bind),
             "api": format_addr(self.cfg.api),
+            "tunnel": format_addr(ms.me.tunnel[0]) if ms.me.tunnel else None,
             "status": ms.me.status.value,
             "incarnation": ms.me.incarnation,
             "tags": dict(ms.me.tags),
@@ -378,3 +403,13 @@ def _bind_error(what: str, addr: Address, exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"cannot bind {what} on {format_addr(addr)}: address not available on this host"
     return f"cannot bind {what} on {format_addr(addr)}: {exc.strerror or exc}"
+
+
+class _LazyTunnels:
+    """Lets the proxy and the tunnel manager refer to each other at construction."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def open_stream(self, peer: str, header: bytes) -> TunnelStream:
+        return await self.agent.tunnels.open_stream(peer, header)

@@ -264,7 +264,7 @@ class LocalServices:
             "services": [r.to_dict() for r in self.registrations.values() if r.source == "api"],
         }
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
+        tmp.write_text(json.dumps(body))  # compact: indent= makes json use its slow pure-Python encoder
         os.replace(tmp, path)
 
     # -- discovery views ----------------------------------------------------------------------

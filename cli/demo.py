@@ -72,7 +72,8 @@ def run_demo(nodes: int, base_port: int) -> None:
     click.echo(f"starting {nodes} agents on loopback (encrypted gossip; logs in {workdir})")
     for i, name in enumerate(names):
         args = [sys.executable, "-m", "cli.main", "agent", "--name", name,
-                "--bind", f"127.0.0.1:{ports[i][0]}", "--api", apis[name], "--profile", "local"]
+                "--bind", f"127.0.0.1:{ports[i][0]}", "--api", apis[name], "--profile", "local",
+                "--tunnel", "127.0.0.1:0"]
         if i > 0:
             args += ["--join", seed]
         with open(workdir / f"{name}.log", "wb") as log:

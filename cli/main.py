@@ -286,6 +286,51 @@ def services_deregister(api: str, as_json: bool, iid: str) -> None:
         click.echo(f"deregistered {data['id']}")
 
 
+@main.group(invoke_without_command=True)
+@api_option
+@json_option
+@click.pass_context
+def upstreams(ctx: click.Context, api: str, as_json: bool) -> None:
+    """List this agent's upstreams: local ports that lead to a service in the mesh."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = _call(api, "GET", "/v1/upstreams")
+    if as_json:
+        _print_json(data)
+        return
+    rows = [["SERVICE", "LISTEN", "INSTANCES", "CONNECTIONS", "FAILURES"]]
+    rows += [[u["service"], u["listen"], str(u["instances"]), str(u["connections"]), str(u["connect_failures"])]
+             for u in data]
+    _table(rows)
+
+
+@upstreams.command("add")
+@api_option
+@json_option
+@click.option("--service", required=True, help="Service to reach.")
+@click.option("--listen", required=True, help="Local HOST:PORT to listen on.")
+def upstreams_add(api: str, as_json: bool, service: str, listen: str) -> None:
+    """Open a local port that leads to SERVICE through the mesh."""
+    data = _call(api, "PUT", "/v1/upstreams", {"service": service, "listen": listen})
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"{data['listen']} -> {data['service']}")
+
+
+@upstreams.command("remove")
+@api_option
+@json_option
+@click.argument("service")
+def upstreams_remove(api: str, as_json: bool, service: str) -> None:
+    """Close the upstream for SERVICE."""
+    data = _call(api, "DELETE", f"/v1/upstreams/{quote(service, safe='')}")
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"removed upstream {data['service']}")
+
+
 @main.command()
 @click.option("--nodes", default=5, show_default=True, type=click.IntRange(2, 50), help="How many agents.")
 @click.option("--base-port", default=17946, show_default=True, type=click.IntRange(1024, 65000),

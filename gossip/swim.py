@@ -846,6 +846,13 @@ class Membership:
         me = self.me
         self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel))
 
+    def set_tunnel(self, tunnel: Tunnel) -> None:
+        """Our tunnel address or key changed (e.g. bound to a port the OS chose)."""
+        if tunnel != self.me.tunnel:
+            self.me.tunnel = tunnel
+            self.me.incarnation += 1
+            self._queue_alive_self()
+
     def set_tags(self, tags: dict[str, str]) -> None:
         """Change our tags: a new incarnation carries them to everyone."""
         self.me.tags = dict(tags)

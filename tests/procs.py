@@ -118,7 +118,10 @@ class Cluster:
         args += ["--key", self.key] if self.key else ["--insecure"]
         for j in join or []:
             args += ["--join", j]
-        args += extra or []
+        extra = list(extra or [])
+        if "--tunnel" not in extra:
+            extra += ["--tunnel", "127.0.0.1:0"]  # many agents share loopback
+        args += extra
         log_path = self.workdir / f"{name}-{len(self._all)}.log"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(log_path, "wb") as log:

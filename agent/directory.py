@@ -1,0 +1,53 @@
+"""The read-only view of membership and registry that the data plane gets.
+
+dataplane/ never touches gossip state; it asks these few questions, answered
+from this agent's current view, so routing follows membership and health as
+they change.
+"""
+
+from __future__ import annotations
+
+from agent.services import LocalServices
+from dataplane.proxy import Endpoint
+from gossip.member import Status
+from gossip.swim import Membership
+from gossip.wire import Address
+
+
+class MeshDirectory:
+    def __init__(self, membership: Membership, services: LocalServices) -> None:
+        self.membership = membership
+        self.services = services
+
+    # -- for the proxy (dataplane.proxy.InstanceDirectory) ------------------------------------
+
+    def passing_endpoints(self, service: str) -> list[Endpoint]:
+        out = []
+        for node, inst in self.services.registry.all_instances():
+            if inst.service != service or inst.health != "passing":
+                continue
+            m = self.membership.members.get(node)
+            if m is None or m.status is not Status.ALIVE:
+                continue  # suspect members' instances are not routed to while others exist
+            out.append(Endpoint(node, inst.id, inst.address, inst.port))
+        return out
+
+    def local_endpoint(self, instance_id: str) -> Endpoint | None:
+        reg = self.services.registrations.get(instance_id)
+        if reg is None:
+            return None
+        return Endpoint(self.membership.name, reg.id, reg.address, reg.port)
+
+    # -- for the tunnels (dataplane.tunnel.PeerDirectory) ------------------------------------
+
+    def member_for_key(self, static_public: bytes) -> str | None:
+        for m in self.membership.members.values():
+            if m.tunnel is not None and m.tunnel[1] == static_public and m.status.up and m.name != self.membership.name:
+                return m.name
+        return None
+
+    def tunnel_peer(self, name: str) -> tuple[Address, bytes] | None:
+        m = self.membership.members.get(name)
+        if m is None or m.tunnel is None or not m.status.up or name == self.membership.name:
+            return None
+        return m.tunnel

@@ -1,0 +1,1119 @@
+"""Encrypted tunnels between agents: Noise_IK handshakes, one session per peer, many streams.
+
+Every pair of agents shares at most one long-lived *session*: a TCP connection
+that has run one Noise_IK handshake (:mod:`dataplane.noise`) and then carries
+the records of a stream multiplexer (:mod:`dataplane.mux`).  Every proxied
+connection is a *stream* on it, so a new proxied connection costs neither a
+handshake nor a round trip.  This module is the trio driver that joins the two
+sans-I/O machines to sockets; the few pure pieces (the handshake payloads) are
+plain functions at the top.
+
+Wire format
+-----------
+Every message on the TCP connection is a 2-byte big-endian length and that
+many bytes (Noise messages are at most 65535 bytes, §3 of the spec)::
+
+    initiator                                     responder
+    PREAMBLE (b"MESH" + version byte, unframed)  ->
+    [len] Noise message 1, payload = HELLO       ->
+                                                  <-  [len] Noise message 2, payload = responder name
+    [len] transport message (one mux record)     <->  [len] transport message ...
+
+``HELLO`` is a 12-byte TAI64N timestamp (8-byte seconds label, 4-byte
+nanoseconds, big-endian; WireGuard's replay defence) followed by the
+initiator's node name in UTF-8.  The preamble is also the Noise prologue, so a
+version mismatch can never produce a working session.  Each transport message
+is one mux record encrypted with the split CipherState; a record packs several
+frames, so small frames of many streams share one cipher call.
+
+Who may connect
+---------------
+The responder learns the initiator's static key from message 1 and asks the
+:class:`PeerDirectory` (membership, read-only) which alive or suspect member
+holds it; anything else is refused and counted.  Message 1 of IK can be
+replayed (Noise §7.7), so the responder refuses a HELLO whose timestamp is not
+newer than the last it accepted from that key, and it registers the session
+only once the initiator's first transport message decrypts (that proves the
+initiator holds the ephemeral key too: a replayed message 1 can never get
+that far).  The initiator therefore always sends a PING right after the
+handshake.
+
+One session per pair
+--------------------
+``open_stream(peer)`` reuses the peer's session or dials one; concurrent
+callers share a single dial.  If both agents dial each other at once, each ends
+up with two sessions and both keep the one initiated by the lexicographically
+smaller name (if both were initiated by the same side, the newer one).  The
+other is *drained*: we stop opening streams on it and send a DRAIN marker (a
+mux PING with a reserved payload); streams already on it finish normally, and
+once both sides have sent DRAIN and no stream is left the session closes.
+Idle sessions (no stream for ``idle_timeout``) close the same way, so a stream
+the peer opened a moment before it saw our DRAIN is still served, never
+refused.  (The mux's GOAWAY would refuse such a stream; a peer's GOAWAY is
+honoured as a drain.)
+
+Failure is loud
+---------------
+A record that fails to decrypt, a mux protocol violation, a broken or
+truncated TCP connection, or a peer that closes with streams still open kills
+the session: every stream on it fails with :class:`StreamResetError` (a
+:class:`trio.BrokenResourceError`), so a proxied connection is reset rather
+than silently truncated.  ``receive_some`` returns ``b""`` only after the
+peer's FIN.  Closing a stream (``aclose``) before ``send_eof`` resets it, as
+does closing it with unread data or receiving data after it was closed, which
+is what TCP does too.
+
+Tasks
+-----
+Everything runs under :meth:`TunnelManager.serve`, which owns one nursery:
+the listeners' accept loops, one task per connection (handshake, then the
+session), and one task per dial (handshake, then the session).  A session owns
+a reader, a writer and an idle timer, plus a nursery for the ``on_stream``
+handlers of the streams the peer opens; when the session ends the handlers
+get a short grace period to notice their streams failed, then are cancelled.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Final, Protocol
+
+import nacl.bindings
+import structlog
+import trio
+
+from dataplane import mux
+from dataplane.noise import MAX_MESSAGE, CipherState, HandshakeState, NoiseError
+
+__all__ = [
+    "MAGIC",
+    "PREAMBLE",
+    "VERSION",
+    "PeerDirectory",
+    "StreamHandler",
+    "StreamResetError",
+    "TunnelError",
+    "TunnelManager",
+    "TunnelStream",
+    "decode_hello",
+    "encode_hello",
+    "tai64n",
+]
+
+MAGIC: Final = b"MESH"
+VERSION: Final = 1
+#: Sent unframed before message 1, and used as the Noise prologue.
+PREAMBLE: Final = MAGIC + bytes([VERSION])
+
+#: TAI64 labels count from 2^62; TAI was 10 s ahead of UTC in 1970 (as in WireGuard).
+_TAI64_BASE: Final = 2**62 + 10
+_NS: Final = 1_000_000_000
+_HELLO_TS: Final = struct.Struct(">QI")
+_MAX_NAME: Final = 255
+#: Message 1 is 96 bytes of IK overhead plus the HELLO; anything longer is refused unread.
+_MAX_MESSAGE1: Final = 96 + _HELLO_TS.size + _MAX_NAME
+
+#: A mux PING with this payload means "I open no more streams on this session".
+_DRAIN: Final = b"MESH-DRN"
+_RTT_PING: Final = b"MESH-RTT"
+_RECV_SIZE: Final = 65536
+#: Ciphertext the writer gathers into one send_all (fewer syscalls, same fairness).
+_WRITE_BATCH: Final = 256 * 1024
+#: How long a closing session may spend flushing its last records.
+_FLUSH_TIMEOUT: Final = 1.0
+#: How long a dead session's stream handlers get to notice before they are cancelled.
+_HANDLER_GRACE: Final = 5.0
+
+#: Why a responder refused a connection: each is a ``handshakes_failed_<reason>`` counter.
+REFUSAL_REASONS: Final = (
+    "bad_magic", "bad_version", "bad_handshake", "name_mismatch", "unknown_key", "replay", "timeout", "io_error",
+)  # fmt: skip
+_STAT_KEYS: Final = (
+    "handshakes_ok", *(f"handshakes_failed_{r}" for r in REFUSAL_REASONS), "dials_failed",
+    "sessions_open", "sessions_opened", "sessions_closed", "sessions_failed", "duplicate_sessions",
+    "streams_opened", "streams_accepted", "streams_refused", "bytes_in", "bytes_out",
+    "decrypt_failures", "protocol_errors", "handler_errors",
+)  # fmt: skip
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+class TunnelError(Exception):
+    """A stream could not be opened: no route to the peer, a failed dial, or we are not running."""
+
+
+class StreamResetError(trio.BrokenResourceError):
+    """The stream was reset by the peer (``code`` is its mux ResetCode) or its session died
+    (``code`` is None); either way the data it carried is incomplete."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Truncated(Exception):
+    """The TCP connection ended in the middle of a message."""
+
+
+class _TooLong(Exception):
+    """A length prefix announced more than the caller accepts here."""
+
+
+# -- the pure part: handshake payloads ------------------------------------------------
+
+
+def tai64n(unix_ns: int) -> bytes:
+    """A TAI64N label for a Unix time in nanoseconds (12 bytes, big-endian)."""
+    secs, nanos = divmod(unix_ns, _NS)
+    return _HELLO_TS.pack(_TAI64_BASE + secs, nanos)
+
+
+def encode_hello(unix_ns: int, name: str) -> bytes:
+    """The payload of message 1: TAI64N timestamp, then the initiator's name."""
+    raw = name.encode("utf-8")
+    if not 1 <= len(raw) <= _MAX_NAME:
+        raise ValueError(f"node name must be 1..{_MAX_NAME} bytes of UTF-8")
+    return tai64n(unix_ns) + raw
+
+
+def decode_hello(payload: bytes) -> tuple[int, str]:
+    """(unix nanoseconds, name) from a message-1 payload; ValueError if malformed."""
+    if len(payload) < _HELLO_TS.size + 1 or len(payload) > _HELLO_TS.size + _MAX_NAME:
+        raise ValueError("hello payload has a bad length")
+    label, nanos = _HELLO_TS.unpack_from(payload)
+    if nanos >= _NS:
+        raise ValueError("hello timestamp has more than 10^9 nanoseconds")
+    name = payload[_HELLO_TS.size :].decode("utf-8")  # UnicodeDecodeError is a ValueError
+    return (label - _TAI64_BASE) * _NS + nanos, name
+
+
+def _framed(message: bytes) -> bytes:
+    return len(message).to_bytes(2, "big") + message
+
+
+# -- interfaces -----------------------------------------------------------------------
+
+
+class PeerDirectory(Protocol):
+    """What the tunnel layer may ask membership; the agent implements it, read-only."""
+
+    def member_for_key(self, static_public: bytes) -> str | None:
+        """Name of the alive or suspect member holding this tunnel key, else None."""
+        ...
+
+    def tunnel_peer(self, name: str) -> tuple[tuple[str, int], bytes] | None:
+        """((host, port), static public key) of a member we may dial, else None."""
+        ...
+
+
+#: ``on_stream(peer_name, header, stream)``: serve a stream the peer opened.
+StreamHandler = Callable[[str, bytes, "TunnelStream"], Awaitable[None]]
+
+
+# -- framed reading -------------------------------------------------------------------
+
+
+class _Reader:
+    """Length-prefixed messages from a byte stream, with a buffer that survives the handshake."""
+
+    __slots__ = ("_buf", "_stream")
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    async def _fill(self, n: int) -> bool:
+        while len(self._buf) < n:
+            chunk = await self._stream.receive_some(_RECV_SIZE)
+            if not chunk:
+                return False
+            self._buf += chunk
+        return True
+
+    async def read_exactly(self, n: int) -> bytes:
+        """``n`` bytes, or fewer if the stream ended first."""
+        await self._fill(n)
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    async def read_message(self, limit: int = MAX_MESSAGE) -> bytes | None:
+        """The next message; None on a clean end of stream between messages."""
+        if not await self._fill(2):
+            if self._buf:
+                raise _Truncated
+            return None
+        n = int.from_bytes(self._buf[:2], "big")
+        if n > limit:
+            raise _TooLong
+        if not await self._fill(2 + n):
+            raise _Truncated
+        msg = bytes(self._buf[2 : 2 + n])
+        del self._buf[: 2 + n]
+        return msg
+
+
+# -- streams --------------------------------------------------------------------------
+
+
+class TunnelStream(trio.abc.HalfCloseableStream):
+    """One proxied connection inside a session, with trio's stream semantics.
+
+    * ``send_all`` waits while the stream's send buffer is full (the peer's
+      reader is slow, or the session is busy): backpressure, never unbounded memory.
+    * ``receive_some`` returns data, hands the credit back to the peer, and
+      returns ``b""`` only after the peer's ``send_eof``.
+    * ``send_eof`` half-closes; ``aclose`` resets the stream unless ``send_eof``
+      was called first and no received data was left unread.
+    * Failure of the stream or its session raises :class:`StreamResetError`.
+    """
+
+    def __init__(self, session: _Session, stream_id: int, header: bytes, *, local: bool) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self.header = header
+        self.peer = session.peer
+        #: True if we opened it, False if the peer did.
+        self.local = local
+        self._buf = bytearray()
+        self._eof_received = False
+        self._eof_sent = False
+        self._closed = False
+        self._failure: tuple[str, int | None] | None = None
+        self._recv_event = trio.Event()
+        self._send_event = trio.Event()
+        self._receiving = False
+        self._sending = False
+
+    def __repr__(self) -> str:
+        return f"<TunnelStream {self.peer}#{self.stream_id}>"
+
+    # -- called by the session ----------------------------------------------------
+
+    def _fail(self, reason: str, code: int | None) -> None:
+        if self._failure is None:
+            self._failure = (reason, code)
+        self._buf.clear()
+        self._recv_event.set()
+        self._send_event.set()
+
+    def _raise_if_unusable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this tunnel stream was closed")
+        if self._failure is not None:
+            raise StreamResetError(*self._failure)
+
+    # -- trio.abc.ReceiveStream -----------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            # Always a checkpoint; after it, everything up to the return is synchronous,
+            # so a reset that lands meanwhile can never turn into a short read.
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._raise_if_unusable()
+                if self._buf:
+                    n = len(self._buf) if max_bytes is None else min(max_bytes, len(self._buf))
+                    data = bytes(self._buf[:n])
+                    del self._buf[:n]
+                    self._session.consumed(self.stream_id, n)
+                    return data
+                if self._eof_received:
+                    return b""
+                self._recv_event = trio.Event()
+                await self._recv_event.wait()
+        finally:
+            self._receiving = False
+
+    # -- trio.abc.SendStream --------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            with memoryview(data) as whole:
+                view = whole.cast("B")
+                while view:
+                    self._check_sendable()
+                    room = self._session.writable(self)
+                    if room == 0:
+                        await self._wait_writable()
+                        continue
+                    self._session.send(self.stream_id, bytes(view[:room]))
+                    view = view[room:]
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while not (self._closed or self._failure or self._eof_sent) and self._session.writable(self) == 0:
+                await self._wait_writable()
+        finally:
+            self._sending = False
+
+    async def _wait_writable(self) -> None:
+        self._send_event = trio.Event()
+        self._session.blocked.add(self)
+        await self._send_event.wait()
+
+    def _check_sendable(self) -> None:
+        self._raise_if_unusable()
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof was already called on this stream")
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await trio.lowlevel.checkpoint()
+        if self._eof_sent and not self._closed:
+            return
+        self._raise_if_unusable()
+        self._eof_sent = True
+        self._session.close_stream(self)
+
+    # -- trio.abc.AsyncResource -----------------------------------------------------
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """Synchronous ``aclose`` (usable in ``finally`` blocks and cancelled scopes)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._recv_event.set()
+        self._send_event.set()
+        if self._failure is None:
+            self._session.local_close(self)
+        self._buf.clear()
+
+
+# -- sessions -------------------------------------------------------------------------
+
+
+class _Session:
+    """One encrypted connection to a peer and the streams on it (see the module docstring)."""
+
+    def __init__(
+        self,
+        manager: TunnelManager,
+        peer: str,
+        *,
+        initiator: bool,
+        transport: trio.abc.Stream,
+        reader: _Reader,
+        send_cipher: CipherState,
+        recv_cipher: CipherState,
+    ) -> None:
+        self.manager = manager
+        self.peer = peer
+        self.initiator = initiator
+        #: Name of the agent that dialled: what the duplicate tie-break compares.
+        self.initiator_name = manager.name if initiator else peer
+        self.transport = transport
+        self._reader = reader
+        self._send_cipher = send_cipher
+        self._recv_cipher = recv_cipher
+        self.mux = mux.Session(initiator=initiator)
+        self.streams: dict[int, TunnelStream] = {}
+        #: Streams whose send_all waits for room in the mux send buffer.
+        self.blocked: set[TunnelStream] = set()
+        #: Streams that sent EOF: forgotten by the mux once both FINs are out.
+        self._finishing: set[int] = set()
+        self.created = trio.current_time()
+        self.last_busy = self.created
+        self.rtt: float | None = None
+        self._ping_sent: float | None = None
+        self.draining = False
+        self.drain_sent = False
+        self.drain_received = False
+        self._drain_started = 0.0
+        self.dead = False
+        self.reason = ""
+        self._closing = False
+        self._kick = trio.Event()
+        self._io: trio.Nursery | None = None
+        self._handlers: trio.Nursery | None = None
+        self.log = manager.log.bind(peer=peer, role="initiator" if initiator else "responder")
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self, first_record: bytes | None) -> None:
+        """The session's whole life; returns once it is closed and its handlers are done."""
+        try:
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                try:
+                    async with trio.open_nursery() as io:
+                        self._io = io
+                        if self.initiator:
+                            # The responder registers us only once a record decrypts: send one now.
+                            self._ping_sent = trio.current_time()
+                            self.mux.ping(_RTT_PING)
+                        if first_record is not None:
+                            self._handle_record(first_record)
+                        if self.dead:
+                            if self._closing:
+                                io.start_soon(self._write_loop)  # flush, then it ends the scope
+                            else:
+                                io.cancel_scope.cancel()
+                        else:
+                            io.start_soon(self._read_loop)
+                            io.start_soon(self._write_loop)
+                            io.start_soon(self._idle_loop)
+                except Exception as exc:
+                    # A bug here must cost one session, never the agent.
+                    self.log.error("tunnel_session_crashed", error=repr(exc))
+                    self._terminate("internal_error", error=True)
+                self._terminate("closed", error=False)
+                self._io = None
+                await trio.aclose_forcefully(self.transport)
+                handlers.cancel_scope.deadline = trio.current_time() + _HANDLER_GRACE
+        finally:
+            self._terminate("closed", error=False)
+            self._io = None
+            await trio.aclose_forcefully(self.transport)
+
+    def _terminate(self, reason: str, *, error: bool, flush: bool = False) -> None:
+        """End the session: fail every stream on it, unregister, stop the I/O tasks."""
+        if self.dead:
+            return
+        self.dead = True
+        self.reason = reason
+        self.manager._forget(self)
+        for st in list(self.streams.values()):
+            st._fail(f"tunnel to {self.peer} failed: {reason}", None)
+        self.streams.clear()
+        self.blocked.clear()
+        self._finishing.clear()
+        if error:
+            self.manager.stats["sessions_failed"] += 1
+            self.log.warning("tunnel_session_failed", reason=reason)
+        else:
+            self.manager.stats["sessions_closed"] += 1
+            self.log.debug("tunnel_session_closed", reason=reason)
+        if self._io is None:
+            return
+        if flush:
+            # Let the writer send what is queued (a DRAIN, or the mux's final GOAWAY).
+            self._closing = True
+            self._kick.set()
+            scope = self._io.cancel_scope
+            scope.deadline = min(scope.deadline, trio.current_time() + _FLUSH_TIMEOUT)
+        else:
+            self._io.cancel_scope.cancel()
+
+    def start_drain(self, reason: str) -> None:
+        """Open no more streams here; close once the peer agrees and the streams are done."""
+        if self.dead:
+            return
+        self.draining = True
+        self.manager._deactivate(self)
+        if not self.drain_sent:
+            self.drain_sent = True
+            self._drain_started = trio.current_time()
+            self.mux.ping(_DRAIN)
+            self._kick.set()
+            self.log.debug("tunnel_session_draining", reason=reason)
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if (
+            not self.dead
+            and self.drain_sent
+            and self.drain_received
+            and not self.streams
+            and self.mux.stream_count == 0
+        ):
+            self._terminate("drained", error=False, flush=True)
+
+    # -- used by TunnelStream -------------------------------------------------------
+
+    def open_stream(self, header: bytes) -> TunnelStream:
+        sid = self.mux.open_stream(header)
+        st = TunnelStream(self, sid, header, local=True)
+        self.streams[sid] = st
+        self.last_busy = trio.current_time()
+        self.manager.stats["streams_opened"] += 1
+        self._kick.set()
+        return st
+
+    def writable(self, st: TunnelStream) -> int:
+        try:
+            return self.mux.writable(st.stream_id)
+        except mux.MuxError:
+            # Unreachable while the stream object is live (a reset or a dead session
+            # marks it failed first); fail loudly rather than spin.
+            st._fail("stream no longer open", None)
+            raise StreamResetError("stream no longer open") from None
+
+    def send(self, stream_id: int, data: bytes) -> None:
+        self.mux.send(stream_id, data)
+        self._kick.set()
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        if not self.dead:
+            self.mux.consumed(stream_id, n)
+            self._kick.set()
+
+    def close_stream(self, st: TunnelStream) -> None:
+        try:
+            self.mux.close(st.stream_id)
+        except mux.MuxError:
+            st._fail("stream no longer open", None)
+            raise StreamResetError("stream no longer open") from None
+        self._finishing.add(st.stream_id)
+        self._kick.set()
+
+    def local_close(self, st: TunnelStream) -> None:
+        if self.dead or self.streams.get(st.stream_id) is not st:
+            return
+        if not self.mux.is_open(st.stream_id):
+            self._remove(st)
+        elif not st._eof_sent or st._buf:
+            # The application gave up on the stream: the peer must see a reset,
+            # never a clean end of a stream that was cut short.
+            self.mux.reset(st.stream_id, mux.ResetCode.CANCEL)
+            self._kick.set()
+            self._remove(st)
+        # Otherwise our FIN is queued and only the peer's direction is open; the
+        # stream is forgotten once its FIN arrives, or reset if data does.
+
+    def _remove(self, st: TunnelStream) -> None:
+        if self.streams.get(st.stream_id) is st:
+            del self.streams[st.stream_id]
+        self._finishing.discard(st.stream_id)
+        self.blocked.discard(st)
+        self.last_busy = trio.current_time()
+        self._maybe_finish_drain()
+
+    # -- the I/O tasks --------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        stats = self.manager.stats
+        while True:
+            try:
+                msg = await self._reader.read_message()
+            except _Truncated:
+                self._terminate("truncated", error=True)
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                self._terminate(f"receive failed ({exc.__class__.__name__})", error=bool(self.streams))
+                return
+            if msg is None:
+                # The peer closed.  Harmless if nothing was in flight; otherwise
+                # the streams on it fail (in _terminate) rather than end quietly.
+                busy = bool(self.streams) or self.mux.stream_count > 0
+                self._terminate("peer closed the connection", error=busy)
+                return
+            stats["bytes_in"] += len(msg) + 2
+            try:
+                record = self._recv_cipher.decrypt_with_ad(b"", msg)
+            except NoiseError as exc:
+                stats["decrypt_failures"] += 1
+                self._terminate(f"decrypt failed ({exc.reason})", error=True)
+                return
+            if not self._handle_record(record):
+                return
+
+    def _handle_record(self, record: bytes) -> bool:
+        if self.dead:
+            return False
+        try:
+            events = self.mux.receive(record)
+        except mux.ProtocolError as exc:
+            self.manager.stats["protocol_errors"] += 1
+            self._terminate(f"protocol error ({exc.reason})", error=True, flush=True)
+            return False
+        for ev in events:
+            self._dispatch(ev)
+        self._kick.set()
+        self._maybe_finish_drain()
+        return not self.dead
+
+    def _dispatch(self, ev: mux.Event) -> None:
+        if isinstance(ev, mux.Data):
+            st = self.streams.get(ev.stream_id)
+            if st is None or st._closed:
+                # Data for a stream the application closed: reset it, as TCP would.
+                self.mux.reset(ev.stream_id, mux.ResetCode.CANCEL)
+                if st is not None:
+                    self._remove(st)
+                return
+            st._buf += ev.data
+            st._recv_event.set()
+        elif isinstance(ev, mux.StreamOpened):
+            self._accept_stream(ev.stream_id, ev.header)
+        elif isinstance(ev, mux.StreamEnded):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st._eof_received = True
+                st._recv_event.set()
+                if not self.mux.is_open(ev.stream_id):
+                    self._remove(st)
+        elif isinstance(ev, mux.StreamReset):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st._fail(f"stream reset by {self.peer} (code {ev.code})", ev.code)
+                self._remove(st)
+        elif isinstance(ev, mux.Ping):
+            if ev.opaque == _DRAIN:
+                self.drain_received = True
+                self.start_drain("peer is draining")
+        elif isinstance(ev, mux.Pong):
+            if ev.opaque == _RTT_PING and self._ping_sent is not None:
+                self.rtt = trio.current_time() - self._ping_sent
+                self._ping_sent = None
+        elif isinstance(ev, mux.GoAway):
+            self.drain_received = True
+            self.start_drain(f"peer sent GOAWAY {ev.code}")
+        # WindowOpened needs nothing here: the writer is kicked after every record.
+
+    def _accept_stream(self, sid: int, header: bytes) -> None:
+        handler = self.manager.on_stream
+        if handler is None or self._handlers is None:
+            self.mux.reset(sid, mux.ResetCode.REFUSED)
+            self.manager.stats["streams_refused"] += 1
+            return
+        st = TunnelStream(self, sid, header, local=False)
+        self.streams[sid] = st
+        self.last_busy = trio.current_time()
+        self.manager.stats["streams_accepted"] += 1
+        self._handlers.start_soon(self._run_handler, handler, st)
+
+    async def _run_handler(self, handler: StreamHandler, st: TunnelStream) -> None:
+        try:
+            await handler(self.peer, st.header, st)
+        except Exception as exc:
+            # A failing handler costs its stream (reset below), not the session.
+            self.manager.stats["handler_errors"] += 1
+            self.log.warning("tunnel_handler_failed", stream=st.stream_id, error=repr(exc))
+        finally:
+            st.close_now()
+
+    async def _write_loop(self) -> None:
+        stats = self.manager.stats
+        while True:
+            out = bytearray()
+            try:
+                while len(out) < _WRITE_BATCH:
+                    record = self.mux.next_record()
+                    if record is None:
+                        break
+                    out += _framed(self._send_cipher.encrypt_with_ad(b"", record))
+            except NoiseError as exc:  # nonce exhaustion: a new session is needed
+                self._terminate(f"encrypt failed ({exc.reason})", error=True)
+                return
+            if out:
+                self._after_drain()
+                try:
+                    await self.transport.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+                    return
+                stats["bytes_out"] += len(out)
+                continue
+            if self._closing:
+                assert self._io is not None
+                self._io.cancel_scope.cancel()
+                return
+            await self._kick.wait()
+            self._kick = trio.Event()
+
+    def _after_drain(self) -> None:
+        """The mux send buffers shrank: wake writers that can go on, forget finished streams."""
+        for st in list(self.blocked):
+            if st._failure is not None or st._closed or not self.mux.is_open(st.stream_id):
+                ready = True
+            else:
+                ready = self.mux.writable(st.stream_id) > 0
+            if ready:
+                self.blocked.discard(st)
+                st._send_event.set()
+        for sid in list(self._finishing):
+            if not self.mux.is_open(sid):
+                self._finishing.discard(sid)
+                done = self.streams.get(sid)
+                if done is not None:
+                    self._remove(done)
+
+    async def _idle_loop(self) -> None:
+        timeout = self.manager.idle_timeout
+        tick = max(0.01, min(timeout / 4, 5.0))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            if self.streams or self.mux.stream_count:
+                self.last_busy = now
+                continue
+            if now - self.last_busy >= timeout:
+                self.start_drain("idle")
+            if self.drain_sent and not self.drain_received and now - self._drain_started >= timeout:
+                # The peer never answered our DRAIN and nothing uses the session.
+                self._terminate("drain timed out", error=False, flush=True)
+                return
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer,
+            "initiator": self.initiator_name,
+            "streams": len(self.streams),
+            "draining": self.draining,
+            "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
+            "age_s": round(trio.current_time() - self.created, 1),
+        }
+
+
+class _Dial:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: str | None = None
+
+
+# -- the manager ----------------------------------------------------------------------
+
+
+class TunnelManager:
+    """All of this agent's tunnels: accepts them, dials them, keeps one session per peer.
+
+    Run :meth:`serve` in a nursery (with an empty listener list for an agent
+    that only dials); :meth:`open_stream` needs it running.  ``stats`` may be
+    any mutable mapping of counters (the agent's own, so they show up in its
+    API); the keys used are pre-created at zero.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        static_private: bytes,
+        directory: PeerDirectory,
+        *,
+        on_stream: StreamHandler | None = None,
+        clock: Callable[[], float] = time.time,
+        handshake_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        stats: MutableMapping[str, int] | None = None,
+        log: Any = None,
+    ) -> None:
+        if not 1 <= len(name.encode("utf-8")) <= _MAX_NAME:
+            raise ValueError(f"node name must be 1..{_MAX_NAME} bytes of UTF-8")
+        if len(static_private) != 32:
+            raise ValueError("static_private must be 32 bytes")
+        self.name = name
+        self._static_private = bytes(static_private)
+        self.static_public: bytes = nacl.bindings.crypto_scalarmult_base(self._static_private)
+        self.directory = directory
+        self.on_stream = on_stream
+        self._clock = clock
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.stats: MutableMapping[str, int] = {} if stats is None else stats
+        for key in _STAT_KEYS:
+            self.stats.setdefault(key, 0)
+        self.log: Any = log if log is not None else structlog.get_logger("mesh.tunnel").bind(node=name)
+        self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
+        self._active: dict[str, _Session] = {}
+        self._sessions: set[_Session] = set()
+        self._pending: dict[str, _Dial] = {}
+        #: Last accepted HELLO timestamp per initiator key (WireGuard's replay defence).
+        self._last_hello: dict[bytes, int] = {}
+        self._last_sent_ts = 0
+
+    # -- running ----------------------------------------------------------------------
+
+    async def serve(
+        self,
+        listeners: Sequence[trio.SocketListener] = (),
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept tunnels on ``listeners`` and host every session until cancelled or :meth:`aclose`."""
+        if self._nursery is not None or self._stopped.is_set():
+            raise RuntimeError("TunnelManager.serve may run only once")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if listeners:
+                    await nursery.start(trio.serve_listeners, self.handle_connection, list(listeners))
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for sess in list(self._sessions):
+                sess._terminate("tunnel manager stopped", error=False)
+            for dial in self._pending.values():
+                dial.error = "tunnel manager stopped"
+                dial.done.set()
+            self._pending.clear()
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Close every session and stop :meth:`serve`."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+            await self._stopped.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    # -- outgoing ---------------------------------------------------------------------
+
+    async def open_stream(self, peer: str, header: bytes = b"") -> TunnelStream:
+        """A new stream to ``peer`` carrying ``header`` in its OPEN.
+
+        Reuses the session to ``peer`` or dials one (concurrent callers share the
+        dial).  Raises :class:`TunnelError` if no session can be had.
+        """
+        if len(header) > mux.MAX_OPEN_HEADER:
+            raise ValueError(f"stream header of {len(header)} bytes exceeds {mux.MAX_OPEN_HEADER}")
+        if peer == self.name:
+            raise TunnelError("cannot open a tunnel to ourselves")
+        await trio.lowlevel.checkpoint()
+        for _ in range(3):  # a session may start draining between the dial and our open
+            if self._nursery is None:
+                raise TunnelError("tunnel manager is not running")
+            sess = self._active.get(peer)
+            if sess is None:
+                dial = self._pending.get(peer)
+                if dial is None:
+                    dial = self._pending[peer] = _Dial()
+                    self._nursery.start_soon(self._dial_task, peer, dial)
+                await dial.done.wait()
+                sess = self._active.get(peer)
+                if sess is None:
+                    raise TunnelError(dial.error or f"tunnel to {peer} closed right after it opened")
+            try:
+                return sess.open_stream(header)
+            except mux.TooManyStreamsError as exc:
+                raise TunnelError(f"tunnel to {peer}: {exc}") from None
+            except mux.MuxError:
+                sess.start_drain("cannot open streams")
+        raise TunnelError(f"tunnel to {peer} keeps closing")
+
+    async def _dial_task(self, peer: str, dial: _Dial) -> None:
+        sess: _Session | None = None
+        try:
+            sess = await self._dial(peer)
+            self._register(sess)
+        except TunnelError as exc:
+            dial.error = str(exc)
+            self.stats["dials_failed"] += 1
+            self.log.info("tunnel_dial_failed", peer=peer, error=str(exc))
+        finally:
+            if self._pending.get(peer) is dial:
+                del self._pending[peer]
+            dial.done.set()
+        if sess is not None:
+            await sess.run(None)
+
+    async def _dial(self, peer: str) -> _Session:
+        target = self.directory.tunnel_peer(peer)
+        if target is None:
+            raise TunnelError(f"no tunnel route to {peer!r}: not a live member with a tunnel key")
+        (host, port), key = target
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                transport: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                try:
+                    hs = HandshakeState.initiator(self._static_private, key, prologue=PREAMBLE)
+                    msg1 = hs.write_message(encode_hello(self._next_timestamp(), self.name))
+                    await transport.send_all(PREAMBLE + _framed(msg1))
+                    reader = _Reader(transport)
+                    msg2 = await reader.read_message()
+                    if msg2 is None:
+                        raise TunnelError(f"{peer} refused the handshake")
+                    name = hs.read_message(msg2).decode("utf-8")
+                    if name != peer:
+                        raise TunnelError(f"dialled {peer!r} but the key's holder says it is {name!r}")
+                    send_cipher, recv_cipher = hs.split()
+                except BaseException:
+                    await trio.aclose_forcefully(transport)
+                    raise
+        except trio.TooSlowError:
+            raise TunnelError(f"handshake with {peer} timed out") from None
+        except NoiseError as exc:
+            raise TunnelError(f"handshake with {peer} failed: {exc.reason}") from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise TunnelError(f"cannot reach {peer} at {host}:{port}: {exc}") from None
+        except (_Truncated, _TooLong, UnicodeDecodeError):
+            raise TunnelError(f"malformed handshake reply from {peer}") from None
+        self.stats["handshakes_ok"] += 1
+        self.log.debug("tunnel_handshake_ok", peer=peer, role="initiator")
+        return _Session(
+            self, peer, initiator=True, transport=transport, reader=reader,
+            send_cipher=send_cipher, recv_cipher=recv_cipher,
+        )  # fmt: skip
+
+    def _next_timestamp(self) -> int:
+        """Wall-clock nanoseconds, strictly increasing within this process."""
+        now = int(self._clock() * _NS)
+        self._last_sent_ts = max(now, self._last_sent_ts + 1)
+        return self._last_sent_ts
+
+    # -- incoming ---------------------------------------------------------------------
+
+    async def handle_connection(self, transport: trio.abc.Stream) -> None:
+        """Responder side of one TCP connection: handshake, then the session's life."""
+        if self._nursery is None:
+            await trio.aclose_forcefully(transport)
+            return
+        accepted: tuple[_Session, bytes] | None = None
+        try:
+            accepted = await self._accept(transport)
+        finally:
+            if accepted is None:
+                await trio.aclose_forcefully(transport)
+        if accepted is None:
+            return
+        sess, first_record = accepted
+        self._register(sess)
+        await sess.run(first_record)
+
+    async def _accept(self, transport: trio.abc.Stream) -> tuple[_Session, bytes] | None:
+        reason, detail = "", ""
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                return await self._respond(transport)
+        except _Refused as exc:
+            reason, detail = exc.reason, exc.detail
+        except trio.TooSlowError:
+            reason = "timeout"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason, detail = "io_error", exc.__class__.__name__
+        self.stats[f"handshakes_failed_{reason}"] += 1
+        self.log.info("tunnel_handshake_refused", reason=reason, detail=detail)
+        return None
+
+    async def _respond(self, transport: trio.abc.Stream) -> tuple[_Session, bytes]:
+        reader = _Reader(transport)
+        preamble = await reader.read_exactly(len(PREAMBLE))
+        if not MAGIC.startswith(preamble[: len(MAGIC)]):
+            raise _Refused("bad_magic")
+        if len(preamble) < len(PREAMBLE):
+            raise _Refused("bad_handshake", "closed during the preamble")
+        if preamble[len(MAGIC)] != VERSION:
+            raise _Refused("bad_version", f"version {preamble[len(MAGIC)]}")
+        try:
+            msg1 = await reader.read_message(limit=_MAX_MESSAGE1)
+        except (_Truncated, _TooLong):
+            raise _Refused("bad_handshake", "malformed message 1") from None
+        if msg1 is None:
+            raise _Refused("bad_handshake", "closed before message 1")
+        hs = HandshakeState.responder(self._static_private, prologue=PREAMBLE)
+        try:
+            payload = hs.read_message(msg1)
+        except NoiseError as exc:
+            raise _Refused("bad_handshake", exc.reason) from None
+        remote = hs.remote_static
+        assert remote is not None  # set by a message 1 that verified
+        peer = self.directory.member_for_key(remote)
+        if peer is None or peer == self.name:
+            raise _Refused("unknown_key", remote.hex()[:16])
+        try:
+            ts, claimed = decode_hello(payload)
+        except ValueError:
+            raise _Refused("bad_handshake", "malformed hello") from None
+        if claimed != peer:
+            raise _Refused("name_mismatch", f"key of {peer!r} claims to be {claimed!r}")
+        last = self._last_hello.get(remote)
+        if last is not None and ts <= last:
+            raise _Refused("replay", f"from {peer}: timestamp not newer than the last accepted")
+        self._last_hello[remote] = ts
+        await transport.send_all(_framed(hs.write_message(self.name.encode("utf-8"))))
+        send_cipher, recv_cipher = hs.split()
+        # Key confirmation: only the holder of message 1's ephemeral key can produce this.
+        try:
+            first = await reader.read_message()
+        except (_Truncated, _TooLong):
+            raise _Refused("bad_handshake", "malformed first record") from None
+        if first is None:
+            raise _Refused("bad_handshake", "closed before the first record")
+        try:
+            record = recv_cipher.decrypt_with_ad(b"", first)
+        except NoiseError:
+            raise _Refused("bad_handshake", "first record did not decrypt") from None
+        self.stats["handshakes_ok"] += 1
+        self.stats["bytes_in"] += len(first) + 2
+        self.log.debug("tunnel_handshake_ok", peer=peer, role="responder")
+        sess = _Session(
+            self, peer, initiator=False, transport=transport, reader=reader,
+            send_cipher=send_cipher, recv_cipher=recv_cipher,
+        )  # fmt: skip
+        return sess, record
+
+    # -- the session table --------------------------------------------------------------
+
+    def _register(self, sess: _Session) -> None:
+        self._sessions.add(sess)
+        self.stats["sessions_opened"] += 1
+        self.stats["sessions_open"] = len(self._sessions)
+        if self._nursery is None:
+            sess._terminate("tunnel manager stopped", error=False)
+            return
+        current = self._active.get(sess.peer)
+        if current is None:
+            self._active[sess.peer] = sess
+            return
+        # Two live sessions to one peer (both dialled at once): both ends keep the same one.
+        if current.initiator_name != sess.initiator_name:
+            winner = current if current.initiator_name < sess.initiator_name else sess
+        else:
+            winner = sess  # the same side dialled again: it has given up on the old one
+        loser = sess if winner is current else current
+        self._active[sess.peer] = winner
+        self.stats["duplicate_sessions"] += 1
+        self.log.debug("tunnel_duplicate_session", peer=sess.peer, kept_initiator=winner.initiator_name)
+        loser.start_drain("duplicate session")
+
+    def _deactivate(self, sess: _Session) -> None:
+        if self._active.get(sess.peer) is sess:
+            del self._active[sess.peer]
+
+    def _forget(self, sess: _Session) -> None:
+        self._deactivate(sess)
+        self._sessions.discard(sess)
+        self.stats["sessions_open"] = len(self._sessions)
+
+    # -- control and views --------------------------------------------------------------
+
+    def drop_peer(self, peer: str, reason: str = "dropped") -> int:
+        """Kill every session to ``peer`` now (e.g. membership declared it dead).
+
+        Its streams fail loudly.  Returns how many sessions were closed.
+        """
+        doomed = [s for s in self._sessions if s.peer == peer]
+        for sess in doomed:
+            sess._terminate(reason, error=True)
+        return len(doomed)
+
+    def sessions_view(self) -> list[dict[str, Any]]:
+        """One dict per live session, active or draining, for the API."""
+        return sorted((s.view() for s in self._sessions), key=lambda v: (v["peer"], v["draining"]))
+
+    def active_peers(self) -> list[str]:
+        return sorted(self._active)

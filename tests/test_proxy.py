@@ -1,0 +1,134 @@
+"""Service traffic through the mesh: upstream port -> Noise tunnel -> instance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from procs import ROOT, Cluster, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+ECHO = r"""
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                c.shutdown(socket.SHUT_WR); return
+            c.sendall(d)
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def echo_server(port: int) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen([sys.executable, "-c", ECHO, str(port)], start_new_session=True)
+
+    def up() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    wait_for(up, 10, "echo server up")
+    return p
+
+
+def roundtrip(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+        c.sendall(payload)
+        c.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            d = c.recv(65536)
+            if not d:
+                return b"".join(chunks)
+            chunks.append(d)
+
+
+def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--api", api], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30)
+
+
+def test_bytes_cross_the_mesh_byte_exact(cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.start("p1")
+    cluster.start("p2", join=[a.addr])
+    c = cluster.start("p3", join=[a.addr])
+    cluster.wait_converged(["p1", "p2", "p3"])
+    echo_port = free_port()
+    echo = echo_server(echo_port)
+    try:
+        c.call("PUT", "/v1/services", {"name": "echo", "port": echo_port, "address": "127.0.0.1"})
+        wait_for(lambda: len(a.call("GET", "/v1/services/echo?passing")) == 1, 10, "echo visible on p1")
+        listen = free_port()
+        p = cli(a.api, "upstreams", "add", "--service", "echo", "--listen", f"127.0.0.1:{listen}", "--json")
+        assert p.returncode == 0, p.stderr
+        payload = os.urandom(3 * 1024 * 1024 + 17)
+        got = roundtrip(listen, payload)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest() and len(got) == len(payload)
+        # Many small connections share one tunnel session: one handshake.
+        for i in range(20):
+            msg = f"hello {i}".encode()
+            assert roundtrip(listen, msg) == msg
+        info = a.info()["counters"]
+        assert info.get("dataplane.handshakes_ok", 0) + c.info()["counters"].get("dataplane.handshakes_ok", 0) <= 2
+        ups = json.loads(cli(a.api, "upstreams", "--json").stdout)
+        assert ups[0]["service"] == "echo" and ups[0]["connections"] >= 21
+        # A local instance is reached directly, no tunnel.
+        local_listen = free_port()
+        c.call("PUT", "/v1/upstreams", {"service": "echo", "listen": f"127.0.0.1:{local_listen}"})
+        assert roundtrip(local_listen, b"direct") == b"direct"
+    finally:
+        os.killpg(echo.pid, signal.SIGKILL)
+        echo.wait(5)
+
+
+def test_no_instance_or_dead_instance_fails_loudly(cluster: Cluster) -> None:
+    a = cluster.start("q1")
+    b = cluster.start("q2", join=[a.addr])
+    cluster.wait_converged(["q1", "q2"])
+    listen = free_port()
+    a.call("PUT", "/v1/upstreams", {"service": "ghost", "listen": f"127.0.0.1:{listen}"})
+    with pytest.raises(ConnectionError):
+        got = roundtrip(listen, b"anyone?")
+        raise ConnectionResetError(f"expected a reset, got {got!r}")
+    # An instance whose process is gone: the far agent cannot connect -> reset, not a clean empty answer.
+    dead_port = free_port()
+    b.call("PUT", "/v1/services", {"name": "gone", "port": dead_port, "address": "127.0.0.1"})
+    wait_for(lambda: len(a.call("GET", "/v1/services/gone?passing")) == 1, 10, "gone visible")
+    listen2 = free_port()
+    a.call("PUT", "/v1/upstreams", {"service": "gone", "listen": f"127.0.0.1:{listen2}"})
+    with pytest.raises(ConnectionError):
+        got = roundtrip(listen2, b"x" * 1000)
+        raise ConnectionResetError(f"expected a reset, got {got!r}")
+    assert a.running() and b.running()
+
+
+def test_upstream_errors_are_clear(cluster: Cluster) -> None:
+    a = cluster.start("u1")
+    port = free_port()
+    assert cli(a.api, "upstreams", "add", "--service", "web", "--listen", f"127.0.0.1:{port}").returncode == 0
+    p = cli(a.api, "upstreams", "add", "--service", "web", "--listen", f"127.0.0.1:{free_port()}")
+    assert p.returncode == 1 and "already exists" in p.stderr
+    p = cli(a.api, "upstreams", "add", "--service", "Bad!", "--listen", "127.0.0.1:1")
+    assert p.returncode == 1 and "DNS label" in p.stderr
+    p = cli(a.api, "upstreams", "add", "--service", "db", "--listen", f"127.0.0.1:{port}")
+    assert p.returncode == 1 and "cannot listen" in p.stderr
+    assert cli(a.api, "upstreams", "remove", "web").returncode == 0
+    assert cli(a.api, "upstreams", "remove", "web").returncode == 1
+    time.sleep(0.2)
+    assert a.running()
