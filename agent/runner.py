@@ -183,6 +183,9 @@ class Agent:
         effects, events = self.membership.drain()
         for ev in events:
             self._log_event(ev.kind, ev.fields)
+            if ev.kind == "member" and ev.fields["status"] in ("dead", "left"):
+                # Streams to a member gossip gave up on fail now, not at a TCP timeout.
+                self.tunnels.drop_peer(ev.fields["name"], f"member {ev.fields['status']}")
         if self.registry.index != self._registry_index or any(ev.kind == "member" for ev in events):
             self._registry_index = self.registry.index
             self.services.notify()

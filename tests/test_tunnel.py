@@ -1,0 +1,698 @@
+"""dataplane.tunnel: real TCP on loopback between TunnelManagers in one trio run.
+
+Each test builds a small cluster with a dict-backed PeerDirectory; the raw
+tests speak the wire format by hand (with dataplane.noise) to replay, age or
+corrupt handshakes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from dataplane import mux
+from dataplane.noise import CipherState, HandshakeState, generate_keypair
+from dataplane.tunnel import (
+    PREAMBLE,
+    StreamResetError,
+    TunnelError,
+    TunnelManager,
+    TunnelStream,
+    decode_hello,
+    encode_hello,
+)
+
+HOST = "127.0.0.1"
+TEST_DEADLINE = 20.0
+
+# -- harness --------------------------------------------------------------------------
+
+
+class Directory:
+    """What membership would answer: one shared view of the cluster."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, tuple[tuple[str, int], bytes]] = {}
+
+    def member_for_key(self, static_public: bytes) -> str | None:
+        for name, (_, key) in self.members.items():
+            if key == static_public:
+                return name
+        return None
+
+    def tunnel_peer(self, name: str) -> tuple[tuple[str, int], bytes] | None:
+        return self.members.get(name)
+
+
+class Node:
+    def __init__(self, name: str, manager: TunnelManager, private: bytes, port: int) -> None:
+        self.name = name
+        self.manager = manager
+        self.private = private
+        self.port = port
+        self.received: dict[bytes, bytes] = {}  # header -> sha256 of what a "sink" handler read
+        self.release = trio.Event()  # lets "slow" handlers start reading
+
+
+async def handler(node: Node, peer: str, header: bytes, stream: TunnelStream) -> None:
+    kind = header.split(b":")[0]
+    if kind == b"echo":
+        while data := await stream.receive_some():
+            await stream.send_all(data)
+        await stream.send_eof()
+    elif kind in (b"sink", b"slow"):
+        if kind == b"slow":
+            await node.release.wait()
+        digest = hashlib.sha256()
+        while data := await stream.receive_some(7000):  # small bites: many credit updates
+            digest.update(data)
+        node.received[header] = digest.digest()
+        await stream.send_all(b"ok")
+        await stream.send_eof()
+    elif kind == b"request":  # half-close: read the whole request, then answer
+        request = bytearray()
+        while data := await stream.receive_some():
+            request += data
+        await stream.send_all(b"reply to " + bytes(request))
+        await stream.send_eof()
+    elif kind == b"source":  # an endless download, in modest slices
+        chunk = b"x" * 16384
+        while True:
+            await stream.send_all(chunk)
+            await trio.sleep(0)
+    elif kind == b"abandon":  # reads a little, then gives up without send_eof
+        await stream.receive_some(10)
+    elif kind == b"crash":
+        raise RuntimeError("handler bug")
+    else:
+        raise AssertionError(f"unexpected header {header!r}")
+
+
+@asynccontextmanager
+async def cluster(*names: str, directory: Directory | None = None, **kw: Any) -> AsyncIterator[dict[str, Node]]:
+    directory = directory if directory is not None else Directory()
+    kw.setdefault("handshake_timeout", 2.0)
+    nodes: dict[str, Node] = {}
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            listeners = await trio.open_tcp_listeners(0, host=HOST)
+            port = listeners[0].socket.getsockname()[1]
+            private, public = generate_keypair()
+            directory.members[name] = ((HOST, port), public)
+
+            def bind(node_name: str) -> Callable[[str, bytes, TunnelStream], Awaitable[None]]:
+                return lambda peer, header, stream: handler(nodes[node_name], peer, header, stream)
+
+            manager = TunnelManager(name, private, directory, on_stream=bind(name), **kw)
+            nodes[name] = Node(name, manager, private, port)
+            await nursery.start(manager.serve, listeners)
+        with trio.fail_after(TEST_DEADLINE):  # a regression must fail, not hang
+            yield nodes
+        for node in nodes.values():
+            await node.manager.aclose()
+
+
+async def roundtrip(stream: trio.abc.HalfCloseableStream, payload: bytes, chunk: int = 50_000) -> bytes:
+    """Send ``payload`` then EOF while reading everything back until EOF."""
+    got = bytearray()
+
+    async def sender() -> None:
+        for i in range(0, len(payload), chunk):
+            await stream.send_all(payload[i : i + chunk])
+        await stream.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        while data := await stream.receive_some():
+            got += data
+    await stream.aclose()
+    return bytes(got)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+# -- raw wire helpers -------------------------------------------------------------------
+
+
+async def read_message(stream: trio.SocketStream) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
+        data = await stream.receive_some()
+        if not data:
+            return None
+        buf += data
+    return bytes(buf[2:])
+
+
+async def read_until_closed(stream: trio.SocketStream) -> bytes:
+    got = bytearray()
+    try:
+        while data := await stream.receive_some():
+            got += data
+    except trio.BrokenResourceError:
+        pass
+    return bytes(got)
+
+
+def message1(node: Node, responder: Node, directory: Directory, timestamp_ns: int) -> bytes:
+    """PREAMBLE + framed Noise message 1, as ``node`` would send it to ``responder``."""
+    hs = HandshakeState.initiator(node.private, directory.members[responder.name][1], prologue=PREAMBLE)
+    msg = hs.write_message(encode_hello(timestamp_ns, node.name))
+    return PREAMBLE + len(msg).to_bytes(2, "big") + msg
+
+
+async def raw_handshake(node: Node, responder: Node, directory: Directory, timestamp_ns: int) -> tuple[bytes, bool]:
+    """A full handshake by hand; returns (the bytes of message 1, whether it was accepted)."""
+    hs = HandshakeState.initiator(node.private, directory.members[responder.name][1], prologue=PREAMBLE)
+    msg = hs.write_message(encode_hello(timestamp_ns, node.name))
+    first = PREAMBLE + len(msg).to_bytes(2, "big") + msg
+    stream = await trio.open_tcp_stream(HOST, responder.port)
+    async with stream:
+        await stream.send_all(first)
+        reply = await read_message(stream)
+        if reply is None:
+            return first, False
+        assert hs.read_message(reply) == responder.name.encode()
+        send, _ = hs.split()
+        record = send.encrypt_with_ad(b"", mux.encode_frame(mux.FrameType.PING, 0, b"12345678"))
+        await stream.send_all(len(record).to_bytes(2, "big") + record)
+        # The PONG proves the responder took the session; then we hang up.
+        assert await read_message(stream) is not None
+    return first, True
+
+
+# -- the pure part ----------------------------------------------------------------------
+
+
+def test_hello_roundtrip_and_validation() -> None:
+    ts = 1_700_000_000_123_456_789
+    assert decode_hello(encode_hello(ts, "node-ä")) == (ts, "node-ä")
+    assert len(encode_hello(ts, "n")) == 13
+    for bad in (b"", b"\x00" * 12, encode_hello(ts, "n")[:12] + b"\xff", b"\x40" + b"\x00" * 7 + b"\xff" * 4 + b"n"):
+        with pytest.raises(ValueError):
+            decode_hello(bad)
+    with pytest.raises(ValueError):
+        encode_hello(ts, "")
+    with pytest.raises(ValueError):
+        encode_hello(ts, "x" * 256)
+
+
+# -- streams ------------------------------------------------------------------------------
+
+
+async def test_byte_exact_echo_on_many_concurrent_streams() -> None:
+    rng = random.Random(1)
+    payloads = [rng.randbytes(rng.choice([0, 1, 17, 4096, 70_000, 300_000])) for _ in range(40)]
+    payloads += [rng.randbytes(3_000_000), rng.randbytes(2_500_000)]
+    results: dict[int, bytes] = {}
+    async with cluster("a", "b") as nodes:
+        a = nodes["a"].manager
+
+        async def one(i: int) -> None:
+            stream = await a.open_stream("b", b"echo:%d" % i)
+            results[i] = await roundtrip(stream, payloads[i], chunk=rng.choice([1000, 65536, 1 << 20]))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(len(payloads)):
+                    nursery.start_soon(one, i)
+        for i, payload in enumerate(payloads):
+            assert results[i] == payload, f"stream {i}: {len(results[i])} bytes back, {len(payload)} sent"
+        # One handshake on each side carried all 42 streams.
+        assert a.stats["handshakes_ok"] == 1
+        assert nodes["b"].manager.stats["handshakes_ok"] == 1
+        assert a.stats["streams_opened"] == len(payloads)
+        assert nodes["b"].manager.stats["streams_accepted"] == len(payloads)
+        assert a.stats["bytes_out"] > sum(map(len, payloads))
+        await wait_until(lambda: a.sessions_view()[0]["streams"] == 0)
+
+
+async def test_one_session_reused_and_concurrent_first_use_shares_one_dial() -> None:
+    async with cluster("a", "b", "c") as nodes:
+        a = nodes["a"].manager
+
+        async def one(peer: str, i: int) -> None:
+            stream = await a.open_stream(peer, b"echo")
+            assert await roundtrip(stream, b"hello %d" % i) == b"hello %d" % i
+
+        # Twenty callers at once before any session exists: one dial per peer.
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(one, "b", i)
+                nursery.start_soon(one, "c", i)
+        for i in range(20):  # and then sequential use costs nothing more
+            await one("b", i)
+        assert a.stats["handshakes_ok"] == 2
+        assert nodes["b"].manager.stats["handshakes_ok"] == 1
+        assert nodes["c"].manager.stats["handshakes_ok"] == 1
+        assert [v["peer"] for v in a.sessions_view()] == ["b", "c"]
+        assert all(v["rtt_ms"] is not None for v in a.sessions_view())
+        # The peer can open streams back over the same session.
+        back = await nodes["b"].manager.open_stream("a", b"echo")
+        assert await roundtrip(back, b"reverse") == b"reverse"
+        assert nodes["b"].manager.stats["handshakes_ok"] == 1
+
+
+async def test_half_close() -> None:
+    async with cluster("a", "b") as nodes:
+        stream = await nodes["a"].manager.open_stream("b", b"request")
+        await stream.send_all(b"part one, ")
+        await stream.send_all(b"part two")
+        await stream.send_eof()
+        await stream.send_eof()  # idempotent
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"too late")
+        got = bytearray()
+        while data := await stream.receive_some(3):
+            got += data
+        assert got == b"reply to part one, part two"
+        assert await stream.receive_some() == b""  # EOF stays EOF
+        await stream.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.receive_some()
+        await wait_until(lambda: not nodes["a"].manager.sessions_view()[0]["streams"])
+
+
+async def test_abandoned_or_crashed_handler_resets_the_stream() -> None:
+    async with cluster("a", "b") as nodes:
+        a, b = nodes["a"].manager, nodes["b"].manager
+        stream = await a.open_stream("b", b"abandon")
+        await stream.send_all(b"0123456789abcdef")
+        with pytest.raises(StreamResetError) as info:
+            while await stream.receive_some():
+                pass
+        assert info.value.code == mux.ResetCode.CANCEL
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"more")
+        await stream.aclose()
+
+        stream = await a.open_stream("b", b"crash")
+        with pytest.raises(StreamResetError):
+            await stream.receive_some()
+        assert b.stats["handler_errors"] == 1
+
+        # Our own aclose before send_eof resets the peer's side too.
+        stream = await b.open_stream("a", b"request")
+        await stream.send_all(b"half a request")
+        await stream.aclose()
+        assert b.stats["sessions_failed"] == a.stats["sessions_failed"] == 0
+        ok = await a.open_stream("b", b"echo")
+        assert await roundtrip(ok, b"still fine") == b"still fine"
+
+
+async def test_stream_refused_without_handler() -> None:
+    directory = Directory()
+    async with cluster("a", directory=directory) as nodes:
+        listeners = await trio.open_tcp_listeners(0, host=HOST)
+        private, public = generate_keypair()
+        directory.members["mute"] = ((HOST, listeners[0].socket.getsockname()[1]), public)
+        mute = TunnelManager("mute", private, directory, handshake_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mute.serve, listeners)
+            stream = await nodes["a"].manager.open_stream("mute", b"echo")
+            with pytest.raises(StreamResetError) as info:
+                await stream.receive_some()
+            assert info.value.code == mux.ResetCode.REFUSED
+            assert mute.stats["streams_refused"] == 1
+            await mute.aclose()
+
+
+async def test_slow_reader_does_not_block_other_streams() -> None:
+    rng = random.Random(2)
+    slow_payload = rng.randbytes(2_000_000)  # several windows: its sender must block
+    async with cluster("a", "b") as nodes:
+        a, b = nodes["a"].manager, nodes["b"]
+        slow = await a.open_stream("b", b"slow")
+        slow_sent = trio.Event()
+
+        async def send_slow() -> None:
+            await slow.send_all(slow_payload)
+            slow_sent.set()
+            await slow.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_slow)
+            with trio.fail_after(10):
+                for _ in range(3):
+                    fast = await a.open_stream("b", b"echo")
+                    payload = rng.randbytes(1_000_000)
+                    assert await roundtrip(fast, payload) == payload
+            # The slow stream is stuck behind its reader, not behind the others.
+            assert not slow_sent.is_set()
+            b.release.set()
+            reply = bytearray()
+            while data := await slow.receive_some():
+                reply += data
+            assert reply == b"ok"
+        assert b.received[b"slow"] == hashlib.sha256(slow_payload).digest()
+
+
+async def test_idle_session_closes_and_next_stream_redials() -> None:
+    async with cluster("a", "b", idle_timeout=0.2) as nodes:
+        a, b = nodes["a"].manager, nodes["b"].manager
+        stream = await a.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"one") == b"one"
+        await wait_until(lambda: not a.sessions_view() and not b.sessions_view())
+        assert a.stats["sessions_closed"] == b.stats["sessions_closed"] == 1
+        assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 0
+        stream = await a.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"two") == b"two"
+        assert a.stats["handshakes_ok"] == 2
+
+        # A long-lived stream keeps its session past the idle timeout.
+        stream = await a.open_stream("b", b"echo")
+        await stream.send_all(b"ping")
+        assert await stream.receive_some() == b"ping"
+        await trio.sleep(0.6)
+        await stream.send_all(b"pong")
+        assert await stream.receive_some() == b"pong"
+        assert a.stats["handshakes_ok"] == 2
+        await stream.aclose()
+
+
+async def test_simultaneous_dial_ends_with_one_session() -> None:
+    async with cluster("a", "b") as nodes:
+        a, b = nodes["a"].manager, nodes["b"].manager
+
+        async def one(src: TunnelManager, dst: str, i: int) -> None:
+            stream = await src.open_stream(dst, b"echo")
+            payload = os.urandom(100_000 + i)
+            assert await roundtrip(stream, payload) == payload
+
+        async with trio.open_nursery() as nursery:  # neither side has a session yet: both dial
+            for i in range(5):
+                nursery.start_soon(one, a, "b", i)
+                nursery.start_soon(one, b, "a", i)
+        assert a.stats["handshakes_ok"] == b.stats["handshakes_ok"] == 2
+        assert a.stats["duplicate_sessions"] == b.stats["duplicate_sessions"] == 1
+        # The loser drains and closes; both keep the session "a" initiated.
+        await wait_until(lambda: len(a.sessions_view()) == 1 and len(b.sessions_view()) == 1)
+        assert a.sessions_view()[0]["initiator"] == b.sessions_view()[0]["initiator"] == "a"
+        assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 0
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(one, a, "b", i)
+                nursery.start_soon(one, b, "a", i)
+        assert a.stats["handshakes_ok"] == b.stats["handshakes_ok"] == 2
+
+
+# -- who may connect ----------------------------------------------------------------------
+
+
+async def test_unknown_key_is_refused_and_counted() -> None:
+    directory = Directory()
+    async with cluster("b", directory=directory) as nodes:
+        # "c" knows b's address and key, but b's membership does not know c.
+        private, _ = generate_keypair()
+        view = Directory()
+        view.members["b"] = directory.members["b"]
+        c = TunnelManager("c", private, view, handshake_timeout=2.0)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(c.serve)
+            with pytest.raises(TunnelError, match="refused"):
+                await c.open_stream("b", b"echo")
+            assert c.stats["dials_failed"] == 1
+            with pytest.raises(TunnelError, match="no tunnel route"):
+                await c.open_stream("nobody", b"echo")
+            await c.aclose()
+        b = nodes["b"].manager
+        assert b.stats["handshakes_failed_unknown_key"] == 1
+        assert b.stats["handshakes_ok"] == 0
+        assert b.sessions_view() == []
+
+
+async def test_replayed_and_stale_message1_are_refused() -> None:
+    directory = Directory()
+    wall = [1_700_000_000.0]
+    async with cluster("a", "b", directory=directory, clock=lambda: wall[0]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        t0 = int(wall[0] * 1e9)
+        captured, accepted = await raw_handshake(a, b, directory, t0)
+        assert accepted
+        assert b.manager.stats["handshakes_ok"] == 1
+
+        # The captured message 1, byte for byte, on a new connection.
+        stream = await trio.open_tcp_stream(HOST, b.port)
+        async with stream:
+            await stream.send_all(captured)
+            assert await read_until_closed(stream) == b""
+        assert b.manager.stats["handshakes_failed_replay"] == 1
+
+        # A fresh handshake (new ephemeral key) with an older timestamp: stale.
+        _, accepted = await raw_handshake(a, b, directory, t0 - 1)
+        assert not accepted
+        assert b.manager.stats["handshakes_failed_replay"] == 2
+        _, accepted = await raw_handshake(a, b, directory, t0 + 1)
+        assert accepted
+
+        # The real manager's clock is still at t0: its HELLO is stale too.
+        with pytest.raises(TunnelError, match="refused"):
+            await a.manager.open_stream("b", b"echo")
+        assert b.manager.stats["handshakes_failed_replay"] == 3
+        wall[0] += 1.0
+        stream2 = await a.manager.open_stream("b", b"echo")
+        assert await roundtrip(stream2, b"after replay") == b"after replay"
+        assert b.manager.stats["handshakes_ok"] == 3
+
+        # If the wall clock then steps back, our own timestamps still increase.
+        a.manager.drop_peer("b")
+        wall[0] -= 100.0
+        stream3 = await a.manager.open_stream("b", b"echo")
+        assert await roundtrip(stream3, b"clock stepped back") == b"clock stepped back"
+        assert b.manager.stats["handshakes_ok"] == 4
+        assert b.manager.stats["handshakes_failed_replay"] == 3
+
+
+async def test_replay_after_restart_cannot_complete_the_handshake() -> None:
+    """A restarted responder has forgotten the timestamps, so a replayed message 1
+    gets a reply; but without the initiator's ephemeral key the replayer cannot
+    produce the first transport record, and no session is registered."""
+    directory = Directory()
+    async with cluster("a", "b", directory=directory) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        captured = []
+        for ts in (1_700_000_000 * 10**9, 1_700_000_001 * 10**9):
+            msg, accepted = await raw_handshake(a, b, directory, ts)
+            assert accepted
+            captured.append(msg)
+        # "b" restarts: same key, fresh state, new port.
+        listeners = await trio.open_tcp_listeners(0, host=HOST)
+        port = listeners[0].socket.getsockname()[1]
+        directory.members["b"] = ((HOST, port), directory.members["b"][1])
+        reborn = TunnelManager("b", b.private, directory, handshake_timeout=0.5)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(reborn.serve, listeners)
+            for msg, tail in zip(captured, (b"", os.urandom(64)), strict=True):  # hang up / forge a record
+                stream = await trio.open_tcp_stream(HOST, port)
+                async with stream:
+                    await stream.send_all(msg)
+                    assert await read_message(stream) is not None  # message 2 came back
+                    if tail:
+                        await stream.send_all(len(tail).to_bytes(2, "big") + tail)
+                    else:
+                        await stream.send_eof()
+                    assert await read_until_closed(stream) == b""
+            assert reborn.stats["handshakes_failed_bad_handshake"] == 2
+            # ...and the replays' timestamps are now spent there too.
+            stream = await trio.open_tcp_stream(HOST, port)
+            async with stream:
+                await stream.send_all(captured[1])
+                assert await read_until_closed(stream) == b""
+            assert reborn.stats["handshakes_failed_replay"] == 1
+            assert reborn.stats["handshakes_ok"] == 0
+            assert reborn.sessions_view() == []
+            # The real "a" still gets through.
+            stream2 = await a.manager.open_stream("b", b"echo")
+            with pytest.raises(StreamResetError):  # reborn has no on_stream handler
+                await stream2.receive_some()
+            assert reborn.stats["handshakes_ok"] == 1
+            await reborn.aclose()
+
+
+async def test_bad_clients_are_refused_within_the_timeout_and_server_keeps_serving() -> None:
+    directory = Directory()
+    async with cluster("a", "b", directory=directory, handshake_timeout=0.5) as nodes:
+        b = nodes["b"]
+        rng = random.Random(3)
+        valid = message1(nodes["a"], b, directory, 1)
+        cases = {
+            "garbage": rng.randbytes(300),
+            "http": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "version": b"MESH\x07" + valid[5:],
+            "corrupt": valid[:40] + bytes([valid[40] ^ 1]) + valid[41:],
+            "oversized": PREAMBLE + b"\xff\xff" + b"\x00" * 100,
+            "truncated": valid[:-10],  # then EOF
+            "silent": b"",
+        }
+        durations: dict[str, float] = {}
+
+        async def attack(kind: str, data: bytes) -> None:
+            start = trio.current_time()
+            stream = await trio.open_tcp_stream(HOST, b.port)
+            async with stream:
+                if data:
+                    await stream.send_all(data)
+                if kind == "truncated":
+                    await stream.send_eof()
+                assert await read_until_closed(stream) == b""
+            durations[kind] = trio.current_time() - start
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for kind, data in cases.items():
+                    nursery.start_soon(attack, kind, data)
+        stats = b.manager.stats
+        assert stats["handshakes_failed_bad_magic"] == 2  # garbage, http
+        assert stats["handshakes_failed_bad_version"] == 1
+        assert stats["handshakes_failed_bad_handshake"] == 3  # corrupt, oversized, truncated
+        assert stats["handshakes_failed_timeout"] == 1  # silent
+        assert durations["silent"] == pytest.approx(0.5, abs=0.4)
+        assert max(v for k, v in durations.items() if k != "silent") < 0.4
+        assert stats["handshakes_ok"] == 0
+        stream = await nodes["a"].manager.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"still serving") == b"still serving"
+
+
+async def test_mangled_message1_fuzz_never_hurts_the_server() -> None:
+    directory = Directory()
+    async with cluster("a", "b", directory=directory, handshake_timeout=0.5) as nodes:
+        b = nodes["b"]
+        rng = random.Random(4)
+        valid = message1(nodes["a"], b, directory, 5)
+        for _ in range(60):
+            data = bytearray(valid)
+            op = rng.randrange(3)
+            if op == 0:  # flip bits anywhere past the preamble
+                for _ in range(rng.randint(1, 4)):
+                    data[rng.randrange(5, len(data))] ^= 1 << rng.randrange(8)
+            elif op == 1:  # cut it short, with a consistent length prefix
+                body = bytes(data[7 : 7 + rng.randrange(0, len(data) - 7)])
+                data = bytearray(PREAMBLE + len(body).to_bytes(2, "big") + body)
+            else:  # a random message body of a plausible size
+                body = rng.randbytes(rng.randrange(0, 400))
+                data = bytearray(PREAMBLE + len(body).to_bytes(2, "big") + body)
+            raw = await trio.open_tcp_stream(HOST, b.port)
+            async with raw:
+                await raw.send_all(bytes(data))
+                assert await read_until_closed(raw) == b""
+        failed = sum(v for k, v in b.manager.stats.items() if k.startswith("handshakes_failed_"))
+        assert failed == 60
+        assert b.manager.stats["handshakes_failed_timeout"] == 0
+        assert b.manager.stats["handshakes_ok"] == 0
+        stream = await nodes["a"].manager.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"unharmed") == b"unharmed"
+
+
+async def test_member_sending_bad_mux_records_loses_its_session_only() -> None:
+    directory = Directory()
+    async with cluster("a", "b", "c", directory=directory) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        # c has a working stream to b that must survive a's misbehaviour.
+        bystander = await nodes["c"].manager.open_stream("b", b"echo")
+        await bystander.send_all(b"before")
+        assert await bystander.receive_some() == b"before"
+
+        hs = HandshakeState.initiator(a.private, directory.members["b"][1], prologue=PREAMBLE)
+        msg = hs.write_message(encode_hello(10**18, "a"))
+        stream = await trio.open_tcp_stream(HOST, b.port)
+        async with stream:
+            await stream.send_all(PREAMBLE + len(msg).to_bytes(2, "big") + msg)
+            reply = await read_message(stream)
+            assert reply is not None
+            hs.read_message(reply)
+            send, recv = hs.split()
+            # Well encrypted, but DATA on a stream nobody opened: a mux protocol error.
+            bad = send.encrypt_with_ad(b"", mux.encode_frame(mux.FrameType.DATA, 1, b"boo"))
+            await stream.send_all(len(bad).to_bytes(2, "big") + bad)
+            rest = await read_until_closed(stream)
+        # b sent its last words (GOAWAY PROTOCOL_ERROR) before hanging up.
+        assert len(rest) >= 2
+        last = recv.decrypt_with_ad(b"", rest[2 : 2 + int.from_bytes(rest[:2], "big")])
+        assert mux.decode_record(last)[-1].type is mux.FrameType.GOAWAY
+        assert b.manager.stats["protocol_errors"] == 1
+        assert b.manager.stats["sessions_failed"] == 1
+        await bystander.send_all(b"after")
+        assert await bystander.receive_some() == b"after"
+        await bystander.aclose()
+
+
+# -- failure is loud ------------------------------------------------------------------------
+
+
+async def drain_until_error(stream: TunnelStream, limit: int) -> int:
+    total = 0
+    while total < limit:
+        data = await stream.receive_some()
+        assert data, "a silent EOF instead of an error"
+        total += len(data)
+    return total
+
+
+async def test_session_killed_mid_download_fails_loudly() -> None:
+    async with cluster("a", "b") as nodes:
+        a, b = nodes["a"].manager, nodes["b"].manager
+        download = await a.open_stream("b", b"source")
+        idle = await a.open_stream("b", b"echo")
+        assert await drain_until_error(download, 200_000) >= 200_000
+        assert b.drop_peer("a", "test") == 1
+        with trio.fail_after(5), pytest.raises(StreamResetError):
+            await drain_until_error(download, 10**12)
+        with pytest.raises(trio.BrokenResourceError):
+            await idle.send_all(b"x")
+        with pytest.raises(trio.BrokenResourceError):
+            await idle.receive_some()
+        assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 1
+        assert a.sessions_view() == b.sessions_view() == []
+        # The next stream simply dials again.
+        fresh = await a.open_stream("b", b"echo")
+        assert await roundtrip(fresh, b"again") == b"again"
+
+
+async def test_corrupted_records_kill_the_session_loudly_on_both_ends() -> None:
+    async with cluster("a", "b") as nodes:
+        a, b = nodes["a"], nodes["b"]
+        payload = os.urandom(4_000_000)
+        upload = await a.manager.open_stream("b", b"slow")  # b reads nothing until released
+
+        async def send() -> None:
+            with pytest.raises(trio.BrokenResourceError):
+                await upload.send_all(payload)
+                await upload.send_eof()
+                await upload.receive_some()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            session = a.manager._active["b"]
+            await wait_until(lambda: bool(session.blocked))  # a's sender is out of credit
+            # Tamper with a's outgoing cipher; once b's reader hands out credit,
+            # the next record a sends does not decrypt.
+            session._send_cipher = CipherState(os.urandom(32))
+            b.release.set()
+        assert b.manager.stats["decrypt_failures"] == 1
+        assert b"slow" not in b.received  # the sink never saw a clean EOF
+        assert b.manager.stats["sessions_failed"] == 1
+        await wait_until(lambda: a.manager.stats["sessions_failed"] == 1)
+
+
+async def test_manager_close_fails_open_streams() -> None:
+    async with cluster("a", "b") as nodes:
+        a = nodes["a"].manager
+        stream = await a.open_stream("b", b"echo")
+        await stream.send_all(b"hi")
+        assert await stream.receive_some() == b"hi"
+        await a.aclose()
+        with pytest.raises(StreamResetError):
+            await stream.receive_some()
+        with pytest.raises(TunnelError):
+            await a.open_stream("b", b"echo")
