@@ -187,6 +187,19 @@ class Cluster:
                 pass
 
 
+def wait_port(port: int, what: str, timeout: float = 10) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:port."""
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout, what)
+
+
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, last_state: Callable[[], str] | None = None,
              interval: float = 0.1) -> None:
     deadline = time.monotonic() + timeout

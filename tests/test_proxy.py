@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, free_port, wait_for
+from procs import ROOT, Cluster, free_port, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +35,7 @@ while True:
 
 def echo_server(port: int) -> subprocess.Popen[bytes]:
     p = subprocess.Popen([sys.executable, "-c", ECHO, str(port)], start_new_session=True)
-
-    def up() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return True
-        except OSError:
-            return False
-
-    wait_for(up, 10, "echo server up")
+    wait_port(port, "echo server up")
     return p
 
 

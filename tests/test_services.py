@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ROOT, AgentProc, Cluster, free_port, wait_for
+from procs import ROOT, AgentProc, Cluster, free_port, wait_for, wait_port
 
 from gossip.config import LOCAL
 
@@ -57,15 +56,7 @@ def http_service(port: int, root: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                              "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    wait_for(up, 10, "http.server up")
+    wait_port(port, "http.server up")
     return proc
 
 
