@@ -129,3 +129,82 @@ def test_upstream_errors_are_clear(cluster: Cluster) -> None:
     assert cli(a.api, "upstreams", "remove", "web").returncode == 1
     time.sleep(0.2)
     assert a.running()
+
+
+def mesh_with_echo(cluster: Cluster) -> tuple[int, subprocess.Popen[bytes], int]:
+    """Two agents; an echo instance on the second; an upstream on the first."""
+    a = cluster.start("m1")
+    b = cluster.start("m2", join=[a.addr])
+    cluster.wait_converged(["m1", "m2"])
+    echo_port = free_port()
+    echo = echo_server(echo_port)
+    b.call("PUT", "/v1/services", {"name": "echo", "port": echo_port, "address": "127.0.0.1"})
+    wait_for(lambda: len(a.call("GET", "/v1/services/echo?passing")) == 1, 10, "echo visible")
+    listen = free_port()
+    a.call("PUT", "/v1/upstreams", {"service": "echo", "listen": f"127.0.0.1:{listen}"})
+    return listen, echo, echo_port
+
+
+def test_100_mib_and_200_concurrent_connections_arrive_byte_exact(cluster: Cluster) -> None:
+    import concurrent.futures
+
+    listen, echo, _ = mesh_with_echo(cluster)
+    try:
+        # 100 MiB streamed both ways at once: the request is written while the echo comes back.
+        size = 100 * 1024 * 1024
+        block = os.urandom(1024 * 1024)
+        sent = hashlib.sha256()
+        received = hashlib.sha256()
+        total = 0
+        with socket.create_connection(("127.0.0.1", listen), timeout=60) as c:
+            import threading
+
+            def writer() -> None:
+                for i in range(size // len(block)):
+                    chunk = bytes([i % 256]) + block[1:]
+                    sent.update(chunk)
+                    c.sendall(chunk)
+                c.shutdown(socket.SHUT_WR)
+
+            t = threading.Thread(target=writer)
+            t0 = time.monotonic()
+            t.start()
+            while True:
+                d = c.recv(1 << 20)
+                if not d:
+                    break
+                received.update(d)
+                total += len(d)
+            t.join()
+        took = time.monotonic() - t0
+        print(f"100 MiB echoed through the mesh in {took:.1f}s ({2 * size / took / 1e6:.0f} MB/s both ways)")
+        assert total == size and received.digest() == sent.digest()
+
+        def one(i: int) -> bool:
+            payload = os.urandom(1000 + i * 37)
+            return roundtrip(listen, payload) == payload
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+            results = list(pool.map(one, range(200)))
+        assert all(results), f"{results.count(False)} of 200 connections were not byte-exact"
+    finally:
+        os.killpg(echo.pid, signal.SIGKILL)
+        echo.wait(5)
+
+
+def test_instance_dying_mid_stream_closes_the_client_promptly(cluster: Cluster) -> None:
+    listen, echo, _ = mesh_with_echo(cluster)
+    with socket.create_connection(("127.0.0.1", listen), timeout=30) as c:
+        c.sendall(b"x" * 100_000)
+        got = 0
+        while got < 100_000:
+            got += len(c.recv(65536))
+        os.killpg(echo.pid, signal.SIGKILL)  # the instance's process dies mid-stream
+        echo.wait(5)
+        t0 = time.monotonic()
+        try:
+            while c.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - t0 < 10, "the client hung after the instance died"
