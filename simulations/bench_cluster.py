@@ -245,29 +245,47 @@ def http_json(port: int, method: str, path: str, body: Any = None, timeout: floa
 # -- processes, ports, /proc --------------------------------------------------------------
 
 
-def free_ports(count: int, udp_too: int) -> list[int]:
-    """``count`` distinct free ports; the first ``udp_too`` are free for UDP as well."""
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < count:
-            t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            t.bind((HOST, 0))
-            port = t.getsockname()[1]
-            held.append(t)
-            if len(ports) < udp_too:
-                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    u.close()
-                    continue
-                held.append(u)
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
+class Ports:
+    """Free ports, found by binding port 0, and kept bound until the agent that gets them
+    starts: a port picked early and released at once could meanwhile become the ephemeral
+    source port of some connection (the kernel does not hand out ports that are bound)."""
+
+    def __init__(self, count: int, udp_too: int) -> None:
+        """``count`` distinct free ports; the first ``udp_too`` are free for UDP as well."""
+        self.held: dict[int, list[socket.socket]] = {}
+        self.ports: list[int] = []
+        discard: list[socket.socket] = []
+        try:
+            while len(self.ports) < count:
+                t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                t.bind((HOST, 0))
+                port = t.getsockname()[1]
+                socks = [t]
+                if len(self.ports) < udp_too:
+                    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    try:
+                        u.bind((HOST, port))
+                    except OSError:
+                        u.close()
+                        discard.append(t)  # keep it bound for now, so bind(0) moves on
+                        continue
+                    socks.append(u)
+                self.held[port] = socks
+                self.ports.append(port)
+        except BaseException:
+            self.release_all()
+            raise
+        finally:
+            for sock in discard:
+                sock.close()
+
+    def release(self, *ports: int) -> None:
+        for port in ports:
+            for sock in self.held.pop(port, []):
+                sock.close()
+
+    def release_all(self) -> None:
+        self.release(*list(self.held))
 
 
 def proc_cpu_seconds(pid: int) -> float | None:
@@ -296,6 +314,7 @@ class Node:
     port: int  # gossip, UDP and TCP
     ctl: int  # our API port or Serf's RPC port
     log_path: Path
+    tunnel: int = 0  # our data-plane tunnel port (TCP); its default, 7948, would collide on one host
     proc: subprocess.Popen[bytes] | None = None
     rpc: SerfRPC | None = None
 
@@ -351,7 +370,8 @@ class Ours(Impl):
 
     def command(self, node: Node) -> list[str]:
         return [str(MESH_AGENT), "agent", "--name", node.name, "--bind", f"{HOST}:{node.port}",
-                "--api", f"{HOST}:{node.ctl}", "--key", self.key, "--profile", "lan"]
+                "--api", f"{HOST}:{node.ctl}", "--tunnel", f"{HOST}:{node.tunnel}", "--key", self.key,
+                "--profile", "lan"]
 
     def ready(self, node: Node) -> bool:
         return bool(http_json(node.ctl, "GET", "/v1/health", timeout=2.0).get("ok"))
@@ -645,6 +665,21 @@ def snapshot_source(dest: Path, ref: str | None, src_root: Path | None = None) -
     return dest, what
 
 
+def idle_seconds(args: argparse.Namespace, n: int) -> float:
+    """The idle window: by default one whole push-pull period (at least 30 s), so that every
+    node's periodic push-pull falls in it exactly once whatever its phase."""
+    if args.idle_seconds is not None:
+        return float(args.idle_seconds)
+    return max(30.0, push_pull_scaled(n))
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc.strerror})"
+
+
 def push_pull_scaled(n: int, interval: float = 30.0) -> float:
     """memberlist's pushPullScale: the push-pull interval grows with log2(N) beyond 32 nodes."""
     if n <= 32:
@@ -652,13 +687,19 @@ def push_pull_scaled(n: int, interval: float = 30.0) -> float:
     return interval * (math.ceil(math.log2(n) - math.log2(32)) + 1)
 
 
+class StartupFailure(RuntimeError):
+    """An agent would not start: a set-up problem, not a measurement."""
+
+
 def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCounters,
                 workdir: Path) -> dict[str, Any]:
-    ports = free_ports(2 * n, udp_too=n)
+    reserved = Ports(3 * n, udp_too=n)
+    ports = reserved.ports
     tag = f"{impl.label}-n{n}-{int(time.time() * 1000) % 10**7}"
     logdir = workdir / tag
     logdir.mkdir(parents=True)
-    nodes = [Node(f"node{i:02d}", ports[i], ports[n + i], logdir / f"node{i:02d}.log") for i in range(n)]
+    nodes = [Node(f"node{i:02d}", ports[i], ports[n + i], logdir / f"node{i:02d}.log", tunnel=ports[2 * n + i])
+             for i in range(n)]
     res: dict[str, Any] = {"impl": impl.label, "n": n, "logs": str(logdir), "notes": []}
     by_name = {nd.name: nd for nd in nodes}
     bench_cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -666,20 +707,21 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         # -- start N unjoined agents, one after the other ------------------------------------
         t_start = time.monotonic()
         for nd in nodes:
+            reserved.release(nd.port, nd.ctl, nd.tunnel)
             with open(nd.log_path, "wb") as fh:
                 nd.proc = subprocess.Popen(impl.command(nd), stdout=fh, stderr=subprocess.STDOUT, env=impl.env,
                                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=logdir)
             deadline = time.monotonic() + 30.0
             while True:
                 if nd.proc.poll() is not None:
-                    raise RuntimeError(f"{nd.name} exited with {nd.proc.returncode}; see {nd.log_path}")
+                    raise StartupFailure(f"{nd.name} exited with {nd.proc.returncode}: {_tail(nd.log_path)}")
                 try:
                     if impl.ready(nd):
                         break
                 except Exception:  # noqa: BLE001,S110 - not up yet
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{nd.name} did not answer within 30 s; see {nd.log_path}")
+                    raise StartupFailure(f"{nd.name} did not answer within 30 s: {_tail(nd.log_path)}")
                 time.sleep(0.05)
         t_last_start = time.monotonic()
         res["startup_s"] = t_last_start - t_start
@@ -706,9 +748,13 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
                       lambda _nd, view: sum(1 for s in view.values() if s == "alive") >= n,
                       healthy=all_names, poll=args.poll_ms / 1000, timeout=args.timeout)
         watch.phase = "join"
+        join_cpu0 = [proc_cpu_seconds(nd.pid) for nd in nodes]
         watch.t0 = time.monotonic()
         barrier.wait()
         watch.run()
+        join_cpu1 = [proc_cpu_seconds(nd.pid) for nd in nodes]
+        res["join_cpu_s"] = sum(b - a for a, b in zip(join_cpu0, join_cpu1, strict=True)
+                                if a is not None and b is not None)
         for t in joiners:
             t.join(timeout=30)
         res["join_s"] = watch.all()
@@ -721,8 +767,10 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         if res["join_s"] is None:
             res["notes"].append(f"join did not converge in {args.timeout:.0f} s: {watch.describe_missing()}")
             log(f"  {impl.label} N={n}: {res['notes'][-1]}")
-            return res
-        log(f"  {impl.label} N={n}: converged in {res['join_s']:.2f} s (first {res['join_first_s']:.2f} s)")
+            if res["join_first_s"] is None:
+                return res  # no agent ever saw the whole cluster: nothing else is worth measuring
+        else:
+            log(f"  {impl.label} N={n}: converged in {res['join_s']:.2f} s (first {res['join_first_s']:.2f} s)")
 
         # -- 5. idle cost (before anything is killed) ---------------------------------------
         # Idle in steady state: memberlist's first push-pull comes a random stagger (< 30 s) plus
@@ -732,15 +780,20 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         idle_at = max(time.monotonic() + args.settle_seconds, t_last_start + warmup)
         res["warmup_s"] = idle_at - t_last_start
         time.sleep(max(0.0, idle_at - time.monotonic()))
-        counters.watch([nd.port for nd in nodes])
-        api_fallback = not counters.ok
+        use_ipt = counters.ok
+        try:
+            counters.watch([nd.port for nd in nodes])
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            use_ipt = False
+            res["notes"].append(f"iptables failed for this run ({exc}); bytes from our API counters")
+        api_fallback = not use_ipt
         cpu0 = {nd.name: proc_cpu_seconds(nd.pid) for nd in nodes}
-        bytes0 = counters.read() if counters.ok else None
+        bytes0 = counters.read() if use_ipt else None
         ours_bytes0 = {nd.name: impl.io_bytes_out(nd) for nd in nodes} if isinstance(impl, Ours) else {}
         t_idle = time.monotonic()
-        time.sleep(args.idle_seconds)
+        time.sleep(idle_seconds(args, n))
         elapsed = time.monotonic() - t_idle
-        bytes1 = counters.read() if counters.ok else None
+        bytes1 = counters.read() if use_ipt else None
         cpu1 = {nd.name: proc_cpu_seconds(nd.pid) for nd in nodes}
         ours_bytes1 = {nd.name: impl.io_bytes_out(nd) for nd in nodes} if isinstance(impl, Ours) else {}
         rss = [r for r in (proc_rss_mib(nd.pid) for nd in nodes) if r is not None]
@@ -835,6 +888,7 @@ def run_cluster(impl: Impl, n: int, args: argparse.Namespace, counters: ByteCoun
         res["false_death_members"] = sorted({fd[1] for fd in res["false_deaths"]})
         return res
     finally:
+        reserved.release_all()
         for nd in nodes:
             impl.close(nd)
             if nd.proc is not None and nd.proc.poll() is None:
@@ -860,13 +914,23 @@ def _fmt(v: float | None, digits: int = 2) -> str:
     return "timeout" if v is None else f"{v:.{digits}f}"
 
 
+TIMINGS = {"join_s", "join_first_s", "detect_first_s", "detect_all_s", "leave_s", "leave_first_s"}
+
+
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
-    vals = [r[key] for r in runs if r.get(key) is not None]
+    """Median over runs; a timing that timed out counts as infinitely long (so one
+    timed-out run of three still gives a median, two give "timeout")."""
+    if key in TIMINGS:
+        vals = [math.inf if r.get(key) is None else r[key] for r in runs]
+    else:
+        vals = [r[key] for r in runs if r.get(key) is not None]
     if not vals:
         return None
-    if len(vals) < len(runs) and key.endswith("_s"):
-        return None  # a timed-out run makes the median meaningless for a timing
     return float(statistics.median(vals))
+
+
+def _timeouts(runs: list[dict[str, Any]], key: str) -> int:
+    return sum(1 for r in runs if r.get(key) is None) if key in TIMINGS else 0
 
 
 METRICS = [
@@ -891,22 +955,27 @@ def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle:
     for key, label, digits, kind, goal in METRICS:
         o = _median(ours, key) if ours else None
         s = _median(serf, key) if serf else None
-        ratio = o / s if o is not None and s not in (None, 0) else None
+        finite = o is not None and s is not None and math.isfinite(o) and math.isfinite(s)
+        ratio = o / s if finite and s else None
         if kind == "ratio":
             goal_txt = f"<= {goal:g}x serf"
             verdict = "n/a" if ratio is None else ("PASS" if ratio <= goal else "MISS")
         else:
             goal_txt = f"<= {goal:g}"
             verdict = "n/a" if o is None else ("PASS" if o <= goal else "MISS")
-        if ours and o is None and key.endswith("_s"):
+        if ours and o is not None and math.isinf(o):
             verdict = "MISS"
+        elif kind == "ratio" and o is not None and s is not None and math.isfinite(o) and math.isinf(s):
+            verdict = "PASS"  # we finished, Serf timed out
         lab = label
         if key == "bytes_per_node_s" and ours:
             methods = {r.get("bytes_method") for r in ours + serf if r.get("bytes_method")}
             lab += f" [{', '.join(sorted(methods)) or 'unavailable'}]"
-        lines.append(f"| {lab} | {_cell(o, digits, bool(ours))} | {_cell(s, digits, bool(serf))} | "
+        lines.append(f"| {lab} | {_cell(o, digits, bool(ours), timeouts=_timeouts(ours, key))} | "
+                     f"{_cell(s, digits, bool(serf), timeouts=_timeouts(serf, key))} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {goal_txt} | {verdict} |")
-        summary["metrics"][key] = {"ours": o, "serf": s, "ratio": ratio, "goal": goal_txt, "result": verdict}
+        summary["metrics"][key] = {"ours": _jsonable(o), "serf": _jsonable(s), "ratio": ratio,
+                                   "goal": goal_txt, "result": verdict}
     fd_o = [len(r.get("false_death_members", [])) for r in ours]
     fd_s = [len(r.get("false_death_members", [])) for r in serf]
     verdict = "n/a" if not ours else ("PASS" if sum(fd_o) == 0 else "MISS")
@@ -923,6 +992,7 @@ def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle:
                                ("udp_bytes_per_node_s", "of which UDP, per node (B/s)", 0),
                                ("tcp_bytes_per_node_s", "of which TCP (push-pull), per node (B/s)", 0),
                                ("api_bytes_per_node_s", "our API counters: bytes sent per node (B/s)", 0),
+                               ("join_cpu_s", "join burst: CPU used by all agents together (CPU-s)", 2),
                                ("startup_s", f"start {n} agents one by one (s)", 1),
                                ("bench_cpu_s", "benchmark process CPU per cluster (s)", 1)]:
         o = _median(ours, key) if ours else None
@@ -944,10 +1014,17 @@ def report(n: int, ours: list[dict[str, Any]], serf: list[dict[str, Any]], idle:
     return "\n".join(lines), summary
 
 
-def _cell(v: float | None, digits: int, present: bool, missing: str = "timeout") -> str:
+def _jsonable(v: float | None) -> float | str | None:
+    return "timeout" if v is not None and math.isinf(v) else v
+
+
+def _cell(v: float | None, digits: int, present: bool, missing: str = "n/a", timeouts: int = 0) -> str:
     if not present:
         return "-"
-    return missing if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return missing
+    text = "timeout" if math.isinf(v) else f"{v:.{digits}f}"
+    return text + (f" ({timeouts} run(s) timed out)" if timeouts and math.isfinite(v) else "")
 
 
 def _list(vals: list[int]) -> str:
@@ -963,7 +1040,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="fresh clusters per size and implementation")
     ap.add_argument("--only", choices=("ours", "serf"), help="benchmark one implementation only")
     ap.add_argument("--json", action="store_true", help="print JSON (all runs and medians) instead of tables")
-    ap.add_argument("--idle-seconds", type=float, default=30.0, help="idle window for CPU/RSS/bytes")
+    ap.add_argument("--idle-seconds", type=float, default=None,
+                    help="idle window for CPU/RSS/bytes (default: 30 s, or one whole push-pull period "
+                         "when memberlist scales it beyond 30 s, e.g. 60 s at N=50)")
     ap.add_argument("--settle-seconds", type=float, default=5.0, help="wait after convergence before idling")
     ap.add_argument("--warmup-seconds", type=float, default=None,
                     help="start the idle window no sooner than this after the last agent started "
@@ -972,6 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-ms", type=float, default=50.0, help="per-agent poll interval (default 50)")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on a phase after this long (s)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the agents' logs (temp dir)")
+    ap.add_argument("--save", metavar="FILE", help="also write every run's raw numbers as JSON to FILE")
     ap.add_argument("--ref", help="benchmark this git revision of our code (e.g. HEAD) instead of a "
                                   "snapshot of the working tree taken at start")
     ap.add_argument("--src", help="benchmark the packages in this directory (e.g. a patched copy) instead")
@@ -1006,9 +1086,11 @@ def main(argv: list[str] | None = None) -> int:
     counters.setup()
     if not counters.ok:
         log(f"iptables unavailable ({counters.error}); bytes come from our API counters, Serf's are n/a")
-    log(f"logs in {workdir}; sizes {sizes}, runs {args.runs}, idle {args.idle_seconds:.0f} s, "
+    log(f"logs in {workdir}; sizes {sizes}, runs {args.runs}, "
+        f"idle {', '.join(f'{idle_seconds(args, n):.0f}' for n in sizes)} s, "
         f"poll {args.poll_ms:.0f} ms, implementations {[i.label for i in impls]}")
     results: dict[int, dict[str, list[dict[str, Any]]]] = {}
+    startup_failures: list[str] = []
     tables: list[str] = []
     summaries = []
     started = time.monotonic()
@@ -1017,10 +1099,17 @@ def main(argv: list[str] | None = None) -> int:
             results[n] = {i.label: [] for i in impls}
             for run in range(args.runs):
                 for impl in impls:  # interleaved, so drift on the machine hits both alike
-                    log(f"{impl.label} N={n} run {run + 1}/{args.runs}")
-                    results[n][impl.label].append(run_cluster(impl, n, args, counters, workdir))
+                    for attempt in range(1, 4):
+                        log(f"{impl.label} N={n} run {run + 1}/{args.runs}"
+                            + (f" (attempt {attempt})" if attempt > 1 else ""))
+                        try:
+                            results[n][impl.label].append(run_cluster(impl, n, args, counters, workdir))
+                            break
+                        except StartupFailure as exc:
+                            log(f"  {impl.label} N={n}: could not start the cluster: {exc}")
+                            startup_failures.append(f"{impl.label} N={n} run {run + 1}: {exc}")
             table, summary = report(n, results[n].get("ours", []), results[n].get("serf", []),
-                                    args.idle_seconds)
+                                    idle_seconds(args, n))
             tables.append(table)
             summaries.append(summary)
             if not args.json:
@@ -1029,10 +1118,14 @@ def main(argv: list[str] | None = None) -> int:
         counters.teardown()
         if not args.keep_logs:
             shutil.rmtree(workdir, ignore_errors=True)
+    dump = json.dumps({"ours_code": measured, "sizes": sizes, "runs": args.runs,
+                       "idle_seconds": {str(n): idle_seconds(args, n) for n in sizes},
+                       "poll_ms": args.poll_ms, "summary": summaries, "startup_failures": startup_failures,
+                       "results": {str(k): v for k, v in results.items()}}, indent=2, default=list)
+    if args.save:
+        Path(args.save).write_text(dump + "\n")
     if args.json:
-        print(json.dumps({"ours_code": measured, "sizes": sizes, "runs": args.runs, "idle_seconds": args.idle_seconds,
-                          "poll_ms": args.poll_ms, "summary": summaries,
-                          "results": {str(k): v for k, v in results.items()}}, indent=2, default=list))
+        print(dump)
     else:
         method = ("iptables byte counters (OUTPUT on lo, per gossip port)" if not counters.error
                   else f"our API counters, Serf n/a (iptables failed: {counters.error})")
@@ -1041,6 +1134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Ours: {measured}; mesh-agent --profile lan --key (encrypted). "
               f"Serf {SERF}: -profile=lan -encrypt. "
               f"Bytes: {method}. Total time {time.monotonic() - started:.0f} s.")
+        for failure in startup_failures:
+            print(f"Set-up failure (the run was retried): {failure}")
     return 0
 
 
