@@ -18,7 +18,7 @@ import itertools
 import socket
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -259,4 +259,3 @@ async def _close(s: trio.abc.HalfCloseableStream | TunnelStream) -> None:
             await s.aclose()
 
 
-Handler = Callable[[str, bytes, TunnelStream], Awaitable[None]]
