@@ -22,7 +22,7 @@ from agent.config import AgentConfig, describe
 from agent.directory import MeshDirectory
 from agent.services import LocalServices
 from agent.transport import (
-    UDP_RECV_BUFFER,
+    DatagramSocket,
     FrameError,
     OpenError,
     Sealer,
@@ -38,6 +38,9 @@ from gossip.keyring import Keyring
 from gossip.registry import Registry
 from gossip.swim import FetchState, Membership, SendPacket, StartPushPull
 from gossip.wire import PROTOCOL_VERSION, Address, format_addr
+
+#: Datagrams handled per wake-up, at most, before the agent flushes and yields.
+UDP_BURST = 32
 
 
 class StartupError(Exception):
@@ -79,7 +82,7 @@ class Agent:
         self._registry_index = self.registry.index
         self.io: Counter[str] = Counter()
         self.started_wall = time.time()
-        self._udp: trio.socket.SocketType | None = None
+        self._udp: DatagramSocket | None = None
         self._nursery: trio.Nursery | None = None
         self._kick = trio.Event()
         self._sleep_until = 0.0
@@ -139,7 +142,7 @@ class Agent:
             self._udp.close()
         self.log.info("agent_stopped")
 
-    async def _bind_udp(self) -> trio.socket.SocketType:
+    async def _bind_udp(self) -> DatagramSocket:
         try:
             return await open_udp(self.cfg.bind)
         except OSError as exc:
@@ -226,27 +229,40 @@ class Agent:
 
     async def _udp_loop(self) -> None:
         assert self._udp is not None
-        limit = self.cfg.gossip.udp_packet_size
+        udp = self._udp
         while True:
             try:
-                data, raw_src = await self._udp.recvfrom(UDP_RECV_BUFFER)
+                data, raw_src = await udp.recvfrom()
             except OSError as exc:
                 # ICMP errors surface here on Linux (ECONNREFUSED); they are not ours.
                 self.io["recv_errors"] += 1
                 self.log.debug("udp_recv_error", error=exc.strerror)
                 continue
-            self.io["udp_packets_in"] += 1
-            self.io["udp_bytes_in"] += len(data)
-            if len(data) > limit:
-                self.membership.drop("oversized")
-                continue
-            try:
-                plain = self.sealer.open(data)
-            except OpenError:
-                self.membership.drop("decrypt")
-                continue
-            self.membership.receive(trio.current_time(), normalize(raw_src), plain)
+            self._receive_datagram(data, raw_src)
+            # A burst (a join, a round of gossip from several members) is
+            # handled in one wake-up and answered with one flush.
+            for _ in range(UDP_BURST):
+                try:
+                    more = udp.recv_nowait()
+                except OSError:
+                    break
+                if more is None:
+                    break
+                self._receive_datagram(*more)
             await self.flush()
+
+    def _receive_datagram(self, data: bytes, raw_src: tuple[object, ...]) -> None:
+        self.io["udp_packets_in"] += 1
+        self.io["udp_bytes_in"] += len(data)
+        if len(data) > self.cfg.gossip.udp_packet_size:
+            self.membership.drop("oversized")
+            return
+        try:
+            plain = self.sealer.open(data)
+        except OpenError:
+            self.membership.drop("decrypt")
+            return
+        self.membership.receive(trio.current_time(), normalize(raw_src), plain)
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         """Responder side of push-pull; bad streams are dropped and counted."""

@@ -55,16 +55,77 @@ def family_of(host: str) -> int:
     return _stdsocket.AF_INET6 if ":" in host else _stdsocket.AF_INET
 
 
-async def open_udp(bind: Address) -> trio.socket.SocketType:
-    sock = trio.socket.socket(family_of(bind[0]), _stdsocket.SOCK_DGRAM)
-    if sock.family == _stdsocket.AF_INET6:
-        sock.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 0)
+class DatagramSocket:
+    """The gossip UDP socket, with a fast path around trio for the common case.
+
+    Every probe, ack and gossip round is one datagram, so their per-packet cost
+    is most of what an idle or joining agent spends.  trio's ``sendto``
+    resolves the address and checkpoints on every call; a datagram to a literal
+    IPv4 address on an IPv4 socket needs neither, so it goes out with one
+    non-blocking ``sendto``.  Only when the kernel's buffer is full (EAGAIN) or
+    the address is not a literal do we fall back to trio, which waits properly.
+    On the receive side, ``recv_nowait`` lets the agent drain a burst of
+    datagrams in one wake-up.
+    """
+
+    _LITERAL_CACHE_MAX = 4096
+
+    def __init__(self, raw: _stdsocket.socket) -> None:
+        raw.setblocking(False)
+        self.raw = raw
+        self.sock = trio.socket.from_stdlib_socket(raw)
+        self._literal: dict[str, bool] = {}
+
+    def _fast(self, host: str) -> bool:
+        ok = self._literal.get(host)
+        if ok is None:
+            if len(self._literal) >= self._LITERAL_CACHE_MAX:
+                self._literal.clear()
+            try:
+                _stdsocket.inet_pton(_stdsocket.AF_INET, host)
+                ok = self.raw.family == _stdsocket.AF_INET
+            except OSError:
+                ok = False
+            self._literal[host] = ok
+        return ok
+
+    async def sendto(self, data: bytes, addr: Address) -> None:
+        if self._fast(addr[0]):
+            try:
+                self.raw.sendto(data, addr)
+                return
+            except BlockingIOError:
+                pass
+        await self.sock.sendto(data, addr)
+
+    async def recvfrom(self) -> tuple[bytes, tuple[object, ...]]:
+        data, src = await self.sock.recvfrom(UDP_RECV_BUFFER)
+        return data, src
+
+    def recv_nowait(self) -> tuple[bytes, tuple[object, ...]] | None:
+        """A datagram already queued in the kernel, or None."""
+        try:
+            data, src = self.raw.recvfrom(UDP_RECV_BUFFER)
+        except BlockingIOError:
+            return None
+        return data, src
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def open_udp(bind: Address) -> DatagramSocket:
+    raw = _stdsocket.socket(family_of(bind[0]), _stdsocket.SOCK_DGRAM)
     try:
-        await sock.bind(bind)
+        if raw.family == _stdsocket.AF_INET6:
+            raw.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 0)
+        raw.setblocking(False)
+        raw.bind(bind)  # once, at start-up, before any task runs
     except BaseException:
-        sock.close()
+        raw.close()
         raise
-    return sock
+    await trio.lowlevel.checkpoint()
+    return DatagramSocket(raw)
 
 
 async def send_frame(stream: trio.abc.Stream, payload: bytes) -> None:
@@ -89,4 +150,6 @@ async def receive_frame(stream: trio.abc.ReceiveStream) -> bytes:
     return await _read_exactly(stream, size)
 
 
-__all__ = ["FrameError", "Sealer", "OpenError", "normalize", "open_udp", "send_frame", "receive_frame"]
+__all__ = [
+    "DatagramSocket", "FrameError", "Sealer", "OpenError", "normalize", "open_udp", "send_frame", "receive_frame",
+]

@@ -89,6 +89,12 @@ def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     from agent.runner import Agent, StartupError
 
     log.configure(cfg.log_format, cfg.log_level)
+    import gc
+
+    # Everything imported so far lives as long as the process: keep it out of
+    # the cyclic collector's full passes, which would otherwise walk it again
+    # and again on a busy agent.
+    gc.freeze()
 
     async def _main() -> None:
         await Agent(cfg).run()

@@ -26,9 +26,12 @@ class GossipConfig:
     gossip_interval: float = 0.2
     #: How many members each gossip round goes to.
     gossip_nodes: int = 3
-    #: A fresh update does not wait for the next gossip tick: an extra round
-    #: goes out this long after the previous one at the earliest.  (memberlist
-    #: always waits for the tick; set this to gossip_interval to do the same.)
+    #: A fresh update arriving in a quiet spell (no gossip round for a whole
+    #: gossip_interval) does not wait for the next tick: an extra round goes out
+    #: this long after the previous one at the earliest.  While updates keep
+    #: coming (a join burst) rounds stay on the tick, so a burst costs no more
+    #: packets than memberlist's.  (memberlist always waits for the tick; set
+    #: this to gossip_interval to do the same.)
     eager_gossip_gap: float = 0.05
     #: Dead members keep receiving gossip this long, so they can refute.
     gossip_to_the_dead: float = 30.0

@@ -4,13 +4,20 @@ Holding several keys at once is what makes rotation possible without a
 partition (install everywhere, switch primary, then remove), exactly as
 memberlist's keyring does.  The cipher is XChaCha20-Poly1305 (PyNaCl ``Aead``):
 its 24-byte nonce is large enough to draw at random for every packet.
+
+Sealing calls libsodium through ``nacl.bindings`` rather than the ``Aead``
+class: every gossip packet is sealed and opened once, and the class's
+argument checks and ``EncryptedMessage`` wrapper cost more than the cipher
+does on a 1,400-byte packet.  The bytes on the wire are the same.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.secret
 import nacl.utils
@@ -54,7 +61,6 @@ class Keyring:
         if len(primary) != KEY_SIZE:
             raise KeyError_(f"key must be {KEY_SIZE} bytes")
         self._keys: list[bytes] = [primary]
-        self._boxes: list[nacl.secret.Aead] = [nacl.secret.Aead(primary)]
         for k in others or []:
             self.install(k)
 
@@ -71,14 +77,12 @@ class Keyring:
             raise KeyError_(f"key must be {KEY_SIZE} bytes")
         if key not in self._keys:
             self._keys.append(key)
-            self._boxes.append(nacl.secret.Aead(key))
 
     def use(self, key: bytes) -> None:
         if key not in self._keys:
             raise KeyError_("key is not installed")
         i = self._keys.index(key)
         self._keys.insert(0, self._keys.pop(i))
-        self._boxes.insert(0, self._boxes.pop(i))
 
     def remove(self, key: bytes) -> None:
         if key == self._keys[0]:
@@ -86,20 +90,25 @@ class Keyring:
         if key in self._keys:
             i = self._keys.index(key)
             del self._keys[i]
-            del self._boxes[i]
 
     def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes:
-        nonce = nacl.utils.random(NONCE_SIZE)
-        sealed = self._boxes[0].encrypt(plaintext, aad, nonce)
-        return bytes([SEAL_VERSION]) + bytes(sealed)
+        """version || nonce || XChaCha20-Poly1305(plaintext), the layout of ``Aead.encrypt``."""
+        nonce = os.urandom(NONCE_SIZE)
+        return _VERSION_BYTE + nonce + _encrypt(plaintext, aad or None, nonce, self._keys[0])
 
     def open(self, payload: bytes, aad: bytes = b"") -> bytes:
         if len(payload) < SEAL_OVERHEAD or payload[0] != SEAL_VERSION:
             raise OpenError("not a sealed payload")
-        body = payload[1:]
-        for box in self._boxes:
+        nonce = payload[1:1 + NONCE_SIZE]
+        ciphertext = payload[1 + NONCE_SIZE:]
+        for key in self._keys:
             try:
-                return box.decrypt(body, aad)
+                return _decrypt(ciphertext, aad or None, nonce, key)
             except nacl.exceptions.CryptoError:
                 continue
         raise OpenError("no installed key opens this payload")
+
+
+_VERSION_BYTE = bytes([SEAL_VERSION])
+_encrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt
+_decrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt

@@ -44,8 +44,9 @@ from gossip.wire import (
     Suspect,
     Tunnel,
     decode_packet,
+    decode_stream,
     encode_message,
-    encode_packet,
+    encode_stream,
     format_addr,
     pack_packet,
 )
@@ -200,6 +201,7 @@ class Membership:
         self._next_gossip = now + config.gossip_interval
         self._last_gossip = now
         self._eager_at: float | None = None
+        self._up_count: int | None = None
         self._now = now
         self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + self.rng.uniform(0.5, 1.0) * config.reconnect_interval
@@ -316,10 +318,10 @@ class Membership:
     # -- push-pull (TCP, driven by the agent) -----------------------------------------
 
     def push_pull_payload(self, join: bool) -> bytes:
-        return encode_packet([PushPull(self.name, join, self._records(), delegate=self._delegate_dump())])
+        return encode_stream([PushPull(self.name, join, self._records(), delegate=self._delegate_dump())])
 
     def state_request_payload(self, node: str) -> bytes:
-        return encode_packet([StateRequest(self.name, node)])
+        return encode_stream([StateRequest(self.name, node)])
 
     def handle_stream(self, now: float, src: Address, data: bytes) -> bytes | None:
         """We are the TCP responder: answer a push-pull or a state request.
@@ -329,7 +331,7 @@ class Membership:
         """
         self._now = now
         try:
-            msgs = decode_packet(data)
+            msgs = decode_stream(data)
         except DecodeError as exc:
             self.drop(exc.reason)
             return None
@@ -340,7 +342,7 @@ class Membership:
         if isinstance(msg, StateRequest):
             held = self.delegate.encode_node(msg.node) if self.delegate else None
             self.counters.stats["state_requests_in"] += 1
-            return encode_packet([StateReply(msg.node, held or b"")])
+            return encode_stream([StateReply(msg.node, held or b"")])
         if not isinstance(msg, PushPull):
             self.drop("unexpected_type")
             return None
@@ -353,7 +355,7 @@ class Membership:
             self.counters.stats["push_pull_in"] += 1
             self._merge(now, remote)
             self._merge_delegate(remote.delegate)
-        return encode_packet([PushPull(self.name, False, self._records(), refused,
+        return encode_stream([PushPull(self.name, False, self._records(), refused,
                                        b"" if refused else self._delegate_dump())])
 
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
@@ -373,7 +375,7 @@ class Membership:
         if reply is None:
             return False
         try:
-            msgs = decode_packet(reply)
+            msgs = decode_stream(reply)
         except DecodeError as exc:
             self.drop(exc.reason)
             return False
@@ -464,7 +466,10 @@ class Membership:
         return c
 
     def num_up(self) -> int:
-        return sum(1 for m in self.members.values() if m.status.up)
+        # Every packet sent asks this (retransmit limit); count only after a change.
+        if self._up_count is None:
+            self._up_count = sum(1 for m in self.members.values() if m.status.up)
+        return self._up_count
 
     # -- message handling ---------------------------------------------------------------
 
@@ -544,6 +549,7 @@ class Membership:
                        tunnel=a.tunnel)
             self._note_state(m)
             self.members[a.name] = m
+            self._up_count = None
             # Insert at a random place so a new member is probed soon (memberlist).
             self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), a.name)
             self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
@@ -793,6 +799,7 @@ class Membership:
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
+                self._up_count = None
                 if self.delegate is not None:
                     self.delegate.forget(name)
                 self._event("member_reaped", name=name, status=m.status.value)
@@ -807,7 +814,7 @@ class Membership:
 
     def _decode_push_pull(self, data: bytes) -> PushPull | None:
         try:
-            msgs = decode_packet(data)
+            msgs = decode_stream(data)
         except DecodeError as exc:
             self.drop(exc.reason)
             return None
@@ -866,7 +873,7 @@ class Membership:
             self.counters.stats["broadcast_too_large"] += 1
             return
         self.broadcasts.queue(key, encoded)
-        if self._eager_at is None:
+        if self._eager_at is None and self._now - self._last_gossip >= self.config.gossip_interval:
             self._eager_at = max(self._now, self._last_gossip + self.config.eager_gossip_gap)
 
     def _send(self, addr: Address, msgs: list[Message]) -> None:
@@ -884,6 +891,7 @@ class Membership:
         previous = m.status
         m.status = status
         m.status_since = now
+        self._up_count = None
         if previous is not status:
             self._event("member", name=m.name, addr=format_addr(m.addr), status=status.value,
                         previous=previous.value, incarnation=m.incarnation, reason=reason)

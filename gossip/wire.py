@@ -5,10 +5,17 @@ datagram (memberlist's compound message) so piggy-backed updates cost no extra
 packets.  Every message is a map with a short type tag ``t``.  Decoding never
 trusts the sender: anything that is not exactly the expected shape raises
 :class:`DecodeError` carrying a reason that the agent counts.
+
+TCP streams (push-pull, state fetches) carry the same packet, deflated when
+that saves bytes: a push-pull repeats the same host, the same status and
+similar names once per member, and it is most of the bytes an idle cluster
+sends (memberlist compresses it too, with LZW).  Datagrams stay plain: they
+are small, and their size budget is checked before sealing.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +31,11 @@ MAX_TAG_LEN = 512
 #: spare (memberlist caps node meta at 512 bytes; we allow a little more).
 MAX_TAGS_BYTES = 1024
 MAX_STREAM_BYTES = 16 * 1024 * 1024
+#: First byte of a deflated stream payload.  The msgpack spec reserves 0xc1 as
+#: "never used", so no plain packet can start with it.
+COMPRESSED_MARK = 0xC1
+#: Payloads shorter than this are sent plain: deflate would not pay for itself.
+COMPRESS_MIN = 256
 
 Address = tuple[str, int]
 #: A node's application state summary (registry version, digest) that rides on
@@ -431,6 +443,39 @@ def decode_packet(data: bytes) -> list[Message]:
         return [_message_from_obj(m) for m in body]
     except RecursionError:  # absurdly nested values inside a message
         raise DecodeError("malformed", "nesting too deep") from None
+
+
+def encode_stream(messages: list[Message]) -> bytes:
+    """A packet for a TCP stream: deflated when that makes it smaller."""
+    plain = encode_packet(messages)
+    if len(plain) < COMPRESS_MIN:
+        return plain
+    packed = zlib.compress(plain, 6)
+    if len(packed) + 1 >= len(plain):
+        return plain
+    return bytes([COMPRESSED_MARK]) + packed
+
+
+def decode_stream(data: bytes) -> list[Message]:
+    """Decode a TCP stream payload, plain or deflated.
+
+    Inflation is capped at MAX_STREAM_BYTES, so a small hostile payload cannot
+    make us allocate without bound (a "zip bomb" is just another bad packet).
+    """
+    if data[:1] == bytes([COMPRESSED_MARK]):
+        inflater = zlib.decompressobj()
+        try:
+            plain = inflater.decompress(data[1:], MAX_STREAM_BYTES)
+        except zlib.error as exc:
+            raise DecodeError("malformed", f"bad deflate stream: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise DecodeError("oversized", f"inflates past {MAX_STREAM_BYTES} bytes")
+        if not inflater.eof:
+            raise DecodeError("truncated", "deflate stream cut short")
+        if inflater.unused_data:
+            raise DecodeError("malformed", "trailing bytes after the deflate stream")
+        data = plain
+    return decode_packet(data)
 
 
 def format_addr(addr: Address) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import zlib
+
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gossip.wire import (
+    COMPRESSED_MARK,
     MAX_NAME_LEN,
+    MAX_STREAM_BYTES,
     MAX_TAG_LEN,
     MAX_TAGS,
     PACKET_OVERHEAD,
@@ -24,8 +28,10 @@ from gossip.wire import (
     PushPull,
     Suspect,
     decode_packet,
+    decode_stream,
     encode_message,
     encode_packet,
+    encode_stream,
     format_addr,
     message_to_obj,
     pack_packet,
@@ -318,3 +324,66 @@ _v6_hosts = st.ip_addresses(v=6).map(str)
 @given(st.one_of(_plain_hosts, _v6_hosts), st.integers(min_value=1, max_value=65535))
 def test_format_then_parse_is_identity(host: str, port: int) -> None:
     assert parse_addr(format_addr((host, port))) == (host, port)
+
+
+# -- TCP streams: deflated when that saves bytes ---------------------------------------
+
+
+def _big_push_pull(n: int) -> PushPull:
+    return PushPull("node00", False, [
+        MemberRecord(f"node{i:02d}", ("10.0.0.1", 7000 + i), 1, "alive", {"role": "web"}) for i in range(n)], "")
+
+
+@SETTINGS
+@given(st.lists(messages, max_size=5))
+def test_any_stream_round_trips(msgs: list[object]) -> None:
+    assert decode_stream(encode_stream(msgs)) == msgs  # type: ignore[arg-type]
+
+
+def test_a_push_pull_is_deflated_and_much_smaller() -> None:
+    msg = _big_push_pull(50)
+    plain = encode_packet([msg])
+    wire = encode_stream([msg])
+    assert wire[0] == COMPRESSED_MARK
+    assert len(wire) < len(plain) / 3
+    assert decode_stream(wire) == [msg]
+
+
+def test_a_small_stream_payload_stays_plain() -> None:
+    wire = encode_stream([Ack(1, "a")])
+    assert wire == encode_packet([Ack(1, "a")])
+    assert decode_stream(wire) == [Ack(1, "a")]
+
+
+def test_plain_packets_are_still_accepted_on_streams() -> None:
+    msg = _big_push_pull(50)
+    assert decode_stream(encode_packet([msg])) == [msg]
+
+
+def test_datagrams_do_not_accept_the_deflated_form() -> None:
+    wire = encode_stream([_big_push_pull(50)])
+    with pytest.raises(DecodeError):
+        decode_packet(wire)
+
+
+def _stream_reason(data: bytes) -> str:
+    with pytest.raises(DecodeError) as info:
+        decode_stream(data)
+    return info.value.reason
+
+
+def test_bad_deflate_streams_are_decode_errors() -> None:
+    mark = bytes([COMPRESSED_MARK])
+    good = encode_stream([_big_push_pull(50)])
+    assert _stream_reason(mark) == "truncated"
+    assert _stream_reason(mark + b"not deflate at all") == "malformed"
+    assert _stream_reason(good[:-5]) == "truncated"
+    assert _stream_reason(good + b"junk") == "malformed"
+    # Deflated fine, but what it inflates to is not a packet.
+    assert _stream_reason(mark + zlib.compress(b"\xc1garbage")) == "malformed"
+
+
+def test_a_deflate_bomb_is_refused_without_inflating_it() -> None:
+    bomb = bytes([COMPRESSED_MARK]) + zlib.compress(b"\0" * (MAX_STREAM_BYTES + 1024), 9)
+    assert len(bomb) < 64 * 1024
+    assert _stream_reason(bomb) == "oversized"
