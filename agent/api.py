@@ -1,7 +1,10 @@
 """The local HTTP/JSON API, served with h11 on trio.
 
-Local only (127.0.0.1 by default) and one request per connection: the CLI
-and scripts are its clients, not browsers.  Every failure is a 4xx/5xx with
+Local only (127.0.0.1 by default).  HTTP/1.1 keep-alive is honoured, as
+Consul's API does: a script or dashboard polling the agent reuses one
+connection instead of paying for a TCP set-up and a new task per request
+(about a third of the agent's cost of a small request).  An idle kept-alive
+connection is closed after KEEPALIVE_IDLE.  Every failure is a 4xx/5xx with
 ``{"error": "one-line reason"}`` -- never a traceback on the wire.
 """
 
@@ -26,6 +29,10 @@ if TYPE_CHECKING:
 
 MAX_BODY = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
+#: How long a kept-alive connection may sit idle between requests.
+KEEPALIVE_IDLE = 30.0
+#: Requests served on one connection before we close it (bounds its lifetime).
+KEEPALIVE_MAX_REQUESTS = 10_000
 
 
 class _TooLarge(Exception):
@@ -173,13 +180,30 @@ class ApiServer:
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         try:
-            reply = await self._serve_one(conn, stream)
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await self._respond(conn, stream, *reply)
+            for served in range(KEEPALIVE_MAX_REQUESTS):
+                if served and not await self._next_request_arrives(conn, stream):
+                    return
+                reply = await self._serve_one(conn, stream)
+                last = served == KEEPALIVE_MAX_REQUESTS - 1
+                with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+                    await self._respond(conn, stream, *reply, close=last)
+                if scope.cancelled_caught or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # a close was asked for, or the request was not read to its end
+                conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _next_request_arrives(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
+        """Wait, at most KEEPALIVE_IDLE, for a kept-alive client's next request."""
+        if conn.trailing_data[0]:
+            return True  # pipelined: already here
+        with trio.move_on_after(KEEPALIVE_IDLE):
+            data = await stream.receive_some(65536)
+            conn.receive_data(data)
+            return bool(data)
+        return False
 
     async def _serve_one(self, conn: h11.Connection, stream: trio.SocketStream) -> Reply:
         request: h11.Request | None = None
@@ -245,12 +269,15 @@ class ApiServer:
             return 500, {"error": f"internal error: {type(exc).__name__}"}
 
     async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any,
-                       extra: list[tuple[str, str]] | None = None) -> None:
+                       extra: list[tuple[str, str]] | None = None, *, close: bool = False) -> None:
         data = (json.dumps(payload) + "\n").encode()
+        # Errors close the connection: after a bad request the stream may be
+        # out of step.  h11 itself adds "connection: close" when the client
+        # asked for it or spoke HTTP/1.0.
         headers = [
             ("content-type", "application/json"),
             ("content-length", str(len(data))),
-            ("connection", "close"),
+            *([("connection", "close")] if close or status >= 400 else []),
             *(extra or []),
         ]
         try:

@@ -227,19 +227,45 @@ class SerfRPC:
 # -- our agent's HTTP API ----------------------------------------------------------------
 
 
+_http_local = threading.local()
+
+
 def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"content-type": "application/json"} if payload is not None else {}
-        conn.request(method, path, body=payload, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
+    """One API request on a kept-alive connection (one per thread and port), as
+    Serf's RPC client keeps its connection: the poll loops then measure the
+    agents, not TCP set-up."""
+    conns: dict[int, http.client.HTTPConnection] = _http_local.__dict__.setdefault("conns", {})
+    payload = None if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json"} if payload is not None else {}
+    for attempt in (1, 2):
+        conn = conns.get(port)
+        if conn is None:
+            conn = conns[port] = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (http.client.HTTPException, ConnectionError) as exc:
+            conn.close()
+            del conns[port]
+            if attempt == 2 or not isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                                                    BrokenPipeError, http.client.CannotSendRequest)):
+                raise
+            continue  # the agent closed an idle kept-alive connection: once more on a fresh one
+        except BaseException:
+            conn.close()
+            del conns[port]
+            raise
+        if resp.will_close:
+            conn.close()
+            del conns[port]
         if resp.status >= 400:
             raise RuntimeError(f"{method} {path}: HTTP {resp.status} {data[:200]!r}")
         return json.loads(data)
-    finally:
-        conn.close()
+    raise AssertionError("unreachable")
 
 
 # -- processes, ports, /proc --------------------------------------------------------------

@@ -126,3 +126,36 @@ def test_api_answers_bad_requests_with_json_errors(cluster: Cluster) -> None:
         assert reply.startswith(b"HTTP/1.1 400")
     time.sleep(0.2)
     assert a.running()
+
+
+def test_api_keeps_connections_alive_and_closes_when_asked(cluster: Cluster) -> None:
+    import http.client
+    import json
+
+    a = cluster.start("api2")
+    conn = http.client.HTTPConnection("127.0.0.1", a.api_port, timeout=5)
+    local_ports = set()
+    for _ in range(5):
+        conn.request("GET", "/v1/health")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["name"] == "api2"
+        assert resp.getheader("connection") is None
+        assert conn.sock is not None
+        local_ports.add(conn.sock.getsockname()[1])
+    assert len(local_ports) == 1  # five requests, one TCP connection
+    # A POST with a body on the same connection.
+    conn.request("POST", "/v1/join", body=b"{not json", headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 400 and resp.getheader("connection") == "close"  # errors close
+    resp.read()
+    conn.close()
+    # Two pipelined requests, the second asking to close: both answered, then EOF.
+    with socket.create_connection(("127.0.0.1", a.api_port)) as s:
+        s.settimeout(5)
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 2
+    assert a.running()
