@@ -184,6 +184,13 @@ def _tunnel_of(v: Any) -> Tunnel | None:
     return (_addr_of(v[:2]), v[2])
 
 
+def _full_tunnel(v: Any, gossip_host: str) -> Any:
+    """An alive's tunnel may leave out its host when it is the gossip host."""
+    if isinstance(v, list) and len(v) == 2:
+        return [gossip_host, *v]
+    return v
+
+
 def _state_of(v: Any) -> NodeState | None:
     if v is None:
         return None
@@ -217,17 +224,18 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Nack):
         return {"t": "nack", "seq": msg.seq, "from": msg.source}
     if isinstance(msg, Alive):
-        obj: dict[str, Any] = {
-            "t": "alive",
-            "name": msg.name,
-            "inc": msg.incarnation,
-            "addr": _addr(msg.addr),
-            "tags": dict(msg.tags),
-        }
+        # Alive is the message of a join burst, where how many fit in one
+        # datagram sets how fast a cluster converges: one-letter keys, no
+        # empty tags, and the tunnel's host only when it is not the gossip
+        # host -- 117 bytes down to about 80.
+        obj: dict[str, Any] = {"t": "alive", "n": msg.name, "i": msg.incarnation, "a": _addr(msg.addr)}
+        if msg.tags:
+            obj["g"] = dict(msg.tags)
         if msg.state is not None:
-            obj["st"] = [msg.state[0], msg.state[1]]
+            obj["s"] = [msg.state[0], msg.state[1]]
         if msg.tunnel is not None:
-            obj["dp"] = _tunnel(msg.tunnel)
+            (thost, tport), tkey = msg.tunnel
+            obj["d"] = [tport, tkey] if thost == msg.addr[0] else [thost, tport, tkey]
         return obj
     if isinstance(msg, Suspect):
         return {"t": "suspect", "name": msg.name, "inc": msg.incarnation, "from": msg.source}
@@ -375,13 +383,14 @@ def _message_from_obj(obj: Any) -> Message:
     if t == "nack":
         return Nack(_int(obj, "seq"), _str(obj, "from"))
     if t == "alive":
+        addr = _addr_of(obj.get("a"))
         return Alive(
-            _str(obj, "name"),
-            _int(obj, "inc"),
-            _addr_of(obj.get("addr")),
-            _tags_of(obj.get("tags", {})),
-            _state_of(obj.get("st")),
-            _tunnel_of(obj.get("dp")),
+            _str(obj, "n"),
+            _int(obj, "i"),
+            addr,
+            _tags_of(obj.get("g", {})),
+            _state_of(obj.get("s")),
+            _tunnel_of(_full_tunnel(obj.get("d"), addr[0])),
         )
     if t == "suspect":
         return Suspect(_str(obj, "name"), _int(obj, "inc"), _str(obj, "from"))

@@ -387,3 +387,22 @@ def test_a_deflate_bomb_is_refused_without_inflating_it() -> None:
     bomb = bytes([COMPRESSED_MARK]) + zlib.compress(b"\0" * (MAX_STREAM_BYTES + 1024), 9)
     assert len(bomb) < 64 * 1024
     assert _stream_reason(bomb) == "oversized"
+
+
+def test_alive_tunnel_host_is_left_out_only_when_it_is_the_gossip_host() -> None:
+    key = bytes(range(32))
+    same = Alive("a", 3, ("10.0.0.1", 7946), {}, (2, b"d" * 8), (("10.0.0.1", 7948), key))
+    other = Alive("a", 3, ("10.0.0.1", 7946), {"r": "x"}, None, (("10.9.9.9", 7948), key))
+    assert message_to_obj(same)["d"] == [7948, key]
+    assert message_to_obj(other)["d"] == ["10.9.9.9", 7948, key]
+    assert "g" not in message_to_obj(same)  # no tags, no key
+    for msg in (same, other):
+        assert decode_packet(encode_packet([msg])) == [msg]
+    # A join burst needs many alives per datagram.
+    assert len(encode_message(same)) <= 95
+
+
+@pytest.mark.parametrize("d", [[7948], [7948, b"short"], ["h", 7948, b"k" * 31], [0, b"k" * 32], "x"])
+def test_bad_alive_tunnel_is_malformed(d: object) -> None:
+    obj = {"t": "alive", "n": "a", "i": 1, "a": ["10.0.0.1", 7946], "d": d}
+    assert reason_of(raw_packet(obj)) == "malformed"
