@@ -873,7 +873,7 @@ class Membership:
             self.counters.stats["broadcast_too_large"] += 1
             return
         self.broadcasts.queue(key, encoded)
-        if self._eager_at is None and self._now - self._last_gossip >= self.config.eager_gossip_quiet:
+        if self._eager_at is None:
             self._eager_at = max(self._now, self._last_gossip + self.config.eager_gossip_gap)
 
     def _send(self, addr: Address, msgs: list[Message]) -> None:
