@@ -27,6 +27,10 @@ accounting in step.  Each frame is an 8-byte big-endian header and a payload::
     PONG 6          0          the 8 bytes of the PING it answers
     GOAWAY 7        0          u32 code (GoAwayCode)
 
+Types 0x80-0xFF are reserved for the encrypted session below: a record that
+starts with one is a control record of :mod:`dataplane.tunnel` (its rekey
+messages) and is never handed to ``receive``.
+
 Stream ids follow yamux ("Stream ID" in yamux spec.md): the session initiator
 opens odd ids, the responder even ids; 0 is the session itself.  As in RFC 9113
 §5.1.1 ids only grow, so "never opened" and "already closed" are told apart by

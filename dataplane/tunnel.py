@@ -24,7 +24,67 @@ nanoseconds, big-endian; WireGuard's replay defence) followed by the
 initiator's node name in UTF-8.  The preamble is also the Noise prologue, so a
 version mismatch can never produce a working session.  Each transport message
 is one mux record encrypted with the split CipherState; a record packs several
-frames, so small frames of many streams share one cipher call.
+frames, so small frames of many streams share one cipher call.  A transport
+message whose plaintext starts with a byte of 0x80 or more is instead a session
+*control record* (below), which the mux never sees: mux frame types are 0..7.
+
+Rekey
+-----
+A session renews its keys in band, as WireGuard renews its sessions (paper
+§6.1-6.2: every ``REKEY_AFTER_TIME`` = 120 s or ``REKEY_AFTER_MESSAGES``,
+whichever first), so that the traffic keys change over time and a key stolen
+later opens at most a couple of minutes of traffic (forward secrecy over
+time), without interrupting the streams.  The Noise ``Rekey()`` function
+(§11.3) would be cheaper but derives the new key from the old one, so it gives
+no forward secrecy against a compromise of the current key; a fresh
+Diffie-Hellman does.
+
+The new keys come from a second Noise_IK handshake between the same static
+keys, carried as control records under the current keys::
+
+    A (rekey initiator)                        B
+    INIT   (0xF0 + IK message 1)  under k      ->
+                                               <-  REPLY (0xF1 + IK message 2) under k';
+                                                   B sends everything after it under the new k'
+    SWITCH (0xF2)                 under k      ->
+    A sends everything after the SWITCH under the new key;
+    B reads everything after the SWITCH with it
+
+Each direction thus has an explicit switch point: the REPLY for B's sending
+direction, the SWITCH for A's; a message is read with the key its sender
+used, never guessed.  Mux records keep flowing under the old keys while the
+handshake is in flight, so no stream waits, and the transport is ordered, so
+none is lost or duplicated.  IK again rather than NN (or KK): NN would
+authenticate the new keys only through the old ones, so whoever stole the
+current traffic keys could man-in-the-middle every later rekey; IK's ``es``,
+``ss`` and ``se`` make each rekey prove both static keys again (the responder
+checks the INIT comes from the session's peer key), its ``ee`` gives fresh
+forward-secret keys, and it is the one pattern :mod:`dataplane.noise`
+implements and tests against vectors (KK would save the 48 bytes of the
+encrypted ``s``, not worth a second pattern).  IK message 1's weak spots (§7.7:
+replayable, not forward-secret against the responder's static key) do not
+apply inside a channel that is already encrypted with implicit nonces.  The
+prologue is ``PREAMBLE + b" rekey " + the previous handshake hash`` (§6,
+§11.2), which chains every rekey to the session's first handshake.
+
+Either side may start a rekey (one at a time): the sender of a direction after
+``rekey_after_messages`` messages on its key, the session initiator after
+``rekey_after_time`` (the responder 10 % later, only as a fallback, so the usual
+rekey is one INIT, not two crossing ones; WireGuard likewise leaves time-based
+renewal to the initiator of the current session), or :meth:`TunnelManager.rekey`.
+If both send an INIT at once, the session initiator's wins on both ends: the
+initiator ignores the responder's INIT, the responder drops its own handshake
+and answers.  A rekey message that does not verify kills the session loudly,
+like any corrupted record.  Limits are enforced, not just hoped for: a key
+that has carried ``reject_after_messages`` mux records (2^24 by default, far
+below the 2^64-1 nonces of Noise §5.1) or has been in use for
+``reject_after_time`` (180 s, WireGuard's ``REJECT_AFTER_TIME``) closes the
+session loudly; a receiver enforces the message cap on its peer too (so all
+agents must use the same limits, as they do by default).  Since a time-based
+rekey needs its reply within the minute between the two times, it doubles as
+the keepalive: a peer that silently vanished while streams were open but quiet
+is detected by ``reject_after_time`` at the latest (the idle timer handles
+sessions without streams, membership handles dead agents).
 
 Who may connect
 ---------------
@@ -36,7 +96,11 @@ newer than the last it accepted from that key, and it registers the session
 only once the initiator's first transport message decrypts (that proves the
 initiator holds the ephemeral key too: a replayed message 1 can never get
 that far).  The initiator therefore always sends a PING right after the
-handshake.
+handshake.  The timestamp table forgets keys that are no longer members once
+it grows (so it is bounded by about twice the membership), and at most
+``max_handshakes`` handshakes run at once: a flood of half-open connections
+gets its excess closed on arrival, not a task and a socket each for the whole
+handshake timeout.
 
 One session per pair
 --------------------
@@ -68,7 +132,7 @@ Tasks
 Everything runs under :meth:`TunnelManager.serve`, which owns one nursery:
 the listeners' accept loops, one task per connection (handshake, then the
 session), and one task per dial (handshake, then the session).  A session owns
-a reader, a writer and an idle timer, plus a nursery for the ``on_stream``
+a reader, a writer, an idle timer and a key timer, plus a nursery for the ``on_stream``
 handlers of the streams the peer opens; when the session ends the handlers
 get a short grace period to notice their streams failed, then are cancelled.
 """
@@ -77,15 +141,16 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import nacl.bindings
 import structlog
 import trio
 
 from dataplane import mux
-from dataplane.noise import MAX_MESSAGE, CipherState, HandshakeState, NoiseError
+from dataplane.noise import MAX_MESSAGE, MAX_NONCE, CipherState, HandshakeState, NoiseError
 
 __all__ = [
     "MAGIC",
@@ -103,7 +168,9 @@ __all__ = [
 ]
 
 MAGIC: Final = b"MESH"
-VERSION: Final = 1
+#: 2: sessions rekey in band (tunnel control records); a version-1 agent would
+#: take the first rekey record for a mux protocol violation, so the two must not pair.
+VERSION: Final = 2
 #: Sent unframed before message 1, and used as the Noise prologue.
 PREAMBLE: Final = MAGIC + bytes([VERSION])
 
@@ -126,15 +193,48 @@ _FLUSH_TIMEOUT: Final = 1.0
 #: How long a dead session's stream handlers get to notice before they are cancelled.
 _HANDLER_GRACE: Final = 5.0
 
+# Session control records (see "Rekey" in the module docstring).  A decrypted
+# transport message whose first byte is _CONTROL_MIN or more is for the session
+# itself and never reaches the mux: mux frame types are 0..7 and dataplane.mux
+# reserves 0x80..0xFF for this layer.
+_CONTROL_MIN: Final = 0x80
+_REKEY_INIT: Final = 0xF0
+_REKEY_REPLY: Final = 0xF1
+_REKEY_SWITCH: Final = 0xF2
+#: Prologue of a rekey handshake, followed by the previous handshake's hash (Noise §6, §11.2).
+_REKEY_PROLOGUE: Final = PREAMBLE + b" rekey "
+#: The session's responder renews on time only this much later than its initiator
+#: would, as a fallback: normally one side starts and no INITs cross.
+_RESPONDER_REKEY_SLACK: Final = 1.1
+
+#: WireGuard's REKEY_AFTER_TIME (paper §6.1): renew the keys every two minutes...
+DEFAULT_REKEY_AFTER_TIME: Final = 120.0
+#: ...or after this many messages under one key, whichever comes first.
+DEFAULT_REKEY_AFTER_MESSAGES: Final = 2**20
+#: WireGuard's REJECT_AFTER_TIME: a key still in use this long after it began
+#: means rekeying failed, and the session is closed loudly.
+DEFAULT_REJECT_AFTER_TIME: Final = 180.0
+#: The hard cap on mux records under one key (WireGuard's REJECT_AFTER_MESSAGES),
+#: 16 times the rekey point and far below Noise's 2^64-1 (§5.1), so a rekey that
+#: never completes ends the session long before a nonce could repeat.
+DEFAULT_REJECT_AFTER_MESSAGES: Final = 2**24
+#: Handshakes the listener runs at once; excess connections are closed unread.
+DEFAULT_MAX_HANDSHAKES: Final = 256
+#: The replay table (last HELLO timestamp per initiator key) is pruned of keys
+#: that are no longer members when it reaches twice its size after the last
+#: pruning, and never below this many entries.
+_REPLAY_TABLE_MIN: Final = 256
+
 #: Why a responder refused a connection: each is a ``handshakes_failed_<reason>`` counter.
 REFUSAL_REASONS: Final = (
     "bad_magic", "bad_version", "bad_handshake", "name_mismatch", "unknown_key", "replay", "timeout", "io_error",
+    "busy",
 )  # fmt: skip
 _STAT_KEYS: Final = (
     "handshakes_ok", *(f"handshakes_failed_{r}" for r in REFUSAL_REASONS), "dials_failed",
     "sessions_open", "sessions_opened", "sessions_closed", "sessions_failed", "duplicate_sessions",
     "streams_opened", "streams_accepted", "streams_refused", "bytes_in", "bytes_out",
-    "decrypt_failures", "protocol_errors", "handler_errors",
+    "decrypt_failures", "protocol_errors", "handler_errors", "rekeys", "rekey_collisions", "rekey_failures",
 )  # fmt: skip
 
 
@@ -427,6 +527,8 @@ class _Session:
         reader: _Reader,
         send_cipher: CipherState,
         recv_cipher: CipherState,
+        peer_static: bytes,
+        handshake_hash: bytes,
     ) -> None:
         self.manager = manager
         self.peer = peer
@@ -437,6 +539,22 @@ class _Session:
         self._reader = reader
         self._send_cipher = send_cipher
         self._recv_cipher = recv_cipher
+        #: The peer's static key, proven by the outer handshake; every rekey must prove it again.
+        self._peer_static = peer_static
+        #: The last handshake's transcript hash: the next rekey's prologue binds to it.
+        self._hs_hash = handshake_hash
+        # Rekey state (module docstring, "Rekey"): "idle"; "initiated" (our INIT is
+        # out, _rekey_hs waits for the REPLY); "switching" (we read the REPLY, our
+        # SWITCH is queued and the writer changes our send key right after it);
+        # "awaiting_switch" (we answered an INIT, the writer changes our send key
+        # right after the REPLY, _next_recv waits for the peer's SWITCH).
+        self._rekey_state: Literal["idle", "initiated", "switching", "awaiting_switch"] = "idle"
+        self._rekey_hs: HandshakeState | None = None
+        self._next_recv: CipherState | None = None
+        #: Control records to send ahead of mux records, each with the send key to use after it.
+        self._control_out: deque[tuple[bytes, CipherState | None]] = deque()
+        self._key_changed = trio.Event()
+        self.rekeys = 0
         self.mux = mux.Session(initiator=initiator)
         self.streams: dict[int, TunnelStream] = {}
         #: Streams whose send_all waits for room in the mux send buffer.
@@ -445,6 +563,9 @@ class _Session:
         self._finishing: set[int] = set()
         self.created = trio.current_time()
         self.last_busy = self.created
+        #: When the current send / receive keys came into use (the key-age limits).
+        self._send_since = self.created
+        self._recv_since = self.created
         self.rtt: float | None = None
         self._ping_sent: float | None = None
         self.draining = False
@@ -474,7 +595,7 @@ class _Session:
                             self._ping_sent = trio.current_time()
                             self.mux.ping(_RTT_PING)
                         if first_record is not None:
-                            self._handle_record(first_record)
+                            self._handle_plaintext(first_record)
                         if self.dead:
                             if self._closing:
                                 io.start_soon(self._write_loop)  # flush, then it ends the scope
@@ -484,6 +605,7 @@ class _Session:
                             io.start_soon(self._read_loop)
                             io.start_soon(self._write_loop)
                             io.start_soon(self._idle_loop)
+                            io.start_soon(self._key_loop)
                 except Exception as exc:
                     # A bug here must cost one session, never the agent.
                     self.log.error("tunnel_session_crashed", error=repr(exc))
@@ -636,8 +758,22 @@ class _Session:
                 stats["decrypt_failures"] += 1
                 self._terminate(f"decrypt failed ({exc.reason})", error=True)
                 return
-            if not self._handle_record(record):
+            if not self._handle_plaintext(record):
                 return
+
+    def _handle_plaintext(self, record: bytes) -> bool:
+        """Route one decrypted transport message: a session control record or a mux record."""
+        if self.dead:
+            return False
+        if record and record[0] >= _CONTROL_MIN:
+            return self._handle_control(record)
+        # The hard cap (WireGuard's REJECT_AFTER_MESSAGES): the peer kept sending mux
+        # records on a key that should long have been replaced.  The peer enforces the
+        # same cap on itself, so only a broken peer gets here.
+        if self._recv_cipher.nonce > self.manager.reject_after_messages:
+            self._key_failure("peer exceeded the message limit of one key")
+            return False
+        return self._handle_record(record)
 
     def _handle_record(self, record: bytes) -> bool:
         if self.dead:
@@ -716,15 +852,30 @@ class _Session:
 
     async def _write_loop(self) -> None:
         stats = self.manager.stats
+        reject_after = self.manager.reject_after_messages
+        rekey_after = self.manager.rekey_after_messages
         while True:
             out = bytearray()
             try:
                 while len(out) < _WRITE_BATCH:
+                    # Encryption happens only here, in wire order, so a key switch
+                    # queued with a control record lands exactly after that record.
+                    if self._control_out:
+                        control, next_send = self._control_out.popleft()
+                        out += _framed(self._send_cipher.encrypt_with_ad(b"", control))
+                        if next_send is not None:
+                            self._switch_send(next_send)
+                        continue
                     record = self.mux.next_record()
                     if record is None:
                         break
+                    if self._send_cipher.nonce >= reject_after:
+                        self._key_failure(f"{reject_after} messages on one key and no rekey")
+                        return
                     out += _framed(self._send_cipher.encrypt_with_ad(b"", record))
-            except NoiseError as exc:  # nonce exhaustion: a new session is needed
+                    if self._send_cipher.nonce >= rekey_after:
+                        self.start_rekey("messages")
+            except NoiseError as exc:  # unreachable below the hard cap; fail loudly all the same
                 self._terminate(f"encrypt failed ({exc.reason})", error=True)
                 return
             if out:
@@ -760,6 +911,147 @@ class _Session:
                 if done is not None:
                     self._remove(done)
 
+    # -- rekey --------------------------------------------------------------------------
+
+    def start_rekey(self, reason: str) -> bool:
+        """Begin replacing this session's keys; False if a rekey is already under way.
+
+        The INIT is an IK message 1 (Noise §7.5) sent as a control record under
+        the current key, ahead of any queued mux record; mux records keep going
+        out under the current key until the REPLY arrives, so no stream waits.
+        """
+        if self.dead or self._rekey_state != "idle":
+            return False
+        hs = HandshakeState.initiator(self.manager._static_private, self._peer_static, prologue=self._rekey_prologue())
+        init = hs.write_message(b"")
+        self._rekey_hs = hs
+        self._rekey_state = "initiated"
+        self._control_out.append((bytes([_REKEY_INIT]) + init, None))
+        self._kick.set()
+        self.log.debug("tunnel_rekey_started", reason=reason)
+        return True
+
+    def _rekey_prologue(self) -> bytes:
+        # Noise §6 / §11.2 channel binding: the new handshake hashes the previous
+        # one's transcript, so its messages are valid only as the next step of this
+        # very session (they already travel under its keys; this makes the chain
+        # explicit and costs nothing).
+        return _REKEY_PROLOGUE + self._hs_hash
+
+    def _handle_control(self, record: bytes) -> bool:
+        kind, body = record[0], record[1:]
+        try:
+            if kind == _REKEY_INIT:
+                self._on_rekey_init(body)
+            elif kind == _REKEY_REPLY:
+                self._on_rekey_reply(body)
+            elif kind == _REKEY_SWITCH and not body:
+                self._on_rekey_switch()
+            else:
+                raise NoiseError(f"unknown control record {kind:#x}")
+        except NoiseError as exc:
+            self._key_failure(f"rekey failed: {exc.reason}")
+            return False
+        self._kick.set()
+        return True
+
+    def _on_rekey_init(self, body: bytes) -> None:
+        if self._rekey_state == "initiated":
+            # Both sides started at once.  The session initiator's rekey wins, on
+            # both ends and with no extra message: the initiator ignores the
+            # responder's INIT, and the responder drops its own handshake and
+            # answers (its INIT precedes the REPLY on the wire, so the initiator
+            # still has its own handshake pending when it reads that INIT).
+            self.manager.stats["rekey_collisions"] += 1
+            if self.initiator:
+                return
+            self._rekey_hs = None
+        elif self._rekey_state != "idle":
+            raise NoiseError(f"rekey INIT while {self._rekey_state}")
+        hs = HandshakeState.responder(self.manager._static_private, prologue=self._rekey_prologue())
+        hs.read_message(body)
+        # Same static keys as the outer handshake, so a thief of the current traffic
+        # keys alone can neither answer nor forge a rekey (unlike with NN).
+        if hs.remote_static != self._peer_static:
+            raise NoiseError("rekey INIT from another static key")
+        reply = hs.write_message(b"")
+        next_send, next_recv = hs.split()
+        self._hs_hash = hs.handshake_hash
+        self._next_recv = next_recv
+        self._rekey_state = "awaiting_switch"
+        # The REPLY is our switch point: everything we send after it uses the new key.
+        self._control_out.append((bytes([_REKEY_REPLY]) + reply, next_send))
+
+    def _on_rekey_reply(self, body: bytes) -> None:
+        hs = self._rekey_hs
+        if self._rekey_state != "initiated" or hs is None:
+            raise NoiseError(f"rekey REPLY while {self._rekey_state}")
+        hs.read_message(body)
+        next_send, next_recv = hs.split()
+        self._hs_hash = hs.handshake_hash
+        self._rekey_hs = None
+        # The peer switched right after its REPLY, so the next message is under the new key.
+        self._recv_cipher = next_recv
+        self._recv_since = trio.current_time()
+        self._rekey_state = "switching"
+        # Our switch point: the SWITCH goes under the old key, everything after it under the new.
+        self._control_out.append((bytes([_REKEY_SWITCH]), next_send))
+        self._rekeyed()
+
+    def _on_rekey_switch(self) -> None:
+        if self._rekey_state != "awaiting_switch" or self._next_recv is None:
+            raise NoiseError(f"rekey SWITCH while {self._rekey_state}")
+        self._recv_cipher = self._next_recv
+        self._next_recv = None
+        self._recv_since = trio.current_time()
+        self._rekey_state = "idle"
+        self._key_changed.set()
+        self._rekeyed()
+
+    def _switch_send(self, cipher: CipherState) -> None:
+        self._send_cipher = cipher
+        self._send_since = trio.current_time()
+        if self._rekey_state == "switching":
+            self._rekey_state = "idle"
+        self._key_changed.set()
+
+    def _rekeyed(self) -> None:
+        # Counted once per rekey on each side: by its initiator on the REPLY, by
+        # its responder on the SWITCH.
+        self.rekeys += 1
+        self.manager.stats["rekeys"] += 1
+        self.log.debug("tunnel_rekeyed", rekeys=self.rekeys)
+
+    def _key_failure(self, reason: str) -> None:
+        self.manager.stats["rekey_failures"] += 1
+        self._terminate(reason, error=True)
+
+    async def _key_loop(self) -> None:
+        """Time-based rekey, and the hard limit on a key's age (WireGuard paper §6.2).
+
+        Only the session's initiator renews on time as a rule (the responder waits
+        10 % longer, as a fallback), as WireGuard leaves time-based renewal to the
+        initiator of the current session: the usual rekey is then one INIT, never two.
+        """
+        manager = self.manager
+        rekey_after = manager.rekey_after_time * (1.0 if self.initiator else _RESPONDER_REKEY_SLACK)
+        while True:
+            now = trio.current_time()
+            oldest = min(self._send_since, self._recv_since)
+            if now - oldest >= manager.reject_after_time:
+                self._key_failure(f"keys older than {manager.reject_after_time:g} s: rekey did not complete")
+                return
+            wake = oldest + manager.reject_after_time
+            if self._rekey_state == "idle":
+                due = self._send_since + rekey_after
+                if now >= due:
+                    self.start_rekey("time")
+                    continue
+                wake = min(wake, due)
+            self._key_changed = trio.Event()
+            with trio.move_on_at(wake):
+                await self._key_changed.wait()
+
     async def _idle_loop(self) -> None:
         timeout = self.manager.idle_timeout
         tick = max(0.01, min(timeout / 4, 5.0))
@@ -784,6 +1076,8 @@ class _Session:
             "draining": self.draining,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "age_s": round(trio.current_time() - self.created, 1),
+            "rekeys": self.rekeys,
+            "key_age_s": round(trio.current_time() - min(self._send_since, self._recv_since), 1),
         }
 
 
@@ -805,6 +1099,19 @@ class TunnelManager:
     that only dials); :meth:`open_stream` needs it running.  ``stats`` may be
     any mutable mapping of counters (the agent's own, so they show up in its
     API); the keys used are pre-created at zero.
+
+    Key lifetime (module docstring, "Rekey"): a session renews its keys after
+    ``rekey_after_messages`` records under one key or ``rekey_after_time``
+    seconds, whichever comes first, and is closed loudly if a key reaches
+    ``reject_after_messages`` records or ``reject_after_time`` seconds anyway.
+    The defaults are WireGuard's times and a message count far below Noise's
+    nonce bound; tests shrink them.  Peers enforce the message cap on each
+    other, so every agent of a cluster must use the same limits.
+
+    ``max_handshakes`` caps the handshakes in progress on the listeners (a
+    flood of half-open connections costs each excess one a closed socket,
+    counted as ``handshakes_failed_busy``).  ``connect(host, port)`` opens the
+    transport of a dial; tests substitute memory streams.
     """
 
     def __init__(
@@ -817,6 +1124,12 @@ class TunnelManager:
         clock: Callable[[], float] = time.time,
         handshake_timeout: float = 5.0,
         idle_timeout: float = 60.0,
+        rekey_after_messages: int = DEFAULT_REKEY_AFTER_MESSAGES,
+        rekey_after_time: float = DEFAULT_REKEY_AFTER_TIME,
+        reject_after_messages: int = DEFAULT_REJECT_AFTER_MESSAGES,
+        reject_after_time: float = DEFAULT_REJECT_AFTER_TIME,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        connect: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream,
         stats: MutableMapping[str, int] | None = None,
         log: Any = None,
     ) -> None:
@@ -824,6 +1137,14 @@ class TunnelManager:
             raise ValueError(f"node name must be 1..{_MAX_NAME} bytes of UTF-8")
         if len(static_private) != 32:
             raise ValueError("static_private must be 32 bytes")
+        # A few control records may follow the last mux record of a key; keep them
+        # all well inside the nonces Noise allows (§5.1).
+        if not 1 <= rekey_after_messages < reject_after_messages <= MAX_NONCE // 2:
+            raise ValueError("need 1 <= rekey_after_messages < reject_after_messages <= 2^63")
+        if not 0 < rekey_after_time < reject_after_time:
+            raise ValueError("need 0 < rekey_after_time < reject_after_time")
+        if max_handshakes < 1:
+            raise ValueError("max_handshakes must be positive")
         self.name = name
         self._static_private = bytes(static_private)
         self.static_public: bytes = nacl.bindings.crypto_scalarmult_base(self._static_private)
@@ -832,6 +1153,13 @@ class TunnelManager:
         self._clock = clock
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.rekey_after_messages = rekey_after_messages
+        self.rekey_after_time = rekey_after_time
+        self.reject_after_messages = reject_after_messages
+        self.reject_after_time = reject_after_time
+        self.max_handshakes = max_handshakes
+        self._connect = connect
+        self._handshakes = 0
         self.stats: MutableMapping[str, int] = {} if stats is None else stats
         for key in _STAT_KEYS:
             self.stats.setdefault(key, 0)
@@ -843,6 +1171,7 @@ class TunnelManager:
         self._pending: dict[str, _Dial] = {}
         #: Last accepted HELLO timestamp per initiator key (WireGuard's replay defence).
         self._last_hello: dict[bytes, int] = {}
+        self._prune_hellos_at = _REPLAY_TABLE_MIN
         self._last_sent_ts = 0
 
     # -- running ----------------------------------------------------------------------
@@ -938,7 +1267,7 @@ class TunnelManager:
         (host, port), key = target
         try:
             with trio.fail_after(self.handshake_timeout):
-                transport: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+                transport = await self._connect(host, port)
                 try:
                     hs = HandshakeState.initiator(self._static_private, key, prologue=PREAMBLE)
                     msg1 = hs.write_message(encode_hello(self._next_timestamp(), self.name))
@@ -950,6 +1279,7 @@ class TunnelManager:
                     name = hs.read_message(msg2).decode("utf-8")
                     if name != peer:
                         raise TunnelError(f"dialled {peer!r} but the key's holder says it is {name!r}")
+                    handshake_hash = hs.handshake_hash
                     send_cipher, recv_cipher = hs.split()
                 except BaseException:
                     await trio.aclose_forcefully(transport)
@@ -966,7 +1296,7 @@ class TunnelManager:
         self.log.debug("tunnel_handshake_ok", peer=peer, role="initiator")
         return _Session(
             self, peer, initiator=True, transport=transport, reader=reader,
-            send_cipher=send_cipher, recv_cipher=recv_cipher,
+            send_cipher=send_cipher, recv_cipher=recv_cipher, peer_static=key, handshake_hash=handshake_hash,
         )  # fmt: skip
 
     def _next_timestamp(self) -> int:
@@ -982,10 +1312,18 @@ class TunnelManager:
         if self._nursery is None:
             await trio.aclose_forcefully(transport)
             return
+        if self._handshakes >= self.max_handshakes:
+            # Half-open connections each hold a task and a socket for up to
+            # handshake_timeout: past the cap, refuse at once rather than queue.
+            self.stats["handshakes_failed_busy"] += 1
+            await trio.aclose_forcefully(transport)
+            return
         accepted: tuple[_Session, bytes] | None = None
+        self._handshakes += 1
         try:
             accepted = await self._accept(transport)
         finally:
+            self._handshakes -= 1
             if accepted is None:
                 await trio.aclose_forcefully(transport)
         if accepted is None:
@@ -1044,7 +1382,9 @@ class TunnelManager:
         if last is not None and ts <= last:
             raise _Refused("replay", f"from {peer}: timestamp not newer than the last accepted")
         self._last_hello[remote] = ts
+        self._prune_hellos()
         await transport.send_all(_framed(hs.write_message(self.name.encode("utf-8"))))
+        handshake_hash = hs.handshake_hash
         send_cipher, recv_cipher = hs.split()
         # Key confirmation: only the holder of message 1's ephemeral key can produce this.
         try:
@@ -1062,9 +1402,24 @@ class TunnelManager:
         self.log.debug("tunnel_handshake_ok", peer=peer, role="responder")
         sess = _Session(
             self, peer, initiator=False, transport=transport, reader=reader,
-            send_cipher=send_cipher, recv_cipher=recv_cipher,
+            send_cipher=send_cipher, recv_cipher=recv_cipher, peer_static=remote, handshake_hash=handshake_hash,
         )  # fmt: skip
         return sess, record
+
+    def _prune_hellos(self) -> None:
+        """Keep the replay table bounded: forget the keys of agents that are no longer members.
+
+        Safe because a key that is not a member is refused before its timestamp
+        matters, and should it rejoin, a replayed message 1 still cannot finish
+        the handshake (the session registers only once a record decrypts).  The
+        threshold doubles with what survives, so scans are amortised to O(1) per handshake.
+        """
+        if len(self._last_hello) < self._prune_hellos_at:
+            return
+        for key in list(self._last_hello):
+            if self.directory.member_for_key(key) is None:
+                del self._last_hello[key]
+        self._prune_hellos_at = max(_REPLAY_TABLE_MIN, 2 * len(self._last_hello))
 
     # -- the session table --------------------------------------------------------------
 
@@ -1110,6 +1465,11 @@ class TunnelManager:
         for sess in doomed:
             sess._terminate(reason, error=True)
         return len(doomed)
+
+    def rekey(self, peer: str) -> bool:
+        """Renew the keys of the session to ``peer`` now; False if there is none or one is under way."""
+        sess = self._active.get(peer)
+        return sess is not None and sess.start_rekey("requested")
 
     def sessions_view(self) -> list[dict[str, Any]]:
         """One dict per live session, active or draining, for the API."""

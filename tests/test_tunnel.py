@@ -2,7 +2,8 @@
 
 Each test builds a small cluster with a dict-backed PeerDirectory; the raw
 tests speak the wire format by hand (with dataplane.noise) to replay, age or
-corrupt handshakes.
+corrupt handshakes.  The rekey and hygiene tests at the end run over
+trio.testing memory streams instead, most under an autojump MockClock.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from dataplane import mux
 from dataplane.noise import CipherState, HandshakeState, generate_keypair
@@ -696,3 +698,414 @@ async def test_manager_close_fails_open_streams() -> None:
             await stream.receive_some()
         with pytest.raises(TunnelError):
             await a.open_stream("b", b"echo")
+
+
+# -- rekey ------------------------------------------------------------------------------------
+#
+# These run over trio.testing memory streams (TunnelManager's ``connect`` hook):
+# no sockets, so an autojump MockClock can drive the timers and every run
+# schedules the same way.  One rekey test also runs over real TCP.
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+class Tap(trio.abc.HalfCloseableStream):
+    """The dialler's end of a memory connection; a test may rewrite or drop the
+    Noise messages it sends (after the unframed preamble), or cut it off entirely."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
+        self.inner = inner
+        self.pending = bytearray()
+        self.skip = len(PREAMBLE)
+        self.rewrite: Callable[[bytes], bytes | None] | None = None
+        #: Silently swallow everything sent and never deliver anything more.
+        self.blackhole = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.blackhole:
+            await trio.lowlevel.checkpoint()
+            return
+        self.pending += data
+        out = bytearray()
+        n = min(self.skip, len(self.pending))
+        out += self.pending[:n]
+        del self.pending[:n]
+        self.skip -= n
+        while len(self.pending) >= 2 and len(self.pending) >= 2 + int.from_bytes(self.pending[:2], "big"):
+            size = int.from_bytes(self.pending[:2], "big")
+            msg = bytes(self.pending[2 : 2 + size])
+            del self.pending[: 2 + size]
+            sent = msg if self.rewrite is None else self.rewrite(msg)
+            if sent is not None:
+                out += len(sent).to_bytes(2, "big") + sent
+        if out:
+            await self.inner.send_all(out)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.blackhole:
+            await trio.sleep_forever()
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class MemoryNet:
+    """Stands in for TCP: a dial to ("mem", port) is a memory stream pair whose far
+    end the harness hands to that manager's ``handle_connection``."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.managers: dict[int, TunnelManager] = {}
+        self.taps: list[Tap] = []
+
+    async def connect(self, host: str, port: int) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        client, server = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.managers[port].handle_connection, server)
+        tap = Tap(client)
+        self.taps.append(tap)
+        return tap
+
+
+@asynccontextmanager
+async def memory_cluster(
+    *names: str, deadline: float = TEST_DEADLINE, per_node: dict[str, dict[str, Any]] | None = None, **kw: Any
+) -> AsyncIterator[tuple[dict[str, Node], MemoryNet]]:
+    directory = Directory()
+    kw.setdefault("handshake_timeout", 2.0)
+    nodes: dict[str, Node] = {}
+    async with trio.open_nursery() as nursery:
+        net = MemoryNet(nursery)
+        for port, name in enumerate(names, start=1):
+            private, public = generate_keypair()
+            directory.members[name] = (("mem", port), public)
+
+            def bind(node_name: str) -> Callable[[str, bytes, TunnelStream], Awaitable[None]]:
+                return lambda peer, header, stream: handler(nodes[node_name], peer, header, stream)
+
+            options = {**kw, **(per_node or {}).get(name, {})}
+            manager = TunnelManager(name, private, directory, on_stream=bind(name), connect=net.connect, **options)
+            net.managers[port] = manager
+            nodes[name] = Node(name, manager, private, port)
+            await nursery.start(manager.serve)
+        with trio.fail_after(deadline):
+            yield nodes, net
+        for node in nodes.values():
+            await node.manager.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def keys_in_step(x: TunnelManager, y: TunnelManager) -> bool:
+    """Both ends of their one session encrypt and decrypt each direction with the same key."""
+    (sx,) = x._sessions
+    (sy,) = y._sessions
+    return sx._send_cipher._k == sy._recv_cipher._k and sx._recv_cipher._k == sy._send_cipher._k
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_long_transfer_on_many_streams_crosses_rekeys_byte_exact(transport: str) -> None:
+    limits = {"rekey_after_messages": 50, "reject_after_messages": 400}
+    rng = random.Random(7)
+    payloads = [rng.randbytes(n) for n in (1_500_000, 1_000_000, 700_000, 300_001, 5)]
+    results: dict[int, bytes] = {}
+    if transport == "memory":
+        context = memory_cluster("a", "b", **limits)
+    else:
+        context = cluster_pair(**limits)
+    async with context as (nodes, _):
+        a, b = nodes["a"].manager, nodes["b"].manager
+
+        async def one(i: int) -> None:
+            stream = await a.open_stream("b", b"echo:%d" % i)
+            results[i] = await roundtrip(stream, payloads[i], chunk=rng.choice([4096, 65536]))
+
+        async def upload(i: int) -> None:  # and a one-way stream the other way
+            stream = await b.open_stream("a", b"sink:%d" % i)
+            await stream.send_all(payloads[i])
+            await stream.send_eof()
+            assert await stream.receive_some() == b"ok"
+            await stream.aclose()
+
+        warm = await a.open_stream("b", b"echo")  # one session first: no duplicate dials
+        assert await roundtrip(warm, b"warm") == b"warm"
+        async with trio.open_nursery() as nursery:
+            for i in range(len(payloads)):
+                nursery.start_soon(one, i)
+            nursery.start_soon(upload, 0)
+        for i, payload in enumerate(payloads):
+            assert results[i] == payload, f"stream {i} differs"
+        assert nodes["a"].received[b"sink:0"] == hashlib.sha256(payloads[0]).digest()
+        # ~300 records each way: many rekeys, each counted once on both ends, on one session.
+        await wait_until(lambda: a.stats["rekeys"] == b.stats["rekeys"])
+        assert a.stats["rekeys"] >= 5
+        assert a.stats["handshakes_ok"] == b.stats["handshakes_ok"] == 1
+        assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 0
+        assert a.stats["rekey_failures"] == b.stats["rekey_failures"] == 0
+        (sess,) = a._sessions
+        assert sess.mux.counters["streams_reset_local"] == sess.mux.counters["streams_reset_remote"] == 0
+        assert a.sessions_view()[0]["rekeys"] == a.stats["rekeys"]
+        await wait_until(lambda: keys_in_step(a, b))
+
+
+@asynccontextmanager
+async def cluster_pair(**kw: Any) -> AsyncIterator[tuple[dict[str, Node], None]]:
+    async with cluster("a", "b", **kw) as nodes:
+        yield nodes, None
+
+
+async def test_time_based_rekey_on_a_mock_clock(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_cluster(
+        "a", "b", deadline=100, idle_timeout=1000, rekey_after_time=10.0, reject_after_time=15.0
+    ) as (nodes, _):
+        a, b = nodes["a"].manager, nodes["b"].manager
+        start = trio.current_time()
+        stream = await a.open_stream("b", b"echo")
+        await stream.send_all(b"before")
+        assert await stream.receive_some() == b"before"
+        (sess,) = a._sessions
+        key0 = sess._send_cipher._k
+        await trio.sleep_until(start + 35.0)  # a quiet stream: only the timer renews the keys
+        # The session's initiator rekeyed at 10, 20 and 30 s; the responder never had to.
+        assert a.stats["rekeys"] == b.stats["rekeys"] == 3
+        assert a.stats["rekey_collisions"] == b.stats["rekey_collisions"] == 0
+        assert sess._send_cipher._k != key0
+        assert keys_in_step(a, b)
+        assert a.sessions_view()[0]["key_age_s"] == pytest.approx(5.0, abs=0.1)
+        await stream.send_all(b"after")
+        assert await stream.receive_some() == b"after"
+        assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 0
+        assert a.stats["handshakes_ok"] == 1
+        await stream.aclose()
+
+
+async def test_responder_renews_on_time_if_the_initiator_does_not(autojump_clock: trio.testing.MockClock) -> None:
+    slow = {"rekey_after_time": 500.0, "reject_after_time": 600.0}
+    async with memory_cluster(
+        "a", "b", deadline=100, idle_timeout=1000, rekey_after_time=10.0, reject_after_time=15.0,
+        per_node={"a": slow},
+    ) as (nodes, _):  # fmt: skip
+        a, b = nodes["a"].manager, nodes["b"].manager
+        start = trio.current_time()
+        stream = await a.open_stream("b", b"echo")
+        await trio.sleep_until(start + 25.0)
+        assert a.stats["rekeys"] == b.stats["rekeys"] == 2  # b, at 11 and 22 s
+        await stream.send_all(b"still here")
+        assert await stream.receive_some() == b"still here"
+        assert b.stats["sessions_failed"] == 0
+
+
+async def test_simultaneous_rekey_from_both_sides_resolves_to_one(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_cluster("a", "b", idle_timeout=1000) as (nodes, _):
+        a, b = nodes["a"].manager, nodes["b"].manager
+        payload = os.urandom(600_000)
+        streams = [await a.open_stream("b", b"echo"), await b.open_stream("a", b"echo")]
+        for s in streams:
+            await s.send_all(b"x")
+            assert await s.receive_some() == b"x"
+        (sa,) = a._sessions
+        (sb,) = b._sessions
+        for round_ in range(1, 4):
+            before = (sa._send_cipher._k, sa._recv_cipher._k)
+            # Both INITs are queued before either side reads anything: they cross.
+            assert a.rekey("b") and b.rekey("a")
+            assert not a.rekey("b")  # one rekey at a time
+            echoed = [bytearray(), bytearray()]
+
+            async def pump(i: int, echoed: list[bytearray] = echoed) -> None:
+                await streams[i].send_all(payload)
+                while len(echoed[i]) < len(payload):
+                    echoed[i] += await streams[i].receive_some()
+
+            async with trio.open_nursery() as nursery:  # traffic in flight across the switch
+                nursery.start_soon(pump, 0)
+                nursery.start_soon(pump, 1)
+            assert echoed == [payload, payload]
+            await wait_until(lambda round_=round_: a.stats["rekeys"] == b.stats["rekeys"] == round_)
+            # The initiator's handshake won on both ends: one rekey, one collision seen by each side.
+            assert a.stats["rekey_collisions"] == b.stats["rekey_collisions"] == round_
+            assert sa._rekey_state == sb._rekey_state == "idle"
+            assert keys_in_step(a, b)
+            assert (sa._send_cipher._k, sa._recv_cipher._k) != before
+        assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 0
+        for s in streams:
+            await s.send_eof()
+            assert await s.receive_some() == b""
+            await s.aclose()
+
+
+@pytest.mark.parametrize("kind", ["wire", "inner", "impostor"])
+async def test_tampered_rekey_record_kills_the_session_loudly(
+    autojump_clock: trio.testing.MockClock, kind: str
+) -> None:
+    async with memory_cluster("a", "b", idle_timeout=1000) as (nodes, net):
+        a, b = nodes["a"].manager, nodes["b"].manager
+        stream = await a.open_stream("b", b"echo")
+        await stream.send_all(b"hello")
+        assert await stream.receive_some() == b"hello"
+        (sa,) = a._sessions
+        if kind == "wire":
+            # The INIT is 1 + 96 bytes of IK message 1 + a 16-byte tag; flip one bit of it in flight.
+            def flip(msg: bytes) -> bytes:
+                return msg[:50] + bytes([msg[50] ^ 4]) + msg[51:] if len(msg) == 113 else msg
+
+            net.taps[0].rewrite = flip
+            assert a.rekey("b")
+        elif kind == "inner":
+            # Well encrypted under the session key, but the handshake inside is corrupt.
+            assert a.rekey("b")
+            record, switch = sa._control_out[-1]
+            sa._control_out[-1] = (record[:-1] + bytes([record[-1] ^ 1]), switch)
+        else:
+            # Whoever stole the traffic keys, but not a's static key, cannot rekey.
+            real = a._static_private
+            a._static_private = generate_keypair()[0]
+            assert a.rekey("b")
+            a._static_private = real
+        with pytest.raises(StreamResetError):
+            while await stream.receive_some():
+                pass
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_all(b"more")
+        if kind == "wire":
+            assert b.stats["decrypt_failures"] == 1
+        else:
+            assert b.stats["rekey_failures"] == 1
+        assert b.stats["rekeys"] == 0
+        assert b.stats["sessions_failed"] == 1
+        await wait_until(lambda: a.stats["sessions_failed"] == 1)
+        assert a.sessions_view() == b.sessions_view() == []
+
+
+def ignore_rekeys(manager: TunnelManager) -> None:
+    """Make this end of its session deaf to the peer's INITs (it still sends its own)."""
+    (sess,) = manager._sessions
+    sess._on_rekey_init = lambda body: None  # type: ignore[method-assign]
+
+
+async def test_message_cap_closes_a_session_that_cannot_rekey(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_cluster("a", "b", idle_timeout=1000, rekey_after_messages=20, reject_after_messages=60) as (
+        nodes,
+        _,
+    ):
+        a, b = nodes["a"].manager, nodes["b"].manager
+        stream = await a.open_stream("b", b"sink")
+        await wait_until(lambda: bool(b._sessions))
+        ignore_rekeys(b)  # and should b start one, a's own INIT wins: no rekey can complete
+        with pytest.raises(StreamResetError, match="messages on one key and no rekey"):
+            for _ in range(1000):  # one small record at a time
+                await stream.send_all(b"y" * 100)
+                await trio.sleep(0.001)
+        assert a.stats["rekey_failures"] == 1
+        assert a.stats["rekeys"] == b.stats["rekeys"] == 0
+        assert a.sessions_view() == []
+        assert a.stats["sessions_failed"] == 1
+        # b saw its peer vanish with a stream open: loud there too.
+        await wait_until(lambda: b.stats["sessions_failed"] == 1)
+        assert b"sink" not in nodes["b"].received
+
+
+async def test_receiver_enforces_the_message_cap_on_its_peer(autojump_clock: trio.testing.MockClock) -> None:
+    loose = {"rekey_after_messages": 10**6, "reject_after_messages": 2 * 10**6}
+    async with memory_cluster(
+        "a", "b", idle_timeout=1000, rekey_after_messages=20, reject_after_messages=60, per_node={"a": loose}
+    ) as (nodes, _):
+        a, b = nodes["a"].manager, nodes["b"].manager
+        stream = await a.open_stream("b", b"sink")
+        ignore_rekeys(a)  # a never rekeys, and ignores b's attempts
+        with pytest.raises(trio.BrokenResourceError):
+            for _ in range(1000):
+                await stream.send_all(b"z" * 100)
+                await trio.sleep(0.001)
+        assert b.stats["rekey_failures"] == 1
+        assert b.stats["sessions_failed"] == 1
+        assert a.stats["rekey_failures"] == 0
+
+
+async def test_silent_peer_fails_the_session_at_the_key_age_limit(autojump_clock: trio.testing.MockClock) -> None:
+    """No keepalive needed: a quiet stream still rekeys every rekey_after_time, and a
+    peer that vanished without a FIN or RST cannot answer, so reject_after_time ends it."""
+    async with memory_cluster(
+        "a", "b", deadline=100, idle_timeout=1000, rekey_after_time=10.0, reject_after_time=15.0
+    ) as (nodes, net):
+        a, b = nodes["a"].manager, nodes["b"].manager
+        start = trio.current_time()
+        stream = await a.open_stream("b", b"echo")
+        await stream.send_all(b"hi")
+        assert await stream.receive_some() == b"hi"
+        net.taps[0].blackhole = True  # the network path goes dark, both ways
+        with pytest.raises(StreamResetError, match="rekey did not complete"):
+            await stream.receive_some()
+        assert trio.current_time() - start == pytest.approx(15.0, abs=0.1)
+        assert a.stats["rekey_failures"] == 1
+        await wait_until(lambda: b.stats["sessions_failed"] == 1)
+
+
+# -- hygiene ------------------------------------------------------------------------------------
+
+
+async def test_replay_table_forgets_keys_that_left_membership(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_cluster("a", "b", "c", idle_timeout=1000) as (nodes, _):
+        b = nodes["b"].manager
+        stream = await nodes["c"].manager.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"c") == b"c"
+        c_key = nodes["c"].manager.static_public
+        for _ in range(400):  # keys of agents long gone from membership
+            b._last_hello[os.urandom(32)] = 1
+        stream = await nodes["a"].manager.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"a") == b"a"
+        # Only current members survive; the next pruning waits for the table to double.
+        assert set(b._last_hello) == {c_key, nodes["a"].manager.static_public}
+        assert b._prune_hellos_at == 256
+
+
+async def test_handshake_cap_closes_excess_half_open_connections(autojump_clock: trio.testing.MockClock) -> None:
+    async with memory_cluster("a", "b", handshake_timeout=2.0, per_node={"b": {"max_handshakes": 3}}) as (
+        nodes,
+        net,
+    ):
+        b = nodes["b"]
+        start = trio.current_time()
+        silent = [await net.connect("mem", b.port) for _ in range(8)]  # connect, then say nothing
+        await trio.sleep(0.1)
+        assert b.manager.stats["handshakes_failed_busy"] == 5
+        for conn in silent[3:]:  # the excess was closed at once
+            assert await conn.receive_some() == b""
+        # While the three hold every slot, a real peer is turned away too...
+        with pytest.raises(TunnelError):
+            await nodes["a"].manager.open_stream("b", b"echo")
+        assert b.manager.stats["handshakes_failed_busy"] == 6
+        # ...until they time out; then the slots are free again.
+        for conn in silent[:3]:
+            assert await conn.receive_some() == b""
+        assert trio.current_time() - start == pytest.approx(2.0, abs=0.2)
+        assert b.manager.stats["handshakes_failed_timeout"] == 3
+        stream = await nodes["a"].manager.open_stream("b", b"echo")
+        assert await roundtrip(stream, b"served") == b"served"
+        for conn in silent:
+            await conn.aclose()
+
+
+def test_key_limits_are_validated() -> None:
+    private, _ = generate_keypair()
+    for bad in (
+        {"rekey_after_messages": 0},
+        {"rekey_after_messages": 100, "reject_after_messages": 100},
+        {"reject_after_messages": 2**64 - 1},  # Noise's own bound leaves no room for control records
+        {"rekey_after_time": 0.0},
+        {"rekey_after_time": 200.0, "reject_after_time": 180.0},
+        {"max_handshakes": 0},
+    ):
+        with pytest.raises(ValueError):
+            TunnelManager("a", private, Directory(), **bad)
