@@ -49,6 +49,7 @@ class HttpError(Exception):
 Reply = tuple[int, Any] | tuple[int, Any, list[tuple[str, str]]]
 Handler = Callable[[dict[str, list[str]], Any], Awaitable[Reply]]
 PrefixHandler = Callable[[str, dict[str, list[str]], Any], Awaitable[Reply]]
+Prefix2Handler = Callable[[str, str, dict[str, list[str]], Any], Awaitable[Reply]]
 #: Longest a blocking query may wait (Consul caps at 10 minutes too).
 MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
@@ -68,12 +69,19 @@ class ApiServer:
             ("PUT", "/v1/services"): self.register,
             ("GET", "/v1/upstreams"): self.upstreams,
             ("PUT", "/v1/upstreams"): self.upstream_add,
+            ("GET", "/v1/intentions"): self.intentions,
+            ("PUT", "/v1/intentions"): self.intention_put,
         }
         #: Routes with one trailing path parameter.
         self.prefixed: dict[tuple[str, str], PrefixHandler] = {
             ("GET", "/v1/services/"): self.service_show,
             ("DELETE", "/v1/services/"): self.deregister,
             ("DELETE", "/v1/upstreams/"): self.upstream_remove,
+            ("DELETE", "/v1/intentions/"): self.intention_remove_one,
+        }
+        #: Routes with two trailing path parameters (a source and a destination).
+        self.prefixed2: dict[tuple[str, str], Prefix2Handler] = {
+            ("DELETE", "/v1/intentions/"): self.intention_remove,
         }
 
     # -- routes -------------------------------------------------------------------------
@@ -175,6 +183,25 @@ class ApiServer:
         except ServiceError as exc:
             raise HttpError(exc.status, str(exc)) from None
 
+    async def intentions(self, query: dict[str, list[str]], body: Any) -> Reply:
+        return 200, self.agent.intentions.view()
+
+    async def intention_put(self, query: dict[str, list[str]], body: Any) -> Reply:
+        try:
+            return 200, self.agent.intentions.put(body)
+        except ServiceError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+
+    async def intention_remove(self, source: str, destination: str, query: dict[str, list[str]],
+                               body: Any) -> Reply:
+        try:
+            return 200, self.agent.intentions.remove(source, destination)
+        except ServiceError as exc:
+            raise HttpError(exc.status, str(exc)) from None
+
+    async def intention_remove_one(self, source: str, query: dict[str, list[str]], body: Any) -> Reply:
+        raise HttpError(400, "name the rule by both ends: DELETE /v1/intentions/{source}/{destination}")
+
     # -- HTTP plumbing ------------------------------------------------------------------------
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -241,19 +268,13 @@ class ApiServer:
         method = request.method.decode("ascii", "replace")
         split = urlsplit(request.target.decode("ascii", "replace"))
         path = split.path.rstrip("/") or "/"
-        handler: Handler | None = self.routes.get((method, path))
+        handler: Handler | None = self.routes.get((method, path)) or self._match_prefixed(method, path)
         if handler is None:
-            for (m, prefix), h in self.prefixed.items():
-                if path.startswith(prefix) and len(path) > len(prefix) and "/" not in path[len(prefix):]:
-                    if m == method:
-                        handler = functools.partial(h, unquote(path[len(prefix):]))
-                        break
-            else:
-                known = [p for (_, p) in self.routes] + [
-                    p for (_, p) in self.prefixed if path.startswith(p) and len(path) > len(p)]
-                if any(path == p or path.startswith(p) for p in known):
-                    return 405, {"error": f"method {method} not allowed on {path}"}
-                return 404, {"error": f"no such endpoint {path}"}
+            known = [p for (_, p) in self.routes] + [
+                p for (_, p) in [*self.prefixed, *self.prefixed2] if path.startswith(p) and len(path) > len(p)]
+            if any(path == p or path.startswith(p) for p in known):
+                return 405, {"error": f"method {method} not allowed on {path}"}
+            return 404, {"error": f"no such endpoint {path}"}
         parsed: Any = None
         if body:
             try:
@@ -267,6 +288,17 @@ class ApiServer:
         except Exception as exc:  # a bug must not take the agent down
             self.log.exception("api_handler_failed", path=path)
             return 500, {"error": f"internal error: {type(exc).__name__}"}
+
+    def _match_prefixed(self, method: str, path: str) -> Handler | None:
+        for (m, prefix), h in self.prefixed.items():
+            rest = path[len(prefix):]
+            if m == method and path.startswith(prefix) and rest and "/" not in rest:
+                return functools.partial(h, unquote(rest))
+        for (m, prefix), h2 in self.prefixed2.items():
+            parts = path[len(prefix):].split("/")
+            if m == method and path.startswith(prefix) and len(parts) == 2 and all(parts):
+                return functools.partial(h2, unquote(parts[0]), unquote(parts[1]))
+        return None
 
     async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any,
                        extra: list[tuple[str, str]] | None = None, *, close: bool = False) -> None:

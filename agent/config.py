@@ -67,6 +67,7 @@ class AgentConfig:
     tags: dict[str, str] = field(default_factory=dict)
     services: list[dict[str, Any]] = field(default_factory=list)
     upstreams: list[dict[str, Any]] = field(default_factory=list)
+    intentions: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -185,7 +186,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
             continue
         values[name] = default
 
-    known = set(FLAGS) | {n.replace("_", "-") for n in FLAGS} | {"timing", "tags", "service", "upstream"}
+    known = set(FLAGS) | {n.replace("_", "-") for n in FLAGS} | {"timing", "tags", "service", "upstream", "intention"}
     unknown = sorted(set(file_data) - known)
     if unknown:
         raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
@@ -261,6 +262,22 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         except ServiceError as exc:
             raise ConfigError(f"config file {config_path}: upstream #{i + 1}: {exc}") from None
 
+    intentions = file_data.get("intention", [])
+    if not isinstance(intentions, list) or not all(isinstance(r, dict) for r in intentions):
+        raise ConfigError(f"config file {config_path}: [[intention]] must be an array of tables")
+    from agent.intentions import validate as validate_intention
+
+    pairs: set[tuple[str, str]] = set()
+    for i, raw in enumerate(intentions):
+        try:
+            rule = validate_intention(raw, origin="config")
+        except ServiceError as exc:
+            raise ConfigError(f"config file {config_path}: intention #{i + 1}: {exc}") from None
+        if (rule.source, rule.destination) in pairs:
+            raise ConfigError(f"config file {config_path}: intention #{i + 1}: a second rule from "
+                              f"{rule.source!r} to {rule.destination!r} (one rule per pair)")
+        pairs.add((rule.source, rule.destination))
+
     data_dir = Path(values["data_dir"]) if values["data_dir"] else None
     if data_dir is not None:
         try:
@@ -283,6 +300,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         tags=dict(tags),
         services=[dict(s) for s in services],
         upstreams=[dict(u) for u in upstreams],
+        intentions=[dict(r) for r in intentions],
         warnings=warnings,
     )
 

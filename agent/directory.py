@@ -29,14 +29,25 @@ class MeshDirectory:
             m = self.membership.members.get(node)
             if m is None or m.status is not Status.ALIVE:
                 continue  # suspect members' instances are not routed to while others exist
-            out.append(Endpoint(node, inst.id, inst.address, inst.port))
+            out.append(Endpoint(node, inst.id, inst.address, inst.port, inst.service))
         return out
 
     def local_endpoint(self, instance_id: str) -> Endpoint | None:
         reg = self.services.registrations.get(instance_id)
         if reg is None:
             return None
-        return Endpoint(self.membership.name, reg.id, reg.address, reg.port)
+        return Endpoint(self.membership.name, reg.id, reg.address, reg.port, reg.name)
+
+    # -- for intentions (agent.intentions.Intentions) ----------------------------------------
+
+    def has_instance(self, node: str, service: str) -> bool:
+        """Whether ``node`` has an instance of ``service`` in the catalog we hold, whatever its health.
+
+        Health does not matter here: a failing service is still who it is; what
+        makes a claimed source unverified is a node that never registered it.
+        """
+        catalog = self.services.registry.held(node)
+        return catalog is not None and any(i.service == service for i in catalog.instances.values())
 
     # -- for the tunnels (dataplane.tunnel.PeerDirectory) ------------------------------------
 

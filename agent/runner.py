@@ -20,6 +20,7 @@ import trio
 from agent import identity, log
 from agent.config import AgentConfig, describe
 from agent.directory import MeshDirectory
+from agent.intentions import Intentions
 from agent.services import LocalServices
 from agent.transport import (
     DatagramSocket,
@@ -73,7 +74,9 @@ class Agent:
         )
         self.directory = MeshDirectory(self.membership, self.services)
         self.dp_stats: Counter[str] = Counter()
-        self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning)
+        self.intentions = Intentions(cfg.data_dir, cfg.name, self.directory.has_instance)
+        self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
+                           authorizer=self.intentions, info=self.log.info)
         self.tunnels = TunnelManager(
             cfg.name, self.tunnel_private, self.directory, on_stream=self.proxy.handle_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
@@ -107,6 +110,7 @@ class Agent:
         bound_port = int(tunnel_listeners[0].socket.getsockname()[1])
         self.membership.set_tunnel(((self._tunnel_host, bound_port), self.tunnel_public))
         self.services.load(self.cfg.services)
+        self.intentions.load(self.cfg.intentions)
         self.membership.state_changed()
         if self.cfg.data_dir is None:
             self.log.warning("no_data_dir", detail="run-time service registrations will not survive a restart")

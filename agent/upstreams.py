@@ -1,30 +1,78 @@
 """Upstreams: local ports on this agent that lead to a service anywhere in the mesh.
 
 Configured in the file (``[[upstream]]``), or at run time through the API and
-CLI; run-time ones are written under --data-dir so a restart keeps them.
+CLI; run-time ones are written under --data-dir so a restart keeps them.  An
+upstream may name the local service it calls on behalf of (``source``): the
+receiving agents judge its connections by their intentions for that service.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import log
+from agent.health import parse_duration
 from agent.services import SERVICE_NAME_RE, ServiceError
-from dataplane.proxy import Proxy, ProxyError
+from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamOptions
 from gossip.wire import format_addr, parse_addr
 
 STORE_FILE = "upstreams.json"
 
 
-def validate(payload: Any) -> tuple[str, tuple[str, int]]:
+FIELDS = ("service", "listen", "source", "connect_timeout", "idle_timeout")
+#: Bounds a user may set: a connect timeout must end, an idle timeout may be 0 (off).
+MAX_CONNECT_TIMEOUT = 300.0
+MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    service: str
+    listen: tuple[str, int]
+    options: UpstreamOptions = UpstreamOptions()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored and shown form: optional fields only when set away from the default."""
+        d: dict[str, Any] = {"service": self.service, "listen": format_addr(self.listen)}
+        d.update(options_dict(self.options))
+        return d
+
+
+def options_dict(options: UpstreamOptions) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    if options.source is not None:
+        d["source"] = options.source
+    if options.connect_timeout != CONNECT_TIMEOUT:
+        d["connect_timeout"] = options.connect_timeout
+    if options.idle_timeout != IDLE_TIMEOUT:
+        d["idle_timeout"] = options.idle_timeout
+    return d
+
+
+def _duration(payload: dict[str, Any], name: str, default: float, high: float, zero_ok: bool) -> float:
+    raw = payload.get(name)
+    if raw is None:
+        return default
+    try:
+        value = parse_duration(raw)
+    except ValueError as exc:
+        raise ServiceError(f"{name}: {exc}") from None
+    if value > high or (value == 0 and not zero_ok):
+        low = "0 (off)" if zero_ok else "above 0"
+        raise ServiceError(f"{name} must be {low} and at most {high:g}s, got {raw!r}")
+    return value
+
+
+def validate(payload: Any) -> UpstreamSpec:
     if not isinstance(payload, dict):
         raise ServiceError("an upstream must be an object with service and listen")
-    unknown = sorted(set(payload) - {"service", "listen"})
+    unknown = sorted(set(payload) - set(FIELDS))
     if unknown:
-        raise ServiceError(f"unknown field {unknown[0]!r} (allowed: listen, service)")
+        raise ServiceError(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(FIELDS))})")
     service = payload.get("service")
     if not isinstance(service, str) or not SERVICE_NAME_RE.match(service):
         raise ServiceError(f"invalid service name {service!r}: use a DNS label")
@@ -35,7 +83,15 @@ def validate(payload: Any) -> tuple[str, tuple[str, int]]:
         addr = parse_addr(listen)
     except ValueError as exc:
         raise ServiceError(f"listen: {exc}") from None
-    return service, addr
+    source = payload.get("source")
+    if source is not None and (not isinstance(source, str) or not SERVICE_NAME_RE.match(source)):
+        raise ServiceError(f"invalid source {source!r}: the name of a service registered on this node")
+    options = UpstreamOptions(
+        source=source,
+        connect_timeout=_duration(payload, "connect_timeout", CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT, zero_ok=False),
+        idle_timeout=_duration(payload, "idle_timeout", IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, zero_ok=True),
+    )
+    return UpstreamSpec(service, addr, options)
 
 
 class Upstreams:
@@ -48,29 +104,28 @@ class Upstreams:
     async def load(self, config_upstreams: list[dict[str, Any]]) -> None:
         """Open the configured and the persisted upstreams (config errors were caught at start)."""
         for raw in config_upstreams:
-            service, addr = validate(raw)
-            await self._open(service, addr, "config")
+            await self._open(validate(raw), "config")
         for raw in self._read_store():
             try:
-                service, addr = validate(raw)
-                if service not in self.proxy.upstreams:
-                    await self._open(service, addr, "api")
+                spec = validate(raw)
+                if spec.service not in self.proxy.upstreams:
+                    await self._open(spec, "api")
             except (ServiceError, ProxyError) as exc:
                 self.log.error("stored_upstream_failed", detail=str(exc))
 
-    async def _open(self, service: str, addr: tuple[str, int], source: str) -> None:
-        await self.proxy.add_upstream(service, addr)
-        self.sources[service] = source
-        self.log.info("upstream_added", service=service, listen=format_addr(addr))
+    async def _open(self, spec: UpstreamSpec, origin: str) -> None:
+        await self.proxy.add_upstream(spec.service, spec.listen, spec.options)
+        self.sources[spec.service] = origin
+        self.log.info("upstream_added", **spec.to_dict())
 
     async def add(self, payload: Any) -> dict[str, Any]:
-        service, addr = validate(payload)
+        spec = validate(payload)
         try:
-            await self._open(service, addr, "api")
+            await self._open(spec, "api")
         except ProxyError as exc:
             raise ServiceError(str(exc), 409 if "already exists" in str(exc) else 400) from None
         self._persist()
-        return {"ok": True, "service": service, "listen": format_addr(addr)}
+        return {"ok": True, **spec.to_dict()}
 
     async def remove(self, service: str) -> dict[str, Any]:
         try:
@@ -90,9 +145,15 @@ class Upstreams:
                 "listen": format_addr(up.listen),
                 "instances": len(self.proxy.directory.passing_endpoints(service)),
                 "connections": up.stats["connections"],
-                "connect_failures": up.stats["connect_failures"] + up.stats["no_instance"],
+                "connect_failures": up.stats["connect_failures"] + up.stats["no_instance"] + up.stats["denied"],
                 "bytes_out": up.stats["bytes_out"],
                 "bytes_in": up.stats["bytes_in"],
+                "retried": up.stats["retried"],
+                "denied": up.stats["denied"],
+                "idle_timeouts": up.stats["idle_timeouts"],
+                "source": up.options.source,
+                "connect_timeout": up.options.connect_timeout,
+                "idle_timeout": up.options.idle_timeout,
             })
         return out
 
@@ -109,7 +170,7 @@ class Upstreams:
     def _persist(self) -> None:
         if self.data_dir is None:
             return
-        body = [{"service": s, "listen": format_addr(up.listen)} for s, up in self.proxy.upstreams.items()
+        body = [UpstreamSpec(s, up.listen, up.options).to_dict() for s, up in self.proxy.upstreams.items()
                 if self.sources.get(s) == "api"]
         path = self.data_dir / STORE_FILE
         tmp = path.with_suffix(".tmp")

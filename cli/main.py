@@ -304,8 +304,9 @@ def upstreams(ctx: click.Context, api: str, as_json: bool) -> None:
     if as_json:
         _print_json(data)
         return
-    rows = [["SERVICE", "LISTEN", "INSTANCES", "CONNECTIONS", "FAILURES"]]
-    rows += [[u["service"], u["listen"], str(u["instances"]), str(u["connections"]), str(u["connect_failures"])]
+    rows = [["SERVICE", "LISTEN", "INSTANCES", "CONNECTIONS", "FAILURES", "SOURCE"]]
+    rows += [[u["service"], u["listen"], str(u["instances"]), str(u["connections"]), str(u["connect_failures"]),
+              u.get("source") or "-"]
              for u in data]
     _table(rows)
 
@@ -315,13 +316,20 @@ def upstreams(ctx: click.Context, api: str, as_json: bool) -> None:
 @json_option
 @click.option("--service", required=True, help="Service to reach.")
 @click.option("--listen", required=True, help="Local HOST:PORT to listen on.")
-def upstreams_add(api: str, as_json: bool, service: str, listen: str) -> None:
+@click.option("--source", help="Local service these connections act for (judged by the far agents' intentions).")
+@click.option("--connect-timeout", help="Time to reach an instance before trying another [5s].")
+@click.option("--idle-timeout", help="Silence either way before a connection is reset; 0 is off [1h].")
+def upstreams_add(api: str, as_json: bool, service: str, listen: str, source: str | None,
+                  connect_timeout: str | None, idle_timeout: str | None) -> None:
     """Open a local port that leads to SERVICE through the mesh."""
-    data = _call(api, "PUT", "/v1/upstreams", {"service": service, "listen": listen})
+    body: dict[str, Any] = {"service": service, "listen": listen}
+    optional = {"source": source, "connect_timeout": connect_timeout, "idle_timeout": idle_timeout}
+    body.update({k: v for k, v in optional.items() if v is not None})
+    data = _call(api, "PUT", "/v1/upstreams", body)
     if as_json:
         _print_json(data)
     else:
-        click.echo(f"{data['listen']} -> {data['service']}")
+        click.echo(f"{data['listen']} -> {data['service']}" + (f" (as {data['source']})" if data.get("source") else ""))
 
 
 @upstreams.command("remove")
@@ -335,6 +343,71 @@ def upstreams_remove(api: str, as_json: bool, service: str) -> None:
         _print_json(data)
     else:
         click.echo(f"removed upstream {data['service']}")
+
+
+@main.group(invoke_without_command=True)
+@api_option
+@json_option
+@click.pass_context
+def intentions(ctx: click.Context, api: str, as_json: bool) -> None:
+    """List this agent's intentions: which services may call its instances (default allow)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = _call(api, "GET", "/v1/intentions")
+    if as_json:
+        _print_json(data)
+        return
+    rows = [["SOURCE", "DESTINATION", "ACTION", "PRECEDENCE", "DESCRIPTION"]]
+    rows += [[r["source"], r["destination"], r["action"], str(r["precedence"]), r["description"]] for r in data]
+    _table(rows)
+
+
+def _set_intention(api: str, as_json: bool, action: str, source: str, destination: str,
+                   description: str | None) -> None:
+    body: dict[str, Any] = {"source": source, "destination": destination, "action": action}
+    if description is not None:
+        body["description"] = description
+    data = _call(api, "PUT", "/v1/intentions", body)
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"{data['source']} -> {data['destination']}: {data['action']}")
+
+
+@intentions.command("allow")
+@api_option
+@json_option
+@click.option("--description", help="Why the rule exists.")
+@click.argument("source")
+@click.argument("destination")
+def intentions_allow(api: str, as_json: bool, description: str | None, source: str, destination: str) -> None:
+    """Allow SOURCE to call DESTINATION ('*' for any service; replaces a rule for the same pair)."""
+    _set_intention(api, as_json, "allow", source, destination, description)
+
+
+@intentions.command("deny")
+@api_option
+@json_option
+@click.option("--description", help="Why the rule exists.")
+@click.argument("source")
+@click.argument("destination")
+def intentions_deny(api: str, as_json: bool, description: str | None, source: str, destination: str) -> None:
+    """Deny SOURCE calling DESTINATION ('*' for any service; replaces a rule for the same pair)."""
+    _set_intention(api, as_json, "deny", source, destination, description)
+
+
+@intentions.command("remove")
+@api_option
+@json_option
+@click.argument("source")
+@click.argument("destination")
+def intentions_remove(api: str, as_json: bool, source: str, destination: str) -> None:
+    """Remove the rule from SOURCE to DESTINATION."""
+    data = _call(api, "DELETE", f"/v1/intentions/{quote(source, safe='')}/{quote(destination, safe='')}")
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"removed {data['source']} -> {data['destination']}")
 
 
 @main.command()

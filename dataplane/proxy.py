@@ -8,18 +8,34 @@ instance and splices.  The far end only ever connects to instances registered
 on itself: a peer names an instance id, never an address, so no member can use
 another as an open relay.
 
-Failures are loud: when either side breaks mid-stream the other is reset
-(TCP RST via SO_LINGER 0), never closed as if the transfer had completed.
+The far end answers every stream with one status byte before any payload:
+connected, denied (an intention refuses the caller), or unavailable (no such
+instance, or it could not be reached), and it forwards nothing to the
+instance before it has answered "connected".  So an attempt answered
+"unavailable" is known to have reached no instance and is retried on another
+passing instance (at most MAX_ATTEMPTS in all) without the client noticing; a
+denial is final.  The client's first bytes (up to EARLY_MAX) travel with the
+open rather than after the answer, so the status costs no round trip; a copy
+is kept to replay on the next instance.
+
+Who may call is decided here, on the receiving side, by an :class:`Authorizer`
+(agent/intentions.py) from the tunnel's authenticated node name and the source
+service the open header names; refused streams never reach the instance.
+
+Failures are loud: when either side breaks mid-stream, or a connection is idle
+for longer than its idle timeout, the other side is reset (TCP RST via
+SO_LINGER 0), never closed as if the transfer had completed.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgpack
@@ -28,9 +44,24 @@ import trio
 from dataplane.tunnel import TunnelError
 
 CHUNK = 64 * 1024
+#: Defaults per upstream: connecting (tunnel stream and far-end TCP connect), and
+#: silence in both directions before a proxied connection is reset (Envoy's stream idle default).
 CONNECT_TIMEOUT = 5.0
+IDLE_TIMEOUT = 3600.0
+#: A peer's header may ask for at most this connect timeout.
+MAX_CONNECT_TIMEOUT = 300.0
+#: Instances tried per client connection before it is given up.
+MAX_ATTEMPTS = 3
+#: Client bytes forwarded (and kept for a retry) before the far end has answered.
+EARLY_MAX = 64 * 1024
 #: The stream header's first byte, so the tunnel can carry other kinds later.
-HEADER_KIND_CONNECT = 1
+#: Kind 1 (no status byte) is retired: an agent that speaks only it refuses
+#: kind 2 as unknown, a loud failure rather than a misread first byte.
+HEADER_KIND_CONNECT = 2
+#: The far end's first byte on a connect stream.
+STATUS_OK = 0
+STATUS_DENIED = 1
+STATUS_UNAVAILABLE = 2
 
 
 @dataclass(frozen=True)
@@ -39,6 +70,23 @@ class Endpoint:
     instance_id: str
     host: str
     port: int
+    service: str = ""
+
+
+@dataclass(frozen=True)
+class UpstreamOptions:
+    #: The local service on whose behalf connections are made (None: anonymous).
+    source: str | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
+    #: 0 disables the idle timeout.
+    idle_timeout: float = IDLE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    instance_id: str
+    source: str | None = None
+    connect_timeout: float = CONNECT_TIMEOUT
 
 
 class InstanceDirectory(Protocol):
@@ -47,6 +95,31 @@ class InstanceDirectory(Protocol):
     def passing_endpoints(self, service: str) -> list[Endpoint]: ...
 
     def local_endpoint(self, instance_id: str) -> Endpoint | None: ...
+
+
+class Verdict(Protocol):
+    @property
+    def allowed(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+class Authorizer(Protocol):
+    """Decides whether ``source`` on authenticated ``node`` may reach ``destination``."""
+
+    def authorize(self, node: str, source: str | None, destination: str) -> Verdict: ...
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    allowed: bool = True
+    reason: str = "default"
+
+
+class _AllowAll:
+    def authorize(self, node: str, source: str | None, destination: str) -> Verdict:
+        return _Allowed()
 
 
 class TunnelStream(Protocol):
@@ -70,12 +143,38 @@ class ProxyError(Exception):
     """A proxied connection could not be set up; worded for a log line."""
 
 
-def encode_connect(instance_id: str) -> bytes:
-    packed: bytes = msgpack.packb({"id": instance_id}, use_bin_type=True)
+class Denied(ProxyError):
+    """The receiving agent's intentions refuse the caller: final, never retried."""
+
+
+class _ClientGone(ProxyError):
+    """The client closed or reset while its connection was being set up: nothing to retry for."""
+
+
+class _Delivered(ProxyError):
+    """An attempt failed after bytes may have reached an instance: retrying could deliver them twice."""
+
+
+@dataclass
+class _Early:
+    """The client's bytes sent before the far end answered, kept to replay on another instance."""
+
+    data: bytearray = field(default_factory=bytearray)
+    eof: bool = False
+
+
+def encode_connect(instance_id: str, source: str | None = None,
+                   connect_timeout: float | None = None) -> bytes:
+    obj: dict[str, object] = {"id": instance_id}
+    if source is not None:
+        obj["src"] = source
+    if connect_timeout is not None:
+        obj["ct"] = connect_timeout
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
     return bytes([HEADER_KIND_CONNECT]) + packed
 
 
-def decode_connect(header: bytes) -> str:
+def decode_connect(header: bytes) -> ConnectRequest:
     if not header or header[0] != HEADER_KIND_CONNECT:
         raise ProxyError("unknown stream kind")
     try:
@@ -84,8 +183,13 @@ def decode_connect(header: bytes) -> str:
         raise ProxyError("malformed stream header") from exc
     if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
         raise ProxyError("malformed stream header")
-    iid: str = obj["id"]
-    return iid
+    source = obj.get("src")
+    if source is not None and not isinstance(source, str):
+        raise ProxyError("malformed stream header: bad source")
+    ct = obj.get("ct", CONNECT_TIMEOUT)
+    if isinstance(ct, bool) or not isinstance(ct, (int, float)) or not math.isfinite(ct) or ct <= 0:
+        raise ProxyError("malformed stream header: bad connect timeout")
+    return ConnectRequest(obj["id"], source, min(float(ct), MAX_CONNECT_TIMEOUT))
 
 
 def _reset(stream: trio.SocketStream) -> None:
@@ -96,19 +200,23 @@ def _reset(stream: trio.SocketStream) -> None:
         pass
 
 
-async def splice(a: Duplex, b: Duplex,
-                 stats: Counter[str], on_error: Callable[[], None]) -> None:
-    """Copy both directions with half-close; any error tears both down loudly."""
+async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[], None],
+                 idle_timeout: float = 0.0) -> None:
+    """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly."""
     failed = False
+    last = trio.current_time()
+    finished = 0
 
     async def pump(src: Duplex, dst: Duplex, key: str) -> None:
-        nonlocal failed
+        nonlocal failed, last, finished
         try:
             while True:
                 data = bytes(await src.receive_some(CHUNK))
+                last = trio.current_time()
                 if not data:
                     break
                 await dst.send_all(data)
+                last = trio.current_time()
                 stats[key] += len(data)
             await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProxyError, EOFError) as exc:
@@ -116,41 +224,65 @@ async def splice(a: Duplex, b: Duplex,
             stats["splice_errors"] += 1
             stats[f"splice_error.{type(exc).__name__}"] += 1
             nursery.cancel_scope.cancel()
+            return
+        finished += 1
+        if finished == 2:
+            nursery.cancel_scope.cancel()  # stops the idle watchdog
+
+    async def watchdog() -> None:
+        nonlocal failed
+        while trio.current_time() < last + idle_timeout:
+            await trio.sleep_until(last + idle_timeout)
+        failed = True
+        stats["idle_timeouts"] += 1
+        nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump, a, b, "bytes_out")
         nursery.start_soon(pump, b, a, "bytes_in")
+        if idle_timeout > 0:
+            nursery.start_soon(watchdog)
     if failed:
         on_error()
 
 
+@dataclass
 class UpstreamListener:
-    def __init__(self, service: str, listen: tuple[str, int], listeners: list[trio.SocketListener]) -> None:
-        self.service = service
-        self.listen = listen
-        self.listeners = listeners
-        self.scope = trio.CancelScope()
-        self.stats: Counter[str] = Counter()
+    service: str
+    listen: tuple[str, int]
+    listeners: list[trio.SocketListener]
+    options: UpstreamOptions = UpstreamOptions()
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+#: What a failed attempt may raise; all but :class:`Denied` are retried elsewhere.
+_ATTEMPT_ERRORS = (OSError, ProxyError, TunnelError, trio.BrokenResourceError, trio.ClosedResourceError,
+                   trio.TooSlowError, ValueError)
 
 
 class Proxy:
     def __init__(self, local_node: str, directory: InstanceDirectory, tunnels: TunnelOpener,
-                 log: Callable[..., None] | None = None) -> None:
+                 log: Callable[..., None] | None = None, authorizer: Authorizer | None = None,
+                 info: Callable[..., None] | None = None) -> None:
         self.local_node = local_node
         self.directory = directory
         self.tunnels = tunnels
+        self.authorizer: Authorizer = authorizer or _AllowAll()
         self.stats: Counter[str] = Counter()
         self.upstreams: dict[str, UpstreamListener] = {}
         self._rr = itertools.count()
         self._nursery: trio.Nursery | None = None
         self._log = log or (lambda *a, **k: None)
+        self._info = info or (lambda *a, **k: None)
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
 
     # -- upstream listeners ----------------------------------------------------------------
 
-    async def add_upstream(self, service: str, listen: tuple[str, int]) -> UpstreamListener:
+    async def add_upstream(self, service: str, listen: tuple[str, int],
+                           options: UpstreamOptions | None = None) -> UpstreamListener:
         if service in self.upstreams:
             raise ProxyError(f"an upstream for {service!r} already exists; remove it first")
         assert self._nursery is not None
@@ -158,7 +290,7 @@ class Proxy:
             listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
         except OSError as exc:
             raise ProxyError(f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}") from None
-        up = UpstreamListener(service, listen, listeners)
+        up = UpstreamListener(service, listen, listeners, options or UpstreamOptions())
         self.upstreams[service] = up
 
         async def handler(client: trio.SocketStream) -> None:
@@ -179,28 +311,17 @@ class Proxy:
         for listener in up.listeners:
             await listener.aclose()
 
-    def pick(self, service: str) -> Endpoint | None:
-        """Round robin over passing instances (issue 5 replaces this with P2C + EWMA)."""
-        endpoints = self.directory.passing_endpoints(service)
+    def pick(self, service: str, exclude: frozenset[tuple[str, str]] = frozenset()) -> Endpoint | None:
+        """Round robin over passing instances not tried yet (issue 5 replaces this with P2C + EWMA)."""
+        endpoints = [e for e in self.directory.passing_endpoints(service) if (e.node, e.instance_id) not in exclude]
         if not endpoints:
             return None
         return endpoints[next(self._rr) % len(endpoints)]
 
     async def _serve_client(self, up: UpstreamListener, client: trio.SocketStream) -> None:
         up.stats["connections"] += 1
-        endpoint = self.pick(up.service)
-        if endpoint is None:
-            up.stats["no_instance"] += 1
-            self._log("proxy_no_instance", service=up.service)
-            _reset(client)
-            await trio.aclose_forcefully(client)
-            return
-        try:
-            far = await self._connect(endpoint)
-        except (OSError, ProxyError, TunnelError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-            up.stats["connect_failures"] += 1
-            self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
-                      instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
+        far = await self._connect_any(up, client)
+        if far is None:
             _reset(client)
             await trio.aclose_forcefully(client)
             return
@@ -212,50 +333,227 @@ class Proxy:
                 _reset(far)
 
         try:
-            await splice(client, far, up.stats, broken)
+            await splice(client, far, up.stats, broken, up.options.idle_timeout)
         finally:
             await trio.aclose_forcefully(client)
             await _close(far)
 
-    async def _connect(self, endpoint: Endpoint) -> trio.abc.HalfCloseableStream | TunnelStream:
+    async def _connect_any(self, up: UpstreamListener, client: trio.SocketStream) -> Duplex | None:
+        """Try up to MAX_ATTEMPTS instances; None (counted and logged) when the client must be reset."""
+        tried: set[tuple[str, str]] = set()
+        early = _Early()
+        for _ in range(MAX_ATTEMPTS):
+            endpoint = self.pick(up.service, frozenset(tried))
+            if endpoint is None:
+                break
+            tried.add((endpoint.node, endpoint.instance_id))
+            try:
+                far = await self._connect(up, endpoint, client, early)
+            except _ClientGone:
+                up.stats["client_gone"] += 1
+                return None
+            except _Delivered as exc:
+                up.stats["connect_failures"] += 1
+                self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
+                          instance=endpoint.instance_id, error=str(exc))
+                return None
+            except Denied as exc:
+                up.stats["denied"] += 1
+                self._info("proxy_denied", service=up.service, source=up.options.source, node=endpoint.node,
+                           detail=str(exc))
+                return None
+            except _ATTEMPT_ERRORS as exc:
+                up.stats["attempts_failed"] += 1
+                self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
+                          instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
+                continue
+            if len(tried) > 1:
+                up.stats["retried"] += 1
+            return far
+        if not tried:
+            up.stats["no_instance"] += 1
+            self._log("proxy_no_instance", service=up.service)
+        else:
+            up.stats["connect_failures"] += 1
+        return None
+
+    async def _connect(self, up: UpstreamListener, endpoint: Endpoint, client: trio.SocketStream,
+                       early: _Early) -> Duplex:
+        timeout = up.options.connect_timeout
+        source = up.options.source
         if endpoint.node == self.local_node:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                return await trio.open_tcp_stream(endpoint.host, endpoint.port)
-        with trio.fail_after(CONNECT_TIMEOUT):
-            return await self.tunnels.open_stream(endpoint.node, encode_connect(endpoint.instance_id))
+            if not self._authorize(self.local_node, source, endpoint.service or up.service):
+                raise Denied(f"intentions refuse {source or '(no source)'} -> {up.service}")
+            with trio.fail_after(timeout):
+                conn = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+            try:
+                if early.data:
+                    await conn.send_all(bytes(early.data))
+                if early.eof:
+                    await conn.send_eof()
+            except BaseException:
+                await trio.aclose_forcefully(conn)
+                raise
+            return conn
+        header = encode_connect(endpoint.instance_id, source, timeout)
+        with trio.fail_after(timeout):
+            stream = await self.tunnels.open_stream(endpoint.node, header)
+            try:
+                status = await self._early_data(stream, client, early)
+            except BaseException:
+                await _close(stream)
+                raise
+        if status == bytes([STATUS_OK]):
+            return stream
+        await _close(stream)
+        if status == bytes([STATUS_DENIED]):
+            raise Denied(f"{endpoint.node} refuses {source or '(no source)'} -> {up.service} (intentions)")
+        raise ProxyError(f"{endpoint.node} could not connect instance {endpoint.instance_id!r}")
+
+    async def _early_data(self, stream: TunnelStream, client: trio.SocketStream, early: _Early) -> bytes:
+        """Send the client's first bytes while the far end connects, and return its status byte.
+
+        Pipelining spares the client a tunnel round trip.  A copy of what was
+        sent is kept (at most EARLY_MAX bytes; past that the client waits) so
+        another instance can be tried: the far end forwards nothing until it
+        has sent OK.  A stream that breaks before its status once early data
+        went out may have delivered it, so that is final (:class:`_Delivered`).
+        """
+        sent_any = bool(early.data)
+        status: bytes | None = None
+        failure: Exception | None = None
+        gone: _ClientGone | None = None
+        try:
+            if early.data:
+                await stream.send_all(bytes(early.data))
+            if early.eof:
+                await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            failure = exc
+        if failure is None:
+            async with trio.open_nursery() as nursery:
+                reading = trio.CancelScope()
+
+                async def wait_status() -> None:
+                    nonlocal status, failure
+                    try:
+                        status = await stream.receive_some(1)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        failure = exc
+                        nursery.cancel_scope.cancel()
+                        return
+                    reading.cancel()
+
+                nursery.start_soon(wait_status)
+                try:
+                    while status is None and not early.eof and len(early.data) < EARLY_MAX:
+                        with reading:
+                            try:
+                                data = await client.receive_some(CHUNK)
+                            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                                raise _ClientGone(f"client went away: {exc}") from None
+                        if reading.cancelled_caught or status is not None:
+                            break
+                        reading = trio.CancelScope()
+                        if not data:
+                            early.eof = True
+                            await stream.send_eof()
+                            break
+                        early.data += data
+                        sent_any = True
+                        await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    failure = exc
+                    nursery.cancel_scope.cancel()
+                except _ClientGone as exc:
+                    gone = exc
+                    nursery.cancel_scope.cancel()
+        if gone is not None:
+            raise gone
+        if failure is not None:
+            if sent_any and status is None:
+                raise _Delivered("the stream broke after the request's first bytes were sent") from failure
+            raise failure
+        assert status is not None
+        return status
+
+    def _authorize(self, node: str, source: str | None, destination: str) -> bool:
+        """The receiving side's decision, counted and logged once when it refuses."""
+        verdict = self.authorizer.authorize(node, source, destination)
+        if verdict.allowed:
+            return True
+        self.stats["intentions_denied"] += 1
+        if verdict.reason == "unverified":
+            self.stats["intentions_unverified"] += 1
+        self._info("intention_denied", source_node=node, source_service=source, destination=destination,
+                   reason=verdict.reason)
+        return False
 
     # -- the far end: a peer opened a stream to one of our instances --------------------------
 
     async def handle_stream(self, peer: str, header: bytes, stream: TunnelStream) -> None:
         self.stats["streams_in"] += 1
         try:
-            iid = decode_connect(header)
-            endpoint = self.directory.local_endpoint(iid)
-            if endpoint is None:
-                raise ProxyError(f"no local instance {iid!r}")
-            with trio.fail_after(CONNECT_TIMEOUT):
-                conn = await trio.open_tcp_stream(endpoint.host, endpoint.port)
-        except (OSError, ProxyError, trio.TooSlowError) as exc:
+            req = decode_connect(header)
+        except ProxyError as exc:
             self.stats["far_connect_failures"] += 1
-            self._log("proxy_far_connect_failed", peer=peer, error=str(exc) or type(exc).__name__)
+            self._log("proxy_far_connect_failed", peer=peer, error=str(exc))
             await stream.aclose()  # resets the stream: the client sees a failure
+            return
+        endpoint = self.directory.local_endpoint(req.instance_id)
+        if endpoint is None:
+            self.stats["far_connect_failures"] += 1
+            self._log("proxy_far_connect_failed", peer=peer, error=f"no local instance {req.instance_id!r}")
+            await _answer(stream, STATUS_UNAVAILABLE)
+            return
+        if not self._authorize(peer, req.source, endpoint.service):
+            await _answer(stream, STATUS_DENIED)
+            return
+        try:
+            with trio.fail_after(req.connect_timeout):
+                conn = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        except (OSError, trio.TooSlowError) as exc:
+            self.stats["far_connect_failures"] += 1
+            self._log("proxy_far_connect_failed", peer=peer, instance=req.instance_id,
+                      error=str(exc) or type(exc).__name__)
+            await _answer(stream, STATUS_UNAVAILABLE)
             return
 
         def broken() -> None:
             _reset(conn)
 
         try:
+            await stream.send_all(bytes([STATUS_OK]))
             await splice(stream, conn, self.stats, broken)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.stats["splice_errors"] += 1
+            _reset(conn)
         finally:
             await trio.aclose_forcefully(conn)
             await stream.aclose()
 
 
-async def _close(s: trio.abc.HalfCloseableStream | TunnelStream) -> None:
+async def _answer(stream: TunnelStream, status: int) -> None:
+    """A refusal: the status byte and a clean end, so the initiator reads why rather than a reset.
+
+    The initiator may already have sent early data; closing with it unread
+    would reset the stream and could destroy the status byte in flight, so
+    the data is read and dropped until the initiator closes its side.
+    """
+    with trio.move_on_after(CONNECT_TIMEOUT):
+        try:
+            await stream.send_all(bytes([status]))
+            await stream.send_eof()
+            while await stream.receive_some(CHUNK):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await stream.aclose()
+
+
+async def _close(s: Duplex) -> None:
     if isinstance(s, trio.abc.AsyncResource):
         await trio.aclose_forcefully(s)
     else:
         with trio.CancelScope(shield=True):
             await s.aclose()
-
-
