@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench bench-proxy clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: lint typecheck $(STAMP)
 # Side-by-side with HashiCorp Serf (needs Debian's `serf`: apt-get install serf).
 bench: $(STAMP)
 	$(PY) simulations/bench_cluster.py
+
+# Data plane side-by-side: direct, through two agents, and through stunnel (apt-get install stunnel4).
+bench-proxy: $(STAMP)
+	$(PY) simulations/bench_proxy.py --runs 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
