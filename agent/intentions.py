@@ -24,14 +24,12 @@ lasts until the next start.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import log
+from agent import log, store
 from agent.services import SERVICE_NAME_RE, ServiceError
 
 STORE_FILE = "intentions.json"
@@ -179,21 +177,12 @@ class Intentions:
     # -- persistence -----------------------------------------------------------------------
 
     def _read_store(self) -> list[dict[str, Any]]:
-        if self.data_dir is None or not (self.data_dir / STORE_FILE).exists():
-            return []
-        try:
-            data = json.loads((self.data_dir / STORE_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            self.log.error("intention_store_unreadable", error=str(exc))
-            return []
-        return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+        path = None if self.data_dir is None else self.data_dir / STORE_FILE
+        return store.read_records(path, self.log, "intention_store_unreadable")
 
     def _persist(self) -> None:
         if self.data_dir is None:
             return
         body = [{"source": r.source, "destination": r.destination, "action": r.action,
                  "description": r.description} for r in self.rules.values() if r.origin == "api"]
-        path = self.data_dir / STORE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        store.write_json(self.data_dir / STORE_FILE, body)

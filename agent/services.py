@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 
 import trio
 
-from agent import log
+from agent import log, store
 from agent.health import CheckRunner, CheckSpec
 from gossip.member import Status
 from gossip.registry import Instance, Registry
@@ -240,12 +239,8 @@ class LocalServices:
 
     def _read_store(self) -> list[dict[str, Any]]:
         path = self._store_path()
-        if path is None or not path.exists():
-            return []
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            self.log.error("service_store_unreadable", path=str(path), error=str(exc))
+        data = store.read_json(path, self.log, "service_store_unreadable")
+        if data is None:
             return []
         if not isinstance(data, dict) or not isinstance(data.get("services"), list):
             self.log.error("service_store_unreadable", path=str(path), error="unexpected shape")
@@ -263,9 +258,7 @@ class LocalServices:
             "version": self.registry.local.version,
             "services": [r.to_dict() for r in self.registrations.values() if r.source == "api"],
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))  # compact: indent= makes json use its slow pure-Python encoder
-        os.replace(tmp, path)
+        store.write_json(path, body)
 
     # -- discovery views ----------------------------------------------------------------------
 

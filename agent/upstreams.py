@@ -8,13 +8,11 @@ receiving agents judge its connections by their intentions for that service.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import log
+from agent import log, store
 from agent.health import parse_duration
 from agent.services import SERVICE_NAME_RE, ServiceError
 from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamOptions
@@ -158,21 +156,12 @@ class Upstreams:
         return out
 
     def _read_store(self) -> list[dict[str, Any]]:
-        if self.data_dir is None or not (self.data_dir / STORE_FILE).exists():
-            return []
-        try:
-            data = json.loads((self.data_dir / STORE_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            self.log.error("upstream_store_unreadable", error=str(exc))
-            return []
-        return [u for u in data if isinstance(u, dict)] if isinstance(data, list) else []
+        path = None if self.data_dir is None else self.data_dir / STORE_FILE
+        return store.read_records(path, self.log, "upstream_store_unreadable")
 
     def _persist(self) -> None:
         if self.data_dir is None:
             return
         body = [UpstreamSpec(s, up.listen, up.options).to_dict() for s, up in self.proxy.upstreams.items()
                 if self.sources.get(s) == "api"]
-        path = self.data_dir / STORE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body))  # compact: indent= makes json use its slow pure-Python encoder
-        os.replace(tmp, path)
+        store.write_json(self.data_dir / STORE_FILE, body)
