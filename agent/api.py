@@ -35,6 +35,11 @@ KEEPALIVE_IDLE = 30.0
 KEEPALIVE_MAX_REQUESTS = 10_000
 
 
+def _encode(payload: Any) -> bytes:
+    """A JSON body; handlers may return one pre-encoded (bytes) to skip this."""
+    return (json.dumps(payload) + "\n").encode()
+
+
 class _TooLarge(Exception):
     pass
 
@@ -59,6 +64,7 @@ class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.log = log.get("mesh.api")
+        self._members_json: tuple[list[dict[str, Any]], bytes] | None = None
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/health"): self.health,
             ("GET", "/v1/members"): self.members,
@@ -92,6 +98,11 @@ class ApiServer:
     async def members(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         members = self.agent.members_view()
         wanted = query.get("status")
+        if not wanted:
+            # The whole list is what pollers ask for; encode it once per change.
+            if self._members_json is None or self._members_json[0] is not members:
+                self._members_json = (members, _encode(members))
+            return 200, self._members_json[1]
         if wanted:
             allowed = {"alive", "suspect", "dead", "left"}
             bad = [s for s in wanted if s not in allowed]
@@ -302,7 +313,7 @@ class ApiServer:
 
     async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any,
                        extra: list[tuple[str, str]] | None = None, *, close: bool = False) -> None:
-        data = (json.dumps(payload) + "\n").encode()
+        data = payload if isinstance(payload, bytes) else _encode(payload)
         # Errors close the connection: after a bad request the stream may be
         # out of step.  h11 itself adds "connection: close" when the client
         # asked for it or spoke HTTP/1.0.

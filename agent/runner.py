@@ -86,6 +86,7 @@ class Agent:
         self.io: Counter[str] = Counter()
         self.started_wall = time.time()
         self._udp: DatagramSocket | None = None
+        self._members_view: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
         self._nursery: trio.Nursery | None = None
         self._kick = trio.Event()
         self._sleep_until = 0.0
@@ -361,6 +362,10 @@ class Agent:
     # -- views for the API ------------------------------------------------------------------
 
     def members_view(self) -> list[dict[str, Any]]:
+        """The member table as the API shows it; callers must not modify it."""
+        version = self.membership.view_version()
+        if self._members_view is not None and self._members_view[0] == version:
+            return self._members_view[1]
         out = []
         for m in self.membership.member_list():
             out.append({
@@ -373,6 +378,7 @@ class Agent:
                 "tunnel": None if m.tunnel is None else format_addr(m.tunnel[0]),
                 "tunnel_key": None if m.tunnel is None else base64.b64encode(m.tunnel[1]).decode(),
             })
+        self._members_view = (version, out)
         return out
 
     def self_view(self) -> dict[str, Any]:

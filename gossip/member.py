@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, ClassVar
 
 from gossip.wire import Address, NodeState, Tunnel
 
@@ -41,6 +42,11 @@ def overrides(new_status: Status, new_inc: int, old_status: Status, old_inc: int
 
 @dataclass
 class Member:
+    #: Bumped by every change to any member's fields, in this process: views
+    #: built from the member table (the API's member list, polled many times a
+    #: second by dashboards and benchmarks) are cached until it moves.
+    changes: ClassVar[int] = 0
+
     name: str
     addr: Address
     incarnation: int
@@ -54,3 +60,7 @@ class Member:
     state: NodeState | None = None
     #: Where its encrypted tunnels listen, and its static tunnel key.
     tunnel: Tunnel | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        Member.changes += 1

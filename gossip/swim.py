@@ -456,6 +456,10 @@ class Membership:
 
     # -- introspection --------------------------------------------------------------
 
+    def view_version(self) -> tuple[int, int]:
+        """Changes whenever anything a member view shows may have changed."""
+        return (Member.changes, len(self.members))
+
     def member_list(self) -> list[Member]:
         return sorted(self.members.values(), key=lambda m: m.name)
 

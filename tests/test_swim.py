@@ -1175,3 +1175,31 @@ def test_a_healed_partition_merges_again() -> None:
     assert net.run_until(net.converged, LOCAL.reconnect_interval + 5.0)
     # Each side refuted the other's dead verdict with a new incarnation.
     assert all(node.m.me.incarnation == 1 for node in net.nodes.values())
+
+
+def test_view_version_moves_with_every_change_a_member_view_shows() -> None:
+    """The API caches its member list on view_version(); a stale cache would lie."""
+    net = SimNet(LOCAL, seed=3)
+    net.cluster(3)
+    assert net.run_until(lambda: net.converged(), 10)
+    m = net.nodes["n0"].m
+    seen = [m.view_version()]
+
+    def moved() -> bool:
+        v = m.view_version()
+        changed = v != seen[-1]
+        seen.append(v)
+        return changed
+
+    net.run(0.001)
+    moved()
+    target = m.members["n1"]
+    target.rtt = 0.5  # what an ack does
+    assert moved()
+    net.crash("n2")
+    assert net.run_until(lambda: net.status("n0", "n2") == "dead", 30)
+    assert moved()
+    net.add("n3", seeds=["n0"])
+    assert net.run_until(lambda: net.status("n0", "n3") == "alive", 10)
+    assert moved()
+    assert not moved()  # nothing happened in between: the cache may be reused
