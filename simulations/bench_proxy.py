@@ -1,0 +1,1265 @@
+"""Side-by-side data-plane benchmark on loopback: direct, through the mesh, and through stunnel.
+
+Three paths to one echo/sink server, measured in the same invocation, interleaved run by run:
+
+* ``direct``  -- client -> server: the ceiling of the load generator and server themselves;
+* ``mesh``    -- client -> agent A's upstream port -> Noise tunnel -> agent B -> server
+  (two real ``mesh-agent`` processes, encrypted gossip, ``--profile local``);
+* ``stunnel`` -- client -> stunnel client -> TLS 1.3 -> stunnel server -> server (Debian's
+  ``stunnel4``, the classic encrypted two-hop; the yardstick).  The client verifies the server's
+  throwaway self-signed certificate and resumes sessions (stunnel's default).  Its per-connection
+  log lines are off (``debug = warning``), as the agents log no line per connection either: at
+  stunnel's default level, notice, it makes several times fewer connections per second here.
+
+Measurements (each the median of ``--runs`` runs):
+
+1. bulk: one connection streams ``--bulk-mib`` MiB *one way* into a sink, which answers with
+   the byte count once it has seen EOF; MB/s (10^6 bytes) from connect() to that answer;
+2. request/response: 1 KiB request, 1 KiB echoed response, in a closed loop on 1 and on 16
+   connections for ``--seconds`` (after ``--warmup`` unrecorded); p50/p99 latency and req/s;
+3. connection rate: connect, a 64-byte request/response, close, on 1 and on 16 concurrent
+   slots; new connections per second.
+
+The load generator and the server are a small C program (epoll, non-blocking sockets), compiled
+here at run time with ``cc -O2``: Python threads would measure the GIL, not the proxies.  The
+``direct`` column is that check -- its figures must sit far above the proxies'.  Alongside the
+speed it reports the CPU the proxy processes burned per unit of work (from /proc), which does not
+depend on how two cores are shared between the client, the proxies and the server.
+
+It prints one Markdown table with the mesh's ratio to stunnel and the issue's goals.  It is a
+benchmark, not a test: it exits 0 whatever the numbers say.
+
+    .venv/bin/python simulations/bench_proxy.py --runs 3          # make bench-proxy
+    .venv/bin/python simulations/bench_proxy.py --quick           # smoke run, about a minute
+    .venv/bin/python simulations/bench_proxy.py --runs 0 --pyspy /tmp/prof   # profile the agents only
+
+Needs ``cc``, ``openssl`` and Debian's ``stunnel4`` (without it the stunnel column is skipped);
+``--pyspy`` needs py-spy (in the venv with the test extras) and ptrace rights (root).  Standard
+library only; it imports nothing from the project (the agents run from a snapshot of the code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MESH_AGENT = Path(sys.executable).parent / "mesh-agent"
+PY_SPY = Path(sys.executable).parent / "py-spy"
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVICE = "bench-echo"
+PATHS = ("direct", "mesh", "stunnel")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class SetupError(Exception):
+    """A path could not be set up; worded for the user."""
+
+
+# -- the C load generator and server ---------------------------------------------------------
+
+C_SOURCE = r"""/* meshbench: the echo/sink server and the load generator of simulations/bench_proxy.py.
+ *
+ * One epoll thread each, non-blocking sockets, no allocation on the hot path: far cheaper
+ * per byte and per request than any proxy it measures (the "direct" column shows its ceiling).
+ *
+ *   meshbench server PORT
+ *       Each connection's first byte picks its mode: 'E' echoes every later byte back
+ *       (half-close answered by half-close); 'S' is a sink: it counts bytes until EOF,
+ *       then answers the count as 8 bytes big-endian and closes.
+ *   meshbench bulk PORT BYTES
+ *       One connection: 'S', then BYTES streamed one way, then EOF; the clock stops when
+ *       the sink's count arrives (so every byte reached the server).
+ *   meshbench rr PORT CONC SECONDS SIZE WARMUP
+ *       CONC connections in echo mode, each a closed loop of SIZE-byte request and SIZE-byte
+ *       response; WARMUP seconds unrecorded, then SECONDS recorded (latency of each exchange).
+ *   meshbench conn PORT CONC SECONDS SIZE WARMUP
+ *       CONC slots, each a loop of: connect, 'E' + SIZE bytes, read SIZE bytes back, close.
+ *       The latency is from connect() to the whole answer.
+ * Clients print one JSON object on stdout.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define BUFSZ (256 * 1024)
+static char buf[BUFSZ];
+
+static uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "meshbench: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+static void nodelay(int fd) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+static void nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
+
+static struct sockaddr_in loopback(int port) {
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return a;
+}
+
+/* ------------------------------------------------------------------ server */
+
+enum { M_NEW, M_ECHO, M_SINK };
+
+struct sconn {
+    int fd, mode;
+    uint64_t count;
+    char *pend; /* echo bytes the socket would not take yet */
+    size_t plen, poff;
+};
+
+static void sclose(int ep, struct sconn *c) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    free(c->pend);
+    free(c);
+}
+
+/* Write what is pending; returns 1 when all is out, 0 when the socket is full, -1 on error. */
+static int sflush(struct sconn *c) {
+    while (c->poff < c->plen) {
+        ssize_t n = send(c->fd, c->pend + c->poff, c->plen - c->poff, MSG_NOSIGNAL);
+        if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+        c->poff += (size_t)n;
+    }
+    c->plen = c->poff = 0;
+    return 1;
+}
+
+static void sinterest(int ep, struct sconn *c, uint32_t ev) {
+    struct epoll_event e = {.events = ev, .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+}
+
+static void server_event(int ep, struct sconn *c, uint32_t ev) {
+    if (c->plen) { /* waiting for room to echo */
+        int r = sflush(c);
+        if (r < 0) { sclose(ep, c); return; }
+        if (r == 0) return;
+        sinterest(ep, c, EPOLLIN);
+        return;
+    }
+    (void)ev;
+    for (int rounds = 0; rounds < 16; rounds++) {
+        ssize_t n = recv(c->fd, buf, BUFSZ, 0);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+            sclose(ep, c);
+            return;
+        }
+        if (n == 0) {
+            if (c->mode == M_SINK) {
+                unsigned char out[8];
+                for (int i = 0; i < 8; i++) out[i] = (unsigned char)(c->count >> (56 - 8 * i));
+                send(c->fd, out, 8, MSG_NOSIGNAL); /* an empty socket always takes 8 bytes */
+            }
+            shutdown(c->fd, SHUT_WR);
+            sclose(ep, c);
+            return;
+        }
+        char *p = buf;
+        if (c->mode == M_NEW) {
+            c->mode = p[0] == 'S' ? M_SINK : M_ECHO;
+            p++;
+            n--;
+        }
+        if (c->mode == M_SINK) {
+            c->count += (uint64_t)n;
+            continue;
+        }
+        size_t off = 0;
+        while (off < (size_t)n) {
+            ssize_t w = send(c->fd, p + off, (size_t)n - off, MSG_NOSIGNAL);
+            if (w < 0) {
+                if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+                sclose(ep, c);
+                return;
+            }
+            off += (size_t)w;
+        }
+        if (off < (size_t)n) {
+            c->pend = realloc(c->pend, (size_t)n - off);
+            memcpy(c->pend, p + off, (size_t)n - off);
+            c->plen = (size_t)n - off;
+            c->poff = 0;
+            sinterest(ep, c, EPOLLOUT);
+            return;
+        }
+        if ((size_t)n < BUFSZ) return; /* drained for now: level-triggered epoll calls again */
+    }
+}
+
+static int run_server(int port) {
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = loopback(port);
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) < 0) die("bind");
+    if (listen(ls, 4096) < 0) die("listen");
+    nonblock(ls);
+    int ep = epoll_create1(0);
+    struct epoll_event e = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(ep, EPOLL_CTL_ADD, ls, &e);
+    struct epoll_event evs[256];
+    for (;;) {
+        int k = epoll_wait(ep, evs, 256, -1);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        for (int i = 0; i < k; i++) {
+            if (evs[i].data.ptr == NULL) {
+                for (;;) {
+                    int fd = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
+                    if (fd < 0) break;
+                    nodelay(fd);
+                    struct sconn *c = calloc(1, sizeof *c);
+                    c->fd = fd;
+                    struct epoll_event ce = {.events = EPOLLIN, .data.ptr = c};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ce);
+                }
+            } else {
+                server_event(ep, evs[i].data.ptr, evs[i].events);
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ clients */
+
+struct lat {
+    uint64_t *v;
+    size_t n, cap;
+};
+
+static void lat_add(struct lat *l, uint64_t ns) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? l->cap * 2 : 65536;
+        l->v = realloc(l->v, l->cap * sizeof *l->v);
+    }
+    l->v[l->n++] = ns;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(struct lat *l, double p) { /* nearest rank, in microseconds */
+    if (!l->n) return -1;
+    size_t i = (size_t)(p * (double)l->n + 0.999999);
+    if (i < 1) i = 1;
+    if (i > l->n) i = l->n;
+    return (double)l->v[i - 1] / 1000.0;
+}
+
+static int connect_blocking(int port) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = loopback(port);
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) die("connect");
+    return fd;
+}
+
+static int run_bulk(int port, uint64_t total) {
+    memset(buf, 'x', BUFSZ);
+    uint64_t t0 = now_ns();
+    int fd = connect_blocking(port);
+    if (send(fd, "S", 1, MSG_NOSIGNAL) != 1) die("send");
+    uint64_t left = total;
+    while (left) {
+        size_t chunk = left < BUFSZ ? (size_t)left : BUFSZ;
+        ssize_t n = send(fd, buf, chunk, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            printf("{\"ok\": false, \"error\": \"send: %s\", \"sent\": %llu}\n", strerror(errno),
+                   (unsigned long long)(total - left));
+            return 1;
+        }
+        left -= (uint64_t)n;
+    }
+    shutdown(fd, SHUT_WR);
+    unsigned char ack[8];
+    size_t got = 0;
+    while (got < 8) {
+        ssize_t n = recv(fd, ack + got, 8 - got, 0);
+        if (n <= 0) {
+            printf("{\"ok\": false, \"error\": \"no count from the sink (%s)\"}\n", n == 0 ? "EOF" : strerror(errno));
+            return 1;
+        }
+        got += (size_t)n;
+    }
+    uint64_t t1 = now_ns();
+    uint64_t count = 0;
+    for (int i = 0; i < 8; i++) count = (count << 8) | ack[i];
+    close(fd);
+    printf("{\"ok\": %s, \"bytes\": %llu, \"received\": %llu, \"seconds\": %.6f}\n", count == total ? "true" : "false",
+           (unsigned long long)total, (unsigned long long)count, (double)(t1 - t0) / 1e9);
+    return 0;
+}
+
+struct cconn {
+    int fd, slot, state; /* conn mode: 0 connecting, 1 sending, 2 receiving */
+    size_t off, got, want;
+    uint64_t t0;
+};
+
+static char reqbuf[1 << 20];
+
+static void print_result(const char *what, uint64_t count, double secs, struct lat *l, uint64_t errors,
+                         const char *first_error) {
+    qsort(l->v, l->n, sizeof *l->v, cmp_u64);
+    printf("{\"ok\": true, \"%s\": %llu, \"seconds\": %.6f, \"rate\": %.1f, \"p50_us\": %.1f, \"p90_us\": %.1f, "
+           "\"p99_us\": %.1f, \"max_us\": %.1f, \"errors\": %llu, \"first_error\": \"%s\"}\n",
+           what, (unsigned long long)count, secs, (double)count / secs, pct(l, 0.50), pct(l, 0.90), pct(l, 0.99),
+           l->n ? (double)l->v[l->n - 1] / 1000.0 : -1.0, (unsigned long long)errors, first_error);
+}
+
+/* Send from reqbuf[off..want); returns 1 done, 0 would block, -1 error. */
+static int csend(struct cconn *c) {
+    while (c->off < c->want) {
+        ssize_t n = send(c->fd, reqbuf + c->off, c->want - c->off, MSG_NOSIGNAL);
+        if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -1;
+        c->off += (size_t)n;
+    }
+    return 1;
+}
+
+static char first_error[128] = "";
+static void note_error(const char *what, int err) {
+    if (!first_error[0]) snprintf(first_error, sizeof first_error, "%s: %s", what, err ? strerror(err) : "EOF");
+}
+
+static int run_rr(int port, int conc, double secs, size_t size, double warmup) {
+    if (size > sizeof reqbuf) size = sizeof reqbuf;
+    memset(reqbuf, 'r', sizeof reqbuf);
+    int ep = epoll_create1(0);
+    struct cconn *cs = calloc((size_t)conc, sizeof *cs);
+    struct lat l = {0};
+    uint64_t errors = 0, done = 0;
+    int alive = conc;
+    for (int i = 0; i < conc; i++) {
+        struct cconn *c = &cs[i];
+        c->fd = connect_blocking(port);
+        nodelay(c->fd);
+        if (send(c->fd, "E", 1, MSG_NOSIGNAL) != 1) die("send");
+        nonblock(c->fd);
+        struct epoll_event e = {.events = EPOLLIN, .data.ptr = c};
+        epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &e);
+    }
+    uint64_t start = now_ns();
+    uint64_t rec_from = start + (uint64_t)(warmup * 1e9), until = rec_from + (uint64_t)(secs * 1e9);
+    for (int i = 0; i < conc; i++) {
+        struct cconn *c = &cs[i];
+        c->t0 = now_ns();
+        c->off = 0;
+        c->got = 0;
+        c->want = size;
+        int r = csend(c);
+        if (r < 0) die("send");
+        c->state = r ? 2 : 1;
+        if (!r) {
+            struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
+            epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+        }
+    }
+    struct epoll_event evs[64];
+    uint64_t t = now_ns();
+    while (t < until && alive > 0) {
+        int k = epoll_wait(ep, evs, 64, 100);
+        t = now_ns();
+        for (int i = 0; i < k; i++) {
+            struct cconn *c = evs[i].data.ptr;
+            if (c->state == 1) {
+                int r = csend(c);
+                if (r < 0) goto fail;
+                if (r == 0) continue;
+                c->state = 2;
+                struct epoll_event e = {.events = EPOLLIN, .data.ptr = c};
+                epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+                continue;
+            }
+            for (;;) {
+                ssize_t n = recv(c->fd, buf, size - c->got, 0);
+                if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+                if (n <= 0) {
+                    note_error("rr recv", n < 0 ? errno : 0);
+                    goto fail;
+                }
+                c->got += (size_t)n;
+                if (c->got < size) continue;
+                t = now_ns();
+                if (c->t0 >= rec_from && t <= until) {
+                    lat_add(&l, t - c->t0);
+                    done++;
+                }
+                c->got = 0;
+                c->off = 0;
+                c->want = size;
+                c->t0 = t;
+                int r = csend(c);
+                if (r < 0) goto fail;
+                if (r == 0) {
+                    c->state = 1;
+                    struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+                }
+                break;
+            }
+            continue;
+        fail:
+            if (!first_error[0]) note_error("rr send", errno);
+            errors++;
+            alive--;
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            close(c->fd);
+            c->fd = -1;
+        }
+    }
+    double measured = (double)((t < until ? t : until) - rec_from) / 1e9;
+    if (measured <= 0) measured = 1e-9;
+    print_result("requests", done, measured, &l, errors, first_error);
+    return 0;
+}
+
+static int conn_start(int ep, struct cconn *c, int port, size_t size) {
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (c->fd < 0) die("socket");
+    nodelay(c->fd);
+    struct sockaddr_in a = loopback(port);
+    c->t0 = now_ns();
+    c->state = 0;
+    c->got = 0;
+    c->off = 0;
+    c->want = size + 1;
+    int r = connect(c->fd, (struct sockaddr *)&a, sizeof a);
+    if (r < 0 && errno != EINPROGRESS) {
+        note_error("connect", errno);
+        close(c->fd);
+        c->fd = -1;
+        return -1;
+    }
+    struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &e);
+    return 0;
+}
+
+static int run_conn(int port, int conc, double secs, size_t size, double warmup) {
+    memset(reqbuf, 'c', sizeof reqbuf);
+    reqbuf[0] = 'E';
+    int ep = epoll_create1(0);
+    struct cconn *cs = calloc((size_t)conc, sizeof *cs);
+    struct lat l = {0};
+    uint64_t errors = 0, done = 0;
+    uint64_t start = now_ns();
+    uint64_t rec_from = start + (uint64_t)(warmup * 1e9), until = rec_from + (uint64_t)(secs * 1e9);
+    for (int i = 0; i < conc; i++) {
+        cs[i].slot = i;
+        while (conn_start(ep, &cs[i], port, size) < 0) {
+            if (++errors > 1000) die("connect keeps failing");
+            usleep(1000);
+        }
+    }
+    struct epoll_event evs[64];
+    uint64_t t = now_ns();
+    while (t < until) {
+        int k = epoll_wait(ep, evs, 64, 100);
+        t = now_ns();
+        for (int i = 0; i < k; i++) {
+            struct cconn *c = evs[i].data.ptr;
+            int failed = 0, finished = 0;
+            if (c->state == 0) {
+                int err = 0;
+                socklen_t len = sizeof err;
+                getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+                if (err) {
+                    note_error("connect", err);
+                    failed = 1;
+                } else {
+                    c->state = 1;
+                }
+            }
+            if (!failed && c->state == 1) {
+                int r = csend(c);
+                if (r < 0) {
+                    note_error("conn send", errno);
+                    failed = 1;
+                } else if (r == 1) {
+                    c->state = 2;
+                    struct epoll_event e = {.events = EPOLLIN, .data.ptr = c};
+                    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
+                    continue; /* the answer cannot be here yet */
+                }
+            }
+            if (!failed && c->state == 2) {
+                for (;;) {
+                    ssize_t n = recv(c->fd, buf, size - c->got, 0);
+                    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+                    if (n <= 0) {
+                        note_error("conn recv", n < 0 ? errno : 0);
+                        failed = 1;
+                        break;
+                    }
+                    c->got += (size_t)n;
+                    if (c->got == size) {
+                        finished = 1;
+                        break;
+                    }
+                }
+            }
+            if (!failed && !finished) continue;
+            t = now_ns();
+            if (finished && c->t0 >= rec_from && t <= until) {
+                lat_add(&l, t - c->t0);
+                done++;
+            }
+            if (failed && t >= rec_from) errors++;
+            epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+            close(c->fd);
+            c->fd = -1;
+            if (t >= until) continue;
+            int tries = 0;
+            while (conn_start(ep, c, port, size) < 0) {
+                errors++;
+                if (++tries > 1000) die("connect keeps failing");
+                usleep(1000);
+            }
+        }
+    }
+    double measured = (double)(until - rec_from) / 1e9;
+    print_result("connections", done, measured, &l, errors, first_error);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc >= 3 && !strcmp(argv[1], "server")) return run_server(atoi(argv[2]));
+    if (argc >= 4 && !strcmp(argv[1], "bulk")) return run_bulk(atoi(argv[2]), strtoull(argv[3], NULL, 10));
+    if (argc >= 7 && !strcmp(argv[1], "rr"))
+        return run_rr(atoi(argv[2]), atoi(argv[3]), atof(argv[4]), (size_t)atol(argv[5]), atof(argv[6]));
+    if (argc >= 7 && !strcmp(argv[1], "conn"))
+        return run_conn(atoi(argv[2]), atoi(argv[3]), atof(argv[4]), (size_t)atol(argv[5]), atof(argv[6]));
+    fprintf(stderr, "usage: meshbench server PORT | bulk PORT BYTES | rr PORT CONC SECONDS SIZE WARMUP | "
+                    "conn PORT CONC SECONDS SIZE WARMUP\n");
+    return 2;
+}
+"""
+
+
+def build_tool(workdir: Path) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SetupError("no C compiler (cc/gcc) found: apt-get install gcc")
+    src = workdir / "meshbench.c"
+    src.write_text(C_SOURCE)
+    out = workdir / "meshbench"
+    res = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(src)], capture_output=True, text=True,
+                         timeout=120)
+    if res.returncode != 0:
+        raise SetupError(f"compiling the load generator failed:\n{res.stderr.strip()}")
+    return out
+
+
+# -- processes, ports, /proc --------------------------------------------------------------
+
+
+class Procs:
+    """Every process we start, each in its own process group; all killed in ``close``."""
+
+    def __init__(self) -> None:
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as fh:
+            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env=env, cwd=cwd, start_new_session=True)
+        self.all.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.all:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.all:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log(f"process {p.pid} did not exit after SIGKILL")
+
+
+_taken: set[int] = set()
+
+
+def free_port(udp_too: bool = False) -> int:
+    """A free loopback port not handed out before (free for UDP as well when asked)."""
+    for _ in range(500):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind((HOST, 0))
+            port = int(t.getsockname()[1])
+            if port in _taken:
+                continue
+            if udp_too:
+                try:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                        u.bind((HOST, port))
+                except OSError:
+                    continue
+        _taken.add(port)
+        return port
+    raise SetupError("no free port")
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            rest = fh.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str,
+             last_state: Callable[[], str] | None = None, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            state = last_state() if last_state else ""
+            raise SetupError(f"timed out after {timeout:.0f} s waiting for {what}" + (f"; {state}" if state else ""))
+        time.sleep(interval)
+
+
+def probe(port: int) -> bool:
+    """One tiny echo exchange: True if the bytes came back."""
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as c:
+            c.settimeout(2)
+            c.sendall(b"Eping")
+            got = b""
+            while len(got) < 4:
+                d = c.recv(4 - len(got))
+                if not d:
+                    return False
+                got += d
+            return got == b"ping"
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc.strerror})"
+
+
+def _run(argv: list[str], timeout: float = 60, env: dict[str, str] | None = None) -> str:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    if res.returncode != 0:
+        raise SetupError(f"{' '.join(argv[:3])}... failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return res.stdout
+
+
+# -- which code the agents run ---------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip()
+
+
+def snapshot_source(dest: Path, ref: str | None, src_root: Path | None) -> tuple[Path, str]:
+    """Copy our packages to ``dest`` (both agents then import the same code even while the tree
+    is being edited; the venv's install is editable) and say what was copied."""
+    dest.mkdir(parents=True)
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        head = "unknown"
+    if ref:
+        commit = _git("rev-parse", "--short", ref)
+        data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+                              capture_output=True, check=True, timeout=120).stdout
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+        what = f"git revision {ref} ({commit})"
+    else:
+        root = src_root or ROOT
+        pkgs = [d for d in sorted(root.iterdir())
+                if d.is_dir() and (d / "__init__.py").exists() and d.name not in ("tests", "simulations")]
+        for d in pkgs:
+            shutil.copytree(d, dest / d.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        try:
+            dirty = _git("status", "--porcelain", "--", *[d.name for d in pkgs])
+        except (OSError, subprocess.SubprocessError):
+            dirty = "?"
+        what = f"working tree at start (HEAD {head}{', with uncommitted changes' if dirty else ''})"
+        if src_root is not None:
+            what = f"code copied from {src_root}"
+    check = subprocess.run([sys.executable, "-c", "import dataplane.proxy, cli.main; print(dataplane.__file__)"],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(dest)),
+                           cwd=dest.parent, timeout=60)
+    if check.returncode != 0 or not check.stdout.strip().startswith(str(dest)):
+        raise SetupError(f"the snapshot of our code ({what}) does not import cleanly "
+                         f"(try --ref HEAD): {check.stderr.strip()[-300:]}")
+    return dest, what
+
+
+# -- the three paths -------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    label: str
+    port: int  # where the client connects
+    pids: list[int] = field(default_factory=list)  # the proxy processes, for CPU accounting
+    names: list[str] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+
+def start_server(tool: Path, procs: Procs, workdir: Path) -> tuple[int, int]:
+    port = free_port()
+    p = procs.start([str(tool), "server", str(port)], workdir / "server.log")
+    wait_for(lambda: probe(port) or p.poll() is not None, 10, "the echo server")
+    if p.poll() is not None:
+        raise SetupError(f"the echo server exited: {_tail(workdir / 'server.log')}")
+    return port, p.pid
+
+
+def _api(port: int, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=data, method=method,
+                                 headers={"content-type": "application/json"} if data else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise SetupError(f"{method} {path}: HTTP {exc.code} {exc.read()[:200]!r}") from None
+
+
+def _api_or_none(port: int, method: str, path: str) -> Any:
+    try:
+        return _api(port, method, path, timeout=2.0)
+    except (OSError, SetupError, ValueError):
+        return None
+
+
+def start_mesh(server_port: int, procs: Procs, workdir: Path, env: dict[str, str],
+               log_level: str) -> Target:
+    key = _run([str(MESH_AGENT), "keygen"], env=env).strip()
+    agents: list[dict[str, Any]] = []
+    for name in ("bench-a", "bench-b"):
+        gossip, api, tunnel = free_port(udp_too=True), free_port(), free_port()
+        data_dir = workdir / name
+        data_dir.mkdir()
+        argv = [str(MESH_AGENT), "agent", "--name", name, "--bind", f"{HOST}:{gossip}", "--api", f"{HOST}:{api}",
+                "--tunnel", f"{HOST}:{tunnel}", "--key", key, "--profile", "local", "--data-dir", str(data_dir),
+                "--log-level", log_level]
+        if agents:
+            argv += ["--join", f"{HOST}:{agents[0]['gossip']}"]
+        log_path = workdir / f"{name}.log"
+        p = procs.start(argv, log_path, env=env, cwd=workdir)
+        agents.append({"name": name, "gossip": gossip, "api": api, "proc": p, "log": log_path})
+    a, b = agents
+    for ag in agents:
+        def api_up(ag: dict[str, Any] = ag) -> bool:
+            return _api_or_none(ag["api"], "GET", "/v1/health") is not None or ag["proc"].poll() is not None
+
+        wait_for(api_up, 30, f"agent {ag['name']}'s API")
+        if ag["proc"].poll() is not None:
+            raise SetupError(f"agent {ag['name']} exited at start: {_tail(ag['log'])}")
+
+    def converged() -> bool:
+        for ag in agents:
+            ms = _api_or_none(ag["api"], "GET", "/v1/members") or []
+            if sorted(m["name"] for m in ms if m.get("status") == "alive") != ["bench-a", "bench-b"]:
+                return False
+        return True
+
+    wait_for(converged, 30, "the two agents to see each other alive",
+             lambda: str([_api_or_none(ag["api"], "GET", "/v1/members") for ag in agents]))
+    _api(b["api"], "PUT", "/v1/services", {"name": SERVICE, "port": server_port, "address": HOST})
+    wait_for(lambda: len(_api_or_none(a["api"], "GET", f"/v1/services/{SERVICE}?passing") or []) == 1, 30,
+             f"agent A to see {SERVICE} passing on agent B")
+    listen = free_port()
+    _api(a["api"], "PUT", "/v1/upstreams", {"service": SERVICE, "listen": f"{HOST}:{listen}"})
+    wait_for(lambda: probe(listen), 30, "the upstream on agent A to reach the echo server",
+             lambda: f"A: {_tail(a['log'], 3)} B: {_tail(b['log'], 3)}")
+    return Target("mesh", listen, [a["proc"].pid, b["proc"].pid], ["agent A", "agent B"], [a["log"], b["log"]])
+
+
+def stunnel_binary() -> str | None:
+    return shutil.which("stunnel4") or shutil.which("stunnel")
+
+
+def start_stunnel(binary: str, server_port: int, procs: Procs, workdir: Path, cert_kind: str,
+                  debug: str) -> Target:
+    d = workdir / "stunnel"
+    d.mkdir()
+    cert, key = d / "cert.pem", d / "key.pem"
+    newkey = ["-newkey", "rsa:2048"] if cert_kind == "rsa" else ["-newkey", "ec", "-pkeyopt",
+                                                                 "ec_paramgen_curve:prime256v1"]
+    _run(["openssl", "req", "-x509", *newkey, "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+          "-subj", "/CN=bench-stunnel", "-addext", "subjectAltName=DNS:bench-stunnel"])
+    tls_port, entry = free_port(), free_port()
+    common = f"foreground = yes\npid =\ndebug = {debug}\n"
+    (d / "server.conf").write_text(
+        common + f"[bench]\naccept = {HOST}:{tls_port}\nconnect = {HOST}:{server_port}\ncert = {cert}\n"
+        f"key = {key}\nsslVersionMin = TLSv1.3\n")
+    (d / "client.conf").write_text(
+        common + f"[bench]\nclient = yes\naccept = {HOST}:{entry}\nconnect = {HOST}:{tls_port}\n"
+        f"sslVersionMin = TLSv1.3\nverifyPeer = yes\nCAfile = {cert}\n")
+    srv = procs.start([binary, str(d / "server.conf")], d / "server.log")
+    cli = procs.start([binary, str(d / "client.conf")], d / "client.log")
+    wait_for(lambda: probe(entry) or srv.poll() is not None or cli.poll() is not None, 20,
+             "stunnel client -> server -> echo", lambda: _tail(d / "client.log", 3))
+    for p, name in ((srv, "server"), (cli, "client")):
+        if p.poll() is not None:
+            raise SetupError(f"stunnel {name} exited: {_tail(d / f'{name}.log')}")
+    return Target("stunnel", entry, [cli.pid, srv.pid], ["stunnel client", "stunnel server"],
+                  [d / "client.log", d / "server.log"])
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Test:
+    key: str
+    mode: str  # bulk | rr | conn
+    conc: int = 1
+
+
+TESTS = (Test("bulk", "bulk"), Test("rr1", "rr", 1), Test("rr16", "rr", 16),
+         Test("conn1", "conn", 1), Test("conn16", "conn", 16))
+
+
+def measure(tool: Path, target: Target, test: Test, args: argparse.Namespace) -> dict[str, Any]:
+    """One run of one test on one path: the generator's numbers plus the proxies' CPU."""
+    if test.mode == "bulk":
+        argv = [str(tool), "bulk", str(target.port), str(args.bulk_mib * 1024 * 1024)]
+        timeout = 600.0
+    else:
+        size = 1024 if test.mode == "rr" else 64
+        argv = [str(tool), test.mode, str(target.port), str(test.conc), str(args.seconds), str(size),
+                str(args.warmup)]
+        timeout = args.seconds + args.warmup + 60
+    cpu0 = [cpu_seconds(p) for p in target.pids]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"no answer in {timeout:.0f} s"}
+    wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1 = [cpu_seconds(p) for p in target.pids]
+    try:
+        out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"ok": False, "error": f"generator exit {res.returncode}: {res.stderr.strip()[-200:]}"}
+    out["wall_s"] = wall
+    out["proxy_cpu_s"] = sum(cpu1) - sum(cpu0)
+    out["proxy_cpu_each_s"] = [round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]
+    out["client_cpu_s"] = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+    if test.mode == "bulk":
+        if not out.get("ok"):
+            return out
+        out["mb_s"] = out["bytes"] / out["seconds"] / 1e6
+        # CPU-seconds per GB through both proxies together.
+        if target.pids:
+            out["cpu_per_gb"] = out["proxy_cpu_s"] / (out["bytes"] / 1e9)
+    else:
+        # Whole-run CPU (warm-up and set-up included) per operation at the recorded rate: approximate.
+        ops_total = out["rate"] * wall
+        if target.pids and ops_total:
+            out["cpu_us_per_op"] = out["proxy_cpu_s"] / ops_total * 1e6
+        if out.get("errors"):
+            out["note"] = f"{out['errors']} error(s), first: {out.get('first_error')}"
+    return out
+
+
+def metric_values(test_key: str, r: dict[str, Any]) -> dict[str, float | None]:
+    """The table's metrics from one measurement."""
+    ok = bool(r.get("ok"))
+
+    def g(k: str) -> float | None:
+        v = r.get(k)
+        return float(v) if ok and isinstance(v, (int, float)) and v >= 0 else None
+
+    if test_key == "bulk":
+        return {"bulk_mb_s": g("mb_s"), "bulk_cpu_per_gb": g("cpu_per_gb")}
+    prefix = test_key
+    out = {f"{prefix}_rate": g("rate"), f"{prefix}_p50": g("p50_us"), f"{prefix}_p99": g("p99_us"),
+           f"{prefix}_cpu_us": g("cpu_us_per_op")}
+    if ok and r.get("errors"):
+        out[f"{prefix}_errors"] = float(r["errors"])
+    return out
+
+
+# -- profiling the agents ----------------------------------------------------------------------
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/to/file.py)`` with the path cut to the package part."""
+    m = re.match(r"(.*) \((.*)\)$", frame)
+    if not m:
+        return frame
+    func, path = m.groups()
+    path = re.sub(r"^.*/(site-packages|src)/", "", path)
+    return f"{func} ({path})"
+
+
+def summarize_raw(path: Path, seconds: float, rate: int, top: int) -> str:
+    """Top frames by self and inclusive samples, and self samples by file, from py-spy's raw output."""
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    by_file: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += n
+        self_c[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+        m = re.search(r"\(([^()]*)\)$", frames[-1])
+        by_file[m.group(1) if m else frames[-1]] += n
+    if not total:
+        return "  (no samples)"
+    busy = total / (seconds * rate)
+    lines = [f"  {total} samples of {seconds * rate:.0f} possible: the agent's Python thread was busy "
+             f"{100 * busy:.0f}% of the time"]
+    for title, counter in (("self", self_c), ("inclusive", incl), ("self, by file", by_file)):
+        lines.append(f"  top by {title}:")
+        for name, n in counter.most_common(top):
+            lines.append(f"    {100 * n / total:5.1f}%  {name}")
+    return "\n".join(lines)
+
+
+def pyspy_profile(tool: Path, mesh: Target, args: argparse.Namespace, outdir: Path) -> str:
+    """py-spy on both agents while the mesh carries bulk and then c=16 request/response load."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    secs, rate = args.pyspy_seconds, 100
+    report: list[str] = []
+    for workload in ("bulk", "rr16"):
+        if workload == "bulk":
+            # Back-to-back bulk transfers, from a shell loop, for as long as py-spy records.
+            load = subprocess.Popen(["/bin/sh", "-c", f'while :; do "{tool}" bulk {mesh.port} '
+                                     f'{args.bulk_mib * 1024 * 1024} || exit 1; done'],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        else:
+            load = subprocess.Popen([str(tool), "rr", str(mesh.port), "16", str(secs + 3), "1024", "0.5"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+        try:
+            time.sleep(1.0)
+            for pid, name in zip(mesh.pids, ("a", "b"), strict=True):
+                out = outdir / f"{workload}-agent-{name}.raw"
+                spies.append((name, out, subprocess.Popen(
+                    [str(PY_SPY), "record", "-p", str(pid), "-d", str(secs), "-r", str(rate), "--format", "raw",
+                     "--nolineno", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+            for name, out, spy in spies:
+                _, err = spy.communicate(timeout=secs + 60)
+                if spy.returncode != 0 or not out.exists():
+                    report.append(f"### py-spy, {workload}, agent {name.upper()}: failed: "
+                                  f"{err.decode(errors='replace').strip()[-300:]}")
+                    continue
+                report.append(f"### py-spy, {workload} load, agent {name.upper()} ({out})")
+                report.append(summarize_raw(out, secs, rate, args.pyspy_top))
+        finally:
+            for _, _, spy in spies:
+                if spy.poll() is None:
+                    spy.kill()
+                    spy.wait(timeout=10)
+            if load.poll() is None:
+                os.killpg(load.pid, signal.SIGKILL)
+            load.wait(timeout=10)
+    return "\n".join(report)
+
+
+# -- report -------------------------------------------------------------------------------
+
+METRICS: list[tuple[str, str, int, tuple[str, float] | None]] = [
+    # key, label, digits, goal as (">=" or "<=", ratio of mesh to stunnel)
+    ("bulk_mb_s", "bulk throughput, 1 connection one way into a sink (MB/s)", 0, (">=", 1.0)),
+    ("rr1_p50", "1 KiB req/resp, c=1: p50 latency (us)", 0, ("<=", 2.0)),
+    ("rr1_p99", "1 KiB req/resp, c=1: p99 latency (us)", 0, None),
+    ("rr1_rate", "1 KiB req/resp, c=1: requests/s", 0, None),
+    ("rr16_rate", "1 KiB req/resp, c=16: requests/s", 0, (">=", 0.5)),
+    ("rr16_p50", "1 KiB req/resp, c=16: p50 latency (us)", 0, None),
+    ("rr16_p99", "1 KiB req/resp, c=16: p99 latency (us)", 0, None),
+    ("conn1_rate", "new connections/s, c=1 (connect, 64 B req/resp, close)", 0, (">=", 1.0)),
+    ("conn16_rate", "new connections/s, c=16", 0, (">=", 1.0)),
+    ("conn1_p50", "(info) c=1: connect to answer, p50 (us)", 0, None),
+    ("bulk_cpu_per_gb", "(info) both proxies' CPU per GB of bulk (CPU-s)", 2, None),
+    ("rr1_cpu_us", "(info) both proxies' CPU per request, c=1 (us)", 0, None),
+    ("rr16_cpu_us", "(info) both proxies' CPU per request, c=16 (us)", 0, None),
+    ("conn16_cpu_us", "(info) both proxies' CPU per connection, c=16 (us)", 0, None),
+]
+
+
+def median_of(runs: list[dict[str, float | None]], key: str) -> float | None:
+    vals = [v for r in runs if (v := r.get(key)) is not None]
+    return float(statistics.median(vals)) if vals else None
+
+
+def _cell(v: float | None, digits: int, present: bool) -> str:
+    if not present:
+        return "-"
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def report(per_path: dict[str, list[dict[str, float | None]]]) -> tuple[str, dict[str, Any]]:
+    runs = max((len(v) for v in per_path.values()), default=0)
+    lines = [f"### Data plane on loopback: median of {runs} run(s)", "",
+             "| metric | direct | mesh | stunnel | mesh/stunnel | goal | result |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    summary: dict[str, Any] = {}
+    for key, label, digits, goal in METRICS:
+        med = {p: median_of(per_path[p], key) if per_path.get(p) else None for p in PATHS}
+        m, s = med["mesh"], med["stunnel"]
+        ratio = m / s if m is not None and s else None
+        if goal is None:
+            goal_txt, verdict = "-", "-"
+        else:
+            op, g = goal
+            goal_txt = f"{op} {g:g}x stunnel"
+            if ratio is None:
+                verdict = "n/a"
+            else:
+                verdict = "PASS" if (ratio >= g if op == ">=" else ratio <= g) else "MISS"
+        lines.append(f"| {label} | " + " | ".join(_cell(med[p], digits, bool(per_path.get(p))) for p in PATHS)
+                     + f" | {'-' if ratio is None else f'{ratio:.2f}x'} | {goal_txt} | {verdict} |")
+        summary[key] = {**med, "ratio": ratio, "goal": goal_txt, "result": verdict}
+    return "\n".join(lines), summary
+
+
+def machine_info(stunnel: str | None) -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"{os.cpu_count()} CPU(s) {model}", f"Linux {platform.release()}",
+             f"Python {platform.python_version()}"]
+    if stunnel:
+        res = subprocess.run([stunnel, "-version"], capture_output=True, text=True, timeout=10)
+        m = re.search(r"stunnel (\S+) on", res.stdout + res.stderr)
+        o = re.search(r"Running\s+with (OpenSSL \S+)", res.stdout + res.stderr)
+        parts.append(f"stunnel {m.group(1) if m else '?'} ({o.group(1) if o else 'OpenSSL ?'})")
+    return ", ".join(parts)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--runs", type=int, help="runs per test and path; the table shows medians (default 3; "
+                                             "0: set up and profile only)")
+    ap.add_argument("--seconds", type=float, help="recorded seconds per req/resp and conn test (default 5)")
+    ap.add_argument("--warmup", type=float, help="unrecorded seconds before each of those (default 0.5)")
+    ap.add_argument("--bulk-mib", type=int, help="MiB per bulk transfer (default 512)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: defaults become 1 run, 1 s tests, "
+                                                         "0.3 s warm-up, 32 MiB bulk")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of direct,mesh,stunnel")
+    ap.add_argument("--stunnel-cert", choices=("rsa", "ec"), default="rsa",
+                    help="stunnel server certificate: RSA 2048 (default) or ECDSA P-256")
+    ap.add_argument("--stunnel-debug", default="warning",
+                    help="stunnel's log level (default warning; stunnel's own default, notice, logs every "
+                         "connection, which here costs it ~6x in connections/s, and our agents do not)")
+    ap.add_argument("--agent-log-level", default="info", help="the agents' --log-level (default info)")
+    ap.add_argument("--ref", help="run the agents from this git revision (e.g. HEAD) instead of a snapshot "
+                                  "of the working tree taken at start")
+    ap.add_argument("--src", help="run the agents from the packages in this directory instead")
+    ap.add_argument("--pyspy", metavar="DIR", help="afterwards, profile both agents with py-spy under bulk "
+                                                   "and c=16 req/resp load; raw profiles go to DIR")
+    ap.add_argument("--pyspy-seconds", type=int, default=5, help="py-spy recording per load (default 5)")
+    ap.add_argument("--pyspy-top", type=int, default=15, help="frames listed per ranking (default 15)")
+    ap.add_argument("--save", metavar="FILE", help="also write every run's numbers as JSON to FILE")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    args = ap.parse_args(argv)
+    for name, normal, quick in (("runs", 3, 1), ("seconds", 5.0, 1.0), ("warmup", 0.5, 0.3), ("bulk_mib", 512, 32)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else normal)
+    paths = [p for p in PATHS if p in {x.strip() for x in args.paths.split(",")}]
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_proxy_"))
+    procs = Procs()
+    started = time.monotonic()
+    stunnel = stunnel_binary()
+    notes: list[str] = []
+    try:
+        tool = build_tool(workdir)
+        server_port, _ = start_server(tool, procs, workdir)
+        targets: dict[str, Target] = {}
+        if "direct" in paths:
+            targets["direct"] = Target("direct", server_port)
+        measured = "-"
+        if "mesh" in paths or args.pyspy:
+            if not MESH_AGENT.exists():
+                raise SetupError(f"{MESH_AGENT} not found: run `make` / pip install -e . first")
+            src, measured = snapshot_source(workdir / "src", args.ref, Path(args.src).resolve() if args.src else None)
+            env = dict(os.environ, PYTHONPATH=str(src))
+            log(f"mesh: two agents running {measured}")
+            targets["mesh"] = start_mesh(server_port, procs, workdir, env, args.agent_log_level)
+        if "stunnel" in paths:
+            if stunnel is None:
+                msg = ("stunnel4 not found (Debian: apt-get install stunnel4): the stunnel column and the "
+                       "ratios are skipped")
+                log(msg)
+                notes.append(msg)
+            else:
+                targets["stunnel"] = start_stunnel(stunnel, server_port, procs, workdir, args.stunnel_cert,
+                                                   args.stunnel_debug)
+        order = [p for p in PATHS if p in targets and p in paths]
+        log(f"paths {order}, {args.runs} run(s), {args.seconds:g} s per test (+{args.warmup:g} s warm-up), "
+            f"bulk {args.bulk_mib} MiB; work dir {workdir}")
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {p: {t.key: [] for t in TESTS} for p in order}
+        per_path: dict[str, list[dict[str, float | None]]] = {p: [] for p in order}
+        for run in range(args.runs):
+            values: dict[str, dict[str, float | None]] = {p: {} for p in order}
+            for test in TESTS:
+                rot = order[run % len(order):] + order[:run % len(order)] if order else []
+                for p in rot:  # interleaved, and the order rotates, so drift hits every path alike
+                    r = measure(tool, targets[p], test, args)
+                    raw[p][test.key].append(r)
+                    values[p].update(metric_values(test.key, r))
+                    if not r.get("ok") or r.get("note"):
+                        notes.append(f"run {run + 1} {p} {test.key}: {r.get('error') or r.get('note')}")
+                    log(f"run {run + 1}/{args.runs} {test.key:6} {p:8} " + _brief(test, r))
+            for p in order:
+                per_path[p].append(values[p])
+        for t in targets.values():
+            for pid, name in zip(t.pids, t.names, strict=True):
+                if not Path(f"/proc/{pid}").exists():
+                    notes.append(f"{t.label}: {name} (pid {pid}) is no longer running")
+        text = ""
+        if args.runs:
+            table, summary = report(per_path)
+            text = "\n".join([
+                table, "",
+                "Goals (issue 4), as ratios to stunnel in the same run: bulk >= 1.0x; req/s at c=16 >= 0.5x; "
+                "p50 at c=1 <= 2x; new connections/s >= 1.0x.",
+                f"Machine: {machine_info(stunnel)}.",
+                f"mesh: 2 mesh-agent processes ({measured}), --profile local, encrypted gossip, Noise IK tunnel; "
+                f"stunnel: TLS 1.3 ({args.stunnel_cert.upper()} certificate, client verifies it), "
+                f"debug = {args.stunnel_debug}; load generator and echo/sink server: C, epoll, compiled with cc -O2. "
+                f"Bulk {args.bulk_mib} MiB; req/resp and conn tests {args.seconds:g} s each after "
+                f"{args.warmup:g} s warm-up. CPU rows: /proc utime+stime of the two proxy processes. "
+                f"Total {time.monotonic() - started:.0f} s.",
+            ])
+            if notes:
+                text += "\n\n" + "\n".join(f"- {n}" for n in notes)
+            print(text, flush=True)
+            if args.save:
+                Path(args.save).write_text(json.dumps({"summary": summary, "runs": raw, "notes": notes,
+                                                       "machine": machine_info(stunnel), "mesh_code": measured,
+                                                       "args": vars(args)}, indent=2) + "\n")
+        elif notes:
+            print("\n".join(f"- {n}" for n in notes))
+        if args.pyspy:
+            if not PY_SPY.exists():
+                print(f"--pyspy: {PY_SPY} not found (pip install py-spy)", file=sys.stderr)
+            else:
+                log(f"profiling the agents with py-spy, {args.pyspy_seconds} s per load")
+                prof = pyspy_profile(tool, targets["mesh"], args, Path(args.pyspy))
+                print("\n" + prof, flush=True)
+        return 0
+    except SetupError as exc:
+        print(f"bench_proxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench_proxy: interrupted; stopping everything it started", file=sys.stderr)
+        return 130
+    finally:
+        procs.close()
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _brief(test: Test, r: dict[str, Any]) -> str:
+    if not r.get("ok"):
+        return f"FAILED: {r.get('error')}"
+    cpu = f"proxies' CPU {r['proxy_cpu_s']:.2f} s" if r.get("proxy_cpu_each_s") else "no proxy"
+    if test.mode == "bulk":
+        return f"{r['mb_s']:.0f} MB/s ({cpu})"
+    extra = f", {r['errors']} errors" if r.get("errors") else ""
+    return f"{r['rate']:.0f}/s p50 {r['p50_us']:.0f} us p99 {r['p99_us']:.0f} us ({cpu}{extra})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
