@@ -43,7 +43,9 @@ import trio
 
 from dataplane.tunnel import TunnelError
 
-CHUNK = 64 * 1024
+#: Bytes read from a client or instance socket at a time: fewer, larger reads
+#: and tunnel records per byte (see mux.DEFAULT_MAX_RECORD).
+CHUNK = 256 * 1024
 #: Defaults per upstream: connecting (tunnel stream and far-end TCP connect), and
 #: silence in both directions before a proxied connection is reset (Envoy's stream idle default).
 CONNECT_TIMEOUT = 5.0
