@@ -476,8 +476,11 @@ class Proxy:
                                 data = await client.receive_some(CHUNK)
                             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                                 raise _ClientGone(f"client went away: {exc}") from None
-                        if reading.cancelled_caught or status is not None:
-                            break
+                        if reading.cancelled_caught:
+                            break  # the status came first: nothing was read
+                        # Data read in the same instant the status arrived is
+                        # still the client's: it must go out (or be kept for a
+                        # retry), never be dropped.
                         reading = trio.CancelScope()
                         if not data:
                             early.eof = True
@@ -494,8 +497,10 @@ class Proxy:
                     nursery.cancel_scope.cancel()
         if gone is not None:
             raise gone
+        if status is not None and status != bytes([STATUS_OK]):
+            return status  # refused: whatever failed after it, early holds all for a retry
         if failure is not None:
-            if sent_any and status is None:
+            if sent_any:
                 raise _Delivered("the stream broke after the request's first bytes were sent") from failure
             raise failure
         assert status is not None
