@@ -683,7 +683,7 @@ def snapshot_source(dest: Path, ref: str | None, src_root: Path | None = None) -
         what = f"working tree snapshot at start (HEAD {head}{', with uncommitted changes' if dirty else ''})"
         if src_root is not None:
             what = f"code copied from {src_root}"
-    check = subprocess.run([sys.executable, "-c", "import gossip, cli.main; print(gossip.__file__)"],
+    check = subprocess.run([sys.executable, "-c", "import gossip, dataplane.proxy, cli.main; print(gossip.__file__)"],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(dest)),
                            cwd=dest.parent, timeout=60)
     if check.returncode != 0 or not check.stdout.strip().startswith(str(dest)):

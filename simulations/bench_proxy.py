@@ -41,7 +41,6 @@ library only; it imports nothing from the project (the agents run from a snapsho
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -53,7 +52,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.error
@@ -63,6 +61,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from simulations.bench_cluster import snapshot_source as _snapshot_source
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -720,46 +720,13 @@ def _run(argv: list[str], timeout: float = 60, env: dict[str, str] | None = None
 # -- which code the agents run ---------------------------------------------------------------
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
-                          timeout=60).stdout.strip()
-
-
 def snapshot_source(dest: Path, ref: str | None, src_root: Path | None) -> tuple[Path, str]:
     """Copy our packages to ``dest`` (both agents then import the same code even while the tree
-    is being edited; the venv's install is editable) and say what was copied."""
-    dest.mkdir(parents=True)
+    is being edited; the venv's install is editable) and say what was copied: bench_cluster's."""
     try:
-        head = _git("rev-parse", "--short", "HEAD")
-    except (OSError, subprocess.SubprocessError):
-        head = "unknown"
-    if ref:
-        commit = _git("rev-parse", "--short", ref)
-        data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref],
-                              capture_output=True, check=True, timeout=120).stdout
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
-        what = f"git revision {ref} ({commit})"
-    else:
-        root = src_root or ROOT
-        pkgs = [d for d in sorted(root.iterdir())
-                if d.is_dir() and (d / "__init__.py").exists() and d.name not in ("tests", "simulations")]
-        for d in pkgs:
-            shutil.copytree(d, dest / d.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        try:
-            dirty = _git("status", "--porcelain", "--", *[d.name for d in pkgs])
-        except (OSError, subprocess.SubprocessError):
-            dirty = "?"
-        what = f"working tree at start (HEAD {head}{', with uncommitted changes' if dirty else ''})"
-        if src_root is not None:
-            what = f"code copied from {src_root}"
-    check = subprocess.run([sys.executable, "-c", "import dataplane.proxy, cli.main; print(dataplane.__file__)"],
-                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(dest)),
-                           cwd=dest.parent, timeout=60)
-    if check.returncode != 0 or not check.stdout.strip().startswith(str(dest)):
-        raise SetupError(f"the snapshot of our code ({what}) does not import cleanly "
-                         f"(try --ref HEAD): {check.stderr.strip()[-300:]}")
-    return dest, what
+        return _snapshot_source(dest, ref, src_root)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        raise SetupError(f"{exc} (try --ref HEAD)") from None
 
 
 # -- the three paths -------------------------------------------------------------------------
