@@ -62,6 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simulations.bench_cluster import free_port as _free_port
+from simulations.bench_cluster import proc_cpu_seconds
 from simulations.bench_cluster import snapshot_source as _snapshot_source
 
 HERE = Path(__file__).resolve().parent
@@ -69,7 +71,6 @@ ROOT = HERE.parent
 MESH_AGENT = Path(sys.executable).parent / "mesh-agent"
 PY_SPY = Path(sys.executable).parent / "py-spy"
 HOST = "127.0.0.1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVICE = "bench-echo"
 PATHS = ("direct", "mesh", "stunnel")
 
@@ -649,31 +650,14 @@ _taken: set[int] = set()
 
 
 def free_port(udp_too: bool = False) -> int:
-    """A free loopback port not handed out before (free for UDP as well when asked)."""
-    for _ in range(500):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            if port in _taken:
-                continue
-            if udp_too:
-                try:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                        u.bind((HOST, port))
-                except OSError:
-                    continue
-        _taken.add(port)
-        return port
-    raise SetupError("no free port")
+    try:
+        return _free_port(_taken, udp_too)
+    except RuntimeError as exc:
+        raise SetupError(str(exc)) from None
 
 
 def cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            rest = fh.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    return proc_cpu_seconds(pid) or 0.0
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str,

@@ -33,7 +33,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from simulations.bench_cluster import free_port, proc_cpu_seconds
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -54,37 +55,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port(taken: set[int]) -> int:
-    """A port free for both TCP and UDP (gossip uses both on one port), not handed out before."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            if port in taken:
-                continue
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind((HOST, port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    raise RuntimeError("no free port")
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 COST_COUNTERS = ("state_fetched", "state_requests_in", "push_pull_in", "tcp_bytes_out", "udp_bytes_out",
                  "dropped_total", "suspicions", "refutations")
 
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, from /proc (0 when unreadable)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = raw[raw.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return proc_cpu_seconds(pid) or 0.0
 
 
 class ApiError(Exception):
@@ -155,8 +132,8 @@ class Cluster:
         self.ports: set[int] = set()
 
     def start(self, name: str, join: str | None) -> Agent:
-        gport = free_port(self.ports)
-        aport = free_port(self.ports)
+        gport = free_port(self.ports, udp_too=True)
+        aport = free_port(self.ports, udp_too=True)
         data_dir = self.workdir / f"{self.label}-{name}-data"
         data_dir.mkdir(parents=True, exist_ok=True)
         args = [str(MESH_AGENT), "agent", "--name", name,
