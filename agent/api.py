@@ -103,13 +103,11 @@ class ApiServer:
             if self._members_json is None or self._members_json[0] is not members:
                 self._members_json = (members, _encode(members))
             return 200, self._members_json[1]
-        if wanted:
-            allowed = {"alive", "suspect", "dead", "left"}
-            bad = [s for s in wanted if s not in allowed]
-            if bad:
-                raise HttpError(400, f"unknown status {bad[0]!r}: use alive, suspect, dead or left")
-            members = [m for m in members if m["status"] in wanted]
-        return 200, members
+        allowed = {"alive", "suspect", "dead", "left"}
+        bad = [s for s in wanted if s not in allowed]
+        if bad:
+            raise HttpError(400, f"unknown status {bad[0]!r}: use alive, suspect, dead or left")
+        return 200, [m for m in members if m["status"] in wanted]
 
     async def self_info(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         return 200, self.agent.self_view()
@@ -166,49 +164,31 @@ class ApiServer:
             lambda: self.agent.services.instances(name, passing_only=passing))
 
     async def register(self, query: dict[str, list[str]], body: Any) -> Reply:
-        try:
-            reg = self.agent.services.register(body)
-        except ServiceError as exc:
-            raise HttpError(exc.status, str(exc)) from None
+        reg = self.agent.services.register(body)
         return 200, {"ok": True, "id": reg.id}
 
     async def deregister(self, iid: str, query: dict[str, list[str]], body: Any) -> Reply:
-        try:
-            self.agent.services.deregister(iid)
-        except ServiceError as exc:
-            raise HttpError(exc.status, str(exc)) from None
+        self.agent.services.deregister(iid)
         return 200, {"ok": True, "id": iid}
 
     async def upstreams(self, query: dict[str, list[str]], body: Any) -> Reply:
         return 200, self.agent.upstreams.view()
 
     async def upstream_add(self, query: dict[str, list[str]], body: Any) -> Reply:
-        try:
-            return 200, await self.agent.upstreams.add(body)
-        except ServiceError as exc:
-            raise HttpError(exc.status, str(exc)) from None
+        return 200, await self.agent.upstreams.add(body)
 
     async def upstream_remove(self, service: str, query: dict[str, list[str]], body: Any) -> Reply:
-        try:
-            return 200, await self.agent.upstreams.remove(service)
-        except ServiceError as exc:
-            raise HttpError(exc.status, str(exc)) from None
+        return 200, await self.agent.upstreams.remove(service)
 
     async def intentions(self, query: dict[str, list[str]], body: Any) -> Reply:
         return 200, self.agent.intentions.view()
 
     async def intention_put(self, query: dict[str, list[str]], body: Any) -> Reply:
-        try:
-            return 200, self.agent.intentions.put(body)
-        except ServiceError as exc:
-            raise HttpError(exc.status, str(exc)) from None
+        return 200, self.agent.intentions.put(body)
 
     async def intention_remove(self, source: str, destination: str, query: dict[str, list[str]],
                                body: Any) -> Reply:
-        try:
-            return 200, self.agent.intentions.remove(source, destination)
-        except ServiceError as exc:
-            raise HttpError(exc.status, str(exc)) from None
+        return 200, self.agent.intentions.remove(source, destination)
 
     async def intention_remove_one(self, source: str, query: dict[str, list[str]], body: Any) -> Reply:
         raise HttpError(400, "name the rule by both ends: DELETE /v1/intentions/{source}/{destination}")
@@ -296,6 +276,8 @@ class ApiServer:
             return await handler(parse_qs(split.query, keep_blank_values=True), parsed)
         except HttpError as exc:
             return exc.status, {"error": exc.message}
+        except ServiceError as exc:  # what the registries refuse, with its 4xx status
+            return exc.status, {"error": str(exc)}
         except Exception as exc:  # a bug must not take the agent down
             self.log.exception("api_handler_failed", path=path)
             return 500, {"error": f"internal error: {type(exc).__name__}"}
