@@ -250,6 +250,7 @@ class Agent:
                 try:
                     more = udp.recv_nowait()
                 except OSError:
+                    self.io["recv_errors"] += 1  # as above; the next recvfrom() goes on
                     break
                 if more is None:
                     break
