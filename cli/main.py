@@ -39,6 +39,14 @@ def _call(api: str, method: str, path: str, body: Any = None) -> Any:
         _fail(str(exc))
 
 
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    """A command's answer: the API's JSON with --json, else one line for people."""
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(text)
+
+
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -170,10 +178,7 @@ def join(api: str, as_json: bool, addresses: tuple[str, ...]) -> None:
 def leave(api: str, as_json: bool) -> None:
     """Make the local agent leave the cluster gracefully and exit."""
     data = _call(api, "POST", "/v1/leave")
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(data.get("detail", "leaving"))
+    _emit(data, as_json, data.get("detail", "leaving"))
 
 
 @main.command()
@@ -273,10 +278,7 @@ def services_register(api: str, as_json: bool, name: str, port: int, iid: str | 
         body["check"] = {"type": checks[0][0], "target": checks[0][1],
                          "interval": check_interval, "timeout": check_timeout}
     data = _call(api, "PUT", "/v1/services", body)
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(f"registered {data['id']}")
+    _emit(data, as_json, f"registered {data['id']}")
 
 
 @services.command("deregister")
@@ -286,10 +288,7 @@ def services_register(api: str, as_json: bool, name: str, port: int, iid: str | 
 def services_deregister(api: str, as_json: bool, iid: str) -> None:
     """Remove instance ID from the local agent."""
     data = _call(api, "DELETE", f"/v1/services/{quote(iid, safe='')}")
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(f"deregistered {data['id']}")
+    _emit(data, as_json, f"deregistered {data['id']}")
 
 
 @main.group(invoke_without_command=True)
@@ -326,10 +325,8 @@ def upstreams_add(api: str, as_json: bool, service: str, listen: str, source: st
     optional = {"source": source, "connect_timeout": connect_timeout, "idle_timeout": idle_timeout}
     body.update({k: v for k, v in optional.items() if v is not None})
     data = _call(api, "PUT", "/v1/upstreams", body)
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(f"{data['listen']} -> {data['service']}" + (f" (as {data['source']})" if data.get("source") else ""))
+    as_source = f" (as {data['source']})" if data.get("source") else ""
+    _emit(data, as_json, f"{data['listen']} -> {data['service']}{as_source}")
 
 
 @upstreams.command("remove")
@@ -339,10 +336,7 @@ def upstreams_add(api: str, as_json: bool, service: str, listen: str, source: st
 def upstreams_remove(api: str, as_json: bool, service: str) -> None:
     """Close the upstream for SERVICE."""
     data = _call(api, "DELETE", f"/v1/upstreams/{quote(service, safe='')}")
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(f"removed upstream {data['service']}")
+    _emit(data, as_json, f"removed upstream {data['service']}")
 
 
 @main.group(invoke_without_command=True)
@@ -368,10 +362,7 @@ def _set_intention(api: str, as_json: bool, action: str, source: str, destinatio
     if description is not None:
         body["description"] = description
     data = _call(api, "PUT", "/v1/intentions", body)
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(f"{data['source']} -> {data['destination']}: {data['action']}")
+    _emit(data, as_json, f"{data['source']} -> {data['destination']}: {data['action']}")
 
 
 @intentions.command("allow")
@@ -404,10 +395,7 @@ def intentions_deny(api: str, as_json: bool, description: str | None, source: st
 def intentions_remove(api: str, as_json: bool, source: str, destination: str) -> None:
     """Remove the rule from SOURCE to DESTINATION."""
     data = _call(api, "DELETE", f"/v1/intentions/{quote(source, safe='')}/{quote(destination, safe='')}")
-    if as_json:
-        _print_json(data)
-    else:
-        click.echo(f"removed {data['source']} -> {data['destination']}")
+    _emit(data, as_json, f"removed {data['source']} -> {data['destination']}")
 
 
 @main.command()
