@@ -201,7 +201,7 @@ class Membership:
         self._next_gossip = now + config.gossip_interval
         self._last_gossip = now
         self._eager_at: float | None = None
-        self._up_count: int | None = None
+        self._up_count: tuple[tuple[int, int], int] | None = None  # (view_version, count)
         self._now = now
         self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + self.rng.uniform(0.5, 1.0) * config.reconnect_interval
@@ -471,9 +471,10 @@ class Membership:
 
     def num_up(self) -> int:
         # Every packet sent asks this (retransmit limit); count only after a change.
-        if self._up_count is None:
-            self._up_count = sum(1 for m in self.members.values() if m.status.up)
-        return self._up_count
+        version = self.view_version()
+        if self._up_count is None or self._up_count[0] != version:
+            self._up_count = (version, sum(1 for m in self.members.values() if m.status.up))
+        return self._up_count[1]
 
     # -- message handling ---------------------------------------------------------------
 
@@ -553,7 +554,6 @@ class Membership:
                        tunnel=a.tunnel)
             self._note_state(m)
             self.members[a.name] = m
-            self._up_count = None
             # Insert at a random place so a new member is probed soon (memberlist).
             self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), a.name)
             self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
@@ -803,7 +803,6 @@ class Membership:
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
-                self._up_count = None
                 if self.delegate is not None:
                     self.delegate.forget(name)
                 self._event("member_reaped", name=name, status=m.status.value)
@@ -895,7 +894,6 @@ class Membership:
         previous = m.status
         m.status = status
         m.status_since = now
-        self._up_count = None
         if previous is not status:
             self._event("member", name=m.name, addr=format_addr(m.addr), status=status.value,
                         previous=previous.value, incarnation=m.incarnation, reason=reason)
