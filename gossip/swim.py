@@ -330,22 +330,14 @@ class Membership:
         agent then just closes the stream.
         """
         self._now = now
-        try:
-            msgs = decode_stream(data)
-        except DecodeError as exc:
-            self.drop(exc.reason)
+        msg = self._decode_one(data, (StateRequest, PushPull))
+        if msg is None:
             return None
-        if len(msgs) != 1:
-            self.drop("unexpected_type")
-            return None
-        msg = msgs[0]
         if isinstance(msg, StateRequest):
             held = self.delegate.encode_node(msg.node) if self.delegate else None
             self.counters.stats["state_requests_in"] += 1
             return encode_stream([StateReply(msg.node, held or b"")])
-        if not isinstance(msg, PushPull):
-            self.drop("unexpected_type")
-            return None
+        assert isinstance(msg, PushPull)
         remote = msg
         refused = self._refusal(remote)
         if refused:
@@ -815,16 +807,21 @@ class Membership:
             for m in self.members.values()
         ]
 
-    def _decode_push_pull(self, data: bytes) -> PushPull | None:
+    def _decode_one(self, data: bytes, kinds: tuple[type[Message], ...]) -> Message | None:
+        """A stream payload holding exactly one message of ``kinds``; else None, drop counted."""
         try:
             msgs = decode_stream(data)
         except DecodeError as exc:
             self.drop(exc.reason)
             return None
-        if len(msgs) != 1 or not isinstance(msgs[0], PushPull):
+        if len(msgs) != 1 or not isinstance(msgs[0], kinds):
             self.drop("unexpected_type")
             return None
         return msgs[0]
+
+    def _decode_push_pull(self, data: bytes) -> PushPull | None:
+        msg = self._decode_one(data, (PushPull,))
+        return msg if isinstance(msg, PushPull) else None
 
     def _refusal(self, remote: PushPull) -> str:
         if remote.source == self.name:
