@@ -25,8 +25,8 @@ import msgpack
 import pytest
 import trio
 import trio.testing
-from procs import ROOT, AgentProc, Cluster, free_port, wait_for, wait_port
-from test_proxy import echo_server, expect_reset, roundtrip
+from procs import AgentProc, Cluster, free_port, wait_for, wait_port
+from test_proxy import cli, echo_server, expect_reset, roundtrip
 
 from agent.config import ConfigError, resolve
 from agent.intentions import Intention, Intentions, decide, match, validate
@@ -187,11 +187,6 @@ def serve(c):
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
-
-
-def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--api", api], capture_output=True,
-                          text=True, cwd=ROOT, timeout=30)
 
 
 def one_line_error(p: subprocess.CompletedProcess[str]) -> str:
