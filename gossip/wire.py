@@ -227,7 +227,7 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         # Alive is the message of a join burst, where how many fit in one
         # datagram sets how fast a cluster converges: one-letter keys, no
         # empty tags, and the tunnel's host only when it is not the gossip
-        # host -- 117 bytes down to about 80.
+        # host -- 117 bytes down to 91 for a typical member.
         obj: dict[str, Any] = {"t": "alive", "n": msg.name, "i": msg.incarnation, "a": _addr(msg.addr)}
         if msg.tags:
             obj["g"] = dict(msg.tags)
