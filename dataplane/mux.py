@@ -485,7 +485,11 @@ class Session:
         st = self._sending_stream(stream_id)
         return max(0, self.send_buffer - len(st.queue))
 
-    def send(self, stream_id: int, data: bytes) -> None:
+    def has_output(self) -> bool:
+        """Whether ``next_record`` may have something to send (a cheap test; False is exact)."""
+        return bool(self._control) or bool(self._ready)
+
+    def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         st = self._sending_stream(stream_id)
         room = self.send_buffer - len(st.queue)
         if len(data) > room:
@@ -589,7 +593,8 @@ class Session:
                     break
                 n = min(want, fits)
                 out += _HEADER.pack(FrameType.DATA, st.id, n >> 16, n & 0xFFFF)
-                out += st.queue[:n]
+                with memoryview(st.queue) as queued:
+                    out += queued[:n]
                 del st.queue[:n]
                 st.send_credit -= n
                 room -= HEADER_SIZE + n

@@ -41,6 +41,7 @@ from typing import Protocol
 import msgpack
 import trio
 
+from dataplane.rawsocket import RawSocketStream
 from dataplane.tunnel import TunnelError
 
 #: Bytes read from a client or instance socket at a time: fewer, larger reads
@@ -67,7 +68,7 @@ STATUS_UNAVAILABLE = 2
 
 
 
-async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+async def connect_tcp(host: str, port: int) -> RawSocketStream:
     """Connect to an instance; a literal address skips trio's happy-eyeballs machinery.
 
     Instances register numeric addresses almost always, and open_tcp_stream's
@@ -85,8 +86,8 @@ async def connect_tcp(host: str, port: int) -> trio.SocketStream:
         except BaseException:
             sock.close()
             raise
-        return trio.SocketStream(sock)
-    return await trio.open_tcp_stream(host, port)
+        return RawSocketStream.adopt(sock)
+    return RawSocketStream.adopt(await trio.open_tcp_stream(host, port))
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -216,10 +217,10 @@ def decode_connect(header: bytes) -> ConnectRequest:
     return ConnectRequest(obj["id"], source, min(float(ct), MAX_CONNECT_TIMEOUT))
 
 
-def _reset(stream: trio.SocketStream) -> None:
+def _reset(stream: RawSocketStream) -> None:
     """Abort with RST so the peer sees a failure, not a clean end of stream."""
     try:
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
 
@@ -318,7 +319,7 @@ class Proxy:
         self.upstreams[service] = up
 
         async def handler(client: trio.SocketStream) -> None:
-            await self._serve_client(up, client)
+            await self._serve_client(up, RawSocketStream.adopt(client))
 
         async def serve() -> None:
             with up.scope:
@@ -342,7 +343,7 @@ class Proxy:
             return None
         return endpoints[next(self._rr) % len(endpoints)]
 
-    async def _serve_client(self, up: UpstreamListener, client: trio.SocketStream) -> None:
+    async def _serve_client(self, up: UpstreamListener, client: RawSocketStream) -> None:
         up.stats["connections"] += 1
         far = await self._connect_any(up, client)
         if far is None:
@@ -353,7 +354,7 @@ class Proxy:
 
         def broken() -> None:
             _reset(client)
-            if isinstance(far, trio.SocketStream):
+            if isinstance(far, RawSocketStream):
                 _reset(far)
 
         try:
@@ -362,7 +363,7 @@ class Proxy:
             await trio.aclose_forcefully(client)
             await _close(far)
 
-    async def _connect_any(self, up: UpstreamListener, client: trio.SocketStream) -> Duplex | None:
+    async def _connect_any(self, up: UpstreamListener, client: RawSocketStream) -> Duplex | None:
         """Try up to MAX_ATTEMPTS instances; None (counted and logged) when the client must be reset."""
         tried: set[tuple[str, str]] = set()
         early = _Early()
@@ -401,7 +402,7 @@ class Proxy:
             up.stats["connect_failures"] += 1
         return None
 
-    async def _connect(self, up: UpstreamListener, endpoint: Endpoint, client: trio.SocketStream,
+    async def _connect(self, up: UpstreamListener, endpoint: Endpoint, client: RawSocketStream,
                        early: _Early) -> Duplex:
         timeout = up.options.connect_timeout
         source = up.options.source
@@ -434,7 +435,7 @@ class Proxy:
             raise Denied(f"{endpoint.node} refuses {source or '(no source)'} -> {up.service} (intentions)")
         raise ProxyError(f"{endpoint.node} could not connect instance {endpoint.instance_id!r}")
 
-    async def _early_data(self, stream: TunnelStream, client: trio.SocketStream, early: _Early) -> bytes:
+    async def _early_data(self, stream: TunnelStream, client: RawSocketStream, early: _Early) -> bytes:
         """Send the client's first bytes while the far end connects, and return its status byte.
 
         Pipelining spares the client a tunnel round trip.  A copy of what was

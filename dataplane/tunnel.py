@@ -151,6 +151,7 @@ import trio
 
 from dataplane import mux
 from dataplane.noise import MAX_MESSAGE, MAX_NONCE, CipherState, HandshakeState, NoiseError
+from dataplane.rawsocket import YIELD_EVERY, RawSocketStream
 
 __all__ = [
     "MAGIC",
@@ -188,6 +189,9 @@ _RTT_PING: Final = b"MESH-RTT"
 _RECV_SIZE: Final = 65536
 #: Ciphertext the writer gathers into one send_all (fewer syscalls, same fairness).
 _WRITE_BATCH: Final = 256 * 1024
+#: Up to this many open streams, a session sends from the writing task itself
+#: (lowest latency); beyond, the writer task batches (see _Session._write).
+_INLINE_MAX_STREAMS: Final = 2
 #: How long a closing session may spend flushing its last records.
 _FLUSH_TIMEOUT: Final = 1.0
 #: How long a dead session's stream handlers get to notice before they are cancelled.
@@ -298,6 +302,13 @@ def decode_hello(payload: bytes) -> tuple[int, str]:
     return (label - _TAI64_BASE) * _NS + nanos, name
 
 
+def _raw(transport: trio.abc.Stream) -> trio.abc.Stream:
+    """A TCP transport is driven by non-blocking syscalls (dataplane.rawsocket); others as they are."""
+    if isinstance(transport, trio.SocketStream):
+        return RawSocketStream.adopt(transport)
+    return transport
+
+
 def _framed(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
@@ -386,7 +397,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self.peer = session.peer
         #: True if we opened it, False if the peer did.
         self.local = local
-        self._buf = bytearray()
+        #: Received data not yet read: the mux's chunks, as they came.
+        self._buf: deque[bytes] = deque()
+        self._buffered = 0
+        self._streak = 0
         self._eof_received = False
         self._eof_sent = False
         self._closed = False
@@ -405,6 +419,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._failure is None:
             self._failure = (reason, code)
         self._buf.clear()
+        self._buffered = 0
         self._recv_event.set()
         self._send_event.set()
 
@@ -423,23 +438,57 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
         try:
-            # Always a checkpoint; after it, everything up to the return is synchronous,
-            # so a reset that lands meanwhile can never turn into a short read.
-            await trio.lowlevel.checkpoint()
+            # A cancel point always, a scheduling point only when it waits or every
+            # YIELD_EVERY calls (dataplane.rawsocket says why).  Between the cancel
+            # point and the return all is synchronous, so a reset that lands
+            # meanwhile can never turn into a short read.
+            await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 self._raise_if_unusable()
                 if self._buf:
-                    n = len(self._buf) if max_bytes is None else min(max_bytes, len(self._buf))
-                    data = bytes(self._buf[:n])
-                    del self._buf[:n]
-                    self._session.consumed(self.stream_id, n)
+                    data = self._take(max_bytes)
+                    self._session.consumed(self.stream_id, len(data))
+                    await self._quick_call()
                     return data
                 if self._eof_received:
+                    await self._quick_call()
                     return b""
                 self._recv_event = trio.Event()
+                self._streak = 0
                 await self._recv_event.wait()
         finally:
             self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        """Up to ``max_bytes`` of the received chunks; a lone chunk that fits is handed over uncopied."""
+        buf = self._buf
+        first = buf[0]
+        if len(buf) == 1 and (max_bytes is None or len(first) <= max_bytes):
+            buf.clear()
+            self._buffered = 0
+            return first
+        limit = self._buffered if max_bytes is None else min(max_bytes, self._buffered)
+        parts: list[bytes] = []
+        got = 0
+        while got < limit:
+            chunk = buf[0]
+            room = limit - got
+            if len(chunk) <= room:
+                buf.popleft()
+                parts.append(chunk)
+                got += len(chunk)
+            else:
+                parts.append(chunk[:room])
+                buf[0] = chunk[room:]
+                got = limit
+        self._buffered -= got
+        return b"".join(parts)
+
+    async def _quick_call(self) -> None:
+        self._streak += 1
+        if self._streak >= YIELD_EVERY:
+            self._streak = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- trio.abc.SendStream --------------------------------------------------------
 
@@ -448,17 +497,22 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             with memoryview(data) as whole:
                 view = whole.cast("B")
                 while view:
                     self._check_sendable()
                     room = self._session.writable(self)
                     if room == 0:
+                        waited = True
+                        self._streak = 0
                         await self._wait_writable()
                         continue
-                    self._session.send(self.stream_id, bytes(view[:room]))
+                    self._session.send(self.stream_id, view[:room])
                     view = view[room:]
+            if not waited:
+                await self._quick_call()
         finally:
             self._sending = False
 
@@ -509,6 +563,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._failure is None:
             self._session.local_close(self)
         self._buf.clear()
+        self._buffered = 0
 
 
 # -- sessions -------------------------------------------------------------------------
@@ -576,6 +631,11 @@ class _Session:
         self.reason = ""
         self._closing = False
         self._kick = trio.Event()
+        #: Encrypted bytes not yet taken by the kernel (see _write).
+        self._out = bytearray()
+        self._try_send = transport.try_send if isinstance(transport, RawSocketStream) else None
+        #: The writer task waits for the socket: only it may send until it is writable again.
+        self._writer_waiting = False
         self._io: trio.Nursery | None = None
         self._handlers: trio.Nursery | None = None
         self.log = manager.log.bind(peer=peer, role="initiator" if initiator else "responder")
@@ -692,14 +752,15 @@ class _Session:
             st._fail("stream no longer open", None)
             raise StreamResetError("stream no longer open") from None
 
-    def send(self, stream_id: int, data: bytes) -> None:
+    def send(self, stream_id: int, data: bytes | memoryview) -> None:
         self.mux.send(stream_id, data)
-        self._kick.set()
+        self._write()
 
     def consumed(self, stream_id: int, n: int) -> None:
         if not self.dead:
             self.mux.consumed(stream_id, n)
-            self._kick.set()
+            if self.mux.has_output():  # credit is returned in batches: most reads owe nothing
+                self._write()
 
     def close_stream(self, st: TunnelStream) -> None:
         try:
@@ -708,7 +769,7 @@ class _Session:
             st._fail("stream no longer open", None)
             raise StreamResetError("stream no longer open") from None
         self._finishing.add(st.stream_id)
-        self._kick.set()
+        self._write()
 
     def local_close(self, st: TunnelStream) -> None:
         if self.dead or self.streams.get(st.stream_id) is not st:
@@ -786,7 +847,8 @@ class _Session:
             return False
         for ev in events:
             self._dispatch(ev)
-        self._kick.set()
+        if self.mux.has_output():  # a PONG, a reset, or data that fresh credit lets out
+            self._write()
         self._maybe_finish_drain()
         return not self.dead
 
@@ -799,7 +861,8 @@ class _Session:
                 if st is not None:
                     self._remove(st)
                 return
-            st._buf += ev.data
+            st._buf.append(ev.data)
+            st._buffered += len(ev.data)
             st._recv_event.set()
         elif isinstance(ev, mux.StreamOpened):
             self._accept_stream(ev.stream_id, ev.header)
@@ -850,42 +913,108 @@ class _Session:
         finally:
             st.close_now()
 
-    async def _write_loop(self) -> None:
-        stats = self.manager.stats
+    def _gather(self) -> bool:
+        """Encrypt what is ready into ``_out``, up to _WRITE_BATCH; False if the session just failed.
+
+        Encryption happens only here, in wire order, so a key switch queued with
+        a control record lands exactly after that record.  Synchronous, so a
+        cancellation can never split a record.
+        """
+        out = self._out
         reject_after = self.manager.reject_after_messages
-        rekey_after = self.manager.rekey_after_messages
-        while True:
-            out = bytearray()
-            try:
-                while len(out) < _WRITE_BATCH:
-                    # Encryption happens only here, in wire order, so a key switch
-                    # queued with a control record lands exactly after that record.
-                    if self._control_out:
-                        control, next_send = self._control_out.popleft()
-                        out += _framed(self._send_cipher.encrypt_with_ad(b"", control))
-                        if next_send is not None:
-                            self._switch_send(next_send)
-                        continue
-                    record = self.mux.next_record()
-                    if record is None:
-                        break
-                    if self._send_cipher.nonce >= reject_after:
-                        self._key_failure(f"{reject_after} messages on one key and no rekey")
-                        return
-                    out += _framed(self._send_cipher.encrypt_with_ad(b"", record))
-                    if self._send_cipher.nonce >= rekey_after:
-                        self.start_rekey("messages")
-            except NoiseError as exc:  # unreachable below the hard cap; fail loudly all the same
-                self._terminate(f"encrypt failed ({exc.reason})", error=True)
+        produced = False
+        try:
+            while len(out) < _WRITE_BATCH:
+                if self._control_out:
+                    control, next_send = self._control_out.popleft()
+                    ct = self._send_cipher.encrypt_with_ad(b"", control)
+                    out += len(ct).to_bytes(2, "big")
+                    out += ct
+                    if next_send is not None:
+                        self._switch_send(next_send)
+                    continue
+                record = self.mux.next_record()
+                if record is None:
+                    break
+                produced = True
+                if self._send_cipher.nonce >= reject_after:
+                    self._key_failure(f"{reject_after} messages on one key and no rekey")
+                    return False
+                ct = self._send_cipher.encrypt_with_ad(b"", record)
+                out += len(ct).to_bytes(2, "big")
+                out += ct
+                if self._send_cipher.nonce >= self.manager.rekey_after_messages:
+                    self.start_rekey("messages")
+        except NoiseError as exc:  # unreachable below the hard cap; fail loudly all the same
+            self._terminate(f"encrypt failed ({exc.reason})", error=True)
+            return False
+        if produced:
+            self._after_drain()
+        return True
+
+    def _send_now(self) -> bool:
+        """Hand ``_out`` to the kernel without waiting; False if the transport broke."""
+        try:
+            n = self._try_send(self._out) if self._try_send is not None else 0
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+            return False
+        if n:
+            del self._out[:n]
+            self.manager.stats["bytes_out"] += n
+        return True
+
+    def _write(self) -> None:
+        """Send what is ready now, from the calling task: no hand-off to the writer task.
+
+        A stream's ``send_all`` and the reader's credit and control replies land
+        here, so a request leaves in the same scheduler turn that read it.  Only
+        what the kernel does not take at once is left to the writer task, which
+        waits for the socket; bytes always leave from the front of ``_out``, so the
+        order on the wire is the order of encryption whichever task sends.
+
+        With many streams open, writes go through the writer task instead: every
+        stream that sends in one scheduler turn then shares one record and one
+        syscall (like TCP autocorking), which is what throughput needs there.
+        """
+        if (self._try_send is None or self.dead or self._writer_waiting
+                or len(self.streams) > _INLINE_MAX_STREAMS):
+            self._kick.set()
+            return
+        while self._gather() and self._out and self._send_now():
+            if self._out:
+                self._kick.set()  # the kernel is full: the writer task waits for it
                 return
-            if out:
-                self._after_drain()
+            if not (self._control_out or self.mux.has_output()):
+                return
+            # _gather stopped at _WRITE_BATCH and the kernel took it all: go on
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._gather():
+                return
+            if self._out:
+                if self._try_send is not None:
+                    if not self._send_now():
+                        return
+                    if self._out:
+                        self._writer_waiting = True
+                        try:
+                            await self.transport.wait_send_all_might_not_block()
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                            self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+                            return
+                        finally:
+                            self._writer_waiting = False
+                    continue
+                out = bytes(self._out)
+                self._out.clear()
                 try:
                     await self.transport.send_all(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
                     return
-                stats["bytes_out"] += len(out)
+                self.manager.stats["bytes_out"] += len(out)
                 continue
             if self._closing:
                 assert self._io is not None
@@ -1267,7 +1396,7 @@ class TunnelManager:
         (host, port), key = target
         try:
             with trio.fail_after(self.handshake_timeout):
-                transport = await self._connect(host, port)
+                transport = _raw(await self._connect(host, port))
                 try:
                     hs = HandshakeState.initiator(self._static_private, key, prologue=PREAMBLE)
                     msg1 = hs.write_message(encode_hello(self._next_timestamp(), self.name))
@@ -1309,6 +1438,7 @@ class TunnelManager:
 
     async def handle_connection(self, transport: trio.abc.Stream) -> None:
         """Responder side of one TCP connection: handshake, then the session's life."""
+        transport = _raw(transport)
         if self._nursery is None:
             await trio.aclose_forcefully(transport)
             return

@@ -955,14 +955,15 @@ def pyspy_profile(tool: Path, mesh: Target, args: argparse.Namespace, outdir: Pa
     outdir.mkdir(parents=True, exist_ok=True)
     secs, rate = args.pyspy_seconds, 100
     report: list[str] = []
-    for workload in ("bulk", "rr16"):
+    for workload in args.pyspy_loads.split(","):
         if workload == "bulk":
             # Back-to-back bulk transfers, from a shell loop, for as long as py-spy records.
             load = subprocess.Popen(["/bin/sh", "-c", f'while :; do "{tool}" bulk {mesh.port} '
                                      f'{args.bulk_mib * 1024 * 1024} || exit 1; done'],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         else:
-            load = subprocess.Popen([str(tool), "rr", str(mesh.port), "16", str(secs + 3), "1024", "0.5"],
+            load = subprocess.Popen([str(tool), "rr", str(mesh.port), workload.removeprefix("rr"), str(secs + 3),
+                                     "1024", "0.5"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
         try:
@@ -1092,6 +1093,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pyspy", metavar="DIR", help="afterwards, profile both agents with py-spy under bulk "
                                                    "and c=16 req/resp load; raw profiles go to DIR")
     ap.add_argument("--pyspy-seconds", type=int, default=5, help="py-spy recording per load (default 5)")
+    ap.add_argument("--pyspy-loads", default="bulk,rr16",
+                    help="loads to profile under: bulk and/or rrN (N concurrent 1 KiB req/resp; default bulk,rr16)")
     ap.add_argument("--pyspy-top", type=int, default=15, help="frames listed per ranking (default 15)")
     ap.add_argument("--save", metavar="FILE", help="also write every run's numbers as JSON to FILE")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")

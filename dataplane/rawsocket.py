@@ -1,0 +1,211 @@
+"""A TCP stream that only enters trio's scheduler when the kernel says "wait".
+
+Why not ``trio.SocketStream``: each of its ``send``/``recv`` calls ends in a
+full scheduler pass (``cancel_shielded_checkpoint``) even when the syscall
+succeeded at once.  On these 2-core VMs one pass costs 7-10 us and a 1 KiB
+ping-pong through ``SocketStream`` costs ~57 us per hop against ~32 us with a
+plain non-blocking syscall plus ``trio.lowlevel.wait_readable`` when the kernel
+has nothing (``/tmp``-style microbenchmark in the commit that added this
+file).  A proxied request crosses four such hops and a few socket calls each,
+so the pass per call was a large share of the mesh's latency.
+
+What it keeps of trio's contract:
+
+* Every call is a cancel point: ``checkpoint_if_cancelled`` first (no yield
+  unless cancelled), so a cancelled task still stops at its next I/O.
+* Fairness: a call that never had to wait still yields to the scheduler every
+  ``YIELD_EVERY`` calls, so a socket that always has data (a bulk transfer)
+  cannot starve the agent's other tasks.  That yield is cancel-shielded and
+  comes after the syscall, so data already read or written is never lost to a
+  cancellation.
+* The stream error types of ``trio.SocketStream`` (``BrokenResourceError`` for a
+  reset or broken pipe, ``ClosedResourceError`` after ``aclose``) and
+  ``BusyResourceError`` for two tasks sending (or receiving) at once.
+* ``aclose`` calls ``trio.lowlevel.notify_closing`` so a task blocked in a wait
+  on this socket is woken with ``ClosedResourceError`` rather than hanging.
+
+It also offers ``try_send``, a synchronous non-blocking send, for callers that
+want to hand bytes to the kernel without a task switch.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Final
+
+import trio
+
+__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "RawSocketStream"]
+
+#: trio's own default for ``receive_some()`` without a size.
+RECEIVE_SIZE: Final = 65536
+#: Calls that succeeded without waiting, after which one still yields.
+YIELD_EVERY: Final = 16
+_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """Map a socket error to the exception ``trio.SocketStream`` would raise."""
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+class RawSocketStream(trio.abc.HalfCloseableStream):
+    """A connected stream socket driven by non-blocking syscalls (see the module docstring)."""
+
+    __slots__ = ("_closed", "_eof_sent", "_receiving", "_sending", "_sock", "_streak", "fileno")
+
+    def __init__(self, sock: socket.socket) -> None:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError("RawSocketStream needs a SOCK_STREAM socket")
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # As trio.SocketStream does: a proxy must not sit on small writes (Nagle).
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._sock = sock
+        self.fileno = sock.fileno()
+        self._streak = 0
+        self._sending = False
+        self._receiving = False
+        self._eof_sent = False
+        self._closed = False
+
+    @classmethod
+    def adopt(cls, stream: trio.SocketStream | trio.socket.SocketType) -> RawSocketStream:
+        """Take over the socket of a ``trio.SocketStream`` or trio socket (not to be used after)."""
+        tsock = stream.socket if isinstance(stream, trio.SocketStream) else stream
+        sock = socket.socket(tsock.family, tsock.type, tsock.proto, fileno=tsock.detach())
+        return cls(sock)
+
+    @property
+    def raw(self) -> socket.socket:
+        """The underlying socket (for options and addresses; do not read or write it)."""
+        return self._sock
+
+    async def _after_quick_call(self) -> None:
+        self._streak += 1
+        if self._streak >= YIELD_EVERY:
+            self._streak = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    # -- receiving ------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = RECEIVE_SIZE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            while True:
+                try:
+                    data = self._sock.recv(max_bytes)
+                except BlockingIOError:
+                    self._streak = 0
+                    await trio.lowlevel.wait_readable(self._sock)
+                    continue
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+                await self._after_quick_call()
+                return data
+        finally:
+            self._receiving = False
+
+    # -- sending --------------------------------------------------------------------
+
+    def try_send(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the kernel takes now, without waiting or yielding; the count sent.
+
+        Raises the same errors as ``send_all``.  Must not race a ``send_all`` in
+        progress in another task (the caller serializes its writers).
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            with memoryview(data) as whole:
+                view = whole.cast("B") if whole.format != "B" or whole.ndim != 1 else whole
+                total = len(view)
+                sent = self.try_send(view) if total else 0
+                waited = False
+                while sent < total:
+                    waited = True
+                    await trio.lowlevel.wait_writable(self._sock)
+                    sent += self.try_send(view[sent:])
+                if waited:
+                    self._streak = 0
+                else:
+                    await self._after_quick_call()
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        self._sending = True
+        try:
+            await trio.lowlevel.wait_writable(self._sock)
+        finally:
+            self._sending = False
+
+    async def send_eof(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    # -- closing --------------------------------------------------------------------
+
+    def close_now(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+    def reset(self) -> None:
+        """Close with an RST (SO_LINGER 0): the peer sees the connection broken, not ended."""
+        if self._closed:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+        self.close_now()
+
+    async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
