@@ -41,6 +41,7 @@ from typing import Protocol
 import msgpack
 import trio
 
+from dataplane import tunnel
 from dataplane.rawsocket import RawSocketStream
 from dataplane.tunnel import TunnelError
 
@@ -234,16 +235,21 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
 
     async def pump(src: Duplex, dst: Duplex, key: str) -> None:
         nonlocal failed, last, finished
+
+        def delivered(n: int) -> None:
+            nonlocal last
+            last = trio.current_time()
+            stats[key] += n
+
         try:
-            while True:
-                data = bytes(await src.receive_some(CHUNK))
-                last = trio.current_time()
-                if not data:
-                    break
-                await dst.send_all(data)
-                last = trio.current_time()
-                stats[key] += len(data)
-            await dst.send_eof()
+            if isinstance(src, tunnel.TunnelStream) and isinstance(dst, RawSocketStream):
+                await src.pump_into(dst, delivered)  # the tunnel's reader writes into dst itself
+            else:
+                while data := bytes(await src.receive_some(CHUNK)):
+                    last = trio.current_time()
+                    await dst.send_all(data)
+                    delivered(len(data))
+                await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProxyError, EOFError) as exc:
             failed = True
             stats["splice_errors"] += 1

@@ -399,6 +399,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self.local = local
         #: Received data not yet read: the mux's chunks, as they came.
         self._buf: deque[bytes] = deque()
+        #: Set while pump_into runs: the socket the reader may write into directly.
+        self._sink: RawSocketStream | None = None
+        self._delivered: Callable[[int], None] | None = None
+        self._sink_busy = False
         self._buffered = 0
         self._streak = 0
         self._eof_received = False
@@ -489,6 +493,59 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._streak >= YIELD_EVERY:
             self._streak = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def pump_into(self, sink: RawSocketStream, delivered: Callable[[int], None]) -> None:
+        """Copy everything this stream receives into ``sink``, then half-close it.
+
+        While the sink keeps up, the session's reader writes each arriving chunk
+        straight into the sink's socket (``_deliver``), so a proxied byte costs no
+        hand-off from the reader task to this one; this task only carries what
+        the socket did not take at once, and the end of the stream.  Credit goes
+        back to the peer only for bytes the socket accepted, so a slow client
+        still slows the sender.  ``delivered(n)`` is called for every n bytes
+        handed to the sink.  Raises like ``receive_some`` and ``sink.send_all``.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        self._sink = sink
+        self._delivered = delivered
+        try:
+            while True:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                self._raise_if_unusable()
+                if self._buf:
+                    data = self._take(None)
+                    # Until this is out, arriving data queues behind it (order).
+                    self._sink_busy = True
+                    try:
+                        await sink.send_all(data)
+                    finally:
+                        self._sink_busy = False
+                    self._session.consumed(self.stream_id, len(data))
+                    delivered(len(data))
+                    continue
+                if self._eof_received:
+                    await sink.send_eof()
+                    return
+                self._recv_event = trio.Event()
+                await self._recv_event.wait()
+        finally:
+            self._sink = None
+            self._delivered = None
+            self._receiving = False
+
+    def _deliver(self, data: bytes) -> bytes:
+        """The reader's fast path: write into the sink now; what is left must be queued."""
+        assert self._sink is not None and self._delivered is not None
+        try:
+            n = self._sink.try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return data  # pump_into meets the error itself when it sends this
+        if n:
+            self._session.mux.consumed(self.stream_id, n)
+            self._delivered(n)
+        return data[n:] if n < len(data) else b""
 
     # -- trio.abc.SendStream --------------------------------------------------------
 
@@ -861,8 +918,13 @@ class _Session:
                 if st is not None:
                     self._remove(st)
                 return
-            st._buf.append(ev.data)
-            st._buffered += len(ev.data)
+            data = ev.data
+            if st._sink is not None and not st._buf and not st._sink_busy:
+                data = st._deliver(data)
+                if not data:
+                    return
+            st._buf.append(data)
+            st._buffered += len(data)
             st._recv_event.set()
         elif isinstance(ev, mux.StreamOpened):
             self._accept_stream(ev.stream_id, ev.header)
