@@ -351,7 +351,7 @@ def decode_record(record: bytes) -> list[Frame]:
 class _Stream:
     __slots__ = (
         "id", "local", "open_sent", "dead",
-        "send_credit", "queue", "fin_queued", "fin_sent", "scheduled",
+        "send_credit", "queue", "queued", "fin_queued", "fin_sent", "scheduled",
         "recv_credit", "unconsumed", "pending_credit", "fin_received",
     )  # fmt: skip
 
@@ -364,7 +364,11 @@ class _Stream:
         self.dead = False
         # Sending side.
         self.send_credit = window
-        self.queue = bytearray()
+        # Queued data as the chunks send() was given (a slice of the first one
+        # once part of it went out): appending and taking never copy, unlike a
+        # bytearray whose front is cut while its end grows.
+        self.queue: deque[bytes | memoryview] = deque()
+        self.queued = 0
         self.fin_queued = False
         self.fin_sent = False
         self.scheduled = False
@@ -377,7 +381,7 @@ class _Stream:
     def sendable(self) -> bool:
         if not self.open_sent or self.fin_sent or self.dead:
             return False
-        if self.queue:
+        if self.queued:
             return self.send_credit > 0
         return self.fin_queued  # FIN consumes no credit (yamux, RFC 9113 §6.9)
 
@@ -483,7 +487,7 @@ class Session:
 
     def writable(self, stream_id: int) -> int:
         st = self._sending_stream(stream_id)
-        return max(0, self.send_buffer - len(st.queue))
+        return max(0, self.send_buffer - st.queued)
 
     def has_output(self) -> bool:
         """Whether ``next_record`` may have something to send (a cheap test; False is exact)."""
@@ -491,13 +495,16 @@ class Session:
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         st = self._sending_stream(stream_id)
-        room = self.send_buffer - len(st.queue)
+        room = self.send_buffer - st.queued
         if len(data) > room:
             raise FlowControlError(
                 f"stream {stream_id}: {len(data)} bytes offered, only {max(0, room)} writable; wait for writable()"
             )
         if data:
-            st.queue += data
+            # bytes are immutable, so they are kept as given; anything else is copied
+            # now, since the caller may reuse its buffer.
+            st.queue.append(data if isinstance(data, bytes) else bytes(data))
+            st.queued += len(data)
             self._schedule(st)
 
     def close(self, stream_id: int) -> None:
@@ -557,7 +564,7 @@ class Session:
     # -- output -------------------------------------------------------------------
 
     def next_record(self) -> bytes | None:
-        out = bytearray()
+        out: list[bytes | memoryview] = []
         frames = 0
         room = self.max_record
         # Control frames first: credit and resets unblock the peer, and an
@@ -572,7 +579,7 @@ class Session:
                     continue
                 st.open_sent = True
                 self._schedule(st)
-            out += frame
+            out.append(frame)
             room -= len(frame)
             frames += 1
         # Then one turn per ready stream, round robin: a turn is at most one
@@ -583,8 +590,8 @@ class Session:
             st.scheduled = False
             if not st.sendable():
                 continue
-            if st.queue:
-                want = min(len(st.queue), st.send_credit, self._max_chunk)
+            if st.queued:
+                want = min(st.queued, st.send_credit, self._max_chunk)
                 fits = room - HEADER_SIZE
                 if fits < want and fits < _MIN_FRAGMENT and frames:
                     # Its turn is not over: it goes first in the next record.
@@ -592,16 +599,14 @@ class Session:
                     st.scheduled = True
                     break
                 n = min(want, fits)
-                out += _HEADER.pack(FrameType.DATA, st.id, n >> 16, n & 0xFFFF)
-                with memoryview(st.queue) as queued:
-                    out += queued[:n]
-                del st.queue[:n]
+                out.append(_HEADER.pack(FrameType.DATA, st.id, n >> 16, n & 0xFFFF))
+                self._take(st, n, out)
                 st.send_credit -= n
                 room -= HEADER_SIZE + n
                 frames += 1
                 self.counters["data_bytes_out"] += n
-            if not st.queue and st.fin_queued and room >= HEADER_SIZE:
-                out += encode_frame(FrameType.FIN, st.id)
+            if not st.queued and st.fin_queued and room >= HEADER_SIZE:
+                out.append(encode_frame(FrameType.FIN, st.id))
                 room -= HEADER_SIZE
                 frames += 1
                 st.fin_sent = True
@@ -609,12 +614,29 @@ class Session:
             self._schedule(st)
         return self._finish(out, frames)
 
-    def _finish(self, out: bytearray, frames: int) -> bytes | None:
+    @staticmethod
+    def _take(st: _Stream, n: int, out: list[bytes | memoryview]) -> None:
+        """Move the first ``n`` queued bytes of ``st`` to ``out`` (views, no copy)."""
+        st.queued -= n
+        queue = st.queue
+        while n:
+            chunk = queue[0]
+            if len(chunk) <= n:
+                queue.popleft()
+                out.append(chunk)
+                n -= len(chunk)
+            else:
+                view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+                out.append(view[:n])
+                queue[0] = view[n:]
+                n = 0
+
+    def _finish(self, out: list[bytes | memoryview], frames: int) -> bytes | None:
         if not out:
             return None
         self.counters["records_out"] += 1
         self.counters["frames_out"] += frames
-        return bytes(out)
+        return b"".join(out)  # the record's one copy
 
     # -- input --------------------------------------------------------------------
 
@@ -777,6 +799,7 @@ class Session:
         # A scheduled entry may linger in _ready; the dead flag makes it a no-op.
         st.dead = True
         st.queue.clear()
+        st.queued = 0
         del self._streams[st.id]
         if st.local:
             self._local_count -= 1

@@ -370,7 +370,8 @@ class _Reader:
             raise _TooLong
         if not await self._fill(2 + n):
             raise _Truncated
-        msg = bytes(self._buf[2 : 2 + n])
+        with memoryview(self._buf) as view:
+            msg = bytes(view[2 : 2 + n])  # one copy (a bytearray slice would be two)
         del self._buf[: 2 + n]
         return msg
 
@@ -566,7 +567,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                         self._streak = 0
                         await self._wait_writable()
                         continue
-                    self._session.send(self.stream_id, view[:room])
+                    if room >= len(view) and len(view) == len(whole) and isinstance(data, bytes):
+                        self._session.send(self.stream_id, data)  # kept as is: no copy
+                    else:
+                        self._session.send(self.stream_id, view[:room])
                     view = view[room:]
             if not waited:
                 await self._quick_call()
