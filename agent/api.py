@@ -64,7 +64,6 @@ class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.log = log.get("mesh.api")
-        self._members_json: tuple[list[dict[str, Any]], bytes] | None = None
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/health"): self.health,
             ("GET", "/v1/members"): self.members,
@@ -96,13 +95,11 @@ class ApiServer:
         return 200, {"ok": True, "name": self.agent.cfg.name, "status": self.agent.membership.me.status.value}
 
     async def members(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        members = self.agent.members_view()
         wanted = query.get("status")
         if not wanted:
-            # The whole list is what pollers ask for; encode it once per change.
-            if self._members_json is None or self._members_json[0] is not members:
-                self._members_json = (members, _encode(members))
-            return 200, self._members_json[1]
+            # The whole list is what pollers ask for: the agent keeps it encoded.
+            return 200, self.agent.members_json()
+        members = self.agent.members_view()
         allowed = {"alive", "suspect", "dead", "left"}
         bad = [s for s in wanted if s not in allowed]
         if bad:

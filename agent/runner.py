@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import signal
 import time
 from collections import Counter
@@ -86,7 +87,10 @@ class Agent:
         self.io: Counter[str] = Counter()
         self.started_wall = time.time()
         self._udp: DatagramSocket | None = None
-        self._members_view: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
+        self._members_view: tuple[tuple[int, int], list[dict[str, Any]], bytes] | None = None
+        #: name -> (what the entry shows, tags, the entry, its JSON): a poll after a
+        #: change re-renders only the members that changed, not all of them.
+        self._member_entries: dict[str, tuple[tuple[Any, ...], dict[str, str], dict[str, Any], bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._kick = trio.Event()
         self._sleep_until = 0.0
@@ -364,23 +368,41 @@ class Agent:
 
     def members_view(self) -> list[dict[str, Any]]:
         """The member table as the API shows it; callers must not modify it."""
+        return self._members()[1]
+
+    def members_json(self) -> bytes:
+        """``members_view()`` as the API's JSON body (``json.dumps`` of it, plus a newline)."""
+        return self._members()[2]
+
+    def _members(self) -> tuple[tuple[int, int], list[dict[str, Any]], bytes]:
         version = self.membership.view_version()
         if self._members_view is not None and self._members_view[0] == version:
-            return self._members_view[1]
+            return self._members_view
+        old = self._member_entries
+        entries = {}
         out = []
         for m in self.membership.member_list():
-            out.append({
-                "name": m.name,
-                "address": format_addr(m.addr),
-                "status": m.status.value,
-                "incarnation": m.incarnation,
-                "tags": dict(m.tags),
-                "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
-                "tunnel": None if m.tunnel is None else format_addr(m.tunnel[0]),
-                "tunnel_key": None if m.tunnel is None else base64.b64encode(m.tunnel[1]).decode(),
-            })
-        self._members_view = (version, out)
-        return out
+            key = (m.addr, m.status, m.incarnation, m.rtt, m.tunnel)
+            entry = old.get(m.name)
+            if entry is None or entry[0] != key or entry[1] != m.tags:
+                view = {
+                    "name": m.name,
+                    "address": format_addr(m.addr),
+                    "status": m.status.value,
+                    "incarnation": m.incarnation,
+                    "tags": dict(m.tags),
+                    "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
+                    "tunnel": None if m.tunnel is None else format_addr(m.tunnel[0]),
+                    "tunnel_key": None if m.tunnel is None else base64.b64encode(m.tunnel[1]).decode(),
+                }
+                entry = (key, dict(m.tags), view, json.dumps(view).encode())
+            entries[m.name] = entry
+            out.append(entry[2])
+        self._member_entries = entries
+        # json.dumps of a list is its items' dumps joined by ", ", in brackets.
+        body = b"[" + b", ".join(e[3] for e in entries.values()) + b"]\n"
+        self._members_view = (version, out, body)
+        return self._members_view
 
     def self_view(self) -> dict[str, Any]:
         ms = self.membership

@@ -10,6 +10,7 @@ a member replaces any queued older one: only the latest state is worth sending.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 
 @dataclass
@@ -18,6 +19,12 @@ class _Item:
     payload: bytes
     transmits: int
     order: int
+    #: -len(payload) and -order, so that the sort key is a C attrgetter, not a lambda.
+    neg_len: int = 0
+    neg_order: int = 0
+
+
+_PRIORITY = attrgetter("transmits", "neg_len", "neg_order")
 
 
 class BroadcastQueue:
@@ -31,7 +38,7 @@ class BroadcastQueue:
     def queue(self, key: str, payload: bytes) -> None:
         """Queue an encoded message; it invalidates any queued one with the same key."""
         self._order += 1
-        self._items[key] = _Item(key, payload, 0, self._order)
+        self._items[key] = _Item(key, payload, 0, self._order, -len(payload), -self._order)
 
     def pending(self, key: str) -> bool:
         return key in self._items
@@ -48,9 +55,7 @@ class BroadcastQueue:
         """
         if budget <= 0 or not self._items:
             return []
-        ordered = sorted(
-            self._items.values(), key=lambda i: (i.transmits, -len(i.payload), -i.order)
-        )
+        ordered = sorted(self._items.values(), key=_PRIORITY)
         out: list[bytes] = []
         used = 0
         for item in ordered:

@@ -23,9 +23,12 @@ class Status(StrEnum):
     @property
     def up(self) -> bool:
         """Alive or suspect: still a member we talk to."""
-        return self in (Status.ALIVE, Status.SUSPECT)
+        return self in _UP
 
 
+#: A set of members, not ``(Status.ALIVE, Status.SUSPECT)``: looking enum
+#: members up on their class is slow, and ``up`` is asked per member per packet.
+_UP = frozenset({Status.ALIVE, Status.SUSPECT})
 _RANK = {Status.ALIVE: 0, Status.SUSPECT: 1, Status.DEAD: 2, Status.LEFT: 2}
 
 

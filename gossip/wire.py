@@ -176,17 +176,25 @@ def _tunnel(t: Tunnel | None) -> list[Any] | None:
     return None if t is None else [t[0][0], t[0][1], t[1]]
 
 
+# The decoders below test ``type(v) is ...`` rather than isinstance: msgpack
+# only ever returns the exact built-in types, ``type(v) is int`` already
+# leaves out bools, and every datagram of a join burst carries a dozen alive
+# messages, each of them checked field by field.
+
+_INT_LIMIT = 2**63
+
+
 def _tunnel_of(v: Any) -> Tunnel | None:
     if v is None:
         return None
-    if not isinstance(v, list) or len(v) != 3 or not isinstance(v[2], bytes) or len(v[2]) != TUNNEL_KEY_SIZE:
+    if type(v) is not list or len(v) != 3 or type(v[2]) is not bytes or len(v[2]) != TUNNEL_KEY_SIZE:
         raise DecodeError("malformed", "bad tunnel info")
     return (_addr_of(v[:2]), v[2])
 
 
 def _full_tunnel(v: Any, gossip_host: str) -> Any:
     """An alive's tunnel may leave out its host when it is the gossip host."""
-    if isinstance(v, list) and len(v) == 2:
+    if type(v) is list and len(v) == 2:
         return [gossip_host, *v]
     return v
 
@@ -194,17 +202,12 @@ def _full_tunnel(v: Any, gossip_host: str) -> Any:
 def _state_of(v: Any) -> NodeState | None:
     if v is None:
         return None
-    if (
-        not isinstance(v, list)
-        or len(v) != 2
-        or not isinstance(v[0], int)
-        or isinstance(v[0], bool)
-        or not 0 <= v[0] < 2**63
-        or not isinstance(v[1], bytes)
-        or len(v[1]) > MAX_STATE_DIGEST
-    ):
-        raise DecodeError("malformed", "bad node state")
-    return (v[0], v[1])
+    if type(v) is list and len(v) == 2:
+        version, digest = v
+        if type(version) is int and 0 <= version < _INT_LIMIT and type(digest) is bytes \
+                and len(digest) <= MAX_STATE_DIGEST:
+            return (version, digest)
+    raise DecodeError("malformed", "bad node state")
 
 
 def message_to_obj(msg: Message) -> dict[str, Any]:
@@ -319,45 +322,38 @@ def _unpack(data: bytes) -> Any:
 
 def _str(obj: dict[str, Any], key: str, max_len: int = MAX_NAME_LEN) -> str:
     v = obj.get(key)
-    if not isinstance(v, str) or len(v) > max_len:
+    if type(v) is not str or len(v) > max_len:
         raise DecodeError("malformed", f"field {key!r} must be a string")
     return v
 
 
 def _int(obj: dict[str, Any], key: str) -> int:
     v = obj.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >= 2**63:
+    if type(v) is not int or v < 0 or v >= _INT_LIMIT:
         raise DecodeError("malformed", f"field {key!r} must be a non-negative integer")
     return v
 
 
 def _bool(obj: dict[str, Any], key: str) -> bool:
     v = obj.get(key, False)
-    if not isinstance(v, bool):
+    if type(v) is not bool:
         raise DecodeError("malformed", f"field {key!r} must be a boolean")
     return v
 
 
 def _addr_of(v: Any) -> Address:
-    if (
-        not isinstance(v, list)
-        or len(v) != 2
-        or not isinstance(v[0], str)
-        or not v[0]
-        or len(v[0]) > 255
-        or not isinstance(v[1], int)
-        or isinstance(v[1], bool)
-        or not 0 < v[1] < 65536
-    ):
-        raise DecodeError("malformed", "bad address")
-    return (v[0], v[1])
+    if type(v) is list and len(v) == 2:
+        host, port = v
+        if type(host) is str and 0 < len(host) <= 255 and type(port) is int and 0 < port < 65536:
+            return (host, port)
+    raise DecodeError("malformed", "bad address")
 
 
 def _tags_of(v: Any) -> dict[str, str]:
-    if not isinstance(v, dict) or len(v) > MAX_TAGS:
+    if type(v) is not dict or len(v) > MAX_TAGS:
         raise DecodeError("malformed", "bad tags")
     for k, val in v.items():
-        if not isinstance(k, str) or not isinstance(val, str):
+        if type(k) is not str or type(val) is not str:
             raise DecodeError("malformed", "tags must map strings to strings")
         if len(k) > MAX_TAG_LEN or len(val) > MAX_TAG_LEN:
             raise DecodeError("malformed", "tag too long")
@@ -365,9 +361,20 @@ def _tags_of(v: Any) -> dict[str, str]:
 
 
 def _message_from_obj(obj: Any) -> Message:
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise DecodeError("malformed", "message is not a map")
     t = obj.get("t")
+    if t == "alive":
+        # The message of a join burst (and a dozen per datagram): tested first.
+        addr = _addr_of(obj.get("a"))
+        return Alive(
+            _str(obj, "n"),
+            _int(obj, "i"),
+            addr,
+            _tags_of(obj["g"]) if "g" in obj else {},
+            _state_of(obj.get("s")),
+            _tunnel_of(_full_tunnel(obj.get("d"), addr[0])),
+        )
     if t == "ping":
         return Ping(_int(obj, "seq"), _str(obj, "to"), _str(obj, "from"))
     if t == "ping-req":
@@ -382,16 +389,6 @@ def _message_from_obj(obj: Any) -> Message:
         return Ack(_int(obj, "seq"), _str(obj, "from"))
     if t == "nack":
         return Nack(_int(obj, "seq"), _str(obj, "from"))
-    if t == "alive":
-        addr = _addr_of(obj.get("a"))
-        return Alive(
-            _str(obj, "n"),
-            _int(obj, "i"),
-            addr,
-            _tags_of(obj.get("g", {})),
-            _state_of(obj.get("s")),
-            _tunnel_of(_full_tunnel(obj.get("d"), addr[0])),
-        )
     if t == "suspect":
         return Suspect(_str(obj, "name"), _int(obj, "inc"), _str(obj, "from"))
     if t == "dead":
