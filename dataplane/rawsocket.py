@@ -36,13 +36,36 @@ from typing import Final
 
 import trio
 
-__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "RawSocketStream"]
+__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "Fairness", "RawSocketStream"]
 
 #: trio's own default for ``receive_some()`` without a size.
 RECEIVE_SIZE: Final = 65536
 #: Calls that succeeded without waiting, after which one still yields.
 YIELD_EVERY: Final = 16
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+class Fairness:
+    """Counts calls that returned without waiting; every YIELD_EVERY-th one yields.
+
+    The yield is cancel-shielded and comes after the call's work, so what a
+    call already read or wrote is never lost to a cancellation there.
+    """
+
+    __slots__ = ("streak",)
+
+    def __init__(self) -> None:
+        self.streak = 0
+
+    def waited(self) -> None:
+        """The call blocked, which let others run: start counting again."""
+        self.streak = 0
+
+    async def quick(self) -> None:
+        self.streak += 1
+        if self.streak >= YIELD_EVERY:
+            self.streak = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
@@ -55,7 +78,7 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
 class RawSocketStream(trio.abc.HalfCloseableStream):
     """A connected stream socket driven by non-blocking syscalls (see the module docstring)."""
 
-    __slots__ = ("_closed", "_eof_sent", "_receiving", "_sending", "_sock", "_streak", "fileno")
+    __slots__ = ("_closed", "_eof_sent", "_receiving", "_sending", "_sock", "_fair", "fileno")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.type != socket.SOCK_STREAM:
@@ -69,7 +92,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 pass
         self._sock = sock
         self.fileno = sock.fileno()
-        self._streak = 0
+        self._fair = Fairness()
         self._sending = False
         self._receiving = False
         self._eof_sent = False
@@ -86,12 +109,6 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
     def raw(self) -> socket.socket:
         """The underlying socket (for options and addresses; do not read or write it)."""
         return self._sock
-
-    async def _after_quick_call(self) -> None:
-        self._streak += 1
-        if self._streak >= YIELD_EVERY:
-            self._streak = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     # -- receiving ------------------------------------------------------------------
 
@@ -111,12 +128,12 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 try:
                     data = self._sock.recv(max_bytes)
                 except BlockingIOError:
-                    self._streak = 0
+                    self._fair.waited()
                     await trio.lowlevel.wait_readable(self._sock)
                     continue
                 except OSError as exc:
                     raise _stream_error(exc) from exc
-                await self._after_quick_call()
+                await self._fair.quick()
                 return data
         finally:
             self._receiving = False
@@ -156,9 +173,9 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                     await trio.lowlevel.wait_writable(self._sock)
                     sent += self.try_send(view[sent:])
                 if waited:
-                    self._streak = 0
+                    self._fair.waited()
                 else:
-                    await self._after_quick_call()
+                    await self._fair.quick()
         finally:
             self._sending = False
 

@@ -151,7 +151,7 @@ import trio
 
 from dataplane import mux
 from dataplane.noise import MAX_MESSAGE, MAX_NONCE, CipherState, HandshakeState, NoiseError
-from dataplane.rawsocket import YIELD_EVERY, RawSocketStream
+from dataplane.rawsocket import Fairness, RawSocketStream
 
 __all__ = [
     "MAGIC",
@@ -405,7 +405,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._delivered: Callable[[int], None] | None = None
         self._sink_busy = False
         self._buffered = 0
-        self._streak = 0
+        self._fair = Fairness()
         self._eof_received = False
         self._eof_sent = False
         self._closed = False
@@ -453,13 +453,13 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if self._buf:
                     data = self._take(max_bytes)
                     self._session.consumed(self.stream_id, len(data))
-                    await self._quick_call()
+                    await self._fair.quick()
                     return data
                 if self._eof_received:
-                    await self._quick_call()
+                    await self._fair.quick()
                     return b""
                 self._recv_event = trio.Event()
-                self._streak = 0
+                self._fair.waited()
                 await self._recv_event.wait()
         finally:
             self._receiving = False
@@ -488,12 +488,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 got = limit
         self._buffered -= got
         return b"".join(parts)
-
-    async def _quick_call(self) -> None:
-        self._streak += 1
-        if self._streak >= YIELD_EVERY:
-            self._streak = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def pump_into(self, sink: RawSocketStream, delivered: Callable[[int], None]) -> None:
         """Copy everything this stream receives into ``sink``, then half-close it.
@@ -564,7 +558,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     room = self._session.writable(self)
                     if room == 0:
                         waited = True
-                        self._streak = 0
+                        self._fair.waited()
                         await self._wait_writable()
                         continue
                     if room >= len(view) and len(view) == len(whole) and isinstance(data, bytes):
@@ -573,7 +567,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                         self._session.send(self.stream_id, view[:room])
                     view = view[room:]
             if not waited:
-                await self._quick_call()
+                await self._fair.quick()
         finally:
             self._sending = False
 
