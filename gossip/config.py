@@ -62,6 +62,14 @@ class GossipConfig:
     leave_propagate_timeout: float = 5.0
     #: Largest UDP datagram we send or accept, sealed (memberlist's UDPBufferSize).
     udp_packet_size: int = 1400
+    #: Lifeguard's three refinements: the local health multiplier (and the
+    #: nacks that feed it), the dynamic suspicion timeout and the buddy system.
+    #: False gives plain SWIM, for measuring what Lifeguard buys (the
+    #: simulator's false-positive scenario): probes never stretch, nacks are
+    #: neither asked for nor counted, every suspicion lasts suspicion_min(N)
+    #: whatever the confirmations, and a probe does not tell a suspect member
+    #: that it is suspected.
+    lifeguard: bool = True
 
     def with_overrides(self, overrides: dict[str, Any]) -> GossipConfig:
         """Return a copy with some fields replaced; unknown names are errors."""

@@ -85,6 +85,9 @@ class FetchState:
 
 Effect = SendPacket | StartPushPull | FetchState
 
+#: The counter of each message type received ("msg_in.alive", ...), built once per type.
+_MSG_IN_KEYS: dict[type, str] = {}
+
 
 class Delegate(Protocol):
     """Application state that rides on membership, as memberlist's Delegate.
@@ -183,7 +186,7 @@ class Membership:
         self.me = Member(name, addr, incarnation, Status.ALIVE, dict(tags or {}), now,
                          state=delegate.state() if delegate else None, tunnel=tunnel)
         self.members: dict[str, Member] = {name: self.me}
-        self.awareness = Awareness(config.awareness_max_multiplier)
+        self.awareness = Awareness(config.awareness_max_multiplier if config.lifeguard else 1)
         self.broadcasts = BroadcastQueue()
         self.counters = _Counters()
         self.leaving = False
@@ -201,7 +204,7 @@ class Membership:
         self._next_gossip = now + config.gossip_interval
         self._last_gossip = now
         self._eager_at: float | None = None
-        self._up_count: tuple[tuple[int, int], int] | None = None  # (view_version, count)
+        self._up_count: tuple[tuple[int, int], int] | None = None  # ((status changes, members), count)
         self._now = now
         self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + self.rng.uniform(0.5, 1.0) * config.reconnect_interval
@@ -225,8 +228,13 @@ class Membership:
         # Answer pings last, so whatever the rest of the packet makes us say
         # (a refutation of a buddy-system suspicion, above all) rides on the ack.
         messages.sort(key=lambda m: isinstance(m, Ping))
+        stats = self.counters.stats
         for msg in messages:
-            self.counters.stats[f"msg_in.{type(msg).__name__.lower()}"] += 1
+            kind = type(msg)
+            key = _MSG_IN_KEYS.get(kind)
+            if key is None:
+                key = _MSG_IN_KEYS[kind] = f"msg_in.{kind.__name__.lower()}"
+            stats[key] += 1
             self._handle(now, src, msg)
 
     def drop(self, reason: str) -> None:
@@ -462,8 +470,9 @@ class Membership:
         return c
 
     def num_up(self) -> int:
-        # Every packet sent asks this (retransmit limit); count only after a change.
-        version = self.view_version()
+        # Every packet sent asks this (retransmit limit); count only after a
+        # change of status or of the member set.
+        version = (Member.status_changes, len(self.members))
         if self._up_count is None or self._up_count[0] != version:
             self._up_count = (version, sum(1 for m in self.members.values() if m.status.up))
         return self._up_count[1]
@@ -595,8 +604,8 @@ class Membership:
         self.counters.stats["suspicions"] += 1
         n = self.num_up()
         k = self.config.suspicion_mult - 2
-        if n - 2 < k:
-            k = 0  # too few members for independent confirmations (memberlist)
+        if n - 2 < k or not self.config.lifeguard:
+            k = 0  # too few members for independent confirmations (memberlist); or a fixed timeout
         self._suspicions[s.name] = Suspicion(
             now, s.source, k, self.config.suspicion_min(n), self.config.suspicion_max(n)
         )
@@ -678,7 +687,7 @@ class Membership:
             return
         seq = self._next_seq()
         msgs: list[Message] = [Ping(seq, target.name, self.name)]
-        if target.status is Status.SUSPECT:
+        if target.status is Status.SUSPECT and self.config.lifeguard:
             # Lifeguard's buddy system: tell the member it is suspected, so it
             # can refute at once instead of waiting for gossip to reach it.
             msgs.append(Suspect(target.name, target.incarnation, self.name))
@@ -713,8 +722,8 @@ class Membership:
         ]
         chosen = self.rng.sample(helpers, min(self.config.indirect_checks, len(helpers)))
         for h in chosen:
-            self._send(h.addr, [PingReq(p.seq, target.name, target.addr, self.name, True)])
-        p.expected_nacks = len(chosen)
+            self._send(h.addr, [PingReq(p.seq, target.name, target.addr, self.name, self.config.lifeguard)])
+        p.expected_nacks = len(chosen) if self.config.lifeguard else 0
         self.counters.stats["ping_reqs"] += len(chosen)
 
     def _probe_failed(self, now: float, p: _Probe) -> None:

@@ -1,0 +1,360 @@
+"""The standard scenarios: each builds a :class:`~simulations.sim.Sim`, runs it and returns a flat summary dict.
+
+Every scenario starts from a converged cluster (every node knows every other as
+alive; see :meth:`Sim.converged_cluster`) and lets it run ``WARMUP`` virtual
+seconds so that probes are spread over the period before anything happens.
+Times in the summaries are virtual seconds counted from the moment of the
+injected change; ``wall_s`` is real seconds for the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gossip.config import PROFILES, GossipConfig
+from gossip.swim import Event
+from simulations.sim import NetModel, Sim, SimNode
+
+WARMUP = 5.0
+E_RATIO = math.e / (math.e - 1)  # SWIM: expected probe periods to first detection
+
+Summary = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Params:
+    nodes: int = 100
+    seconds: float = 60.0
+    seed: int = 1
+    loss: float = 0.0
+    profile: str = "lan"
+    lifeguard: bool = True
+    check_packets: bool = False
+    regions: int = 3
+    #: Fraction of nodes that are periodically starved (false_positives).
+    starve: float = 0.0
+    #: Progress lines on stderr every this many virtual seconds (0: none).
+    progress: float = 10.0
+
+    def config(self) -> GossipConfig:
+        return dataclasses.replace(PROFILES[self.profile], lifeguard=self.lifeguard)
+
+
+def build(p: Params) -> Sim:
+    sim = Sim(p.config(), seed=p.seed, net=NetModel(loss=p.loss, regions=p.regions), check_packets=p.check_packets)
+    sim.converged_cluster(p.nodes)
+    if p.progress > 0:
+        _progress(sim, p.progress)
+    return sim
+
+
+def _progress(sim: Sim, every: float) -> None:
+    start = time.perf_counter()
+
+    def report() -> None:
+        up = sum(1 for n in sim.nodes if n.up)
+        print(f"  t={sim.now:7.1f}s  wall={time.perf_counter() - start:7.1f}s  up={up}  "
+              f"datagrams={sim.packets_sent}  steps={sim.steps}", file=sys.stderr, flush=True)
+        sim.at(sim.now + every, report)
+
+    sim.at(every, report)
+
+
+class _Traffic:
+    """Datagrams and bytes sent between two instants."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.t0 = sim.now
+        self.p0, self.b0, self.s0 = sim.packets_sent, sim.bytes_sent, sim.stream_bytes
+
+    def summary(self, nodes: int) -> Summary:
+        sim = self.sim
+        dt = max(1e-9, sim.now - self.t0)
+        per = nodes * dt
+        return {
+            "msgs_per_node_per_s": round((sim.packets_sent - self.p0) / per, 3),
+            "bytes_per_node_per_s": round((sim.bytes_sent - self.b0) / per, 1),
+            "stream_bytes_per_node_per_s": round((sim.stream_bytes - self.s0) / per, 1),
+        }
+
+
+def _common(p: Params, sim: Sim, wall0: float) -> Summary:
+    cfg = sim.config
+    return {
+        "nodes": p.nodes, "seed": p.seed, "loss": p.loss, "profile": p.profile, "lifeguard": p.lifeguard,
+        "virtual_s": round(sim.now, 3), "wall_s": round(time.perf_counter() - wall0, 2),
+        "datagrams": sim.packets_sent, "lost": sim.packets_lost, "steps": sim.steps,
+        "probe_interval": cfg.probe_interval, "gossip_interval": cfg.gossip_interval,
+    }
+
+
+def _is_origin(observer: str, fields: dict[str, Any]) -> bool:
+    """The observer raised this suspicion or declaration itself (its probe failed, its timer expired)."""
+    reason = str(fields.get("reason", ""))
+    return reason.endswith(f"by {observer}")
+
+
+# -- detection ---------------------------------------------------------------------------
+
+
+def detection(p: Params) -> Summary:
+    """Crash one node of a converged cluster; when does the first, and the last, node mark it dead?"""
+    wall0 = time.perf_counter()
+    sim = build(p)
+    sim.run(WARMUP)
+    victim = random.Random(f"victim:{p.seed}").choice(sim.nodes).name
+    t0 = sim.now
+    first_suspect: list[float] = []
+    dead_seen: set[str] = set()
+    dead_times: list[float] = []
+    fps: list[int] = [0, 0]  # false dead declarations (origin), false suspicions (origin)
+
+    def hook(now: float, node: SimNode, e: Event) -> None:
+        if e.kind != "member":
+            return
+        f = e.fields
+        if f["name"] == victim:
+            if f["status"] == "suspect" and not first_suspect:
+                first_suspect.append(now - t0)
+            elif f["status"] == "dead" and node.name not in dead_seen:
+                dead_seen.add(node.name)
+                dead_times.append(now - t0)
+        elif f["status"] in ("dead", "suspect") and _is_origin(node.name, f):
+            fps[0 if f["status"] == "dead" else 1] += 1
+
+    sim.on_event(hook)
+    sim.crash(victim)
+    traffic = _Traffic(sim)
+    others = p.nodes - 1
+    sim.run_until(lambda: len(dead_seen) >= others, p.seconds)
+    cfg = sim.config
+    out = _common(p, sim, wall0)
+    out.update({
+        "scenario": "detection",
+        "first_suspect_s": round(first_suspect[0], 3) if first_suspect else None,
+        "first_detect_s": round(dead_times[0], 3) if dead_times else None,
+        "all_detect_s": round(dead_times[-1], 3) if len(dead_seen) >= others else None,
+        "detected_by": len(dead_seen),
+        "false_positives": fps[0],
+        "false_suspicions": fps[1],
+        # SWIM: the failed member is first probed after e/(e-1) periods on
+        # average; that probe fails one period later (no ack, no indirect ack).
+        "expected_first_suspect_s": round((E_RATIO + 1) * cfg.probe_interval, 3),
+        "suspicion_min_s": round(cfg.suspicion_min(p.nodes), 3),
+        "suspicion_max_s": round(cfg.suspicion_max(p.nodes), 3),
+    })
+    out.update(traffic.summary(p.nodes))
+    return out
+
+
+# -- dissemination ---------------------------------------------------------------------------
+
+
+def dissemination(p: Params) -> Summary:
+    """One node changes its tags (a new incarnation); when have 50%, 99% and 100% of nodes learnt it?"""
+    wall0 = time.perf_counter()
+    sim = build(p)
+    sim.run(WARMUP)
+    origin = random.Random(f"origin:{p.seed}").choice(sim.nodes)
+    waiting = {n.name for n in sim.nodes if n is not origin}
+    reached: list[float] = []
+    hops: dict[str, int] = {origin.name: 0}
+    t0 = sim.now
+    want = origin.m.me.incarnation + 1
+
+    def check(node: SimNode) -> None:
+        if node.name in waiting:
+            rec = node.m.members.get(origin.name)
+            if rec is not None and rec.incarnation >= want:
+                waiting.discard(node.name)
+                reached.append(sim.now - t0)
+                src = sim.current_src
+                hops[node.name] = hops.get(src.name, 0) + 1 if src is not None else 1
+
+    sim.after_call(check)
+    traffic = _Traffic(sim)
+    sim.set_tags(origin.name, {"version": "2"})
+    sim.run_until(lambda: not waiting, p.seconds)
+    others = p.nodes - 1
+
+    def quantile(q: float) -> float | None:
+        k = max(1, math.ceil(q * others))
+        return round(reached[k - 1], 3) if len(reached) >= k else None
+
+    cfg = sim.config
+    out = _common(p, sim, wall0)
+    t50, t99, t100 = quantile(0.5), quantile(0.99), quantile(1.0)
+    out.update({
+        "scenario": "dissemination",
+        "t50_s": t50, "t99_s": t99, "t100_s": t100,
+        "reached": len(reached), "of": others,
+        "rounds_50": None if t50 is None else round(t50 / cfg.gossip_interval, 2),
+        "rounds_99": None if t99 is None else round(t99 / cfg.gossip_interval, 2),
+        "rounds_100": None if t100 is None else round(t100 / cfg.gossip_interval, 2),
+        "max_hops": max(hops.values()),
+        "median_hops": sorted(hops.values())[len(hops) // 2],
+        "log2_n": round(math.log2(p.nodes), 2),
+        "ln_n": round(math.log(p.nodes), 2),
+        "log_fanout_n": round(math.log(p.nodes) / math.log(cfg.gossip_nodes + 1), 2),
+    })
+    out.update(traffic.summary(p.nodes))
+    return out
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+def load(p: Params) -> Summary:
+    """Steady state: datagrams and bytes sent per node per second (SWIM: constant in N)."""
+    wall0 = time.perf_counter()
+    sim = build(p)
+    sim.run(WARMUP)
+    traffic = _Traffic(sim)
+    sim.run(p.seconds)
+    out = _common(p, sim, wall0)
+    out["scenario"] = "load"
+    out.update(traffic.summary(p.nodes))
+    return out
+
+
+# -- false positives ---------------------------------------------------------------------------
+
+
+def false_positives(p: Params) -> Summary:
+    """Nobody fails; count healthy nodes marked suspect and dead, per hour of virtual time.
+
+    With ``starve`` > 0 that fraction of nodes (at least one) is repeatedly
+    starved, every 10-30 s: either paused (frozen) for 2-5 s, or for 5-10 s
+    CPU-starved (timers run, but each datagram it receives is handled up to 2 s
+    late).  The figures for the other (healthy) nodes are the false positives
+    that Lifeguard is meant to prevent.
+    """
+    wall0 = time.perf_counter()
+    sim = build(p)
+    rng = random.Random(f"starve:{p.seed}")
+    starved: set[str] = set()
+    if p.starve > 0:
+        count = max(1, round(p.starve * p.nodes))
+        starved = {n.name for n in rng.sample(sim.nodes, count)}
+    counts = {k: 0 for k in ("suspect_origin", "dead_origin", "dead_marks", "suspect_marks",
+                             "starved_dead_origin", "starved_suspect_origin")}
+    active = [False]
+
+    def hook(now: float, node: SimNode, e: Event) -> None:
+        if e.kind != "member" or not active[0]:
+            return
+        f = e.fields
+        status = f["status"]
+        if status not in ("suspect", "dead"):
+            return
+        origin = _is_origin(node.name, f)
+        if f["name"] in starved:
+            if origin:
+                counts[f"starved_{status}_origin"] += 1
+            return
+        counts[f"{status}_marks"] += 1
+        if origin:
+            counts[f"{status}_origin"] += 1
+
+    sim.on_event(hook)
+
+    def starve_loop(name: str) -> None:
+        def pause() -> None:
+            if rng.random() < 0.5:
+                sim.pause(name)
+                sim.at(sim.now + rng.uniform(2.0, 5.0), resume)
+            else:
+                sim.slow(name, 2.0)
+                sim.at(sim.now + rng.uniform(5.0, 10.0), resume)
+
+        def resume() -> None:
+            sim.resume(name)
+            sim.slow(name, 0.0)
+            sim.at(sim.now + rng.uniform(10.0, 30.0), pause)
+
+        sim.at(WARMUP + rng.uniform(0.0, 10.0), pause)
+
+    for name in sorted(starved):
+        starve_loop(name)
+    sim.run(WARMUP)
+    active[0] = True
+    traffic = _Traffic(sim)
+    sim.run(p.seconds)
+    per_hour = 3600.0 / p.seconds
+    out = _common(p, sim, wall0)
+    out.update({"scenario": "false_positives", "starved": len(starved), "measured_s": p.seconds})
+    for k, v in counts.items():
+        out[k] = v
+        out[k + "_per_h"] = round(v * per_hour, 1)
+    out["false_positives"] = counts["dead_origin"]
+    out.update(traffic.summary(p.nodes))
+    return out
+
+
+# -- partition -------------------------------------------------------------------------------
+
+
+def partition(p: Params) -> Summary:
+    """Cut the cluster in two halves for ``cut`` seconds, heal, and time the return to full agreement.
+
+    ``seconds`` bounds the wait after the heal; the cut lasts 60 s.
+    """
+    cut = 60.0
+    wall0 = time.perf_counter()
+    sim = build(p)
+    n = p.nodes
+    # alive_pairs counts (observer, subject) pairs with the subject seen alive.
+    alive_pairs = [n * (n - 1)]
+    full = n * (n - 1)
+
+    def hook(now: float, node: SimNode, e: Event) -> None:
+        if e.kind != "member":
+            return
+        f = e.fields
+        if f["previous"] == "alive":
+            alive_pairs[0] -= 1
+        if f["status"] == "alive":
+            alive_pairs[0] += 1
+
+    sim.on_event(hook)
+    sim.run(WARMUP)
+    rng = random.Random(f"halves:{p.seed}")
+    names = [nd.name for nd in sim.nodes]
+    rng.shuffle(names)
+    half = names[: n // 2]
+    t0 = sim.now
+    sim.partition(half)
+    # Each half must come to see the other half as not alive: n/2 * n/2 * 2 pairs lost.
+    split_target = full - 2 * len(half) * (n - len(half))
+    split = sim.run_until(lambda: alive_pairs[0] <= split_target, cut)
+    split_s = sim.now - t0 if split else None
+    sim.run(t0 + cut - sim.now)
+    sim.heal()
+    t1 = sim.now
+    ok = sim.run_until(lambda: alive_pairs[0] >= full, p.seconds)
+    out = _common(p, sim, wall0)
+    out.update({
+        "scenario": "partition",
+        "cut_s": cut,
+        "split_s": None if split_s is None else round(split_s, 3),
+        "heal_s": round(sim.now - t1, 3) if ok else None,
+        "agreed": ok and sim.agree_all_alive(),
+        "reconnect_interval": sim.config.reconnect_interval,
+    })
+    return out
+
+
+SCENARIOS: dict[str, Callable[[Params], Summary]] = {
+    "detection": detection,
+    "dissemination": dissemination,
+    "load": load,
+    "false_positives": false_positives,
+    "partition": partition,
+}

@@ -1,0 +1,499 @@
+"""A scalable, deterministic simulator driving the real ``gossip.swim.Membership`` machines.
+
+Every node is a real :class:`~gossip.swim.Membership`; only the clock and the
+network are simulated.  Time is virtual and jumps from one event to the next.
+A single heap holds every future event -- datagrams in flight, node deadlines,
+TCP push-pull exchanges and scenario actions -- so a step costs O(log E), not
+O(N) as in ``tests/simnet.py`` (which scans all nodes every step).  Node
+deadlines are invalidated lazily: each node remembers the deadline it last
+scheduled and a generation number; a popped deadline whose generation is stale
+is skipped.
+
+The network model (:class:`NetModel`):
+
+* latency: nodes are placed in a synthetic latency space -- ``regions`` points
+  on a plane, a node sits near one of them -- and the one-way delay of a
+  datagram is ``base + distance(src, dst) + access(src) + access(dst) +
+  uniform(0, jitter)``, so same-region links are sub-millisecond and
+  cross-region ones tens of milliseconds;
+* loss: every datagram is lost independently with probability ``loss``
+  (a draw is made for every datagram, so replays stay aligned);
+* partitions: ``partition(groups)`` puts nodes in numbered groups; datagrams
+  and streams between groups are dropped (checked at send and at arrival) until
+  ``heal()``;
+* slow nodes: ``pause(name)`` freezes a process (no timers run; datagrams that
+  arrive are held in a bounded socket buffer and handled on ``resume``, late);
+  ``slow(name, backlog)`` starves it of CPU: its timers fire, but each datagram
+  to it waits up to ``backlog`` seconds in its receive queue;
+* churn: ``add`` (a real join through seeds), ``crash`` (gone for good, or
+  until ``restart``), ``leave`` (graceful; the process stops after
+  ``leave_propagate_timeout``).
+
+TCP push-pull is modelled as a connection costing one round trip plus a
+one-way request and a one-way reply; it is not subject to packet loss (TCP
+retransmits) but is cut by partitions and by the peer being down.
+
+Determinism: one ``random.Random`` for the network and one per node, all
+seeded from ``seed`` and names; the heap breaks time ties by insertion order.
+The same seed therefore gives the same run, event for event.
+
+Packet checks (every datagram fits the budget and decodes) cost a decode per
+datagram; they are off by default and on in the tests (``check_packets``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gossip.config import LAN, GossipConfig
+from gossip.keyring import SEAL_OVERHEAD
+from gossip.member import Member, Status
+from gossip.swim import Event, FetchState, Membership, SendPacket, StartPushPull
+from gossip.wire import Address, decode_packet
+
+PORT = 7946
+
+# Heap entry kinds.  An entry is (time, seq, kind, a, b, c).
+_TICK = 0  # a: node index, b: generation
+_PACKET = 1  # a: dst index, b: src index, c: payload
+_PUSH_PULL = 2  # a: initiator index, b: (machine, effect, phase, reply)
+_CALL = 3  # a: callable
+
+
+@dataclass
+class NetModel:
+    """Parameters of the modelled network (seconds, probabilities)."""
+
+    #: Independent loss probability of every datagram.
+    loss: float = 0.0
+    #: Number of regions in the latency space.
+    regions: int = 3
+    #: Regions sit on a circle of this radius (seconds of one-way delay), so
+    #: the farthest two are about 2 * radius apart.
+    region_radius: float = 0.015
+    #: A node sits within this distance of its region's centre.
+    node_spread: float = 0.0005
+    #: Fixed part of every one-way delay (stack, switch).
+    base: float = 0.0001
+    #: Per-packet jitter, uniform in [0, jitter].
+    jitter: float = 0.0005
+    #: How many datagrams a paused node's socket buffer holds.
+    pause_buffer: int = 256
+
+
+@dataclass
+class SimNode:
+    index: int
+    name: str
+    addr: Address
+    m: Membership
+    x: float
+    y: float
+    region: int
+    #: "up", "paused", "crashed" or "left".
+    state: str = "up"
+    group: int = 0
+    generation: int = 0
+    #: Deadline currently in the heap for this node (+inf if none) and its generation.
+    scheduled: float = math.inf
+    tick_gen: int = 0
+    incarnation_of_process: int = 0
+    buffered: list[tuple[int, bytes]] = field(default_factory=list)
+    #: CPU starvation: datagrams to this node wait up to this long (uniform) in
+    #: its receive queue before they are handled; its timers still run on time.
+    slow_in: float = 0.0
+    packets_out: int = 0
+    bytes_out: int = 0
+    stream_bytes_out: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+
+EventHook = Callable[[float, "SimNode", Event], None]
+
+
+class Sim:
+    def __init__(
+        self,
+        config: GossipConfig = LAN,
+        *,
+        seed: int = 0,
+        net: NetModel | None = None,
+        check_packets: bool = False,
+        keep_events: bool = False,
+    ) -> None:
+        self.config = config
+        self.seed = seed
+        self.net = net if net is not None else NetModel()
+        self.check_packets = check_packets
+        self.now = 0.0
+        self.rng = random.Random(f"net:{seed}")
+        self.nodes: list[SimNode] = []
+        self.by_name: dict[str, SimNode] = {}
+        self._by_addr: dict[Address, SimNode] = {}
+        self._heap: list[tuple[Any, ...]] = []
+        self._seq = 0
+        self._hooks: list[EventHook] = []
+        self._after_call: list[Callable[[SimNode], None]] = []
+        #: (time, observer, kind, fields) of every event, when keep_events.
+        self.keep_events = keep_events
+        self.events: list[tuple[float, str, str, dict[str, Any]]] = []
+        self.payload_limit = config.udp_packet_size - SEAL_OVERHEAD
+        # Counters.
+        self.packets_sent = 0
+        self.packets_lost = 0  # random loss
+        self.packets_cut = 0  # partition, or nobody at the address
+        self.packets_dropped_down = 0  # arrived at a crashed/left node or a full buffer
+        self.bytes_sent = 0
+        self.stream_bytes = 0
+        self.push_pulls = 0
+        self.steps = 0
+        self.latencies: list[float] | None = None  # set to [] to record every datagram's delay
+        self._region_xy = [
+            (
+                self.net.region_radius * math.cos(2 * math.pi * r / max(1, self.net.regions)),
+                self.net.region_radius * math.sin(2 * math.pi * r / max(1, self.net.regions)),
+            )
+            for r in range(max(1, self.net.regions))
+        ]
+        self._shared_tags: dict[str, str] = {}
+        #: The sender of the datagram being handled (for after_call hooks), else None.
+        self.current_src: SimNode | None = None
+
+    # -- building -------------------------------------------------------------------------
+
+    def _place(self) -> tuple[float, float, int]:
+        region = self.rng.randrange(len(self._region_xy))
+        cx, cy = self._region_xy[region]
+        angle = self.rng.uniform(0, 2 * math.pi)
+        r = self.net.node_spread * math.sqrt(self.rng.random())
+        return cx + r * math.cos(angle), cy + r * math.sin(angle), region
+
+    def _machine(self, name: str, addr: Address, gen: int, tags: dict[str, str] | None) -> Membership:
+        rng = random.Random(f"node:{self.seed}:{name}:{gen}")
+        return Membership(name, addr, self.config, tags=tags, rng=rng, now=self.now)
+
+    def add(self, name: str, *, seeds: Iterable[str] = (), tags: dict[str, str] | None = None) -> SimNode:
+        """Start a node now; it joins through the named seeds (a real push-pull join)."""
+        i = len(self.nodes)
+        addr: Address = (f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", PORT)
+        x, y, region = self._place()
+        node = SimNode(i, name, addr, self._machine(name, addr, 0, tags), x, y, region)
+        self.nodes.append(node)
+        self.by_name[name] = node
+        self._by_addr[addr] = node
+        seed_addrs = [self.by_name[s].addr for s in seeds]
+        if seed_addrs:
+            node.m.join(self.now, seed_addrs)
+        self._flush(node)
+        return node
+
+    def converged_cluster(self, n: int, prefix: str = "n") -> list[SimNode]:
+        """n nodes that already know each other as alive (a cluster that has been up a while).
+
+        Faster than n real joins (which cost O(n^2) messages), and what most
+        scenarios want to start from.  Each machine's member table is filled
+        through its public ``members`` dict and its broadcast queue emptied.
+        """
+        start = len(self.nodes)
+        new = [self.add(f"{prefix}{start + i}") for i in range(n)]
+        everyone = self.nodes
+        # Member() runs a counting __setattr__ per field; building the n^2
+        # records from a template dict is ~10x faster and gives the same objects.
+        templates = [
+            {"name": o.name, "addr": o.addr, "incarnation": 0, "status": Status.ALIVE,
+             "tags": self._shared_tags, "status_since": self.now, "rtt": None, "state": None, "tunnel": None}
+            for o in everyone
+        ]
+        new_member = Member.__new__
+        for node in everyone:
+            members = node.m.members
+            for other, template in zip(everyone, templates, strict=True):
+                if other.name not in members:
+                    rec = new_member(Member)
+                    vars(rec).update(template)
+                    members[other.name] = rec
+            node.m.broadcasts.reset()
+            self._flush(node)
+        Member.changes += 1  # member views cached by the machines must be rebuilt
+        return new
+
+    def set_tags(self, name: str, tags: dict[str, str]) -> None:
+        """The node changes its tags: a new incarnation of it spreads by gossip."""
+        node = self.by_name[name]
+        node.m.set_tags(tags)
+        self._flush(node)
+
+    # -- failures and churn -------------------------------------------------------------------
+
+    def crash(self, name: str) -> None:
+        node = self.by_name[name]
+        node.state = "crashed"
+        node.buffered.clear()
+
+    def pause(self, name: str) -> None:
+        node = self.by_name[name]
+        if node.state == "up":
+            node.state = "paused"
+
+    def slow(self, name: str, backlog: float) -> None:
+        """Starve the node: each datagram to it is handled up to ``backlog`` s late (0: normal again)."""
+        self.by_name[name].slow_in = backlog
+
+    def resume(self, name: str) -> None:
+        node = self.by_name[name]
+        if node.state != "paused":
+            return
+        node.state = "up"
+        held, node.buffered = node.buffered, []
+        for src_index, payload in held:
+            src = self.nodes[src_index]
+            node.m.receive(self.now, src.addr, payload)
+        node.scheduled = math.inf  # its heap entry was dropped while paused
+        self._flush(node)
+
+    def leave(self, name: str) -> None:
+        node = self.by_name[name]
+        node.m.leave(self.now)
+        self._flush(node)
+        self.at(self.now + self.config.leave_propagate_timeout, lambda: self._stop(node))
+
+    def _stop(self, node: SimNode) -> None:
+        if node.state in ("up", "paused"):
+            node.state = "left"
+
+    def restart(self, name: str, seeds: Iterable[str] = ()) -> SimNode:
+        """A fresh process (incarnation 0) with the same name and address."""
+        node = self.by_name[name]
+        node.generation += 1
+        node.m = self._machine(name, node.addr, node.generation, None)
+        node.state = "up"
+        node.buffered.clear()
+        node.scheduled = math.inf
+        seed_addrs = [self.by_name[s].addr for s in seeds]
+        if seed_addrs:
+            node.m.join(self.now, seed_addrs)
+        self._flush(node)
+        return node
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut the named groups apart; nodes named in no group form one more group."""
+        for node in self.nodes:
+            node.group = len(groups) + 1
+        for g, names in enumerate(groups, start=1):
+            for name in names:
+                self.by_name[name].group = g
+
+    def heal(self) -> None:
+        for node in self.nodes:
+            node.group = 0
+
+    # -- the latency space ------------------------------------------------------------------------
+
+    def base_latency(self, src: SimNode, dst: SimNode) -> float:
+        """One-way delay without jitter."""
+        return self.net.base + math.hypot(src.x - dst.x, src.y - dst.y)
+
+    def latency_bounds(self, src: SimNode, dst: SimNode) -> tuple[float, float]:
+        lo = self.base_latency(src, dst)
+        return lo, lo + self.net.jitter
+
+    def _delay(self, src: SimNode, dst: SimNode) -> float:
+        return self.net.base + math.hypot(src.x - dst.x, src.y - dst.y) + self.rng.random() * self.net.jitter
+
+    # -- observation ------------------------------------------------------------------------
+
+    def on_event(self, hook: EventHook) -> None:
+        """hook(time, observer, event) for every event any machine emits."""
+        self._hooks.append(hook)
+
+    def after_call(self, hook: Callable[[SimNode], None]) -> None:
+        """hook(node) after every call into node's machine."""
+        self._after_call.append(hook)
+
+    def up_nodes(self) -> list[SimNode]:
+        return [n for n in self.nodes if n.up]
+
+    def status(self, observer: str, subject: str) -> str | None:
+        m = self.by_name[observer].m.members.get(subject)
+        return None if m is None else m.status.value
+
+    def agree_all_alive(self, names: Iterable[str] | None = None) -> bool:
+        """Every named (default: running) node sees exactly those nodes, all alive."""
+        group = sorted(names) if names is not None else sorted(n.name for n in self.nodes if n.up)
+        want = set(group)
+        for o in group:
+            view = self.by_name[o].m.members
+            alive = {n for n, m in view.items() if m.status is Status.ALIVE}
+            if alive != want:
+                return False
+        return True
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        """Run action() at virtual time ``when``."""
+        self._seq += 1
+        heapq.heappush(self._heap, (max(when, self.now), self._seq, _CALL, action, None, None))
+
+    def _push(self, when: float, kind: int, a: Any, b: Any, c: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, kind, a, b, c))
+
+    def run(self, duration: float) -> None:
+        self.run_until(None, duration)
+
+    def run_until(self, predicate: Callable[[], bool] | None, timeout: float) -> bool:
+        """Advance until predicate() holds (True) or ``timeout`` virtual seconds pass (False).
+
+        The predicate is checked after every step; keep it O(1).
+        """
+        end = self.now + timeout
+        heap = self._heap
+        nodes = self.nodes
+        pop = heapq.heappop
+        if predicate is not None and predicate():
+            return True
+        while heap and heap[0][0] <= end:
+            when, _seq, kind, a, b, c = pop(heap)
+            if when > self.now:
+                self.now = when
+            self.steps += 1
+            if kind == _TICK:
+                node = nodes[a]
+                if b != node.tick_gen or node.state != "up":
+                    continue
+                node.scheduled = math.inf
+                node.m.tick(self.now)
+                self._flush(node)
+            elif kind == _PACKET:
+                self._deliver(nodes[a], b, c)
+            elif kind == _PUSH_PULL:
+                self._push_pull_step(nodes[a], b)
+            else:
+                a()
+            if predicate is not None and predicate():
+                return True
+        self.now = max(self.now, end)
+        return predicate() if predicate is not None else False
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _flush(self, node: SimNode) -> None:
+        """Collect what node.m asked for; called after every call into a machine."""
+        m = node.m
+        effects, events = m.drain()
+        if events:
+            now = self.now
+            for e in events:
+                if self.keep_events:
+                    self.events.append((now, node.name, e.kind, e.fields))
+                for hook in self._hooks:
+                    hook(now, node, e)
+        for eff in effects:
+            if type(eff) is SendPacket:
+                self._send(node, eff)
+            elif type(eff) is StartPushPull:
+                self._start_push_pull(node, eff)
+            elif type(eff) is FetchState:  # pragma: no cover - no delegate in the simulator
+                pass
+            else:  # pragma: no cover - a new effect type the simulator does not know
+                raise AssertionError(f"unknown effect {eff!r}")
+        for after in self._after_call:
+            after(node)
+        if node.state == "up":
+            d = m.next_deadline()
+            if d < node.scheduled:
+                node.tick_gen += 1
+                node.scheduled = d
+                self._seq += 1
+                heapq.heappush(self._heap, (max(d, self.now), self._seq, _TICK, node.index, node.tick_gen, None))
+
+    def _send(self, node: SimNode, eff: SendPacket) -> None:
+        payload = eff.payload
+        if self.check_packets:
+            assert len(payload) <= self.payload_limit, f"{len(payload)} byte datagram from {node.name}"
+            decode_packet(payload)
+        self.packets_sent += 1
+        node.packets_out += 1
+        size = len(payload) + SEAL_OVERHEAD
+        node.bytes_out += size
+        self.bytes_sent += size
+        lost = self.rng.random() < self.net.loss  # drawn for every datagram: keeps replays aligned
+        dst = self._by_addr.get(eff.addr)
+        if dst is None or dst.group != node.group:
+            self.packets_cut += 1
+            return
+        if lost:
+            self.packets_lost += 1
+            return
+        delay = self._delay(node, dst)
+        if dst.slow_in > 0.0:
+            delay += self.rng.random() * dst.slow_in
+        if self.latencies is not None:
+            self.latencies.append(delay)
+        self._seq += 1
+        heapq.heappush(self._heap, (self.now + delay, self._seq, _PACKET, dst.index, node.index, payload))
+
+    def _deliver(self, dst: SimNode, src_index: int, payload: bytes) -> None:
+        src = self.nodes[src_index]
+        if src.group != dst.group:
+            self.packets_cut += 1
+            return
+        state = dst.state
+        if state == "up":
+            self.current_src = src
+            dst.m.receive(self.now, src.addr, payload)
+            self._flush(dst)
+            self.current_src = None
+        elif state == "paused" and len(dst.buffered) < self.net.pause_buffer:
+            dst.buffered.append((src_index, payload))
+        else:
+            self.packets_dropped_down += 1
+
+    def _start_push_pull(self, node: SimNode, eff: StartPushPull) -> None:
+        target = self._by_addr.get(eff.target)
+        one_way = self.base_latency(node, target) if target is not None else self.net.base
+        # SYN, SYN-ACK, then the request arrives: 3 one-way delays.
+        self._push(self.now + 3 * one_way, _PUSH_PULL, node.index, (node.m, eff, 0, None), None)
+
+    def _push_pull_step(self, node: SimNode, job: tuple[Membership, StartPushPull, int, bytes | None]) -> None:
+        machine, eff, phase, reply = job
+        if phase == 0:
+            target = self._by_addr.get(eff.target)
+            if node.m is not machine or node.state != "up":
+                return  # the initiator died or was restarted meanwhile
+            error = "connection refused"
+            if target is not None and target.state == "up" and target.group == node.group:
+                request = machine.push_pull_payload(eff.purpose == "join")
+                node.stream_bytes_out += len(request)
+                self.stream_bytes += len(request)
+                self.push_pulls += 1
+                reply = target.m.handle_stream(self.now, node.addr, request)
+                self._flush(target)
+                if reply is not None:
+                    target.stream_bytes_out += len(reply)
+                    self.stream_bytes += len(reply)
+                    # The reply travels back: one more one-way delay.
+                    self._push(self.now + self.base_latency(node, target), _PUSH_PULL, node.index,
+                               (machine, eff, 1, reply), None)
+                    return
+                error = "stream closed"
+            elif target is not None and target.state == "paused":
+                # The kernel accepts the connection; the frozen process never answers.
+                self._push(self.now + self.config.tcp_timeout, _PUSH_PULL, node.index, (machine, eff, 1, None), None)
+                return
+            machine.complete_push_pull(self.now, eff.target, eff.purpose, None, error)
+            self._flush(node)
+        else:
+            if node.m is not machine or node.state != "up":
+                return
+            machine.complete_push_pull(self.now, eff.target, eff.purpose, reply, "" if reply else "timeout")
+            self._flush(node)

@@ -1,0 +1,188 @@
+"""The scalable simulator (simulations/sim.py): determinism, the network model, one scenario end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from gossip.config import LAN, LOCAL
+from gossip.swim import Membership
+from gossip.wire import Ping, decode_packet
+from simulations.scenarios import Params, detection, dissemination, false_positives
+from simulations.sim import NetModel, Sim
+
+
+def _trace(seed: int, loss: float = 0.05) -> list[tuple[float, str, str, str]]:
+    sim = Sim(LOCAL, seed=seed, net=NetModel(loss=loss), check_packets=True, keep_events=True)
+    sim.converged_cluster(12)
+    sim.run(2.0)
+    sim.crash("n3")
+    sim.run(10.0)
+    return [(round(t, 9), o, k, repr(sorted(f.items()))) for t, o, k, f in sim.events] + [
+        (sim.now, "net", "counters", f"{sim.packets_sent}/{sim.packets_lost}/{sim.steps}")
+    ]
+
+
+def test_same_seed_same_trace() -> None:
+    a = _trace(7)
+    assert len(a) > 20
+    assert a == _trace(7)
+
+
+def test_different_seed_different_trace() -> None:
+    assert _trace(7) != _trace(8)
+
+
+def test_measured_loss_close_to_configured() -> None:
+    sim = Sim(LAN, seed=3, net=NetModel(loss=0.2))
+    sim.converged_cluster(30)
+    sim.run(30.0)
+    assert sim.packets_sent > 1000
+    measured = sim.packets_lost / sim.packets_sent
+    # Binomial: sd = sqrt(p(1-p)/n) < 0.013 here; allow 4 sd.
+    assert abs(measured - 0.2) < 4 * math.sqrt(0.2 * 0.8 / sim.packets_sent)
+
+
+def test_latency_within_configured_range() -> None:
+    net = NetModel(regions=3, region_radius=0.02, node_spread=0.001, base=0.0002, jitter=0.001)
+    sim = Sim(LAN, seed=5, net=net)
+    nodes = sim.converged_cluster(20)
+    sim.latencies = []
+    sim.run(5.0)
+    assert len(sim.latencies) > 100
+    diameter = 2 * net.region_radius + 2 * net.node_spread
+    assert min(sim.latencies) >= net.base
+    assert max(sim.latencies) <= net.base + diameter + net.jitter
+    for a in nodes[:5]:
+        for b in nodes[:5]:
+            lo, hi = sim.latency_bounds(a, b)
+            assert net.base <= lo <= hi == lo + net.jitter
+            if a.region != b.region:
+                assert lo > net.base + net.region_radius  # regions are far apart ...
+            else:
+                assert lo <= net.base + 2 * net.node_spread  # ... nodes within one are close
+
+
+def test_partition_blocks_traffic_and_heals() -> None:
+    sim = Sim(LOCAL, seed=2)
+    sim.converged_cluster(10)
+    names = [n.name for n in sim.nodes]
+    left, right = names[:5], names[5:]
+    sim.run(1.0)
+    sim.partition(left)
+    received: list[tuple[str, str]] = []
+
+    def spy(node: object) -> None:
+        src = sim.current_src
+        if src is not None:
+            received.append((src.name, getattr(node, "name", "")))
+
+    sim.after_call(spy)
+    sim.run(20.0)
+    assert received
+    assert all((a in left) == (b in left) for a, b in received), "a datagram crossed the partition"
+    assert sim.packets_cut > 0
+    # Each half has declared the other dead.
+    assert all(sim.status(a, b) == "dead" for a in left for b in right)
+    sim.heal()
+    received.clear()
+    assert sim.run_until(lambda: sim.agree_all_alive(), 60.0)
+    assert any((a in left) != (b in left) for a, b in received)
+
+
+def test_pause_holds_datagrams_and_resume_delivers_them() -> None:
+    sim = Sim(LOCAL, seed=4)
+    sim.converged_cluster(5)
+    sim.run(1.0)
+    sim.pause("n1")
+    n1 = sim.by_name["n1"]
+    before = n1.m.counters.stats["packets_in"]
+    sim.run(3.0)
+    held = len(n1.buffered)
+    assert held > 0
+    assert n1.m.counters.stats["packets_in"] == before  # frozen: nothing handled
+    sim.resume("n1")
+    assert n1.buffered == []
+    assert n1.m.counters.stats["packets_in"] == before + held  # handled late, on resume
+    sim.run(5.0)
+    assert all(sim.status(n.name, "n1") == "alive" for n in sim.nodes if n is not n1)
+
+
+def test_churn_join_and_leave() -> None:
+    sim = Sim(LOCAL, seed=6, check_packets=True)
+    sim.converged_cluster(8)
+    sim.add("late", seeds=["n0"])
+    assert sim.run_until(lambda: sim.agree_all_alive(), 10.0)
+    sim.leave("n2")
+    sim.run(5.0)
+    assert all(sim.status(n.name, "n2") == "left" for n in sim.nodes if n.up)
+
+
+def test_detection_end_to_end() -> None:
+    r = detection(Params(nodes=30, seconds=60.0, seed=1, check_packets=True, progress=0.0))
+    assert r["detected_by"] == 29
+    cfg = LAN
+    assert r["first_suspect_s"] is not None and r["first_suspect_s"] < 10 * cfg.probe_interval
+    assert r["first_detect_s"] >= r["first_suspect_s"] + cfg.suspicion_min(30) - 1e-6
+    assert r["all_detect_s"] <= r["first_suspect_s"] + cfg.suspicion_max(30) + 5
+    assert r["false_positives"] == 0
+    assert 1.0 < r["msgs_per_node_per_s"] < 20.0
+
+
+def test_dissemination_reaches_everyone() -> None:
+    r = dissemination(Params(nodes=50, seconds=30.0, seed=2, progress=0.0))
+    assert r["reached"] == 49
+    assert r["t50_s"] <= r["t99_s"] <= r["t100_s"] < 5.0
+
+
+def test_false_positives_scenario_runs_with_starved_nodes() -> None:
+    r = false_positives(Params(nodes=20, seconds=30.0, seed=3, starve=0.05, progress=0.0, lifeguard=False))
+    assert r["starved"] == 1
+    assert r["lifeguard"] is False
+
+
+# -- GossipConfig.lifeguard ---------------------------------------------------------------
+
+
+def _suspect_one(lifeguard: bool) -> tuple[Membership, list[Membership]]:
+    cfg = dataclasses.replace(LAN, lifeguard=lifeguard)
+    sim = Sim(cfg, seed=9)
+    sim.converged_cluster(40)
+    sim.run(1.0)
+    sim.crash("n5")
+    sim.run(5.0)
+    return sim.by_name["n0"].m, [sim.by_name[f"n{i}"].m for i in range(40) if i != 5]
+
+
+def test_lifeguard_off_fixes_suspicion_timeout_and_health() -> None:
+    cfg = dataclasses.replace(LAN, lifeguard=False)
+    m = Membership("a", ("10.0.0.1", 1), cfg)
+    assert m.awareness.max == 1
+    m.awareness.apply_delta(5)
+    assert m.awareness.scale(1.0) == 1.0
+    on = Membership("b", ("10.0.0.2", 1), LAN)
+    on.awareness.apply_delta(5)
+    assert on.awareness.scale(1.0) == 6.0
+    _, machines = _suspect_one(False)
+    sus = [mm._suspicions["n5"] for mm in machines if "n5" in mm._suspicions]
+    assert sus and all(s.max == s.min == cfg.suspicion_min(40) for s in sus)
+    _, machines = _suspect_one(True)
+    sus = [mm._suspicions["n5"] for mm in machines if "n5" in mm._suspicions]
+    assert sus and all(s.max == LAN.suspicion_max(40) for s in sus)
+
+
+def test_lifeguard_off_no_buddy_and_no_nacks() -> None:
+    for lifeguard in (True, False):
+        cfg = dataclasses.replace(LAN, lifeguard=lifeguard)
+        sim = Sim(cfg, seed=11)
+        sim.converged_cluster(6)
+        m = sim.by_name["n0"].m
+        for name in ("n1", "n2", "n3", "n4", "n5"):
+            m.members[name].status = m.members[name].status.SUSPECT
+        m._next_probe = sim.now
+        m.tick(sim.now)
+        effects, _ = m.drain()
+        msgs = [msg for e in effects for msg in decode_packet(e.payload)]  # type: ignore[union-attr]
+        assert any(isinstance(x, Ping) for x in msgs)
+        buddy = any(type(x).__name__ == "Suspect" for x in msgs)
+        assert buddy is lifeguard
