@@ -157,6 +157,19 @@ def _plots(res: dict[str, list[Summary]], sizes: list[int], out: Path) -> None:
     def series(key: str, scen: str) -> list[float]:
         return [v if v is not None else math.nan for v in (_mean([r[key] for r in _by_n(res[scen], n)]) for n in ns)]
 
+    def save(fig: Any, ax: Any, title: str, ylabel: str, name: str) -> None:
+        """The finish every plot shares: labels, legend, title, file."""
+        if ax.get_xlabel() == "":
+            ax.set_xscale("log")
+            ax.set_xlabel("nodes")
+        ax.set_ylabel(ylabel)
+        if ax.get_legend() is None:
+            ax.legend()
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ns, series("first_suspect_s", "detection"), "o-", label="first suspect")
     ax.plot(ns, series("first_detect_s", "detection"), "o-", label="first dead")
@@ -165,28 +178,14 @@ def _plots(res: dict[str, list[Summary]], sizes: list[int], out: Path) -> None:
     lo = [E_RATIO * d0[0]["probe_interval"] + _by_n(d0, n)[0]["suspicion_min_s"] for n in ns]
     hi = [E_RATIO * d0[0]["probe_interval"] + _by_n(d0, n)[0]["suspicion_max_s"] for n in ns]
     ax.fill_between(ns, lo, hi, alpha=0.15, label="e/(e-1) T + suspicion min..max")
-    ax.set_xscale("log")
-    ax.set_xlabel("nodes")
-    ax.set_ylabel("seconds after crash")
-    ax.legend()
-    ax.set_title("Failure detection")
-    fig.tight_layout()
-    fig.savefig(out / "detection.png")
-    plt.close(fig)
+    save(fig, ax, "Failure detection", "seconds after crash", "detection.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, lab in (("t50_s", "50%"), ("t99_s", "99%"), ("t100_s", "100%")):
         ax.plot(ns, series(key, "dissemination"), "o-", label=lab)
     gi = d0[0]["gossip_interval"]
     ax.plot(ns, [math.log2(n) * gi for n in ns], "k--", label="log2(N) gossip intervals")
-    ax.set_xscale("log")
-    ax.set_xlabel("nodes")
-    ax.set_ylabel("seconds")
-    ax.legend()
-    ax.set_title("Dissemination of one update")
-    fig.tight_layout()
-    fig.savefig(out / "dissemination.png")
-    plt.close(fig)
+    save(fig, ax, "Dissemination of one update", "seconds", "dissemination.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(ns, series("msgs_per_node_per_s", "load"), "o-", label="datagrams/node/s")
@@ -214,9 +213,5 @@ def _plots(res: dict[str, list[Summary]], sizes: list[int], out: Path) -> None:
                     label=f"suspicions, Lifeguard {'on' if lg else 'off'}")
         ax.set_yscale("log")
         ax.set_xlabel("packet loss %")
-        ax.set_ylabel("per hour (+0.1 to show zeros)")
         ax.legend(fontsize=8)
-        ax.set_title("False positives about healthy nodes")
-        fig.tight_layout()
-        fig.savefig(out / "false_positives.png")
-        plt.close(fig)
+        save(fig, ax, "False positives about healthy nodes", "per hour (+0.1 to show zeros)", "false_positives.png")
