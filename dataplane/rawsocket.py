@@ -78,7 +78,7 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
 class RawSocketStream(trio.abc.HalfCloseableStream):
     """A connected stream socket driven by non-blocking syscalls (see the module docstring)."""
 
-    __slots__ = ("_closed", "_eof_sent", "_receiving", "_sending", "_sock", "_fair", "fileno")
+    __slots__ = ("_closed", "_eof_sent", "_receiving", "_sending", "_sock", "_fair")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.type != socket.SOCK_STREAM:
@@ -91,7 +91,6 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             except OSError:
                 pass
         self._sock = sock
-        self.fileno = sock.fileno()
         self._fair = Fairness()
         self._sending = False
         self._receiving = False
@@ -166,7 +165,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             with memoryview(data) as whole:
                 view = whole.cast("B") if whole.format != "B" or whole.ndim != 1 else whole
                 total = len(view)
-                sent = self.try_send(view) if total else 0
+                sent = self.try_send(view)  # also for b"": it raises if we are closed
                 waited = False
                 while sent < total:
                     waited = True
