@@ -125,6 +125,7 @@ __all__ = [
     "WindowOpened",
     "decode_record",
     "encode_frame",
+    "take_chunks",
 ]
 
 _HEADER: Final = struct.Struct(">BIBH")  # type, stream id, length split as u8 + u16 = u24
@@ -338,6 +339,25 @@ def _iter_frames(record: bytes | memoryview) -> Iterator[tuple[FrameType, int, m
             raise ProtocolError("bad_stream_id", f"{ftype.name} on stream {sid}")
         yield ftype, sid, view[off : off + length]
         off += length
+
+
+def take_chunks(queue: deque[bytes | memoryview], n: int, out: list[bytes | memoryview]) -> None:
+    """Move the first ``n`` bytes of a queue of chunks to ``out``, as views: no byte is copied.
+
+    The queue must hold at least ``n`` bytes; a chunk split in two leaves its
+    tail at the head of the queue.  (The tunnel's receive side uses it too.)
+    """
+    while n:
+        chunk = queue[0]
+        if len(chunk) <= n:
+            queue.popleft()
+            out.append(chunk)
+            n -= len(chunk)
+        else:
+            view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+            out.append(view[:n])
+            queue[0] = view[n:]
+            n = 0
 
 
 def decode_record(record: bytes) -> list[Frame]:
@@ -600,7 +620,8 @@ class Session:
                     break
                 n = min(want, fits)
                 out.append(_HEADER.pack(FrameType.DATA, st.id, n >> 16, n & 0xFFFF))
-                self._take(st, n, out)
+                take_chunks(st.queue, n, out)
+                st.queued -= n
                 st.send_credit -= n
                 room -= HEADER_SIZE + n
                 frames += 1
@@ -613,23 +634,6 @@ class Session:
                 self._maybe_forget(st)
             self._schedule(st)
         return self._finish(out, frames)
-
-    @staticmethod
-    def _take(st: _Stream, n: int, out: list[bytes | memoryview]) -> None:
-        """Move the first ``n`` queued bytes of ``st`` to ``out`` (views, no copy)."""
-        st.queued -= n
-        queue = st.queue
-        while n:
-            chunk = queue[0]
-            if len(chunk) <= n:
-                queue.popleft()
-                out.append(chunk)
-                n -= len(chunk)
-            else:
-                view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
-                out.append(view[:n])
-                queue[0] = view[n:]
-                n = 0
 
     def _finish(self, out: list[bytes | memoryview], frames: int) -> bytes | None:
         if not out:

@@ -313,6 +313,12 @@ def _framed(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
 
+def _append_framed(out: bytearray, message: bytes) -> None:
+    """``out += _framed(message)`` without building the framed copy first."""
+    out += len(message).to_bytes(2, "big")
+    out += message
+
+
 # -- interfaces -----------------------------------------------------------------------
 
 
@@ -399,7 +405,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         #: True if we opened it, False if the peer did.
         self.local = local
         #: Received data not yet read: the mux's chunks, as they came.
-        self._buf: deque[bytes] = deque()
+        self._buf: deque[bytes | memoryview] = deque()
         #: Set while pump_into runs: the socket the reader may write into directly.
         self._sink: RawSocketStream | None = None
         self._delivered: Callable[[int], None] | None = None
@@ -468,25 +474,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Up to ``max_bytes`` of the received chunks; a lone chunk that fits is handed over uncopied."""
         buf = self._buf
         first = buf[0]
-        if len(buf) == 1 and (max_bytes is None or len(first) <= max_bytes):
+        if len(buf) == 1 and isinstance(first, bytes) and (max_bytes is None or len(first) <= max_bytes):
             buf.clear()
             self._buffered = 0
             return first
         limit = self._buffered if max_bytes is None else min(max_bytes, self._buffered)
-        parts: list[bytes] = []
-        got = 0
-        while got < limit:
-            chunk = buf[0]
-            room = limit - got
-            if len(chunk) <= room:
-                buf.popleft()
-                parts.append(chunk)
-                got += len(chunk)
-            else:
-                parts.append(chunk[:room])
-                buf[0] = chunk[room:]
-                got = limit
-        self._buffered -= got
+        parts: list[bytes | memoryview] = []
+        mux.take_chunks(buf, limit, parts)
+        self._buffered -= limit
         return b"".join(parts)
 
     async def pump_into(self, sink: RawSocketStream, delivered: Callable[[int], None]) -> None:
@@ -987,9 +982,7 @@ class _Session:
             while len(out) < _WRITE_BATCH:
                 if self._control_out:
                     control, next_send = self._control_out.popleft()
-                    ct = self._send_cipher.encrypt_with_ad(b"", control)
-                    out += len(ct).to_bytes(2, "big")
-                    out += ct
+                    _append_framed(out, self._send_cipher.encrypt_with_ad(b"", control))
                     if next_send is not None:
                         self._switch_send(next_send)
                     continue
@@ -1000,9 +993,7 @@ class _Session:
                 if self._send_cipher.nonce >= reject_after:
                     self._key_failure(f"{reject_after} messages on one key and no rekey")
                     return False
-                ct = self._send_cipher.encrypt_with_ad(b"", record)
-                out += len(ct).to_bytes(2, "big")
-                out += ct
+                _append_framed(out, self._send_cipher.encrypt_with_ad(b"", record))
                 if self._send_cipher.nonce >= self.manager.rekey_after_messages:
                     self.start_rekey("messages")
         except NoiseError as exc:  # unreachable below the hard cap; fail loudly all the same
