@@ -1003,12 +1003,15 @@ class _Session:
             self._after_drain()
         return True
 
+    def _send_failed(self, exc: Exception) -> None:
+        self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+
     def _send_now(self) -> bool:
         """Hand ``_out`` to the kernel without waiting; False if the transport broke."""
         try:
             n = self._try_send(self._out) if self._try_send is not None else 0
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+            self._send_failed(exc)
             return False
         if n:
             del self._out[:n]
@@ -1053,7 +1056,7 @@ class _Session:
                         try:
                             await self.transport.wait_send_all_might_not_block()
                         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                            self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+                            self._send_failed(exc)
                             return
                         finally:
                             self._writer_waiting = False
@@ -1063,7 +1066,7 @@ class _Session:
                 try:
                     await self.transport.send_all(out)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
+                    self._send_failed(exc)
                     return
                 self.manager.stats["bytes_out"] += len(out)
                 continue
