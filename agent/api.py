@@ -76,6 +76,8 @@ class ApiServer:
             ("PUT", "/v1/upstreams"): self.upstream_add,
             ("GET", "/v1/intentions"): self.intentions,
             ("PUT", "/v1/intentions"): self.intention_put,
+            ("GET", "/v1/rtt"): self.rtt,
+            ("GET", "/v1/coordinate"): self.coordinate,
         }
         #: Routes with one trailing path parameter.
         self.prefixed: dict[tuple[str, str], PrefixHandler] = {
@@ -122,6 +124,32 @@ class ApiServer:
                 raise HttpError(400, str(exc)) from None
         result = await self.agent.join(targets)
         return 200, result
+
+    async def rtt(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        to = query.get("to")
+        if not to or not to[0]:
+            raise HttpError(400, "give ?to=NODE (and optionally &from=NODE)")
+        frm = query.get("from")
+        a = frm[0] if frm and frm[0] else self.agent.cfg.name
+        b = to[0]
+        ms = self.agent.membership
+        for node in (a, b):
+            if node not in ms.members:
+                raise HttpError(404, f"no member named {node!r}")
+        est = ms.rtt_estimate(a, b)
+        if est is None:
+            raise HttpError(404, f"no coordinate for {a!r} or {b!r} yet: it has not been probed or gossiped")
+        return 200, {"from": a, "to": b, "rtt_ms": round(est[0] * 1000.0, 3), "source": est[1]}
+
+    async def coordinate(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        ms = self.agent.membership
+        rows = []
+        for m in ms.member_list():
+            c = ms.coordinate_of(m.name)
+            if c is not None:
+                rows.append({"node": m.name, "vec": list(c.vec), "error": c.error,
+                             "adjustment": c.adjustment, "height": c.height})
+        return 200, rows
 
     async def leave(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         if self.agent.membership.leaving:

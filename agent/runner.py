@@ -34,9 +34,11 @@ from agent.transport import (
     send_frame,
 )
 from agent.upstreams import Upstreams
+from dataplane import relay
 from dataplane.proxy import Proxy, ProxyError, TunnelStream
 from dataplane.tunnel import TunnelManager
 from gossip.keyring import Keyring
+from gossip.member import Status
 from gossip.registry import Registry
 from gossip.swim import FetchState, Membership, SendPacket, StartPushPull
 from gossip.wire import PROTOCOL_VERSION, Address, format_addr
@@ -79,8 +81,9 @@ class Agent:
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info)
         self.tunnels = TunnelManager(
-            cfg.name, self.tunnel_private, self.directory, on_stream=self.proxy.handle_stream,
+            cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
+            relays=self._relays_for,
         )
         self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name)
         self._registry_index = self.registry.index
@@ -403,6 +406,36 @@ class Agent:
         body = b"[" + b", ".join(e[3] for e in entries.values()) + b"]\n"
         self._members_view = (version, out, body)
         return self._members_view
+
+    # -- relays (dataplane.relay) ------------------------------------------------------------
+
+    async def _on_stream(self, peer: str, header: bytes, stream: TunnelStream) -> None:
+        if header[:1] == bytes([relay.HEADER_KIND_RELAY]):
+            await relay.serve(peer, header, stream, self.directory, self.dp_stats,
+                              connect_timeout=self.cfg.gossip.tcp_timeout, log=self.log.info)
+            return
+        await self.proxy.handle_stream(peer, header, stream)
+
+    def _relays_for(self, peer: str) -> list[str]:
+        """Members that may carry our session to ``peer``, best first.
+
+        Alive members with a tunnel; one we already hold a direct session to
+        comes first (no extra handshake), then the lowest estimated RTT
+        through it (our RTT to it plus its coordinate distance to the peer).
+        """
+        ms = self.membership
+        ranked: list[tuple[int, float, str]] = []
+        for m in ms.members.values():
+            if m.name in (ms.name, peer) or m.status is not Status.ALIVE or m.tunnel is None:
+                continue
+            route = self.tunnels.route_to(m.name)
+            if route:  # itself relayed: relays do not chain
+                continue
+            leg1 = ms.rtt_estimate(ms.name, m.name)
+            leg2 = ms.rtt_estimate(m.name, peer)
+            cost = (leg1[0] if leg1 else 1.0) + (leg2[0] if leg2 else 1.0)
+            ranked.append((0 if route == [] else 1, cost, m.name))
+        return [name for _, _, name in sorted(ranked)]
 
     def self_view(self) -> dict[str, Any]:
         ms = self.membership

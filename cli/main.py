@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import click
 
@@ -396,6 +396,18 @@ def intentions_remove(api: str, as_json: bool, source: str, destination: str) ->
     """Remove the rule from SOURCE to DESTINATION."""
     data = _call(api, "DELETE", f"/v1/intentions/{quote(source, safe='')}/{quote(destination, safe='')}")
     _emit(data, as_json, f"removed {data['source']} -> {data['destination']}")
+
+
+@main.command()
+@api_option
+@json_option
+@click.argument("node")
+@click.argument("node2", required=False)
+def rtt(api: str, as_json: bool, node: str, node2: str | None) -> None:
+    """Round-trip time from this agent to NODE, or from NODE to NODE2 (estimated from coordinates)."""
+    query = {"to": node} if node2 is None else {"from": node, "to": node2}
+    data = _call(api, "GET", "/v1/rtt?" + urlencode(query))
+    _emit(data, as_json, f"{data['from']} <-> {data['to']}: {data['rtt_ms']:.3f} ms ({data['source']})")
 
 
 @main.command()

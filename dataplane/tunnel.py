@@ -149,7 +149,7 @@ import nacl.bindings
 import structlog
 import trio
 
-from dataplane import mux
+from dataplane import mux, relay
 from dataplane.noise import MAX_MESSAGE, MAX_NONCE, CipherState, HandshakeState, NoiseError
 from dataplane.rawsocket import Fairness, RawSocketStream
 
@@ -239,7 +239,10 @@ _STAT_KEYS: Final = (
     "sessions_open", "sessions_opened", "sessions_closed", "sessions_failed", "duplicate_sessions",
     "streams_opened", "streams_accepted", "streams_refused", "bytes_in", "bytes_out",
     "decrypt_failures", "protocol_errors", "handler_errors", "rekeys", "rekey_collisions", "rekey_failures",
+    "direct_dials_failed", "relayed_dials",
 )  # fmt: skip
+#: Relays tried, best first, before a dial gives up.
+_MAX_RELAYS_TRIED: Final = 2
 
 
 # -- errors -------------------------------------------------------------------------
@@ -672,6 +675,8 @@ class _Session:
         self._send_since = self.created
         self._recv_since = self.created
         self.rtt: float | None = None
+        #: The member whose stream carries this session, when it is relayed (dataplane.relay).
+        self.via: str | None = None
         self._ping_sent: float | None = None
         self.draining = False
         self.drain_sent = False
@@ -1260,6 +1265,7 @@ class _Session:
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "age_s": round(trio.current_time() - self.created, 1),
             "rekeys": self.rekeys,
+            "via": self.via,
             "key_age_s": round(trio.current_time() - min(self._send_since, self._recv_since), 1),
         }
 
@@ -1315,6 +1321,9 @@ class TunnelManager:
         connect: Callable[[str, int], Awaitable[trio.abc.Stream]] = trio.open_tcp_stream,
         stats: MutableMapping[str, int] | None = None,
         log: Any = None,
+        relays: Callable[[str], list[str]] | None = None,
+        direct_connect_timeout: float = 2.0,
+        direct_retry_after: float = 30.0,
     ) -> None:
         if not 1 <= len(name.encode("utf-8")) <= _MAX_NAME:
             raise ValueError(f"node name must be 1..{_MAX_NAME} bytes of UTF-8")
@@ -1342,6 +1351,12 @@ class TunnelManager:
         self.reject_after_time = reject_after_time
         self.max_handshakes = max_handshakes
         self._connect = connect
+        #: Members that may relay to a peer, best first (dataplane.relay); None: never relay.
+        self.relays = relays
+        self.direct_connect_timeout = direct_connect_timeout
+        self.direct_retry_after = direct_retry_after
+        #: Peers whose direct dial failed, and until when we go straight to a relay.
+        self._direct_failed: dict[str, float] = {}
         self._handshakes = 0
         self.stats: MutableMapping[str, int] = {} if stats is None else stats
         for key in _STAT_KEYS:
@@ -1395,11 +1410,13 @@ class TunnelManager:
 
     # -- outgoing ---------------------------------------------------------------------
 
-    async def open_stream(self, peer: str, header: bytes = b"") -> TunnelStream:
+    async def open_stream(self, peer: str, header: bytes = b"", *, direct_only: bool = False) -> TunnelStream:
         """A new stream to ``peer`` carrying ``header`` in its OPEN.
 
         Reuses the session to ``peer`` or dials one (concurrent callers share the
         dial).  Raises :class:`TunnelError` if no session can be had.
+        ``direct_only``: the session must not itself run through a relay (a
+        relay's own session must be direct, or relays could chain).
         """
         if len(header) > mux.MAX_OPEN_HEADER:
             raise ValueError(f"stream header of {len(header)} bytes exceeds {mux.MAX_OPEN_HEADER}")
@@ -1414,11 +1431,13 @@ class TunnelManager:
                 dial = self._pending.get(peer)
                 if dial is None:
                     dial = self._pending[peer] = _Dial()
-                    self._nursery.start_soon(self._dial_task, peer, dial)
+                    self._nursery.start_soon(self._dial_task, peer, dial, not direct_only)
                 await dial.done.wait()
                 sess = self._active.get(peer)
                 if sess is None:
                     raise TunnelError(dial.error or f"tunnel to {peer} closed right after it opened")
+            if direct_only and sess.via is not None:
+                raise TunnelError(f"the tunnel to {peer} is relayed through {sess.via}")
             try:
                 return sess.open_stream(header)
             except mux.TooManyStreamsError as exc:
@@ -1427,10 +1446,10 @@ class TunnelManager:
                 sess.start_drain("cannot open streams")
         raise TunnelError(f"tunnel to {peer} keeps closing")
 
-    async def _dial_task(self, peer: str, dial: _Dial) -> None:
+    async def _dial_task(self, peer: str, dial: _Dial, allow_relay: bool = True) -> None:
         sess: _Session | None = None
         try:
-            sess = await self._dial(peer)
+            sess = await self._dial(peer, allow_relay)
             self._register(sess)
         except TunnelError as exc:
             dial.error = str(exc)
@@ -1443,14 +1462,58 @@ class TunnelManager:
         if sess is not None:
             await sess.run(None)
 
-    async def _dial(self, peer: str) -> _Session:
+    async def _transport(self, peer: str, host: str, port: int,
+                         allow_relay: bool) -> tuple[trio.abc.Stream, str | None]:
+        """A byte stream to ``peer``'s tunnel port: dialled directly, or through a relay when that fails.
+
+        After a failed direct dial we go straight to a relay for
+        ``direct_retry_after`` seconds, so every new session does not first
+        wait out a dead route; then the direct route is tried again.
+        """
+        relays = self.relays(peer) if (allow_relay and self.relays is not None) else []
+        now = trio.current_time()
+        direct_error = ""
+        if not relays or self._direct_failed.get(peer, 0.0) <= now:
+            timeout = self.direct_connect_timeout if relays else self.handshake_timeout
+            try:
+                with trio.fail_after(timeout):
+                    transport = _raw(await self._connect(host, port))
+                self._direct_failed.pop(peer, None)
+                return transport, None
+            except trio.TooSlowError:
+                direct_error = f"no answer from {host}:{port} in {timeout:g}s"
+            except OSError as exc:
+                direct_error = f"{host}:{port}: {exc.strerror or exc}"
+            if not relays:
+                raise TunnelError(f"cannot reach {peer} at {direct_error}")
+            self._direct_failed[peer] = now + self.direct_retry_after
+            self.stats["direct_dials_failed"] += 1
+            self.log.info("tunnel_direct_failed", peer=peer, error=direct_error, relays=relays[:3])
+        errors = [direct_error] if direct_error else []
+        for via in relays[:_MAX_RELAYS_TRIED]:
+            try:
+                stream = await self.open_stream(via, relay.encode_relay(peer), direct_only=True)
+            except TunnelError as exc:
+                errors.append(f"via {via}: {exc}")
+                continue
+            try:
+                await relay.connect_through(stream)
+            except relay.RelayError as exc:
+                await trio.aclose_forcefully(stream)
+                errors.append(f"via {via}: {exc}")
+                continue
+            self.stats["relayed_dials"] += 1
+            return stream, via
+        raise TunnelError(f"cannot reach {peer} directly or through a relay: {'; '.join(errors)}")
+
+    async def _dial(self, peer: str, allow_relay: bool = True) -> _Session:
         target = self.directory.tunnel_peer(peer)
         if target is None:
             raise TunnelError(f"no tunnel route to {peer!r}: not a live member with a tunnel key")
         (host, port), key = target
         try:
-            with trio.fail_after(self.handshake_timeout):
-                transport = _raw(await self._connect(host, port))
+            with trio.fail_after(self.handshake_timeout + self.direct_connect_timeout):
+                transport, via = await self._transport(peer, host, port, allow_relay)
                 try:
                     hs = HandshakeState.initiator(self._static_private, key, prologue=PREAMBLE)
                     msg1 = hs.write_message(encode_hello(self._next_timestamp(), self.name))
@@ -1477,10 +1540,12 @@ class TunnelManager:
             raise TunnelError(f"malformed handshake reply from {peer}") from None
         self.stats["handshakes_ok"] += 1
         self.log.debug("tunnel_handshake_ok", peer=peer, role="initiator")
-        return _Session(
+        sess = _Session(
             self, peer, initiator=True, transport=transport, reader=reader,
             send_cipher=send_cipher, recv_cipher=recv_cipher, peer_static=key, handshake_hash=handshake_hash,
         )  # fmt: skip
+        sess.via = via
+        return sess
 
     def _next_timestamp(self) -> int:
         """Wall-clock nanoseconds, strictly increasing within this process."""
@@ -1661,3 +1726,14 @@ class TunnelManager:
 
     def active_peers(self) -> list[str]:
         return sorted(self._active)
+
+    def route_to(self, peer: str) -> list[str] | None:
+        """The members our session to ``peer`` passes through (``[]``: direct; None: no session yet)."""
+        sess = self._active.get(peer)
+        if sess is None:
+            return None
+        return [] if sess.via is None else [sess.via]
+
+    def relayed(self, peer: str) -> bool:
+        """True while the direct route to ``peer`` is known broken (we go through a relay)."""
+        return self._direct_failed.get(peer, 0.0) > trio.current_time()

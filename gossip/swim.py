@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from gossip.awareness import Awareness
 from gossip.broadcast_queue import BroadcastQueue
 from gossip.config import GossipConfig
+from gossip.coordinate import DEFAULT as COORDINATE_CONFIG
+from gossip.coordinate import Coordinate, CoordinateClient
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Member, Status
 from gossip.suspicion import Suspicion
@@ -50,6 +52,9 @@ from gossip.wire import (
     format_addr,
     pack_packet,
 )
+
+#: Seconds; no coordinate component of a real network comes near it.
+_MAX_COORD_COMPONENT = 100.0
 
 # -- what the state machine asks its driver to do ----------------------------------
 
@@ -188,6 +193,11 @@ class Membership:
         self.members: dict[str, Member] = {name: self.me}
         self.awareness = Awareness(config.awareness_max_multiplier if config.lifeguard else 1)
         self.broadcasts = BroadcastQueue()
+        #: Vivaldi (as Serf runs it): every direct ack carries the acker's
+        #: coordinate and its RTT sample moves ours, so any two members' RTT
+        #: can be estimated without ever probing between them.
+        self.vivaldi = CoordinateClient(COORDINATE_CONFIG, self.rng)
+        self.coordinates: dict[str, Coordinate] = {}
         self.counters = _Counters()
         self.leaving = False
         self._packet_budget = config.udp_packet_size - seal_overhead - PACKET_OVERHEAD
@@ -326,7 +336,8 @@ class Membership:
     # -- push-pull (TCP, driven by the agent) -----------------------------------------
 
     def push_pull_payload(self, join: bool) -> bytes:
-        return encode_stream([PushPull(self.name, join, self._records(), delegate=self._delegate_dump())])
+        return encode_stream([PushPull(self.name, join, self._records(), delegate=self._delegate_dump(),
+                                       coords=self._coords_to_send(everyone=False))])
 
     def state_request_payload(self, node: str) -> bytes:
         return encode_stream([StateRequest(self.name, node)])
@@ -355,8 +366,9 @@ class Membership:
             self.counters.stats["push_pull_in"] += 1
             self._merge(now, remote)
             self._merge_delegate(remote.delegate)
+        coords = {} if refused else self._coords_to_send(everyone=remote.join, skip=remote.source)
         return encode_stream([PushPull(self.name, False, self._records(), refused,
-                                       b"" if refused else self._delegate_dump())])
+                                       b"" if refused else self._delegate_dump(), coords)])
 
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
         """The reply to a FetchState arrived (or None: it failed)."""
@@ -485,7 +497,7 @@ class Membership:
                 # The address now belongs to someone else (memberlist checks this too).
                 self.drop("wrong_node")
                 return
-            reply: list[Message] = [Ack(msg.seq, self.name)]
+            reply: list[Message] = [Ack(msg.seq, self.name, tuple(self.vivaldi.coordinate.to_wire()))]
             sender = self.members.get(msg.source)
             if sender is not None and sender.status in (Status.SUSPECT, Status.DEAD):
                 # It is talking to us, so it is up; tell it what we think of it
@@ -526,12 +538,29 @@ class Membership:
             if target is not None and msg.source == p.target and not p.indirect_sent:
                 sample = now - p.sent
                 target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
+                if msg.coord is not None:
+                    self._observe_coordinate(target.name, msg.coord, sample)
             self.awareness.apply_delta(-1)
             self._probe = None
             return
         relay = self._relays.pop(msg.seq, None)
         if relay is not None:
             self._send(relay.requester, [Ack(relay.orig_seq, relay.target)])
+
+    def _observe_coordinate(self, name: str, raw: tuple[float, ...], rtt: float | None) -> bool:
+        """Keep a member's coordinate (and, with an RTT sample, move ours); False if refused."""
+        try:
+            coord = Coordinate.from_wire(list(raw), COORDINATE_CONFIG.dimensionality)
+            # Finite but absurd (a component of years) would only reset ours, over and over.
+            if max(abs(x) for x in raw) > _MAX_COORD_COMPONENT:
+                raise ValueError("coordinate out of range")
+            if rtt is not None:
+                self.vivaldi.update(name, coord, rtt)
+        except ValueError:
+            self.drop("bad_coordinate")
+            return False
+        self.coordinates[name] = coord
+        return True
 
     # The three rules below follow memberlist's aliveNode/suspectNode/deadNode.
 
@@ -804,6 +833,8 @@ class Membership:
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
+                self.coordinates.pop(name, None)
+                self.vivaldi.forget(name)
                 if self.delegate is not None:
                     self.delegate.forget(name)
                 self._event("member_reaped", name=name, status=m.status.value)
@@ -851,6 +882,48 @@ class Membership:
                 self._on_dead(now, Dead(r.name, r.incarnation, r.name))
             else:
                 self._on_suspect(now, Suspect(r.name, r.incarnation, remote.source))
+        # A member's own coordinate is the freshest there is; others' only fill
+        # gaps, since our own acks keep the ones we probe current.
+        for name, raw in remote.coords.items():
+            if name != self.name and name in self.members and (
+                    name == remote.source or name not in self.coordinates):
+                if not self._observe_coordinate(name, raw, None):
+                    break
+
+    def _coords_to_send(self, everyone: bool, skip: str = "") -> dict[str, tuple[float, ...]]:
+        """Our coordinate; on a join, every up member's we hold, so the newcomer
+        can estimate RTTs at once.  Periodic push-pulls carry only our own: the
+        rest would double an idle agent's bytes for what acks renew anyway."""
+        coords = {self.name: tuple(self.vivaldi.coordinate.to_wire())}
+        if everyone:
+            for name, c in self.coordinates.items():
+                m = self.members.get(name)
+                if m is not None and m.status.up and name != skip:
+                    coords[name] = tuple(c.to_wire())
+        return coords
+
+    # -- latency -------------------------------------------------------------------------
+
+    def coordinate_of(self, name: str) -> Coordinate | None:
+        return self.vivaldi.coordinate if name == self.name else self.coordinates.get(name)
+
+    def rtt_estimate(self, a: str, b: str) -> tuple[float, str] | None:
+        """RTT between two members in seconds, and how we know it.
+
+        From us to a member we probe directly: the smoothed measurement
+        ("measured").  Anything else: the distance between the two Vivaldi
+        coordinates ("coordinates"), as ``serf rtt`` does.
+        """
+        if a == b:
+            return (0.0, "measured")
+        if self.name in (a, b):
+            other = self.members.get(b if a == self.name else a)
+            if other is not None and other.rtt is not None:
+                return (other.rtt, "measured")
+        ca, cb = self.coordinate_of(a), self.coordinate_of(b)
+        if ca is None or cb is None or not ca.is_compatible_with(cb):
+            return None
+        return (ca.distance_to(cb), "coordinates")
 
     # -- output helpers -------------------------------------------------------------------
 
