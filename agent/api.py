@@ -77,6 +77,8 @@ class ApiServer:
             ("GET", "/v1/intentions"): self.intentions,
             ("PUT", "/v1/intentions"): self.intention_put,
             ("GET", "/v1/rtt"): self.rtt,
+            ("GET", "/v1/routes"): self.routing_table,
+            ("GET", "/v1/tunnels"): self.tunnels,
             ("GET", "/v1/coordinate"): self.coordinate,
         }
         #: Routes with one trailing path parameter.
@@ -124,6 +126,16 @@ class ApiServer:
                 raise HttpError(400, str(exc)) from None
         result = await self.agent.join(targets)
         return 200, result
+
+    async def tunnels(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return 200, self.agent.tunnels.sessions_view()
+
+    async def routing_table(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        wanted = query.get("service")
+        service = wanted[0] if wanted and wanted[0] else None
+        if service is not None and service not in self.agent.proxy.upstreams:
+            raise HttpError(404, f"no upstream for {service!r} on this agent (see `mesh-agent upstreams`)")
+        return 200, self.agent.routes_view(service)
 
     async def rtt(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         to = query.get("to")

@@ -7,6 +7,8 @@ they change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from agent.services import LocalServices
 from dataplane.proxy import Endpoint
 from gossip.member import Status
@@ -18,6 +20,8 @@ class MeshDirectory:
     def __init__(self, membership: Membership, services: LocalServices) -> None:
         self.membership = membership
         self.services = services
+        #: The tunnel manager's route_to (set once it exists): relays on our session to a member.
+        self.tunnel_route: Callable[[str], list[str] | None] | None = None
 
     # -- for the proxy (dataplane.proxy.InstanceDirectory) ------------------------------------
 
@@ -37,6 +41,18 @@ class MeshDirectory:
         if reg is None:
             return None
         return Endpoint(self.membership.name, reg.id, reg.address, reg.port, reg.name)
+
+    # -- for routing (dataplane.routing.PathView) -------------------------------------------
+
+    def rtt_to(self, node: str) -> tuple[float, str] | None:
+        return self.membership.rtt_estimate(self.membership.name, node)
+
+    def path_to(self, node: str) -> list[str]:
+        me = self.membership.name
+        if node == me:
+            return [me]
+        via = self.tunnel_route(node) if self.tunnel_route is not None else None
+        return [me, *(via or []), node]
 
     # -- for intentions (agent.intentions.Intentions) ----------------------------------------
 

@@ -79,12 +79,13 @@ class Agent:
         self.dp_stats: Counter[str] = Counter()
         self.intentions = Intentions(cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
-                           authorizer=self.intentions, info=self.log.info)
+                           authorizer=self.intentions, info=self.log.info, paths=self.directory)
         self.tunnels = TunnelManager(
             cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
             relays=self._relays_for,
         )
+        self.directory.tunnel_route = self.tunnels.route_to
         self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name)
         self._registry_index = self.registry.index
         self.io: Counter[str] = Counter()
@@ -436,6 +437,17 @@ class Agent:
             cost = (leg1[0] if leg1 else 1.0) + (leg2[0] if leg2 else 1.0)
             ranked.append((0 if route == [] else 1, cost, m.name))
         return [name for _, _, name in sorted(ranked)]
+
+    def routes_view(self, service: str | None = None) -> list[dict[str, Any]]:
+        """The routing table: every passing instance of each upstream's service, as its router sees it."""
+        now = trio.current_time()
+        rows: list[dict[str, Any]] = []
+        for name, up in sorted(self.proxy.upstreams.items()):
+            if service is not None and name != service:
+                continue
+            endpoints = self.directory.passing_endpoints(name)
+            rows += up.router.view(now, endpoints, self.directory, self.cfg.name)
+        return rows
 
     def self_view(self) -> dict[str, Any]:
         ms = self.membership

@@ -15,13 +15,22 @@ from typing import Any
 from agent import log, store
 from agent.health import parse_duration
 from agent.services import SERVICE_NAME_RE, ServiceError
+from dataplane.balancer import POLICIES
+from dataplane.outlier import OutlierConfig
 from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamOptions
+from dataplane.routing import RoutingOptions
 from gossip.wire import format_addr, parse_addr
 
 STORE_FILE = "upstreams.json"
 
 
-FIELDS = ("service", "listen", "source", "connect_timeout", "idle_timeout")
+FIELDS = ("service", "listen", "source", "connect_timeout", "idle_timeout", "lb", "max_connections",
+          "max_pending", "consecutive_failures", "base_ejection_time", "max_ejection_percent",
+          "slow_start_window")
+#: Integer settings: (name, lowest, highest).
+_INT_FIELDS = (("max_connections", 1, 1_000_000), ("max_pending", 1, 1_000_000), ("consecutive_failures", 1, 1000))
+_DEFAULT_ROUTING = RoutingOptions()
+_DEFAULT_OUTLIER = OutlierConfig()
 #: Bounds a user may set: a connect timeout must end, an idle timeout may be 0 (off).
 MAX_CONNECT_TIMEOUT = 300.0
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
@@ -48,7 +57,47 @@ def options_dict(options: UpstreamOptions) -> dict[str, Any]:
         d["connect_timeout"] = options.connect_timeout
     if options.idle_timeout != IDLE_TIMEOUT:
         d["idle_timeout"] = options.idle_timeout
+    r, o = options.routing, options.routing.outlier
+    for name, value, default in (
+        ("lb", r.lb, _DEFAULT_ROUTING.lb),
+        ("max_connections", r.max_connections, _DEFAULT_ROUTING.max_connections),
+        ("max_pending", r.max_pending, _DEFAULT_ROUTING.max_pending),
+        ("consecutive_failures", o.consecutive_failures, _DEFAULT_OUTLIER.consecutive_failures),
+        ("base_ejection_time", o.base_ejection_time, _DEFAULT_OUTLIER.base_ejection_time),
+        ("max_ejection_percent", o.max_ejection_percent, _DEFAULT_OUTLIER.max_ejection_percent),
+        ("slow_start_window", o.slow_start_window, _DEFAULT_OUTLIER.slow_start_window),
+    ):
+        if value != default:
+            d[name] = value
     return d
+
+
+def _routing(payload: dict[str, Any]) -> RoutingOptions:
+    lb = payload.get("lb", _DEFAULT_ROUTING.lb)
+    if lb not in POLICIES:
+        raise ServiceError(f"lb must be one of {', '.join(sorted(POLICIES))}, got {lb!r}")
+    ints: dict[str, int] = {}
+    for name, low, high in _INT_FIELDS:
+        raw = payload.get(name)
+        if raw is None:
+            continue
+        if type(raw) is not int or not low <= raw <= high:
+            raise ServiceError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+        ints[name] = raw
+    percent = payload.get("max_ejection_percent", _DEFAULT_OUTLIER.max_ejection_percent)
+    if type(percent) not in (int, float) or not 0 <= percent <= 100:
+        raise ServiceError(f"max_ejection_percent must be a number from 0 to 100, got {percent!r}")
+    base = _duration(payload, "base_ejection_time", _DEFAULT_OUTLIER.base_ejection_time, 3600.0, zero_ok=False)
+    outlier = OutlierConfig(
+        consecutive_failures=ints.get("consecutive_failures", _DEFAULT_OUTLIER.consecutive_failures),
+        base_ejection_time=base,
+        max_ejection_time=max(_DEFAULT_OUTLIER.max_ejection_time, base),
+        max_ejection_percent=float(percent),
+        slow_start_window=_duration(payload, "slow_start_window", _DEFAULT_OUTLIER.slow_start_window,
+                                    3600.0, zero_ok=True),
+    )
+    return RoutingOptions(lb=lb, max_connections=ints.get("max_connections", _DEFAULT_ROUTING.max_connections),
+                          max_pending=ints.get("max_pending", _DEFAULT_ROUTING.max_pending), outlier=outlier)
 
 
 def _duration(payload: dict[str, Any], name: str, default: float, high: float, zero_ok: bool) -> float:
@@ -88,6 +137,7 @@ def validate(payload: Any) -> UpstreamSpec:
         source=source,
         connect_timeout=_duration(payload, "connect_timeout", CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT, zero_ok=False),
         idle_timeout=_duration(payload, "idle_timeout", IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, zero_ok=True),
+        routing=_routing(payload),
     )
     return UpstreamSpec(service, addr, options)
 
@@ -152,6 +202,13 @@ class Upstreams:
                 "source": up.options.source,
                 "connect_timeout": up.options.connect_timeout,
                 "idle_timeout": up.options.idle_timeout,
+                "lb": up.options.routing.lb,
+                "open": up.router.open,
+                "pending": up.router.pending,
+                "overflows": up.stats["overflow_max_connections"] + up.stats["overflow_max_pending"],
+                "ejections": up.router.outlier.stats["ejections"],
+                "outlier": dict(up.router.outlier.stats),
+                "balancer": dict(up.router.balancer.stats),
             })
         return out
 

@@ -401,6 +401,27 @@ def intentions_remove(api: str, as_json: bool, source: str, destination: str) ->
 @main.command()
 @api_option
 @json_option
+@click.argument("service", required=False)
+def routes(api: str, as_json: bool, service: str | None) -> None:
+    """Show the routing table: each upstream's instances with RTT, path, weight and state."""
+    path = "/v1/routes" + ("?" + urlencode({"service": service}) if service else "")
+    data = _call(api, "GET", path)
+    if as_json:
+        _print_json(data)
+        return
+    rows = [["SERVICE", "INSTANCE", "NODE", "PATH", "RTT", "WEIGHT", "STATE", "OPEN", "LATENCY"]]
+    for r in data:
+        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}ms"
+        latency = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}ms"
+        state = r["state"] + (" (half-open)" if r.get("half_open") else "")
+        rows.append([r["service"], r["instance"], r["node"], " > ".join(r["path"]), rtt, f"{r['weight']:.2f}",
+                     state, str(r.get("outstanding", 0)), latency])
+    _table(rows)
+
+
+@main.command()
+@api_option
+@json_option
 @click.argument("node")
 @click.argument("node2", required=False)
 def rtt(api: str, as_json: bool, node: str, node2: str | None) -> None:

@@ -29,7 +29,6 @@ SO_LINGER 0), never closed as if the transfer had completed.
 
 from __future__ import annotations
 
-import itertools
 import math
 import socket
 import struct
@@ -43,6 +42,7 @@ import trio
 
 from dataplane import tunnel
 from dataplane.rawsocket import RawSocketStream
+from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.tunnel import TunnelError
 
 #: Bytes read from a client or instance socket at a time: fewer, larger reads
@@ -106,6 +106,8 @@ class UpstreamOptions:
     connect_timeout: float = CONNECT_TIMEOUT
     #: 0 disables the idle timeout.
     idle_timeout: float = IDLE_TIMEOUT
+    #: Balancing policy, circuit-breaker limits and outlier detection.
+    routing: RoutingOptions = field(default_factory=RoutingOptions)
 
 
 @dataclass(frozen=True)
@@ -227,19 +229,26 @@ def _reset(stream: RawSocketStream) -> None:
 
 
 async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[], None],
-                 idle_timeout: float = 0.0) -> None:
-    """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly."""
+                 idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None) -> None:
+    """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly.
+
+    ``on_reply`` runs once, when the first bytes from ``b`` have reached ``a``.
+    """
     failed = False
     last = trio.current_time()
     finished = 0
+    first_reply = on_reply
 
     async def pump(src: Duplex, dst: Duplex, key: str) -> None:
         nonlocal failed, last, finished
 
         def delivered(n: int) -> None:
-            nonlocal last
+            nonlocal last, first_reply
             last = trio.current_time()
             stats[key] += n
+            if first_reply is not None and src is b:
+                first_reply()
+                first_reply = None
 
         try:
             if isinstance(src, tunnel.TunnelStream) and isinstance(dst, RawSocketStream):
@@ -285,6 +294,7 @@ class UpstreamListener:
     options: UpstreamOptions = UpstreamOptions()
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stats: Counter[str] = field(default_factory=Counter)
+    router: Router = field(default_factory=lambda: Router(""))
 
 
 #: What a failed attempt may raise; all but :class:`Denied` are retried elsewhere.
@@ -295,14 +305,15 @@ _ATTEMPT_ERRORS = (OSError, ProxyError, TunnelError, trio.BrokenResourceError, t
 class Proxy:
     def __init__(self, local_node: str, directory: InstanceDirectory, tunnels: TunnelOpener,
                  log: Callable[..., None] | None = None, authorizer: Authorizer | None = None,
-                 info: Callable[..., None] | None = None) -> None:
+                 info: Callable[..., None] | None = None, paths: PathView | None = None) -> None:
         self.local_node = local_node
         self.directory = directory
         self.tunnels = tunnels
         self.authorizer: Authorizer = authorizer or _AllowAll()
         self.stats: Counter[str] = Counter()
         self.upstreams: dict[str, UpstreamListener] = {}
-        self._rr = itertools.count()
+        #: Latency and paths to members, for locality and the routes view (None: no estimates).
+        self.paths = paths
         self._nursery: trio.Nursery | None = None
         self._log = log or (lambda *a, **k: None)
         self._info = info or (lambda *a, **k: None)
@@ -321,7 +332,8 @@ class Proxy:
             listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
         except OSError as exc:
             raise ProxyError(f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}") from None
-        up = UpstreamListener(service, listen, listeners, options or UpstreamOptions())
+        options = options or UpstreamOptions()
+        up = UpstreamListener(service, listen, listeners, options, router=Router(service, options.routing))
         self.upstreams[service] = up
 
         async def handler(client: trio.SocketStream) -> None:
@@ -342,20 +354,34 @@ class Proxy:
         for listener in up.listeners:
             await listener.aclose()
 
-    def pick(self, service: str, exclude: frozenset[tuple[str, str]] = frozenset()) -> Endpoint | None:
-        """Round robin over passing instances not tried yet (issue 5 replaces this with P2C + EWMA)."""
-        endpoints = [e for e in self.directory.passing_endpoints(service) if (e.node, e.instance_id) not in exclude]
-        if not endpoints:
-            return None
-        return endpoints[next(self._rr) % len(endpoints)]
+    def rtt_to(self, node: str) -> float | None:
+        if node == self.local_node:
+            return 0.0
+        est = self.paths.rtt_to(node) if self.paths is not None else None
+        return None if est is None else est[0]
+
+    def pick(self, up: UpstreamListener, exclude: frozenset[tuple[str, str]] = frozenset()) -> Endpoint | None:
+        """The router's choice among the passing instances not tried yet (dataplane.routing)."""
+        endpoints = self.directory.passing_endpoints(up.service)
+        chosen = up.router.pick(trio.current_time(), endpoints, exclude, self.rtt_to)
+        assert chosen is None or isinstance(chosen, Endpoint)
+        return chosen
 
     async def _serve_client(self, up: UpstreamListener, client: RawSocketStream) -> None:
         up.stats["connections"] += 1
-        far = await self._connect_any(up, client)
-        if far is None:
+        refused = up.router.admit()
+        if refused is not None:
+            up.stats[f"overflow_{refused}"] += 1
+            self._log("proxy_overflow", service=up.service, limit=refused)
             _reset(client)
             await trio.aclose_forcefully(client)
             return
+        got = await self._connect_any(up, client)
+        if got is None:
+            _reset(client)
+            await trio.aclose_forcefully(client)
+            return
+        far, attempt = got
         up.stats["connected"] += 1
 
         def broken() -> None:
@@ -363,44 +389,60 @@ class Proxy:
             if isinstance(far, RawSocketStream):
                 _reset(far)
 
+        def replied() -> None:
+            up.router.first_reply(trio.current_time(), attempt)
+
         try:
-            await splice(client, far, up.stats, broken, up.options.idle_timeout)
+            await splice(client, far, up.stats, broken, up.options.idle_timeout, on_reply=replied)
         finally:
+            up.router.closed(trio.current_time(), attempt)
             await trio.aclose_forcefully(client)
             await _close(far)
 
-    async def _connect_any(self, up: UpstreamListener, client: RawSocketStream) -> Duplex | None:
+    async def _connect_any(self, up: UpstreamListener,
+                           client: RawSocketStream) -> tuple[Duplex, Attempt] | None:
         """Try up to MAX_ATTEMPTS instances; None (counted and logged) when the client must be reset."""
         tried: set[tuple[str, str]] = set()
         early = _Early()
+        router = up.router
         for _ in range(MAX_ATTEMPTS):
-            endpoint = self.pick(up.service, frozenset(tried))
+            endpoint = self.pick(up, frozenset(tried))
             if endpoint is None:
                 break
-            tried.add((endpoint.node, endpoint.instance_id))
+            key = (endpoint.node, endpoint.instance_id)
+            tried.add(key)
+            attempt = router.attempt(trio.current_time(), key)
             try:
                 far = await self._connect(up, endpoint, client, early)
             except _ClientGone:
+                router.failed(trio.current_time(), attempt, instance_fault=False)
                 up.stats["client_gone"] += 1
                 return None
             except _Delivered as exc:
+                router.failed(trio.current_time(), attempt)
                 up.stats["connect_failures"] += 1
                 self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
                           instance=endpoint.instance_id, error=str(exc))
                 return None
             except Denied as exc:
+                router.failed(trio.current_time(), attempt, instance_fault=False)
                 up.stats["denied"] += 1
                 self._info("proxy_denied", service=up.service, source=up.options.source, node=endpoint.node,
                            detail=str(exc))
                 return None
             except _ATTEMPT_ERRORS as exc:
+                router.failed(trio.current_time(), attempt)
                 up.stats["attempts_failed"] += 1
                 self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
                           instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
                 continue
+            except BaseException:
+                router.failed(trio.current_time(), attempt, instance_fault=False)
+                raise
+            router.connected(trio.current_time(), attempt)
             if len(tried) > 1:
                 up.stats["retried"] += 1
-            return far
+            return far, attempt
         if not tried:
             up.stats["no_instance"] += 1
             self._log("proxy_no_instance", service=up.service)
