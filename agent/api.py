@@ -79,6 +79,7 @@ class ApiServer:
             ("GET", "/v1/rtt"): self.rtt,
             ("GET", "/v1/routes"): self.routing_table,
             ("GET", "/v1/tunnels"): self.tunnels,
+            ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/coordinate"): self.coordinate,
         }
         #: Routes with one trailing path parameter.
@@ -126,6 +127,11 @@ class ApiServer:
                 raise HttpError(400, str(exc)) from None
         result = await self.agent.join(targets)
         return 200, result
+
+    async def metrics(self, query: dict[str, list[str]], body: Any) -> Reply:
+        from agent import metrics  # prometheus-client loads on the first scrape only
+
+        return 200, metrics.exposition(self.agent), [("content-type", metrics.CONTENT_TYPE)]
 
     async def tunnels(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         return 200, self.agent.tunnels.sessions_view()
@@ -336,11 +342,12 @@ class ApiServer:
         # Errors close the connection: after a bad request the stream may be
         # out of step.  h11 itself adds "connection: close" when the client
         # asked for it or spoke HTTP/1.0.
+        extra = extra or []
         headers = [
-            ("content-type", "application/json"),
+            *([] if any(k == "content-type" for k, _ in extra) else [("content-type", "application/json")]),
             ("content-length", str(len(data))),
             *([("connection", "close")] if close or status >= 400 else []),
-            *(extra or []),
+            *extra,
         ]
         try:
             out = conn.send(h11.Response(status_code=status, headers=headers)) or b""

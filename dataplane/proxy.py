@@ -440,6 +440,7 @@ class Proxy:
                 router.failed(trio.current_time(), attempt, instance_fault=False)
                 raise
             router.connected(trio.current_time(), attempt)
+            up.stats["bytes_out"] += len(early.data)  # sent with the open, before the splice counts
             if len(tried) > 1:
                 up.stats["retried"] += 1
             return far, attempt

@@ -14,6 +14,7 @@ system; hashicorp/memberlist for the concrete rules and defaults.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,8 +51,15 @@ from gossip.wire import (
     encode_message,
     encode_stream,
     format_addr,
+    message_to_obj,
     pack_packet,
 )
+
+#: Upper bounds (seconds) of the probe RTT histogram: loopback to intercontinental.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: The type of a pre-encoded message, for counting what we send: every
+#: message is a msgpack map whose first key is "t" (fixstr), then its type.
+_ENCODED_TYPE_AT = 3
 
 #: Seconds; no coordinate component of a real network comes near it.
 _MAX_COORD_COMPONENT = 100.0
@@ -166,6 +174,10 @@ class _JoinLoop:
 class _Counters:
     drops: Counter[str] = field(default_factory=Counter)
     stats: Counter[str] = field(default_factory=Counter)
+    #: Direct-probe round trips: counts per RTT_BUCKETS bound (the last: above
+    #: them all) and their sum, in seconds -- a Prometheus histogram's parts.
+    rtt_buckets: list[int] = field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
+    rtt_sum: float = 0.0
 
 
 class Membership:
@@ -243,7 +255,7 @@ class Membership:
             kind = type(msg)
             key = _MSG_IN_KEYS.get(kind)
             if key is None:
-                key = _MSG_IN_KEYS[kind] = f"msg_in.{kind.__name__.lower()}"
+                key = _MSG_IN_KEYS[kind] = "msg_in." + message_to_obj(msg)["t"]
             stats[key] += 1
             self._handle(now, src, msg)
 
@@ -538,6 +550,8 @@ class Membership:
             if target is not None and msg.source == p.target and not p.indirect_sent:
                 sample = now - p.sent
                 target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
+                self.counters.rtt_buckets[bisect.bisect_left(RTT_BUCKETS, sample)] += 1
+                self.counters.rtt_sum += sample
                 if msg.coord is not None:
                     self._observe_coordinate(target.name, msg.coord, sample)
             self.awareness.apply_delta(-1)
@@ -966,7 +980,11 @@ class Membership:
         if not encoded:
             return
         payload = pack_packet(encoded)
-        self.counters.stats["packets_out"] += 1
+        stats = self.counters.stats
+        stats["packets_out"] += 1
+        for e in encoded:
+            n = e[_ENCODED_TYPE_AT] & 0x1F
+            stats["msg_out." + e[_ENCODED_TYPE_AT + 1:_ENCODED_TYPE_AT + 1 + n].decode()] += 1
         self._outbox.append(SendPacket(addr, payload))
 
     def _set_status(self, now: float, m: Member, status: Status, reason: str) -> None:
