@@ -79,6 +79,8 @@ class ApiServer:
             ("GET", "/v1/rtt"): self.rtt,
             ("GET", "/v1/routes"): self.routing_table,
             ("GET", "/v1/tunnels"): self.tunnels,
+            ("GET", "/v1/keys"): self.keys_list,
+            ("POST", "/v1/keys"): self.keys_op,
             ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/coordinate"): self.coordinate,
         }
@@ -132,6 +134,25 @@ class ApiServer:
         from agent import metrics  # prometheus-client loads on the first scrape only
 
         return 200, metrics.exposition(self.agent), [("content-type", metrics.CONTENT_TYPE)]
+
+    async def keys_list(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        return await self._key_op("list", None)
+
+    async def keys_op(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or body.get("op") not in ("install", "use", "remove"):
+            raise HttpError(400, 'body must be {"op": "install"|"use"|"remove", "key": BASE64}')
+        key = body.get("key")
+        if not isinstance(key, str):
+            raise HttpError(400, "key must be a base64 string")
+        return await self._key_op(body["op"], key)
+
+    async def _key_op(self, op: str, key: str | None) -> tuple[int, Any]:
+        from agent.keys import KeyOpError
+
+        try:
+            return 200, await self.agent.keys.run(op, key)
+        except KeyOpError as exc:
+            raise HttpError(400, str(exc)) from None
 
     async def tunnels(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         return 200, self.agent.tunnels.sessions_view()

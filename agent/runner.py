@@ -22,6 +22,7 @@ from agent import identity, log
 from agent.config import AgentConfig, describe
 from agent.directory import MeshDirectory
 from agent.intentions import Intentions
+from agent.keys import KeyManager
 from agent.services import LocalServices
 from agent.transport import (
     DatagramSocket,
@@ -87,6 +88,8 @@ class Agent:
         )
         self.directory.tunnel_route = self.tunnels.route_to
         self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name)
+        self.keys = KeyManager(self.sealer.keyring, cfg.data_dir, self.membership, self.log, self._wake)
+        self.keys.load()
         self._registry_index = self.registry.index
         self.io: Counter[str] = Counter()
         self.started_wall = time.time()
@@ -198,6 +201,9 @@ class Agent:
         """Do what the machine asked for, log its events, and re-arm the timer."""
         effects, events = self.membership.drain()
         for ev in events:
+            if ev.kind == "query":
+                self.keys.on_event(ev.fields)
+                continue
             self._log_event(ev.kind, ev.fields)
             if ev.kind == "member" and ev.fields["status"] in ("dead", "left"):
                 # Streams to a member gossip gave up on fail now, not at a TCP timeout.
@@ -212,6 +218,7 @@ class Agent:
                 self._nursery.start_soon(self._push_pull, eff.target, eff.purpose)
             elif isinstance(eff, FetchState) and self._nursery is not None:
                 self._nursery.start_soon(self._fetch_state, eff.node, eff.addr)
+        self.keys.note_responses()
         if self.membership.next_deadline() < self._sleep_until:
             self._kick.set()
 

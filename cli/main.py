@@ -398,6 +398,70 @@ def intentions_remove(api: str, as_json: bool, source: str, destination: str) ->
     _emit(data, as_json, f"removed {data['source']} -> {data['destination']}")
 
 
+@main.group()
+def keys() -> None:
+    """Manage the gossip keyring on every member at once (like `serf keys`)."""
+
+
+def _key_report(data: dict[str, Any], what: str) -> None:
+    click.echo(f"{what}: {data['acked']} of {data['members']} members acknowledged")
+    for name, error in sorted(data.get("failed", {}).items()):
+        click.echo(f"  {name}: {error}")
+    for name in data.get("missing", []):
+        click.echo(f"  {name}: no answer")
+
+
+def _key_command(api: str, as_json: bool, op: str, key: str | None) -> None:
+    data = _call(api, "GET", "/v1/keys") if op == "list" else _call(api, "POST", "/v1/keys", {"op": op, "key": key})
+    if as_json:
+        _print_json(data)
+    elif op == "list":
+        _key_report(data, "keys")
+        primaries = data.get("primary", {})
+        for k, count in sorted(data.get("keys", {}).items()):
+            mark = f" (primary on {primaries[k]})" if k in primaries else ""
+            click.echo(f"  {k}  installed on {count}/{data['members']}{mark}")
+    else:
+        _key_report(data, {"install": "installed", "use": "made primary", "remove": "removed"}[op])
+    if not data.get("ok"):
+        sys.exit(1)
+
+
+@keys.command("list")
+@api_option
+@json_option
+def keys_list(api: str, as_json: bool) -> None:
+    """Every key installed across the cluster, and on how many members."""
+    _key_command(api, as_json, "list", None)
+
+
+@keys.command("install")
+@api_option
+@json_option
+@click.argument("key")
+def keys_install(api: str, as_json: bool, key: str) -> None:
+    """Add KEY to every member's keyring (it opens packets; the primary still seals)."""
+    _key_command(api, as_json, "install", key)
+
+
+@keys.command("use")
+@api_option
+@json_option
+@click.argument("key")
+def keys_use(api: str, as_json: bool, key: str) -> None:
+    """Make the installed KEY primary on every member."""
+    _key_command(api, as_json, "use", key)
+
+
+@keys.command("remove")
+@api_option
+@json_option
+@click.argument("key")
+def keys_remove(api: str, as_json: bool, key: str) -> None:
+    """Remove KEY from every member (refused for the primary key)."""
+    _key_command(api, as_json, "remove", key)
+
+
 @main.command()
 @api_option
 @json_option

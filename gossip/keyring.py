@@ -72,6 +72,12 @@ class Keyring:
     def keys(self) -> list[bytes]:
         return list(self._keys)
 
+    def replace(self, keys: list[bytes]) -> None:
+        """Take a whole keyring (e.g. restored from disk), primary first."""
+        if not keys or any(len(k) != KEY_SIZE for k in keys):
+            raise KeyError_(f"need at least one key, each {KEY_SIZE} bytes")
+        self._keys = list(dict.fromkeys(keys))
+
     def install(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise KeyError_(f"key must be {KEY_SIZE} bytes")

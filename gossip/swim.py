@@ -29,6 +29,7 @@ from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Member, Status
 from gossip.suspicion import Suspicion
 from gossip.wire import (
+    MAX_QUERY_PAYLOAD,
     PACKET_OVERHEAD,
     Ack,
     Address,
@@ -42,6 +43,8 @@ from gossip.wire import (
     Ping,
     PingReq,
     PushPull,
+    Query,
+    QueryResponse,
     StateReply,
     StateRequest,
     Suspect,
@@ -60,6 +63,10 @@ RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 #: The type of a pre-encoded message, for counting what we send: every
 #: message is a msgpack map whose first key is "t" (fixstr), then its type.
 _ENCODED_TYPE_AT = 3
+
+#: How long a query is remembered (so its copies gossiped back to us are not
+#: run twice) and how long its origin waits for answers at most.
+QUERY_MEMORY = 120.0
 
 #: Seconds; no coordinate component of a real network comes near it.
 _MAX_COORD_COMPONENT = 100.0
@@ -210,6 +217,10 @@ class Membership:
         #: can be estimated without ever probing between them.
         self.vivaldi = CoordinateClient(COORDINATE_CONFIG, self.rng)
         self.coordinates: dict[str, Coordinate] = {}
+        #: Queries seen, (origin, id) -> when to forget them (see start_query).
+        self._queries_seen: dict[tuple[str, int], float] = {}
+        #: Our own queries still collecting answers: id -> member -> payload.
+        self.query_responses: dict[int, dict[str, bytes]] = {}
         self.counters = _Counters()
         self.leaving = False
         self._packet_budget = config.udp_packet_size - seal_overhead - PACKET_OVERHEAD
@@ -282,6 +293,7 @@ class Membership:
         if now >= self._next_reap:
             self._reap(now)
             self._next_reap = now + self._reap_every
+            self._queries_seen = {k: t for k, t in self._queries_seen.items() if t > now}
 
     def next_deadline(self) -> float:
         """The protocol time at which ``tick`` must next be called."""
@@ -531,6 +543,12 @@ class Membership:
             self._on_suspect(now, msg)
         elif isinstance(msg, Dead):
             self._on_dead(now, msg)
+        elif isinstance(msg, Query):
+            self._on_query(now, msg)
+        elif isinstance(msg, QueryResponse):
+            answers = self.query_responses.get(msg.id)
+            if answers is not None and msg.source in self.members:
+                answers[msg.source] = msg.payload
         else:
             self.drop("unexpected_type")
 
@@ -575,6 +593,51 @@ class Membership:
             return False
         self.coordinates[name] = coord
         return True
+
+    # -- queries (Serf's internal queries: cluster-wide operations) ---------------------------
+
+    def start_query(self, now: float, name: str, payload: bytes) -> int:
+        """Ask every member to run ``name`` with ``payload``; returns the query id.
+
+        The query spreads as a broadcast (so it reaches members we have no
+        direct route to, with the same retransmit budget as any update);
+        every member, us included, sees it once as a ``query`` event and
+        answers with :meth:`respond_query`, straight to us.  Answers collect in
+        ``query_responses[id]`` until :meth:`finish_query`.
+        """
+        if len(payload) > MAX_QUERY_PAYLOAD:
+            raise ValueError(f"query payload over {MAX_QUERY_PAYLOAD} bytes")
+        self._now = now
+        qid = self._next_seq()
+        self.query_responses[qid] = {}
+        self._on_query(now, Query(qid, self.name, self.addr, name, payload))
+        return qid
+
+    def respond_query(self, now: float, origin: str, origin_addr: Address, qid: int, payload: bytes) -> None:
+        self._now = now
+        if origin == self.name:
+            answers = self.query_responses.get(qid)
+            if answers is not None:
+                answers[self.name] = payload
+            return
+        self._send(origin_addr, [QueryResponse(qid, self.name, payload)])
+
+    def finish_query(self, qid: int) -> dict[str, bytes]:
+        return self.query_responses.pop(qid, {})
+
+    def _on_query(self, now: float, q: Query) -> None:
+        key = (q.origin, q.id)
+        if key in self._queries_seen:
+            return
+        origin = self.members.get(q.origin)
+        if origin is None or not origin.status.up:
+            self.drop("query_unknown_origin")
+            return
+        self._queries_seen[key] = now + QUERY_MEMORY
+        self._broadcast(f"query:{q.origin}:{q.id}", q)
+        self.counters.stats["queries"] += 1
+        self._event("query", origin=q.origin, origin_addr=q.origin_addr, id=q.id, name=q.name,
+                    payload=q.payload)
 
     # The three rules below follow memberlist's aliveNode/suspectNode/deadNode.
 

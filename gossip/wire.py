@@ -170,7 +170,33 @@ class StateReply:
     data: bytes  # empty when the responder holds nothing for that node
 
 
-Message = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | PushPull | StateRequest | StateReply
+@dataclass(frozen=True)
+class Query:
+    """Serf's internal query: spread to everyone by gossip, answered by each member directly.
+
+    Cluster-wide operations (key rotation) ask every member to do something
+    and report back; the origin counts who answered.
+    """
+
+    id: int
+    origin: str
+    origin_addr: Address
+    name: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class QueryResponse:
+    id: int
+    source: str
+    payload: bytes
+
+
+#: Largest query or response payload: it must ride in one datagram.
+MAX_QUERY_PAYLOAD = 1024
+
+Message = (Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | PushPull | StateRequest | StateReply
+           | Query | QueryResponse)
 
 STATUSES = ("alive", "suspect", "dead", "left")
 
@@ -288,6 +314,11 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         }
     if isinstance(msg, StateRequest):
         return {"t": "state-req", "from": msg.source, "node": msg.node}
+    if isinstance(msg, Query):
+        return {"t": "query", "id": msg.id, "o": msg.origin, "a": _addr(msg.origin_addr), "n": msg.name,
+                "p": msg.payload}
+    if isinstance(msg, QueryResponse):
+        return {"t": "query-resp", "id": msg.id, "from": msg.source, "p": msg.payload}
     if isinstance(msg, StateReply):
         return {"t": "state", "node": msg.node, "data": msg.data}
     raise TypeError(f"not a message: {msg!r}")
@@ -367,6 +398,13 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     v = obj.get(key, False)
     if type(v) is not bool:
         raise DecodeError("malformed", f"field {key!r} must be a boolean")
+    return v
+
+
+def _payload(obj: dict[str, Any]) -> bytes:
+    v = obj.get("p")
+    if type(v) is not bytes or len(v) > MAX_QUERY_PAYLOAD:
+        raise DecodeError("malformed", "bad query payload")
     return v
 
 
@@ -457,6 +495,10 @@ def _message_from_obj(obj: Any) -> Message:
         return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords)
     if t == "state-req":
         return StateRequest(_str(obj, "from"), _str(obj, "node"))
+    if t == "query":
+        return Query(_int(obj, "id"), _str(obj, "o"), _addr_of(obj.get("a")), _str(obj, "n"), _payload(obj))
+    if t == "query-resp":
+        return QueryResponse(_int(obj, "id"), _str(obj, "from"), _payload(obj))
     if t == "state":
         data = obj.get("data")
         if not isinstance(data, bytes):
