@@ -53,6 +53,9 @@ class Member:
     #: ``changes`` on every ack, which the simulator's thousand machines in one
     #: process would otherwise turn into a full count per datagram.
     status_changes: ClassVar[int] = 0
+    #: True on a record the simulator shares between many machines; a machine
+    #: copies it before changing it (Membership._own).  Set per instance.
+    shared: ClassVar[bool] = False
 
     name: str
     addr: Address

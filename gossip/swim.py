@@ -15,6 +15,7 @@ system; hashicorp/memberlist for the concrete rules and defaults.
 from __future__ import annotations
 
 import bisect
+import copy
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -567,6 +568,7 @@ class Membership:
             target = self.members.get(p.target)
             if target is not None and msg.source == p.target and not p.indirect_sent:
                 sample = now - p.sent
+                target = self._own(target)
                 target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
                 self.counters.rtt_buckets[bisect.bisect_left(RTT_BUCKETS, sample)] += 1
                 self.counters.rtt_sum += sample
@@ -675,9 +677,11 @@ class Membership:
                 self.counters.stats["name_conflicts"] += 1
                 return
             # A dead or departed member may come back at a new address.
+            m = self._own(m)
             m.addr = a.addr
         elif a.incarnation <= m.incarnation:
             return
+        m = self._own(m)
         m.incarnation = a.incarnation
         m.tags = dict(a.tags)
         m.tunnel = a.tunnel
@@ -705,6 +709,7 @@ class Membership:
             return
         if m.status is not Status.ALIVE:
             return
+        m = self._own(m)
         m.incarnation = s.incarnation
         self._set_status(now, m, Status.SUSPECT, f"suspected by {s.source}")
         self.counters.stats["suspicions"] += 1
@@ -727,12 +732,14 @@ class Membership:
         if m.status is Status.DEAD and d.source == d.name:
             # We timed out our own suspicion before the leave reached us; a
             # graceful leave is the truer story, so it replaces "dead".
+            m = self._own(m)
             m.incarnation = d.incarnation
             self._set_status(now, m, Status.LEFT, "left gracefully")
             self._broadcast(d.name, d)
             return
         if not m.status.up:
             return
+        m = self._own(m)
         m.incarnation = d.incarnation
         self._suspicions.pop(d.name, None)
         if d.source == d.name:
@@ -1050,7 +1057,23 @@ class Membership:
             stats["msg_out." + e[_ENCODED_TYPE_AT + 1:_ENCODED_TYPE_AT + 1 + n].decode()] += 1
         self._outbox.append(SendPacket(addr, payload))
 
+    def _own(self, m: Member) -> Member:
+        """The record of ``m`` that this machine may change.
+
+        The simulator lets thousands of machines share one record per member
+        (``Member.shared``), which is what makes 10,000 simulated nodes fit in
+        memory; the first machine to change a shared record takes a private
+        copy.  A real agent's records are never shared: this returns ``m``.
+        """
+        if not m.shared:
+            return m
+        mine = copy.copy(m)
+        del mine.__dict__["shared"]
+        self.members[m.name] = mine
+        return mine
+
     def _set_status(self, now: float, m: Member, status: Status, reason: str) -> None:
+        assert not m.shared, "a shared member record must be copied (_own) before it changes"
         previous = m.status
         m.status = status
         m.status_since = now

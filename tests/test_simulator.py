@@ -186,3 +186,25 @@ def test_lifeguard_off_no_buddy_and_no_nacks() -> None:
         assert any(isinstance(x, Ping) for x in msgs)
         buddy = any(type(x).__name__ == "Suspect" for x in msgs)
         assert buddy is lifeguard
+
+
+def test_machines_share_member_records_until_one_changes_them() -> None:
+    sim = Sim(LOCAL, seed=5)
+    sim.converged_cluster(8)
+    a, b = sim.by_name["n0"].m, sim.by_name["n1"].m
+    assert a.members["n5"] is b.members["n5"] and a.members["n5"].shared  # one record, n machines
+    assert a.members["n0"] is a.me and not a.me.shared
+    sim.run(3.0)
+    # Probing wrote RTTs: every probed record became the prober's own copy, never the shared one.
+    probed = [n for n, rec in a.members.items() if rec.rtt is not None]
+    assert probed and all(not a.members[n].shared for n in probed)
+    sim.crash("n5")
+    sim.run_until(lambda: all(x.m.members["n5"].status.value == "dead"
+                              for x in sim.nodes if x.name != "n5"), 30.0)
+    dead_records = {id(x.m.members["n5"]) for x in sim.nodes if x.name != "n5"}
+    assert len(dead_records) == 7  # each machine changed its own copy
+    # Nobody's change leaked into another machine's view of a member it did not change.
+    for x in sim.nodes:
+        for rec in x.m.members.values():
+            if rec.shared:
+                assert rec.status.value == "alive" and rec.incarnation == 0 and rec.rtt is None
