@@ -11,8 +11,8 @@ The keyring persists under ``--data-dir`` (``keyring.json``, mode 0600), so
 an agent restarted after a rotation comes back with the keys the cluster
 uses; once that file exists the key given with ``--key``/``--key-file`` is
 ignored (with a warning when it is not in the file), so an old start-up
-script can neither undo a rotation nor bring a removed key back.  Keys are secrets: they are never logged, only their short
-fingerprints.
+script can neither undo a rotation nor bring a removed key back.  Keys are
+secrets: they are never logged, only their short fingerprints.
 """
 
 from __future__ import annotations

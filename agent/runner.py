@@ -41,7 +41,7 @@ from dataplane.tunnel import TunnelManager
 from gossip.keyring import Keyring
 from gossip.member import Status
 from gossip.registry import Registry
-from gossip.swim import FetchState, Membership, SendPacket, StartPushPull
+from gossip.swim import FetchState, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import PROTOCOL_VERSION, Address, format_addr
 
 #: Datagrams handled per wake-up, at most, before the agent flushes and yields.
@@ -218,6 +218,8 @@ class Agent:
                 self._nursery.start_soon(self._push_pull, eff.target, eff.purpose)
             elif isinstance(eff, FetchState) and self._nursery is not None:
                 self._nursery.start_soon(self._fetch_state, eff.node, eff.addr)
+            elif isinstance(eff, TcpProbe) and self._nursery is not None:
+                self._nursery.start_soon(self._tcp_probe, eff)
         self.keys.note_responses()
         if self.membership.next_deadline() < self._sleep_until:
             self._kick.set()
@@ -349,6 +351,17 @@ class Agent:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def _tcp_probe(self, eff: TcpProbe) -> None:
+        """memberlist's fallback ping: the same Ping over TCP, answered before the probe ends."""
+        reply: bytes | None = None
+        with trio.move_on_at(eff.deadline):
+            try:
+                reply = await self._exchange(eff.addr, eff.payload)
+            except (OSError, OpenError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        self.membership.complete_tcp_probe(trio.current_time(), eff.seq, reply)
+        await self.flush()
+
     async def _fetch_state(self, node: str, addr: Address) -> None:
         """A member advertised a newer catalog: fetch it from the member itself."""
         reply: bytes | None = None
@@ -392,8 +405,9 @@ class Agent:
         old = self._member_entries
         entries = {}
         out = []
+        blocked = self.membership.udp_blocked
         for m in self.membership.member_list():
-            key = (m.addr, m.status, m.incarnation, m.rtt, m.tunnel)
+            key = (m.addr, m.status, m.incarnation, m.rtt, m.tunnel, m.name in blocked)
             entry = old.get(m.name)
             if entry is None or entry[0] != key or entry[1] != m.tags:
                 view = {
@@ -405,6 +419,8 @@ class Agent:
                     "rtt_ms": None if m.rtt is None else round(m.rtt * 1000, 3),
                     "tunnel": None if m.tunnel is None else format_addr(m.tunnel[0]),
                     "tunnel_key": None if m.tunnel is None else base64.b64encode(m.tunnel[1]).decode(),
+                    # Reached over TCP while UDP probes fail: a firewall, most likely.
+                    "udp_blocked": m.name in blocked,
                 }
                 entry = (key, dict(m.tags), view, json.dumps(view).encode())
             entries[m.name] = entry
@@ -478,6 +494,7 @@ class Agent:
             "join_error": ms.join_error,
             "health_score": ms.awareness.score,
             "members": ms.count_by_status(),
+            "udp_blocked": sorted(ms.udp_blocked),
             "counters": {
                 "dropped": dict(sorted(ms.counters.drops.items())),
                 "dropped_total": sum(ms.counters.drops.values()),
@@ -496,6 +513,10 @@ class Agent:
         elif kind == "join_retry":
             self.log.warning(kind, **fields)
         elif kind == "refute":
+            self.log.info(kind, **fields)
+        elif kind == "udp_blocked":
+            self.log.warning(kind, **fields)
+        elif kind == "udp_restored":
             self.log.info(kind, **fields)
         else:
             self.log.debug(kind, **fields)

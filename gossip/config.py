@@ -62,6 +62,10 @@ class GossipConfig:
     leave_propagate_timeout: float = 5.0
     #: Largest UDP datagram we send or accept, sealed (memberlist's UDPBufferSize).
     udp_packet_size: int = 1400
+    #: When a direct probe gets no ack, also ping over TCP (memberlist's
+    #: fallback ping, on by default there too): a member behind a firewall that
+    #: drops UDP stays alive, and is reported as UDP-blocked.
+    tcp_fallback: bool = True
     #: Lifeguard's three refinements: the local health multiplier (and the
     #: nacks that feed it), the dynamic suspicion timeout and the buddy system.
     #: False gives plain SWIM, for measuring what Lifeguard buys (the

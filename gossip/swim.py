@@ -104,7 +104,20 @@ class FetchState:
     addr: Address
 
 
-Effect = SendPacket | StartPushPull | FetchState
+@dataclass(frozen=True)
+class TcpProbe:
+    """memberlist's fallback ping: send ``payload`` (a Ping) over TCP to ``addr``
+    and report the reply (an Ack) with ``complete_tcp_probe(seq, reply)`` before
+    ``deadline``.  A member whose UDP is blocked by a firewall stays alive this
+    way, and is reported as such instead of flapping."""
+
+    addr: Address
+    seq: int
+    payload: bytes
+    deadline: float
+
+
+Effect = SendPacket | StartPushPull | FetchState | TcpProbe
 
 #: The counter of each message type received ("msg_in.alive", ...), built once per type.
 _MSG_IN_KEYS: dict[type, str] = {}
@@ -155,6 +168,8 @@ class _Probe:
     indirect_sent: bool = False
     expected_nacks: int = 0
     nacks: int = 0
+    #: The TCP fallback probe got the target's ack.
+    tcp_ok: bool = False
 
 
 @dataclass
@@ -232,6 +247,12 @@ class Membership:
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
         self._join: _JoinLoop | None = None
+        #: Members our UDP probes miss but TCP reaches (a firewall dropping UDP,
+        #: most likely): name -> when that was last seen.
+        self.udp_blocked: dict[str, float] = {}
+        #: Seeds a join could not reach: retried with the dead (a seed down at our
+        #: start may be the only way to the rest of a cluster that was split).
+        self._failed_seeds: set[Address] = set()
         # Spread the first probe over one interval so agents started together
         # do not probe in lockstep.
         self._next_probe = now + self.rng.uniform(0, config.probe_interval)
@@ -374,9 +395,15 @@ class Membership:
         agent then just closes the stream.
         """
         self._now = now
-        msg = self._decode_one(data, (StateRequest, PushPull))
+        msg = self._decode_one(data, (StateRequest, PushPull, Ping))
         if msg is None:
             return None
+        if isinstance(msg, Ping):
+            if msg.target != self.name:
+                self.drop("wrong_node")
+                return None
+            self.counters.stats["tcp_pings_in"] += 1
+            return encode_stream([Ack(msg.seq, self.name)])
         if isinstance(msg, StateRequest):
             held = self.delegate.encode_node(msg.node) if self.delegate else None
             self.counters.stats["state_requests_in"] += 1
@@ -471,6 +498,11 @@ class Membership:
                     # now, rather than at the next gossip tick.
                     self._gossip_round(now)
                     self._next_gossip = now + self.config.gossip_interval
+        if purpose in ("join", "reconnect"):
+            if ok:
+                self._failed_seeds.discard(target)
+            elif purpose == "join":
+                self._failed_seeds.add(target)
         j = self._join
         if purpose == "join" and j is not None and not j.done:
             j.in_flight = max(0, j.in_flight - 1)
@@ -569,6 +601,9 @@ class Membership:
             if target is not None and msg.source == p.target and not p.indirect_sent:
                 sample = now - p.sent
                 target = self._own(target)
+                if self.udp_blocked.pop(target.name, None) is not None:
+                    Member.changes += 1
+                    self._event("udp_restored", name=target.name)
                 target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
                 self.counters.rtt_buckets[bisect.bisect_left(RTT_BUCKETS, sample)] += 1
                 self.counters.rtt_sum += sample
@@ -824,11 +859,30 @@ class Membership:
             self._probe_index = 0
         return None
 
+    def complete_tcp_probe(self, now: float, seq: int, reply: bytes | None) -> None:
+        """The TCP fallback probe ``seq`` ended: ``reply`` is what came back (None: nothing)."""
+        self._now = now
+        p = self._probe
+        if p is None or p.seq != seq or reply is None:
+            return
+        try:
+            msgs = decode_stream(reply)
+        except DecodeError as exc:
+            self.drop(exc.reason)
+            return
+        if len(msgs) == 1 and isinstance(msgs[0], Ack) and msgs[0].seq == seq and msgs[0].source == p.target:
+            p.tcp_ok = True
+
     def _send_indirect(self, now: float, p: _Probe) -> None:
         p.indirect_sent = True
         target = self.members.get(p.target)
         if target is None:
             return
+        if self.config.tcp_fallback:
+            # memberlist's fallback ping: at the same time as the ping-reqs.
+            self._outbox.append(TcpProbe(target.addr, p.seq, encode_stream([Ping(p.seq, target.name, self.name)]),
+                                         p.end))
+            self.counters.stats["tcp_pings"] += 1
         helpers = [
             m for m in self.members.values()
             if m.status is Status.ALIVE and m.name not in (self.name, p.target)
@@ -840,6 +894,17 @@ class Membership:
         self.counters.stats["ping_reqs"] += len(chosen)
 
     def _probe_failed(self, now: float, p: _Probe) -> None:
+        if p.tcp_ok:
+            # Reached over TCP only: the member is up, the UDP path to it is not.
+            # Say so (once, until UDP works again) rather than accuse it.
+            if p.target not in self.udp_blocked:
+                m = self.members.get(p.target)
+                self._event("udp_blocked", name=p.target, addr=format_addr(m.addr) if m else "?",
+                            detail="probes over UDP fail but TCP reaches it: is a firewall dropping UDP?")
+            self.udp_blocked[p.target] = now
+            Member.changes += 1  # member views show it
+            self.counters.stats["tcp_fallback_saves"] += 1
+            return
         # Lifeguard: missing nacks mean our own links are at fault, not the target's.
         if p.expected_nacks > 0:
             self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
@@ -898,11 +963,15 @@ class Membership:
         # longer than the suspicion timeout never heals by itself.  Members that
         # left gracefully are not retried.
         self._next_reconnect = now + self.config.reconnect_interval
-        dead = [m for m in self.members.values()
-                if m.status is Status.DEAD and now - m.status_since < self.config.reconnect_timeout]
-        if dead and not self.leaving:
+        targets = [m.addr for m in self.members.values()
+                   if m.status is Status.DEAD and now - m.status_since < self.config.reconnect_timeout]
+        if self._failed_seeds and (self._join is None or self._join.done):  # the join loop retries its own
+            up = {m.addr for m in self.members.values() if m.status.up}
+            self._failed_seeds -= up
+            targets += sorted(self._failed_seeds)
+        if targets and not self.leaving:
             self.counters.stats["reconnect_attempts"] += 1
-            self._outbox.append(StartPushPull(self.rng.choice(dead).addr, "reconnect"))
+            self._outbox.append(StartPushPull(self.rng.choice(targets), "reconnect"))
 
     def _tick_join(self, now: float) -> None:
         j = self._join
@@ -918,6 +987,7 @@ class Membership:
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
                 self.coordinates.pop(name, None)
+                self.udp_blocked.pop(name, None)
                 self.vivaldi.forget(name)
                 if self.delegate is not None:
                     self.delegate.forget(name)

@@ -53,7 +53,7 @@ from typing import Any
 from gossip.config import LAN, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Member, Status
-from gossip.swim import Event, FetchState, Membership, SendPacket, StartPushPull
+from gossip.swim import Event, FetchState, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import Address, decode_packet
 
 PORT = 7946
@@ -406,6 +406,8 @@ class Sim:
                 self._send(node, eff)
             elif type(eff) is StartPushPull:
                 self._start_push_pull(node, eff)
+            elif type(eff) is TcpProbe:
+                self._tcp_probe(node, eff)
             elif type(eff) is FetchState:  # pragma: no cover - no delegate in the simulator
                 pass
             else:  # pragma: no cover - a new effect type the simulator does not know
@@ -461,6 +463,33 @@ class Sim:
             dst.buffered.append((src_index, payload))
         else:
             self.packets_dropped_down += 1
+
+    def _tcp_probe(self, node: SimNode, eff: TcpProbe) -> None:
+        """The fallback ping over TCP: lost packets are retransmitted by TCP, so only
+        a partition or a node that is not up keeps it from answering in time."""
+        target = self._by_addr.get(eff.addr)
+        if target is None or target.state != "up" or target.group != node.group:
+            return  # nothing comes back; the probe ends at its own deadline
+        one_way = self.base_latency(node, target)
+        machine = node.m
+
+        def answer() -> None:
+            if target.state != "up" or target.group != node.group:
+                return
+            reply = target.m.handle_stream(self.now, node.addr, eff.payload)
+            self._flush(target)
+            node.stream_bytes_out += len(eff.payload)
+            self.stream_bytes += len(eff.payload) + len(reply or b"")
+
+            def back() -> None:
+                if node.m is machine and node.state == "up":
+                    machine.complete_tcp_probe(self.now, eff.seq, reply)
+                    self._flush(node)
+
+            self._push(self.now + one_way, _CALL, back, None, None)
+
+        # SYN, SYN-ACK, then the ping arrives: 3 one-way delays.
+        self._push(self.now + 3 * one_way, _CALL, answer, None, None)
 
     def _start_push_pull(self, node: SimNode, eff: StartPushPull) -> None:
         target = self._by_addr.get(eff.target)

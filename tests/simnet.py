@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from gossip.config import LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
-from gossip.swim import Delegate, Event, FetchState, Membership, SendPacket, StartPushPull
+from gossip.swim import Delegate, Event, FetchState, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import Address, decode_packet
 
 PORT = 7946
@@ -251,6 +251,8 @@ class SimNet:
                 self._schedule(self.now + self._delay(), self._push_pull_action(node, node.m, eff))
             elif isinstance(eff, FetchState):
                 self._schedule(self.now + self._delay(), self._fetch_action(node, node.m, eff))
+            elif isinstance(eff, TcpProbe):
+                self._schedule(self.now + 2 * self._delay(), self._tcp_probe_action(node, node.m, eff))
             else:  # pragma: no cover - a new effect type the harness does not know
                 raise AssertionError(f"unknown effect {eff!r}")
 
@@ -273,6 +275,21 @@ class SimNet:
                 self._flush(dst)
 
         self._schedule(self.now + self._delay(), deliver)
+
+    def _tcp_probe_action(self, node: Node, machine: Membership, eff: TcpProbe) -> Callable[[], None]:
+        """TCP retransmits what loss takes, so only a block or a node that is down stops it."""
+        def action() -> None:
+            if node.m is not machine or not node.up:
+                return
+            target = self._by_addr.get(eff.addr)
+            if target is None or not target.up or {(node.name, target.name), (target.name, node.name)} & self._blocked:
+                return  # a connection needs both directions
+            reply = target.m.handle_stream(self.now, node.addr, eff.payload)
+            self._flush(target)
+            machine.complete_tcp_probe(self.now, eff.seq, reply)
+            self._flush(node)
+
+        return action
 
     def _fetch_action(self, node: Node, machine: Membership, eff: FetchState) -> Callable[[], None]:
         def action() -> None:

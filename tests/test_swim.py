@@ -8,6 +8,7 @@ deterministic simulated network of tests/simnet.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from simnet import SimNet
 from gossip.config import LAN, LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Status, overrides
-from gossip.swim import Event, Membership, SendPacket, StartPushPull
+from gossip.swim import Event, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
     Ack,
     Address,
@@ -668,7 +669,7 @@ def test_deeply_nested_packet_is_dropped_not_raised() -> None:
     assert sum(m.counters.drops.values()) == len(range(800, 1030, 2))
 
 
-@pytest.mark.parametrize("data", [b"", b"junk", encode_packet([Ping(1, "a", "b")]),
+@pytest.mark.parametrize("data", [b"", b"junk", encode_packet([Ping(1, "x", "b")]), encode_packet([Ack(1, "b")]),
                                   encode_packet([PushPull("b", True, []), PushPull("c", True, [])])])
 def test_bad_push_pull_requests_get_no_reply(data: bytes) -> None:
     m = machine("a", ["b"])
@@ -676,6 +677,51 @@ def test_bad_push_pull_requests_get_no_reply(data: bytes) -> None:
     assert m.handle_stream(1.0, A("b"), data) is None
     assert sum(m.counters.drops.values()) == 1
     assert snapshot(m) == before
+
+
+# -- the TCP fallback probe (memberlist's fallback ping) --------------------------------------------
+
+
+def test_a_member_whose_udp_is_blocked_stays_alive_through_tcp_and_is_reported() -> None:
+    m = machine("a", ["b"])
+    b = machine("b", ["a"])
+    out = Out()
+    now = 0.0
+    for _ in range(40):  # b never gets a UDP datagram; TCP reaches it
+        now = m.next_deadline()
+        m.tick(now)
+        effects, events = m.drain()
+        out.events += events
+        for eff in effects:
+            if isinstance(eff, TcpProbe):
+                assert eff.addr == A("b") and eff.deadline > now
+                m.complete_tcp_probe(now + 0.01, eff.seq, b.handle_stream(now, A("a"), eff.payload))
+        out.events += m.drain()[1]
+    assert status(m, "b") == "alive"
+    assert "b" in m.udp_blocked and m.counters.stats["tcp_fallback_saves"] >= 5
+    assert len(out.of_kind("udp_blocked")) == 1  # said once, not per probe
+    assert not out.member_events("b")
+    # A direct UDP ack clears it.
+    m.tick(m.next_deadline())
+    ping = [msgs for msgs in drain(m).to("b") if isinstance(msgs[0], Ping)]
+    if ping:
+        feed(m, m._now, Ack(ping[0][0].seq, "b"), src="b")  # type: ignore[attr-defined]
+        assert "b" not in m.udp_blocked
+
+
+def test_without_tcp_either_the_member_is_suspected() -> None:
+    m = machine("a", ["b"])
+    out = pump(m, 3.0)
+    assert out.push_pulls and all(isinstance(e, TcpProbe) for e in out.push_pulls)  # tried, never answered
+    assert status(m, "b") in ("suspect", "dead") and "b" not in m.udp_blocked
+
+
+def test_a_tcp_ping_is_answered_only_by_its_target() -> None:
+    m = machine("a", ["b"])
+    reply = m.handle_stream(1.0, A("b"), encode_packet([Ping(9, "a", "b")]))
+    assert reply is not None and decode_stream(reply) == [Ack(9, "a")]
+    assert m.handle_stream(1.0, A("b"), encode_packet([Ping(9, "zz", "b")])) is None
+    assert m.counters.drops["wrong_node"] == 1
 
 
 # -- name conflicts and rejoining ------------------------------------------------------------------
@@ -861,6 +907,27 @@ def test_a_reconnect_exchange_revives_a_member_on_both_sides() -> None:
     assert x.me.incarnation == 1  # x learned it was declared dead, and refuted
     assert a.complete_push_pull(1.0, A("x"), "reconnect", reply) == (True, "")
     assert (status(a, "x"), a.members["x"].incarnation) == ("alive", 1)
+
+
+def test_a_seed_that_failed_at_join_is_retried_until_it_answers() -> None:
+    m = machine("a")
+    m.join(0.0, [A("s1"), A("s2")])
+    joins = drain(m).push_pulls
+    assert {j.target for j in joins} == {A("s1"), A("s2")}
+    s1 = machine("s1", ["b"])
+    reply = s1.handle_stream(0.1, A("a"), m.push_pull_payload(True))
+    assert m.complete_push_pull(0.1, A("s1"), "join", reply)[0]
+    m.complete_push_pull(0.2, A("s2"), "join", None, "connection refused")
+    out = pump(m, 3 * LOCAL.reconnect_interval, answering(["s1", "b"]))
+    retried = [s.target for s in out.push_pulls if s.purpose == "reconnect"]
+    assert retried and set(retried) == {A("s2")}
+    # Once it answers (a partition lifted), it is not retried any more.
+    s2 = machine("s2", ["c"])
+    reply = s2.handle_stream(10.0, A("a"), m.push_pull_payload(False))
+    assert m.complete_push_pull(10.0, A("s2"), "reconnect", reply)[0]
+    assert status(m, "s2") == "alive" and status(m, "c") == "alive"
+    out = pump(m, 10 * LOCAL.reconnect_interval, answering(["s1", "b", "s2", "c"]))
+    assert not [s for s in out.push_pulls if s.purpose == "reconnect"]
 
 
 # -- packing and retransmission --------------------------------------------------------------------
@@ -1086,7 +1153,8 @@ def test_no_false_positives_without_loss() -> None:
 def test_lifeguard_keeps_healthy_nodes_alive_under_ten_percent_loss() -> None:
     # LAN, memberlist's defaults.  (LOCAL, with its shorter timeouts and fewer
     # retransmits, does lose healthy nodes here: see the stale buddy test above.)
-    net = converged_cluster(10, LAN, seed=3, loss=0.10)
+    # Without the TCP fallback probe, so that loss does cause suspicions to refute.
+    net = converged_cluster(10, dataclasses.replace(LAN, tcp_fallback=False), seed=3, loss=0.10)
     net.run(180.0)
     # Loss did cause suspicions, and every one was refuted in time.
     assert len(net.member_events("suspect")) > 20
@@ -1094,6 +1162,15 @@ def test_lifeguard_keeps_healthy_nodes_alive_under_ten_percent_loss() -> None:
     assert net.member_events("dead") == []
     assert net.converged()
     assert net.packets_lost > 0
+
+
+def test_the_tcp_fallback_probe_spares_members_the_suspicions_that_loss_causes() -> None:
+    net = converged_cluster(10, LAN, seed=3, loss=0.10)
+    net.run(180.0)
+    saves = sum(n.m.counters.stats["tcp_fallback_saves"] for n in net.nodes.values())
+    assert saves >= 10  # probes that loss would have turned into suspicions ended well over TCP
+    assert len(net.member_events("suspect")) < 5 and net.member_events("dead") == []
+    assert net.converged()
 
 
 def test_a_paused_node_is_declared_dead_then_refutes_after_resuming() -> None:
