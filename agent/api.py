@@ -6,13 +6,19 @@ connection instead of paying for a TCP set-up and a new task per request
 (about a third of the agent's cost of a small request).  An idle kept-alive
 connection is closed after KEEPALIVE_IDLE.  Every failure is a 4xx/5xx with
 ``{"error": "one-line reason"}`` -- never a traceback on the wire.
+
+A handler may instead reply with a ``Streamed`` body (the monitor does): it is
+sent chunked, a piece at a time, for as long as the client stays connected,
+and the connection ends with it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -42,6 +48,19 @@ def _encode(payload: Any) -> bytes:
 
 class _TooLarge(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A reply whose body is sent as it is produced, until it ends or the client goes away.
+
+    ``open`` is entered before the response head goes out, so whatever it
+    subscribes to is in place by the time the client sees the status; it is
+    exited whichever way the stream ends, so a subscription cannot leak.
+    """
+
+    open: Callable[[], AbstractContextManager[AsyncIterator[bytes]]]
+    content_type: str = "application/x-ndjson"
 
 
 class HttpError(Exception):
@@ -83,6 +102,8 @@ class ApiServer:
             ("POST", "/v1/keys"): self.keys_op,
             ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/coordinate"): self.coordinate,
+            ("GET", "/v1/agent/monitor"): self.monitor,
+            ("GET", "/"): self.dashboard,
         }
         #: Routes with one trailing path parameter.
         self.prefixed: dict[tuple[str, str], PrefixHandler] = {
@@ -190,6 +211,18 @@ class ApiServer:
                              "adjustment": c.adjustment, "height": c.height})
         return 200, rows
 
+    async def monitor(self, query: dict[str, list[str]], body: Any) -> Reply:
+        wanted = query.get("log_level") or ["info"]
+        level = log.level_number(wanted[-1])
+        if level is None:
+            raise HttpError(400, f"unknown log_level {wanted[-1]!r}: use {', '.join(log.LEVEL_NAMES)}")
+        return 200, Streamed(lambda: log.subscribe(level))
+
+    async def dashboard(self, query: dict[str, list[str]], body: Any) -> Reply:
+        from agent import dashboard  # read from disk on the first visit only
+
+        return 200, dashboard.page(), dashboard.HEADERS
+
     async def leave(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         if self.agent.membership.leaving:
             return 200, {"ok": True, "detail": "already leaving"}
@@ -266,6 +299,10 @@ class ApiServer:
                 if served and not await self._next_request_arrives(conn, stream):
                     return
                 reply = await self._serve_one(conn, stream)
+                status, payload, *extra = reply
+                if isinstance(payload, Streamed):
+                    await self._stream(conn, stream, status, payload, extra[0] if extra else [])
+                    return  # a stream lasts until the client goes away: the connection ends with it
                 last = served == KEEPALIVE_MAX_REQUESTS - 1
                 with trio.move_on_after(REQUEST_TIMEOUT) as scope:
                     await self._respond(conn, stream, *reply, close=last)
@@ -327,7 +364,7 @@ class ApiServer:
         if handler is None:
             known = [p for (_, p) in self.routes] + [
                 p for (_, p) in [*self.prefixed, *self.prefixed2] if path.startswith(p) and len(path) > len(p)]
-            if any(path == p or path.startswith(p) for p in known):
+            if any(path == p or (p != "/" and path.startswith(p)) for p in known):
                 return 405, {"error": f"method {method} not allowed on {path}"}
             return 404, {"error": f"no such endpoint {path}"}
         parsed: Any = None
@@ -379,3 +416,47 @@ class ApiServer:
             head = f"HTTP/1.1 {status} Error\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
             out = head.encode() + b"\r\n" + data
         await stream.send_all(out)
+
+    async def _stream(self, conn: h11.Connection, stream: trio.SocketStream, status: int, body: Streamed,
+                      extra: list[tuple[str, str]]) -> None:
+        """Send ``body`` chunk by chunk until it ends, the client hangs up, or stops reading.
+
+        Without a content-length h11 frames the body as chunked for an
+        HTTP/1.1 client (close-delimited for HTTP/1.0).  A second task reads
+        the socket only to notice the client leaving, which would otherwise
+        go unseen until the next chunk, perhaps much later.
+        """
+        headers = [("content-type", body.content_type), ("cache-control", "no-store"), ("connection", "close"),
+                   *extra]
+        with body.open() as chunks:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._until_hangup, stream, nursery.cancel_scope)
+                await self._pump(conn, stream, h11.Response(status_code=status, headers=headers), chunks)
+                nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _until_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        try:
+            while await stream.receive_some(65536):
+                pass  # the client may not send anything more; what it sends is ignored
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        scope.cancel()
+
+    @staticmethod
+    async def _pump(conn: h11.Connection, stream: trio.SocketStream, head: h11.Response,
+                    chunks: AsyncIterator[bytes]) -> None:
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+                await stream.send_all(conn.send(head) or b"")
+            if scope.cancelled_caught:
+                return
+            async for chunk in chunks:
+                # A client that stays connected but stops reading is dropped.
+                with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                if scope.cancelled_caught:
+                    return
+            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
+            pass

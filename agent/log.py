@@ -1,17 +1,157 @@
 """structlog set-up: readable lines for people, JSON lines for machines.
 
 Logs go to stderr so that ``--json`` command output on stdout stays clean.
+
+Monitors (``GET /v1/agent/monitor``, ``mesh-agent monitor``) subscribe to the
+same events in-process.  A monitor may ask for a more verbose level than the
+agent writes to stderr, as ``consul monitor`` allows, so the level filter is a
+processor rather than structlog's filtering wrapper: events below both the
+agent's level and every monitor's are dropped first thing, before any
+rendering, which keeps the cost of an unwatched ``log.debug`` small.  Each
+monitor has a bounded queue; a monitor that reads too slowly loses lines (and
+is told how many) rather than slowing the agent down.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+import trio
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+#: The level names a monitor may ask for.
+LEVEL_NAMES = tuple(_LEVELS)
+#: Logger method name -> level; structlog's ``add_log_level`` names them the same way.
+_METHOD_LEVELS = {
+    **_LEVELS, "warn": logging.WARNING, "exception": logging.ERROR, "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL, "msg": logging.INFO,
+}
+#: Lines a monitor may fall behind before new ones are dropped for it.
+MONITOR_BUFFER = 1024
+
+EventDict = MutableMapping[str, Any]
+
+
+class Subscription:
+    """One monitor's queue of rendered JSON lines, read with ``async for``.
+
+    Lines are offered from inside logging calls, which must never block or
+    fail, so a full queue drops the line and counts it; the next line that
+    fits is preceded by a ``monitor_lines_dropped`` line, so that the reader
+    sees the gap where it is.
+    """
+
+    def __init__(self, level: int, buffer: int) -> None:
+        self.level = level
+        self.dropped = 0
+        self._missed = 0  # dropped since the last line that got through
+        self._send, self._receive = trio.open_memory_channel[bytes](buffer)
+
+    def offer(self, line: bytes) -> None:
+        if self._missed:
+            line = _render({"timestamp": _now_iso(), "level": "warning", "event": "monitor_lines_dropped",
+                            "dropped": self._missed,
+                            "detail": "this monitor read too slowly; lines were skipped"}) + line
+        try:
+            self._send.send_nowait(line)
+        except trio.WouldBlock:
+            self._missed += 1
+            self.dropped += 1
+        else:
+            self._missed = 0
+
+    def close(self) -> None:
+        self._send.close()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+
+class _Hub:
+    """The subscribers and the levels that decide which events are worth processing."""
+
+    def __init__(self) -> None:
+        self.subscribers: tuple[Subscription, ...] = ()
+        self.agent_level = logging.INFO
+        #: Events below this are dropped before any processing.
+        self.floor = logging.INFO
+        #: Events that could not be handed to monitors (a bug in rendering, say): never raised.
+        self.failures = 0
+        #: Lines dropped for monitors that have since gone.
+        self.dropped_closed = 0
+
+    def update(self) -> None:
+        self.floor = min([self.agent_level, *(s.level for s in self.subscribers)])
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_closed + sum(s.dropped for s in self.subscribers)
+
+
+_hub = _Hub()
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # as TimeStamper(fmt="iso", utc=True)
+
+
+def _render(event: EventDict) -> bytes:
+    return (json.dumps(event, default=str) + "\n").encode()
+
+
+def _level_of(method_name: str) -> int:
+    return _METHOD_LEVELS.get(method_name, logging.INFO)
+
+
+def _drop_unwanted(logger: Any, method_name: str, event: EventDict) -> EventDict:
+    """First processor: nobody wants this event, so skip the timestamp and rendering."""
+    if _level_of(method_name) < _hub.floor:
+        raise structlog.DropEvent
+    return event
+
+
+def _fan_out(logger: Any, method_name: str, event: EventDict) -> EventDict:
+    """Hand the event, rendered once as a JSON line, to every monitor that wants it.
+
+    It runs inside the caller's logging call, so it must never raise: a
+    failure is counted and the agent's own log line still goes out.
+    """
+    subscribers = _hub.subscribers
+    if subscribers:
+        try:
+            level = _level_of(method_name)
+            line = None
+            for sub in subscribers:
+                if level >= sub.level:
+                    if line is None:
+                        copy: EventDict = dict(event)  # the console renderer pops keys from the original
+                        if "exc_info" in copy:
+                            copy = structlog.processors.format_exc_info(logger, method_name, copy)
+                        line = _render(copy)
+                    sub.offer(line)
+        except Exception:
+            _hub.failures += 1
+    return event
+
+
+def _agent_level_only(logger: Any, method_name: str, event: EventDict) -> EventDict:
+    """Keep events a monitor asked for, but the agent's level did not, out of stderr."""
+    if _level_of(method_name) < _hub.agent_level:
+        raise structlog.DropEvent
+    return event
 
 
 def configure(fmt: str = "console", level: str = "info") -> None:
@@ -20,16 +160,48 @@ def configure(fmt: str = "console", level: str = "info") -> None:
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    _hub.agent_level = _LEVELS[level]
+    _hub.update()
     structlog.configure(
         processors=[
+            _drop_unwanted,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _fan_out,
+            _agent_level_only,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        # Filtering happens in _drop_unwanted: a monitor may lower the level at run time.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def level_number(name: str) -> int | None:
+    """A level name as a monitor gives it, or None when it is not one we know."""
+    return _LEVELS.get(name.lower())
+
+
+@contextmanager
+def subscribe(level: int, buffer: int = MONITOR_BUFFER) -> Iterator[Subscription]:
+    """Receive every event at ``level`` or above while the block runs (call from the trio thread)."""
+    sub = Subscription(level, buffer)
+    _hub.subscribers = (*_hub.subscribers, sub)
+    _hub.update()
+    try:
+        yield sub
+    finally:
+        _hub.subscribers = tuple(s for s in _hub.subscribers if s is not sub)
+        _hub.dropped_closed += sub.dropped
+        _hub.update()
+        sub.close()
+
+
+def monitor_stats() -> dict[str, int]:
+    """Monitors attached now and every line they lost, for metrics."""
+    return {"monitors": len(_hub.subscribers), "monitor_lines_dropped": _hub.dropped,
+            "monitor_failures": _hub.failures}
 
 
 def get(name: str = "mesh") -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from gossip.wire import parse_addr
@@ -13,12 +14,26 @@ class ApiError(Exception):
     """One line for the user: the agent is unreachable or said no."""
 
 
-def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+def _connection(api: str, timeout: float) -> http.client.HTTPConnection:
     try:
         host, port = parse_addr(api, 7947)
     except ValueError as exc:
         raise ApiError(f"--api: {exc}") from None
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    return http.client.HTTPConnection(host, port, timeout=timeout)
+
+
+def _unreachable(api: str, exc: Exception) -> ApiError:
+    reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
+    return ApiError(f"no agent answering at {api} ({reason}); is `mesh-agent agent` running?")
+
+
+def _refused(resp: http.client.HTTPResponse, data: Any) -> ApiError:
+    msg = data.get("error") if isinstance(data, dict) else None
+    return ApiError(f"agent refused: {msg or resp.reason} (HTTP {resp.status})")
+
+
+def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+    conn = _connection(api, timeout)
     payload = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if payload is not None else {}
     try:
@@ -26,8 +41,7 @@ def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30
         resp = conn.getresponse()
         raw = resp.read()
     except (ConnectionRefusedError, TimeoutError, OSError, http.client.HTTPException) as exc:
-        reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc) or type(exc).__name__
-        raise ApiError(f"no agent answering at {api} ({reason}); is `mesh-agent agent` running?") from None
+        raise _unreachable(api, exc) from None
     finally:
         conn.close()
     try:
@@ -35,6 +49,46 @@ def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30
     except ValueError:
         raise ApiError(f"agent at {api} sent a response that is not JSON") from None
     if resp.status >= 400:
-        msg = data.get("error") if isinstance(data, dict) else None
-        raise ApiError(f"agent refused: {msg or resp.reason} (HTTP {resp.status})")
+        raise _refused(resp, data)
     return data
+
+
+def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
+    """GET a streamed (chunked) response; return its lines, as the agent sends them, to iterate over.
+
+    The request is made here, so an unreachable or refusing agent raises
+    ApiError now, and once this returns the agent is streaming.  ``timeout``
+    bounds reaching the agent and its answer; reads of the stream then wait
+    indefinitely, since a quiet agent may log nothing for long.
+    """
+    conn = _connection(api, timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+    except (ConnectionRefusedError, TimeoutError, OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise _unreachable(api, exc) from None
+    if resp.status >= 400:
+        try:
+            data = json.loads(resp.read())
+        except (ValueError, OSError, http.client.HTTPException):
+            data = None
+        conn.close()
+        raise _refused(resp, data)
+    if conn.sock is not None:
+        conn.sock.settimeout(None)
+    return _lines(conn, resp)
+
+
+def _lines(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> Iterator[bytes]:
+    try:
+        while True:
+            try:
+                line = resp.readline()
+            except (OSError, http.client.HTTPException):
+                return  # the agent went away mid-stream: the end, as for a clean close
+            if not line:
+                return
+            yield line
+    finally:
+        conn.close()

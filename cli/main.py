@@ -496,6 +496,44 @@ def rtt(api: str, as_json: bool, node: str, node2: str | None) -> None:
 
 
 @main.command()
+@api_option
+@json_option
+@click.option("--log-level", default="info", show_default=True, metavar="LEVEL",
+              help="Least severe level to show: debug, info, warning or error (may be below the agent's own).")
+def monitor(api: str, as_json: bool, log_level: str) -> None:
+    """Stream the agent's log lines and member events until Ctrl-C, like `consul monitor`."""
+    import signal
+
+    import structlog
+
+    from cli.client import stream_lines
+
+    # Lines look as the agent's own console log does; the agent sends JSON.
+    render = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    # Exit quietly when the reader of a pipe (`| head`) goes away.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        try:
+            lines = stream_lines(api, "/v1/agent/monitor?" + urlencode({"log_level": log_level}))
+        except ApiError as exc:
+            _fail(str(exc))
+        click.echo(f"mesh-agent: monitoring {api} at level {log_level} (Ctrl-C to stop)", err=True)
+        for line in lines:
+            text = line.decode(errors="replace").rstrip("\n")
+            if not as_json:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if isinstance(event, dict):
+                    text = render(None, str(event.get("level", "info")), event)
+            click.echo(text)
+    except KeyboardInterrupt:
+        sys.exit(0)
+    _fail(f"the agent at {api} ended the stream (it stopped or left)")
+
+
+@main.command()
 @click.option("--nodes", default=5, show_default=True, type=click.IntRange(2, 50), help="How many agents.")
 @click.option("--base-port", default=17946, show_default=True, type=click.IntRange(1024, 65000),
               help="First port; each agent takes two (gossip, API).")
