@@ -13,7 +13,7 @@ import errno
 import json
 import signal
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import trio
@@ -46,6 +46,11 @@ from gossip.wire import PROTOCOL_VERSION, Address, format_addr
 
 #: Datagrams handled per wake-up, at most, before the agent flushes and yields.
 UDP_BURST = 32
+
+
+#: Sources of unopenable datagrams remembered at most, and arrivals kept per source.
+_MAX_NO_KEY_SOURCES = 1024
+_NO_KEY_KEEP = 10_000
 
 
 class StartupError(Exception):
@@ -102,7 +107,8 @@ class Agent:
         self._kick = trio.Event()
         self._sleep_until = 0.0
         self._leave_done = trio.Event()
-        self._warned_senders: set[tuple[str, Address]] = set()
+        #: Sources of datagrams no installed key opens: address -> arrival times in the last minute.
+        self._no_key: dict[Address, deque[float]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -284,8 +290,41 @@ class Agent:
             plain = self.sealer.open(data)
         except OpenError:
             self.membership.drop("decrypt")
+            self._count_no_key(normalize(raw_src))
             return
         self.membership.receive(trio.current_time(), normalize(raw_src), plain)
+
+    def _count_no_key(self, src: Address) -> None:
+        """Remember who sends what our keys cannot open, so `info` can name them."""
+        now = trio.current_time()
+        times = self._no_key.get(src)
+        if times is None:
+            if len(self._no_key) >= _MAX_NO_KEY_SOURCES:
+                self._prune_no_key(now)
+                if len(self._no_key) >= _MAX_NO_KEY_SOURCES:
+                    return
+            times = self._no_key[src] = deque()
+        times.append(now)
+        while times and times[0] < now - 60.0:
+            times.popleft()
+        if len(times) > _NO_KEY_KEEP:
+            times.popleft()
+
+    def _prune_no_key(self, now: float) -> None:
+        for src in [s for s, t in self._no_key.items() if not t or t[-1] < now - 60.0]:
+            del self._no_key[src]
+
+    def no_key_view(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        self._prune_no_key(now)
+        rows = []
+        for src, times in sorted(self._no_key.items(), key=lambda kv: -len(kv[1])):
+            n = sum(1 for t in times if t >= now - 60.0)
+            if n:
+                rows.append({"source": format_addr(src), "packets_last_minute": n,
+                             "hint": f"{format_addr(src)}: {n} packets in the last minute opened with no "
+                                     "installed key — is its key different?"})
+        return rows
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         """Responder side of push-pull; bad streams are dropped and counted."""
@@ -495,6 +534,7 @@ class Agent:
             "health_score": ms.awareness.score,
             "members": ms.count_by_status(),
             "udp_blocked": sorted(ms.udp_blocked),
+            "undecryptable": self.no_key_view(),
             "counters": {
                 "dropped": dict(sorted(ms.counters.drops.items())),
                 "dropped_total": sum(ms.counters.drops.values()),
@@ -514,7 +554,7 @@ class Agent:
             self.log.warning(kind, **fields)
         elif kind == "refute":
             self.log.info(kind, **fields)
-        elif kind == "udp_blocked":
+        elif kind in ("udp_blocked", "address_mismatch"):
             self.log.warning(kind, **fields)
         elif kind == "udp_restored":
             self.log.info(kind, **fields)

@@ -149,6 +149,10 @@ def info(api: str, as_json: bool) -> None:
     click.echo(f"joined:      {'yes' if data['joined'] else 'no, retrying: ' + data['join_error']}")
     click.echo(f"health:      local health score {data['health_score']} (0 is best)")
     click.echo("members:     " + ", ".join(f"{k} {v}" for k, v in data["members"].items()))
+    for name in data.get("udp_blocked", []):
+        click.echo(f"warning:     UDP to {name} looks blocked (it answers over TCP only): check firewalls")
+    for row in data.get("undecryptable", []):
+        click.echo(f"warning:     {row['hint']}")
     counters = data["counters"]
     dropped = counters.get("dropped", {})
     click.echo("dropped:     " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))

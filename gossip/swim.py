@@ -69,6 +69,9 @@ _ENCODED_TYPE_AT = 3
 #: run twice) and how long its origin waits for answers at most.
 QUERY_MEMORY = 120.0
 
+#: Distinct address mismatches reported at most (a bound on what a peer can make us keep).
+_MAX_ADDR_WARNINGS = 4096
+
 #: Seconds; no coordinate component of a real network comes near it.
 _MAX_COORD_COMPONENT = 100.0
 
@@ -250,6 +253,8 @@ class Membership:
         #: Members our UDP probes miss but TCP reaches (a firewall dropping UDP,
         #: most likely): name -> when that was last seen.
         self.udp_blocked: dict[str, float] = {}
+        #: (member, source address) pairs already reported by _address_mismatch.
+        self._addr_warned: set[tuple[str, Address]] = set()
         #: Seeds a join could not reach: retried with the dead (a seed down at our
         #: start may be the only way to the rest of a cluster that was split).
         self._failed_seeds: set[Address] = set()
@@ -549,6 +554,10 @@ class Membership:
     # -- message handling ---------------------------------------------------------------
 
     def _handle(self, now: float, src: Address, msg: Message) -> None:
+        if isinstance(msg, (Ping, PingReq, Nack)) and msg.source != self.name:
+            m = self.members.get(msg.source)
+            if m is not None and m.addr != src:
+                self._address_mismatch(m, src)
         if isinstance(msg, Ping):
             if msg.target != self.name:
                 # The address now belongs to someone else (memberlist checks this too).
@@ -1126,6 +1135,21 @@ class Membership:
             n = e[_ENCODED_TYPE_AT] & 0x1F
             stats["msg_out." + e[_ENCODED_TYPE_AT + 1:_ENCODED_TYPE_AT + 1 + n].decode()] += 1
         self._outbox.append(SendPacket(addr, payload))
+
+    def _address_mismatch(self, m: Member, src: Address) -> None:
+        """Packets from a member arrive from another address than it advertises: say so, once.
+
+        The usual cause is NAT or a wrong --advertise; everyone else sends to
+        the advertised address, so the operator needs both to fix it.
+        """
+        key = (m.name, src)
+        if key in self._addr_warned or len(self._addr_warned) >= _MAX_ADDR_WARNINGS:
+            return
+        self._addr_warned.add(key)
+        self.counters.stats["address_mismatches"] += 1
+        self._event("address_mismatch", name=m.name, advertised=format_addr(m.addr), seen=format_addr(src),
+                    detail="its packets come from another address than it advertises (NAT?); "
+                           "others send to the advertised one: check its --advertise")
 
     def _own(self, m: Member) -> Member:
         """The record of ``m`` that this machine may change.
