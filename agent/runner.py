@@ -554,7 +554,7 @@ class Agent:
             self.log.warning(kind, **fields)
         elif kind == "refute":
             self.log.info(kind, **fields)
-        elif kind in ("udp_blocked", "address_mismatch"):
+        elif kind in ("udp_blocked", "address_mismatch", "broadcasts_dropped"):
             self.log.warning(kind, **fields)
         elif kind == "udp_restored":
             self.log.info(kind, **fields)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gossip.awareness import Awareness
-from gossip.broadcast_queue import BroadcastQueue
+from gossip.broadcast_queue import PRIORITY_ALIVE, PRIORITY_OTHER, BroadcastQueue
 from gossip.config import GossipConfig
 from gossip.coordinate import DEFAULT as COORDINATE_CONFIG
 from gossip.coordinate import Coordinate, CoordinateClient
@@ -68,6 +68,10 @@ _ENCODED_TYPE_AT = 3
 #: How long a query is remembered (so its copies gossiped back to us are not
 #: run twice) and how long its origin waits for answers at most.
 QUERY_MEMORY = 120.0
+
+#: Up to this many members, gossip targets are sampled from a full scan (exact);
+#: above it, by random probes into the name list (memberlist's kRandomNodes).
+_EXACT_SAMPLE_MAX = 64
 
 #: Distinct address mismatches reported at most (a bound on what a peer can make us keep).
 _MAX_ADDR_WARNINGS = 4096
@@ -255,6 +259,7 @@ class Membership:
         self.udp_blocked: dict[str, float] = {}
         #: (member, source address) pairs already reported by _address_mismatch.
         self._addr_warned: set[tuple[str, Address]] = set()
+        self._next_drop_report = 0.0
         #: Seeds a join could not reach: retried with the dead (a seed down at our
         #: start may be the only way to the rest of a cluster that was split).
         self._failed_seeds: set[Address] = set()
@@ -264,7 +269,11 @@ class Membership:
         self._next_gossip = now + config.gossip_interval
         self._last_gossip = now
         self._eager_at: float | None = None
-        self._up_count: tuple[tuple[int, int], int] | None = None  # ((status changes, members), count)
+        #: (member-table size it was counted at, members up): kept current by
+        #: _set_status; recounted only when the table's size changes.
+        self._up_count: tuple[int, int] | None = None
+        #: Member names for random choice (kRandomNodes); rebuilt when members come or go.
+        self._names: list[str] | None = None
         self._now = now
         self._next_push_pull = now + self.rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + self.rng.uniform(0.5, 1.0) * config.reconnect_interval
@@ -544,11 +553,13 @@ class Membership:
         return c
 
     def num_up(self) -> int:
-        # Every packet sent asks this (retransmit limit); count only after a
-        # change of status or of the member set.
-        version = (Member.status_changes, len(self.members))
-        if self._up_count is None or self._up_count[0] != version:
-            self._up_count = (version, sum(1 for m in self.members.values() if m.status.up))
+        # Every packet sent asks this (retransmit limit).  Status changes adjust
+        # it (_set_status); a change of the member set recounts.  A count shared
+        # by all machines (a class-wide version) made each of a simulated
+        # cluster's status changes cost every machine a full recount.
+        size = len(self.members)
+        if self._up_count is None or self._up_count[0] != size:
+            self._up_count = (size, sum(1 for m in self.members.values() if m.status.up))
         return self._up_count[1]
 
     # -- message handling ---------------------------------------------------------------
@@ -707,8 +718,11 @@ class Membership:
                        tunnel=a.tunnel)
             self._note_state(m)
             self.members[a.name] = m
+            self._names = None
             # Insert at a random place so a new member is probed soon (memberlist).
-            self._probe_order.insert(self.rng.randint(0, len(self._probe_order)), a.name)
+            # (Into the part of this pass not probed yet: before it, it would shift
+            # one already probed back under the cursor.)
+            self._probe_order.insert(self.rng.randint(self._probe_index, len(self._probe_order)), a.name)
             self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
                         previous="none", incarnation=a.incarnation, reason="joined")
             self._broadcast(a.name, a)
@@ -855,16 +869,21 @@ class Membership:
 
     def _next_probe_target(self) -> Member | None:
         # SWIM section 4.3: round-robin over a shuffled list, reshuffled each pass,
-        # bounds the time to first detection.
+        # bounds the time to first detection.  The shuffle is done lazily, one
+        # Fisher-Yates step per probe (the same uniform order): a pass over ten
+        # thousand members then costs no ten-thousand-step shuffle up front.
+        order = self._probe_order
         for _ in range(2):
-            while self._probe_index < len(self._probe_order):
-                name = self._probe_order[self._probe_index]
+            while self._probe_index < len(order):
+                i = self._probe_index
+                j = self.rng.randrange(i, len(order))
+                order[i], order[j] = order[j], order[i]
+                name = order[i]
                 self._probe_index += 1
                 m = self.members.get(name)
                 if m is not None and m.status.up and name != self.name:
                     return m
-            self._probe_order = [n for n, m in self.members.items() if n != self.name and m.status.up]
-            self.rng.shuffle(self._probe_order)
+            order = self._probe_order = [n for n, m in self.members.items() if n != self.name and m.status.up]
             self._probe_index = 0
         return None
 
@@ -952,11 +971,39 @@ class Membership:
                      and now - m.status_since < self.config.gossip_to_the_dead))
         ]
 
+    def _random_gossip_targets(self, now: float, k: int) -> list[Member]:
+        """k distinct gossip targets at random, as memberlist's kRandomNodes finds them.
+
+        Scanning the whole table every gossip round costs O(N) per round, which
+        at thousands of members is most of a node's work; random probes into
+        the name list find k eligible members in about k tries.  Small tables
+        are sampled exactly.
+        """
+        if len(self.members) <= _EXACT_SAMPLE_MAX:
+            candidates = self._gossip_targets(now)
+            return self.rng.sample(candidates, min(k, len(candidates)))
+        names = self._names
+        if names is None or len(names) != len(self.members):
+            names = self._names = list(self.members)
+        n = len(names)
+        out: list[Member] = []
+        tried: set[str] = set()
+        horizon = self.config.gossip_to_the_dead
+        for _ in range(3 * n):
+            if len(out) >= k:
+                break
+            name = names[self.rng.randrange(n)]
+            if name in tried or name == self.name:
+                continue
+            tried.add(name)
+            m = self.members.get(name)
+            if m is not None and (m.status.up or (m.status is Status.DEAD and now - m.status_since < horizon)):
+                out.append(m)
+        return out
+
     def _gossip_round(self, now: float) -> None:
         self._last_gossip = now
-        candidates = self._gossip_targets(now)
-        k = min(self.config.gossip_nodes, len(candidates))
-        for m in self.rng.sample(candidates, k):
+        for m in self._random_gossip_targets(now, self.config.gossip_nodes):
             if not len(self.broadcasts):
                 break
             self._send(m.addr, [])
@@ -995,6 +1042,7 @@ class Membership:
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
+                self._names = None
                 self.coordinates.pop(name, None)
                 self.udp_blocked.pop(name, None)
                 self.vivaldi.forget(name)
@@ -1117,7 +1165,18 @@ class Membership:
             # It could never ride in a datagram; push-pull (TCP) carries it.
             self.counters.stats["broadcast_too_large"] += 1
             return
-        self.broadcasts.queue(key, encoded)
+        self.broadcasts.set_cluster_size(self.num_up())
+        dropped = self.broadcasts.dropped
+        self.broadcasts.queue(key, encoded, PRIORITY_ALIVE if isinstance(msg, Alive) else PRIORITY_OTHER)
+        if self.broadcasts.dropped != dropped:
+            self.counters.stats["broadcasts_dropped"] += self.broadcasts.dropped - dropped
+            if self._now >= self._next_drop_report:
+                # Logged at most every 10 s, with the total: never silent, never a flood.
+                self._next_drop_report = self._now + 10.0
+                self._event("broadcasts_dropped", total=self.counters.stats["broadcasts_dropped"],
+                            bound=self.broadcasts.max_depth,
+                            detail="more updates than the queue holds; the least valuable were dropped "
+                                   "(push-pull repairs what they would have said)")
         if self._eager_at is None:
             self._eager_at = max(self._now, self._last_gossip + self.config.eager_gossip_gap)
 
@@ -1171,6 +1230,9 @@ class Membership:
         previous = m.status
         m.status = status
         m.status_since = now
+        if previous.up != status.up and self._up_count is not None:
+            size, up = self._up_count
+            self._up_count = (size, up + (1 if status.up else -1))
         if previous is not status:
             self._event("member", name=m.name, addr=format_addr(m.addr), status=status.value,
                         previous=previous.value, incarnation=m.incarnation, reason=reason)

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-lifeguard", action="store_true", help="plain SWIM (GossipConfig.lifeguard=False)")
     run.add_argument("--starve", type=float, default=0.0, help="fraction of nodes periodically paused")
     run.add_argument("--regions", type=int, default=3)
+    run.add_argument("--churn", type=float, default=0.01, help="fraction of nodes that leave, crash and join (churn)")
     run.add_argument("--check-packets", action="store_true", help="decode every datagram (slow)")
     run.add_argument("--cprofile", type=int, default=0, metavar="K", help="print the top K functions on stderr")
     run.add_argument("--json", action="store_true")
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = Params(nodes=args.nodes, seconds=args.seconds, seed=args.seed, loss=args.loss, profile=args.profile,
                lifeguard=not args.no_lifeguard, check_packets=args.check_packets, regions=args.regions,
-               starve=args.starve)
+               starve=args.starve, churn=args.churn)
     print(f"{args.scenario}: {p.nodes} nodes, {p.seconds:g} s, seed {p.seed}, loss {p.loss:g}, "
           f"lifeguard {'on' if p.lifeguard else 'off'}", file=sys.stderr, flush=True)
     prof = cProfile.Profile() if args.cprofile else None

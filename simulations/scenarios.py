@@ -10,6 +10,7 @@ injected change; ``wall_s`` is real seconds for the whole run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import sys
@@ -39,6 +40,8 @@ class Params:
     regions: int = 3
     #: Fraction of nodes that are periodically starved (false_positives).
     starve: float = 0.0
+    #: Fraction of nodes that leave, that crash, and that join (churn), each.
+    churn: float = 0.01
     #: Progress lines on stderr every this many virtual seconds (0: none).
     progress: float = 10.0
 
@@ -351,10 +354,93 @@ def partition(p: Params) -> Summary:
     return out
 
 
+# -- churn --------------------------------------------------------------------------------------
+
+
+CHURN_WINDOW = 10.0
+
+
+def churn(p: Params) -> Summary:
+    """``churn`` of the nodes leave, as many crash and as many new ones join, at random moments of a
+    10 s window; how long until every update has reached every live node (and none was lost)?
+
+    What it checks, on every live node: each leaver shows as left, each crashed
+    node as dead, each newcomer as alive; and each newcomer knows every live
+    node.  The broadcast queues' drops are summed: the queue is bounded, and
+    this shows whether the bound ever costs an update.
+    """
+    wall0 = time.perf_counter()
+    sim = build(p)
+    sim.run(WARMUP)
+    rng = random.Random(f"churn:{p.seed}")
+    k = max(1, round(p.churn * p.nodes))
+    originals = [n.name for n in sim.nodes]
+    picked = rng.sample(originals, 2 * k)
+    leavers, crashers = picked[:k], picked[k:]
+    stayers = [n for n in originals if n not in set(picked)]
+    joiners = [f"j{i}" for i in range(k)]
+    t0 = sim.now
+    def join(name: str, seed: str) -> None:
+        sim.add(name, seeds=[seed])
+
+    for name in leavers:
+        sim.at(t0 + rng.uniform(0, CHURN_WINDOW), functools.partial(sim.leave, name))
+    for name in crashers:
+        sim.at(t0 + rng.uniform(0, CHURN_WINDOW), functools.partial(sim.crash, name))
+    for name in joiners:
+        sim.at(t0 + rng.uniform(0, CHURN_WINDOW), functools.partial(join, name, rng.choice(stayers)))
+    expected = {**{n: "left" for n in leavers}, **{n: "dead" for n in crashers}, **{n: "alive" for n in joiners}}
+    joined = set(joiners)
+    live_count = p.nodes - 2 * k + k
+    state: dict[str, Any] = {"done_at": None, "missing": None, "max_queue": 0}
+
+    def missing() -> int:
+        live = [n for n in sim.nodes if n.state == "up"]
+        if len(live) != live_count:
+            return -1  # the window is not over yet
+        gaps = 0
+        for node in live:
+            mem = node.m.members
+            state["max_queue"] = max(state["max_queue"], len(node.m.broadcasts))
+            for name, status in expected.items():
+                rec = mem.get(name)
+                if name != node.name and (rec is None or rec.status.value != status):
+                    gaps += 1
+            if node.name in joined:
+                gaps += live_count - node.m.num_up()
+        return gaps
+
+    def check() -> None:
+        gaps = missing()
+        state["missing"] = gaps
+        if gaps == 0 and state["done_at"] is None:
+            state["done_at"] = sim.now - t0
+        else:
+            sim.at(sim.now + 1.0, check)
+
+    sim.at(t0 + CHURN_WINDOW, check)
+    traffic = _Traffic(sim)
+    sim.run_until(lambda: state["done_at"] is not None, CHURN_WINDOW + p.seconds)
+    out = _common(p, sim, wall0)
+    out.update({
+        "scenario": "churn",
+        "churn_each": k,
+        "all_updates_everywhere_s": None if state["done_at"] is None else round(state["done_at"], 3),
+        "missing_at_end": state["missing"],
+        "broadcasts_dropped": sum(n.m.counters.stats["broadcasts_dropped"] for n in sim.nodes),
+        "max_queue_len": state["max_queue"],
+        "queue_bound": max(n.m.broadcasts.max_depth for n in sim.nodes),
+        "suspicion_max_s": round(sim.config.suspicion_max(p.nodes), 3),
+    })
+    out.update(traffic.summary(p.nodes))
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Params], Summary]] = {
     "detection": detection,
     "dissemination": dissemination,
     "load": load,
     "false_positives": false_positives,
     "partition": partition,
+    "churn": churn,
 }

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.broadcast_queue import BroadcastQueue
+from gossip.broadcast_queue import PRIORITY_ALIVE, BroadcastQueue
 from gossip.config import LAN, LOCAL, GossipConfig
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None, max_examples=200)
@@ -147,3 +147,35 @@ def test_queue_against_a_model(operations: list[tuple[str, object, int]], limit:
                     model[k] = (payload, transmits + 1)
         assert len(q) == len(model)
         assert all(q.pending(k) for k in model)
+
+
+# -- bound and priorities (issue: the queue under scale) ---------------------------------------
+
+
+def test_alive_messages_go_ahead_of_everything_else() -> None:
+    q = BroadcastQueue()
+    q.queue("suspect-x", b"s" * 50)
+    q.queue("dead-y", b"d" * 60)
+    q.queue("alive-z", b"a" * 10, PRIORITY_ALIVE)
+    assert q.get(30, 5) == [b"a" * 10]  # even when the others are bigger or older
+    q.queue("alive-z", b"A" * 10, PRIORITY_ALIVE)  # a newer update replaces the queued one in place
+    assert len(q) == 3
+    assert q.get(200, 5)[0] == b"A" * 10
+
+
+def test_the_queue_is_bounded_relative_to_the_cluster_and_counts_what_it_drops() -> None:
+    q = BroadcastQueue(min_depth=10)
+    q.set_cluster_size(20)
+    assert q.max_depth == 40
+    q.set_cluster_size(3)
+    assert q.max_depth == 10  # never below the minimum
+    q.queue("alive-0", b"a", PRIORITY_ALIVE)
+    for i in range(30):
+        q.queue(f"k{i}", f"v{i}".encode())
+        if i < 5:
+            q.get(100, 10)  # the first few have been sent a few times already
+    assert len(q) <= 10 and q.dropped == 31 - len(q)
+    kept = set(q.get(10_000, 100))
+    assert b"a" in kept  # the alive survived: lowest-priority, most-sent, oldest went first
+    assert not kept & {f"v{i}".encode() for i in range(5)}
+    assert f"v{29}".encode() in kept

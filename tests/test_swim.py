@@ -35,6 +35,7 @@ from gossip.wire import (
     Ping,
     PingReq,
     PushPull,
+    Query,
     Suspect,
     decode_packet,
     decode_stream,
@@ -1287,3 +1288,17 @@ def test_view_version_moves_with_every_change_a_member_view_shows() -> None:
     assert net.run_until(lambda: net.status("n0", "n3") == "alive", 10)
     assert moved()
     assert not moved()  # nothing happened in between: the cache may be reused
+
+
+def test_an_overflowing_broadcast_queue_drops_counted_and_reported_not_silently() -> None:
+    m = machine("a", ["b"])
+    m.broadcasts.min_depth = 8
+    for i in range(40):  # a flood of queries: each its own update, none replaces another
+        feed(m, 1.0 + i * 0.01, Query(i, "b", A("b"), "keys", b"x"), src="b")
+    feed(m, 1.5, Alive("c", 0, A("c")))
+    out = drain(m, 2.0)
+    assert m.counters.stats["broadcasts_dropped"] >= 40 - m.broadcasts.max_depth
+    assert len(m.broadcasts) <= m.broadcasts.max_depth
+    [report] = out.of_kind("broadcasts_dropped")  # once per 10 s, with the running total
+    assert report["bound"] == m.broadcasts.max_depth
+    assert any(isinstance(x, Alive) and x.name == "c" for x in queued(m))  # the alive was kept
