@@ -41,6 +41,7 @@ from dataplane.tunnel import TunnelManager
 from gossip.keyring import Keyring
 from gossip.member import Status
 from gossip.registry import Registry
+from gossip.signing import Signer
 from gossip.swim import FetchState, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import PROTOCOL_VERSION, Address, format_addr
 
@@ -65,6 +66,9 @@ class Agent:
         self.registry = Registry(cfg.name)
         try:
             self.tunnel_private, self.tunnel_public, id_warnings = identity.load_or_create(cfg.data_dir)
+            identity_seed, more = identity.load_or_create_secret(cfg.data_dir, identity.IDENTITY_FILE,
+                                                                 "identity key")
+            id_warnings += [w for w in more if "no --data-dir" not in w]
         except identity.IdentityError as exc:
             raise StartupError(str(exc)) from None
         cfg.warnings.extend(id_warnings)
@@ -77,6 +81,7 @@ class Agent:
             now=trio.current_time(),
             delegate=self.registry,
             tunnel=((self._tunnel_host, cfg.tunnel[1]), self.tunnel_public),
+            signer=Signer(identity_seed),
         )
         self.services = LocalServices(
             cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake
@@ -360,7 +365,8 @@ class Agent:
         error = "timed out"
         with trio.move_on_after(self.cfg.gossip.tcp_timeout):
             try:
-                reply = await self._exchange(target, self.membership.push_pull_payload(purpose == "join"))
+                reply = await self._exchange(target, self.membership.push_pull_payload(purpose == "join",
+                                                                                          lite=purpose == "sync"))
                 error = ""
             except OpenError:
                 self.membership.drop("decrypt")
@@ -552,7 +558,7 @@ class Agent:
             self.log.error(kind, **fields)
         elif kind == "join_retry":
             self.log.warning(kind, **fields)
-        elif kind == "refute":
+        elif kind in ("refute", "member_moved", "member_rekeyed"):
             self.log.info(kind, **fields)
         elif kind in ("udp_blocked", "address_mismatch", "broadcasts_dropped"):
             self.log.warning(kind, **fields)

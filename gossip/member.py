@@ -70,6 +70,10 @@ class Member:
     state: NodeState | None = None
     #: Where its encrypted tunnels listen, and its static tunnel key.
     tunnel: Tunnel | None = None
+    #: The Ed25519 key bound to its name, and its signature over the current
+    #: alive (relayed as is in push-pull): gossip.signing.
+    identity: bytes | None = None
+    sig: bytes | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

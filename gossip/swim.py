@@ -28,6 +28,7 @@ from gossip.coordinate import DEFAULT as COORDINATE_CONFIG
 from gossip.coordinate import Coordinate, CoordinateClient
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Member, Status
+from gossip.signing import Signer, Verifier, alive_bytes
 from gossip.suspicion import Suspicion
 from gossip.wire import (
     MAX_QUERY_PAYLOAD,
@@ -72,6 +73,9 @@ QUERY_MEMORY = 120.0
 #: Up to this many members, gossip targets are sampled from a full scan (exact);
 #: above it, by random probes into the name list (memberlist's kRandomNodes).
 _EXACT_SAMPLE_MAX = 64
+
+#: Other members asked for a node's catalog when the node itself cannot be reached.
+_FETCH_FALLBACKS = 2
 
 #: Distinct address mismatches reported at most (a bound on what a peer can make us keep).
 _MAX_ADDR_WARNINGS = 4096
@@ -224,12 +228,17 @@ class Membership:
         seal_overhead: int = SEAL_OVERHEAD,
         delegate: Delegate | None = None,
         tunnel: Tunnel | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
         self.config = config
         self.rng = rng if rng is not None else random.Random()
         self.delegate = delegate
+        #: Our identity key; None runs unsigned (the simulator), and then only
+        #: unsigned members are accepted: a cluster is signed or not, as a whole.
+        self.signer = signer
+        self.verifier = Verifier()
         self.me = Member(name, addr, incarnation, Status.ALIVE, dict(tags or {}), now,
                          state=delegate.state() if delegate else None, tunnel=tunnel)
         self.members: dict[str, Member] = {name: self.me}
@@ -260,6 +269,10 @@ class Membership:
         #: (member, source address) pairs already reported by _address_mismatch.
         self._addr_warned: set[tuple[str, Address]] = set()
         self._next_drop_report = 0.0
+        #: Catalog fetches that failed and were retried through another member: node -> tries.
+        self._fetch_tries: dict[str, int] = {}
+        #: Peers we asked for a full push-pull after a lite one, until when not to ask again.
+        self._full_sync_after: dict[Address, float] = {}
         #: Seeds a join could not reach: retried with the dead (a seed down at our
         #: start may be the only way to the rest of a cluster that was split).
         self._failed_seeds: set[Address] = set()
@@ -395,9 +408,14 @@ class Membership:
 
     # -- push-pull (TCP, driven by the agent) -----------------------------------------
 
-    def push_pull_payload(self, join: bool) -> bytes:
-        return encode_stream([PushPull(self.name, join, self._records(), delegate=self._delegate_dump(),
-                                       coords=self._coords_to_send(everyone=False))])
+    def push_pull_payload(self, join: bool, lite: bool = False) -> bytes:
+        """Our side of a push-pull.  ``lite`` (periodic syncs, purpose "sync"):
+        without the members' signatures, which are most of a push-pull's bytes
+        and which a peer that already agrees with us does not need; a peer that
+        finds something new in a lite exchange asks for a full one."""
+        lite = lite and self.signer is not None
+        return encode_stream([PushPull(self.name, join, self._records(lite), delegate=self._delegate_dump(),
+                                       coords=self._coords_to_send(everyone=False), lite=lite)])
 
     def state_request_payload(self, node: str) -> bytes:
         return encode_stream([StateRequest(self.name, node)])
@@ -433,8 +451,9 @@ class Membership:
             self._merge(now, remote)
             self._merge_delegate(remote.delegate)
         coords = {} if refused else self._coords_to_send(everyone=remote.join, skip=remote.source)
-        return encode_stream([PushPull(self.name, False, self._records(), refused,
-                                       b"" if refused else self._delegate_dump(), coords)])
+        lite = remote.lite and not refused and self.signer is not None
+        return encode_stream([PushPull(self.name, False, self._records(lite), refused,
+                                       b"" if refused else self._delegate_dump(), coords, lite)])
 
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
         """The reply to a FetchState arrived (or None: it failed)."""
@@ -446,6 +465,17 @@ class Membership:
         up = m is not None and m.status.up
         if self.delegate.fetch_done(node, ok and up) and m is not None:
             self._outbox.append(FetchState(node, m.addr))  # it changed again meanwhile
+        elif not ok and m is not None and up and m.state is not None:
+            # We cannot reach the owner (a firewall, a one-sided partition: its
+            # services may still be reachable through a relay): any member that
+            # holds its catalog can answer, so ask a couple of others.
+            tries = self._fetch_tries.get(node, 0)
+            others = [x for x in self.members.values() if x.status is Status.ALIVE and x.name not in (self.name, node)]
+            if tries < _FETCH_FALLBACKS and others and self.delegate.advertised(node, m.state[0], m.state[1]):
+                self._fetch_tries[node] = tries + 1
+                self._outbox.append(FetchState(node, self.rng.choice(others).addr))
+        if ok:
+            self._fetch_tries.pop(node, None)
         return ok
 
     def _apply_fetched(self, reply: bytes | None) -> bool:
@@ -698,10 +728,22 @@ class Membership:
 
     # The three rules below follow memberlist's aliveNode/suspectNode/deadNode.
 
+    def _signature_ok(self, a: Alive) -> bool:
+        if a.identity is None or a.sig is None:
+            return False
+        data = alive_bytes(a.name, a.addr, a.incarnation, a.tags, a.state, a.tunnel)
+        return self.verifier.verify(a.identity, data, a.sig)
+
     def _on_alive(self, now: float, a: Alive) -> None:
         if a.name == self.name:
             me = self.me
-            if a.addr != me.addr and a.incarnation >= me.incarnation:
+            if a.identity is not None and a.identity != me.identity and a.incarnation >= me.incarnation:
+                # Someone else, with another key, claims our name: say so; our refutation wins
+                # everywhere our key is bound.
+                self._event("name_conflict", name=a.name, ours=format_addr(me.addr), theirs=format_addr(a.addr),
+                            reason="another agent, with a different identity key, claims this agent's name")
+                self.counters.stats["name_conflicts"] += 1
+            elif a.addr != me.addr and a.incarnation >= me.incarnation and a.identity is None:
                 self._event("name_conflict", name=a.name, ours=format_addr(me.addr),
                             theirs=format_addr(a.addr),
                             reason="another agent claims this agent's name")
@@ -712,10 +754,18 @@ class Membership:
             ):
                 self._refute(now, a.incarnation, "stale alive about this agent")
             return
+        # Names bound to keys (gossip.signing): a signed cluster takes only signed alives.
+        if a.identity is not None:
+            if not self._signature_ok(a):
+                self.drop("bad_signature")
+                return
+        elif self.signer is not None:
+            self.drop("unsigned_alive")
+            return
         m = self.members.get(a.name)
         if m is None:
             m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now, state=a.state,
-                       tunnel=a.tunnel)
+                       tunnel=a.tunnel, identity=a.identity, sig=a.sig)
             self._note_state(m)
             self.members[a.name] = m
             self._names = None
@@ -727,15 +777,33 @@ class Membership:
                         previous="none", incarnation=a.incarnation, reason="joined")
             self._broadcast(a.name, a)
             return
-        if a.addr != m.addr:
+        same_key = a.identity is not None and a.identity == m.identity
+        if m.identity is not None and not same_key:
             if m.status.up:
+                # Another key claims a live name: refused, whatever its incarnation.
+                if (a.name, a.addr) not in self._addr_warned:
+                    self._addr_warned.add((a.name, a.addr))
+                    self._event("name_conflict", name=a.name, ours=format_addr(m.addr), theirs=format_addr(a.addr),
+                                reason="a different identity key claims this live member's name; refused")
+                self.counters.stats["name_conflicts"] += 1
+                self.drop("identity_conflict")
+                return
+            # Dead or departed: the name may be taken by a new key (a rebuilt node).
+            self._event("member_rekeyed", name=a.name, addr=format_addr(a.addr))
+        if a.addr != m.addr:
+            if m.status.up and not same_key:
                 self._event("name_conflict", name=a.name, ours=format_addr(m.addr),
                             theirs=format_addr(a.addr),
                             reason=f"name already alive at {format_addr(m.addr)}; refused")
                 self.counters.stats["name_conflicts"] += 1
                 return
-            # A dead or departed member may come back at a new address.
+            if m.status.up and a.incarnation <= m.incarnation:
+                return  # a stale alive from before the member moved
+            # A dead or departed member may come back at a new address; a live
+            # one moves when its own key says so (restarted at a new address).
             m = self._own(m)
+            if m.status.up:
+                self._event("member_moved", name=a.name, old=format_addr(m.addr), new=format_addr(a.addr))
             m.addr = a.addr
         elif a.incarnation <= m.incarnation:
             return
@@ -743,6 +811,8 @@ class Membership:
         m.incarnation = a.incarnation
         m.tags = dict(a.tags)
         m.tunnel = a.tunnel
+        m.identity = a.identity
+        m.sig = a.sig
         if a.state != m.state:
             m.state = a.state
             self._note_state(m)
@@ -1045,6 +1115,7 @@ class Membership:
                 self._names = None
                 self.coordinates.pop(name, None)
                 self.udp_blocked.pop(name, None)
+                self._fetch_tries.pop(name, None)
                 self.vivaldi.forget(name)
                 if self.delegate is not None:
                     self.delegate.forget(name)
@@ -1052,9 +1123,13 @@ class Membership:
 
     # -- push-pull helpers -----------------------------------------------------------------
 
-    def _records(self) -> list[MemberRecord]:
+    def _records(self, lite: bool = False) -> list[MemberRecord]:
+        if lite:
+            return [MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state, m.tunnel)
+                    for m in self.members.values()]
         return [
-            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state, m.tunnel)
+            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state, m.tunnel,
+                         m.identity, m.sig)
             for m in self.members.values()
         ]
 
@@ -1080,19 +1155,37 @@ class Membership:
         own = next((r for r in remote.members if r.name == remote.source), None)
         existing = self.members.get(remote.source)
         if own is not None and existing is not None and existing.status.up and existing.addr != own.addr:
+            if existing.identity is not None and own.identity == existing.identity and own.sig is not None and (
+                    self._signature_ok(Alive(own.name, own.incarnation, own.addr, own.tags, own.state, own.tunnel,
+                                             own.identity, own.sig))):
+                return ""  # the same key: the member itself, restarted at a new address
             return f"name {remote.source!r} is already alive at {format_addr(existing.addr)}"
         return ""
 
     def _merge(self, now: float, remote: PushPull) -> None:
         # memberlist mergeState: a remote "dead" only makes us suspect, so one
         # node's stale view cannot kill a member we can still reach.
+        news = False
         for r in remote.members:
             if r.status == "alive":
-                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel))
+                if remote.lite and r.sig is None and self.signer is not None and r.name != self.name:
+                    # Unsigned: usable only to confirm what we hold.  Anything new needs
+                    # the member's signature, so ask this peer for a full exchange.
+                    held = self.members.get(r.name)
+                    if held is None or r.incarnation > held.incarnation or (
+                            r.addr != held.addr and not held.status.up):
+                        news = True
+                    continue
+                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity,
+                                          r.sig))
             elif r.status == "left":
                 self._on_dead(now, Dead(r.name, r.incarnation, r.name))
             else:
                 self._on_suspect(now, Suspect(r.name, r.incarnation, remote.source))
+        if news:
+            own = next((r for r in remote.members if r.name == remote.source), None)
+            if own is not None:
+                self._ask_full_sync(now, own.addr)
         # A member's own coordinate is the freshest there is; others' only fill
         # gaps, since our own acks keep the ones we probe current.
         for name, raw in remote.coords.items():
@@ -1100,6 +1193,16 @@ class Membership:
                     name == remote.source or name not in self.coordinates):
                 if not self._observe_coordinate(name, raw, None):
                     break
+
+    def _ask_full_sync(self, now: float, addr: Address) -> None:
+        """A lite push-pull showed news we cannot check: fetch it signed, once per interval per peer."""
+        if self._full_sync_after.get(addr, 0.0) > now:
+            return
+        if len(self._full_sync_after) > 1024:
+            self._full_sync_after = {a: t for a, t in self._full_sync_after.items() if t > now}
+        self._full_sync_after[addr] = now + self.config.push_pull_interval
+        self.counters.stats["full_syncs_asked"] += 1
+        self._outbox.append(StartPushPull(addr, "full"))
 
     def _coords_to_send(self, everyone: bool, skip: str = "") -> dict[str, tuple[float, ...]]:
         """Our coordinate; on a join, every up member's we hold, so the newcomer
@@ -1144,7 +1247,11 @@ class Membership:
 
     def _queue_alive_self(self) -> None:
         me = self.me
-        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel))
+        if self.signer is not None:
+            me.identity = self.signer.public
+            me.sig = self.signer.sign(alive_bytes(me.name, me.addr, me.incarnation, me.tags, me.state, me.tunnel))
+        self._broadcast(self.name, Alive(self.name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel,
+                                         me.identity, me.sig))
 
     def set_tunnel(self, tunnel: Tunnel) -> None:
         """Our tunnel address or key changed (e.g. bound to a port the OS chose)."""

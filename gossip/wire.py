@@ -111,6 +111,10 @@ class Alive:
     tags: dict[str, str] = field(default_factory=dict)
     state: NodeState | None = None
     tunnel: Tunnel | None = None
+    #: The member's Ed25519 public key and its signature over the fields
+    #: above (gossip.signing): only the member itself can write its alive.
+    identity: bytes | None = None
+    sig: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ class MemberRecord:
     tags: dict[str, str] = field(default_factory=dict)
     state: NodeState | None = None
     tunnel: Tunnel | None = None
+    identity: bytes | None = None
+    sig: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,9 @@ class PushPull:
     #: Network coordinates the sender holds, its own included, so a member can
     #: estimate its RTT to nodes it has never probed.
     coords: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: A periodic sync without the members' signatures (gossip.swim: lite
+    #: push-pull); a receiver that finds something new in it asks for a full one.
+    lite: bool = False
 
 
 @dataclass(frozen=True)
@@ -293,6 +302,9 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         if msg.tunnel is not None:
             (thost, tport), tkey = msg.tunnel
             obj["d"] = [tport, tkey] if thost == msg.addr[0] else [thost, tport, tkey]
+        if msg.identity is not None and msg.sig is not None:
+            obj["k"] = msg.identity
+            obj["z"] = msg.sig
         return obj
     if isinstance(msg, Suspect):
         return {"t": "suspect", "name": msg.name, "inc": msg.incarnation, "from": msg.source}
@@ -306,11 +318,12 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
             "refused": msg.refused,
             "members": [
                 [m.name, _addr(m.addr), m.incarnation, m.status, dict(m.tags), _state(m.state),
-                 _tunnel(m.tunnel)]
+                 _tunnel(m.tunnel), *([m.identity, m.sig] if m.identity is not None and m.sig is not None else [])]
                 for m in msg.members
             ],
             "x": msg.delegate,
             "c": {name: coord_bytes(c) for name, c in msg.coords.items()},
+            **({"l": True} if msg.lite else {}),
         }
     if isinstance(msg, StateRequest):
         return {"t": "state-req", "from": msg.source, "node": msg.node}
@@ -401,6 +414,14 @@ def _bool(obj: dict[str, Any], key: str) -> bool:
     return v
 
 
+def _signed_by(identity: Any, sig: Any) -> tuple[bytes | None, bytes | None]:
+    if identity is None and sig is None:
+        return None, None
+    if type(identity) is not bytes or len(identity) != 32 or type(sig) is not bytes or len(sig) != 64:
+        raise DecodeError("malformed", "bad identity or signature")
+    return identity, sig
+
+
 def _payload(obj: dict[str, Any]) -> bytes:
     v = obj.get("p")
     if type(v) is not bytes or len(v) > MAX_QUERY_PAYLOAD:
@@ -434,6 +455,7 @@ def _message_from_obj(obj: Any) -> Message:
     if t == "alive":
         # The message of a join burst (and a dozen per datagram): tested first.
         addr = _addr_of(obj.get("a"))
+        identity, sig = _signed_by(obj.get("k"), obj.get("z"))
         return Alive(
             _str(obj, "n"),
             _int(obj, "i"),
@@ -441,6 +463,8 @@ def _message_from_obj(obj: Any) -> Message:
             _tags_of(obj["g"]) if "g" in obj else {},
             _state_of(obj.get("s")),
             _tunnel_of(_full_tunnel(obj.get("d"), addr[0])),
+            identity,
+            sig,
         )
     if t == "ping":
         return Ping(_int(obj, "seq"), _str(obj, "to"), _str(obj, "from"))
@@ -466,18 +490,20 @@ def _message_from_obj(obj: Any) -> Message:
             raise DecodeError("malformed", "push-pull members must be a list")
         members = []
         for rec in raw_members:
-            if not isinstance(rec, list) or not 5 <= len(rec) <= 7:
+            if not isinstance(rec, list) or not 5 <= len(rec) <= 9 or len(rec) == 8:
                 raise DecodeError("malformed", "bad member record")
             name, addr, inc, status, tags = rec[:5]
             state = _state_of(rec[5]) if len(rec) >= 6 else None
             tunnel = _tunnel_of(rec[6]) if len(rec) >= 7 else None
+            identity, sig = _signed_by(rec[7], rec[8]) if len(rec) == 9 else (None, None)
             if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad member name")
             if not isinstance(inc, int) or isinstance(inc, bool) or not 0 <= inc < 2**63:
                 raise DecodeError("malformed", "bad incarnation")
             if status not in STATUSES:
                 raise DecodeError("malformed", "bad member status")
-            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags), state, tunnel))
+            members.append(MemberRecord(name, _addr_of(addr), inc, status, _tags_of(tags), state, tunnel,
+                                        identity, sig))
         refused = obj.get("refused", "")
         if not isinstance(refused, str) or len(refused) > 1024:
             raise DecodeError("malformed", "bad refusal")
@@ -492,7 +518,7 @@ def _message_from_obj(obj: Any) -> Message:
             if type(name) is not str or not name or len(name) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad coordinate name")
             coords[name] = _coord_of(c)
-        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords)
+        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords, _bool(obj, "l"))
     if t == "state-req":
         return StateRequest(_str(obj, "from"), _str(obj, "node"))
     if t == "query":

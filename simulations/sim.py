@@ -505,7 +505,7 @@ class Sim:
                 return  # the initiator died or was restarted meanwhile
             error = "connection refused"
             if target is not None and target.state == "up" and target.group == node.group:
-                request = machine.push_pull_payload(eff.purpose == "join")
+                request = machine.push_pull_payload(eff.purpose == "join", lite=eff.purpose == "sync")
                 node.stream_bytes_out += len(request)
                 self.stream_bytes += len(request)
                 self.push_pulls += 1

@@ -318,7 +318,7 @@ class SimNet:
                 and (node.name, target.name) not in self._blocked
                 and (target.name, node.name) not in self._blocked
             ):
-                request = machine.push_pull_payload(eff.purpose == "join")
+                request = machine.push_pull_payload(eff.purpose == "join", lite=eff.purpose == "sync")
                 reply = target.m.handle_stream(self.now, node.addr, request)
                 self._flush(target)
                 error = "" if reply is not None else "stream closed"

@@ -81,3 +81,34 @@ def test_a_member_heard_from_another_address_is_reported_once(cluster: Cluster, 
     lines = [json.loads(x) for x in a.log().splitlines() if '"address_mismatch"' in x]
     assert len(lines) == 1
     assert lines[0]["advertised"] == b.addr and lines[0]["seen"] == f"127.0.0.1:{other}"
+
+
+def test_a_member_restarted_at_a_new_port_keeps_its_name_and_a_new_key_cannot_take_it(
+        cluster: Cluster, tmp_path: object) -> None:
+    from pathlib import Path
+
+    data = Path(str(tmp_path)) / "data-m3"
+    a = cluster.start("m1")
+    cluster.start("m2", join=[a.addr])
+    old = cluster.start("m3", join=[a.addr], extra=["--data-dir", str(data)])
+    cluster.wait_converged(["m1", "m2", "m3"])
+    old.signal(9)
+    old.popen.wait(5)
+    # Back at once on another port, same data dir (so the same identity key): it is not
+    # refused as a name conflict, and everyone moves it before its old self could be declared dead.
+    moved = cluster.start("m3", join=[a.addr], extra=["--data-dir", str(data)])
+    assert moved.gossip_port != old.gossip_port
+    wait_for(lambda: all(x.members()["m3"]["address"] == moved.addr and x.members()["m3"]["status"] == "alive"
+                         for x in (cluster.agents["m1"], cluster.agents["m2"])), 15, "m3 moved everywhere")
+    assert "member_moved" in cluster.agents["m1"].log()
+    # An agent with another key claiming the live name is refused; both sides say why.
+    impostor = Cluster(Path(str(tmp_path)) / "imp", cluster.key)
+    (Path(str(tmp_path)) / "imp").mkdir()
+    try:
+        bad = impostor.start("m3", join=[a.addr])
+        wait_for(lambda: "join_refused_by_peer" in bad.log(), 15, "the impostor told why")
+        assert "m3" in a.log() and "join_refused" in a.log()
+        assert a.members()["m3"]["address"] == moved.addr
+        assert bad.info()["join_error"]
+    finally:
+        impostor.close()

@@ -1,0 +1,148 @@
+"""Names bound to keys (gossip.signing): signed alives, forgeries refused, moves by the key's owner accepted."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+
+from gossip.config import LOCAL
+from gossip.signing import Signer, Verifier, alive_bytes
+from gossip.swim import Membership
+from gossip.wire import Address, Alive, Dead, PushPull, Suspect, decode_packet, decode_stream, encode_packet
+
+
+def A(name: str, port: int = 7946) -> Address:
+    return (f"{name}.test", port)
+
+
+def signer() -> Signer:
+    return Signer(os.urandom(32))
+
+
+def signed(s: Signer, name: str, inc: int, addr: Address, tags: dict[str, str] | None = None) -> Alive:
+    tags = tags or {}
+    return Alive(name, inc, addr, tags, None, None, s.public, s.sign(alive_bytes(name, addr, inc, tags, None, None)))
+
+
+def machine(name: str = "a") -> Membership:
+    m = Membership(name, A(name), LOCAL, rng=random.Random(name), signer=signer())
+    m.drain()
+    return m
+
+
+def feed(m: Membership, now: float, *msgs: Alive) -> None:
+    m.receive(now, A("z"), encode_packet(list(msgs)))
+    m.drain()
+
+
+def test_our_alive_is_signed_and_survives_the_wire() -> None:
+    m = machine("a")
+    [alive] = [x for x in decode_packet(encode_packet([Alive("a", 0, A("a"), {}, None, None, m.me.identity,
+                                                             m.me.sig)]))]
+    assert isinstance(alive, Alive) and alive.identity == m.signer.public  # type: ignore[union-attr]
+    assert Verifier().verify(alive.identity, alive_bytes("a", A("a"), 0, {}, None, None), alive.sig or b"")
+    # And push-pull records carry it, so a newcomer can check every member it learns.
+    [pp] = decode_stream(m.push_pull_payload(True))
+    assert isinstance(pp, PushPull) and pp.members[0].sig == m.me.sig
+
+
+def test_a_forged_alive_is_rejected_and_counted() -> None:
+    m = machine()
+    b = signer()
+    good = signed(b, "b", 0, A("b"))
+    feed(m, 1.0, dataclasses.replace(good, incarnation=5))  # signature over other fields
+    assert "b" not in m.members and m.counters.drops["bad_signature"] == 1
+    feed(m, 1.0, dataclasses.replace(good, sig=bytes(64)))
+    assert m.counters.drops["bad_signature"] == 2
+    feed(m, 1.0, Alive("b", 0, A("b")))  # unsigned, in a signed cluster
+    assert m.counters.drops["unsigned_alive"] == 1
+    feed(m, 1.0, good)
+    assert m.members["b"].identity == b.public
+
+
+def test_another_key_cannot_take_a_live_name_or_refute_for_it() -> None:
+    m = machine()
+    b, mallory = signer(), signer()
+    feed(m, 1.0, signed(b, "b", 3, A("b")))
+    # Mallory holds the cluster key and signs correctly -- with her own key.
+    feed(m, 2.0, signed(mallory, "b", 99, A("mallory")))
+    rec = m.members["b"]
+    assert (rec.addr, rec.incarnation, rec.identity) == (A("b"), 3, b.public)
+    assert m.counters.drops["identity_conflict"] == 1 and m.counters.stats["name_conflicts"] == 1
+    # Nor refute a suspicion of b: while b is suspect (still up) only b's key counts.
+    m._on_suspect(3.0, Suspect("b", 3, "c"))
+    m.drain()
+    feed(m, 4.0, signed(mallory, "b", 100, A("b")))
+    assert (m.members["b"].status.value, m.members["b"].identity) == ("suspect", b.public)
+    feed(m, 4.5, signed(b, "b", 4, A("b")))  # b itself can
+    assert m.members["b"].status.value == "alive"
+
+
+def test_the_owner_moves_its_name_to_a_new_address_at_once() -> None:
+    m = machine()
+    b = signer()
+    feed(m, 1.0, signed(b, "b", 3, A("b")))
+    feed(m, 2.0, signed(b, "b", 4, A("b", 8000)))  # restarted at a new port, same key
+    rec = m.members["b"]
+    assert (rec.addr, rec.incarnation, rec.status.value) == (A("b", 8000), 4, "alive")
+    feed(m, 3.0, signed(b, "b", 3, A("b")))  # its stale old alive does not move it back
+    assert m.members["b"].addr == A("b", 8000)
+
+
+def test_a_dead_name_may_be_taken_by_a_new_key() -> None:
+    m = machine()
+    old, new = signer(), signer()
+    feed(m, 1.0, signed(old, "b", 0, A("b")))
+    m._on_dead(2.0, Dead("b", 0, "c"))
+    m.drain()
+    m.receive(3.0, A("z"), encode_packet([signed(new, "b", 1, A("b", 9000))]))
+    _, events = m.drain()
+    assert [e.kind for e in events if e.kind == "member_rekeyed"] == ["member_rekeyed"]  # logged, not silent
+    rec = m.members["b"]
+    assert rec.identity == new.public and rec.status.value == "alive" and rec.addr == A("b", 9000)
+
+
+def test_a_restarted_member_with_its_key_may_join_at_a_new_address() -> None:
+    seed = machine("s")
+    key_seed = os.urandom(32)
+    first = Membership("b", A("b"), LOCAL, rng=random.Random(1), signer=Signer(key_seed))
+    reply = seed.handle_stream(1.0, A("b"), first.push_pull_payload(True))
+    assert reply is not None and not decode_stream(reply)[0].refused  # type: ignore[union-attr]
+    again = Membership("b", A("b", 9999), LOCAL, rng=random.Random(2), signer=Signer(key_seed))
+    reply = seed.handle_stream(2.0, A("b", 9999), again.push_pull_payload(True))
+    assert reply is not None and not decode_stream(reply)[0].refused  # type: ignore[union-attr]
+    again.complete_push_pull(2.0, A("s"), "join", reply)
+    assert again.me.incarnation >= 1  # it outbid its previous life ...
+    out, _ = again.drain()
+    for eff in out:
+        if hasattr(eff, "payload"):
+            seed.receive(2.1, A("b", 9999), eff.payload)  # type: ignore[attr-defined]
+    assert seed.members["b"].addr == A("b", 9999)  # ... and everyone moves it
+    stranger = Membership("b", A("b", 7777), LOCAL, rng=random.Random(3), signer=signer())
+    reply = seed.handle_stream(3.0, A("b", 7777), stranger.push_pull_payload(True))
+    assert reply is not None and "already alive" in decode_stream(reply)[0].refused  # type: ignore[union-attr]
+
+
+def test_periodic_syncs_go_without_signatures_and_news_brings_a_full_one() -> None:
+    s, n = machine("s"), machine("n")
+    p = signer()
+    feed(s, 1.0, signed(p, "p", 2, A("p")))
+    feed(n, 1.0, Alive("s", s.me.incarnation, A("s"), {}, None, None, s.me.identity, s.me.sig))
+    full = s.push_pull_payload(False)
+    lite = s.push_pull_payload(False, lite=True)
+    assert len(lite) < len(full) - 100  # the signatures are most of a record
+    reply = s.handle_stream(2.0, A("n"), n.push_pull_payload(False, lite=True))
+    assert reply is not None and decode_stream(reply)[0].lite  # type: ignore[union-attr]
+    n.complete_push_pull(2.0, A("s"), "sync", reply)
+    assert "p" not in n.members  # an unsigned record is not taken on trust ...
+    effects, _ = n.drain()
+    asks = [e for e in effects if getattr(e, "purpose", "") == "full"]
+    assert [e.target for e in asks] == [A("s")]  # type: ignore[attr-defined]
+    reply = s.handle_stream(2.1, A("n"), n.push_pull_payload(False))
+    n.complete_push_pull(2.1, A("s"), "full", reply)
+    assert n.members["p"].identity == p.public and n.members["p"].incarnation == 2  # ... the signed one is
+    # Once in agreement, a lite sync asks for nothing more.
+    reply = s.handle_stream(3.0, A("n"), n.push_pull_payload(False, lite=True))
+    n.complete_push_pull(3.0, A("s"), "sync", reply)
+    assert not [e for e in n.drain()[0] if getattr(e, "purpose", "") == "full"]
