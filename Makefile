@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-proxy simulate clean
+.PHONY: demo cluster-key test lint typecheck unit bench bench-proxy simulate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/mesh-agent demo --nodes 5
+
+# The key of the docker compose demo (docker-compose.yml): written once into .env, which git ignores.
+cluster-key:
+	@if grep -qs '^MESH_CLUSTER_KEY=.' .env; then echo ".env already holds a cluster key"; else \
+	  umask 077; grep -vs '^MESH_CLUSTER_KEY=' .env > .env.new; \
+	  printf 'MESH_CLUSTER_KEY=%s\n' "$$($(PYTHON) -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')" >> .env.new; \
+	  mv .env.new .env; echo "wrote a new cluster key to .env"; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gossip agent cli dataplane tests simulations

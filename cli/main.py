@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 import click
 
 from cli.client import ApiError, call
+from cli.demo_service import OneLineErrors
 
 DEFAULT_API = "127.0.0.1:7947"
 STATUSES = ("alive", "suspect", "dead", "left")
@@ -537,15 +538,51 @@ def monitor(api: str, as_json: bool, log_level: str) -> None:
     _fail(f"the agent at {api} ended the stream (it stopped or left)")
 
 
-@main.command()
+@main.command(cls=OneLineErrors)
 @click.option("--nodes", default=5, show_default=True, type=click.IntRange(2, 50), help="How many agents.")
 @click.option("--base-port", default=17946, show_default=True, type=click.IntRange(1024, 65000),
-              help="First port; each agent takes two (gossip, API).")
-def demo(nodes: int, base_port: int) -> None:
-    """Start a local mesh on loopback and watch it converge (Ctrl-C leaves)."""
+              help="First port; each agent takes two (gossip, API), then one per demo service instance "
+                   "and one for the upstream.")
+@click.option("--interval", default=0.5, show_default=True, type=click.FloatRange(0.05, 60),
+              help="Seconds between the client's calls.")
+def demo(nodes: int, base_port: int, interval: float) -> None:
+    """Start a local mesh on loopback: agents, demo services, an upstream and a client (Ctrl-C leaves)."""
     from cli.demo import run_demo
 
-    run_demo(nodes, base_port)
+    run_demo(nodes, base_port, interval)
+
+
+@main.command("demo-service", cls=OneLineErrors)
+@click.option("--port", required=True, type=click.IntRange(1, 65535), help="Port to serve HTTP on.")
+@click.option("--id", "instance", required=True, help="Instance id, returned in every answer.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--register", "service", help="Register with the local agent as an instance of this service.")
+@click.option("--address", help="Address the agent reaches the instance at [--host, or the agent's].")
+@click.option("--check-interval", default="2s", show_default=True, help="Health-check interval when registered.")
+@api_option
+def demo_service(port: int, instance: str, host: str, service: str | None, address: str | None,
+                 check_interval: str, api: str) -> None:
+    """A tiny HTTP service that answers every request with its instance id (for demos and tests)."""
+    from cli.demo_service import run_service
+
+    run_service(host, port, instance, service, address, api, check_interval)
+
+
+@main.command("demo-client", cls=OneLineErrors)
+@click.option("--url", required=True, help="What to call, e.g. an upstream: http://127.0.0.1:9000/.")
+@click.option("--interval", default=0.5, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds between calls.")
+@click.option("--count", type=click.IntRange(1), help="Stop after this many calls [never].")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 300),
+              help="Seconds one call may take.")
+@click.option("--upstream", "service", help="First make the local agent's upstream for this service listen on --url.")
+@api_option
+def demo_client(url: str, interval: float, count: int | None, timeout: float, service: str | None,
+                api: str) -> None:
+    """Call URL in a loop, printing which instance answered and how long it took."""
+    from cli.demo_service import run_client
+
+    run_client(url, interval, count, timeout, service, api)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ they are saturated or failing".  The rule, applied before the policy:
 
 * The *local tier* is every candidate whose RTT estimate is within
   ``max(local_factor * min_rtt, min_rtt + local_slack)`` of the lowest RTT
-  among the candidates (defaults 2x and 2 ms: on a LAN everything within a
-  couple of milliseconds is "here"; across regions, within twice the nearest).
+  among the candidates (defaults 2x and 10 ms: on a LAN everything within ten
+  milliseconds is "here" -- RTT samples taken by busy agents jitter by a few,
+  and a 2 ms band sent all traffic to one instance under load; across
+  regions, within twice the nearest).
   A candidate without an RTT estimate is not in the tier: we prefer what we
   have measured.  If no candidate has an estimate, every candidate is in it.
 * The policy chooses among the tier members that have capacity (fewer than
@@ -32,7 +34,7 @@ they are saturated or failing".  The rule, applied before the policy:
 API
 ---
 ``Balancer(policy, rng, *, decay_time=10.0, default_rtt=0.030, failure_penalty=1.0,
-local_factor=2.0, local_slack=0.002, spill_outstanding=64, prefer_local=True)``
+local_factor=2.0, local_slack=0.010, spill_outstanding=64, prefer_local=True)``
 
 * ``pick(now, candidates) -> key | None`` -- None only for an empty list.
 * ``started(now, key)`` -- a connection to ``key`` is being attempted/opened.
@@ -197,7 +199,7 @@ class Balancer(Generic[K]):
         default_rtt: float = DEFAULT_RTT,
         failure_penalty: float = DEFAULT_FAILURE_PENALTY,
         local_factor: float = 2.0,
-        local_slack: float = 0.002,
+        local_slack: float = 0.010,
         spill_outstanding: int = 64,
         prefer_local: bool = True,
     ) -> None:

@@ -74,6 +74,9 @@ QUERY_MEMORY = 120.0
 #: above it, by random probes into the name list (memberlist's kRandomNodes).
 _EXACT_SAMPLE_MAX = 64
 
+#: A push-pull's refusal when it came from this agent itself (a seed list naming it).
+SELF_REFUSAL = "that is this agent itself"
+
 #: Other members asked for a node's catalog when the node itself cannot be reached.
 _FETCH_FALLBACKS = 2
 
@@ -376,6 +379,7 @@ class Membership:
 
     def join(self, now: float, seeds: list[Address]) -> None:
         """Keep trying to push-pull with the seeds, with backoff, until one answers."""
+        seeds = [s for s in seeds if s != self.addr]  # a seed list shared by all agents names this one too
         if seeds:
             self._join = _JoinLoop(list(seeds), next_at=now)
             self._tick_join(now)
@@ -407,6 +411,15 @@ class Membership:
         )
 
     # -- push-pull (TCP, driven by the agent) -----------------------------------------
+
+    def stagger_push_pull(self, now: float, phase: float) -> None:
+        """Put the next periodic push-pull ``phase`` (0..1) of a scaled interval from now.
+
+        For a simulated cluster that has "been up a while": its members'
+        push-pulls are spread over the interval for its size, not all due in
+        the first unscaled interval as after a fresh start.
+        """
+        self._next_push_pull = now + phase * self.config.push_pull_scaled(self.num_up())
 
     def push_pull_payload(self, join: bool, lite: bool = False) -> bytes:
         """Our side of a push-pull.  ``lite`` (periodic syncs, purpose "sync"):
@@ -443,7 +456,9 @@ class Membership:
         assert isinstance(msg, PushPull)
         remote = msg
         refused = self._refusal(remote)
-        if refused:
+        if refused == SELF_REFUSAL:
+            self.counters.stats["push_pull_self"] += 1
+        elif refused:
             self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
             self.counters.stats["push_pull_refused"] += 1
         else:
@@ -529,6 +544,19 @@ class Membership:
             remote = self._decode_push_pull(reply)
             if remote is None:
                 reason = "malformed reply"
+            elif remote.refused == SELF_REFUSAL:
+                # The seed is this agent itself (under another address or name of the
+                # host): not a failure, and not a seed to retry.
+                reason = "that seed is this agent itself"
+                self._failed_seeds.discard(target)
+                j = self._join
+                if j is not None and target in j.seeds:
+                    j.seeds.remove(target)
+                    if not j.seeds:
+                        j.done, j.last_error = True, ""  # the only seed was ourselves: we are first
+                if purpose != "join" or j is None or j.done:
+                    return False, reason
+                purpose = "self"  # counted off the attempt below without an error
             elif remote.refused:
                 reason = f"refused by {remote.source}: {remote.refused}"
                 self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
@@ -548,6 +576,11 @@ class Membership:
             elif purpose == "join":
                 self._failed_seeds.add(target)
         j = self._join
+        if purpose == "self" and j is not None:
+            j.in_flight = max(0, j.in_flight - 1)
+            if j.in_flight == 0 and not j.done:
+                j.next_at = now + self.config.join_retry_min * self.rng.uniform(0.8, 1.2)
+            return False, reason
         if purpose == "join" and j is not None and not j.done:
             j.in_flight = max(0, j.in_flight - 1)
             if ok:
@@ -1151,6 +1184,10 @@ class Membership:
 
     def _refusal(self, remote: PushPull) -> str:
         if remote.source == self.name:
+            own = next((r for r in remote.members if r.name == remote.source), None)
+            if own is not None and (own.addr == self.addr or (
+                    own.identity is not None and own.identity == self.me.identity)):
+                return SELF_REFUSAL
             return f"name {self.name!r} is already taken by the agent at {format_addr(self.addr)}"
         own = next((r for r in remote.members if r.name == remote.source), None)
         existing = self.members.get(remote.source)

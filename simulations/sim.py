@@ -210,6 +210,7 @@ class Sim:
         # n^2, which is what lets 10,000 nodes fit in memory.  Built from a
         # template dict, since Member() runs a counting __setattr__ per field.
         shared: dict[str, Member] = {}
+        stagger = random.Random(f"stagger:{self.seed}:{start}")
         new_member = Member.__new__
         for o in everyone:
             rec = new_member(Member)
@@ -225,6 +226,9 @@ class Sim:
             if known:
                 members.update(known)  # what a node already knew (an earlier join) stays its own
             node.m.broadcasts.reset()
+            # Up a while: push-pulls spread over the interval for this size (SWIM's
+            # anti-entropy at 10,000 nodes comes every 5 minutes, not all at once).
+            node.m.stagger_push_pull(self.now, stagger.random())
             self._flush(node)
         Member.changes += 1  # member views cached by the machines must be rebuilt
         return new

@@ -364,8 +364,8 @@ def test_out_of_range_weights_are_clamped(policy: str) -> None:
 
 
 def local_set() -> list[Candidate[Key]]:
-    # Band: max(2 * 0.5 ms, 0.5 ms + 2 ms) = 2.5 ms -> A and B local, C far, D unmeasured.
-    return [Candidate(A, 0.0005), Candidate(B, 0.002), Candidate(C, 0.010), Candidate(D, None)]
+    # Band: max(2 * 0.5 ms, 0.5 ms + 10 ms) = 10.5 ms -> A and B local, C far, D unmeasured.
+    return [Candidate(A, 0.0005), Candidate(B, 0.008), Candidate(C, 0.030), Candidate(D, None)]
 
 
 @pytest.mark.parametrize("policy", ["p2c_peak_ewma", "round_robin", "least_connections"])

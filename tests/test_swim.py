@@ -1302,3 +1302,29 @@ def test_an_overflowing_broadcast_queue_drops_counted_and_reported_not_silently(
     [report] = out.of_kind("broadcasts_dropped")  # once per 10 s, with the running total
     assert report["bound"] == m.broadcasts.max_depth
     assert any(isinstance(x, Alive) and x.name == "c" for x in queued(m))  # the alive was kept
+
+
+def test_a_seed_list_that_names_this_agent_too_is_no_error() -> None:
+    m = machine("a")
+    m.join(0.0, [A("a"), A("b"), ("alias-of-a.test", 7946)])  # its own address is dropped at once
+    starts = drain(m).push_pulls
+    assert {s.target for s in starts} == {A("b"), ("alias-of-a.test", 7946)}
+    # The alias turns out to be this agent itself: it answers its own push-pull with a refusal
+    # that says so, which is neither logged as a conflict nor retried.
+    reply = m.handle_stream(0.1, ("alias-of-a.test", 7946), m.push_pull_payload(True))
+    assert m.complete_push_pull(0.1, ("alias-of-a.test", 7946), "join", reply) == (
+        False, "that seed is this agent itself")
+    out = drain(m)
+    assert not out.of_kind("join_refused") and not out.of_kind("join_refused_by_peer")
+    assert m.counters.stats["push_pull_self"] == 1
+    b = machine("b")
+    reply = b.handle_stream(0.2, A("a"), m.push_pull_payload(True))
+    assert m.complete_push_pull(0.2, A("b"), "join", reply)[0] and m.joined
+    out = pump(m, 5 * LOCAL.reconnect_interval, answering(["b"]))
+    assert not [s for s in out.push_pulls if getattr(s, "target", None) == ("alias-of-a.test", 7946)]
+    # Alone with only itself as seed: it is the first agent, joined, no error.
+    solo = machine("s")
+    solo.join(0.0, [("other-name-of-s.test", 7946)])
+    reply = solo.handle_stream(0.1, ("other-name-of-s.test", 7946), solo.push_pull_payload(True))
+    solo.complete_push_pull(0.1, ("other-name-of-s.test", 7946), "join", reply)
+    assert solo.joined and solo.join_error == ""
