@@ -7,43 +7,13 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from netns import Lab, skip_reason
+from netns import Lab
 from procs import wait_for
-
-from gossip.keyring import generate_key
+from test_proxy import ECHO
 
 pytestmark = pytest.mark.slow
-
-ECHO = r"""
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
-def serve(c):
-    with c:
-        while True:
-            d = c.recv(65536)
-            if not d:
-                c.shutdown(socket.SHUT_WR); return
-            c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab(tmp_path, generate_key())
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def roundtrip(host: str, port: int, payload: bytes) -> bytes:

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from netns import Lab, sh, skip_reason
+from netns import Lab, sh
 from procs import wait_for
 
 from gossip.config import LOCAL
-from gossip.keyring import generate_key
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    reason = skip_reason()
-    if reason:
-        pytest.skip(reason)
-    lab = Lab(tmp_path, generate_key())
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def views(lab: Lab) -> dict[str, dict[str, str]]:
