@@ -80,3 +80,8 @@ class Member:
         Member.changes += 1
         if name == "status":
             Member.status_changes += 1
+        if name != "rtt":
+            # The push-pull encodings of this record (Membership._packed_records) are stale.
+            d = self.__dict__
+            d.pop("wire_full", None)
+            d.pop("wire_lite", None)

@@ -38,7 +38,6 @@ from gossip.wire import (
     Alive,
     Dead,
     DecodeError,
-    MemberRecord,
     Message,
     Nack,
     NodeState,
@@ -54,10 +53,12 @@ from gossip.wire import (
     decode_packet,
     decode_stream,
     encode_message,
+    encode_push_pull_stream,
     encode_stream,
     format_addr,
     message_to_obj,
     pack_packet,
+    pack_record,
 )
 
 #: Upper bounds (seconds) of the probe RTT histogram: loopback to intercontinental.
@@ -427,8 +428,9 @@ class Membership:
         and which a peer that already agrees with us does not need; a peer that
         finds something new in a lite exchange asks for a full one."""
         lite = lite and self.signer is not None
-        return encode_stream([PushPull(self.name, join, self._records(lite), delegate=self._delegate_dump(),
-                                       coords=self._coords_to_send(everyone=False), lite=lite)])
+        return encode_push_pull_stream(PushPull(self.name, join, [], delegate=self._delegate_dump(),
+                                                coords=self._coords_to_send(everyone=False), lite=lite),
+                                       self._packed_records(lite))
 
     def state_request_payload(self, node: str) -> bytes:
         return encode_stream([StateRequest(self.name, node)])
@@ -467,8 +469,9 @@ class Membership:
             self._merge_delegate(remote.delegate)
         coords = {} if refused else self._coords_to_send(everyone=remote.join, skip=remote.source)
         lite = remote.lite and not refused and self.signer is not None
-        return encode_stream([PushPull(self.name, False, self._records(lite), refused,
-                                       b"" if refused else self._delegate_dump(), coords, lite)])
+        return encode_push_pull_stream(PushPull(self.name, False, [], refused,
+                                                b"" if refused else self._delegate_dump(), coords, lite),
+                                       self._packed_records(lite))
 
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
         """The reply to a FetchState arrived (or None: it failed)."""
@@ -1156,15 +1159,19 @@ class Membership:
 
     # -- push-pull helpers -----------------------------------------------------------------
 
-    def _records(self, lite: bool = False) -> list[MemberRecord]:
-        if lite:
-            return [MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state, m.tunnel)
-                    for m in self.members.values()]
-        return [
-            MemberRecord(m.name, m.addr, m.incarnation, m.status.value, dict(m.tags), m.state, m.tunnel,
-                         m.identity, m.sig)
-            for m in self.members.values()
-        ]
+    def _packed_records(self, lite: bool) -> list[bytes]:
+        """Every member's push-pull record, encoded; each is kept on its Member until it changes."""
+        attr = "wire_lite" if lite else "wire_full"
+        out = []
+        for m in self.members.values():
+            d = m.__dict__
+            w = d.get(attr)
+            if w is None:
+                w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, m.state, m.tunnel,
+                                None if lite else m.identity, None if lite else m.sig)
+                d[attr] = w  # not through __setattr__: the cache is no change of the member
+            out.append(w)
+        return out
 
     def _decode_one(self, data: bytes, kinds: tuple[type[Message], ...]) -> Message | None:
         """A stream payload holding exactly one message of ``kinds``; else None, drop counted."""
@@ -1203,12 +1210,20 @@ class Membership:
         # memberlist mergeState: a remote "dead" only makes us suspect, so one
         # node's stale view cannot kill a member we can still reach.
         news = False
+        members = self.members
         for r in remote.members:
+            held = members.get(r.name)
+            if held is not None and r.name != self.name and (
+                    (r.status == "alive" and r.addr == held.addr and r.incarnation <= held.incarnation)
+                    or (r.status != "alive" and r.incarnation < held.incarnation)):
+                # Nothing this record can change (an alive needs a higher incarnation or,
+                # for a departed member, a new address; an accusation a current
+                # incarnation): most of a push-pull, skipped cheaply.
+                continue
             if r.status == "alive":
                 if remote.lite and r.sig is None and self.signer is not None and r.name != self.name:
                     # Unsigned: usable only to confirm what we hold.  Anything new needs
                     # the member's signature, so ask this peer for a full exchange.
-                    held = self.members.get(r.name)
                     if held is None or r.incarnation > held.incarnation or (
                             r.addr != held.addr and not held.status.up):
                         news = True

@@ -15,6 +15,7 @@ are small, and their size budget is checked before sealing.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -554,6 +555,41 @@ def decode_packet(data: bytes) -> list[Message]:
         return [_message_from_obj(m) for m in body]
     except RecursionError:  # absurdly nested values inside a message
         raise DecodeError("malformed", "nesting too deep") from None
+
+
+def pack_record(name: str, addr: Address, incarnation: int, status: str, tags: dict[str, str],
+                state: NodeState | None, tunnel: Tunnel | None, identity: bytes | None = None,
+                sig: bytes | None = None) -> bytes:
+    """One push-pull member record, msgpack-encoded (exactly as inside encode_message(PushPull))."""
+    rec: list[Any] = [name, _addr(addr), incarnation, status, dict(tags), _state(state), _tunnel(tunnel)]
+    if identity is not None and sig is not None:
+        rec += [identity, sig]
+    out: bytes = msgpack.packb(rec, use_bin_type=True)
+    return out
+
+
+def encode_push_pull_stream(msg: PushPull, packed_records: list[bytes]) -> bytes:
+    """``encode_stream([msg])`` for a push-pull whose member records come pre-encoded.
+
+    A push-pull carries every member; encoding each record anew on every
+    exchange was most of its cost at thousands of members, while a record
+    changes only when its member does.  ``msg.members`` is ignored.
+    """
+    head = message_to_obj(dataclasses.replace(msg, members=[]))
+    del head["members"]
+    packed_head: bytes = msgpack.packb(head, use_bin_type=True)
+    n = len(head) + 1
+    if n > 15:  # pragma: no cover - a push-pull has 7 or 8 keys
+        raise ValueError("push-pull head too large for a fixmap")
+    body = (bytes([0x80 | n]) + packed_head[1:] + msgpack.packb("members")
+            + _array_header(len(packed_records)) + b"".join(packed_records))
+    plain = pack_packet([body])
+    if len(plain) < COMPRESS_MIN:
+        return plain
+    packed = zlib.compress(plain, 6)
+    if len(packed) + 1 >= len(plain):
+        return plain
+    return bytes([COMPRESSED_MARK]) + packed
 
 
 def encode_stream(messages: list[Message]) -> bytes:

@@ -406,3 +406,17 @@ def test_alive_tunnel_host_is_left_out_only_when_it_is_the_gossip_host() -> None
 def test_bad_alive_tunnel_is_malformed(d: object) -> None:
     obj = {"t": "alive", "n": "a", "i": 1, "a": ["10.0.0.1", 7946], "d": d}
     assert reason_of(raw_packet(obj)) == "malformed"
+
+
+def test_a_push_pull_with_pre_encoded_records_decodes_as_the_plain_encoding() -> None:
+    from gossip.wire import PushPull, encode_push_pull_stream, pack_record
+
+    recs = [MemberRecord(f"n{i}", ("10.0.0.1", 7000 + i), i, "alive", {"k": "v" * i}, (i, b"d" * 8),
+                         (("10.0.0.1", 8000 + i), b"t" * 32), b"i" * 32 if i % 2 else None,
+                         b"s" * 64 if i % 2 else None) for i in range(40)]
+    msg = PushPull("me", True, recs, "", b"delegate", {"me": (0.1,) * 11}, lite=False)
+    fast = encode_push_pull_stream(msg, [pack_record(r.name, r.addr, r.incarnation, r.status, r.tags, r.state,
+                                                     r.tunnel, r.identity, r.sig) for r in recs])
+    [a] = decode_stream(fast)
+    [b] = decode_stream(encode_stream([msg]))
+    assert a == b and isinstance(a, PushPull) and len(a.members) == 40 and a.members[3].sig == b"s" * 64
