@@ -805,6 +805,8 @@ class Membership:
             self._note_state(m)
             self.members[a.name] = m
             self._names = None
+            if self._up_count is not None and self._up_count[0] == len(self.members) - 1:
+                self._up_count = (len(self.members), self._up_count[1] + 1)  # no recount per join
             # Insert at a random place so a new member is probed soon (memberlist).
             # (Into the part of this pass not probed yet: before it, it would shift
             # one already probed back under the cursor.)
@@ -1149,6 +1151,8 @@ class Membership:
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 del self.members[name]
                 self._names = None
+                if self._up_count is not None and self._up_count[0] == len(self.members) + 1:
+                    self._up_count = (len(self.members), self._up_count[1])  # reaped members are down
                 self.coordinates.pop(name, None)
                 self.udp_blocked.pop(name, None)
                 self._fetch_tries.pop(name, None)

@@ -1328,3 +1328,23 @@ def test_a_seed_list_that_names_this_agent_too_is_no_error() -> None:
     reply = solo.handle_stream(0.1, ("other-name-of-s.test", 7946), solo.push_pull_payload(True))
     solo.complete_push_pull(0.1, ("other-name-of-s.test", 7946), "join", reply)
     assert solo.joined and solo.join_error == ""
+
+
+def test_the_kept_up_count_matches_a_recount_through_joins_deaths_and_reaping() -> None:
+    cfg = dataclasses.replace(LOCAL, dead_reap_after=5.0)
+    net = converged_cluster(8, cfg, seed=11)
+    m = net.nodes["n0"].m
+
+    def recount() -> int:
+        return sum(1 for x in m.members.values() if x.status.up)
+
+    assert m.num_up() == recount() == 8
+    net.add("late", seeds=["n1"])
+    net.run(3.0)
+    assert m.num_up() == recount() == 9
+    net.crash("n3")
+    net.leave("n4")
+    assert net.run_until(lambda: m.members["n3"].status.value == "dead", 30.0)
+    assert m.num_up() == recount() == 7
+    net.run(20.0)  # reaped
+    assert "n3" not in m.members and m.num_up() == recount() == 7
