@@ -224,7 +224,7 @@ def test_make_demo_shows_calls_moving_off_a_killed_agent_and_ctrl_c_leaves(tmp_p
         assert victim not in answers(match.end()), text()
         assert re.search(r"^node\d\s.*\bdead\b", text(), re.M), "the membership table shows the death"
         demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=60) == 0, text()
+        assert demo.wait(timeout=120) == 0, text()  # every agent leaves gracefully: slow on a busy box
         final = text()
         for n in range(1, 6):
             expected = -signal.SIGKILL if f"node{n}" == node else 0

@@ -49,7 +49,7 @@ class Monitor:
 
     def interrupt(self) -> int:
         self.popen.send_signal(signal.SIGINT)
-        return self.popen.wait(timeout=15)
+        return self.popen.wait(timeout=30)
 
     def kill(self) -> None:
         if self.popen.poll() is None:
