@@ -583,18 +583,15 @@ def encode_push_pull_stream(msg: PushPull, packed_records: list[bytes]) -> bytes
         raise ValueError("push-pull head too large for a fixmap")
     body = (bytes([0x80 | n]) + packed_head[1:] + msgpack.packb("members")
             + _array_header(len(packed_records)) + b"".join(packed_records))
-    plain = pack_packet([body])
-    if len(plain) < COMPRESS_MIN:
-        return plain
-    packed = zlib.compress(plain, 6)
-    if len(packed) + 1 >= len(plain):
-        return plain
-    return bytes([COMPRESSED_MARK]) + packed
+    return _deflated(pack_packet([body]))
 
 
 def encode_stream(messages: list[Message]) -> bytes:
     """A packet for a TCP stream: deflated when that makes it smaller."""
-    plain = encode_packet(messages)
+    return _deflated(encode_packet(messages))
+
+
+def _deflated(plain: bytes) -> bytes:
     if len(plain) < COMPRESS_MIN:
         return plain
     packed = zlib.compress(plain, 6)
