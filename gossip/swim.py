@@ -770,7 +770,7 @@ class Membership:
         data = alive_bytes(a.name, a.addr, a.incarnation, a.tags, a.state, a.tunnel)
         return self.verifier.verify(a.identity, data, a.sig)
 
-    def _on_alive(self, now: float, a: Alive) -> None:
+    def _on_alive(self, now: float, a: Alive, spread_new: bool = True) -> None:
         if a.name == self.name:
             me = self.me
             if a.identity is not None and a.identity != me.identity and a.incarnation >= me.incarnation:
@@ -813,7 +813,8 @@ class Membership:
             self._probe_order.insert(self.rng.randint(self._probe_index, len(self._probe_order)), a.name)
             self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
                         previous="none", incarnation=a.incarnation, reason="joined")
-            self._broadcast(a.name, a)
+            if spread_new:
+                self._broadcast(a.name, a)
             return
         same_key = a.identity is not None and a.identity == m.identity
         if m.identity is not None and not same_key:
@@ -1232,8 +1233,12 @@ class Membership:
                             r.addr != held.addr and not held.status.up):
                         news = True
                     continue
+                # A member new to us that a push-pull shows is old news to the cluster
+                # (a joiner learns everyone this way): spreading it again would flood
+                # gossip with thousands of alives everybody holds, ahead of the updates
+                # that matter.  The peer itself, and any change to a member we know, still spread.
                 self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity,
-                                          r.sig))
+                                          r.sig), spread_new=r.name == remote.source)
             elif r.status == "left":
                 self._on_dead(now, Dead(r.name, r.incarnation, r.name))
             else:
