@@ -38,6 +38,12 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
+def default_sigint() -> None:
+    """preexec_fn: Ctrl-C as a terminal delivers it, even when this test run was started in the
+    background by a non-interactive shell (which makes the children inherit SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def mesh_agent_cmd() -> list[str]:
     return [sys.executable, "-m", "cli.main"]
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, free_port, wait_for, wait_port
+from procs import ROOT, Cluster, default_sigint, free_port, wait_for, wait_port
 
 from cli.demo import _port_free, layout
 
@@ -192,7 +192,8 @@ def test_make_demo_shows_calls_moving_off_a_killed_agent_and_ctrl_c_leaves(tmp_p
     with open(out, "wb") as fh:
         demo = subprocess.Popen([sys.executable, "-m", "cli.main", "demo", "--nodes", "5", "--interval", "0.2",
                                  "--base-port", str(demo_base_port(5))], stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                                preexec_fn=default_sigint)
 
     def text() -> str:
         return out.read_text(errors="replace")

@@ -15,7 +15,7 @@ from typing import Any
 import h11
 import pytest
 import trio
-from procs import ROOT, AgentProc, Cluster, free_port, mesh_agent_cmd, wait_for
+from procs import ROOT, AgentProc, Cluster, default_sigint, free_port, mesh_agent_cmd, wait_for
 
 from agent import log
 
@@ -29,7 +29,7 @@ class Monitor:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen([*mesh_agent_cmd(), "monitor", *args], stdout=out, stderr=err, cwd=ROOT,
-                                          env=env, start_new_session=True)
+                                          env=env, start_new_session=True, preexec_fn=default_sigint)
 
     def out(self) -> str:
         return self.out_path.read_text(errors="replace")
