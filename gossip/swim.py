@@ -1071,14 +1071,12 @@ class Membership:
                     self.counters.stats["suspicion_timeouts"] += 1
                     self._on_dead(now, Dead(name, m.incarnation, self.name))
 
+    def _gossip_eligible(self, m: Member, now: float) -> bool:
+        """Up, or dead recently enough that it may still hear (and refute) what we say."""
+        return m.status.up or (m.status is Status.DEAD and now - m.status_since < self.config.gossip_to_the_dead)
+
     def _gossip_targets(self, now: float) -> list[Member]:
-        return [
-            m for m in self.members.values()
-            if m.name != self.name
-            and (m.status.up
-                 or (m.status is Status.DEAD
-                     and now - m.status_since < self.config.gossip_to_the_dead))
-        ]
+        return [m for m in self.members.values() if m.name != self.name and self._gossip_eligible(m, now)]
 
     def _random_gossip_targets(self, now: float, k: int) -> list[Member]:
         """k distinct gossip targets at random, as memberlist's kRandomNodes finds them.
@@ -1097,7 +1095,6 @@ class Membership:
         n = len(names)
         out: list[Member] = []
         tried: set[str] = set()
-        horizon = self.config.gossip_to_the_dead
         for _ in range(3 * n):
             if len(out) >= k:
                 break
@@ -1106,7 +1103,7 @@ class Membership:
                 continue
             tried.add(name)
             m = self.members.get(name)
-            if m is not None and (m.status.up or (m.status is Status.DEAD and now - m.status_since < horizon)):
+            if m is not None and self._gossip_eligible(m, now):
                 out.append(m)
         return out
 
