@@ -49,10 +49,6 @@ class Member:
     #: built from the member table (the API's member list, polled many times a
     #: second by dashboards and benchmarks) are cached until it moves.
     changes: ClassVar[int] = 0
-    #: Bumped by status changes only (num_up's cache): round-trip times move
-    #: ``changes`` on every ack, which the simulator's thousand machines in one
-    #: process would otherwise turn into a full count per datagram.
-    status_changes: ClassVar[int] = 0
     #: True on a record the simulator shares between many machines; a machine
     #: copies it before changing it (Membership._own).  Set per instance.
     shared: ClassVar[bool] = False
@@ -78,8 +74,6 @@ class Member:
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
         Member.changes += 1
-        if name == "status":
-            Member.status_changes += 1
         if name != "rtt":
             # The push-pull encodings of this record (Membership._packed_records) are stale.
             d = self.__dict__
