@@ -266,6 +266,10 @@ class Membership:
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
+        #: The earliest suspicion deadline, None when it must be recomputed: during
+        #: churn a member holds dozens of suspicions, and next_deadline runs after
+        #: every packet.
+        self._suspicion_due: float | None = None
         self._join: _JoinLoop | None = None
         #: Members our UDP probes miss but TCP reaches (a firewall dropping UDP,
         #: most likely): name -> when that was last seen.
@@ -366,7 +370,11 @@ class Membership:
             times.append(r.expire)
             if r.nack_at is not None:
                 times.append(r.nack_at)
-        times.extend(s.deadline for s in self._suspicions.values())
+        if self._suspicions:
+            due = self._suspicion_due
+            if due is None:
+                due = self._suspicion_due = min(s.deadline for s in self._suspicions.values())
+            times.append(due)
         j = self._join
         if j is not None and not j.done and j.in_flight == 0:
             times.append(j.next_at)
@@ -855,7 +863,7 @@ class Membership:
         if a.state != m.state:
             m.state = a.state
             self._note_state(m)
-        self._suspicions.pop(a.name, None)
+        self._drop_suspicion(a.name)
         if m.status is not Status.ALIVE:
             reason = "refuted suspicion" if m.status is Status.SUSPECT else "rejoined"
             self._set_status(now, m, Status.ALIVE, reason)
@@ -871,6 +879,7 @@ class Membership:
         sus = self._suspicions.get(s.name)
         if sus is not None:
             if sus.confirm(s.source):
+                self._suspicion_due = None  # its deadline moved earlier
                 self.counters.stats["suspicion_confirmations"] += 1
                 self._broadcast(s.name, s)
             return
@@ -887,6 +896,7 @@ class Membership:
         self._suspicions[s.name] = Suspicion(
             now, s.source, k, self.config.suspicion_min(n), self.config.suspicion_max(n)
         )
+        self._suspicion_due = None
         self._broadcast(s.name, s)
 
     def _on_dead(self, now: float, d: Dead) -> None:
@@ -908,7 +918,7 @@ class Membership:
             return
         m = self._own(m)
         m.incarnation = d.incarnation
-        self._suspicions.pop(d.name, None)
+        self._drop_suspicion(d.name)
         if d.source == d.name:
             self._set_status(now, m, Status.LEFT, "left gracefully")
         else:
@@ -1062,7 +1072,14 @@ class Membership:
             if now >= r.expire:
                 del self._relays[seq]
 
+    def _drop_suspicion(self, name: str) -> None:
+        if self._suspicions.pop(name, None) is not None:
+            self._suspicion_due = None
+
     def _tick_suspicions(self, now: float) -> None:
+        if not self._suspicions or (self._suspicion_due is not None and now < self._suspicion_due):
+            return
+        self._suspicion_due = None
         for name, s in list(self._suspicions.items()):
             if s.expired(now):
                 del self._suspicions[name]

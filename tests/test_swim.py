@@ -468,6 +468,39 @@ def test_next_deadline_includes_the_suspicion() -> None:
     assert status(m, "p3") == "dead"
 
 
+
+def test_next_deadline_follows_suspicions_as_they_are_confirmed_and_refuted() -> None:
+    # The earliest suspicion deadline is cached between packets; every change to
+    # the set of suspicions (new, confirmed, refuted, expired) must move it.  A
+    # driver that wakes only at next_deadline() sees each suspicion end exactly
+    # at its own deadline, never later.
+    m = machine("a", PEERS9, config=LAN)
+    hi = LAN.suspicion_max(10)
+    script: list[tuple[float, list[Message]]] = [
+        (0.0, [Suspect("p3", 0, "p1")]),
+        (1.0, [Suspect("p4", 0, "p1")]),
+        (1.5, [Suspect("p6", 0, "p1")]),
+        (2.0, [Suspect("p4", 0, "p2"), Suspect("p4", 0, "p5")]),  # p4 confirmed: due early
+        (2.5, [Alive("p6", 1, A("p6"))]),  # p6 refutes
+    ]
+    m.tick(0.0)
+    now, dead = 0.0, {}
+    while now < 60.0 and "p3" not in dead:
+        due = {name: sus.deadline for name, sus in m._suspicions.items()}
+        if script and script[0][0] <= m.next_deadline():
+            now, msgs = script.pop(0)
+            feed(m, now, *msgs)
+        else:
+            now = m.next_deadline()
+            m.tick(now)
+        for e in m.drain()[1]:
+            if e.kind == "member" and e.fields["status"] == "dead":
+                assert now <= due[e.fields["name"]]
+                dead[e.fields["name"]] = now
+    assert "p6" not in dead  # refuted; suspected afresh later by our own probes, not yet dead
+    assert dead["p4"] < 1.0 + hi and dead["p3"] <= hi
+
+
 def test_a_failed_probe_of_a_suspect_member_confirms_the_suspicion() -> None:
     # LOCAL with 3 members: k = 1, min 1.5 s, max 6 s.
     m = machine("a", ["b", "c"])
