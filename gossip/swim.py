@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -266,10 +267,11 @@ class Membership:
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
-        #: The earliest suspicion deadline, None when it must be recomputed: during
-        #: churn a member holds dozens of suspicions, and next_deadline runs after
-        #: every packet.
-        self._suspicion_due: float | None = None
+        #: (deadline, name) of every suspicion, a heap with stale entries left in
+        #: place (a refuted or confirmed suspicion's old deadline) and skipped when
+        #: they reach the top: while a partition splits a cluster a member holds
+        #: hundreds of suspicions, and next_deadline runs after every packet.
+        self._suspicion_heap: list[tuple[float, str]] = []
         self._join: _JoinLoop | None = None
         #: Members our UDP probes miss but TCP reaches (a firewall dropping UDP,
         #: most likely): name -> when that was last seen.
@@ -370,10 +372,8 @@ class Membership:
             times.append(r.expire)
             if r.nack_at is not None:
                 times.append(r.nack_at)
-        if self._suspicions:
-            due = self._suspicion_due
-            if due is None:
-                due = self._suspicion_due = min(s.deadline for s in self._suspicions.values())
+        due = self._next_suspicion_deadline()
+        if due is not None:
             times.append(due)
         j = self._join
         if j is not None and not j.done and j.in_flight == 0:
@@ -879,7 +879,7 @@ class Membership:
         sus = self._suspicions.get(s.name)
         if sus is not None:
             if sus.confirm(s.source):
-                self._suspicion_due = None  # its deadline moved earlier
+                heapq.heappush(self._suspicion_heap, (sus.deadline, s.name))  # it moved earlier
                 self.counters.stats["suspicion_confirmations"] += 1
                 self._broadcast(s.name, s)
             return
@@ -893,10 +893,10 @@ class Membership:
         k = self.config.suspicion_mult - 2
         if n - 2 < k or not self.config.lifeguard:
             k = 0  # too few members for independent confirmations (memberlist); or a fixed timeout
-        self._suspicions[s.name] = Suspicion(
+        sus = self._suspicions[s.name] = Suspicion(
             now, s.source, k, self.config.suspicion_min(n), self.config.suspicion_max(n)
         )
-        self._suspicion_due = None
+        heapq.heappush(self._suspicion_heap, (sus.deadline, s.name))
         self._broadcast(s.name, s)
 
     def _on_dead(self, now: float, d: Dead) -> None:
@@ -1073,20 +1073,30 @@ class Membership:
                 del self._relays[seq]
 
     def _drop_suspicion(self, name: str) -> None:
-        if self._suspicions.pop(name, None) is not None:
-            self._suspicion_due = None
+        self._suspicions.pop(name, None)  # its heap entry goes stale
+
+    def _next_suspicion_deadline(self) -> float | None:
+        """The earliest live suspicion's deadline; stale heap entries are discarded on the way."""
+        heap, live = self._suspicion_heap, self._suspicions
+        while heap:
+            deadline, name = heap[0]
+            sus = live.get(name)
+            if sus is not None and sus.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     def _tick_suspicions(self, now: float) -> None:
-        if not self._suspicions or (self._suspicion_due is not None and now < self._suspicion_due):
-            return
-        self._suspicion_due = None
-        for name, s in list(self._suspicions.items()):
-            if s.expired(now):
-                del self._suspicions[name]
-                m = self.members.get(name)
-                if m is not None and m.status is Status.SUSPECT:
-                    self.counters.stats["suspicion_timeouts"] += 1
-                    self._on_dead(now, Dead(name, m.incarnation, self.name))
+        while True:
+            due = self._next_suspicion_deadline()
+            if due is None or now < due:
+                return
+            _, name = heapq.heappop(self._suspicion_heap)
+            del self._suspicions[name]
+            m = self.members.get(name)
+            if m is not None and m.status is Status.SUSPECT:
+                self.counters.stats["suspicion_timeouts"] += 1
+                self._on_dead(now, Dead(name, m.incarnation, self.name))
 
     def _gossip_eligible(self, m: Member, now: float) -> bool:
         """Up, or dead recently enough that it may still hear (and refute) what we say."""
