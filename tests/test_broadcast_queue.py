@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip.broadcast_queue import PRIORITY_ALIVE, BroadcastQueue
+from gossip import broadcast_queue
+from gossip.broadcast_queue import PRIORITY_ALIVE, PRIORITY_OTHER, BroadcastQueue
 from gossip.config import LAN, LOCAL, GossipConfig
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None, max_examples=200)
@@ -179,3 +181,62 @@ def test_the_queue_is_bounded_relative_to_the_cluster_and_counts_what_it_drops()
     assert b"a" in kept  # the alive survived: lowest-priority, most-sent, oldest went first
     assert not kept & {f"v{i}".encode() for i in range(5)}
     assert f"v{29}".encode() in kept
+
+
+# -- the sorted-list walk equals the plain algorithm ----------------------------------------------
+
+
+def _reference_get(items: dict[str, list], budget: int, limit: int, overhead: int) -> list[bytes]:
+    """The queue's rule written plainly: sort everything, walk it, take what still fits."""
+    if budget <= 0:
+        return []
+    out, used = [], 0
+    for key, rec in sorted(items.items(), key=lambda kv: (kv[1][0], kv[1][1], -len(kv[1][2]), -kv[1][3])):
+        prio, transmits, payload, _order = rec
+        if used + len(payload) + overhead > budget:
+            continue
+        used += len(payload) + overhead
+        out.append(payload)
+        rec[1] += 1
+        if rec[1] >= limit:
+            del items[key]
+    return out
+
+
+ops_with_priority = st.lists(
+    st.one_of(
+        st.tuples(st.just("queue"), st.sampled_from("abcdefgh"), st.integers(min_value=1, max_value=60),
+                  st.sampled_from([PRIORITY_ALIVE, PRIORITY_OTHER])),
+        # Budgets about one to three updates wide, so that partial fits across tiers are common.
+        st.tuples(st.just("get"), st.integers(min_value=-5, max_value=150), st.integers(min_value=0, max_value=4),
+                  st.just(0)),
+    ),
+    max_size=80,
+)
+
+
+@pytest.mark.parametrize("walk_below", [0, 1000], ids=["search", "walk"])
+@settings(derandomize=True, deadline=None, database=None, max_examples=500)
+@given(operations=ops_with_priority, limit=st.integers(min_value=1, max_value=6))
+def test_get_takes_exactly_what_the_plain_sorted_walk_takes(walk_below: int,
+                                                            operations: list[tuple[str, object, int, int]],
+                                                            limit: int) -> None:
+    # Both ways get() finds updates: the binary search of a long queue, the walk of a short one.
+    with mock.patch.object(broadcast_queue, "_WALK_BELOW", walk_below):
+        _check_against_reference(operations, limit)
+
+
+def _check_against_reference(operations: list[tuple[str, object, int, int]], limit: int) -> None:
+    q = BroadcastQueue()
+    ref: dict[str, list] = {}  # key -> [priority, transmits, payload, order]
+    order = 0
+    for op, a, b, prio in operations:
+        if op == "queue":
+            order += 1
+            payload = f"{a}:{order}:".encode().ljust(b, b".")
+            q.queue(str(a), payload, prio)
+            ref[str(a)] = [prio, 0, payload, order]
+        else:
+            assert isinstance(a, int)
+            assert q.get(a, limit, per_item_overhead=b) == _reference_get(ref, a, limit, b)
+        assert len(q) == len(ref)
