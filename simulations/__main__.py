@@ -35,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--cprofile", type=int, default=0, metavar="K", help="print the top K functions on stderr")
     run.add_argument("--json", action="store_true")
     rep = sub.add_parser("report", help="run the standard scenarios, write results.md and plots")
-    rep.add_argument("--sizes", default="100,1000")
+    rep.add_argument("--sizes", default="100,1000,10000")
     rep.add_argument("--out", default="simulations/results")
     rep.add_argument("--seed", type=int, default=1)
     rep.add_argument("--fp-nodes", type=int, default=100)
     rep.add_argument("--fp-seconds", type=float, default=300.0)
-    rep.add_argument("--partition-sizes", default="100,300")
+    rep.add_argument("--partition-sizes", default="100,300,1000")
+    rep.add_argument("--churn-sizes", default="1000", help="1%% churn (leave, crash, join) at these sizes")
     args = ap.parse_args(argv)
 
     if args.cmd == "report":
@@ -48,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
         sizes = [int(s) for s in args.sizes.split(",") if s]
         psizes = [int(s) for s in args.partition_sizes.split(",") if s]
+        csizes = [int(s) for s in args.churn_sizes.split(",") if s]
         run_report(sizes, args.out, seed=args.seed, fp_nodes=args.fp_nodes, fp_seconds=args.fp_seconds,
-                   partition_sizes=psizes)
+                   partition_sizes=psizes, churn_sizes=csizes)
         return 0
 
     p = Params(nodes=args.nodes, seconds=args.seconds, seed=args.seed, loss=args.loss, profile=args.profile,

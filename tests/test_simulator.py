@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 from gossip.config import LAN, LOCAL
 from gossip.swim import Membership
@@ -208,3 +210,20 @@ def test_machines_share_member_records_until_one_changes_them() -> None:
         for rec in x.m.members.values():
             if rec.shared:
                 assert rec.status.value == "alive" and rec.incarnation == 0 and rec.rtt is None
+
+
+def test_report_writes_every_scenario_table(tmp_path: Path) -> None:
+    # make simulate at toy sizes: every section is written, and its numbers are the scenarios' own.
+    from simulations.report import run_report
+
+    res = run_report([20], str(tmp_path), fp_nodes=10, fp_seconds=20, partition_sizes=[20], churn_sizes=[100])
+    md = (tmp_path / "results.md").read_text()
+    for title in ("## Detection", "## Dissemination", "## Load", "## False positives", "## Partition", "## Churn"):
+        assert title in md
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert {r["nodes"] for r in saved["detection"]} == {20} and len(saved["detection"]) == 3  # 3 seeds at N <= 300
+    (c,) = saved["churn"]
+    assert c["nodes"] == 100 and c["missing_at_end"] == 0 and c["all_updates_everywhere_s"] is not None
+    assert f"| 100 | 1 | {c['all_updates_everywhere_s']:.3g} | 0 |" in md
+
