@@ -92,6 +92,9 @@ class BroadcastQueue:
     def pending(self, key: str) -> bool:
         return key in self._items
 
+    def keys(self) -> list[str]:
+        return list(self._items)
+
     def reset(self) -> None:
         self._items.clear()
         self._sorted.clear()

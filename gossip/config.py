@@ -97,6 +97,11 @@ class GossipConfig:
         scale = math.ceil(math.log10(n_members + 1))
         return self.retransmit_mult * max(1, scale)
 
+    def settle_quiet(self) -> float:
+        """After a join, how long without news of a new member before the settling push-pull
+        (gossip.swim): two gossip rounds, by when a burst of joins has stopped spreading."""
+        return 2.0 * self.gossip_interval
+
     def suspicion_min(self, n_members: int) -> float:
         """Lifeguard's minimum suspicion timeout (memberlist suspicionTimeout)."""
         node_scale = max(1.0, math.log10(max(1.0, float(n_members))))

@@ -171,6 +171,8 @@ class PushPull:
     #: A periodic sync without the members' signatures (gossip.swim: lite
     #: push-pull); a receiver that finds something new in it asks for a full one.
     lite: bool = False
+    #: Members whose alive the sender is still spreading (see GossipConfig.spread_fresh).
+    fresh: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -332,6 +334,7 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
             "x": msg.delegate,
             "c": {name: coord_bytes(c) for name, c in msg.coords.items()},
             **({"l": True} if msg.lite else {}),
+            **({"f": list(msg.fresh)} if msg.fresh else {}),
         }
     if isinstance(msg, StateRequest):
         return {"t": "state-req", "from": msg.source, "node": msg.node}
@@ -526,7 +529,12 @@ def _message_from_obj(obj: Any) -> Message:
             if type(name) is not str or not name or len(name) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad coordinate name")
             coords[name] = _coord_of(c)
-        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords, _bool(obj, "l"))
+        raw_fresh = obj.get("f", [])
+        if type(raw_fresh) is not list or len(raw_fresh) > len(members) or any(
+                type(f) is not str or len(f) > MAX_NAME_LEN for f in raw_fresh):
+            raise DecodeError("malformed", "bad fresh list")
+        return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords, _bool(obj, "l"),
+                        tuple(raw_fresh))
     if t == "state-req":
         return StateRequest(_str(obj, "from"), _str(obj, "node"))
     if t == "query":

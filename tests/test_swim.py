@@ -881,6 +881,53 @@ def test_push_pull_merge_rules() -> None:
         "a": "alive", "b": "alive", "c": "suspect", "d": "left", "e": "alive", "f": "alive"}
 
 
+def test_a_push_pull_names_the_members_still_being_spread_and_the_receiver_spreads_them() -> None:
+    # A burst of joins: members that joined a moment ago are news to much of the
+    # cluster, so a push-pull marks them "fresh" and the receiver passes them on;
+    # members it merely shows (old news) are learned but not spread.
+    seed = machine("s", ["p1"])
+    seed.broadcasts.reset()  # p1 has been around a while: its alive has been spread
+    feed(seed, 0.5, Alive("new1", 0, A("new1")))  # gossip about a joiner: queued for spreading
+    joiner = Membership("j", A("j"), LOCAL, rng=random.Random(1))
+    joiner.join(1.0, [A("s")])
+    drain(joiner)
+    reply = seed.handle_stream(1.0, A("j"), joiner.push_pull_payload(True))
+    assert reply is not None
+    [pp] = decode_stream(reply)
+    assert isinstance(pp, PushPull) and "new1" in pp.fresh and "p1" not in pp.fresh
+    assert joiner.complete_push_pull(1.0, A("s"), "join", reply) == (True, "")
+    gossiped = [m for msgs in drain(joiner).to_all() for m in msgs] + queued(joiner)  # sent at once, or queued
+    spread = {m.name for m in gossiped if isinstance(m, Alive)}
+    assert "new1" in spread  # fresh: passed on
+    assert "p1" not in spread  # old news: learned, not spread
+    assert status(joiner, "p1") == "alive"
+
+
+def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:
+    cfg = LAN
+    quiet = cfg.settle_quiet()
+    seed = machine("s", ["p1", "p2"])
+    joiner = Membership("j", A("j"), cfg, rng=random.Random(1))
+    joiner.join(0.0, [A("s")])
+    drain(joiner)
+    reply = seed.handle_stream(0.0, A("j"), joiner.push_pull_payload(True))
+    assert joiner.complete_push_pull(0.0, A("s"), "join", reply)[0]
+    drain(joiner)
+    feed(joiner, 0.3, Alive("late", 0, A("late")))  # news: the quiet period starts again
+    assert joiner.next_deadline() <= 0.3 + quiet
+    joiner.tick(0.3 + quiet - 0.001)
+    assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
+    joiner.tick(0.3 + quiet)
+    [settle] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+    assert isinstance(settle, StartPushPull)
+    assert settle.purpose == "sync" and settle.target in {A("s"), A("p1"), A("p2"), A("late")}
+    assert joiner.counters.stats["settle_syncs"] == 1
+    for t in (1.0, 2.0, 3.0):  # once only
+        feed(joiner, t, Alive(f"later{t}", 0, A(f"later{t}")))
+        joiner.tick(t + quiet)
+        assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull) and s.purpose == "sync"] == []
+
+
 def test_join_retries_with_backoff_until_a_seed_answers() -> None:
     cfg = LOCAL
     m = Membership("j", A("j"), cfg, rng=random.Random(3))

@@ -203,6 +203,9 @@ def test_every_proper_prefix_of_a_packet_is_truncated() -> None:
     raw_packet({"t": "push-pull", "from": "a", "members": [["b", ["h", 0], 0, "alive", {}]]}),
     raw_packet({"t": "push-pull", "from": "a", "members": [], "refused": 3}),
     raw_packet({"t": "push-pull", "from": "a", "members": [], "refused": "x" * 1025}),
+    raw_packet({"t": "push-pull", "from": "a", "members": [], "f": "b"}),
+    raw_packet({"t": "push-pull", "from": "a", "members": [], "f": ["b"]}),  # more fresh names than members
+    raw_packet({"t": "push-pull", "from": "a", "members": [["b", ["h", 1], 0, "alive", {}]], "f": [1]}),
     # A valid message first does not rescue the packet: decoding is all or nothing.
     raw_packet({"t": "ack", "seq": 1, "from": "b"}, {"t": "ack", "seq": -1, "from": "b"}),
 ])
@@ -417,9 +420,10 @@ def test_a_push_pull_with_pre_encoded_records_decodes_as_the_plain_encoding() ->
     recs = [MemberRecord(f"n{i}", ("10.0.0.1", 7000 + i), i, "alive", {"k": "v" * i}, (i, b"d" * 8),
                          (("10.0.0.1", 8000 + i), b"t" * 32), b"i" * 32 if i % 2 else None,
                          b"s" * 64 if i % 2 else None) for i in range(40)]
-    msg = PushPull("me", True, recs, "", b"delegate", {"me": (0.1,) * 11}, lite=False)
+    msg = PushPull("me", True, recs, "", b"delegate", {"me": (0.1,) * 11}, lite=False, fresh=("n3", "n7"))
     fast = encode_push_pull_stream(msg, [pack_record(r.name, r.addr, r.incarnation, r.status, r.tags, r.state,
                                                      r.tunnel, r.identity, r.sig) for r in recs])
     [a] = decode_stream(fast)
     [b] = decode_stream(encode_stream([msg]))
     assert a == b and isinstance(a, PushPull) and len(a.members) == 40 and a.members[3].sig == b"s" * 64
+    assert a.fresh == ("n3", "n7")
