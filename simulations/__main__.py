@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--loss", type=float, default=0.0, help="packet loss probability, 0..1")
     run.add_argument("--profile", default="lan", choices=sorted(PROFILES))
     run.add_argument("--no-lifeguard", action="store_true", help="plain SWIM (GossipConfig.lifeguard=False)")
+    run.add_argument("--no-tcp-fallback", action="store_true", help="no fallback ping over TCP (UDP probes only)")
     run.add_argument("--starve", type=float, default=0.0, help="fraction of nodes periodically paused")
     run.add_argument("--regions", type=int, default=3)
     run.add_argument("--churn", type=float, default=0.01, help="fraction of nodes that leave, crash and join (churn)")
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     p = Params(nodes=args.nodes, seconds=args.seconds, seed=args.seed, loss=args.loss, profile=args.profile,
-               lifeguard=not args.no_lifeguard, check_packets=args.check_packets, regions=args.regions,
-               starve=args.starve, churn=args.churn)
+               lifeguard=not args.no_lifeguard, tcp_fallback=not args.no_tcp_fallback,
+               check_packets=args.check_packets, regions=args.regions, starve=args.starve, churn=args.churn)
     print(f"{args.scenario}: {p.nodes} nodes, {p.seconds:g} s, seed {p.seed}, loss {p.loss:g}, "
           f"lifeguard {'on' if p.lifeguard else 'off'}", file=sys.stderr, flush=True)
     prof = cProfile.Profile() if args.cprofile else None

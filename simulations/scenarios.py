@@ -36,6 +36,11 @@ class Params:
     loss: float = 0.0
     profile: str = "lan"
     lifeguard: bool = True
+    #: memberlist's fallback ping over TCP after a failed UDP probe (on in the agent).
+    #: The modelled TCP loses nothing, so with it on, datagram loss alone never
+    #: makes a healthy member suspect; the false-positive scenario also runs with
+    #: it off, to measure what Lifeguard buys over plain UDP as its paper did.
+    tcp_fallback: bool = True
     check_packets: bool = False
     regions: int = 3
     #: Fraction of nodes that are periodically starved (false_positives).
@@ -46,7 +51,7 @@ class Params:
     progress: float = 10.0
 
     def config(self) -> GossipConfig:
-        return dataclasses.replace(PROFILES[self.profile], lifeguard=self.lifeguard)
+        return dataclasses.replace(PROFILES[self.profile], lifeguard=self.lifeguard, tcp_fallback=self.tcp_fallback)
 
 
 def build(p: Params) -> Sim:
@@ -92,6 +97,7 @@ def _common(p: Params, sim: Sim, wall0: float) -> Summary:
     cfg = sim.config
     return {
         "nodes": p.nodes, "seed": p.seed, "loss": p.loss, "profile": p.profile, "lifeguard": p.lifeguard,
+        "tcp_fallback": p.tcp_fallback,
         "virtual_s": round(sim.now, 3), "wall_s": round(time.perf_counter() - wall0, 2),
         "datagrams": sim.packets_sent, "lost": sim.packets_lost, "steps": sim.steps,
         "probe_interval": cfg.probe_interval, "gossip_interval": cfg.gossip_interval,

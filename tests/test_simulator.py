@@ -144,6 +144,17 @@ def test_false_positives_scenario_runs_with_starved_nodes() -> None:
     assert r["lifeguard"] is False
 
 
+def test_the_tcp_fallback_ping_keeps_datagram_loss_from_suspecting_healthy_members() -> None:
+    # The modelled TCP loses nothing: with the fallback on (the agent's default) a
+    # failed UDP probe is answered over TCP; UDP-only is what the false-positive
+    # scenario also measures, to compare Lifeguard on and off.
+    udp_only = false_positives(Params(nodes=30, seconds=30.0, seed=1, loss=0.2, progress=0.0, tcp_fallback=False))
+    with_tcp = false_positives(Params(nodes=30, seconds=30.0, seed=1, loss=0.2, progress=0.0))
+    assert udp_only["tcp_fallback"] is False and with_tcp["tcp_fallback"] is True
+    assert udp_only["suspect_origin"] > 0
+    assert with_tcp["suspect_origin"] == 0
+
+
 # -- GossipConfig.lifeguard ---------------------------------------------------------------
 
 
