@@ -357,12 +357,10 @@ class Membership:
         self._tick_join(now)
         if self._settle_pending and now >= self._last_news + self.config.settle_quiet():
             self._settle_pending = False
-            peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
-            if peers and not self.leaving:
-                # A lite sync: nothing to send but names and incarnations when all agree,
-                # and a full exchange follows if the peer knows someone we do not.
+            # A lite sync: nothing to send but names and incarnations when all agree,
+            # and a full exchange follows if the peer knows someone we do not.
+            if self._sync_with_random_peer():
                 self.counters.stats["settle_syncs"] += 1
-                self._outbox.append(StartPushPull(self.rng.choice(peers).addr, "sync"))
         if now >= self._next_reap:
             self._reap(now)
             self._next_reap = now + self._reap_every
@@ -597,7 +595,6 @@ class Membership:
                 if purpose in ("join", "explicit"):
                     self._settle_pending = True
                     self._last_news = now
-                if purpose in ("join", "explicit"):
                     # Announce ourselves to the members we just learned about
                     # now, rather than at the next gossip tick.
                     self._gossip_round(now)
@@ -885,7 +882,7 @@ class Membership:
         if a.state != m.state:
             m.state = a.state
             self._note_state(m)
-        self._drop_suspicion(a.name)
+        self._suspicions.pop(a.name, None)  # its heap entry goes stale
         if m.status is not Status.ALIVE:
             reason = "refuted suspicion" if m.status is Status.SUSPECT else "rejoined"
             self._set_status(now, m, Status.ALIVE, reason)
@@ -940,7 +937,7 @@ class Membership:
             return
         m = self._own(m)
         m.incarnation = d.incarnation
-        self._drop_suspicion(d.name)
+        self._suspicions.pop(d.name, None)  # its heap entry goes stale
         if d.source == d.name:
             self._set_status(now, m, Status.LEFT, "left gracefully")
         else:
@@ -1094,9 +1091,6 @@ class Membership:
             if now >= r.expire:
                 del self._relays[seq]
 
-    def _drop_suspicion(self, name: str) -> None:
-        self._suspicions.pop(name, None)  # its heap entry goes stale
-
     def _next_suspicion_deadline(self) -> float | None:
         """The earliest live suspicion's deadline; stale heap entries are discarded on the way."""
         heap, live = self._suspicion_heap, self._suspicions
@@ -1165,9 +1159,15 @@ class Membership:
 
     def _start_sync(self, now: float) -> None:
         self._next_push_pull = now + self.config.push_pull_scaled(self.num_up())
+        self._sync_with_random_peer()
+
+    def _sync_with_random_peer(self) -> bool:
+        """A periodic-style ("sync") push-pull with a random alive member; False if there is none."""
         peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
-        if peers and not self.leaving:
-            self._outbox.append(StartPushPull(self.rng.choice(peers).addr, "sync"))
+        if not peers or self.leaving:
+            return False
+        self._outbox.append(StartPushPull(self.rng.choice(peers).addr, "sync"))
+        return True
 
     def _start_reconnect(self, now: float) -> None:
         # memberlist leaves this to Serf's reconnect loop; without it a partition

@@ -171,7 +171,8 @@ class PushPull:
     #: A periodic sync without the members' signatures (gossip.swim: lite
     #: push-pull); a receiver that finds something new in it asks for a full one.
     lite: bool = False
-    #: Members whose alive the sender is still spreading (see GossipConfig.spread_fresh).
+    #: Members whose alive the sender is still spreading; the receiver spreads
+    #: them too (gossip.swim Membership._fresh).
     fresh: tuple[str, ...] = ()
 
 
