@@ -145,7 +145,7 @@ def _markdown(res: dict[str, list[Summary]], sizes: list[int], total: float) -> 
     rows = []
     for r in res["false_positives"]:
         cond = f"{r['loss'] * 100:g}% loss" if not r["starved"] else f"{r['starved']} starved node(s), 0% loss"
-        rows.append([cond, "on" if r["lifeguard"] else "off", "on" if r.get("tcp_fallback", True) else "off",
+        rows.append([cond, "on" if r["lifeguard"] else "off", "on" if r["tcp_fallback"] else "off",
                      r["suspect_origin_per_h"], r["dead_origin_per_h"],
                      r["dead_marks_per_h"], r["starved_dead_origin_per_h"], r["msgs_per_node_per_s"], r["wall_s"]])
     n_fp = res["false_positives"][0]["nodes"] if res["false_positives"] else 0
@@ -162,7 +162,7 @@ def _markdown(res: dict[str, list[Summary]], sizes: list[int], total: float) -> 
     parts.append("## Partition (two halves cut for 60 s, then healed)\n\n" + _table(
         ["N", "cut s", "halves split after s", "full agreement after heal s", "agreed", "wall s"], rows))
     rows = [[r["nodes"], r["churn_each"], r["all_updates_everywhere_s"], r["missing_at_end"], r["broadcasts_dropped"],
-             r["max_queue_len"], r["queue_bound"], r["wall_s"]] for r in res.get("churn", [])]
+             r["max_queue_len"], r["queue_bound"], r["wall_s"]] for r in res["churn"]]
     parts.append("## Churn (1% of the nodes leave, 1% crash, 1% join, within 10 s)\n\n"
                  "Every live node must show each leaver as left, each crashed node as dead and each newcomer "
                  "as alive, and each newcomer must know every live node; checked every virtual second after "
@@ -235,7 +235,7 @@ def _plots(res: dict[str, list[Summary]], sizes: list[int], out: Path) -> None:
     if fp:
         fig, ax = plt.subplots(figsize=(6, 4))
         for lg in (True, False):
-            rs = [r for r in fp if r["lifeguard"] is lg and not r.get("tcp_fallback", True)]
+            rs = [r for r in fp if r["lifeguard"] is lg and not r["tcp_fallback"]]
             ax.plot([r["loss"] * 100 for r in rs], [r["dead_origin_per_h"] + 0.1 for r in rs], "o-",
                     label=f"dead declarations, Lifeguard {'on' if lg else 'off'}, UDP only")
             ax.plot([r["loss"] * 100 for r in rs], [r["suspect_origin_per_h"] + 0.1 for r in rs], "x--",
