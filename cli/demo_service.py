@@ -36,8 +36,7 @@ from cli.client import ApiError, call
 if TYPE_CHECKING:
     import trio
 
-# trio and h11 are imported by the server's functions only: cli/main.py imports this module for
-# OneLineErrors, and every `mesh-agent` command would otherwise pay for them at start.
+# trio and h11 are imported by the server's functions only: `demo-client` does without them.
 
 #: A connection with no complete request for this long is closed: a stuck
 #: client must not hold a task forever.
@@ -50,17 +49,6 @@ class BadInput(click.ClickException):
     """Bad input from the command line: one line and exit status 2, like the agent's flags."""
 
     exit_code = 2
-
-
-class OneLineErrors(click.Command):
-    """A command whose bad flags get one line (no usage block), as the project's CLI promises."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            exc.ctx = None  # without a context, click prints only "Error: ..."
-            raise
 
 
 @dataclass

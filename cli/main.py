@@ -16,7 +16,6 @@ from urllib.parse import quote, urlencode
 import click
 
 from cli.client import ApiError, call
-from cli.demo_service import OneLineErrors
 
 DEFAULT_API = "127.0.0.1:7947"
 STATUSES = ("alive", "suspect", "dead", "left")
@@ -26,6 +25,17 @@ api_option = click.option(
     help="Address of the local agent's API.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
+
+
+class OneLineErrors(click.Command):
+    """A command whose bad flags get one line (no usage block), as the project's CLI promises."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.ctx = None  # without a context, click prints only "Error: ..."
+            raise
 
 
 def _fail(msg: str, code: int = 1) -> NoReturn:
