@@ -75,6 +75,8 @@ QUERY_MEMORY = 120.0
 #: Up to this many members, gossip targets are sampled from a full scan (exact);
 #: above it, by random probes into the name list (memberlist's kRandomNodes).
 _EXACT_SAMPLE_MAX = 64
+#: Settling push-pulls after one join at most (see Membership._settle_pending).
+SETTLE_MAX = 3
 
 #: A push-pull's refusal when it came from this agent itself (a seed list naming it).
 SELF_REFUSAL = "that is this agent itself"
@@ -107,7 +109,8 @@ class StartPushPull:
 
     target: Address
     #: "join" (seed retry loop), "sync" (periodic anti-entropy), "reconnect"
-    #: (a member marked dead), or "explicit" (a join asked for through the API).
+    #: (a member marked dead), "explicit" (a join asked for through the API), or
+    #: "settle" (a full exchange once news of new members stops after a join).
     purpose: str
 
 
@@ -276,9 +279,14 @@ class Membership:
         #: After a join: one push-pull with a random member once news of new
         #: members stops (GossipConfig.settle_quiet), which catches the few
         #: members an epidemic with bounded retransmits may still have missed,
-        #: instead of waiting for the next periodic push-pull.
+        #: instead of waiting for the next periodic push-pull.  A settle that
+        #: itself brings news means the quiet was a lull, not the end of the
+        #: burst: another follows, up to SETTLE_MAX per join.
         self._settle_pending = False
+        self._settle_left = 0
         self._last_news = 0.0
+        #: New members learned so far (a settle compares it before and after).
+        self._news = 0
         #: Members our UDP probes miss but TCP reaches (a firewall dropping UDP,
         #: most likely): name -> when that was last seen.
         self.udp_blocked: dict[str, float] = {}
@@ -357,9 +365,10 @@ class Membership:
         self._tick_join(now)
         if self._settle_pending and now >= self._last_news + self.config.settle_quiet():
             self._settle_pending = False
-            # A lite sync: nothing to send but names and incarnations when all agree,
-            # and a full exchange follows if the peer knows someone we do not.
-            if self._sync_with_random_peer():
+            # A full exchange, not a lite one: a settle is expected to find a member
+            # or two we lack, and a lite reply would cost a second round trip for them.
+            if self._settle_left > 0 and self._sync_with_random_peer("settle"):
+                self._settle_left -= 1
                 self.counters.stats["settle_syncs"] += 1
         if now >= self._next_reap:
             self._reap(now)
@@ -588,12 +597,16 @@ class Membership:
                 reason = f"refused by {remote.source}: {remote.refused}"
                 self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
             else:
+                news = self._news
                 self._merge(now, remote)
                 self._merge_delegate(remote.delegate)
                 self.counters.stats["push_pull_out"] += 1
                 ok, reason = True, ""
+                if purpose == "settle" and self._news != news:
+                    self._settle_pending = True  # the burst was still spreading: settle again
                 if purpose in ("join", "explicit"):
                     self._settle_pending = True
+                    self._settle_left = SETTLE_MAX
                     self._last_news = now
                     # Announce ourselves to the members we just learned about
                     # now, rather than at the next gossip tick.
@@ -816,6 +829,12 @@ class Membership:
             ):
                 self._refute(now, a.incarnation, "stale alive about this agent")
             return
+        m = self.members.get(a.name)
+        if (m is not None and a.identity is not None and a.identity == m.identity and a.addr == m.addr
+                and a.incarnation <= m.incarnation):
+            # Old news from the key bound to this name (a join burst repeats every alive a
+            # dozen times): whatever its signature says, it would change nothing below.
+            return
         # Names bound to keys (gossip.signing): a signed cluster takes only signed alives.
         if a.identity is not None:
             if not self._signature_ok(a):
@@ -824,7 +843,6 @@ class Membership:
         elif self.signer is not None:
             self.drop("unsigned_alive")
             return
-        m = self.members.get(a.name)
         if m is None:
             m = Member(a.name, a.addr, a.incarnation, Status.ALIVE, dict(a.tags), now, state=a.state,
                        tunnel=a.tunnel, identity=a.identity, sig=a.sig)
@@ -840,6 +858,7 @@ class Membership:
             self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
                         previous="none", incarnation=a.incarnation, reason="joined")
             self._last_news = now
+            self._news += 1
             if spread_new:
                 self._broadcast(a.name, a)
             return
@@ -1161,12 +1180,12 @@ class Membership:
         self._next_push_pull = now + self.config.push_pull_scaled(self.num_up())
         self._sync_with_random_peer()
 
-    def _sync_with_random_peer(self) -> bool:
-        """A periodic-style ("sync") push-pull with a random alive member; False if there is none."""
+    def _sync_with_random_peer(self, purpose: str = "sync") -> bool:
+        """A push-pull with a random alive member; False if there is none."""
         peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
         if not peers or self.leaving:
             return False
-        self._outbox.append(StartPushPull(self.rng.choice(peers).addr, "sync"))
+        self._outbox.append(StartPushPull(self.rng.choice(peers).addr, purpose))
         return True
 
     def _start_reconnect(self, now: float) -> None:

@@ -23,7 +23,7 @@ from simnet import SimNet
 from gossip.config import LAN, LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Status, overrides
-from gossip.swim import Event, Membership, SendPacket, StartPushPull, TcpProbe
+from gossip.swim import SETTLE_MAX, Event, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
     Ack,
     Address,
@@ -920,12 +920,47 @@ def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:
     joiner.tick(0.3 + quiet)
     [settle] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
     assert isinstance(settle, StartPushPull)
-    assert settle.purpose == "sync" and settle.target in {A("s"), A("p1"), A("p2"), A("late")}
+    assert settle.purpose == "settle" and settle.target in {A("s"), A("p1"), A("p2"), A("late")}
     assert joiner.counters.stats["settle_syncs"] == 1
-    for t in (1.0, 2.0, 3.0):  # once only
+    # The settle finds nothing new: the burst is over, and later news starts no other.
+    peer = machine("s", ["p1", "p2", "j", "late"])
+    reply = peer.handle_stream(0.4, A("j"), joiner.push_pull_payload(False))
+    assert joiner.complete_push_pull(0.4, settle.target, "settle", reply)[0]
+    for t in (1.0, 2.0, 3.0):
         feed(joiner, t, Alive(f"later{t}", 0, A(f"later{t}")))
         joiner.tick(t + quiet)
-        assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull) and s.purpose == "sync"] == []
+        assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
+    assert joiner.counters.stats["settle_syncs"] == 1
+
+
+def test_a_settle_that_finds_news_is_followed_by_another_up_to_the_cap() -> None:
+    """A lull in a burst of joins looks like its end; the settle then learns of members the
+    epidemic has not brought yet, and one more settle follows once the news stops again."""
+    cfg = LAN
+    quiet = cfg.settle_quiet()
+    seed = machine("s", ["p1"])
+    joiner = Membership("j", A("j"), cfg, rng=random.Random(1))
+    joiner.join(0.0, [A("s")])
+    drain(joiner)
+    reply = seed.handle_stream(0.0, A("j"), joiner.push_pull_payload(True))
+    assert joiner.complete_push_pull(0.0, A("s"), "join", reply)[0]
+    drain(joiner)
+    now = 0.0
+    known = ["p1", "j"]
+    for round_ in range(SETTLE_MAX + 2):
+        now += quiet
+        joiner.tick(now)
+        starts = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+        if round_ >= SETTLE_MAX:
+            assert starts == []  # the cap: a cluster still churning is left to periodic syncs
+            continue
+        [settle] = starts
+        assert settle.purpose == "settle"
+        known.append(f"new{round_}")  # the peer knows a member we have not heard of yet
+        reply = machine("s", known).handle_stream(now, A("j"), joiner.push_pull_payload(False))
+        assert joiner.complete_push_pull(now, settle.target, "settle", reply)[0]
+        assert status(joiner, f"new{round_}") == "alive"
+    assert joiner.counters.stats["settle_syncs"] == SETTLE_MAX
 
 
 def test_join_retries_with_backoff_until_a_seed_answers() -> None:
