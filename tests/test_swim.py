@@ -935,7 +935,8 @@ def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:
 
 def test_a_settle_that_finds_news_is_followed_by_another_up_to_the_cap() -> None:
     """A lull in a burst of joins looks like its end; the settle then learns of members the
-    epidemic has not brought yet, and one more settle follows once the news stops again."""
+    epidemic has not brought yet, and one more settle follows once the news stops again,
+    after a quiet twice as long."""
     cfg = LAN
     quiet = cfg.settle_quiet()
     seed = machine("s", ["p1"])
@@ -948,7 +949,10 @@ def test_a_settle_that_finds_news_is_followed_by_another_up_to_the_cap() -> None
     now = 0.0
     known = ["p1", "j"]
     for round_ in range(SETTLE_MAX + 2):
-        now += quiet
+        wait = quiet * 2 ** min(round_, SETTLE_MAX)  # each lull waited out twice as long as the last
+        joiner.tick(now + wait - 0.001)
+        assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
+        now += wait
         joiner.tick(now)
         starts = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
         if round_ >= SETTLE_MAX:
