@@ -60,9 +60,12 @@ def test_garbage_on_udp_and_tcp_is_dropped_and_counted(cluster: Cluster, cluster
         s.sendall((1 << 31).to_bytes(4, "big"))
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"\x00\x00")  # truncated header, then close
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall((3).to_bytes(4, "big") + b"abc" + b"more")  # bytes after the one frame a push-pull sends
 
     expected = {"decrypt": 3, "malformed": 2, "truncated": 1, "version": 1, "unknown_type": 1,
-                "oversized": 1, "tcp_oversized": 1, "tcp_timeout": 1, "tcp_truncated": 1}
+                "oversized": 1, "tcp_oversized": 1, "tcp_timeout": 1, "tcp_truncated": 1,
+                "tcp_trailing": 1}
 
     def all_counted() -> bool:
         d = drops(target)
