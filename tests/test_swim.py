@@ -903,16 +903,20 @@ def test_a_push_pull_names_the_members_still_being_spread_and_the_receiver_sprea
     assert status(joiner, "p1") == "alive"
 
 
-def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:
-    cfg = LAN
-    quiet = cfg.settle_quiet()
-    seed = machine("s", ["p1", "p2"])
-    joiner = Membership("j", A("j"), cfg, rng=random.Random(1))
-    joiner.join(0.0, [A("s")])
+def _joined_through(seed: Membership) -> Membership:
+    """A new member "j" (lan timing) that has just joined through ``seed`` at time 0."""
+    joiner = Membership("j", A("j"), LAN, rng=random.Random(1))
+    joiner.join(0.0, [seed.addr])
     drain(joiner)
     reply = seed.handle_stream(0.0, A("j"), joiner.push_pull_payload(True))
-    assert joiner.complete_push_pull(0.0, A("s"), "join", reply)[0]
+    assert joiner.complete_push_pull(0.0, seed.addr, "join", reply)[0]
     drain(joiner)
+    return joiner
+
+
+def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:
+    quiet = LAN.settle_quiet()
+    joiner = _joined_through(machine("s", ["p1", "p2"]))
     feed(joiner, 0.3, Alive("late", 0, A("late")))  # news: the quiet period starts again
     assert joiner.next_deadline() <= 0.3 + quiet
     joiner.tick(0.3 + quiet - 0.001)
@@ -937,15 +941,8 @@ def test_a_settle_that_finds_news_is_followed_by_another_up_to_the_cap() -> None
     """A lull in a burst of joins looks like its end; the settle then learns of members the
     epidemic has not brought yet, and one more settle follows once the news stops again,
     after a quiet twice as long."""
-    cfg = LAN
-    quiet = cfg.settle_quiet()
-    seed = machine("s", ["p1"])
-    joiner = Membership("j", A("j"), cfg, rng=random.Random(1))
-    joiner.join(0.0, [A("s")])
-    drain(joiner)
-    reply = seed.handle_stream(0.0, A("j"), joiner.push_pull_payload(True))
-    assert joiner.complete_push_pull(0.0, A("s"), "join", reply)[0]
-    drain(joiner)
+    quiet = LAN.settle_quiet()
+    joiner = _joined_through(machine("s", ["p1"]))
     now = 0.0
     known = ["p1", "j"]
     for round_ in range(SETTLE_MAX + 2):
