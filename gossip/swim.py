@@ -75,6 +75,8 @@ QUERY_MEMORY = 120.0
 #: Up to this many members, gossip targets are sampled from a full scan (exact);
 #: above it, by random probes into the name list (memberlist's kRandomNodes).
 _EXACT_SAMPLE_MAX = 64
+#: Live members a leaving agent tells directly, besides gossiping its leave.
+LEAVE_DIRECT = 32
 #: Settling push-pulls after one join at most (see Membership._settle_pending).
 SETTLE_MAX = 5
 
@@ -437,6 +439,13 @@ class Membership:
         self._set_status(now, self.me, Status.LEFT, "leave requested")
         self._broadcast(self.name, d)
         self._gossip_round(now)
+        # Said once, so said directly too, to up to LEAVE_DIRECT live members: its few
+        # gossip transmissions go to random targets, members recently dead among them, and
+        # one member in ~25 of a small cluster heard it only seconds later (the epidemic
+        # from those told carries it beyond).
+        up = [m for m in self.members.values() if m.name != self.name and m.status.up]
+        for m in self.rng.sample(up, min(LEAVE_DIRECT, len(up))):
+            self._send_only(m.addr, [d])
 
     def leave_spread(self, now: float) -> bool:
         """True once our leave has been sent its full retransmit budget."""
@@ -1443,6 +1452,13 @@ class Membership:
         budget = self._packet_budget - sum(len(e) for e in encoded)
         limit = self.config.retransmit_limit(self.num_up())
         encoded.extend(self.broadcasts.get(budget, limit))
+        self._send_encoded(addr, encoded)
+
+    def _send_only(self, addr: Address, msgs: list[Message]) -> None:
+        """A datagram of ``msgs`` alone, with no queued broadcasts riding along."""
+        self._send_encoded(addr, [encode_message(m) for m in msgs])
+
+    def _send_encoded(self, addr: Address, encoded: list[bytes]) -> None:
         if not encoded:
             return
         payload = pack_packet(encoded)

@@ -23,7 +23,7 @@ from simnet import SimNet
 from gossip.config import LAN, LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Status, overrides
-from gossip.swim import SETTLE_MAX, Event, Membership, SendPacket, StartPushPull, TcpProbe
+from gossip.swim import LEAVE_DIRECT, SETTLE_MAX, Event, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
     Ack,
     Address,
@@ -1142,7 +1142,8 @@ def test_leave_spread_waits_for_the_retransmit_budget() -> None:
     pump(m, 2.0, answering(peers))
     m.leave(2.0)
     leave = Dead("a", 0, "a")
-    sent = sum(msgs.count(leave) for msgs in drain(m).to_all())
+    # Every live peer is told directly (below LEAVE_DIRECT); the rest is its gossip budget.
+    sent = sum(msgs.count(leave) for msgs in drain(m).to_all()) - len(peers)
     assert 0 < sent < LOCAL.retransmit_limit(10)
     assert not m.leave_spread(2.0)
     now = 2.0
@@ -1152,6 +1153,19 @@ def test_leave_spread_waits_for_the_retransmit_budget() -> None:
         m.tick(now)
         sent += sum(msgs.count(leave) for msgs in drain(m).to_all())
     assert sent == LOCAL.retransmit_limit(10)
+
+
+def test_a_leave_is_told_directly_to_live_members_up_to_a_bound() -> None:
+    peers = [f"p{i}" for i in range(LEAVE_DIRECT + 10)]
+    m = machine("a", [*peers, "gone"])
+    feed(m, 1.0, Dead("gone", 0, "p0"))
+    m.leave(1.0)
+    out = drain(m, 1.0)
+    told = {dst for _, dst, _, msgs in out.packets if msgs == [Dead("a", 0, "a")]}
+    assert len(told) == LEAVE_DIRECT and told <= set(peers)  # never the dead, never more
+    small = machine("a", ["b", "c"])
+    small.leave(1.0)
+    assert {dst for _, dst, _, msgs in drain(small, 1.0).packets if msgs == [Dead("a", 0, "a")]} == {"b", "c"}
 
 
 def test_leave_spread_when_only_long_dead_members_remain() -> None:
