@@ -399,12 +399,15 @@ class Agent:
     async def _tcp_probe(self, eff: TcpProbe) -> None:
         """memberlist's fallback ping: the same Ping over TCP, answered before the probe ends."""
         reply: bytes | None = None
+        refused = False
         with trio.move_on_at(eff.deadline):
             try:
                 reply = await self._exchange(eff.addr, eff.payload)
-            except (OSError, OpenError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
+            except OSError as exc:
+                refused = _refused(exc)
+            except (OpenError, FrameError, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-        self.membership.complete_tcp_probe(trio.current_time(), eff.seq, reply)
+        self.membership.complete_tcp_probe(trio.current_time(), eff.seq, reply, refused)
         await self.flush()
 
     async def _fetch_state(self, node: str, addr: Address) -> None:
@@ -566,6 +569,16 @@ class Agent:
             self.log.info(kind, **fields)
         else:
             self.log.debug(kind, **fields)
+
+
+def _refused(exc: OSError) -> bool:
+    """Was this connect refused by the far host?  trio.open_tcp_stream wraps the
+    attempts' errors in an ExceptionGroup, the cause of the OSError it raises."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    group = exc.__cause__
+    errors = group.exceptions if isinstance(group, BaseExceptionGroup) else ()
+    return bool(errors) and all(isinstance(e, ConnectionRefusedError) for e in errors)
 
 
 def _bind_error(what: str, addr: Address, exc: OSError) -> str:

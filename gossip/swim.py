@@ -1055,11 +1055,26 @@ class Membership:
             self._probe_index = 0
         return None
 
-    def complete_tcp_probe(self, now: float, seq: int, reply: bytes | None) -> None:
-        """The TCP fallback probe ``seq`` ended: ``reply`` is what came back (None: nothing)."""
+    def complete_tcp_probe(self, now: float, seq: int, reply: bytes | None, refused: bool = False) -> None:
+        """The TCP fallback probe ``seq`` ended: ``reply`` is what came back (None: nothing).
+
+        ``refused``: the connection was refused (a reset from the target's own host):
+        the host is reachable and nothing listens on the member's gossip port, so its
+        agent is gone -- killed, crashed, or stopped without a leave.  Helpers' ping-reqs
+        cannot change that answer, so the probe fails now rather than at the end of its
+        period: a crashed agent is suspected half a protocol period sooner.  (A firewall
+        that answers for the host with resets, while dropping our UDP, would get the
+        member suspected; it refutes as soon as the suspicion reaches it.)
+        """
         self._now = now
         p = self._probe
-        if p is None or p.seq != seq or reply is None:
+        if p is None or p.seq != seq:
+            return
+        if reply is None:
+            if refused and not p.tcp_ok:
+                self._probe = None
+                self.counters.stats["probes_refused"] += 1
+                self._probe_failed(now, p, refused=True)
             return
         try:
             msgs = decode_stream(reply)
@@ -1089,7 +1104,7 @@ class Membership:
         p.expected_nacks = len(chosen) if self.config.lifeguard else 0
         self.counters.stats["ping_reqs"] += len(chosen)
 
-    def _probe_failed(self, now: float, p: _Probe) -> None:
+    def _probe_failed(self, now: float, p: _Probe, refused: bool = False) -> None:
         if p.tcp_ok:
             # Reached over TCP only: the member is up, the UDP path to it is not.
             # Say so (once, until UDP works again) rather than accuse it.
@@ -1101,8 +1116,12 @@ class Membership:
             Member.changes += 1  # member views show it
             self.counters.stats["tcp_fallback_saves"] += 1
             return
-        # Lifeguard: missing nacks mean our own links are at fault, not the target's.
-        if p.expected_nacks > 0:
+        # Lifeguard: missing nacks mean our own links are at fault, not the target's --
+        # unless the target's host refused us, which shows our links work (the nacks
+        # are not due yet then).
+        if refused:
+            pass
+        elif p.expected_nacks > 0:
             self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
         else:
             self.awareness.apply_delta(1)

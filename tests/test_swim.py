@@ -750,6 +750,55 @@ def test_without_tcp_either_the_member_is_suspected() -> None:
     assert status(m, "b") in ("suspect", "dead") and "b" not in m.udp_blocked
 
 
+def _probe_until_tcp_fallback(m: Membership) -> tuple[float, TcpProbe]:
+    """Run ``m`` (whose peers never answer UDP) until its probe sends the TCP fallback ping."""
+    now = 0.0
+    for _ in range(20):
+        now = m.next_deadline()
+        m.tick(now)
+        fallbacks = [e for e in m.drain()[0] if isinstance(e, TcpProbe)]
+        if fallbacks:
+            return now, fallbacks[0]
+    raise AssertionError("no TCP fallback ping was sent")
+
+
+def test_a_refused_tcp_fallback_fails_the_probe_at_once() -> None:
+    """The target's host reset the connection: its agent is gone, and helpers cannot
+    change that, so it is suspected now rather than at the end of the period."""
+    m = machine("a", ["b", "c", "d"])
+    now, fallback = _probe_until_tcp_fallback(m)
+    target = next(n for n, x in m.members.items() if x.addr == fallback.addr)
+    assert status(m, target) == "alive" and now < fallback.deadline
+    m.complete_tcp_probe(now + 0.001, fallback.seq, None, refused=True)
+    assert status(m, target) == "suspect"
+    assert m.counters.stats["probes_refused"] == 1
+    assert m.awareness.score == 0  # nacks not due yet are no sign of our own trouble
+    # The helpers' late answers, and the period's end, change nothing more.
+    feed(m, now + 0.4, Nack(fallback.seq, "c"), src="c")
+    m.tick(fallback.deadline)
+    assert m.counters.stats["probe_failures"] == 1 and m.awareness.score == 0
+
+
+def test_a_tcp_fallback_that_just_got_no_answer_waits_for_the_period() -> None:
+    m = machine("a", ["b", "c", "d"])
+    now, fallback = _probe_until_tcp_fallback(m)
+    target = next(n for n, x in m.members.items() if x.addr == fallback.addr)
+    m.complete_tcp_probe(now + 0.001, fallback.seq, None)  # timed out or cut: not a refusal
+    m.complete_tcp_probe(now + 0.001, fallback.seq + 1, None, refused=True)  # another probe's
+    assert status(m, target) == "alive" and m.counters.stats["probes_refused"] == 0
+    m.tick(fallback.deadline)
+    assert status(m, target) == "suspect"
+
+
+def test_a_refusal_after_the_target_answered_changes_nothing() -> None:
+    m = machine("a", ["b", "c", "d"])
+    now, fallback = _probe_until_tcp_fallback(m)
+    target = next(n for n, x in m.members.items() if x.addr == fallback.addr)
+    feed(m, now + 0.01, Ack(fallback.seq, target), src=target)  # an indirect ack came through
+    m.complete_tcp_probe(now + 0.02, fallback.seq, None, refused=True)
+    assert status(m, target) == "alive" and m.counters.stats["probes_refused"] == 0
+
+
 def test_a_tcp_ping_is_answered_only_by_its_target() -> None:
     m = machine("a", ["b"])
     reply = m.handle_stream(1.0, A("b"), encode_packet([Ping(9, "a", "b")]))
