@@ -371,7 +371,7 @@ class Membership:
             self._settle_pending = False
             # A full exchange, not a lite one: a settle is expected to find a member
             # or two we lack, and a lite reply would cost a second round trip for them.
-            if self._settle_left > 0 and self._sync_with_random_peer("settle"):
+            if self._sync_with_random_peer("settle"):
                 self._settle_left -= 1
                 self.counters.stats["settle_syncs"] += 1
         if now >= self._next_reap:
@@ -613,7 +613,7 @@ class Membership:
                 self._merge_delegate(remote.delegate)
                 self.counters.stats["push_pull_out"] += 1
                 ok, reason = True, ""
-                if purpose == "settle" and self._news != news:
+                if purpose == "settle" and self._news != news and self._settle_left > 0:
                     self._settle_pending = True  # the burst was still spreading: settle again
                 if purpose in ("join", "explicit"):
                     self._settle_pending = True
@@ -1071,7 +1071,7 @@ class Membership:
         if p is None or p.seq != seq:
             return
         if reply is None:
-            if refused and not p.tcp_ok:
+            if refused:
                 self._probe = None
                 self.counters.stats["probes_refused"] += 1
                 self._probe_failed(now, p, refused=True)
@@ -1119,12 +1119,11 @@ class Membership:
         # Lifeguard: missing nacks mean our own links are at fault, not the target's --
         # unless the target's host refused us, which shows our links work (the nacks
         # are not due yet then).
-        if refused:
-            pass
-        elif p.expected_nacks > 0:
-            self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
-        else:
-            self.awareness.apply_delta(1)
+        if not refused:
+            if p.expected_nacks > 0:
+                self.awareness.apply_delta(max(0, p.expected_nacks - p.nacks))
+            else:
+                self.awareness.apply_delta(1)
         self.counters.stats["probe_failures"] += 1
         m = self.members.get(p.target)
         if m is not None and m.status.up:
@@ -1212,7 +1211,7 @@ class Membership:
 
     def _settle_due(self) -> float:
         done = SETTLE_MAX - self._settle_left
-        return self._last_news + self.config.settle_quiet() * 2.0 ** max(0, done)
+        return self._last_news + self.config.settle_quiet() * 2.0 ** done
 
     def _sync_with_random_peer(self, purpose: str = "sync") -> bool:
         """A push-pull with a random alive member; False if there is none."""
