@@ -264,25 +264,23 @@ class Agent:
         assert self._udp is not None
         udp = self._udp
         while True:
-            try:
-                data, raw_src = await udp.recvfrom()
-            except OSError as exc:
-                # ICMP errors surface here on Linux (ECONNREFUSED); they are not ours.
-                self.io["recv_errors"] += 1
-                self.log.debug("udp_recv_error", error=exc.strerror)
-                continue
-            self._receive_datagram(data, raw_src)
+            await udp.wait_readable()
             # A burst (a join, a round of gossip from several members) is
             # handled in one wake-up and answered with one flush.
             for _ in range(UDP_BURST):
                 try:
                     more = udp.recv_nowait()
                 except OSError:
-                    self.io["recv_errors"] += 1  # as above; the next recvfrom() goes on
-                    break
+                    # A pending ICMP error, reported once; the error queue has
+                    # its details and the next receive goes on.
+                    self.io["recv_errors"] += 1
+                    continue
                 if more is None:
                     break
                 self._receive_datagram(*more)
+            for addr in udp.unreachable():
+                self.io["udp_unreachable"] += 1
+                self.membership.port_unreachable(trio.current_time(), addr)
             await self.flush()
 
     def _receive_datagram(self, data: bytes, raw_src: tuple[object, ...]) -> None:

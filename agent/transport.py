@@ -8,7 +8,9 @@ buffer without bound.
 
 from __future__ import annotations
 
+import errno
 import socket as _stdsocket
+import struct
 
 import trio
 
@@ -17,6 +19,18 @@ from gossip.wire import Address
 
 MAX_FRAME = 16 * 1024 * 1024
 UDP_RECV_BUFFER = 65536
+
+# Linux's per-socket ICMP error reporting (<linux/in.h>, <linux/in6.h>, <linux/errqueue.h>);
+# the socket module does not name them.
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_SO_EE_ORIGIN_ICMP = 2
+_SO_EE_ORIGIN_ICMP6 = 3
+_SOCK_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
+#: Errors that a send can report on behalf of an *earlier* datagram's ICMP error.
+_DEFERRED_ICMP = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+#: Error-queue entries read per wake-up, so that a flood of ICMP cannot hold the loop.
+ERRQUEUE_BURST = 64
 
 
 class FrameError(Exception):
@@ -66,6 +80,15 @@ class DatagramSocket:
     the address is not a literal do we fall back to trio, which waits properly.
     On the receive side, ``recv_nowait`` lets the agent drain a burst of
     datagrams in one wake-up.
+
+    ICMP "port unreachable" is asked for (IP_RECVERR): when a member's agent is
+    killed, its host answers our ping with it at once, and the probe need not
+    wait out its timeout to learn that (see ``Membership.port_unreachable``).
+    Without IP_RECVERR Linux drops ICMP errors for unconnected UDP sockets.  With
+    it, the error is queued on the socket; the next send or receive also
+    reports it once as an OSError, which says nothing about *that* call's
+    datagram, so a send retries once.  The queue must be drained
+    (``unreachable``), or epoll keeps reporting the socket as ready.
     """
 
     _LITERAL_CACHE_MAX = 4096
@@ -75,6 +98,7 @@ class DatagramSocket:
         self.raw = raw
         self.sock = trio.socket.from_stdlib_socket(raw)
         self._literal: dict[str, bool] = {}
+        self.icmp = _ask_for_icmp_errors(raw)
 
     def _fast(self, host: str) -> bool:
         ok = self._literal.get(host)
@@ -90,6 +114,16 @@ class DatagramSocket:
         return ok
 
     async def sendto(self, data: bytes, addr: Address) -> None:
+        try:
+            await self._sendto(data, addr)
+        except OSError as exc:
+            if not self.icmp or exc.errno not in _DEFERRED_ICMP:
+                raise
+            # An earlier datagram's ICMP error, reported by this call; this
+            # datagram was not sent.  The error queue keeps the details.
+            await self._sendto(data, addr)
+
+    async def _sendto(self, data: bytes, addr: Address) -> None:
         if self._fast(addr[0]):
             try:
                 self.raw.sendto(data, addr)
@@ -98,20 +132,56 @@ class DatagramSocket:
                 pass
         await self.sock.sendto(data, addr)
 
-    async def recvfrom(self) -> tuple[bytes, tuple[object, ...]]:
-        data, src = await self.sock.recvfrom(UDP_RECV_BUFFER)
-        return data, src
+    async def wait_readable(self) -> None:
+        """Until a datagram or an ICMP error is queued (a checkpoint either way)."""
+        await trio.lowlevel.wait_readable(self.raw)
 
     def recv_nowait(self) -> tuple[bytes, tuple[object, ...]] | None:
-        """A datagram already queued in the kernel, or None."""
+        """A datagram already queued in the kernel, or None.  Raises OSError
+        for a pending ICMP error (once per error; the next call goes on)."""
         try:
             data, src = self.raw.recvfrom(UDP_RECV_BUFFER)
         except BlockingIOError:
             return None
         return data, src
 
+    def unreachable(self) -> list[Address]:
+        """Drain the ICMP error queue: the addresses whose host said "port unreachable"."""
+        out: list[Address] = []
+        if not self.icmp:
+            return out
+        for _ in range(ERRQUEUE_BURST):
+            try:
+                _, ancdata, _, dest = self.raw.recvmsg(1, 512, _stdsocket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            for level, kind, body in ancdata:
+                if (level, kind) not in ((_stdsocket.IPPROTO_IP, _IP_RECVERR),
+                                         (_stdsocket.IPPROTO_IPV6, _IPV6_RECVERR)):
+                    continue
+                if len(body) < _SOCK_EXTENDED_ERR.size:
+                    continue
+                ee_errno, origin, _type, _code, _pad, _info, _data = _SOCK_EXTENDED_ERR.unpack_from(body)
+                # Port unreachable (ICMP 3/3, ICMPv6 1/4) is the one the kernel maps to ECONNREFUSED.
+                if ee_errno == errno.ECONNREFUSED and origin in (_SO_EE_ORIGIN_ICMP, _SO_EE_ORIGIN_ICMP6):
+                    out.append(normalize(dest))
+        return out
+
     def close(self) -> None:
         self.sock.close()
+
+
+def _ask_for_icmp_errors(raw: _stdsocket.socket) -> bool:
+    """Turn on IP_RECVERR (and IPV6_RECVERR on a v6 socket); False where it is not available."""
+    try:
+        raw.setsockopt(_stdsocket.IPPROTO_IP, _IP_RECVERR, 1)
+        if raw.family == _stdsocket.AF_INET6:
+            raw.setsockopt(_stdsocket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
+    except OSError:
+        return False
+    return True
 
 
 async def open_udp(bind: Address) -> DatagramSocket:

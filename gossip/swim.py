@@ -1084,6 +1084,27 @@ class Membership:
         if len(msgs) == 1 and isinstance(msgs[0], Ack) and msgs[0].seq == seq and msgs[0].source == p.target:
             p.tcp_ok = True
 
+    def port_unreachable(self, now: float, addr: Address) -> None:
+        """The host at ``addr`` said nothing listens on that UDP port (ICMP port unreachable).
+
+        If that is the member we are probing, its direct ping has failed already: waiting
+        out the probe timeout would only delay the same verdict.  The indirect phase
+        starts now -- the TCP fallback ping and the ping-reqs -- so that the TCP ping
+        decides: refused (the agent is gone) fails the probe at once; answered (UDP is
+        rejected by a firewall, TCP gets through) keeps the member alive as before.  The
+        ICMP alone never fails a probe: rejecting UDP is a common firewall setting, and
+        an off-path forger of ICMP should not be able to get a member suspected.
+        """
+        self._now = now
+        p = self._probe
+        if p is None or p.indirect_sent:
+            return
+        target = self.members.get(p.target)
+        if target is None or target.addr != addr:
+            return
+        self.counters.stats["probes_unreachable"] += 1
+        self._send_indirect(now, p)
+
     def _send_indirect(self, now: float, p: _Probe) -> None:
         p.indirect_sent = True
         target = self.members.get(p.target)

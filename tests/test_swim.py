@@ -40,6 +40,7 @@ from gossip.wire import (
     decode_packet,
     decode_stream,
     encode_packet,
+    encode_stream,
     pack_packet,
 )
 
@@ -797,6 +798,60 @@ def test_a_refusal_after_the_target_answered_changes_nothing() -> None:
     feed(m, now + 0.01, Ack(fallback.seq, target), src=target)  # an indirect ack came through
     m.complete_tcp_probe(now + 0.02, fallback.seq, None, refused=True)
     assert status(m, target) == "alive" and m.counters.stats["probes_refused"] == 0
+
+
+def _probe_started(m: Membership) -> tuple[float, str, int]:
+    """Run ``m`` until a probe's direct ping is out: (now, target, seq)."""
+    for _ in range(20):
+        now = m.next_deadline()
+        m.tick(now)
+        p = m._probe  # type: ignore[attr-defined]
+        if p is not None and not p.indirect_sent:
+            m.drain()
+            return now, p.target, p.seq
+    raise AssertionError("no probe started")
+
+
+def test_port_unreachable_starts_the_indirect_phase_at_once() -> None:
+    """ICMP port unreachable for the probe's target: the TCP ping and the ping-reqs
+    go out now, and the TCP ping's refusal fails the probe well before its timeout."""
+    m = machine("a", ["b", "c", "d"])
+    now, target, seq = _probe_started(m)
+    m.port_unreachable(now + 0.001, A(target))
+    out = drain(m, now + 0.001)
+    fallbacks = [e for e in out.push_pulls if isinstance(e, TcpProbe)]
+    assert [(f.addr, f.seq) for f in fallbacks] == [(A(target), seq)]
+    assert any(isinstance(msgs[0], PingReq) for _, _, _, msgs in out.packets)
+    assert status(m, target) == "alive"  # the ICMP alone accuses no one
+    assert m.counters.stats["probes_unreachable"] == 1
+    m.complete_tcp_probe(now + 0.002, seq, None, refused=True)
+    assert status(m, target) == "suspect" and m.awareness.score == 0
+    assert now + 0.002 < now + LOCAL.probe_timeout
+
+
+def test_port_unreachable_with_tcp_answering_is_a_udp_firewall_not_a_death() -> None:
+    """A firewall that rejects UDP (iptables REJECT answers with port unreachable)
+    while TCP gets through: the member stays alive and is reported UDP-blocked."""
+    m = machine("a", ["b", "c", "d"])
+    now, target, seq = _probe_started(m)
+    m.port_unreachable(now + 0.001, A(target))
+    m.drain()
+    m.complete_tcp_probe(now + 0.002, seq, encode_stream([Ack(seq, target)]))
+    m.tick(now + LOCAL.probe_interval)
+    assert status(m, target) == "alive" and target in m.udp_blocked
+
+
+def test_port_unreachable_for_anyone_else_changes_nothing() -> None:
+    m = machine("a", ["b", "c", "d"])
+    now, target, seq = _probe_started(m)
+    other = next(n for n in ("b", "c", "d") if n != target)
+    m.port_unreachable(now + 0.001, A(other))
+    m.port_unreachable(now + 0.001, ("elsewhere.test", 1))
+    assert not [e for e in drain(m).push_pulls if isinstance(e, TcpProbe)]
+    feed(m, now + 0.002, Ack(seq, target), src=target)  # the probe succeeded
+    m.port_unreachable(now + 0.003, A(target))  # late: about some earlier datagram
+    assert not [e for e in drain(m).push_pulls if isinstance(e, TcpProbe)]
+    assert m.counters.stats["probes_unreachable"] == 0 and status(m, target) == "alive"
 
 
 def test_a_tcp_ping_is_answered_only_by_its_target() -> None:

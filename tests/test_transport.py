@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 import trio.testing
 
-from agent.transport import MAX_FRAME, FrameError, receive_frame, send_frame
+from agent.transport import MAX_FRAME, FrameError, open_udp, receive_frame, send_frame
 
 
 async def _receive_from(*pieces: bytes, close: bool = True) -> bytes:
@@ -49,3 +51,36 @@ async def test_an_oversized_length_is_refused_without_waiting_for_the_body() -> 
     with trio.fail_after(5):  # the peer keeps the stream open: nothing more will come
         with pytest.raises(FrameError, match="oversized"):
             await _receive_from((1 << 31).to_bytes(4, "big"), close=False)
+
+
+async def test_icmp_port_unreachable_is_reported_and_sends_go_on() -> None:
+    """A datagram to a port nothing listens on comes back as ICMP port unreachable:
+    the socket names the address (the probe uses it), and the next send -- which
+    the kernel answers with that earlier error -- still goes out."""
+    udp = await open_udp(("127.0.0.1", 0))
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    dead = closed.getsockname()
+    closed.close()
+    live = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    live.bind(("127.0.0.1", 0))
+    live.setblocking(False)
+    try:
+        assert udp.icmp
+        await udp.sendto(b"anyone?", dead)
+        with trio.fail_after(5):
+            await udp.wait_readable()  # the error wakes the receiver
+        await udp.sendto(b"hello", live.getsockname())  # reports the earlier error; resent
+        with trio.fail_after(5):
+            while True:
+                try:
+                    assert live.recv(64) == b"hello"
+                    break
+                except BlockingIOError:
+                    await trio.sleep(0.01)
+        assert udp.unreachable() == [dead]
+        assert udp.unreachable() == []  # drained
+        assert udp.recv_nowait() is None
+    finally:
+        udp.close()
+        live.close()
