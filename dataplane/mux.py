@@ -644,7 +644,7 @@ class Session:
 
     # -- input --------------------------------------------------------------------
 
-    def receive(self, record: bytes) -> list[Event]:
+    def receive(self, record: bytes | memoryview) -> list[Event]:
         self._check_alive()
         try:
             return self._receive(record)
@@ -652,7 +652,7 @@ class Session:
             self._fail(exc.reason)
             raise
 
-    def _receive(self, record: bytes) -> list[Event]:
+    def _receive(self, record: bytes | memoryview) -> list[Event]:
         events: list[Event] = []
         self.counters["records_in"] += 1
         for ftype, sid, payload in _iter_frames(record):

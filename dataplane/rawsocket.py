@@ -137,6 +137,35 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         finally:
             self._receiving = False
 
+    async def receive_into(self, buffer: memoryview) -> int:
+        """``receive_some`` into the caller's buffer: the count received, 0 at end of stream.
+
+        For a reader that keeps its own buffer: no bytes object per receive, and
+        no copy of it into the buffer afterwards.
+        """
+        if not len(buffer):
+            raise ValueError("receive_into needs a non-empty buffer")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            while True:
+                try:
+                    n = self._sock.recv_into(buffer)
+                except BlockingIOError:
+                    self._fair.waited()
+                    await trio.lowlevel.wait_readable(self._sock)
+                    continue
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+                await self._fair.quick()
+                return n
+        finally:
+            self._receiving = False
+
     # -- sending --------------------------------------------------------------------
 
     def try_send(self, data: bytes | bytearray | memoryview) -> int:

@@ -316,12 +316,6 @@ def _framed(message: bytes) -> bytes:
     return len(message).to_bytes(2, "big") + message
 
 
-def _append_framed(out: bytearray, message: bytes) -> None:
-    """``out += _framed(message)`` without building the framed copy first."""
-    out += len(message).to_bytes(2, "big")
-    out += message
-
-
 # -- interfaces -----------------------------------------------------------------------
 
 
@@ -345,44 +339,76 @@ StreamHandler = Callable[[str, bytes, "TunnelStream"], Awaitable[None]]
 
 
 class _Reader:
-    """Length-prefixed messages from a byte stream, with a buffer that survives the handshake."""
+    """Length-prefixed messages from a byte stream, with a buffer that survives the handshake.
 
-    __slots__ = ("_buf", "_stream")
+    The buffer is allocated once and never resized: a RawSocketStream receives
+    straight into its free tail (``receive_into``), and a message is handed out
+    as a view of it (``read_view``), which the session decrypts in place.  So a
+    transport message costs no allocation and no copy before the cipher.  When
+    the tail gets short, the unread bytes move to the front (at most one
+    message's worth, so the move is cheap next to the receive that follows).
+    """
+
+    __slots__ = ("_buf", "_end", "_start", "_stream", "_view")
+
+    #: Four maximal framed messages: a receive never has to stop short of _RECV_SIZE.
+    CAPACITY: Final = 4 * (2 + MAX_MESSAGE)
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
-        self._buf = bytearray()
+        self._buf = bytearray(self.CAPACITY)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
 
     async def _fill(self, n: int) -> bool:
-        while len(self._buf) < n:
-            chunk = await self._stream.receive_some(_RECV_SIZE)
-            if not chunk:
+        """At least ``n`` unread bytes (n <= 2 + MAX_MESSAGE); False if the stream ended first."""
+        while self._end - self._start < n:
+            if self.CAPACITY - self._end < _RECV_SIZE:
+                held = self._end - self._start
+                self._view[:held] = self._view[self._start : self._end]
+                self._start, self._end = 0, held
+            stream = self._stream
+            if isinstance(stream, RawSocketStream):
+                got = await stream.receive_into(self._view[self._end :])
+            else:
+                chunk = await stream.receive_some(min(_RECV_SIZE, self.CAPACITY - self._end))
+                got = len(chunk)
+                self._view[self._end : self._end + got] = chunk
+            if not got:
                 return False
-            self._buf += chunk
+            self._end += got
         return True
 
     async def read_exactly(self, n: int) -> bytes:
         """``n`` bytes, or fewer if the stream ended first."""
         await self._fill(n)
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
+        got = min(n, self._end - self._start)
+        data = bytes(self._view[self._start : self._start + got])
+        self._start += got
         return data
 
-    async def read_message(self, limit: int = MAX_MESSAGE) -> bytes | None:
-        """The next message; None on a clean end of stream between messages."""
+    async def read_view(self, limit: int = MAX_MESSAGE) -> memoryview | None:
+        """The next message as a view of the buffer, valid until the next read; None
+        on a clean end of stream between messages."""
         if not await self._fill(2):
-            if self._buf:
+            if self._end > self._start:
                 raise _Truncated
             return None
-        n = int.from_bytes(self._buf[:2], "big")
+        start = self._start
+        n = (self._buf[start] << 8) | self._buf[start + 1]
         if n > limit:
             raise _TooLong
         if not await self._fill(2 + n):
             raise _Truncated
-        with memoryview(self._buf) as view:
-            msg = bytes(view[2 : 2 + n])  # one copy (a bytearray slice would be two)
-        del self._buf[: 2 + n]
-        return msg
+        start = self._start  # _fill may have moved the unread bytes to the front
+        self._start = start + 2 + n
+        return self._view[start + 2 : start + 2 + n]
+
+    async def read_message(self, limit: int = MAX_MESSAGE) -> bytes | None:
+        """The next message as bytes of its own; None on a clean end of stream between messages."""
+        view = await self.read_view(limit)
+        return None if view is None else bytes(view)
 
 
 # -- streams --------------------------------------------------------------------------
@@ -854,7 +880,7 @@ class _Session:
         stats = self.manager.stats
         while True:
             try:
-                msg = await self._reader.read_message()
+                msg = await self._reader.read_view()
             except _Truncated:
                 self._terminate("truncated", error=True)
                 return
@@ -869,7 +895,9 @@ class _Session:
                 return
             stats["bytes_in"] += len(msg) + 2
             try:
-                record = self._recv_cipher.decrypt_with_ad(b"", msg)
+                # A view of a buffer the next decrypt reuses: handled (and what is
+                # kept of it copied) before the next message is read.
+                record = self._recv_cipher.decrypt_view(msg)
             except NoiseError as exc:
                 stats["decrypt_failures"] += 1
                 self._terminate(f"decrypt failed ({exc.reason})", error=True)
@@ -877,7 +905,7 @@ class _Session:
             if not self._handle_plaintext(record):
                 return
 
-    def _handle_plaintext(self, record: bytes) -> bool:
+    def _handle_plaintext(self, record: bytes | memoryview) -> bool:
         """Route one decrypted transport message: a session control record or a mux record."""
         if self.dead:
             return False
@@ -891,7 +919,7 @@ class _Session:
             return False
         return self._handle_record(record)
 
-    def _handle_record(self, record: bytes) -> bool:
+    def _handle_record(self, record: bytes | memoryview) -> bool:
         if self.dead:
             return False
         try:
@@ -987,7 +1015,7 @@ class _Session:
             while len(out) < _WRITE_BATCH:
                 if self._control_out:
                     control, next_send = self._control_out.popleft()
-                    _append_framed(out, self._send_cipher.encrypt_with_ad(b"", control))
+                    self._send_cipher.encrypt_framed_into(out, control)
                     if next_send is not None:
                         self._switch_send(next_send)
                     continue
@@ -998,7 +1026,7 @@ class _Session:
                 if self._send_cipher.nonce >= reject_after:
                     self._key_failure(f"{reject_after} messages on one key and no rekey")
                     return False
-                _append_framed(out, self._send_cipher.encrypt_with_ad(b"", record))
+                self._send_cipher.encrypt_framed_into(out, record)
                 if self._send_cipher.nonce >= self.manager.rekey_after_messages:
                     self.start_rekey("messages")
         except NoiseError as exc:  # unreachable below the hard cap; fail loudly all the same
@@ -1126,8 +1154,8 @@ class _Session:
         # explicit and costs nothing).
         return _REKEY_PROLOGUE + self._hs_hash
 
-    def _handle_control(self, record: bytes) -> bool:
-        kind, body = record[0], record[1:]
+    def _handle_control(self, record: bytes | memoryview) -> bool:
+        kind, body = record[0], bytes(record[1:])
         try:
             if kind == _REKEY_INIT:
                 self._on_rekey_init(body)
