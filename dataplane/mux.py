@@ -246,8 +246,12 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class Data:
+    """Stream bytes, as a view of the record given to ``receive``: valid as long as
+    that record is, so a caller that reuses its record buffer copies what it keeps
+    (the tunnel writes most of it straight into a socket and copies the rest)."""
+
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -671,7 +675,7 @@ class Session:
                 st.recv_credit -= n
                 st.unconsumed += n
                 self.counters["data_bytes_in"] += n
-                events.append(Data(sid, bytes(payload)))
+                events.append(Data(sid, payload))
             elif ftype is FrameType.WINDOW_UPDATE:
                 (increment,) = _U32.unpack(payload)
                 if increment == 0:

@@ -554,7 +554,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._delivered = None
             self._receiving = False
 
-    def _deliver(self, data: bytes) -> bytes:
+    def _deliver(self, data: bytes | memoryview) -> bytes | memoryview:
         """The reader's fast path: write into the sink now; what is left must be queued."""
         assert self._sink is not None and self._delivered is not None
         try:
@@ -944,12 +944,12 @@ class _Session:
                 if st is not None:
                     self._remove(st)
                 return
-            data = ev.data
+            data = ev.data  # a view of the decrypt buffer: what is kept must be copied
             if st._sink is not None and not st._buf and not st._sink_busy:
                 data = st._deliver(data)
                 if not data:
                     return
-            st._buf.append(data)
+            st._buf.append(bytes(data))
             st._buffered += len(data)
             st._recv_event.set()
         elif isinstance(ev, mux.StreamOpened):

@@ -121,12 +121,20 @@ def test_cacophony_vector(vector: dict[str, Any]) -> None:
     # Transport: still alternating, encrypted with the split cipher states and empty AD.
     init_send, init_recv = initiator.split()
     resp_send, resp_recv = responder.split()
+    # Every other pair of messages goes through the tunnel's in-place fast path,
+    # which must produce exactly the same transport messages.
     for i, msg in enumerate(messages[2:], start=2):
         send, recv = (init_send, resp_recv) if i % 2 == 0 else (resp_send, init_recv)
         payload, expected = h(msg["payload"]), h(msg["ciphertext"])
-        ciphertext = send.encrypt_with_ad(b"", payload)
-        assert ciphertext.hex() == expected.hex(), f"transport message {i}"
-        assert recv.decrypt_with_ad(b"", ciphertext) == payload
+        if i % 4 < 2:
+            ciphertext = send.encrypt_with_ad(b"", payload)
+            assert ciphertext.hex() == expected.hex(), f"transport message {i}"
+            assert recv.decrypt_with_ad(b"", ciphertext) == payload
+        else:
+            framed = bytearray()
+            send.encrypt_framed_into(framed, memoryview(payload))
+            assert bytes(framed) == len(expected).to_bytes(2, "big") + expected, f"transport message {i}"
+            assert bytes(recv.decrypt_view(memoryview(framed)[2:])) == payload
 
 
 # --- round trips -------------------------------------------------------------------------------
@@ -404,6 +412,44 @@ def test_transport_message_size_limit() -> None:
         recv.decrypt_with_ad(b"", b"\x00" * (MAX_MESSAGE + 1))
     with pytest.raises(NoiseError, match="shorter than tag"):
         recv.decrypt_with_ad(b"", b"\x00" * 15)
+
+
+def test_fast_path_matches_the_bindings_and_keeps_the_rules() -> None:
+    """encrypt_framed_into / decrypt_view (libsodium in place) against encrypt_with_ad /
+    decrypt_with_ad: same bytes, same limits, and a forgery leaves the nonce alone."""
+    key = b"\x05" * 32
+    fast_send, slow_send = CipherState(key), CipherState(key)
+    fast_recv, slow_recv = CipherState(key), CipherState(key)
+    out = bytearray(b"queued")
+    for size in (0, 1, 1024, MAX_MESSAGE - 16):
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        for form in (payload, bytearray(payload), memoryview(payload)):
+            ciphertext = slow_send.encrypt_with_ad(b"", payload)
+            start = len(out)
+            fast_send.encrypt_framed_into(out, form)
+            assert bytes(out[start:]) == len(ciphertext).to_bytes(2, "big") + ciphertext
+            assert slow_recv.decrypt_with_ad(b"", ciphertext) == payload
+            assert bytes(fast_recv.decrypt_view(memoryview(out)[start + 2:])) == payload
+    assert out.startswith(b"queued")
+    with pytest.raises(NoiseError, match="too long"):
+        fast_send.encrypt_framed_into(out, b"\x00" * (MAX_MESSAGE - 16 + 1))
+    with pytest.raises(NoiseError, match="too long"):
+        fast_recv.decrypt_view(b"\x00" * (MAX_MESSAGE + 1))
+    with pytest.raises(NoiseError, match="shorter than tag"):
+        fast_recv.decrypt_view(b"\x00" * 15)
+    good = bytearray(slow_send.encrypt_with_ad(b"", b"next"))
+    fast_send.encrypt_framed_into(bytearray(), b"next")  # keep the two senders in step
+    nonce = fast_recv.nonce
+    good[3] ^= 0x40
+    with pytest.raises(NoiseError, match="authentication failed"):
+        fast_recv.decrypt_view(good)
+    assert fast_recv.nonce == nonce  # §5.1: only a successful decryption advances it
+    good[3] ^= 0x40
+    assert bytes(fast_recv.decrypt_view(good)) == b"next" and fast_recv.nonce == nonce + 1
+    with pytest.raises(NoiseError, match="no key"):
+        CipherState().encrypt_framed_into(bytearray(), b"x")
+    with pytest.raises(NoiseError, match="no key"):
+        CipherState().decrypt_view(b"x" * 16)
 
 
 # --- CipherState -------------------------------------------------------------------------------
