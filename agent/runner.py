@@ -25,6 +25,7 @@ from agent.intentions import Intentions
 from agent.keys import KeyManager
 from agent.services import LocalServices
 from agent.transport import (
+    DEFERRED_ICMP,
     DatagramSocket,
     FrameError,
     OpenError,
@@ -270,10 +271,10 @@ class Agent:
             for _ in range(UDP_BURST):
                 try:
                     more = udp.recv_nowait()
-                except OSError:
-                    # A pending ICMP error, reported once; the error queue has
-                    # its details and the next receive goes on.
-                    self.io["recv_errors"] += 1
+                except OSError as exc:
+                    # Mostly a pending ICMP error, reported once: the error queue
+                    # has its details (below) and the next receive goes on.
+                    self.io["udp_icmp_errors" if exc.errno in DEFERRED_ICMP else "recv_errors"] += 1
                     continue
                 if more is None:
                     break

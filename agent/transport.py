@@ -28,7 +28,7 @@ _SO_EE_ORIGIN_ICMP = 2
 _SO_EE_ORIGIN_ICMP6 = 3
 _SOCK_EXTENDED_ERR = struct.Struct("=IBBBBII")  # ee_errno, origin, type, code, pad, info, data
 #: Errors that a send can report on behalf of an *earlier* datagram's ICMP error.
-_DEFERRED_ICMP = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
+DEFERRED_ICMP = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN})
 #: Error-queue entries read per wake-up, so that a flood of ICMP cannot hold the loop.
 ERRQUEUE_BURST = 64
 
@@ -117,7 +117,7 @@ class DatagramSocket:
         try:
             await self._sendto(data, addr)
         except OSError as exc:
-            if not self.icmp or exc.errno not in _DEFERRED_ICMP:
+            if not self.icmp or exc.errno not in DEFERRED_ICMP:
                 raise
             # An earlier datagram's ICMP error, reported by this call; this
             # datagram was not sent.  The error queue keeps the details.
