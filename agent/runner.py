@@ -268,6 +268,8 @@ class Agent:
             await udp.wait_readable()
             # A burst (a join, a round of gossip from several members) is
             # handled in one wake-up and answered with one flush.
+            received = 0
+            errors = False
             for _ in range(UDP_BURST):
                 try:
                     more = udp.recv_nowait()
@@ -275,13 +277,19 @@ class Agent:
                     # Mostly a pending ICMP error, reported once: the error queue
                     # has its details (below) and the next receive goes on.
                     self.io["udp_icmp_errors" if exc.errno in DEFERRED_ICMP else "recv_errors"] += 1
+                    errors = True
                     continue
                 if more is None:
                     break
+                received += 1
                 self._receive_datagram(*more)
-            for addr in udp.unreachable():
-                self.io["udp_unreachable"] += 1
-                self.membership.port_unreachable(trio.current_time(), addr)
+            # The error queue is read only when something says it has an entry: a
+            # receive or send reported an error, or we were woken with no datagram
+            # (epoll reports a non-empty error queue as readable, until it is read).
+            if errors or received == 0 or udp.errors_pending:
+                for addr in udp.unreachable():
+                    self.io["udp_unreachable"] += 1
+                    self.membership.port_unreachable(trio.current_time(), addr)
             await self.flush()
 
     def _receive_datagram(self, data: bytes, raw_src: tuple[object, ...]) -> None:

@@ -99,6 +99,8 @@ class DatagramSocket:
         self.sock = trio.socket.from_stdlib_socket(raw)
         self._literal: dict[str, bool] = {}
         self.icmp = _ask_for_icmp_errors(raw)
+        #: A send reported an ICMP error: the error queue has an entry to read.
+        self.errors_pending = False
 
     def _fast(self, host: str) -> bool:
         ok = self._literal.get(host)
@@ -121,6 +123,7 @@ class DatagramSocket:
                 raise
             # An earlier datagram's ICMP error, reported by this call; this
             # datagram was not sent.  The error queue keeps the details.
+            self.errors_pending = True
             await self._sendto(data, addr)
 
     async def _sendto(self, data: bytes, addr: Address) -> None:
@@ -148,6 +151,7 @@ class DatagramSocket:
     def unreachable(self) -> list[Address]:
         """Drain the ICMP error queue: the addresses whose host said "port unreachable"."""
         out: list[Address] = []
+        self.errors_pending = False
         if not self.icmp:
             return out
         for _ in range(ERRQUEUE_BURST):

@@ -78,7 +78,9 @@ async def test_icmp_port_unreachable_is_reported_and_sends_go_on() -> None:
                     break
                 except BlockingIOError:
                     await trio.sleep(0.01)
+        assert udp.errors_pending  # the send saw the error: the queue has an entry
         assert udp.unreachable() == [dead]
+        assert not udp.errors_pending
         assert udp.unreachable() == []  # drained
         assert udp.recv_nowait() is None
     finally:
