@@ -28,6 +28,7 @@ import trio
 from agent import log
 from agent.health import parse_duration
 from agent.services import ServiceError
+from dataplane.rawsocket import RawSocketStream
 from gossip.wire import parse_addr
 
 if TYPE_CHECKING:
@@ -292,19 +293,23 @@ class ApiServer:
 
     # -- HTTP plumbing ------------------------------------------------------------------------
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, accepted: trio.SocketStream) -> None:
+        # Non-blocking syscalls that enter the scheduler only to wait (dataplane.rawsocket):
+        # trio.SocketStream's full scheduler pass after every send and receive was a
+        # large share of a poll's cost, and monitoring polls every agent often.
+        stream = RawSocketStream.adopt(accepted)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         try:
             for served in range(KEEPALIVE_MAX_REQUESTS):
-                if served and not await self._next_request_arrives(conn, stream):
-                    return
-                reply = await self._serve_one(conn, stream)
+                reply = await self._serve_one(conn, stream, kept_alive=served > 0)
+                if reply is None:
+                    return  # the kept-alive client went away or stayed quiet too long
                 status, payload, *extra = reply
                 if isinstance(payload, Streamed):
                     await self._stream(conn, stream, status, payload, extra[0] if extra else [])
                     return  # a stream lasts until the client goes away: the connection ends with it
                 last = served == KEEPALIVE_MAX_REQUESTS - 1
-                with trio.move_on_after(REQUEST_TIMEOUT) as scope:
+                with trio.CancelScope(deadline=trio.current_time() + REQUEST_TIMEOUT) as scope:
                     await self._respond(conn, stream, *reply, close=last)
                 if scope.cancelled_caught or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return  # a close was asked for, or the request was not read to its end
@@ -314,33 +319,39 @@ class ApiServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _next_request_arrives(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
-        """Wait, at most KEEPALIVE_IDLE, for a kept-alive client's next request."""
-        if conn.trailing_data[0]:
-            return True  # pipelined: already here
-        with trio.move_on_after(KEEPALIVE_IDLE):
-            data = await stream.receive_some(65536)
-            conn.receive_data(data)
-            return bool(data)
-        return False
+    async def _serve_one(self, conn: h11.Connection, stream: RawSocketStream, *, kept_alive: bool) -> Reply | None:
+        """Read one request and answer it; None when a kept-alive client sent no next request.
 
-    async def _serve_one(self, conn: h11.Connection, stream: trio.SocketStream) -> Reply:
+        One cancel scope covers the wait for a kept-alive client's next request
+        (at most KEEPALIVE_IDLE) and the reading of the request (REQUEST_TIMEOUT
+        from its first bytes); the handler itself runs under no deadline of ours.
+        """
         request: h11.Request | None = None
         body = bytearray()
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT):
+        idle = False
+        with trio.CancelScope() as scope:
+            if kept_alive and not conn.trailing_data[0]:  # (pipelined: already here)
+                idle = True
+                scope.deadline = trio.current_time() + KEEPALIVE_IDLE
+                data = await stream.receive_some(65536)
+                if not data:
+                    return None
+                conn.receive_data(data)
+                idle = False
+            scope.deadline = trio.current_time() + REQUEST_TIMEOUT
+            try:
                 request = await self._read_request(conn, stream, body)
-        except trio.TooSlowError:
-            return 408, {"error": "request not received in time"}
-        except h11.RemoteProtocolError as exc:
-            return 400, {"error": f"bad HTTP request: {exc}"}
-        except _TooLarge:
-            return 413, {"error": "request body too large"}
+            except h11.RemoteProtocolError as exc:
+                return 400, {"error": f"bad HTTP request: {exc}"}
+            except _TooLarge:
+                return 413, {"error": "request body too large"}
+        if scope.cancelled_caught:
+            return None if idle else (408, {"error": "request not received in time"})
         if request is None:
             return 400, {"error": "no request"}
         return await self._dispatch(request, body)
 
-    async def _read_request(self, conn: h11.Connection, stream: trio.SocketStream,
+    async def _read_request(self, conn: h11.Connection, stream: RawSocketStream,
                             body: bytearray) -> h11.Request | None:
         request: h11.Request | None = None
         while True:
@@ -394,7 +405,7 @@ class ApiServer:
                 return functools.partial(h2, unquote(parts[0]), unquote(parts[1]))
         return None
 
-    async def _respond(self, conn: h11.Connection, stream: trio.SocketStream, status: int, payload: Any,
+    async def _respond(self, conn: h11.Connection, stream: RawSocketStream, status: int, payload: Any,
                        extra: list[tuple[str, str]] | None = None, *, close: bool = False) -> None:
         data = payload if isinstance(payload, bytes) else _encode(payload)
         # Errors close the connection: after a bad request the stream may be
@@ -417,7 +428,7 @@ class ApiServer:
             out = head.encode() + b"\r\n" + data
         await stream.send_all(out)
 
-    async def _stream(self, conn: h11.Connection, stream: trio.SocketStream, status: int, body: Streamed,
+    async def _stream(self, conn: h11.Connection, stream: RawSocketStream, status: int, body: Streamed,
                       extra: list[tuple[str, str]]) -> None:
         """Send ``body`` chunk by chunk until it ends, the client hangs up, or stops reading.
 
@@ -435,7 +446,7 @@ class ApiServer:
                 nursery.cancel_scope.cancel()
 
     @staticmethod
-    async def _until_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _until_hangup(stream: RawSocketStream, scope: trio.CancelScope) -> None:
         try:
             while await stream.receive_some(65536):
                 pass  # the client may not send anything more; what it sends is ignored
@@ -444,7 +455,7 @@ class ApiServer:
         scope.cancel()
 
     @staticmethod
-    async def _pump(conn: h11.Connection, stream: trio.SocketStream, head: h11.Response,
+    async def _pump(conn: h11.Connection, stream: RawSocketStream, head: h11.Response,
                     chunks: AsyncIterator[bytes]) -> None:
         try:
             with trio.move_on_after(REQUEST_TIMEOUT) as scope:
