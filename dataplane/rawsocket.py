@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Final
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 import trio
 
@@ -43,6 +44,8 @@ RECEIVE_SIZE: Final = 65536
 #: Calls that succeeded without waiting, after which one still yields.
 YIELD_EVERY: Final = 16
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 
 class Fairness:
@@ -116,26 +119,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             max_bytes = RECEIVE_SIZE
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        if self._receiving:
-            raise trio.BusyResourceError("another task is already receiving on this stream")
-        self._receiving = True
-        try:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if self._closed:
-                raise trio.ClosedResourceError("this stream was closed")
-            while True:
-                try:
-                    data = self._sock.recv(max_bytes)
-                except BlockingIOError:
-                    self._fair.waited()
-                    await trio.lowlevel.wait_readable(self._sock)
-                    continue
-                except OSError as exc:
-                    raise _stream_error(exc) from exc
-                await self._fair.quick()
-                return data
-        finally:
-            self._receiving = False
+        return await self._receive(self._sock.recv, max_bytes)
 
     async def receive_into(self, buffer: memoryview) -> int:
         """``receive_some`` into the caller's buffer: the count received, 0 at end of stream.
@@ -145,6 +129,10 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         """
         if not len(buffer):
             raise ValueError("receive_into needs a non-empty buffer")
+        return await self._receive(self._sock.recv_into, buffer)
+
+    async def _receive(self, op: Callable[[_A], _R], arg: _A) -> _R:
+        """One non-blocking receive ``op(arg)``, waiting for the socket only when it has nothing."""
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -154,7 +142,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("this stream was closed")
             while True:
                 try:
-                    n = self._sock.recv_into(buffer)
+                    result = op(arg)
                 except BlockingIOError:
                     self._fair.waited()
                     await trio.lowlevel.wait_readable(self._sock)
@@ -162,7 +150,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                 except OSError as exc:
                     raise _stream_error(exc) from exc
                 await self._fair.quick()
-                return n
+                return result
         finally:
             self._receiving = False
 

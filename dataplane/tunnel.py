@@ -341,43 +341,64 @@ StreamHandler = Callable[[str, bytes, "TunnelStream"], Awaitable[None]]
 class _Reader:
     """Length-prefixed messages from a byte stream, with a buffer that survives the handshake.
 
-    The buffer is allocated once and never resized: a RawSocketStream receives
-    straight into its free tail (``receive_into``), and a message is handed out
-    as a view of it (``read_view``), which the session decrypts in place.  So a
-    transport message costs no allocation and no copy before the cipher.  When
-    the tail gets short, the unread bytes move to the front (at most one
-    message's worth, so the move is cheap next to the receive that follows).
+    A RawSocketStream receives straight into the buffer's free tail
+    (``receive_into``), and a message is handed out as a view of it
+    (``read_view``), which the session decrypts in place: a transport message
+    costs no allocation and no copy before the cipher.  When the tail is too
+    short, the unread bytes (less than one message) move to the front.
+
+    The buffer starts small, which is all that the handshake and request /
+    response traffic need, and grows to CAPACITY the first time a receive fills
+    all the room it had (the socket holds more: a bulk transfer), so that an
+    agent with sessions to many peers does not hold a large buffer for each.
     """
 
     __slots__ = ("_buf", "_end", "_start", "_stream", "_view")
 
-    #: Four maximal framed messages: a receive never has to stop short of _RECV_SIZE.
+    INITIAL: Final = 16 * 1024
+    #: Four maximal framed messages: after a move to the front, a receive always
+    #: has room for a whole message and more.
     CAPACITY: Final = 4 * (2 + MAX_MESSAGE)
 
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
-        self._buf = bytearray(self.CAPACITY)
+        self._buf = bytearray(self.INITIAL)
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
 
+    def _relocate(self, size: int) -> None:
+        """Move the unread bytes to the front, into a new buffer of ``size`` bytes if that differs."""
+        held = self._end - self._start
+        if size != len(self._buf):
+            buf = bytearray(size)
+            buf[:held] = self._view[self._start : self._end]
+            self._buf, self._view = buf, memoryview(buf)
+        elif held:
+            self._view[:held] = self._view[self._start : self._end]
+        self._start, self._end = 0, held
+
     async def _fill(self, n: int) -> bool:
         """At least ``n`` unread bytes (n <= 2 + MAX_MESSAGE); False if the stream ended first."""
-        while self._end - self._start < n:
-            if self.CAPACITY - self._end < _RECV_SIZE:
-                held = self._end - self._start
-                self._view[:held] = self._view[self._start : self._end]
-                self._start, self._end = 0, held
+        while (held := self._end - self._start) < n:
+            size = len(self._buf)
+            # Room for the rest of the message, and for a receive worth its syscall.
+            want = max(n - held, size // 4)
+            if size - self._end < want:
+                self._relocate(size if size - held >= want else self.CAPACITY)
+            tail = self._view[self._end :]
             stream = self._stream
             if isinstance(stream, RawSocketStream):
-                got = await stream.receive_into(self._view[self._end :])
+                got = await stream.receive_into(tail)
             else:
-                chunk = await stream.receive_some(min(_RECV_SIZE, self.CAPACITY - self._end))
+                chunk = await stream.receive_some(min(_RECV_SIZE, len(tail)))
                 got = len(chunk)
-                self._view[self._end : self._end + got] = chunk
+                tail[:got] = chunk
             if not got:
                 return False
             self._end += got
+            if got == len(tail) and len(self._buf) < self.CAPACITY:
+                self._relocate(self.CAPACITY)  # the socket had more than we had room for
         return True
 
     async def read_exactly(self, n: int) -> bytes:

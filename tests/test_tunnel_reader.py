@@ -1,0 +1,92 @@
+"""The tunnel's message reader (dataplane.tunnel._Reader): framing over any chunking,
+its buffer that starts small and grows for bulk traffic, and its errors."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+import trio
+import trio.testing
+
+from dataplane.noise import MAX_MESSAGE
+from dataplane.rawsocket import RawSocketStream
+from dataplane.tunnel import _Reader, _TooLong, _Truncated
+
+
+def _framed(msg: bytes) -> bytes:
+    return len(msg).to_bytes(2, "big") + msg
+
+
+def _messages(rng: random.Random, count: int, biggest: int) -> list[bytes]:
+    return [rng.randbytes(rng.choice([0, 1, 7, 1024, rng.randrange(biggest + 1)])) for _ in range(count)]
+
+
+async def _read_all(reader: _Reader, count: int) -> list[bytes]:
+    out = []
+    for _ in range(count):
+        view = await reader.read_view()
+        assert view is not None
+        out.append(bytes(view))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_any_chunking_over_a_memory_stream(seed: int) -> None:
+    rng = random.Random(seed)
+    msgs = _messages(rng, 200, MAX_MESSAGE)
+    wire = b"".join(_framed(m) for m in msgs)
+    send, receive = trio.testing.memory_stream_pair()
+    reader = _Reader(receive)
+
+    async def writer() -> None:
+        off = 0
+        while off < len(wire):
+            n = rng.choice([1, 2, 3, 100, 4096, 70000])
+            await send.send_all(wire[off:off + n])
+            off += n
+        await send.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        assert await _read_all(reader, len(msgs)) == msgs
+        assert await reader.read_view() is None  # clean end between messages
+
+
+async def test_a_socket_reader_stays_small_for_small_messages_and_grows_for_bulk() -> None:
+    a, b = socket.socketpair()
+    sender, receiver = RawSocketStream(a), RawSocketStream(b)
+    reader = _Reader(receiver)
+    rng = random.Random(7)
+    try:
+        for _ in range(50):  # request/response: one small message at a time
+            msg = rng.randbytes(1024)
+            await sender.send_all(_framed(msg))
+            assert await _read_all(reader, 1) == [msg]
+        assert len(reader._buf) == _Reader.INITIAL
+        bulk = [rng.randbytes(MAX_MESSAGE) for _ in range(8)]  # more than the small buffer holds
+
+        async def writer() -> None:
+            await sender.send_all(b"".join(_framed(m) for m in bulk))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            assert await _read_all(reader, len(bulk)) == bulk
+        assert len(reader._buf) == _Reader.CAPACITY
+    finally:
+        sender.close_now()
+        receiver.close_now()
+
+
+async def test_truncated_and_too_long_messages_raise() -> None:
+    for wire, exc in ((b"\x00", _Truncated), (b"\x00\x05abc", _Truncated)):
+        send, receive = trio.testing.memory_stream_pair()
+        await send.send_all(wire)
+        await send.aclose()
+        with pytest.raises(exc):
+            await _Reader(receive).read_view()
+    send, receive = trio.testing.memory_stream_pair()
+    await send.send_all(b"\x01\x00" + bytes(256))
+    with pytest.raises(_TooLong):
+        await _Reader(receive).read_view(limit=255)
