@@ -157,9 +157,7 @@ class DatagramSocket:
         for _ in range(ERRQUEUE_BURST):
             try:
                 _, ancdata, _, dest = self.raw.recvmsg(1, 512, _stdsocket.MSG_ERRQUEUE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # BlockingIOError: drained
                 break
             for level, kind, body in ancdata:
                 if (level, kind) not in ((_stdsocket.IPPROTO_IP, _IP_RECVERR),
