@@ -78,7 +78,9 @@ _EXACT_SAMPLE_MAX = 64
 #: Live members a leaving agent tells directly, besides gossiping its leave.
 LEAVE_DIRECT = 32
 #: Settling push-pulls after one join at most (see Membership._settle_pending).
-SETTLE_MAX = 5
+#: An agent that joins early in a 50-agent burst hears news in lulls for 2-3 s,
+#: and with 5 its settles ran out before the last joiner arrived (a 12 s tail).
+SETTLE_MAX = 8
 
 #: A push-pull's refusal when it came from this agent itself (a seed list naming it).
 SELF_REFUSAL = "that is this agent itself"
@@ -285,9 +287,16 @@ class Membership:
         #: itself brings news means the quiet was a lull, not the end of the
         #: burst: another follows after twice the quiet, up to SETTLE_MAX per
         #: join.  (Fifty agents joining at once on two cores starve each other
-        #: for 100 ms at a time, and their burst lasts 2-3 s.)
+        #: for 100 ms at a time, and their burst lasts 2-3 s.)  The first
+        #: settle that brings nothing is confirmed by one more with another
+        #: peer: the peer may have lagged as we did, and a member that joined
+        #: last can then stay unknown to us until the periodic push-pull, a
+        #: 12-22 s tail seen about once in ten 50-agent bursts.
         self._settle_pending = False
         self._settle_left = 0
+        #: A settle found nothing new, and the one after it is the last.
+        self._settle_confirmed = False
+        self._settle_peer: Address | None = None
         self._last_news = 0.0
         #: New members learned so far (a settle compares it before and after).
         self._news = 0
@@ -371,7 +380,7 @@ class Membership:
             self._settle_pending = False
             # A full exchange, not a lite one: a settle is expected to find a member
             # or two we lack, and a lite reply would cost a second round trip for them.
-            if self._sync_with_random_peer("settle"):
+            if self._sync_with_random_peer("settle", avoid=self._settle_peer):
                 self._settle_left -= 1
                 self.counters.stats["settle_syncs"] += 1
         if now >= self._next_reap:
@@ -613,16 +622,28 @@ class Membership:
                 self._merge_delegate(remote.delegate)
                 self.counters.stats["push_pull_out"] += 1
                 ok, reason = True, ""
-                if purpose == "settle" and self._news != news and self._settle_left > 0:
-                    self._settle_pending = True  # the burst was still spreading: settle again
+                if purpose == "settle" and self._settle_left > 0:
+                    if self._news != news:
+                        self._settle_pending = True  # the burst was still spreading: settle again
+                        self._settle_confirmed = False
+                    elif not self._settle_confirmed:
+                        # Nothing new, but the peer may have lagged as we did (a member that
+                        # joined last reaches most of the cluster in the same few hundred ms):
+                        # one more settle, a doubled quiet from now, with another peer.
+                        self._settle_pending = True
+                        self._settle_confirmed = True
+                        self._last_news = now
                 if purpose in ("join", "explicit"):
                     self._settle_pending = True
                     self._settle_left = SETTLE_MAX
+                    self._settle_confirmed = False
                     self._last_news = now
                     # Announce ourselves to the members we just learned about
                     # now, rather than at the next gossip tick.
                     self._gossip_round(now)
                     self._next_gossip = now + self.config.gossip_interval
+        if purpose == "settle" and not ok and self._settle_left > 0:
+            self._settle_pending = True  # that peer failed us: another, after the doubled quiet
         if purpose in ("join", "reconnect"):
             if ok:
                 self._failed_seeds.discard(target)
@@ -1234,12 +1255,19 @@ class Membership:
         done = SETTLE_MAX - self._settle_left
         return self._last_news + self.config.settle_quiet() * 2.0 ** done
 
-    def _sync_with_random_peer(self, purpose: str = "sync") -> bool:
-        """A push-pull with a random alive member; False if there is none."""
-        peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
+    def _sync_with_random_peer(self, purpose: str = "sync", avoid: Address | None = None) -> bool:
+        """A push-pull with a random alive member (other than ``avoid`` if there is
+        another); False if there is none."""
+        peers = [m for m in self.members.values()
+                 if m.status is Status.ALIVE and m.name != self.name and m.addr != avoid]
+        if not peers and avoid is not None:
+            peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
         if not peers or self.leaving:
             return False
-        self._outbox.append(StartPushPull(self.rng.choice(peers).addr, purpose))
+        target = self.rng.choice(peers).addr
+        if purpose == "settle":
+            self._settle_peer = target
+        self._outbox.append(StartPushPull(target, purpose))
         return True
 
     def _start_reconnect(self, now: float) -> None:

@@ -1034,15 +1034,62 @@ def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:
     assert isinstance(settle, StartPushPull)
     assert settle.purpose == "settle" and settle.target in {A("s"), A("p1"), A("p2"), A("late")}
     assert joiner.counters.stats["settle_syncs"] == 1
-    # The settle finds nothing new: the burst is over, and later news starts no other.
+    # The settle finds nothing new.  That peer may lag as we do, so one more, with another
+    # peer, confirms it after twice the quiet...
     peer = machine("s", ["p1", "p2", "j", "late"])
     reply = peer.handle_stream(0.4, A("j"), joiner.push_pull_payload(False))
     assert joiner.complete_push_pull(0.4, settle.target, "settle", reply)[0]
+    joiner.tick(0.4 + 2 * quiet - 0.001)
+    assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
+    joiner.tick(0.4 + 2 * quiet)
+    [confirm] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+    assert confirm.purpose == "settle" and confirm.target != settle.target
+    assert joiner.counters.stats["settle_syncs"] == 2
+    reply = peer.handle_stream(0.7, A("j"), joiner.push_pull_payload(False))
+    assert joiner.complete_push_pull(0.7, confirm.target, "settle", reply)[0]
+    # ... and after it the burst is over: later news starts no other.
     for t in (1.0, 2.0, 3.0):
         feed(joiner, t, Alive(f"later{t}", 0, A(f"later{t}")))
-        joiner.tick(t + quiet)
+        joiner.tick(t + 10.0)
         assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
-    assert joiner.counters.stats["settle_syncs"] == 1
+    assert joiner.counters.stats["settle_syncs"] == 2
+
+
+def test_a_quiet_settle_is_confirmed_and_the_confirmation_finds_the_last_joiner() -> None:
+    """The tail this guards against: the first settle's peer had not heard of the member
+    that joined last either; the confirming settle, with another peer, brings it."""
+    quiet = LAN.settle_quiet()
+    joiner = _joined_through(machine("s", ["p1", "p2"]))
+    joiner.tick(quiet)
+    [settle] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+    lagging = machine("s", ["p1", "p2", "j"])
+    assert joiner.complete_push_pull(0.15, settle.target, "settle",
+                                     lagging.handle_stream(0.15, A("j"), joiner.push_pull_payload(False)))[0]
+    assert "last" not in joiner.members
+    joiner.tick(0.15 + 2 * quiet)
+    [confirm] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+    current = machine("s", ["p1", "p2", "j", "last"])
+    assert joiner.complete_push_pull(0.4, confirm.target, "settle",
+                                     current.handle_stream(0.4, A("j"), joiner.push_pull_payload(False)))[0]
+    assert status(joiner, "last") == "alive"
+    # News again: the burst was still spreading, so settling goes on (up to the cap).
+    joiner.tick(0.4 + 4 * quiet)
+    assert [s.purpose for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == ["settle"]
+
+
+def test_a_settle_that_gets_no_reply_is_tried_again_with_another_peer() -> None:
+    quiet = LAN.settle_quiet()
+    joiner = _joined_through(machine("s", ["p1", "p2"]))
+    joiner.tick(quiet)
+    [settle] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+    assert not joiner.complete_push_pull(0.15, settle.target, "settle", None, "connection refused")[0]
+    joiner.tick(quiet * 2 + 0.001)
+    [again] = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+    assert again.purpose == "settle" and again.target != settle.target
+
+
+def settles(m: Membership) -> list[StartPushPull]:
+    return [s for s in drain(m).push_pulls if isinstance(s, StartPushPull) and s.purpose == "settle"]
 
 
 def test_a_settle_that_finds_news_is_followed_by_another_up_to_the_cap() -> None:
@@ -1056,10 +1103,10 @@ def test_a_settle_that_finds_news_is_followed_by_another_up_to_the_cap() -> None
     for round_ in range(SETTLE_MAX + 2):
         wait = quiet * 2 ** min(round_, SETTLE_MAX)  # each lull waited out twice as long as the last
         joiner.tick(now + wait - 0.001)
-        assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
+        assert settles(joiner) == []
         now += wait
         joiner.tick(now)
-        starts = [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)]
+        starts = settles(joiner)  # (the periodic syncs come due too, at these waits)
         if round_ >= SETTLE_MAX:
             assert starts == []  # the cap: a cluster still churning is left to periodic syncs
             continue
