@@ -103,6 +103,10 @@ class NodeCatalog:
             raise DecodeError("malformed", "bad catalog digest")
         if not isinstance(raw, list) or len(raw) > MAX_INSTANCES_PER_NODE:
             raise DecodeError("malformed", "bad catalog instances")
+        if not raw:  # most nodes offer no service: no need to hash nothing again
+            if digest != EMPTY_DIGEST:
+                raise DecodeError("malformed", "catalog does not match its digest")
+            return NodeCatalog(version, digest, {})
         instances = {}
         for r in raw:
             inst = Instance.from_obj(r)
@@ -251,9 +255,17 @@ class Registry:
         if not isinstance(obj, dict):
             raise DecodeError("malformed", "registry dump is not a map")
         changed = []
+        remote = self.remote
         for node, raw in obj.items():
             if not isinstance(node, str) or not node or len(node) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad node name in dump")
+            held = remote.get(node)
+            if held is not None and type(raw) is list and len(raw) == 3 and type(raw[0]) is int \
+                    and raw[0] <= held.version:
+                # What apply() would refuse anyway: skip decoding it and hashing it again
+                # (every push-pull of a 50-member join burst carries every catalog).
+                self.stats["duplicate" if raw[0] == held.version else "stale"] += 1
+                continue
             try:
                 cat = NodeCatalog.from_obj(raw)
             except DecodeError:

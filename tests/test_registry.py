@@ -135,6 +135,31 @@ def test_push_pull_dump_carries_every_catalog() -> None:
     assert {n for n, _ in a.all_instances()} == {"a", "c"}
 
 
+def test_a_dump_skips_catalogs_no_newer_than_held_without_decoding_them() -> None:
+    """Every push-pull carries every catalog; the ones we hold are counted, not decoded
+    (the garbage below would be rejected if it were), and a newer one still applies."""
+    a, b = Registry("a"), Registry("b")
+    b.put(inst(1))
+    assert a.merge_dump(b.dump()) == ["b"]
+    held = a.remote["b"]
+    same = msgpack.packb({"b": [held.version, held.digest, [["garbage"]]]}, use_bin_type=True)
+    assert a.merge_dump(same) == []
+    assert a.stats["duplicate"] == 1 and a.stats["rejected"] == 0
+    older = msgpack.packb({"b": [held.version - 1, b"x", 7]}, use_bin_type=True)
+    assert a.merge_dump(older) == [] and a.stats["stale"] == 1
+    b.put(inst(2))
+    assert a.merge_dump(b.dump()) == ["b"]
+    assert {i.id for _, i in a.all_instances()} == {"web-1", "web-2"}
+
+
+def test_an_empty_catalog_must_carry_the_empty_digest() -> None:
+    a = Registry("a")
+    lying = msgpack.packb({"b": [3, catalog_digest({"web-1": inst(1)}), []]}, use_bin_type=True)
+    assert a.merge_dump(lying) == [] and a.stats["rejected"] == 1
+    honest = msgpack.packb({"b": [3, EMPTY_DIGEST, []]}, use_bin_type=True)
+    assert a.merge_dump(honest) == ["b"] and a.remote["b"].instances == {}
+
+
 def test_thousand_instances_spread_through_gossip_and_tcp_fetches() -> None:
     """20 members, 50 instances each: every member converges on all 1,000.
 
