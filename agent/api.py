@@ -335,7 +335,7 @@ class ApiServer:
                     conn.start_next_cycle()
             if scope.cancelled_caught and reading:
                 with trio.move_on_after(REQUEST_TIMEOUT):
-                    await self._respond(conn, stream, 408, {"error": "request not received in time"})
+                    await stream.send_all(self._response(conn, 408, {"error": "request not received in time"}))
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
             pass
         finally:
@@ -413,10 +413,6 @@ class ApiServer:
             if m == method and path.startswith(prefix) and len(parts) == 2 and all(parts):
                 return functools.partial(h2, unquote(parts[0]), unquote(parts[1]))
         return None
-
-    async def _respond(self, conn: h11.Connection, stream: RawSocketStream, status: int, payload: Any,
-                       extra: list[tuple[str, str]] | None = None, *, close: bool = False) -> None:
-        await stream.send_all(self._response(conn, status, payload, extra, close=close))
 
     @staticmethod
     def _response(conn: h11.Connection, status: int, payload: Any,

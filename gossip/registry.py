@@ -213,9 +213,7 @@ class Registry:
         if node == self.node:
             self.advertised(node, catalog.version, catalog.digest)
             return False
-        held = self.remote.get(node)
-        if held is not None and catalog.version <= held.version:
-            self.stats["duplicate" if catalog.version == held.version else "stale"] += 1
+        if self._not_newer(node, catalog.version):
             return False
         self.remote[node] = catalog
         want = self.wanted.get(node)
@@ -223,6 +221,14 @@ class Registry:
             del self.wanted[node]
         self.stats["applied"] += 1
         self.index += 1
+        return True
+
+    def _not_newer(self, node: str, version: int) -> bool:
+        """True, and counted, when the catalog we hold for ``node`` is as new as ``version``."""
+        held = self.remote.get(node)
+        if held is None or version > held.version:
+            return False
+        self.stats["duplicate" if version == held.version else "stale"] += 1
         return True
 
     def apply_node(self, data: bytes) -> bool:
@@ -255,16 +261,13 @@ class Registry:
         if not isinstance(obj, dict):
             raise DecodeError("malformed", "registry dump is not a map")
         changed = []
-        remote = self.remote
         for node, raw in obj.items():
             if not isinstance(node, str) or not node or len(node) > MAX_NAME_LEN:
                 raise DecodeError("malformed", "bad node name in dump")
-            held = remote.get(node)
-            if held is not None and type(raw) is list and len(raw) == 3 and type(raw[0]) is int \
-                    and raw[0] <= held.version:
+            if node != self.node and type(raw) is list and len(raw) == 3 and type(raw[0]) is int \
+                    and self._not_newer(node, raw[0]):
                 # What apply() would refuse anyway: skip decoding it and hashing it again
                 # (every push-pull of a 50-member join burst carries every catalog).
-                self.stats["duplicate" if raw[0] == held.version else "stale"] += 1
                 continue
             try:
                 cat = NodeCatalog.from_obj(raw)

@@ -380,7 +380,9 @@ class Membership:
             self._settle_pending = False
             # A full exchange, not a lite one: a settle is expected to find a member
             # or two we lack, and a lite reply would cost a second round trip for them.
-            if self._sync_with_random_peer("settle", avoid=self._settle_peer):
+            peer = self._sync_with_random_peer("settle", avoid=self._settle_peer)
+            if peer is not None:
+                self._settle_peer = peer
                 self._settle_left -= 1
                 self.counters.stats["settle_syncs"] += 1
         if now >= self._next_reap:
@@ -1255,20 +1257,17 @@ class Membership:
         done = SETTLE_MAX - self._settle_left
         return self._last_news + self.config.settle_quiet() * 2.0 ** done
 
-    def _sync_with_random_peer(self, purpose: str = "sync", avoid: Address | None = None) -> bool:
+    def _sync_with_random_peer(self, purpose: str = "sync", avoid: Address | None = None) -> Address | None:
         """A push-pull with a random alive member (other than ``avoid`` if there is
-        another); False if there is none."""
-        peers = [m for m in self.members.values()
-                 if m.status is Status.ALIVE and m.name != self.name and m.addr != avoid]
-        if not peers and avoid is not None:
-            peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
+        another): its address, or None if there is none."""
+        peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
+        if avoid is not None:
+            peers = [m for m in peers if m.addr != avoid] or peers
         if not peers or self.leaving:
-            return False
+            return None
         target = self.rng.choice(peers).addr
-        if purpose == "settle":
-            self._settle_peer = target
         self._outbox.append(StartPushPull(target, purpose))
-        return True
+        return target
 
     def _start_reconnect(self, now: float) -> None:
         # memberlist leaves this to Serf's reconnect loop; without it a partition
