@@ -28,6 +28,7 @@ from agent.transport import (
     DEFERRED_ICMP,
     DatagramSocket,
     FrameError,
+    FrameServer,
     OpenError,
     Sealer,
     normalize,
@@ -156,9 +157,9 @@ class Agent:
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
-                nursery.start_soon(
-                    trio.serve_listeners, self._handle_tcp, tcp_listeners
-                )
+                frames = FrameServer.adopt(tcp_listeners, self._answer_frames, self.membership.drop, self.flush,
+                                           self.io, self.cfg.gossip.tcp_timeout)
+                nursery.start_soon(frames.serve)
                 nursery.start_soon(trio.serve_listeners, api.handle, api_listeners)
                 if self.cfg.join:
                     self.membership.join(trio.current_time(), self.cfg.join)
@@ -338,33 +339,21 @@ class Agent:
                                      "installed key — is its key different?"})
         return rows
 
-    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
-        """Responder side of push-pull; bad streams are dropped and counted."""
-        try:
-            peer = normalize(stream.socket.getpeername())
-        except OSError:
-            peer = ("?", 0)
-        reply: bytes | None = None
-        with trio.move_on_after(self.cfg.gossip.tcp_timeout) as scope:
+    def _answer_frames(self, frames: list[tuple[Address, bytes]]) -> list[bytes | None]:
+        """Responder side of push-pull (and TCP pings, state requests), for a batch of streams."""
+        replies: list[bytes | None] = [None] * len(frames)
+        opened: list[int] = []
+        requests: list[tuple[Address, bytes]] = []
+        for i, (peer, frame) in enumerate(frames):
             try:
-                frame = await receive_frame(stream)
-                self.io["tcp_bytes_in"] += len(frame) + 4
-                plain = self.sealer.open(frame)
-                reply = self.membership.handle_stream(trio.current_time(), peer, plain)
-                if reply is not None:
-                    sealed = self.sealer.seal(reply)
-                    await send_frame(stream, sealed)
-                    self.io["tcp_bytes_out"] += len(sealed) + 4
-            except FrameError as exc:
-                self.membership.drop("tcp_" + exc.reason)
+                requests.append((peer, self.sealer.open(frame)))
+                opened.append(i)
             except OpenError:
                 self.membership.drop("decrypt")
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self.membership.drop("tcp_broken")
-        if scope.cancelled_caught:
-            self.membership.drop("tcp_timeout")
-        await trio.aclose_forcefully(stream)
-        await self.flush()
+        for i, reply in zip(opened, self.membership.handle_streams(trio.current_time(), requests), strict=True):
+            if reply is not None:
+                replies[i] = self.sealer.seal(reply)
+        return replies
 
     async def _push_pull(self, target: Address, purpose: str) -> tuple[bool, str]:
         """Initiator side of push-pull: one frame out, one frame back."""

@@ -11,9 +11,13 @@ from __future__ import annotations
 import errno
 import socket as _stdsocket
 import struct
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
+from dataplane.rawsocket import RawSocketStream
 from gossip.keyring import Keyring, OpenError
 from gossip.wire import Address
 
@@ -204,32 +208,189 @@ async def send_frame(stream: trio.abc.Stream, payload: bytes) -> None:
     await stream.send_all(len(payload).to_bytes(4, "big") + payload)
 
 
-async def receive_frame(stream: trio.abc.ReceiveStream) -> bytes:
-    """One length-prefixed frame, and it must be the last thing the peer sends.
+def _whole_frame(buf: bytes | bytearray) -> bytes | None:
+    """The frame in ``buf`` if it is all there, None if more is to come; FrameError if it is bad."""
+    if len(buf) < 4:
+        return None
+    size = int.from_bytes(buf[:4], "big")
+    if size > MAX_FRAME:
+        raise FrameError("oversized")
+    if len(buf) < 4 + size:
+        return None
+    if len(buf) > 4 + size:
+        raise FrameError("trailing")  # a second frame, or garbage after the first
+    return bytes(buf[4:])
+
+
+async def receive_frame(stream: trio.abc.ReceiveStream, buf: bytes = b"") -> bytes:
+    """One length-prefixed frame (its start may be in ``buf``), and it must be the last thing the peer sends.
 
     A push-pull is one frame each way, so the header and the body are read
     together (one receive for a small frame, instead of a receive for four
     bytes and another for the rest): a seed answering a burst of joins on a
     starved CPU waits for the scheduler once per receive.
     """
-    buf = bytearray()
-    size = -1
+    held = bytearray(buf)
     while True:
-        want = 65536 if size < 0 else min(65536, 4 + size - len(buf))
+        frame = _whole_frame(held)
+        if frame is not None:
+            return frame
+        want = 65536 if len(held) < 4 else min(65536, 4 + int.from_bytes(held[:4], "big") - len(held))
         chunk = await stream.receive_some(want)
         if not chunk:
             raise FrameError("truncated")
-        buf += chunk
-        if size < 0 and len(buf) >= 4:
-            size = int.from_bytes(buf[:4], "big")
-            if size > MAX_FRAME:
-                raise FrameError("oversized")
-        if size >= 0 and len(buf) >= 4 + size:
-            if len(buf) > 4 + size:
-                raise FrameError("trailing")  # a second frame, or garbage after the first
-            return bytes(buf[4:])
+        held += chunk
+
+
+#: Connections a gossip listener accepts per wake-up (see FrameServer).
+ACCEPT_BURST = 32
+#: accept(2) errors that say the process or system is out of something: wait, then go on.
+_ACCEPT_CAPACITY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_BACKOFF = 0.1
+
+#: Answers frames that arrived together: (peer, frame) in, one reply frame (or None: close) each out.
+Respond = Callable[[list[tuple[Address, bytes]]], list[bytes | None]]
+
+
+class FrameServer:
+    """The gossip TCP listener: one frame in and one frame back per connection.
+
+    Why not ``trio.serve_listeners`` and a task per connection: when a burst of
+    joins reaches a seed, every joiner has connected and sent its push-pull
+    long before the seed, one process among dozens on a starved CPU, gets to
+    run; what it then spends per join decides how long the whole cluster
+    waits.  A task per connection, with its cancel scopes, scheduler passes
+    and forced close, cost more of the seed's CPU than the push-pull itself.
+    So one wake-up accepts every pending connection (up to ACCEPT_BURST),
+    reads each frame that is already whole with one non-blocking receive,
+    answers all of them with one call of ``respond`` (which merges them all
+    before it encodes a reply, once) and hands each reply to the kernel with
+    one non-blocking send.  A connection that has not sent all of its frame
+    yet, or whose reply the kernel does not take at once, gets a task of its
+    own, with the timeout.
+    """
+
+    def __init__(self, listeners: list[_stdsocket.socket], respond: Respond, drop: Callable[[str], None],
+                 after: Callable[[], Awaitable[None]], io: Counter[str], timeout: float) -> None:
+        for sock in listeners:
+            sock.setblocking(False)
+        self.listeners = listeners
+        self._respond = respond
+        self._drop = drop
+        self._after = after
+        self._io = io
+        self._timeout = timeout
+
+    @classmethod
+    def adopt(cls, listeners: list[trio.SocketListener], *args: Any, **kwargs: Any) -> FrameServer:
+        """Take over the sockets of trio listeners (which must not be used after)."""
+        socks = []
+        for listener in listeners:
+            t = listener.socket
+            socks.append(_stdsocket.socket(t.family, t.type, t.proto, fileno=t.detach()))
+        return cls(socks, *args, **kwargs)
+
+    async def serve(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in self.listeners:
+                    nursery.start_soon(self._accept_loop, sock, nursery)
+        finally:
+            for sock in self.listeners:
+                sock.close()
+
+    async def _accept_loop(self, listener: _stdsocket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            ready: list[tuple[_stdsocket.socket, Address, bytes]] = []
+            for _ in range(ACCEPT_BURST):
+                try:
+                    sock, raw_peer = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_CAPACITY:
+                        self._drop("tcp_accept")
+                        await trio.sleep(_ACCEPT_BACKOFF)
+                    break  # (others: a connection reset before we took it)
+                sock.setblocking(False)
+                peer = normalize(raw_peer)
+                try:
+                    first = sock.recv(65536)
+                    frame = _whole_frame(first)
+                except BlockingIOError:
+                    first, frame = b"", None
+                except FrameError as exc:
+                    self._drop("tcp_" + exc.reason)
+                    sock.close()
+                    continue
+                except OSError:
+                    self._drop("tcp_broken")
+                    sock.close()
+                    continue
+                if frame is None:
+                    nursery.start_soon(self._one, sock, peer, first)
+                    continue
+                self._io["tcp_bytes_in"] += len(frame) + 4
+                ready.append((sock, peer, frame))
+            if not ready:
+                continue
+            replies = self._respond([(peer, frame) for _, peer, frame in ready])
+            for (sock, _, _), reply in zip(ready, replies, strict=True):
+                if reply is None:
+                    sock.close()
+                    continue
+                out = len(reply).to_bytes(4, "big") + reply
+                try:
+                    sent = sock.send(out)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    self._drop("tcp_broken")
+                    sock.close()
+                    continue
+                if sent < len(out):
+                    nursery.start_soon(self._send_rest, sock, memoryview(out)[sent:])
+                    continue
+                self._io["tcp_bytes_out"] += len(out)
+                sock.close()
+            await self._after()
+
+    async def _one(self, sock: _stdsocket.socket, peer: Address, first: bytes) -> None:
+        """A connection whose frame is still on its way: wait for it (within the timeout), then answer."""
+        stream = RawSocketStream(sock)
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                frame = await receive_frame(stream, first)
+                self._io["tcp_bytes_in"] += len(frame) + 4
+                [reply] = self._respond([(peer, frame)])
+                if reply is not None:
+                    await send_frame(stream, reply)
+                    self._io["tcp_bytes_out"] += len(reply) + 4
+            except FrameError as exc:
+                self._drop("tcp_" + exc.reason)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._drop("tcp_broken")
+        if scope.cancelled_caught:
+            self._drop("tcp_timeout")
+        stream.close_now()
+        await self._after()
+
+    async def _send_rest(self, sock: _stdsocket.socket, rest: memoryview) -> None:
+        """A reply larger than the kernel took at once (a big cluster's push-pull)."""
+        stream = RawSocketStream(sock)
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                await stream.send_all(rest)
+                self._io["tcp_bytes_out"] += len(rest)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._drop("tcp_broken")
+        if scope.cancelled_caught:
+            self._drop("tcp_timeout")
+        stream.close_now()
 
 
 __all__ = [
-    "DatagramSocket", "FrameError", "Sealer", "OpenError", "normalize", "open_udp", "send_frame", "receive_frame",
+    "DatagramSocket", "FrameError", "FrameServer", "Sealer", "OpenError", "normalize", "open_udp", "send_frame",
+    "receive_frame",
 ]

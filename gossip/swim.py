@@ -490,43 +490,70 @@ class Membership:
         return encode_stream([StateRequest(self.name, node)])
 
     def handle_stream(self, now: float, src: Address, data: bytes) -> bytes | None:
-        """We are the TCP responder: answer a push-pull or a state request.
+        """We are the TCP responder: answer a push-pull, a TCP ping or a state request.
 
         Returns None (and counts the drop) when the request is not valid; the
         agent then just closes the stream.
         """
+        return self.handle_streams(now, [(src, data)])[0]
+
+    def handle_streams(self, now: float, requests: list[tuple[Address, bytes]]) -> list[bytes | None]:
+        """Answer several TCP requests that arrived together, in order.
+
+        A burst of joins reaches a seed all at once, and the seed's CPU is what
+        the whole cluster waits on.  Every push-pull of the batch is merged
+        first; then one reply, encoded once, answers all that asked for the same
+        kind (full or lite, join or not), and each joiner learns the others of
+        its batch as well.
+        """
         self._now = now
-        msg = self._decode_one(data, (StateRequest, PushPull, Ping))
-        if msg is None:
-            return None
-        if isinstance(msg, Ping):
-            if msg.target != self.name:
-                self.drop("wrong_node")
-                return None
-            self.counters.stats["tcp_pings_in"] += 1
-            return encode_stream([Ack(msg.seq, self.name)])
-        if isinstance(msg, StateRequest):
-            held = self.delegate.encode_node(msg.node) if self.delegate else None
-            self.counters.stats["state_requests_in"] += 1
-            return encode_stream([StateReply(msg.node, held or b"")])
-        assert isinstance(msg, PushPull)
-        remote = msg
-        refused = self._refusal(remote)
-        if refused == SELF_REFUSAL:
-            self.counters.stats["push_pull_self"] += 1
-        elif refused:
-            self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
-            self.counters.stats["push_pull_refused"] += 1
-        else:
+        replies: list[bytes | None] = [None] * len(requests)
+        merged: list[tuple[int, PushPull]] = []
+        for i, (src, data) in enumerate(requests):
+            msg = self._decode_one(data, (StateRequest, PushPull, Ping))
+            if msg is None:
+                continue
+            if isinstance(msg, Ping):
+                if msg.target != self.name:
+                    self.drop("wrong_node")
+                    continue
+                self.counters.stats["tcp_pings_in"] += 1
+                replies[i] = encode_stream([Ack(msg.seq, self.name)])
+                continue
+            if isinstance(msg, StateRequest):
+                held = self.delegate.encode_node(msg.node) if self.delegate else None
+                self.counters.stats["state_requests_in"] += 1
+                replies[i] = encode_stream([StateReply(msg.node, held or b"")])
+                continue
+            assert isinstance(msg, PushPull)
+            remote = msg
+            refused = self._refusal(remote)
+            if refused:
+                if refused == SELF_REFUSAL:
+                    self.counters.stats["push_pull_self"] += 1
+                else:
+                    self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
+                    self.counters.stats["push_pull_refused"] += 1
+                replies[i] = encode_push_pull_stream(PushPull(self.name, False, [], refused, b"", {}, False, ()),
+                                                     self._packed_records(False))
+                continue
             self.counters.stats["push_pull_in"] += 1
             self._merge(now, remote)
             self._merge_delegate(remote.delegate)
-        coords = {} if refused else self._coords_to_send(everyone=remote.join, skip=remote.source)
-        lite = remote.lite and not refused and self.signer is not None
-        return encode_push_pull_stream(PushPull(self.name, False, [], refused,
-                                                b"" if refused else self._delegate_dump(), coords, lite,
-                                                () if refused else self._fresh()),
-                                       self._packed_records(lite))
+            merged.append((i, remote))
+        answers: dict[tuple[bool, bool], bytes] = {}
+        for i, remote in merged:
+            lite = remote.lite and self.signer is not None
+            kind = (lite, remote.join)
+            answer = answers.get(kind)
+            if answer is None:
+                # A joiner gets every coordinate we hold; its own, if there, it ignores.
+                answer = answers[kind] = encode_push_pull_stream(
+                    PushPull(self.name, False, [], "", self._delegate_dump(),
+                             self._coords_to_send(everyone=remote.join), lite, self._fresh()),
+                    self._packed_records(lite))
+            replies[i] = answer
+        return replies
 
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
         """The reply to a FetchState arrived (or None: it failed)."""
@@ -1430,7 +1457,7 @@ class Membership:
         self.counters.stats["full_syncs_asked"] += 1
         self._outbox.append(StartPushPull(addr, "full"))
 
-    def _coords_to_send(self, everyone: bool, skip: str = "") -> dict[str, tuple[float, ...]]:
+    def _coords_to_send(self, everyone: bool) -> dict[str, tuple[float, ...]]:
         """Our coordinate; on a join, every up member's we hold, so the newcomer
         can estimate RTTs at once.  Periodic push-pulls carry only our own: the
         rest would double an idle agent's bytes for what acks renew anyway."""
@@ -1438,7 +1465,7 @@ class Membership:
         if everyone:
             for name, c in self.coordinates.items():
                 m = self.members.get(name)
-                if m is not None and m.status.up and name != skip:
+                if m is not None and m.status.up:
                     coords[name] = tuple(c.to_wire())
         return coords
 

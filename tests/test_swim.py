@@ -921,6 +921,28 @@ def test_push_pull_from_an_agent_with_our_own_name_is_refused() -> None:
     assert reply is not None and decode_stream(reply)[0].refused  # type: ignore[union-attr]
 
 
+def test_joins_that_arrive_together_are_merged_first_and_share_one_reply() -> None:
+    """A seed answers a burst of joins in batches (agent.transport.FrameServer): each
+    joiner of a batch learns the others too, and the reply is encoded once."""
+    seed = machine("a", ["b"])
+    joiners = [Membership(n, A(n), LOCAL, rng=random.Random(i)) for i, n in enumerate(("j1", "j2", "j3"))]
+    requests = [(j.addr, j.push_pull_payload(True)) for j in joiners]
+    requests.insert(1, (("impostor.test", 7946), join_request("b", ("impostor.test", 7946))))  # b is alive elsewhere
+    replies = seed.handle_streams(1.0, requests)
+    assert len(replies) == 4 and replies[1] is not None
+    [refusal] = decode_stream(replies[1])
+    assert isinstance(refusal, PushPull) and "already alive" in refusal.refused
+    shared = [replies[0], replies[2], replies[3]]
+    assert shared[0] is shared[1] is shared[2]
+    [pp] = decode_stream(shared[0])  # type: ignore[arg-type]
+    assert isinstance(pp, PushPull) and not pp.refused
+    assert {r.name for r in pp.members} == {"a", "b", "j1", "j2", "j3"}
+    for j in joiners:
+        ok, _ = j.complete_push_pull(1.0, A("a"), "join", shared[0])
+        assert ok and set(j.members) == {"a", "b", "j1", "j2", "j3"}
+    assert seed.counters.stats["push_pull_in"] == 3 and seed.counters.stats["push_pull_refused"] == 1
+
+
 def test_refused_join_is_reported_and_retried() -> None:
     seed = known(5)  # believes x is alive at x.test
     joiner = Membership("x", ("impostor.test", 7946), LOCAL, rng=random.Random(1))
