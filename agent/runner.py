@@ -39,6 +39,7 @@ from agent.transport import (
 from agent.upstreams import Upstreams
 from dataplane import relay
 from dataplane.proxy import Proxy, ProxyError, TunnelStream
+from dataplane.rawsocket import connect_tcp
 from dataplane.tunnel import TunnelManager
 from gossip.keyring import Keyring
 from gossip.member import Status
@@ -381,7 +382,7 @@ class Agent:
 
     async def _exchange(self, target: Address, payload: bytes) -> bytes:
         """One sealed frame out, one back, on a fresh TCP stream."""
-        stream = await trio.open_tcp_stream(target[0], target[1])
+        stream = await connect_tcp(target[0], target[1])
         try:
             sealed = self.sealer.seal(payload)
             await send_frame(stream, sealed)
@@ -390,7 +391,7 @@ class Agent:
             self.io["tcp_bytes_in"] += len(frame) + 4
             return self.sealer.open(frame)
         finally:
-            await trio.aclose_forcefully(stream)
+            stream.close_now()
 
     async def _tcp_probe(self, eff: TcpProbe) -> None:
         """memberlist's fallback ping: the same Ping over TCP, answered before the probe ends."""

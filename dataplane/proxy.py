@@ -41,7 +41,7 @@ import msgpack
 import trio
 
 from dataplane import tunnel
-from dataplane.rawsocket import RawSocketStream
+from dataplane.rawsocket import RawSocketStream, connect_tcp
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.tunnel import TunnelError
 
@@ -68,27 +68,6 @@ STATUS_DENIED = 1
 STATUS_UNAVAILABLE = 2
 
 
-
-async def connect_tcp(host: str, port: int) -> RawSocketStream:
-    """Connect to an instance; a literal address skips trio's happy-eyeballs machinery.
-
-    Instances register numeric addresses almost always, and open_tcp_stream's
-    resolution step and per-attempt nursery are a measurable part of the cost
-    of a new proxied connection.  A host name still goes through it.
-    """
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-        except OSError:
-            continue
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            await sock.connect((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        return RawSocketStream.adopt(sock)
-    return RawSocketStream.adopt(await trio.open_tcp_stream(host, port))
 
 @dataclass(frozen=True)
 class Endpoint:
