@@ -297,6 +297,8 @@ class Membership:
         #: A settle found nothing new, and the one after it is the last.
         self._settle_confirmed = False
         self._settle_peer: Address | None = None
+        #: The member we joined through, for the first settle (see tick).
+        self._settle_seed: Address | None = None
         self._last_news = 0.0
         #: New members learned so far (a settle compares it before and after).
         self._news = 0
@@ -380,7 +382,14 @@ class Membership:
             self._settle_pending = False
             # A full exchange, not a lite one: a settle is expected to find a member
             # or two we lack, and a lite reply would cost a second round trip for them.
-            peer = self._sync_with_random_peer("settle", avoid=self._settle_peer)
+            seed, self._settle_seed = self._settle_seed, None
+            if seed is not None and any(m.addr == seed and m.status is Status.ALIVE for m in self.members.values()):
+                # The first settle goes back to the member we joined through: in a burst
+                # of joins, that is the one that heard from every joiner first.
+                self._outbox.append(StartPushPull(seed, "settle"))
+                peer: Address | None = seed
+            else:
+                peer = self._sync_with_random_peer("settle", avoid=self._settle_peer)
             if peer is not None:
                 self._settle_peer = peer
                 self._settle_left -= 1
@@ -664,6 +673,7 @@ class Membership:
                         self._last_news = now
                 if purpose in ("join", "explicit"):
                     self._settle_pending = True
+                    self._settle_seed = target
                     self._settle_left = SETTLE_MAX
                     self._settle_confirmed = False
                     self._last_news = now
