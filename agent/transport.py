@@ -13,7 +13,6 @@ import socket as _stdsocket
 import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
@@ -282,13 +281,14 @@ class FrameServer:
         self._timeout = timeout
 
     @classmethod
-    def adopt(cls, listeners: list[trio.SocketListener], *args: Any, **kwargs: Any) -> FrameServer:
+    def adopt(cls, listeners: list[trio.SocketListener], respond: Respond, drop: Callable[[str], None],
+              after: Callable[[], Awaitable[None]], io: Counter[str], timeout: float) -> FrameServer:
         """Take over the sockets of trio listeners (which must not be used after)."""
         socks = []
         for listener in listeners:
             t = listener.socket
             socks.append(_stdsocket.socket(t.family, t.type, t.proto, fileno=t.detach()))
-        return cls(socks, *args, **kwargs)
+        return cls(socks, respond, drop, after, io, timeout)
 
     async def serve(self) -> None:
         try:
@@ -350,7 +350,7 @@ class FrameServer:
                     sock.close()
                     continue
                 if sent < len(out):
-                    nursery.start_soon(self._send_rest, sock, memoryview(out)[sent:])
+                    nursery.start_soon(self._send_rest, sock, out, sent)
                     continue
                 self._io["tcp_bytes_out"] += len(out)
                 sock.close()
@@ -359,35 +359,39 @@ class FrameServer:
     async def _one(self, sock: _stdsocket.socket, peer: Address, first: bytes) -> None:
         """A connection whose frame is still on its way: wait for it (within the timeout), then answer."""
         stream = RawSocketStream(sock)
-        with trio.move_on_after(self._timeout) as scope:
-            try:
-                frame = await receive_frame(stream, first)
-                self._io["tcp_bytes_in"] += len(frame) + 4
-                [reply] = self._respond([(peer, frame)])
-                if reply is not None:
-                    await send_frame(stream, reply)
-                    self._io["tcp_bytes_out"] += len(reply) + 4
-            except FrameError as exc:
-                self._drop("tcp_" + exc.reason)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._drop("tcp_broken")
-        if scope.cancelled_caught:
-            self._drop("tcp_timeout")
-        stream.close_now()
+        try:
+            with trio.move_on_after(self._timeout) as scope:
+                try:
+                    frame = await receive_frame(stream, first)
+                    self._io["tcp_bytes_in"] += len(frame) + 4
+                    [reply] = self._respond([(peer, frame)])
+                    if reply is not None:
+                        await send_frame(stream, reply)
+                        self._io["tcp_bytes_out"] += len(reply) + 4
+                except FrameError as exc:
+                    self._drop("tcp_" + exc.reason)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._drop("tcp_broken")
+            if scope.cancelled_caught:
+                self._drop("tcp_timeout")
+        finally:
+            stream.close_now()
         await self._after()
 
-    async def _send_rest(self, sock: _stdsocket.socket, rest: memoryview) -> None:
+    async def _send_rest(self, sock: _stdsocket.socket, out: bytes, sent: int) -> None:
         """A reply larger than the kernel took at once (a big cluster's push-pull)."""
         stream = RawSocketStream(sock)
-        with trio.move_on_after(self._timeout) as scope:
-            try:
-                await stream.send_all(rest)
-                self._io["tcp_bytes_out"] += len(rest)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._drop("tcp_broken")
-        if scope.cancelled_caught:
-            self._drop("tcp_timeout")
-        stream.close_now()
+        try:
+            with trio.move_on_after(self._timeout) as scope:
+                try:
+                    await stream.send_all(memoryview(out)[sent:])
+                    self._io["tcp_bytes_out"] += len(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._drop("tcp_broken")
+            if scope.cancelled_caught:
+                self._drop("tcp_timeout")
+        finally:
+            stream.close_now()
 
 
 __all__ = [
