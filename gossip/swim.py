@@ -486,9 +486,10 @@ class Membership:
 
     def push_pull_payload(self, join: bool, lite: bool = False) -> bytes:
         """Our side of a push-pull.  ``lite`` (periodic syncs, purpose "sync"):
-        without the members' signatures, which are most of a push-pull's bytes
-        and which a peer that already agrees with us does not need; a peer that
-        finds something new in a lite exchange asks for a full one."""
+        without the members' signatures, tunnel keys and catalog digests, which
+        are most of a push-pull's bytes and which a peer that already agrees
+        with us does not need; a peer that finds something new in a lite
+        exchange asks for a full one."""
         lite = lite and self.signer is not None
         return encode_push_pull_stream(PushPull(self.name, join, [], delegate=self._delegate_dump(),
                                                 coords=self._coords_to_send(everyone=False), lite=lite,
@@ -1355,8 +1356,15 @@ class Membership:
             d = m.__dict__
             w = d.get(attr)
             if w is None:
-                w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, m.state, m.tunnel,
-                                None if lite else m.identity, None if lite else m.sig)
+                if lite:
+                    # What a lite record is checked for: name, address, incarnation, status (and
+                    # our own record's tags, which a refutation compares).  The signature,
+                    # tunnel key and catalog digest, 130 of a record's ~180 bytes and none of
+                    # them compressible, come with the full exchange a difference asks for.
+                    w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, None, None)
+                else:
+                    w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, m.state, m.tunnel,
+                                    m.identity, m.sig)
                 d[attr] = w  # not through __setattr__: the cache is no change of the member
             out.append(w)
         return out
@@ -1428,8 +1436,8 @@ class Membership:
                 # incarnation): most of a push-pull, skipped cheaply.
                 continue
             if r.status == "alive":
-                if remote.lite and r.sig is None and self.signer is not None and r.name != self.name:
-                    # Unsigned: usable only to confirm what we hold.  Anything new needs
+                if remote.lite and r.name != self.name:
+                    # Lite (no signature, no keys): only confirms what we hold.  Anything new needs
                     # the member's signature, so ask this peer for a full exchange.
                     if held is None or r.incarnation > held.incarnation or (
                             r.addr != held.addr and not held.status.up):

@@ -7,6 +7,7 @@ import os
 import random
 
 from gossip.config import LOCAL
+from gossip.registry import Instance, Registry
 from gossip.signing import Signer, Verifier, alive_bytes
 from gossip.swim import Membership
 from gossip.wire import Address, Alive, Dead, PushPull, Suspect, decode_packet, decode_stream, encode_packet
@@ -132,6 +133,9 @@ def test_periodic_syncs_go_without_signatures_and_news_brings_a_full_one() -> No
     full = s.push_pull_payload(False)
     lite = s.push_pull_payload(False, lite=True)
     assert len(lite) < len(full) - 100  # the signatures are most of a record
+    [pp] = decode_stream(lite)
+    assert isinstance(pp, PushPull) and pp.members
+    assert all(r.identity is r.sig is r.tunnel is r.state is None for r in pp.members)
     reply = s.handle_stream(2.0, A("n"), n.push_pull_payload(False, lite=True))
     assert reply is not None and decode_stream(reply)[0].lite  # type: ignore[union-attr]
     n.complete_push_pull(2.0, A("s"), "sync", reply)
@@ -146,3 +150,27 @@ def test_periodic_syncs_go_without_signatures_and_news_brings_a_full_one() -> No
     reply = s.handle_stream(3.0, A("n"), n.push_pull_payload(False, lite=True))
     n.complete_push_pull(3.0, A("s"), "sync", reply)
     assert not [e for e in n.drain()[0] if getattr(e, "purpose", "") == "full"]
+
+
+def test_a_lite_sync_about_an_agent_with_keys_tags_and_a_catalog_changes_nothing() -> None:
+    """A lite record leaves out the tunnel key and the catalog digest: neither the agent
+    itself (which compares its own record, to refute a stale one) nor a peer that holds
+    it takes that for a change."""
+    key = os.urandom(32)
+    catalog = Registry("a")
+    a = Membership("a", A("a"), LOCAL, tags={"role": "web"}, rng=random.Random(1), signer=signer(),
+                   tunnel=(A("a", 7000), key), delegate=catalog)
+    catalog.put(Instance("web-1", "web", "10.0.0.1", 8000))
+    a.state_changed()
+    assert a.me.state is not None
+    a.drain()
+    b = Membership("b", A("b"), LOCAL, rng=random.Random(2), signer=signer(), delegate=Registry("b"))
+    b.complete_push_pull(1.0, A("a"), "sync", a.handle_stream(1.0, A("b"), b.push_pull_payload(False)))
+    b.drain()
+    inc = a.me.incarnation
+    a.complete_push_pull(2.0, A("b"), "sync", b.handle_stream(2.0, A("a"), a.push_pull_payload(False, lite=True)))
+    assert a.me.incarnation == inc and a.counters.stats["refutations"] == 0
+    assert not [e for e in a.drain()[0] if getattr(e, "purpose", "") == "full"]
+    held = b.members["a"]
+    assert held.tunnel == (A("a", 7000), key) and held.tags == {"role": "web"}
+    assert held.incarnation == inc and held.state == a.me.state
