@@ -358,34 +358,36 @@ class FrameServer:
 
     async def _one(self, sock: _stdsocket.socket, peer: Address, first: bytes) -> None:
         """A connection whose frame is still on its way: wait for it (within the timeout), then answer."""
-        stream = RawSocketStream(sock)
-        try:
-            with trio.move_on_after(self._timeout) as scope:
-                try:
-                    frame = await receive_frame(stream, first)
-                    self._io["tcp_bytes_in"] += len(frame) + 4
-                    [reply] = self._respond([(peer, frame)])
-                    if reply is not None:
-                        await send_frame(stream, reply)
-                        self._io["tcp_bytes_out"] += len(reply) + 4
-                except FrameError as exc:
-                    self._drop("tcp_" + exc.reason)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._drop("tcp_broken")
-            if scope.cancelled_caught:
-                self._drop("tcp_timeout")
-        finally:
-            stream.close_now()
+
+        async def finish(stream: RawSocketStream) -> None:
+            frame = await receive_frame(stream, first)
+            self._io["tcp_bytes_in"] += len(frame) + 4
+            [reply] = self._respond([(peer, frame)])
+            if reply is not None:
+                await send_frame(stream, reply)
+                self._io["tcp_bytes_out"] += len(reply) + 4
+
+        await self._guarded(sock, finish)
         await self._after()
 
     async def _send_rest(self, sock: _stdsocket.socket, out: bytes, sent: int) -> None:
         """A reply larger than the kernel took at once (a big cluster's push-pull)."""
+
+        async def finish(stream: RawSocketStream) -> None:
+            await stream.send_all(memoryview(out)[sent:])
+            self._io["tcp_bytes_out"] += len(out)
+
+        await self._guarded(sock, finish)
+
+    async def _guarded(self, sock: _stdsocket.socket, work: Callable[[RawSocketStream], Awaitable[None]]) -> None:
+        """``work`` on the connection within the timeout; a failure counted by reason; the socket closed."""
         stream = RawSocketStream(sock)
         try:
             with trio.move_on_after(self._timeout) as scope:
                 try:
-                    await stream.send_all(memoryview(out)[sent:])
-                    self._io["tcp_bytes_out"] += len(out)
+                    await work(stream)
+                except FrameError as exc:
+                    self._drop("tcp_" + exc.reason)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._drop("tcp_broken")
             if scope.cancelled_caught:
