@@ -382,14 +382,10 @@ class Membership:
             self._settle_pending = False
             # A full exchange, not a lite one: a settle is expected to find a member
             # or two we lack, and a lite reply would cost a second round trip for them.
+            # The first settle goes back to the member we joined through: in a burst
+            # of joins, that is the one that heard from every joiner first.
             seed, self._settle_seed = self._settle_seed, None
-            if seed is not None and any(m.addr == seed and m.status is Status.ALIVE for m in self.members.values()):
-                # The first settle goes back to the member we joined through: in a burst
-                # of joins, that is the one that heard from every joiner first.
-                self._outbox.append(StartPushPull(seed, "settle"))
-                peer: Address | None = seed
-            else:
-                peer = self._sync_with_random_peer("settle", avoid=self._settle_peer)
+            peer = self._sync_with_random_peer("settle", avoid=self._settle_peer, prefer=seed)
             if peer is not None:
                 self._settle_peer = peer
                 self._settle_left -= 1
@@ -1295,15 +1291,19 @@ class Membership:
         done = SETTLE_MAX - self._settle_left
         return self._last_news + self.config.settle_quiet() * 2.0 ** done
 
-    def _sync_with_random_peer(self, purpose: str = "sync", avoid: Address | None = None) -> Address | None:
-        """A push-pull with a random alive member (other than ``avoid`` if there is
-        another): its address, or None if there is none."""
+    def _sync_with_random_peer(self, purpose: str = "sync", avoid: Address | None = None,
+                               prefer: Address | None = None) -> Address | None:
+        """A push-pull with ``prefer`` if it is an alive member, else with a random alive
+        member (other than ``avoid`` if there is another): its address, or None if there is none."""
         peers = [m for m in self.members.values() if m.status is Status.ALIVE and m.name != self.name]
-        if avoid is not None:
-            peers = [m for m in peers if m.addr != avoid] or peers
         if not peers or self.leaving:
             return None
-        target = self.rng.choice(peers).addr
+        if prefer is not None and any(m.addr == prefer for m in peers):
+            target = prefer
+        else:
+            if avoid is not None:
+                peers = [m for m in peers if m.addr != avoid] or peers
+            target = self.rng.choice(peers).addr
         self._outbox.append(StartPushPull(target, purpose))
         return target
 

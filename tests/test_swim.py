@@ -1111,6 +1111,15 @@ def test_the_first_settle_goes_to_another_peer_when_the_seed_is_gone() -> None:
     assert settle.purpose == "settle" and settle.target in {A("p1"), A("p2")}
 
 
+def test_an_agent_that_is_leaving_settles_with_no_one_not_even_its_seed() -> None:
+    quiet = LAN.settle_quiet()
+    joiner = _joined_through(machine("s", ["p1", "p2"]))
+    joiner.leave(0.01)
+    drain(joiner)
+    joiner.tick(quiet + 0.01)
+    assert [s for s in drain(joiner).push_pulls if isinstance(s, StartPushPull)] == []
+
+
 def test_a_settle_that_gets_no_reply_is_tried_again_with_another_peer() -> None:
     quiet = LAN.settle_quiet()
     joiner = _joined_through(machine("s", ["p1", "p2"]))
