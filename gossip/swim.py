@@ -28,7 +28,7 @@ from gossip.config import GossipConfig
 from gossip.coordinate import DEFAULT as COORDINATE_CONFIG
 from gossip.coordinate import Coordinate, CoordinateClient
 from gossip.keyring import SEAL_OVERHEAD
-from gossip.member import Member, Status
+from gossip.member import MEMBER_CHANGES, Member, Status
 from gossip.signing import Signer, Verifier, alive_bytes
 from gossip.suspicion import Suspicion
 from gossip.wire import (
@@ -714,7 +714,7 @@ class Membership:
 
     def view_version(self) -> tuple[int, int]:
         """Changes whenever anything a member view shows may have changed."""
-        return (Member.changes, len(self.members))
+        return (MEMBER_CHANGES.value, len(self.members))
 
     def member_list(self) -> list[Member]:
         return sorted(self.members.values(), key=lambda m: m.name)
@@ -795,7 +795,7 @@ class Membership:
                 sample = now - p.sent
                 target = self._own(target)
                 if self.udp_blocked.pop(target.name, None) is not None:
-                    Member.changes += 1
+                    MEMBER_CHANGES.bump()
                     self._event("udp_restored", name=target.name)
                 target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
                 self.counters.rtt_buckets[bisect.bisect_left(RTT_BUCKETS, sample)] += 1
@@ -1191,7 +1191,7 @@ class Membership:
                 self._event("udp_blocked", name=p.target, addr=format_addr(m.addr) if m else "?",
                             detail="probes over UDP fail but TCP reaches it: is a firewall dropping UDP?")
             self.udp_blocked[p.target] = now
-            Member.changes += 1  # member views show it
+            MEMBER_CHANGES.bump()  # member views show it
             self.counters.stats["tcp_fallback_saves"] += 1
             return
         # Lifeguard: missing nacks mean our own links are at fault, not the target's --

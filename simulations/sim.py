@@ -54,7 +54,7 @@ from typing import Any
 
 from gossip.config import LAN, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
-from gossip.member import Member, Status
+from gossip.member import MEMBER_CHANGES, Member, Status
 from gossip.swim import Event, FetchState, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import Address, decode_packet
 
@@ -251,7 +251,7 @@ class Sim:
             # anti-entropy at 10,000 nodes comes every 5 minutes, not all at once).
             node.m.stagger_push_pull(self.now, stagger.random())
             self._flush(node)
-        Member.changes += 1  # member views cached by the machines must be rebuilt
+        MEMBER_CHANGES.bump()  # member views cached by the machines must be rebuilt
         return new
 
     def set_tags(self, name: str, tags: dict[str, str]) -> None:
