@@ -67,14 +67,17 @@ class MeshDirectory:
 
     # -- for the tunnels (dataplane.tunnel.PeerDirectory) ------------------------------------
 
+    # A tunnel key is trusted only once the signature over it has been checked: a member
+    # seen moments ago may not have been yet (gossip.swim.VERIFY_DELAY).
+
     def member_for_key(self, static_public: bytes) -> str | None:
         for m in self.membership.members.values():
             if m.tunnel is not None and m.tunnel[1] == static_public and m.status.up and m.name != self.membership.name:
-                return m.name
+                return m.name if self.membership.checked(m.name) else None
         return None
 
     def tunnel_peer(self, name: str) -> tuple[Address, bytes] | None:
         m = self.membership.members.get(name)
         if m is None or m.tunnel is None or not m.status.up or name == self.membership.name:
             return None
-        return m.tunnel
+        return m.tunnel if self.membership.checked(name) else None

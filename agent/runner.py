@@ -554,7 +554,7 @@ class Agent:
     def _log_event(self, kind: str, fields: dict[str, Any]) -> None:
         if kind == "member":
             self.log.info("member_" + fields["status"], **fields)
-        elif kind in ("name_conflict", "join_refused", "join_refused_by_peer"):
+        elif kind in ("name_conflict", "join_refused", "join_refused_by_peer", "member_forged"):
             self.log.error(kind, **fields)
         elif kind == "join_retry":
             self.log.warning(kind, **fields)

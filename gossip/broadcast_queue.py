@@ -89,6 +89,12 @@ class BroadcastQueue:
         self._sorted = [e for e in self._sorted if e[4] in self._items]
         self.dropped += excess
 
+    def discard(self, key: str) -> None:
+        """Forget the queued message with this key, if any."""
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._remove(old[0])
+
     def pending(self, key: str) -> bool:
         return key in self._items
 

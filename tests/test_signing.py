@@ -9,7 +9,7 @@ import random
 from gossip.config import LOCAL
 from gossip.registry import Instance, Registry
 from gossip.signing import Signer, Verifier, alive_bytes
-from gossip.swim import Membership
+from gossip.swim import VERIFY_DELAY, Membership
 from gossip.wire import Address, Alive, Dead, PushPull, Suspect, decode_packet, decode_stream, encode_packet
 
 
@@ -48,18 +48,80 @@ def test_our_alive_is_signed_and_survives_the_wire() -> None:
     assert isinstance(pp, PushPull) and pp.members[0].sig == m.me.sig
 
 
+def settle_checks(m: Membership, now: float) -> list[str]:
+    """Tick once the first-sight checks are due (news quiet); the events' kinds."""
+    m.tick(now + m.config.settle_quiet())
+    return [ev.kind for ev in m.drain()[1]]
+
+
 def test_a_forged_alive_is_rejected_and_counted() -> None:
     m = machine()
     b = signer()
     good = signed(b, "b", 0, A("b"))
+    # First sight: taken at once, its signature checked once news quiets down.
     feed(m, 1.0, dataclasses.replace(good, incarnation=5))  # signature over other fields
+    assert "b" in m.members and m.counters.drops["bad_signature"] == 0
+    assert "member_forged" in settle_checks(m, 1.0)
     assert "b" not in m.members and m.counters.drops["bad_signature"] == 1
-    feed(m, 1.0, dataclasses.replace(good, sig=bytes(64)))
-    assert m.counters.drops["bad_signature"] == 2
-    feed(m, 1.0, Alive("b", 0, A("b")))  # unsigned, in a signed cluster
-    assert m.counters.drops["unsigned_alive"] == 1
-    feed(m, 1.0, good)
-    assert m.members["b"].identity == b.public
+    feed(m, 2.0, dataclasses.replace(good, sig=bytes(64)))
+    settle_checks(m, 2.0)
+    assert "b" not in m.members and m.counters.drops["bad_signature"] == 2
+    feed(m, 3.0, Alive("b", 0, A("b")))  # unsigned, in a signed cluster: refused at once
+    assert m.counters.drops["unsigned_alive"] == 1 and "b" not in m.members
+    feed(m, 4.0, good)
+    assert settle_checks(m, 4.0) == []
+    assert m.members["b"].identity == b.public and m.counters.drops["bad_signature"] == 2
+
+
+def test_first_sight_checks_wait_for_quiet_but_not_longer_than_verify_delay() -> None:
+    m = machine()
+    signers = {f"n{i}": signer() for i in range(6)}
+    forged = signed(signers["n0"], "n0", 0, A("n0"))
+    forged = dataclasses.replace(forged, addr=A("elsewhere"))  # a relay changed the address
+    feed(m, 1.0, forged)
+    # News keeps coming (a burst of joins): the check waits ...
+    for i in range(1, 6):
+        feed(m, 1.0 + 0.15 * i, signed(signers[f"n{i}"], f"n{i}", 0, A(f"n{i}")))
+        m.tick(1.0 + 0.15 * i)
+        m.drain()
+        assert "n0" in m.members
+    assert m.verifier.checked == 0
+    # ... but never longer than VERIFY_DELAY after the member arrived.
+    assert m.next_deadline() <= 1.0 + VERIFY_DELAY
+    m.tick(1.0 + VERIFY_DELAY)
+    assert "n0" not in m.members and m.counters.drops["bad_signature"] == 1
+    assert all(f"n{i}" in m.members for i in range(1, 6)) and m.verifier.checked == 6
+    assert not m.broadcasts.pending("n0")  # the forgery is not spread any further
+
+
+def test_the_data_plane_trusts_a_tunnel_key_only_once_checked() -> None:
+    m = machine()
+    b = signer()
+    tunnel = (A("b", 7950), os.urandom(32))
+    sig = b.sign(alive_bytes("b", A("b"), 0, {}, None, tunnel))
+    feed(m, 1.0, Alive("b", 0, A("b"), {}, None, tunnel, b.public, sig))
+    assert m.verifier.checked == 0
+    assert m.checked("b") and m.verifier.checked == 1  # checked on demand, once
+    assert m.checked("b") and m.verifier.checked == 1
+    # A tunnel key swapped on the way is caught when the data plane asks, not later.
+    forged = Alive("c", 0, A("c"), {}, None, (A("c", 7950), os.urandom(32)), b.public, sig)
+    feed(m, 1.0, forged)
+    assert not m.checked("c") and "c" not in m.members and m.counters.drops["bad_signature"] == 1
+    assert not m.checked("nobody")
+
+
+def test_an_update_to_an_unchecked_member_checks_what_we_hold_first() -> None:
+    m = machine()
+    b, mallory = signer(), signer()
+    # Mallory's alive for b, under b's key but not signed by it, arrives first ...
+    feed(m, 1.0, dataclasses.replace(signed(b, "b", 0, A("b")), addr=A("mallory")))
+    assert m.members["b"].addr == A("mallory")
+    # ... then b's own: the record held is checked, found forged, and b's taken instead.
+    feed(m, 1.1, signed(b, "b", 1, A("b")))
+    assert m.members["b"].addr == A("b") and m.counters.drops["bad_signature"] == 1
+    # A different key for a name held unchecked but genuine: refused as before.
+    feed(m, 1.2, signed(mallory, "b", 9, A("mallory")))
+    assert m.members["b"].identity == b.public and m.counters.drops["identity_conflict"] == 1
 
 
 def test_another_key_cannot_take_a_live_name_or_refute_for_it() -> None:
