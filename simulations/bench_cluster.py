@@ -23,15 +23,15 @@ Serf is driven through its msgpack RPC (a persistent TCP connection per agent, t
 the ``serf`` CLI itself speaks) instead of spawning ``serf members`` 20 times a second per
 agent, which would drown a 2-core machine.  Our agent is polled through its HTTP API.
 
-The observer is not free, and it shares the 2 cores with the agents.  Its msgpack decoder
-is pure Python (standard library only), so polling Serf costs this process about twice the
-CPU that polling ours does (28 against 14.7 CPU-s per 50-agent cluster, the "benchmark
-process CPU" row).  That weighs on Serf's join figures, not ours; a faster decoder would
-change Serf's side of the comparison, so it is left as it is and the row is printed.
+The observer is not free, and it shares the 2 cores with the agents.  Serf's answers are
+decoded by msgpack's compiled Unpacker (msgpack is one of mesh-agent's own dependencies).
+A pure-Python decoder, used until stop 19, cost this process 35.5 CPU-s per 50-agent Serf
+cluster against 14.5 for ours, and Serf's 50-agent joins then failed to converge in 5 of 9
+clusters; the "benchmark process CPU" row shows what the observer costs now.
 
     .venv/bin/python simulations/bench_cluster.py --sizes 10,25,50 --runs 3
 
-Standard library only; run as root for the iptables counters (otherwise bytes fall back to
+Standard library plus msgpack; run as root for the iptables counters (otherwise bytes fall back to
 our agent's own API counters, and Serf's column is empty).
 """
 
@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MESH_AGENT = Path(sys.executable).parent / "mesh-agent"
@@ -74,7 +76,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-# -- a minimal msgpack, enough for Serf's RPC -----------------------------------------------
+# -- msgpack for Serf's RPC ------------------------------------------------------------------
 
 
 def mp_pack(obj: Any) -> bytes:
@@ -108,95 +110,26 @@ def mp_pack(obj: Any) -> bytes:
 
 
 class MpReader:
-    """Decodes a stream of msgpack objects from a socket."""
+    """Decodes a stream of msgpack objects from a socket (msgpack's compiled Unpacker).
+
+    Serf's RPC speaks the old msgpack spec, where strings and bytes share one
+    "raw" type (a member's Addr is raw IP bytes): raws decode as str, bytes that
+    are not UTF-8 kept by surrogateescape.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = bytearray()
-        self.pos = 0
-        self._dispatch = self._build_dispatch()
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) - self.pos < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("serf RPC connection closed")
-            del self.buf[:self.pos]
-            self.pos = 0
-            self.buf += chunk
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return out
-
-    def _u(self, fmt: str) -> int:
-        size = struct.calcsize(fmt)
-        return int(struct.unpack(fmt, self._read(size))[0])
-
-    def _str(self, n: int) -> str:
-        return self._read(n).decode("utf-8", "surrogateescape")
+        self._unpacker = msgpack.Unpacker(raw=False, unicode_errors="surrogateescape", strict_map_key=False)
 
     def unpack(self) -> Any:
-        b = self._read(1)[0]
-        if b <= 0x7F:
-            return b
-        if b >= 0xE0:
-            return b - 0x100
-        if 0x80 <= b <= 0x8F:
-            return self._map(b & 0x0F)
-        if 0x90 <= b <= 0x9F:
-            return [self.unpack() for _ in range(b & 0x0F)]
-        if 0xA0 <= b <= 0xBF:
-            return self._str(b & 0x1F)
-        handler = self._dispatch.get(b)
-        if handler is None:
-            raise ValueError(f"msgpack: unknown type byte 0x{b:02x}")
-        return handler()
-
-    def _build_dispatch(self) -> dict[int, Callable[[], Any]]:
-        return {
-            0xC0: lambda: None,
-            0xC2: lambda: False,
-            0xC3: lambda: True,
-            0xC4: lambda: self._read(self._u(">B")),
-            0xC5: lambda: self._read(self._u(">H")),
-            0xC6: lambda: self._read(self._u(">I")),
-            0xC7: lambda: self._ext(self._u(">B")),
-            0xC8: lambda: self._ext(self._u(">H")),
-            0xC9: lambda: self._ext(self._u(">I")),
-            0xCA: lambda: struct.unpack(">f", self._read(4))[0],
-            0xCB: lambda: struct.unpack(">d", self._read(8))[0],
-            0xCC: lambda: self._u(">B"),
-            0xCD: lambda: self._u(">H"),
-            0xCE: lambda: self._u(">I"),
-            0xCF: lambda: self._u(">Q"),
-            0xD0: lambda: self._u(">b"),
-            0xD1: lambda: self._u(">h"),
-            0xD2: lambda: self._u(">i"),
-            0xD3: lambda: self._u(">q"),
-            0xD4: lambda: self._ext(1),
-            0xD5: lambda: self._ext(2),
-            0xD6: lambda: self._ext(4),
-            0xD7: lambda: self._ext(8),
-            0xD8: lambda: self._ext(16),
-            0xD9: lambda: self._str(self._u(">B")),
-            0xDA: lambda: self._str(self._u(">H")),
-            0xDB: lambda: self._str(self._u(">I")),
-            0xDC: lambda: [self.unpack() for _ in range(self._u(">H"))],
-            0xDD: lambda: [self.unpack() for _ in range(self._u(">I"))],
-            0xDE: lambda: self._map(self._u(">H")),
-            0xDF: lambda: self._map(self._u(">I")),
-        }
-
-    def _map(self, n: int) -> dict[Any, Any]:
-        out: dict[Any, Any] = {}
-        for _ in range(n):
-            k = self.unpack()
-            out[k if not isinstance(k, bytes) else k.decode("utf-8", "replace")] = self.unpack()
-        return out
-
-    def _ext(self, n: int) -> bytes:
-        self._read(1)  # type
-        return self._read(n)
+        while True:
+            try:
+                return self._unpacker.unpack()
+            except msgpack.OutOfData:  # (the unpacker keeps the partial object for the next try)
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("serf RPC connection closed") from None
+                self._unpacker.feed(chunk)
 
 
 class SerfRPC:
