@@ -1365,9 +1365,10 @@ class Membership:
 
     def _forget(self, name: str) -> None:
         """Remove a member and everything held about it."""
-        del self.members[name]
+        m = self.members.pop(name)
         self._names = None
-        self._up_count = None  # recounted on next use
+        if self._up_count is not None and self._up_count[0] == len(self.members) + 1:
+            self._up_count = (len(self.members), self._up_count[1] - m.status.up)  # no recount
         self._unverified.pop(name, None)
         self._suspicions.pop(name, None)  # its heap entry goes stale
         self.broadcasts.discard(name)
@@ -1402,7 +1403,7 @@ class Membership:
 
         The data plane asks before it trusts a member's tunnel key.
         """
-        return self._check_pending(self._now, name) if name in self._unverified else name in self.members
+        return self._check_pending(self._now, name)
 
     # -- push-pull helpers -----------------------------------------------------------------
 

@@ -49,7 +49,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tarfile
@@ -80,33 +79,9 @@ def log(msg: str) -> None:
 
 
 def mp_pack(obj: Any) -> bytes:
-    if obj is None:
-        return b"\xc0"
-    if obj is True:
-        return b"\xc3"
-    if obj is False:
-        return b"\xc2"
-    if isinstance(obj, int):
-        if 0 <= obj < 128:
-            return bytes([obj])
-        if 0 <= obj < 1 << 32:
-            return b"\xce" + struct.pack(">I", obj)
-        if -32 <= obj < 0:
-            return struct.pack(">b", obj)
-        return b"\xd3" + struct.pack(">q", obj)
-    if isinstance(obj, str):
-        raw = obj.encode()
-        # fixstr or str16 only: both exist in the old msgpack spec that go-msgpack speaks.
-        if len(raw) < 32:
-            return bytes([0xA0 | len(raw)]) + raw
-        return b"\xda" + struct.pack(">H", len(raw)) + raw
-    if isinstance(obj, (list, tuple)):
-        head = bytes([0x90 | len(obj)]) if len(obj) < 16 else b"\xdc" + struct.pack(">H", len(obj))
-        return head + b"".join(mp_pack(x) for x in obj)
-    if isinstance(obj, dict):
-        head = bytes([0x80 | len(obj)]) if len(obj) < 16 else b"\xde" + struct.pack(">H", len(obj))
-        return head + b"".join(mp_pack(k) + mp_pack(v) for k, v in obj.items())
-    raise TypeError(f"cannot msgpack {type(obj).__name__}")
+    """Old-spec msgpack, as go-msgpack in Serf speaks it: no bin and no str8 types."""
+    out: bytes = msgpack.packb(obj, use_bin_type=False)
+    return out
 
 
 class MpReader:

@@ -91,6 +91,7 @@ def test_first_sight_checks_come_verify_delay_after_arrival() -> None:
     m.tick(1.0 + VERIFY_DELAY)
     assert "n0" not in m.members and m.counters.drops["bad_signature"] == 1
     assert not m.broadcasts.pending("n0")  # the forgery is not spread any further
+    assert m.num_up() == len(m.members) == 6  # the up count follows the forgotten member
     assert 1 <= m.verifier.checked < 6
     m.tick(1.75 + VERIFY_DELAY)
     assert all(f"n{i}" in m.members for i in range(1, 6)) and m.verifier.checked == 6
