@@ -415,8 +415,9 @@ def test_transport_message_size_limit() -> None:
 
 
 def test_fast_path_matches_the_bindings_and_keeps_the_rules() -> None:
-    """encrypt_framed_into / decrypt_view (libsodium in place) against encrypt_with_ad /
-    decrypt_with_ad: same bytes, same limits, and a forgery leaves the nonce alone."""
+    """encrypt_framed_into / decrypt_view (OpenSSL, in place) against encrypt_with_ad /
+    decrypt_with_ad (PyNaCl's libsodium): same bytes, same limits, and a forgery leaves
+    the nonce alone."""
     key = b"\x05" * 32
     fast_send, slow_send = CipherState(key), CipherState(key)
     fast_recv, slow_recv = CipherState(key), CipherState(key)
@@ -450,6 +451,21 @@ def test_fast_path_matches_the_bindings_and_keeps_the_rules() -> None:
         CipherState().encrypt_framed_into(bytearray(), b"x")
     with pytest.raises(NoiseError, match="no key"):
         CipherState().decrypt_view(b"x" * 16)
+
+
+def test_rekey_changes_the_fast_paths_key_too() -> None:
+    """The transport path keeps its own keyed cipher object: Rekey() (§4.2) must replace it."""
+    key = b"\x06" * 32
+    fast, slow = CipherState(key), CipherState(key)
+    fast.rekey()
+    slow.rekey()
+    out = bytearray()
+    fast.encrypt_framed_into(out, b"after the rekey")
+    assert bytes(out[2:]) == slow.encrypt_with_ad(b"", b"after the rekey")
+    stale = CipherState(key)
+    stale.set_nonce(fast.nonce - 1)
+    with pytest.raises(NoiseError, match="authentication failed"):
+        stale.decrypt_view(out[2:])
 
 
 # --- CipherState -------------------------------------------------------------------------------
