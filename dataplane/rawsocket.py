@@ -45,7 +45,7 @@ RECEIVE_SIZE: Final = 65536
 YIELD_EVERY: Final = 16
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 _A = TypeVar("_A")
-_R = TypeVar("_R")
+_R = TypeVar("_R", bytes, int)
 
 
 class Fairness:
@@ -81,7 +81,7 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
 class RawSocketStream(trio.abc.HalfCloseableStream):
     """A connected stream socket driven by non-blocking syscalls (see the module docstring)."""
 
-    __slots__ = ("_closed", "_eof_sent", "_receiving", "_sending", "_sock", "_fair")
+    __slots__ = ("_closed", "_emptied", "_eof_sent", "_receiving", "_sending", "_sock", "_fair")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.type != socket.SOCK_STREAM:
@@ -97,6 +97,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self._fair = Fairness()
         self._sending = False
         self._receiving = False
+        #: The last receive got less than it asked for (see _receive).
+        self._emptied = False
         self._eof_sent = False
         self._closed = False
 
@@ -119,7 +121,7 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             max_bytes = RECEIVE_SIZE
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        return await self._receive(self._sock.recv, max_bytes)
+        return await self._receive(self._sock.recv, max_bytes, max_bytes)
 
     async def receive_into(self, buffer: memoryview) -> int:
         """``receive_some`` into the caller's buffer: the count received, 0 at end of stream.
@@ -129,10 +131,19 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         """
         if not len(buffer):
             raise ValueError("receive_into needs a non-empty buffer")
-        return await self._receive(self._sock.recv_into, buffer)
+        return await self._receive(self._sock.recv_into, buffer, len(buffer))
 
-    async def _receive(self, op: Callable[[_A], _R], arg: _A) -> _R:
-        """One non-blocking receive ``op(arg)``, waiting for the socket only when it has nothing."""
+    async def _receive(self, op: Callable[[_A], _R], arg: _A, want: int) -> _R:
+        """One non-blocking receive ``op(arg)`` of up to ``want`` bytes, waiting for the
+        socket only when it has nothing.
+
+        A receive that got less than it asked for emptied the socket's queue.
+        Request/response traffic then has nothing more until the peer answers,
+        so trying the next receive at once would only fail (a syscall and a
+        ``BlockingIOError`` on every message: two per proxied request in each
+        agent).  After such a short read the next receive waits for readiness
+        first; if data did arrive meanwhile, epoll reports it at once.
+        """
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -140,6 +151,9 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             if self._closed:
                 raise trio.ClosedResourceError("this stream was closed")
+            if self._emptied:
+                self._fair.waited()
+                await trio.lowlevel.wait_readable(self._sock)
             while True:
                 try:
                     result = op(arg)
@@ -149,6 +163,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
                     continue
                 except OSError as exc:
                     raise _stream_error(exc) from exc
+                got = result if isinstance(result, int) else len(result)
+                self._emptied = 0 < got < want  # 0 is the end of stream: that read never blocks
                 await self._fair.quick()
                 return result
         finally:

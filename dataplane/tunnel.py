@@ -189,9 +189,6 @@ _RTT_PING: Final = b"MESH-RTT"
 _RECV_SIZE: Final = 65536
 #: Ciphertext the writer gathers into one send_all (fewer syscalls, same fairness).
 _WRITE_BATCH: Final = 256 * 1024
-#: Up to this many open streams, a session sends from the writing task itself
-#: (lowest latency); beyond, the writer task batches (see _Session._write).
-_INLINE_MAX_STREAMS: Final = 2
 #: How long a closing session may spend flushing its last records.
 _FLUSH_TIMEOUT: Final = 1.0
 #: How long a dead session's stream handlers get to notice before they are cancelled.
@@ -1081,12 +1078,16 @@ class _Session:
         waits for the socket; bytes always leave from the front of ``_out``, so the
         order on the wire is the order of encryption whichever task sends.
 
-        With many streams open, writes go through the writer task instead: every
-        stream that sends in one scheduler turn then shares one record and one
-        syscall (like TCP autocorking), which is what throughput needs there.
+        This holds however many streams are open.  Handing writes to the writer
+        task when many were (so that the streams sending in one scheduler turn
+        shared a record and a syscall, like TCP autocorking) left both agents
+        idle 40% of the time at 16 concurrent request/response streams: every
+        request waited a scheduler turn in each agent.  Inline, the same load ran
+        35-50% more requests per second (bench_proxy rr16, 2 runs each way).
+        Batching still happens where it pays: what the kernel refuses piles up in
+        ``_out`` and leaves in one send when the socket drains.
         """
-        if (self._try_send is None or self.dead or self._writer_waiting
-                or len(self.streams) > _INLINE_MAX_STREAMS):
+        if self._try_send is None or self.dead or self._writer_waiting:
             self._kick.set()
             return
         while self._gather() and self._out and self._send_now():
