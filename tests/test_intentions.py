@@ -521,7 +521,9 @@ async def test_splice_resets_after_idle_timeout_only(autojump_clock: trio.abc.Cl
         nursery.start_soon(chatter)
         await splice(near, far, stats, lambda: broken.append(trio.current_time()), idle_timeout=5.0)
     assert stats["idle_timeouts"] == 1 and len(broken) == 1
-    assert broken[0] - t0 == pytest.approx(15 + 5)  # traffic every 3 s kept it open; then 5 s of silence
+    # Traffic every 3 s kept it open; then 5 s of silence, give or take the watchdog's
+    # looks (every 5/8 s): never early, at most two looks late.
+    assert 15 + 5 <= broken[0] - t0 <= 15 + 5 + 2 * 5 / 8
 
 
 async def test_client_bytes_read_as_the_status_arrives_are_not_dropped() -> None:
