@@ -3,6 +3,10 @@
 Three paths to one echo/sink server, measured in the same invocation, interleaved run by run:
 
 * ``direct``  -- client -> server: the ceiling of the load generator and server themselves;
+* ``relay``   -- client -> trio relay -> trio relay -> server (``simulations/trio_relay.py``): two
+  plain relays on the agents' own socket layer, with no cipher, no multiplexing and no policy.
+  It is the floor under any two-hop proxy written on Python and trio, so its ratio to stunnel
+  says how much of the mesh's gap is the stack and how much is our design;
 * ``mesh``    -- client -> agent A's upstream port -> Noise tunnel -> agent B -> server
   (two real ``mesh-agent`` processes, encrypted gossip, ``--profile local``);
 * ``stunnel`` -- client -> stunnel client -> TLS 1.3 -> stunnel server -> server (Debian's
@@ -72,7 +76,7 @@ MESH_AGENT = Path(sys.executable).parent / "mesh-agent"
 PY_SPY = Path(sys.executable).parent / "py-spy"
 HOST = "127.0.0.1"
 SERVICE = "bench-echo"
-PATHS = ("direct", "mesh", "stunnel")
+PATHS = ("direct", "relay", "mesh", "stunnel")
 
 
 def log(msg: str) -> None:
@@ -796,6 +800,23 @@ def start_mesh(server_port: int, procs: Procs, workdir: Path, env: dict[str, str
     return Target("mesh", listen, [a["proc"].pid, b["proc"].pid], ["agent A", "agent B"], [a["log"], b["log"]])
 
 
+def start_relays(server_port: int, procs: Procs, workdir: Path, env: dict[str, str]) -> Target:
+    """Two trio_relay.py processes in a chain in front of the server."""
+    second, first = free_port(), free_port()
+    pids: list[int] = []
+    logs: list[Path] = []
+    for i, (listen, target) in enumerate(((second, server_port), (first, second)), start=1):
+        log_path = workdir / f"relay{i}.log"
+        p = procs.start([sys.executable, str(HERE / "trio_relay.py"), str(listen), str(target)], log_path,
+                        env=env, cwd=workdir)
+        wait_for(lambda port=listen, proc=p: probe(port) or proc.poll() is not None, 30, f"relay {i}")
+        if p.poll() is not None:
+            raise SetupError(f"relay {i} exited at start: {_tail(log_path)}")
+        pids.append(p.pid)
+        logs.append(log_path)
+    return Target("relay", first, pids, ["relay 2", "relay 1"], logs[::-1])
+
+
 def stunnel_binary() -> str | None:
     return shutil.which("stunnel4") or shutil.which("stunnel")
 
@@ -1027,13 +1048,14 @@ def _cell(v: float | None, digits: int, present: bool) -> str:
 def report(per_path: dict[str, list[dict[str, float | None]]]) -> tuple[str, dict[str, Any]]:
     runs = max((len(v) for v in per_path.values()), default=0)
     lines = [f"### Data plane on loopback: median of {runs} run(s)", "",
-             "| metric | direct | mesh | stunnel | mesh/stunnel | goal | result |",
-             "|---|---:|---:|---:|---:|---|---|"]
+             "| metric | direct | trio relay x2 | mesh | stunnel | relay/stunnel | mesh/stunnel | goal | result |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     summary: dict[str, Any] = {}
     for key, label, digits, goal in METRICS:
         med = {p: median_of(per_path[p], key) if per_path.get(p) else None for p in PATHS}
-        m, s = med["mesh"], med["stunnel"]
+        m, s, r = med["mesh"], med["stunnel"], med["relay"]
         ratio = m / s if m is not None and s else None
+        floor = r / s if r is not None and s else None
         if goal is None:
             goal_txt, verdict = "-", "-"
         else:
@@ -1044,8 +1066,9 @@ def report(per_path: dict[str, list[dict[str, float | None]]]) -> tuple[str, dic
             else:
                 verdict = "PASS" if (ratio >= g if op == ">=" else ratio <= g) else "MISS"
         lines.append(f"| {label} | " + " | ".join(_cell(med[p], digits, bool(per_path.get(p))) for p in PATHS)
+                     + f" | {'-' if floor is None else f'{floor:.2f}x'}"
                      + f" | {'-' if ratio is None else f'{ratio:.2f}x'} | {goal_txt} | {verdict} |")
-        summary[key] = {**med, "ratio": ratio, "goal": goal_txt, "result": verdict}
+        summary[key] = {**med, "ratio": ratio, "relay_ratio": floor, "goal": goal_txt, "result": verdict}
     return "\n".join(lines), summary
 
 
@@ -1080,7 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bulk-mib", type=int, help="MiB per bulk transfer (default 512)")
     ap.add_argument("--quick", action="store_true", help="smoke run: defaults become 1 run, 1 s tests, "
                                                          "0.3 s warm-up, 32 MiB bulk")
-    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of direct,mesh,stunnel")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of direct,relay,mesh,stunnel")
     ap.add_argument("--stunnel-cert", choices=("rsa", "ec"), default="rsa",
                     help="stunnel server certificate: RSA 2048 (default) or ECDSA P-256")
     ap.add_argument("--stunnel-debug", default="warning",
@@ -1121,11 +1144,14 @@ def main(argv: list[str] | None = None) -> int:
         if "direct" in paths:
             targets["direct"] = Target("direct", server_port)
         measured = "-"
-        if "mesh" in paths or args.pyspy:
+        if "mesh" in paths or "relay" in paths or args.pyspy:
             if not MESH_AGENT.exists():
                 raise SetupError(f"{MESH_AGENT} not found: run `make` / pip install -e . first")
             src, measured = snapshot_source(workdir / "src", args.ref, Path(args.src).resolve() if args.src else None)
             env = dict(os.environ, PYTHONPATH=str(src))
+            if "relay" in paths:
+                targets["relay"] = start_relays(server_port, procs, workdir, env)
+        if "mesh" in paths or args.pyspy:
             log(f"mesh: two agents running {measured}")
             targets["mesh"] = start_mesh(server_port, procs, workdir, env, args.agent_log_level)
         if "stunnel" in paths:
@@ -1168,6 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p50 at c=1 <= 2x; new connections/s >= 1.0x.",
                 f"Machine: {machine_info(stunnel)}.",
                 f"mesh: 2 mesh-agent processes ({measured}), --profile local, encrypted gossip, Noise IK tunnel; "
+                "trio relay x2: simulations/trio_relay.py twice (same code snapshot), plain TCP, no cipher; "
                 f"stunnel: TLS 1.3 ({args.stunnel_cert.upper()} certificate, client verifies it), "
                 f"debug = {args.stunnel_debug}; load generator and echo/sink server: C, epoll, compiled with cc -O2. "
                 f"Bulk {args.bulk_mib} MiB; req/resp and conn tests {args.seconds:g} s each after "
