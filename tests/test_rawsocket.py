@@ -129,3 +129,67 @@ async def test_a_stream_that_never_waits_still_lets_others_run() -> None:
         nursery.cancel_scope.cancel()
     await a.aclose()
     await b.aclose()
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts its receive calls, and those that found nothing."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.calls = 0
+        self.empty = 0
+
+    def _counted(self, op: str, arg: object) -> object:
+        self.calls += 1
+        try:
+            return getattr(super(), op)(arg)
+        except BlockingIOError:
+            self.empty += 1
+            raise
+
+    def recv(self, n: int, flags: int = 0) -> bytes:  # type: ignore[override]
+        return self._counted("recv", n)  # type: ignore[return-value]
+
+    def recv_into(self, buf: memoryview, n: int = 0, flags: int = 0) -> int:  # type: ignore[override]
+        return self._counted("recv_into", buf)  # type: ignore[return-value]
+
+
+async def test_after_a_short_read_the_next_receive_waits_instead_of_failing() -> None:
+    """A read that got less than it asked for emptied the socket: the next receive
+    waits for readiness rather than paying a receive that fails (two per proxied
+    request in each agent before), and still sees what arrived meanwhile, what
+    arrives later, and the end of the stream."""
+    a, b = socket.socketpair()
+    counting = CountingSocket(b)
+    writer, reader = RawSocketStream(a), RawSocketStream(counting)
+    await writer.send_all(b"ping")
+    assert await reader.receive_some(100) == b"ping"  # short: 4 of 100
+    await writer.send_all(b"sent before the next receive")
+    assert await reader.receive_some(100) == b"sent before the next receive"
+
+    async def later() -> None:
+        await trio.sleep(0.05)
+        await writer.send_all(b"later")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        assert await reader.receive_some(100) == b"later"
+    buf = bytearray(100)
+    await writer.send_all(b"into")
+    assert await reader.receive_into(memoryview(buf)) == 4 and buf[:4] == b"into"
+    await writer.send_eof()
+    assert await reader.receive_some(100) == b""
+    assert counting.empty == 0, "a receive after a short read asked the kernel before it had data"
+    assert counting.calls == 5
+    await writer.aclose()
+    await reader.aclose()
+    # A full read (the socket may hold more) still tries again at once: bulk keeps its pace.
+    a, b = socket.socketpair()
+    counting = CountingSocket(b)
+    writer, reader = RawSocketStream(a), RawSocketStream(counting)
+    await writer.send_all(bytes(70_000))
+    assert len(await reader.receive_some(1000)) == 1000
+    assert len(await reader.receive_some(1000)) == 1000
+    assert counting.calls == 2 and counting.empty == 0
+    await writer.aclose()
+    await reader.aclose()
