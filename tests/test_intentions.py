@@ -517,9 +517,10 @@ async def test_splice_resets_after_idle_timeout_only(autojump_clock: trio.abc.Cl
             assert await server.receive_some(10) == b"ping"
 
     t0 = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(chatter)
-        await splice(near, far, stats, lambda: broken.append(trio.current_time()), idle_timeout=5.0)
+    with trio.fail_after(60):  # a watchdog that fires early leaves chatter blocked: fail, not hang
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(chatter)
+            await splice(near, far, stats, lambda: broken.append(trio.current_time()), idle_timeout=5.0)
     assert stats["idle_timeouts"] == 1 and len(broken) == 1
     # Traffic every 3 s kept it open; then 5 s of silence, give or take the watchdog's
     # looks (every 5/8 s): never early, at most two looks late.
