@@ -801,20 +801,21 @@ def start_mesh(server_port: int, procs: Procs, workdir: Path, env: dict[str, str
 
 
 def start_relays(server_port: int, procs: Procs, workdir: Path, env: dict[str, str]) -> Target:
-    """Two trio_relay.py processes in a chain in front of the server."""
-    second, first = free_port(), free_port()
-    pids: list[int] = []
-    logs: list[Path] = []
-    for i, (listen, target) in enumerate(((second, server_port), (first, second)), start=1):
-        log_path = workdir / f"relay{i}.log"
+    """Two trio_relay.py processes in a chain in front of the server: hop 1 takes the client,
+    hop 2 reaches the server.  Hop 2 starts first, so hop 1 has somewhere to connect."""
+    first, second = free_port(), free_port()
+    relays = Target("relay", first)
+    for hop, listen, target in ((2, second, server_port), (1, first, second)):
+        log_path = workdir / f"relay{hop}.log"
         p = procs.start([sys.executable, str(HERE / "trio_relay.py"), str(listen), str(target)], log_path,
                         env=env, cwd=workdir)
-        wait_for(lambda port=listen, proc=p: probe(port) or proc.poll() is not None, 30, f"relay {i}")
+        wait_for(lambda port=listen, proc=p: probe(port) or proc.poll() is not None, 30, f"relay {hop}")
         if p.poll() is not None:
-            raise SetupError(f"relay {i} exited at start: {_tail(log_path)}")
-        pids.append(p.pid)
-        logs.append(log_path)
-    return Target("relay", first, pids, ["relay 2", "relay 1"], logs[::-1])
+            raise SetupError(f"relay {hop} exited at start: {_tail(log_path)}")
+        relays.pids.append(p.pid)
+        relays.names.append(f"relay {hop}")
+        relays.logs.append(log_path)
+    return relays
 
 
 def stunnel_binary() -> str | None:

@@ -13,12 +13,11 @@ design.
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import trio
 
-from dataplane.rawsocket import RawSocketStream
+from dataplane.rawsocket import RawSocketStream, connect_tcp
 
 HOST = "127.0.0.1"
 CHUNK = 256 * 1024  # as the agents' proxy reads
@@ -36,7 +35,7 @@ async def _pump(src: RawSocketStream, dst: RawSocketStream) -> None:
 async def _handle(accepted: trio.SocketStream, target: int) -> None:
     client = RawSocketStream.adopt(accepted)
     try:
-        upstream = RawSocketStream(socket.create_connection((HOST, target)))
+        upstream = await connect_tcp(HOST, target)  # as the agents' far end connects
     except OSError:
         await client.aclose()
         return
