@@ -59,6 +59,10 @@ Local actions:
   as ``next_record`` drains the buffer: wake waiting writers after each record.
 * ``send(stream_id, data)`` -- queue data; more than ``writable`` raises
   :class:`FlowControlError`.
+* ``direct_room(stream_id) -> int`` and ``seal_direct(stream_id, record)`` --
+  when nothing is queued anywhere, a DATA record built in the caller's own
+  buffer (8 spare bytes, then the data) instead of queued data: the wire is
+  the same as ``send`` + ``next_record`` would make, without a copy.
 * ``close(stream_id)`` -- half-close (FIN after the queued data).
 * ``reset(stream_id, code=ResetCode.CANCEL)`` -- abort both directions; idempotent.
 * ``consumed(stream_id, n)`` -- the application delivered ``n`` received bytes
@@ -527,11 +531,54 @@ class Session:
                 f"stream {stream_id}: {len(data)} bytes offered, only {max(0, room)} writable; wait for writable()"
             )
         if data:
-            # bytes are immutable, so they are kept as given; anything else is copied
-            # now, since the caller may reuse its buffer.
-            st.queue.append(data if isinstance(data, bytes) else bytes(data))
+            # bytes are immutable, so they (and views of them: a large send cut to
+            # the room there is) are kept as given; anything else is copied now,
+            # since the caller may reuse its buffer.
+            if isinstance(data, bytes) or (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+                st.queue.append(data)
+            else:
+                st.queue.append(bytes(data))
             st.queued += len(data)
             self._schedule(st)
+
+    def direct_room(self, stream_id: int) -> int:
+        """How many bytes ``seal_direct`` takes for this stream now; 0 when its data must queue.
+
+        Data may skip the queue only when nothing would be overtaken: no
+        control frame pending, no stream waiting for its turn, nothing of this
+        stream's own queued; and only as much as the peer's credit allows.  So
+        the wire carries exactly what ``send`` + ``next_record`` would have
+        produced, in the same order, minus the queueing and the copy.
+        """
+        if self._control or self._ready or self._failed is not None:
+            return 0
+        st = self._streams.get(stream_id)
+        if st is None or st.queued or st.fin_queued or not st.open_sent:
+            return 0
+        return min(st.send_credit, self._max_chunk)
+
+    def out_of_credit(self, stream_id: int) -> bool:
+        """Whether the stream has nothing queued and no credit: its next data waits for a WINDOW_UPDATE."""
+        st = self._streams.get(stream_id)
+        return st is not None and st.send_credit == 0 and not st.queued and not st.fin_queued
+
+    def seal_direct(self, stream_id: int, record: bytearray | memoryview) -> None:
+        """Make ``record`` -- 8 spare bytes, then the data -- a one-frame DATA record
+        and account for it as sent: the caller encrypts and sends it now.
+
+        The zero-copy path for a proxy that reads a socket straight into a
+        buffer behind room for the header.  The data must fit ``direct_room``.
+        """
+        n = len(record) - HEADER_SIZE
+        if not 0 < n <= self.direct_room(stream_id):
+            raise FlowControlError(f"stream {stream_id}: {n} bytes cannot skip the queue now; see direct_room()")
+        st = self._streams[stream_id]
+        st.send_credit -= n
+        _HEADER.pack_into(record, 0, FrameType.DATA, stream_id, n >> 16, n & 0xFFFF)
+        counters = self.counters
+        counters["data_bytes_out"] += n
+        counters["records_out"] += 1
+        counters["frames_out"] += 1
 
     def close(self, stream_id: int) -> None:
         st = self._sending_stream(stream_id)

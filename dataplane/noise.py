@@ -79,9 +79,8 @@ BLOCKLEN: Final = 128
 MAX_NONCE: Final = 2**64 - 1
 
 _ZEROS32: Final = b"\x00" * 32
-# The transport fast path's output buffers (see CipherState.encrypt_framed_into and
-# decrypt_view): allocated once; a call fills a slice of exactly the output's size.
-_ENC_VIEW: Final = memoryview(bytearray(MAX_MESSAGE))
+# The transport receive path's output buffer (see CipherState.decrypt_view):
+# allocated once; a call fills a slice of exactly the plaintext's size.
 _DEC_VIEW: Final = memoryview(bytearray(MAX_MESSAGE))
 
 
@@ -261,12 +260,15 @@ class CipherState:
         self._n += 1
         return ciphertext
 
-    def encrypt_framed_into(self, out: bytearray, plaintext: bytes | bytearray | memoryview) -> None:
-        """``out += len(c).to_bytes(2, "big") + c`` for ``c = EncryptWithAd(b"", plaintext)``.
+    def encrypt_framed_into(self, into: memoryview, plaintext: bytes | bytearray | memoryview) -> int:
+        """Write ``len(c).to_bytes(2, "big") + c``, for ``c = EncryptWithAd(b"", plaintext)``,
+        at the start of ``into``; return how many bytes that is.
 
         The transport's sending path, with the 2-byte length prefix the
-        transport frames messages with (§7.5's suggestion for TCP): the cipher
-        writes into a preallocated buffer and ``out`` takes one copy of it.
+        transport frames messages with (§7.5's suggestion for TCP).  The cipher
+        writes straight into the caller's send buffer, so a sealed byte is
+        never copied in Python.  ``into`` must hold ``len(plaintext) + 18`` bytes;
+        on any error nothing is written and the nonce does not advance.
         """
         aead = self._aead
         if aead is None:
@@ -274,12 +276,14 @@ class CipherState:
         clen = len(plaintext) + TAGLEN
         if clen > MAX_MESSAGE:
             raise NoiseError("message too long")
+        if len(into) < clen + 2:
+            raise ValueError(f"{len(into)} bytes of room for a framed message of {clen + 2}")
         self._check_usable()
-        sealed = _ENC_VIEW[:clen]
-        aead.encrypt_into(_nonce(self._n), plaintext, None, sealed)
+        aead.encrypt_into(_nonce(self._n), plaintext, None, into[2 : clen + 2])
+        into[0] = clen >> 8
+        into[1] = clen & 0xFF
         self._n += 1
-        out += clen.to_bytes(2, "big")
-        out += sealed
+        return clen + 2
 
     def decrypt_view(self, ciphertext: bytes | bytearray | memoryview) -> memoryview:
         """DecryptWithAd(b"", ciphertext), as a view of a buffer the next call reuses.

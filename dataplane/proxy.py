@@ -236,6 +236,8 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
         try:
             if isinstance(src, tunnel.TunnelStream) and isinstance(dst, RawSocketStream):
                 await src.pump_into(dst, delivered)  # the tunnel's reader writes into dst itself
+            elif isinstance(src, RawSocketStream) and isinstance(dst, tunnel.TunnelStream):
+                await dst.pump_from(src, delivered, CHUNK)  # read straight into a record, sealed in place
             else:
                 while data := bytes(await src.receive_some(CHUNK)):
                     activity += 1

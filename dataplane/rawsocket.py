@@ -133,6 +133,37 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             raise ValueError("receive_into needs a non-empty buffer")
         return await self._receive(self._sock.recv_into, buffer, len(buffer))
 
+    def try_receive_into(self, buffer: memoryview) -> int | None:
+        """A synchronous non-blocking ``receive_into``: None when the socket has nothing now.
+
+        For a caller that must handle what it read before any other task runs
+        (it reads into a buffer it shares with them); it then owns the waiting
+        (``wait_readable``) and the yielding to others.  Raises like ``receive_into``.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        try:
+            return self._sock.recv_into(buffer)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    async def wait_readable(self) -> None:
+        """Until the socket has data or its end (a cancel point); for ``try_receive_into``."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        self._receiving = True
+        try:
+            await trio.lowlevel.wait_readable(self._sock)
+        finally:
+            self._receiving = False
+        self._emptied = False
+
     async def _receive(self, op: Callable[[_A], _R], arg: _A, want: int) -> _R:
         """One non-blocking receive ``op(arg)`` of up to ``want`` bytes, waiting for the
         socket only when it has nothing.

@@ -124,6 +124,65 @@ def test_open_and_data_share_the_first_record() -> None:
     assert a.session.next_record() is None
 
 
+def test_send_keeps_immutable_data_and_copies_the_rest() -> None:
+    """A caller may reuse a bytearray after send(); bytes, and views of bytes, need no copy."""
+    a, b = pair()
+    sid = a.session.open_stream()
+    reused = bytearray(b"first")
+    a.session.send(sid, reused)
+    reused[:] = b"XXXXX"
+    whole = b"0123456789" * 10
+    part = memoryview(whole)[10:30]
+    a.session.send(sid, part)
+    queue = a.session._streams[sid].queue
+    assert queue[-1] is part  # kept as given: the bytes under it cannot change
+    a.session.send(sid, memoryview(bytearray(b"view")))
+    assert isinstance(queue[-1], bytes)
+    pump(a, b)
+    assert bytes(b.received[sid]) == b"first" + whole[10:30] + b"view"
+
+
+def test_direct_records_only_when_nothing_is_overtaken() -> None:
+    """seal_direct makes the record next_record would have made, and is refused
+    whenever it would jump a queued frame or exceed the peer's credit."""
+    a, b = pair(initial_window=100_000)
+    b.auto_consume = False  # no credit comes back
+    sid = a.session.open_stream(b"h")
+    assert a.session.direct_room(sid) == 0  # the OPEN has not left: no DATA may pass it
+    pump(a, b)
+    assert a.session.direct_room(sid) == DEFAULT_MAX_RECORD - HEADER_SIZE
+    record = bytearray(HEADER_SIZE) + b"hello"
+    a.session.seal_direct(sid, record)
+    assert bytes(record) == encode_frame(FrameType.DATA, sid, b"hello")
+    b.feed(bytes(record))
+    assert bytes(b.received[sid]) == b"hello"
+
+    other = a.session.open_stream()
+    pump(a, b)
+    a.session.send(other, b"queued")  # another stream waits for its turn
+    assert a.session.direct_room(sid) == 0
+    with pytest.raises(FlowControlError):
+        a.session.seal_direct(sid, bytearray(HEADER_SIZE + 1))
+    pump(a, b)
+    a.session.send(sid, b"own")  # its own queued data goes first
+    assert a.session.direct_room(sid) == 0
+    pump(a, b)
+
+    # Credit: the peer has consumed nothing, so 8 bytes of it are spent.
+    room = DEFAULT_MAX_RECORD - HEADER_SIZE
+    assert a.session.direct_room(sid) == room and not a.session.out_of_credit(sid)
+    a.session.seal_direct(sid, bytearray(HEADER_SIZE + room))
+    left = 100_000 - 8 - room
+    assert a.session.direct_room(sid) == left
+    a.session.seal_direct(sid, bytearray(HEADER_SIZE + left))
+    assert a.session.direct_room(sid) == 0 and a.session.out_of_credit(sid)
+    a.session.send(sid, b"more")  # queued behind the credit: no longer "out of credit" but stuck
+    assert not a.session.out_of_credit(sid) and a.session.next_record() is None
+    assert a.session.counters["data_bytes_out"] == 100_000 + len(b"queued")
+    a.session.close(sid)
+    assert a.session.direct_room(sid) == 0
+
+
 def test_full_lifecycle_with_half_close_and_cleanup() -> None:
     a, b = pair()
     sid = a.session.open_stream(b"h")

@@ -131,8 +131,8 @@ def test_cacophony_vector(vector: dict[str, Any]) -> None:
             assert ciphertext.hex() == expected.hex(), f"transport message {i}"
             assert recv.decrypt_with_ad(b"", ciphertext) == payload
         else:
-            framed = bytearray()
-            send.encrypt_framed_into(framed, memoryview(payload))
+            framed = bytearray(len(payload) + 18)
+            assert send.encrypt_framed_into(memoryview(framed), memoryview(payload)) == len(framed)
             assert bytes(framed) == len(expected).to_bytes(2, "big") + expected, f"transport message {i}"
             assert bytes(recv.decrypt_view(memoryview(framed)[2:])) == payload
 
@@ -421,25 +421,31 @@ def test_fast_path_matches_the_bindings_and_keeps_the_rules() -> None:
     key = b"\x05" * 32
     fast_send, slow_send = CipherState(key), CipherState(key)
     fast_recv, slow_recv = CipherState(key), CipherState(key)
-    out = bytearray(b"queued")
+    # Written at the start of the view it is given, around bytes that must survive.
+    buf = bytearray(b"queued" + bytes(MAX_MESSAGE + 2) + b"after")
+    room = memoryview(buf)[6:-5]
     for size in (0, 1, 1024, MAX_MESSAGE - 16):
         payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
         for form in (payload, bytearray(payload), memoryview(payload)):
             ciphertext = slow_send.encrypt_with_ad(b"", payload)
-            start = len(out)
-            fast_send.encrypt_framed_into(out, form)
-            assert bytes(out[start:]) == len(ciphertext).to_bytes(2, "big") + ciphertext
+            n = fast_send.encrypt_framed_into(room, form)
+            assert n == len(ciphertext) + 2
+            assert bytes(room[:n]) == len(ciphertext).to_bytes(2, "big") + ciphertext
             assert slow_recv.decrypt_with_ad(b"", ciphertext) == payload
-            assert bytes(fast_recv.decrypt_view(memoryview(out)[start + 2:])) == payload
-    assert out.startswith(b"queued")
+            assert bytes(fast_recv.decrypt_view(room[2:n])) == payload
+    assert buf.startswith(b"queued") and buf.endswith(b"after")
+    nonce = fast_send.nonce
     with pytest.raises(NoiseError, match="too long"):
-        fast_send.encrypt_framed_into(out, b"\x00" * (MAX_MESSAGE - 16 + 1))
+        fast_send.encrypt_framed_into(room, b"\x00" * (MAX_MESSAGE - 16 + 1))
+    with pytest.raises(ValueError, match="room"):
+        fast_send.encrypt_framed_into(room[:1041], b"\x00" * 1024)  # needs 1042
+    assert fast_send.nonce == nonce
     with pytest.raises(NoiseError, match="too long"):
         fast_recv.decrypt_view(b"\x00" * (MAX_MESSAGE + 1))
     with pytest.raises(NoiseError, match="shorter than tag"):
         fast_recv.decrypt_view(b"\x00" * 15)
     good = bytearray(slow_send.encrypt_with_ad(b"", b"next"))
-    fast_send.encrypt_framed_into(bytearray(), b"next")  # keep the two senders in step
+    fast_send.encrypt_framed_into(room, b"next")  # keep the two senders in step
     nonce = fast_recv.nonce
     good[3] ^= 0x40
     with pytest.raises(NoiseError, match="authentication failed"):
@@ -448,7 +454,7 @@ def test_fast_path_matches_the_bindings_and_keeps_the_rules() -> None:
     good[3] ^= 0x40
     assert bytes(fast_recv.decrypt_view(good)) == b"next" and fast_recv.nonce == nonce + 1
     with pytest.raises(NoiseError, match="no key"):
-        CipherState().encrypt_framed_into(bytearray(), b"x")
+        CipherState().encrypt_framed_into(room, b"x")
     with pytest.raises(NoiseError, match="no key"):
         CipherState().decrypt_view(b"x" * 16)
 
@@ -459,8 +465,8 @@ def test_rekey_changes_the_fast_paths_key_too() -> None:
     fast, slow = CipherState(key), CipherState(key)
     fast.rekey()
     slow.rekey()
-    out = bytearray()
-    fast.encrypt_framed_into(out, b"after the rekey")
+    out = bytearray(15 + 18)
+    fast.encrypt_framed_into(memoryview(out), b"after the rekey")
     assert bytes(out[2:]) == slow.encrypt_with_ad(b"", b"after the rekey")
     stale = CipherState(key)
     stale.set_nonce(fast.nonce - 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,12 +22,14 @@ import trio.testing
 
 from dataplane import mux
 from dataplane.noise import CipherState, HandshakeState, generate_keypair
+from dataplane.rawsocket import RawSocketStream
 from dataplane.tunnel import (
     PREAMBLE,
     StreamResetError,
     TunnelError,
     TunnelManager,
     TunnelStream,
+    _Outbox,
     decode_hello,
     encode_hello,
 )
@@ -210,6 +213,47 @@ def test_hello_roundtrip_and_validation() -> None:
         encode_hello(ts, "x" * 256)
 
 
+def test_outbox_keeps_order_across_partial_sends_growth_and_compaction() -> None:
+    """Sealed messages leave in order and whole, whatever the kernel takes per send.
+
+    Bulk-sized messages make the buffer grow and later move its unsent bytes to
+    the front; small ones, sent whole, must leave it at its initial size."""
+    rng = random.Random(7)
+    key = os.urandom(32)
+    send, recv = CipherState(key), CipherState(key)
+    box = _Outbox()
+    small = [os.urandom(rng.randrange(1, 1200)) for _ in range(200)]
+    for msg in small:
+        box.seal(send, msg)
+        wire = bytes(box.pending())
+        box.sent(len(wire))
+        assert len(box) == 0 and bytes(recv.decrypt_view(wire[2:])) == msg
+    assert len(box._buf) == _Outbox.INITIAL
+
+    sizes = [65519, 1, 40000, 65519, 300, 65519] * 40
+    wire = bytearray()
+    moved = grew = 0
+    for size in sizes:
+        before = (len(box._buf), box._start)
+        box.seal(send, bytes([size % 251]) * size)
+        grew += len(box._buf) != before[0]
+        moved += before[1] > 0 and box._start == 0 and len(box) > 0
+        if rng.random() < 0.5 or len(box) > 256 * 1024:
+            take = rng.randrange(0, len(box) + 1)
+            wire += box.pending()[:take]
+            box.sent(take)
+    wire += box.pending()
+    box.sent(len(box))
+    assert grew == 1 and moved > 0 and len(box) == 0
+    off = 0
+    for size in sizes:
+        n = int.from_bytes(wire[off : off + 2], "big")
+        assert n == size + 16
+        assert bytes(recv.decrypt_view(memoryview(wire)[off + 2 : off + 2 + n])) == bytes([size % 251]) * size
+        off += 2 + n
+    assert off == len(wire)
+
+
 # -- streams ------------------------------------------------------------------------------
 
 
@@ -264,6 +308,45 @@ async def test_one_session_reused_and_concurrent_first_use_shares_one_dial() -> 
         back = await nodes["b"].manager.open_stream("a", b"echo")
         assert await roundtrip(back, b"reverse") == b"reverse"
         assert nodes["b"].manager.stats["handshakes_ok"] == 1
+
+
+async def test_pump_from_reads_no_further_than_the_peers_credit() -> None:
+    """A proxied socket read straight into records: byte-exact with EOF, and while
+    the far reader is stalled it reads exactly one window and queues nothing (the
+    old read-then-queue pump held a send buffer more)."""
+    payload = os.urandom(3 * mux.DEFAULT_WINDOW + 12345)
+    async with cluster("a", "b") as nodes:
+        stream = await nodes["a"].manager.open_stream("b", b"slow:pump")
+        theirs, ours = socket.socketpair()
+        source = RawSocketStream(ours)
+        feeder = trio.SocketStream(trio.socket.from_stdlib_socket(theirs))
+        pumped = 0
+
+        def delivered(n: int) -> None:
+            nonlocal pumped
+            pumped += n
+
+        async def feed() -> None:
+            await feeder.send_all(payload)
+            await feeder.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            nursery.start_soon(stream.pump_from, source, delivered, 256 * 1024)
+            session = stream._session
+            await wait_until(lambda: pumped >= mux.DEFAULT_WINDOW)
+            await trio.sleep(0.2)  # give a read-ahead the chance to show
+            assert pumped == mux.DEFAULT_WINDOW
+            assert session.mux._streams[stream.stream_id].queued == 0
+            assert stream in session.awaiting_credit
+            nodes["b"].release.set()
+            assert await stream.receive_some() == b"ok"
+            assert await stream.receive_some() == b""
+        assert pumped == len(payload)
+        assert nodes["b"].received[b"slow:pump"] == hashlib.sha256(payload).digest()
+        await stream.aclose()
+        await feeder.aclose()
+        await source.aclose()
 
 
 async def test_half_close() -> None:
