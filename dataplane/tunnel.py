@@ -1093,6 +1093,12 @@ class _Session:
     def _handle_record(self, record: bytes | memoryview) -> bool:
         if self.dead:
             return False
+        sid = self.mux.receive_data(record)
+        if sid:  # one DATA frame, already accounted: most records
+            self._on_data(sid, record[mux.HEADER_SIZE :])
+            if self.mux.has_output():  # a credit update the delivery released
+                self._write()
+            return not self.dead
         try:
             events = self.mux.receive(record)
         except mux.ProtocolError as exc:
@@ -1106,23 +1112,27 @@ class _Session:
         self._maybe_finish_drain()
         return not self.dead
 
+    def _on_data(self, sid: int, data: bytes | memoryview) -> None:
+        """Hand a stream its data: straight into its sink socket when one is set and keeping up."""
+        st = self.streams.get(sid)
+        if st is None or st._closed:
+            # Data for a stream the application closed: reset it, as TCP would.
+            self.mux.reset(sid, mux.ResetCode.CANCEL)
+            if st is not None:
+                self._remove(st)
+            return
+        # ``data`` is a view of the decrypt buffer: what is kept must be copied.
+        if st._sink is not None and not st._buf and not st._sink_busy:
+            data = st._deliver(data)
+            if not data:
+                return
+        st._buf.append(bytes(data))
+        st._buffered += len(data)
+        st._recv_event.set()
+
     def _dispatch(self, ev: mux.Event) -> None:
         if isinstance(ev, mux.Data):
-            st = self.streams.get(ev.stream_id)
-            if st is None or st._closed:
-                # Data for a stream the application closed: reset it, as TCP would.
-                self.mux.reset(ev.stream_id, mux.ResetCode.CANCEL)
-                if st is not None:
-                    self._remove(st)
-                return
-            data = ev.data  # a view of the decrypt buffer: what is kept must be copied
-            if st._sink is not None and not st._buf and not st._sink_busy:
-                data = st._deliver(data)
-                if not data:
-                    return
-            st._buf.append(bytes(data))
-            st._buffered += len(data)
-            st._recv_event.set()
+            self._on_data(ev.stream_id, ev.data)
         elif isinstance(ev, mux.StreamOpened):
             self._accept_stream(ev.stream_id, ev.header)
         elif isinstance(ev, mux.StreamEnded):

@@ -183,6 +183,56 @@ def test_direct_records_only_when_nothing_is_overtaken() -> None:
     assert a.session.direct_room(sid) == 0
 
 
+def test_receive_data_is_receive_for_single_data_records_and_declines_the_rest() -> None:
+    """Fed the same records, a receiver that tries receive_data first ends exactly
+    like one that only calls receive: same data, counters, errors."""
+    f = encode_frame
+    window = 4096
+    cases: list[list[bytes]] = [
+        [f(FrameType.OPEN, 1, b"h"), f(FrameType.DATA, 1, b"x" * 100), f(FrameType.DATA, 1, b"y")],
+        [f(FrameType.OPEN, 1) + f(FrameType.DATA, 1, b"both in one"), f(FrameType.DATA, 1, b"z")],
+        [f(FrameType.OPEN, 1), f(FrameType.DATA, 1, b"a") + f(FrameType.DATA, 1, b"b")],  # two frames
+        [f(FrameType.OPEN, 1), f(FrameType.DATA, 1, b"x" * window), f(FrameType.DATA, 1, b"over credit")],
+        [f(FrameType.OPEN, 1), f(FrameType.FIN, 1), f(FrameType.DATA, 1, b"after FIN")],
+        [f(FrameType.DATA, 3, b"never opened")],
+        [f(FrameType.DATA, 0, b"on the session")],
+        [f(FrameType.OPEN, 1), f(FrameType.DATA, 1, b"short")[:-1]],  # length says more
+        [f(FrameType.OPEN, 1), f(FrameType.DATA, 1, b"long") + b"!"],  # trailing byte
+        [f(FrameType.OPEN, 1), f(FrameType.DATA, 1, b"")],  # empty DATA is an error
+    ]
+    for records in cases:
+        plain, fast = Session(False, initial_window=window), Session(False, initial_window=window)
+        got: dict[str, bytearray] = {"plain": bytearray(), "fast": bytearray()}
+        errors: dict[str, str | None] = {"plain": None, "fast": None}
+        for record in records:
+            try:
+                for ev in plain.receive(record):
+                    if isinstance(ev, Data):
+                        got["plain"] += ev.data
+            except ProtocolError as exc:
+                errors["plain"] = exc.reason
+                break
+        for record in records:
+            try:
+                sid = fast.receive_data(record)
+                if sid:
+                    got["fast"] += record[HEADER_SIZE:]
+                    continue
+                for ev in fast.receive(record):
+                    if isinstance(ev, Data):
+                        got["fast"] += ev.data
+            except ProtocolError as exc:
+                errors["fast"] = exc.reason
+                break
+        assert got["fast"] == got["plain"] and errors["fast"] == errors["plain"], records
+        assert fast.counters == plain.counters, records
+    # It takes the fast way where it should.
+    s = Session(False)
+    s.receive(f(FrameType.OPEN, 1))
+    assert s.receive_data(f(FrameType.DATA, 1, b"hello")) == 1
+    assert s.receive_data(f(FrameType.DATA, 1, b"a") + f(FrameType.DATA, 1, b"b")) == 0
+
+
 def test_full_lifecycle_with_half_close_and_cleanup() -> None:
     a, b = pair()
     sid = a.session.open_stream(b"h")
