@@ -413,7 +413,9 @@ class _Reader:
     async def read_view(self, limit: int = MAX_MESSAGE) -> memoryview | None:
         """The next message as a view of the buffer, valid until the next read; None
         on a clean end of stream between messages."""
-        if not await self._fill(2):
+        # _fill only when the buffer is short: most messages of a busy session
+        # are already there, and an await of a coroutine is not free.
+        if self._end - self._start < 2 and not await self._fill(2):
             if self._end > self._start:
                 raise _Truncated
             return None
@@ -421,9 +423,10 @@ class _Reader:
         n = (self._buf[start] << 8) | self._buf[start + 1]
         if n > limit:
             raise _TooLong
-        if not await self._fill(2 + n):
-            raise _Truncated
-        start = self._start  # _fill may have moved the unread bytes to the front
+        if self._end - start < 2 + n:
+            if not await self._fill(2 + n):
+                raise _Truncated
+            start = self._start  # _fill may have moved the unread bytes to the front
         self._start = start + 2 + n
         return self._view[start + 2 : start + 2 + n]
 
@@ -710,20 +713,36 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             # socket, wait for readiness instead of a receive that would fail.
             emptied = False
             while True:
-                await trio.lowlevel.checkpoint_if_cancelled()
+                if emptied:
+                    self._fair.waited()
+                    await source.wait_readable()  # a cancel point too
+                    emptied = False
+                else:
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 self._raise_if_unusable()
-                if session.out_full():
+                # After an EOF sent early (the proxy's first bytes), only the
+                # source's own end may follow, which the queued path handles.
+                room = 0 if self._eof_sent else session.direct_room(self)
+                if room:
+                    # From the read to the send, nothing yields: _SCRATCH is ours.
+                    n = source.try_receive_into(_SCRATCH[mux.HEADER_SIZE : mux.HEADER_SIZE + min(room, direct_max)])
+                    if n is None:
+                        emptied = True
+                        continue
+                    if not n:
+                        break
+                    session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
+                    emptied = n < room and n < direct_max
+                    delivered(n)
+                    await self._fair.quick()
+                elif session.out_full():
                     # The kernel lags: wait for it rather than read more and queue
                     # it (TCP's own backpressure then reaches the source).
                     self._fair.waited()
                     await session.wait_out_room()
-                    continue
-                # After an EOF sent early (the proxy's first bytes), only the
-                # source's own end may follow, which the queued path handles.
-                room = 0 if self._eof_sent else min(session.direct_room(self), direct_max)
-                if not room and not self._eof_sent and session.mux.out_of_credit(self.stream_id):
-                    # Wait for the peer's credit here too, so as not to read ahead
-                    # into the queue: the stream stays on the direct path.
+                elif not self._eof_sent and session.mux.out_of_credit(self.stream_id):
+                    # Wait for the peer's credit too rather than read ahead into
+                    # the queue, so that the stream stays on the direct path.
                     self._fair.waited()
                     self._send_event = trio.Event()
                     session.awaiting_credit.add(self)
@@ -731,30 +750,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                         await self._send_event.wait()
                     finally:
                         session.awaiting_credit.discard(self)
-                    continue
-                if not room:
+                else:
                     data = await source.receive_some(chunk)
                     if not data:
                         break
                     await self._send_all(data)
                     delivered(len(data))
-                    continue
-                if emptied:
-                    self._fair.waited()
-                    await source.wait_readable()
-                    emptied = False
-                    continue  # the session may have changed meanwhile: look again
-                # From the read to the send, nothing yields: _SCRATCH is ours.
-                n = source.try_receive_into(_SCRATCH[mux.HEADER_SIZE : mux.HEADER_SIZE + room])
-                if n is None:
-                    emptied = True
-                    continue
-                if not n:
-                    break
-                session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
-                emptied = n < room
-                delivered(n)
-                await self._fair.quick()
         finally:
             self._sending = False
         await self.send_eof()
