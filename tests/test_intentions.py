@@ -8,6 +8,7 @@ byte-exact, and a dead instance among live ones goes unnoticed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -525,6 +526,66 @@ async def test_splice_resets_after_idle_timeout_only(autojump_clock: trio.abc.Cl
     # Traffic every 3 s kept it open; then 5 s of silence, give or take the watchdog's
     # looks (every 5/8 s): never early, at most two looks late.
     assert 15 + 5 <= broken[0] - t0 <= 15 + 5 + 2 * 5 / 8
+
+
+async def test_splice_that_ends_cleanly_stops_its_watchdog(autojump_clock: trio.abc.Clock) -> None:
+    """Both directions done: the splice returns at once, with no reset, however long the idle timeout."""
+    client, near = trio.testing.memory_stream_pair()
+    far, server = trio.testing.memory_stream_pair()
+    stats: Counter[str] = Counter()
+    broken: list[float] = []
+
+    async def exchange() -> None:
+        await client.send_all(b"request")
+        await client.send_eof()
+        assert await server.receive_some(100) == b"request"
+        assert await server.receive_some(100) == b""
+        await server.send_all(b"reply")
+        await server.send_eof()
+        assert await client.receive_some(100) == b"reply"
+
+    t0 = trio.current_time()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(exchange)
+            await splice(near, far, stats, lambda: broken.append(trio.current_time()), idle_timeout=3600.0)
+    assert not broken and stats["idle_timeouts"] == 0 and stats["splice_errors"] == 0
+    assert trio.current_time() - t0 < 1.0
+    assert stats["bytes_out"] == len(b"request") and stats["bytes_in"] == len(b"reply")
+
+
+async def test_upstream_pauses_when_out_of_file_descriptors_and_goes_on() -> None:
+    """EMFILE from accept (as trio.serve_listeners treats it): counted, logged, a short pause, no lost listener."""
+    async def echo(stream: trio.SocketStream) -> None:
+        async for data in stream:
+            await stream.send_all(data)
+
+    logged: list[str] = []
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(trio.serve_tcp, echo, 0)
+        port = listeners[0].socket.getsockname()[1]
+        proxy = Proxy("n1", _Dir([Endpoint("n1", "i1", "127.0.0.1", port, "svc")]), None,  # type: ignore[arg-type]
+                      log=lambda event, **kw: logged.append(event))
+        proxy.start(nursery)
+        up = await proxy.add_upstream("svc", ("127.0.0.1", 0))
+        sock = up.listeners[0].socket
+        real_accept = sock.accept
+        failures = [OSError(errno.EMFILE, "Too many open files")]
+
+        async def accept() -> Any:
+            if failures:
+                await trio.lowlevel.checkpoint()
+                raise failures.pop()
+            return await real_accept()
+
+        sock.accept = accept  # type: ignore[method-assign]
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(*up.listeners[0].socket.getsockname()[:2])
+            async with stream:
+                await stream.send_all(b"still served")
+                assert await stream.receive_some(100) == b"still served"
+        assert up.stats["accept_errors"] == 1 and "proxy_accept_failed" in logged
+        nursery.cancel_scope.cancel()
 
 
 async def test_client_bytes_read_as_the_status_arrives_are_not_dropped() -> None:
