@@ -79,6 +79,51 @@ async def test_a_socket_reader_stays_small_for_small_messages_and_grows_for_bulk
         receiver.close_now()
 
 
+async def test_a_socket_reader_never_asks_an_empty_socket_and_reassembles_any_chunking() -> None:
+    """Over a RawSocketStream the reader receives without waiting while data is
+    there, waits (rather than failing a receive) after a read that emptied the
+    socket, and puts messages split across reads back together."""
+    from test_rawsocket import CountingSocket
+
+    a, b = socket.socketpair()
+    counting = CountingSocket(b)
+    sender, receiver = RawSocketStream(a), RawSocketStream(counting)
+    reader = _Reader(receiver)
+    rng = random.Random(11)
+    try:
+        for i in range(40):  # request/response: each message is one short read
+            msg = rng.randbytes(rng.randrange(1, 2000))
+            if i % 2 == 0:  # (the first is there before the first receive)
+                await sender.send_all(_framed(msg))
+                assert await _read_all(reader, 1) == [msg]
+            else:  # the message arrives while the reader waits
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sender.send_all, _framed(msg))
+                    assert await _read_all(reader, 1) == [msg]
+        assert counting.empty == 0 and counting.calls == 40
+
+        msgs = _messages(rng, 150, MAX_MESSAGE)
+        wire = b"".join(_framed(m) for m in msgs)
+
+        async def writer() -> None:
+            off = 0
+            while off < len(wire):
+                n = rng.choice([1, 3, 100, 4096, 70000, 300000])
+                await sender.send_all(wire[off:off + n])
+                off += n
+                if rng.random() < 0.2:
+                    await trio.sleep(0.001)
+            await sender.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            assert await _read_all(reader, len(msgs)) == msgs
+            assert await reader.read_view() is None
+    finally:
+        sender.close_now()
+        receiver.close_now()
+
+
 async def test_truncated_and_too_long_messages_raise() -> None:
     for wire, exc in ((b"\x00", _Truncated), (b"\x00\x05abc", _Truncated)):
         send, receive = trio.testing.memory_stream_pair()
