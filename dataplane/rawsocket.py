@@ -65,10 +65,18 @@ class Fairness:
         self.streak = 0
 
     async def quick(self) -> None:
+        if self.due():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def due(self) -> bool:
+        """Count a call that did not wait; True when the caller must now yield
+        (``await trio.lowlevel.cancel_shielded_checkpoint()``).  For per-message
+        loops, where awaiting ``quick`` costs a coroutine every time."""
         self.streak += 1
         if self.streak >= YIELD_EVERY:
             self.streak = 0
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            return True
+        return False
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:

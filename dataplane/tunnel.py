@@ -405,7 +405,8 @@ class _Reader:
                     received = stream.try_receive_into(tail)
                 got = received
                 self._emptied = 0 < got < len(tail)
-                await self._fair.quick()
+                if self._fair.due():
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             else:
                 chunk = await stream.receive_some(min(_RECV_SIZE, len(tail)))
                 got = len(chunk)
@@ -749,7 +750,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
                     emptied = n < room and n < direct_max
                     delivered(n)
-                    await self._fair.quick()
+                    if self._fair.due():
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                 elif session.out_full():
                     # The kernel lags: wait for it rather than read more and queue
                     # it (TCP's own backpressure then reaches the source).
@@ -1247,7 +1249,8 @@ class _Session:
 
     def direct_room(self, st: TunnelStream) -> int:
         """How many bytes ``send_direct`` takes for ``st`` now (0: use ``send``; see mux.direct_room)."""
-        if self.dead or self._control_out or len(self._out) >= _WRITE_BATCH:
+        out = self._out
+        if self.dead or self._control_out or out._end - out._start >= _WRITE_BATCH:
             return 0
         return self.mux.direct_room(st.stream_id)
 
