@@ -339,7 +339,34 @@ StreamHandler = Callable[[str, bytes, "TunnelStream"], Awaitable[None]]
 # -- framed reading -------------------------------------------------------------------
 
 
-class _Reader:
+class _Window:
+    """A buffer whose live bytes are ``[_start, _end)``: the tunnel's receive and send buffers.
+
+    Bytes are added at the end and taken from the start; when the tail is too
+    short, the live bytes move to the front, or into a larger buffer.
+    """
+
+    __slots__ = ("_buf", "_end", "_start", "_view")
+
+    def __init__(self, size: int) -> None:
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+
+    def _relocate(self, size: int) -> None:
+        """Move the live bytes to the front, into a new buffer of ``size`` bytes if that differs."""
+        held = self._end - self._start
+        if size != len(self._buf):
+            buf = bytearray(size)
+            buf[:held] = self._view[self._start : self._end]
+            self._buf, self._view = buf, memoryview(buf)
+        elif held:
+            self._view[:held] = self._view[self._start : self._end]
+        self._start, self._end = 0, held
+
+
+class _Reader(_Window):
     """Length-prefixed messages from a byte stream, with a buffer that survives the handshake.
 
     A RawSocketStream receives straight into the buffer's free tail
@@ -354,7 +381,7 @@ class _Reader:
     agent with sessions to many peers does not hold a large buffer for each.
     """
 
-    __slots__ = ("_buf", "_emptied", "_end", "_fair", "_start", "_stream", "_view")
+    __slots__ = ("_emptied", "_fair", "_stream")
 
     INITIAL: Final = 16 * 1024
     #: Four maximal framed messages: after a move to the front, a receive always
@@ -366,21 +393,7 @@ class _Reader:
         self._fair = Fairness()
         #: The last receive got less than it asked for (see RawSocketStream._receive).
         self._emptied = False
-        self._buf = bytearray(self.INITIAL)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-
-    def _relocate(self, size: int) -> None:
-        """Move the unread bytes to the front, into a new buffer of ``size`` bytes if that differs."""
-        held = self._end - self._start
-        if size != len(self._buf):
-            buf = bytearray(size)
-            buf[:held] = self._view[self._start : self._end]
-            self._buf, self._view = buf, memoryview(buf)
-        elif held:
-            self._view[:held] = self._view[self._start : self._end]
-        self._start, self._end = 0, held
+        super().__init__(self.INITIAL)
 
     async def _fill(self, n: int) -> bool:
         """At least ``n`` unread bytes (n <= 2 + MAX_MESSAGE); False if the stream ended first."""
@@ -452,7 +465,7 @@ class _Reader:
         return None if view is None else bytes(view)
 
 
-class _Outbox:
+class _Outbox(_Window):
     """Sealed transport messages the kernel has not taken yet, in wire order.
 
     The cipher writes each message straight into the free tail
@@ -470,16 +483,13 @@ class _Outbox:
     the move is rare.
     """
 
-    __slots__ = ("_buf", "_end", "_start", "_view")
+    __slots__ = ()
 
     INITIAL: Final = 16 * 1024
     CAPACITY: Final = 4 * _WRITE_BATCH
 
     def __init__(self) -> None:
-        self._buf = bytearray(self.INITIAL)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
+        super().__init__(self.INITIAL)
 
     def __len__(self) -> int:
         return self._end - self._start
@@ -496,12 +506,7 @@ class _Outbox:
         size = len(self._buf)
         if held + need > size // 2 and size < self.CAPACITY:
             size = max(self.CAPACITY, held + need)
-            buf = bytearray(size)
-            buf[:held] = self._view[self._start : self._end]
-            self._buf, self._view = buf, memoryview(buf)
-        elif held:
-            self._view[:held] = self._view[self._start : self._end]
-        self._start, self._end = 0, held
+        self._relocate(size)
 
     def pending(self) -> memoryview:
         """The unsent bytes, valid until the next ``seal`` or ``sent``."""
