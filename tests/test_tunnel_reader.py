@@ -23,6 +23,18 @@ def _messages(rng: random.Random, count: int, biggest: int) -> list[bytes]:
     return [rng.randbytes(rng.choice([0, 1, 7, 1024, rng.randrange(biggest + 1)])) for _ in range(count)]
 
 
+async def _write_chunked(stream: trio.abc.SendStream, wire: bytes, rng: random.Random, sizes: list[int],
+                         pause: float = 0.0) -> None:
+    """``wire`` in pieces of random ``sizes``, sometimes (``pause``: how often) after a short sleep."""
+    off = 0
+    while off < len(wire):
+        n = rng.choice(sizes)
+        await stream.send_all(wire[off:off + n])
+        off += n
+        if rng.random() < pause:
+            await trio.sleep(0.001)
+
+
 async def _read_all(reader: _Reader, count: int) -> list[bytes]:
     out = []
     for _ in range(count):
@@ -41,11 +53,7 @@ async def test_any_chunking_over_a_memory_stream(seed: int) -> None:
     reader = _Reader(receive)
 
     async def writer() -> None:
-        off = 0
-        while off < len(wire):
-            n = rng.choice([1, 2, 3, 100, 4096, 70000])
-            await send.send_all(wire[off:off + n])
-            off += n
+        await _write_chunked(send, wire, rng, [1, 2, 3, 100, 4096, 70000])
         await send.aclose()
 
     async with trio.open_nursery() as nursery:
@@ -106,13 +114,7 @@ async def test_a_socket_reader_never_asks_an_empty_socket_and_reassembles_any_ch
         wire = b"".join(_framed(m) for m in msgs)
 
         async def writer() -> None:
-            off = 0
-            while off < len(wire):
-                n = rng.choice([1, 3, 100, 4096, 70000, 300000])
-                await sender.send_all(wire[off:off + n])
-                off += n
-                if rng.random() < 0.2:
-                    await trio.sleep(0.001)
+            await _write_chunked(sender, wire, rng, [1, 3, 100, 4096, 70000, 300000], pause=0.2)
             await sender.send_eof()
 
         async with trio.open_nursery() as nursery:
