@@ -504,7 +504,7 @@ class _Outbox(_Window):
     def _make_room(self, need: int) -> None:
         held = self._end - self._start
         size = len(self._buf)
-        if held + need > size // 2 and size < self.CAPACITY:
+        if held + need > size or (held + need > size // 2 and size < self.CAPACITY):
             size = max(self.CAPACITY, held + need)
         self._relocate(size)
 
