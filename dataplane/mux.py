@@ -555,12 +555,17 @@ class Session:
         the wire carries exactly what ``send`` + ``next_record`` would have
         produced, in the same order, minus the queueing and the copy.
         """
+        st = self._direct_stream(stream_id)
+        return 0 if st is None else min(st.send_credit, self._max_chunk)
+
+    def _direct_stream(self, stream_id: int) -> _Stream | None:
+        """The stream, if its data may skip the queue now (credit aside); see ``direct_room``."""
         if self._control or self._ready or self._failed is not None:
-            return 0
+            return None
         st = self._streams.get(stream_id)
         if st is None or st.queued or st.fin_queued or not st.open_sent:
-            return 0
-        return min(st.send_credit, self._max_chunk)
+            return None
+        return st
 
     def out_of_credit(self, stream_id: int) -> bool:
         """Whether the stream has nothing queued and no credit: its next data waits for a WINDOW_UPDATE."""
@@ -575,10 +580,8 @@ class Session:
         buffer behind room for the header.  The data must fit ``direct_room``.
         """
         n = len(record) - HEADER_SIZE
-        st = self._streams.get(stream_id)
-        # direct_room's rules, spelled out: this runs for every direct record.
-        if (self._control or self._ready or self._failed is not None or st is None or st.queued
-                or st.fin_queued or not st.open_sent or not 0 < n <= min(st.send_credit, self._max_chunk)):
+        st = self._direct_stream(stream_id)
+        if st is None or not 0 < n <= min(st.send_credit, self._max_chunk):
             raise FlowControlError(f"stream {stream_id}: {n} bytes cannot skip the queue now; see direct_room()")
         st.send_credit -= n
         _HEADER.pack_into(record, 0, _DATA, stream_id, n >> 16, n & 0xFFFF)

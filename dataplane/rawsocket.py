@@ -146,18 +146,28 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
 
         For a caller that must handle what it read before any other task runs
         (it reads into a buffer it shares with them); it then owns the waiting
-        (``wait_readable``) and the yielding to others.  Raises like ``receive_into``.
+        and the yielding to others: ``if stream.emptied: await
+        stream.wait_readable()`` before the call spares a receive that would
+        find nothing.  Raises like ``receive_into``.
         """
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         if self._closed:
             raise trio.ClosedResourceError("this stream was closed")
         try:
-            return self._sock.recv_into(buffer)
+            got = self._sock.recv_into(buffer)
         except BlockingIOError:
+            self._emptied = True
             return None
         except OSError as exc:
             raise _stream_error(exc) from exc
+        self._emptied = 0 < got < len(buffer)
+        return got
+
+    @property
+    def emptied(self) -> bool:
+        """The last receive found the socket's queue empty, or emptied it (see ``_receive``)."""
+        return self._emptied
 
     async def wait_readable(self) -> None:
         """Until the socket has data or its end (a cancel point); for ``try_receive_into``."""

@@ -381,7 +381,7 @@ class _Reader(_Window):
     agent with sessions to many peers does not hold a large buffer for each.
     """
 
-    __slots__ = ("_emptied", "_fair", "_stream")
+    __slots__ = ("_fair", "_stream")
 
     INITIAL: Final = 16 * 1024
     #: Four maximal framed messages: after a move to the front, a receive always
@@ -391,8 +391,6 @@ class _Reader(_Window):
     def __init__(self, stream: trio.abc.ReceiveStream) -> None:
         self._stream = stream
         self._fair = Fairness()
-        #: The last receive got less than it asked for (see RawSocketStream._receive).
-        self._emptied = False
         super().__init__(self.INITIAL)
 
     async def _fill(self, n: int) -> bool:
@@ -408,16 +406,14 @@ class _Reader(_Window):
             if isinstance(stream, RawSocketStream):
                 # RawSocketStream.receive_into, inlined: two coroutine frames
                 # less per message on the tunnel's busiest path.
-                if self._emptied:
-                    self._fair.waited()
-                    await stream.wait_readable()
-                received = stream.try_receive_into(tail)
-                while received is None:
-                    self._fair.waited()
-                    await stream.wait_readable()
+                while True:
+                    if stream.emptied:
+                        self._fair.waited()
+                        await stream.wait_readable()
                     received = stream.try_receive_into(tail)
+                    if received is not None:
+                        break
                 got = received
-                self._emptied = 0 < got < len(tail)
                 if self._fair.due():
                     await trio.lowlevel.cancel_shielded_checkpoint()
             else:
@@ -730,14 +726,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         session = self._session
         direct_max = len(_SCRATCH) - mux.HEADER_SIZE
         try:
-            # As RawSocketStream._receive does: after a read that emptied the
-            # socket, wait for readiness instead of a receive that would fail.
-            emptied = False
             while True:
-                if emptied:
+                # As RawSocketStream._receive does: after a read that emptied the
+                # socket, wait for readiness instead of a receive that would fail.
+                if source.emptied:
                     self._fair.waited()
                     await source.wait_readable()  # a cancel point too
-                    emptied = False
                 else:
                     await trio.lowlevel.checkpoint_if_cancelled()
                 self._raise_if_unusable()
@@ -748,12 +742,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     # From the read to the send, nothing yields: _SCRATCH is ours.
                     n = source.try_receive_into(_SCRATCH[mux.HEADER_SIZE : mux.HEADER_SIZE + min(room, direct_max)])
                     if n is None:
-                        emptied = True
                         continue
                     if not n:
                         break
                     session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
-                    emptied = n < room and n < direct_max
                     delivered(n)
                     if self._fair.due():
                         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -766,12 +758,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     # Wait for the peer's credit too rather than read ahead into
                     # the queue, so that the stream stays on the direct path.
                     self._fair.waited()
-                    self._send_event = trio.Event()
-                    session.awaiting_credit.add(self)
-                    try:
-                        await self._send_event.wait()
-                    finally:
-                        session.awaiting_credit.discard(self)
+                    await self._wait_writable(session.awaiting_credit)
                 else:
                     data = await source.receive_some(chunk)
                     if not data:
@@ -793,10 +780,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    async def _wait_writable(self) -> None:
+    async def _wait_writable(self, waiters: set[TunnelStream] | None = None) -> None:
+        """Until the session wakes this stream from ``waiters`` (default: ``blocked``,
+        room in the send buffer; ``awaiting_credit``: the peer's credit)."""
+        waiters = self._session.blocked if waiters is None else waiters
         self._send_event = trio.Event()
-        self._session.blocked.add(self)
-        await self._send_event.wait()
+        waiters.add(self)
+        try:
+            await self._send_event.wait()
+        finally:
+            waiters.discard(self)
 
     def _check_sendable(self) -> None:
         self._raise_if_unusable()
@@ -1254,8 +1247,7 @@ class _Session:
 
     def direct_room(self, st: TunnelStream) -> int:
         """How many bytes ``send_direct`` takes for ``st`` now (0: use ``send``; see mux.direct_room)."""
-        out = self._out
-        if self.dead or self._control_out or out._end - out._start >= _WRITE_BATCH:
+        if self.dead or self._control_out or len(self._out) >= _WRITE_BATCH:
             return 0
         return self.mux.direct_room(st.stream_id)
 
@@ -1272,10 +1264,7 @@ class _Session:
         except NoiseError as exc:  # as in _gather
             self._terminate(f"encrypt failed ({exc.reason})", error=True)
             return
-        if self._try_send is None or self._writer_waiting:
-            self._kick.set()
-        elif self._send_now() and self._out:
-            self._kick.set()  # the kernel is full: the writer task waits for it
+        self._write()
 
     def _send_failed(self, exc: Exception) -> None:
         self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
