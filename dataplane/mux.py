@@ -42,13 +42,19 @@ RFC 9113 §5.2 / §6.9: each direction of a new stream starts with
 ``initial_window`` bytes of credit; DATA spends it; the receiver hands it back
 with WINDOW_UPDATE once the application has consumed at least half a window.
 There is deliberately no session-level window: one stream's stalled reader only
-exhausts that stream's credit.  Both ends must be configured with the same
+exhausts that stream's credit.  A stream whose reader keeps up gets a larger
+window (receive-window auto-tuning, as quic-go and libp2p's yamux do), up to
+``max_window`` and within a ``growth_budget`` shared by the session's streams,
+so a bulk transfer is not held back by credit while what a session can make
+us buffer stays bounded.  The growth travels as a larger WINDOW_UPDATE, which
+any peer accepts: nothing to negotiate.  Both ends must be configured with the same
 ``initial_window`` and ``max_streams`` (they are not negotiated; a peer that
 exceeds ours is treated as a protocol violation).
 
 API
 ---
-``Session(initiator, initial_window=256 KiB, max_record=16368, max_streams=1024, send_buffer=None)``
+``Session(initiator, initial_window=1 MiB, max_record=65519, max_streams=1024, send_buffer=None,
+max_window=8 MiB, growth_budget=32 MiB)``
 
 Local actions:
 
@@ -149,6 +155,16 @@ MAX_OPEN_HEADER: Final = 1024
 #: at 256 KiB a single bulk stream on loopback stalled on credit (a steady
 #: trickle of window updates, agents 70-90% busy), at 1 MiB it does not.
 DEFAULT_WINDOW: Final = 1024 * 1024
+#: How far a stream's window may grow while its reader keeps up.  At a fixed
+#: 1 MiB a single bulk stream through two agents on loopback waited for credit
+#: once every nine records: the tunnel's own TCP buffers hold more than a
+#: window.  256 MiB one way, 11 alternating rounds, medians: fixed 1 MiB 778
+#: MB/s, 2 MiB 863, 4 MiB 855, 8 MiB 924, stunnel 787; in a second run fixed
+#: 1 MiB 626, growing from 1 MiB to 8 MiB 764 (faster in every round), stunnel 694.
+DEFAULT_MAX_WINDOW: Final = 8 * 1024 * 1024
+#: The most that growth adds to one session's windows, all streams together: what
+#: a session can make us buffer is at most streams x initial_window + this.
+DEFAULT_GROWTH_BUDGET: Final = 32 * 1024 * 1024
 #: The largest Noise transport message is 65,535 bytes including the 16-byte
 #: AEAD tag (Noise section 3); full-size records mean 4x fewer cipher calls,
 #: length prefixes and dispatches per byte than 16 KiB ones.  (Bulk through
@@ -387,7 +403,7 @@ class _Stream:
     __slots__ = (
         "id", "local", "open_sent", "dead",
         "send_credit", "queue", "queued", "fin_queued", "fin_sent", "scheduled",
-        "recv_credit", "unconsumed", "pending_credit", "fin_received",
+        "recv_credit", "unconsumed", "pending_credit", "fin_received", "window", "threshold",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, local: bool, window: int) -> None:
@@ -412,6 +428,10 @@ class _Stream:
         self.unconsumed = 0
         self.pending_credit = 0
         self.fin_received = False
+        # The receive window (it grows: Session.consumed) and the pending credit
+        # worth a WINDOW_UPDATE: half of it, as yamux does.
+        self.window = window
+        self.threshold = max(1, window // 2)
 
     def sendable(self) -> bool:
         if not self.open_sent or self.fin_sent or self.dead:
@@ -425,7 +445,7 @@ _COUNTERS: Final = (
     "records_in", "records_out", "frames_in", "frames_out", "data_bytes_in", "data_bytes_out",
     "streams_opened_local", "streams_opened_remote", "streams_closed", "streams_reset_local",
     "streams_reset_remote", "streams_refused", "window_updates_in", "window_updates_out",
-    "pings_in", "pongs_in", "ignored_after_reset", "ignored_after_close",
+    "pings_in", "pongs_in", "ignored_after_reset", "ignored_after_close", "windows_grown",
 )  # fmt: skip
 
 
@@ -439,9 +459,17 @@ class Session:
         max_record: int = DEFAULT_MAX_RECORD,
         max_streams: int = 1024,
         send_buffer: int | None = None,
+        max_window: int | None = None,
+        growth_budget: int = DEFAULT_GROWTH_BUDGET,
     ) -> None:
         if not 1 <= initial_window <= MAX_WINDOW:
             raise ValueError(f"initial_window must be in [1, {MAX_WINDOW}]")
+        if max_window is None:
+            max_window = max(initial_window, DEFAULT_MAX_WINDOW)
+        if not initial_window <= max_window <= MAX_WINDOW:
+            raise ValueError(f"max_window must be in [initial_window, {MAX_WINDOW}]")
+        if growth_budget < 0:
+            raise ValueError("growth_budget must not be negative")
         if max_record < MIN_RECORD:
             raise ValueError(f"max_record must be at least {MIN_RECORD}")
         if max_streams < 1:
@@ -453,9 +481,9 @@ class Session:
         self.max_record = max_record
         self.max_streams = max_streams
         self.send_buffer = initial_window if send_buffer is None else send_buffer
-        # yamux "Flow Control": only send an update once half the window is
-        # consumed, so a reader taking small bites costs one frame per half window.
-        self._update_threshold = max(1, initial_window // 2)
+        self.max_window = max_window
+        #: What growth may still add to this session's windows (returned as streams end).
+        self.growth_left = growth_budget
         self._max_chunk = max_record - HEADER_SIZE
         self._next_id = 1 if initiator else 2
         self._peer_parity = 0 if initiator else 1
@@ -622,9 +650,22 @@ class Session:
         if st.fin_received:
             return  # the peer sends no more, so credit would be wasted frames
         st.pending_credit += n
-        if st.pending_credit >= self._update_threshold:
-            self._control.append((None, encode_frame(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(st.pending_credit))))
-            st.recv_credit += st.pending_credit
+        # yamux "Flow Control": only send an update once half the window is
+        # consumed, so a reader taking small bites costs one frame per half window.
+        if st.pending_credit >= st.threshold:
+            increment = st.pending_credit
+            if not st.unconsumed and st.window < self.max_window and self.growth_left:
+                # The reader has taken everything delivered so far, so the window
+                # and not the reader is what paces this stream: double it.  A
+                # reader that lags holds unconsumed bytes here and never grows.
+                extra = min(st.window, self.max_window - st.window, self.growth_left)
+                self.growth_left -= extra
+                st.window += extra
+                st.threshold = max(1, st.window // 2)
+                increment += extra
+                self.counters["windows_grown"] += 1
+            self._control.append((None, encode_frame(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(increment))))
+            st.recv_credit += increment
             st.pending_credit = 0
             self.counters["window_updates_out"] += 1
 
@@ -894,6 +935,7 @@ class Session:
         st.dead = True
         st.queue.clear()
         st.queued = 0
+        self.growth_left += st.window - self.initial_window
         del self._streams[st.id]
         if st.local:
             self._local_count -= 1

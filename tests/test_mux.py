@@ -438,6 +438,74 @@ def test_no_window_update_once_the_peer_has_finished() -> None:
     assert b.session.next_record() is None
 
 
+def window_updates(record: bytes) -> list[int]:
+    return [int.from_bytes(f.payload, "big") for f in decode_record(record) if f.type is FrameType.WINDOW_UPDATE]
+
+
+def stream_through(a: End, b: End, sid: int, chunk: int, rounds: int) -> list[int]:
+    """Send ``chunk`` bytes ``rounds`` times, delivering every record at once; b's window increments."""
+    updates: list[int] = []
+    for _ in range(rounds):
+        a.session.send(sid, b"x" * chunk)
+        while (record := a.session.next_record()) is not None:
+            b.feed(record)
+        while (record := b.session.next_record()) is not None:
+            updates += window_updates(record)
+            a.feed(record)
+    return updates
+
+
+def test_window_doubles_while_the_reader_keeps_up_until_max_window() -> None:
+    a, b = pair(initial_window=1000, max_window=4000)
+    sid = a.session.open_stream()
+    updates = stream_through(a, b, sid, 250, 40)
+    # Each update returns the half window consumed, plus as much again while growing.
+    assert updates[:3] == [500 + 1000, 1000 + 2000, 2000]
+    assert set(updates[2:]) == {2000}
+    assert b.session.counters["windows_grown"] == 2
+    assert b.received[sid] == b"x" * 250 * 40
+
+
+def test_a_lagging_reader_keeps_its_window() -> None:
+    a, b = pair(initial_window=1000, max_window=4000)
+    b.auto_consume = False
+    sid = a.session.open_stream()
+    updates: list[int] = []
+    for _ in range(10):
+        a.session.send(sid, b"x" * 500)
+        pump(a, b)
+        b.consume(sid, b.unconsumed[sid] - 100)  # always a little left behind
+        while (record := b.session.next_record()) is not None:
+            updates += window_updates(record)
+            a.feed(record)
+    # Updates return consumed bytes only (400 + 500 first, then 500 a round): no growth.
+    assert updates == [900] + [500] * 8
+    assert b.session.counters["windows_grown"] == 0
+
+
+def test_growth_is_bounded_by_the_session_budget_and_returned_when_a_stream_ends() -> None:
+    a, b = pair(initial_window=1000, max_window=8000, growth_budget=1500)
+    first, second = a.session.open_stream(), a.session.open_stream()
+    assert stream_through(a, b, first, 500, 1) == [500 + 1000]  # window 2000; 500 left
+    assert stream_through(a, b, second, 500, 1) == [500 + 500]  # window 1500; budget spent
+    assert stream_through(a, b, first, 1000, 3) == [1000] * 3  # no more growth
+    assert b.session.growth_left == 0
+    a.session.reset(first)
+    pump(a, b)
+    assert b.session.growth_left == 1000
+    assert stream_through(a, b, second, 750, 1) == [750 + 1000]  # grows again from what came back
+    assert b.session.counters["windows_grown"] == 3
+
+
+def test_window_limits_are_checked() -> None:
+    with pytest.raises(ValueError):
+        Session(True, initial_window=1000, max_window=999)
+    with pytest.raises(ValueError):
+        Session(True, max_window=MAX_WINDOW + 1)
+    with pytest.raises(ValueError):
+        Session(True, growth_budget=-1)
+
+
 def test_consuming_more_than_delivered_is_a_local_error() -> None:
     a, b = pair()
     b.auto_consume = False
