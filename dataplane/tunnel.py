@@ -1264,7 +1264,12 @@ class _Session:
         except NoiseError as exc:  # as in _gather
             self._terminate(f"encrypt failed ({exc.reason})", error=True)
             return
-        self._write()
+        if self._control_out or self._try_send is None or self._writer_waiting:
+            self._write()  # a rekey to send as well, or the writer task's turn
+        elif self._send_now() and self._out:
+            self._kick.set()  # the kernel is full: the writer task waits for it
+        # Else all is out, and nothing can have been queued meanwhile
+        # (direct_room saw to it): _write's look at the queues would find none.
 
     def _send_failed(self, exc: Exception) -> None:
         self._terminate(f"send failed ({exc.__class__.__name__})", error=True)
