@@ -403,7 +403,7 @@ class _Stream:
     __slots__ = (
         "id", "local", "open_sent", "dead",
         "send_credit", "queue", "queued", "fin_queued", "fin_sent", "scheduled",
-        "recv_credit", "unconsumed", "pending_credit", "fin_received", "window", "threshold",
+        "recv_credit", "unconsumed", "pending_credit", "fin_received", "window",
     )  # fmt: skip
 
     def __init__(self, stream_id: int, local: bool, window: int) -> None:
@@ -428,10 +428,8 @@ class _Stream:
         self.unconsumed = 0
         self.pending_credit = 0
         self.fin_received = False
-        # The receive window (it grows: Session.consumed) and the pending credit
-        # worth a WINDOW_UPDATE: half of it, as yamux does.
+        # The receive window: it grows while the reader keeps up (Session.consumed).
         self.window = window
-        self.threshold = max(1, window // 2)
 
     def sendable(self) -> bool:
         if not self.open_sent or self.fin_sent or self.dead:
@@ -652,7 +650,7 @@ class Session:
         st.pending_credit += n
         # yamux "Flow Control": only send an update once half the window is
         # consumed, so a reader taking small bites costs one frame per half window.
-        if st.pending_credit >= st.threshold:
+        if st.pending_credit >= max(1, st.window // 2):
             increment = st.pending_credit
             if not st.unconsumed and st.window < self.max_window and self.growth_left:
                 # The reader has taken everything delivered so far, so the window
@@ -661,7 +659,6 @@ class Session:
                 extra = min(st.window, self.max_window - st.window, self.growth_left)
                 self.growth_left -= extra
                 st.window += extra
-                st.threshold = max(1, st.window // 2)
                 increment += extra
                 self.counters["windows_grown"] += 1
             self._control.append((None, encode_frame(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(increment))))

@@ -150,7 +150,7 @@ import structlog
 import trio
 
 from dataplane import mux, relay
-from dataplane.noise import MAX_MESSAGE, MAX_NONCE, CipherState, HandshakeState, NoiseError
+from dataplane.noise import MAX_MESSAGE, MAX_NONCE, TAGLEN, CipherState, HandshakeState, NoiseError
 from dataplane.rawsocket import Fairness, RawSocketStream
 
 __all__ = [
@@ -492,7 +492,7 @@ class _Outbox(_Window):
 
     def seal(self, cipher: CipherState, plaintext: bytes | memoryview) -> None:
         """Append ``plaintext`` as one framed transport message under ``cipher``."""
-        need = len(plaintext) + 18
+        need = 2 + len(plaintext) + TAGLEN  # length prefix, ciphertext, tag
         if len(self._buf) - self._end < need:
             self._make_room(need)
         self._end += cipher.encrypt_framed_into(self._view[self._end :], plaintext)
