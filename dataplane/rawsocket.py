@@ -33,9 +33,12 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    from dataplane.reactor import OnReady, Reactor
 
 __all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "Fairness", "RawSocketStream", "connect_tcp"]
 
@@ -89,7 +92,7 @@ def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourc
 class RawSocketStream(trio.abc.HalfCloseableStream):
     """A connected stream socket driven by non-blocking syscalls (see the module docstring)."""
 
-    __slots__ = ("_closed", "_emptied", "_eof_sent", "_receiving", "_sending", "_sock", "_fair")
+    __slots__ = ("_closed", "_emptied", "_eof_sent", "_receiving", "_sending", "_sock", "_fair", "_reactor")
 
     def __init__(self, sock: socket.socket) -> None:
         if sock.type != socket.SOCK_STREAM:
@@ -109,6 +112,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self._emptied = False
         self._eof_sent = False
         self._closed = False
+        #: The reactor a task waits in for this socket (wait_readable_in), told when it closes.
+        self._reactor: Reactor | None = None
 
     @classmethod
     def adopt(cls, stream: trio.SocketStream | trio.socket.SocketType) -> RawSocketStream:
@@ -180,6 +185,24 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.wait_readable(self._sock)
         finally:
             self._receiving = False
+        self._emptied = False
+
+    async def wait_readable_in(self, reactor: Reactor, on_ready: OnReady) -> None:
+        """``wait_readable`` through ``reactor``: ``on_ready`` runs in the reactor's task
+        each time the socket is readable, until it returns False (see dataplane.reactor).
+
+        ``on_ready`` may call ``try_receive_into``; this task is still the only
+        receiver, so nothing else may receive meanwhile.
+        """
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        self._reactor = reactor
+        try:
+            await reactor.wait(self._sock, on_ready)
+        finally:
+            self._reactor = None
         self._emptied = False
 
     async def _receive(self, op: Callable[[_A], _R], arg: _A, want: int) -> _R:
@@ -291,6 +314,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
+        if self._reactor is not None:
+            self._reactor.closing(self._sock)
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
 

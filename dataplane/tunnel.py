@@ -135,6 +135,15 @@ session), and one task per dial (handshake, then the session).  A session owns
 a reader, a writer, an idle timer and a key timer, plus a nursery for the ``on_stream``
 handlers of the streams the peer opens; when the session ends the handlers
 get a short grace period to notice their streams failed, then are cancelled.
+
+The nursery also runs the manager's reactor (``dataplane.reactor``).  The
+busiest waits wait there: a session's reader for its socket, and
+``TunnelStream.pump_from`` for the proxied socket it reads.  Each readable
+moment is then handled by a callback in the reactor's task (``_on_readable``,
+``_direct_step``: read, decrypt or seal, hand on), so many ready sockets cost
+one trip through trio's scheduler rather than one each, and a task wakes only
+for what needs waiting: credit, room, the end of a stream.  Sessions over a
+relay, and everything once the reactor has stopped, wait in trio as before.
 """
 
 from __future__ import annotations
@@ -152,6 +161,7 @@ import trio
 from dataplane import mux, relay
 from dataplane.noise import MAX_MESSAGE, MAX_NONCE, TAGLEN, CipherState, HandshakeState, NoiseError
 from dataplane.rawsocket import Fairness, RawSocketStream
+from dataplane.reactor import Reactor
 
 __all__ = [
     "MAGIC",
@@ -193,6 +203,7 @@ _WRITE_BATCH: Final = 256 * 1024
 #: then a full record's data.  One for the agent: it is filled and sealed
 #: without a scheduling point in between, so no two streams ever share it.
 _SCRATCH: Final = memoryview(bytearray(mux.DEFAULT_MAX_RECORD))
+_DIRECT_MAX: Final = len(_SCRATCH) - mux.HEADER_SIZE
 #: How long a closing session may spend flushing its last records.
 _FLUSH_TIMEOUT: Final = 1.0
 #: How long a dead session's stream handlers get to notice before they are cancelled.
@@ -427,6 +438,40 @@ class _Reader(_Window):
                 self._relocate(self.CAPACITY)  # the socket had more than we had room for
         return True
 
+    def receive_now(self, stream: RawSocketStream) -> int | None:
+        """One non-blocking receive into the free tail, for the reactor's path
+        (``_Session._on_readable``): what it got, 0 at the end, None if nothing.
+
+        The room it makes is ``_fill``'s: enough for the rest of a message whose
+        length is known, and a receive worth its syscall.
+        """
+        held = self._end - self._start
+        need = 2
+        if held >= 2:
+            need = 2 + ((self._buf[self._start] << 8) | self._buf[self._start + 1])
+        size = len(self._buf)
+        want = max(need - held, size // 4)
+        if size - self._end < want:
+            self._relocate(size if size - held >= want else self.CAPACITY)
+        tail = self._view[self._end :]
+        got = stream.try_receive_into(tail)
+        if got:
+            self._end += got
+            if got == len(tail) and len(self._buf) < self.CAPACITY:
+                self._relocate(self.CAPACITY)  # the socket had more than we had room for
+        return got
+
+    def ready_view(self) -> memoryview | None:
+        """The next message if it is all buffered (as ``read_view`` returns it), else None."""
+        start = self._start
+        if self._end - start < 2:
+            return None
+        n = (self._buf[start] << 8) | self._buf[start + 1]
+        if self._end - start < 2 + n:
+            return None
+        self._start = start + 2 + n
+        return self._view[start + 2 : start + 2 + n]
+
     async def read_exactly(self, n: int) -> bytes:
         """``n`` bytes, or fewer if the stream ended first."""
         await self._fill(n)
@@ -548,6 +593,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sink: RawSocketStream | None = None
         self._delivered: Callable[[int], None] | None = None
         self._sink_busy = False
+        #: Set while pump_from runs: the socket it reads, for _direct_step.
+        self._source: RawSocketStream | None = None
+        self._source_delivered: Callable[[int], None] | None = None
         self._buffered = 0
         self._fair = Fairness()
         self._eof_received = False
@@ -724,14 +772,22 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._sending = True
         session = self._session
-        direct_max = len(_SCRATCH) - mux.HEADER_SIZE
+        reactor = session.manager.reactor
+        direct_max = _DIRECT_MAX
+        self._source = source
+        self._source_delivered = delivered
         try:
             while True:
                 # As RawSocketStream._receive does: after a read that emptied the
                 # socket, wait for readiness instead of a receive that would fail.
                 if source.emptied:
                     self._fair.waited()
-                    await source.wait_readable()  # a cancel point too
+                    # A cancel point too.  In the reactor, _direct_step does the
+                    # direct path's work without waking this task.
+                    if reactor.running:
+                        await source.wait_readable_in(reactor, self._direct_step)
+                    else:
+                        await source.wait_readable()
                 else:
                     await trio.lowlevel.checkpoint_if_cancelled()
                 self._raise_if_unusable()
@@ -767,7 +823,30 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     delivered(len(data))
         finally:
             self._sending = False
+            self._source = None
+            self._source_delivered = None
         await self.send_eof()
+
+    def _direct_step(self) -> bool:
+        """pump_from's direct path for one readable moment of its source, run by
+        the reactor (dataplane.reactor); False when the pump's task must act:
+        no room on the direct path, the source's end, or the stream's."""
+        source, delivered = self._source, self._source_delivered
+        if source is None or delivered is None or self._closed or self._failure is not None or self._eof_sent:
+            return False
+        session = self._session
+        room = session.direct_room(self)
+        if not room:
+            return False
+        # From the read to the send, nothing yields: _SCRATCH is ours.
+        n = source.try_receive_into(_SCRATCH[mux.HEADER_SIZE : mux.HEADER_SIZE + min(room, _DIRECT_MAX)])
+        if n is None:
+            return True
+        if not n:
+            return False
+        session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
+        delivered(n)
+        return True
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
@@ -896,7 +975,9 @@ class _Session:
         self._kick = trio.Event()
         #: Encrypted bytes not yet taken by the kernel (see _write).
         self._out = _Outbox()
-        self._try_send = transport.try_send if isinstance(transport, RawSocketStream) else None
+        #: The transport when it is a plain socket: the reactor's and try_send's fast paths.
+        self._raw = transport if isinstance(transport, RawSocketStream) else None
+        self._try_send = self._raw.try_send if self._raw is not None else None
         #: The writer task waits for the socket: only it may send until it is writable again.
         self._writer_waiting = False
         #: Set once _out drains below _WRITE_BATCH, for pump_from waiting on a full one.
@@ -1064,8 +1145,23 @@ class _Session:
     # -- the I/O tasks --------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        stats = self.manager.stats
+        reactor = self.manager.reactor
+        raw = self._raw
         while True:
+            if raw is not None and reactor.running:
+                while (ready := self._reader.ready_view()) is not None:  # left by an earlier read
+                    if not self._open(ready):
+                        return
+                # Each readable moment is handled by _on_readable in the reactor's
+                # task; this one wakes for what only it does: the end of the
+                # stream, an error, or the reactor's own end.
+                try:
+                    await raw.wait_readable_in(reactor, self._on_readable)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    self._terminate(f"receive failed ({exc.__class__.__name__})", error=bool(self.streams))
+                    return
+                if self.dead:
+                    return
             try:
                 msg = await self._reader.read_view()
             except _Truncated:
@@ -1080,17 +1176,37 @@ class _Session:
                 busy = bool(self.streams) or self.mux.stream_count > 0
                 self._terminate("peer closed the connection", error=busy)
                 return
-            stats["bytes_in"] += len(msg) + 2
-            try:
-                # A view of a buffer the next decrypt reuses: handled (and what is
-                # kept of it copied) before the next message is read.
-                record = self._recv_cipher.decrypt_view(msg)
-            except NoiseError as exc:
-                stats["decrypt_failures"] += 1
-                self._terminate(f"decrypt failed ({exc.reason})", error=True)
+            if not self._open(msg):
                 return
-            if not self._handle_plaintext(record):
-                return
+
+    def _on_readable(self) -> bool:
+        """The read loop's work for one readable moment of the transport, run by
+        the reactor: read once, then handle every message now complete.  False
+        when the read loop's task must act (the end of the stream, or the session's)."""
+        reader = self._reader
+        assert self._raw is not None  # _read_loop waits in the reactor only then
+        got = reader.receive_now(self._raw)
+        if got is None:
+            return True
+        if not got:
+            return False  # the task's read_view meets the end again, and tells a clean one from a cut
+        while (msg := reader.ready_view()) is not None:
+            if not self._open(msg):
+                return False
+        return True
+
+    def _open(self, msg: memoryview) -> bool:
+        """Decrypt one transport message and handle it; False if the session ended."""
+        self.manager.stats["bytes_in"] += len(msg) + 2
+        try:
+            # A view of a buffer the next decrypt reuses: handled (and what is
+            # kept of it copied) before the next message is read.
+            record = self._recv_cipher.decrypt_view(msg)
+        except NoiseError as exc:
+            self.manager.stats["decrypt_failures"] += 1
+            self._terminate(f"decrypt failed ({exc.reason})", error=True)
+            return False
+        return self._handle_plaintext(record)
 
     def _handle_plaintext(self, record: bytes | memoryview) -> bool:
         """Route one decrypted transport message: a session control record or a mux record."""
@@ -1608,6 +1724,7 @@ class TunnelManager:
         relays: Callable[[str], list[str]] | None = None,
         direct_connect_timeout: float = 2.0,
         direct_retry_after: float = 30.0,
+        use_reactor: bool = True,
     ) -> None:
         if not 1 <= len(name.encode("utf-8")) <= _MAX_NAME:
             raise ValueError(f"node name must be 1..{_MAX_NAME} bytes of UTF-8")
@@ -1655,6 +1772,10 @@ class TunnelManager:
         self._last_hello: dict[bytes, int] = {}
         self._prune_hellos_at = _REPLAY_TABLE_MIN
         self._last_sent_ts = 0
+        #: Where the sessions' readers and the proxied sockets' pumps wait while
+        #: serve runs (dataplane.reactor); without it, each waits in trio itself.
+        self.reactor = Reactor()
+        self.use_reactor = use_reactor
 
     # -- running ----------------------------------------------------------------------
 
@@ -1670,6 +1791,8 @@ class TunnelManager:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.use_reactor:
+                    await nursery.start(self.reactor.run)
                 if listeners:
                     await nursery.start(trio.serve_listeners, self.handle_connection, list(listeners))
                 task_status.started()

@@ -100,6 +100,11 @@ async def handler(node: Node, peer: str, header: bytes, stream: TunnelStream) ->
         raise AssertionError(f"unexpected header {header!r}")
 
 
+#: For tests of the data path: sessions' readers and pumps waiting in the
+#: reactor (the default), and in trio itself (relayed sessions, a stopped reactor).
+WAITS = pytest.mark.parametrize("use_reactor", [True, False], ids=["reactor", "trio-waits"])
+
+
 @asynccontextmanager
 async def cluster(*names: str, directory: Directory | None = None, **kw: Any) -> AsyncIterator[dict[str, Node]]:
     directory = directory if directory is not None else Directory()
@@ -257,12 +262,13 @@ def test_outbox_keeps_order_across_partial_sends_growth_and_compaction() -> None
 # -- streams ------------------------------------------------------------------------------
 
 
-async def test_byte_exact_echo_on_many_concurrent_streams() -> None:
+@WAITS
+async def test_byte_exact_echo_on_many_concurrent_streams(use_reactor: bool) -> None:
     rng = random.Random(1)
     payloads = [rng.randbytes(rng.choice([0, 1, 17, 4096, 70_000, 300_000])) for _ in range(40)]
     payloads += [rng.randbytes(3_000_000), rng.randbytes(2_500_000)]
     results: dict[int, bytes] = {}
-    async with cluster("a", "b") as nodes:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         a = nodes["a"].manager
 
         async def one(i: int) -> None:
@@ -310,12 +316,13 @@ async def test_one_session_reused_and_concurrent_first_use_shares_one_dial() -> 
         assert nodes["b"].manager.stats["handshakes_ok"] == 1
 
 
-async def test_pump_from_reads_no_further_than_the_peers_credit() -> None:
+@WAITS
+async def test_pump_from_reads_no_further_than_the_peers_credit(use_reactor: bool) -> None:
     """A proxied socket read straight into records: byte-exact with EOF, and while
     the far reader is stalled it reads exactly one window and queues nothing (the
     old read-then-queue pump held a send buffer more)."""
     payload = os.urandom(3 * mux.DEFAULT_WINDOW + 12345)
-    async with cluster("a", "b") as nodes:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         stream = await nodes["a"].manager.open_stream("b", b"slow:pump")
         theirs, ours = socket.socketpair()
         source = RawSocketStream(ours)
@@ -349,8 +356,9 @@ async def test_pump_from_reads_no_further_than_the_peers_credit() -> None:
         await source.aclose()
 
 
-async def test_half_close() -> None:
-    async with cluster("a", "b") as nodes:
+@WAITS
+async def test_half_close(use_reactor: bool) -> None:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         stream = await nodes["a"].manager.open_stream("b", b"request")
         await stream.send_all(b"part one, ")
         await stream.send_all(b"part two")
@@ -413,10 +421,11 @@ async def test_stream_refused_without_handler() -> None:
             await mute.aclose()
 
 
-async def test_slow_reader_does_not_block_other_streams() -> None:
+@WAITS
+async def test_slow_reader_does_not_block_other_streams(use_reactor: bool) -> None:
     rng = random.Random(2)
     slow_payload = rng.randbytes(8 * mux.DEFAULT_WINDOW)  # several windows: its sender must block
-    async with cluster("a", "b") as nodes:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         a, b = nodes["a"].manager, nodes["b"]
         slow = await a.open_stream("b", b"slow")
         slow_sent = trio.Event()
@@ -724,8 +733,9 @@ async def drain_until_error(stream: TunnelStream, limit: int) -> int:
     return total
 
 
-async def test_session_killed_mid_download_fails_loudly() -> None:
-    async with cluster("a", "b") as nodes:
+@WAITS
+async def test_session_killed_mid_download_fails_loudly(use_reactor: bool) -> None:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         a, b = nodes["a"].manager, nodes["b"].manager
         download = await a.open_stream("b", b"source")
         idle = await a.open_stream("b", b"echo")
@@ -744,8 +754,9 @@ async def test_session_killed_mid_download_fails_loudly() -> None:
         assert await roundtrip(fresh, b"again") == b"again"
 
 
-async def test_corrupted_records_kill_the_session_loudly_on_both_ends() -> None:
-    async with cluster("a", "b") as nodes:
+@WAITS
+async def test_corrupted_records_kill_the_session_loudly_on_both_ends(use_reactor: bool) -> None:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         a, b = nodes["a"], nodes["b"]
         payload = os.urandom(4_000_000)
         upload = await a.manager.open_stream("b", b"slow")  # b reads nothing until released
@@ -770,8 +781,9 @@ async def test_corrupted_records_kill_the_session_loudly_on_both_ends() -> None:
         await wait_until(lambda: a.manager.stats["sessions_failed"] == 1)
 
 
-async def test_manager_close_fails_open_streams() -> None:
-    async with cluster("a", "b") as nodes:
+@WAITS
+async def test_manager_close_fails_open_streams(use_reactor: bool) -> None:
+    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
         a = nodes["a"].manager
         stream = await a.open_stream("b", b"echo")
         await stream.send_all(b"hi")
