@@ -34,14 +34,43 @@ What it keeps of trio's rules:
   tasks (gossip, the API, timers).
 * When the reactor stops, its waiting tasks wake and go on with trio's own
   waits (``running`` is then False).
+
+The idle hook
+-------------
+Nested in trio, a readable socket still costs one trip through trio's
+scheduler before its callback runs: epoll returns, the reactor's task is
+rescheduled, its coroutine chain resumed.  At one request in flight nothing
+is batched, and that trip is a fixed cost on the latency of every hop: the
+prototype relay took 110-120 us p50 through two hops this way against 78-85
+us as a plain epoll loop with no trio at all.
+
+So, where it can, the reactor waits where trio itself would wait: in an
+instrument's ``before_io_wait`` hook, which trio calls with the timeout it is
+about to block for, once it has run every runnable task.  The hook blocks for
+that same timeout in an epoll that holds both trio's epoll and the reactor's,
+runs the callbacks of ready sockets at once, and returns as soon as trio has
+something to do: I/O of its own (trio's epoll is readable, so trio's wait
+returns at once), a task that a callback woke, a deadline moved or reached
+(then it wakes trio's wait, as trio's own wake-up for threads does).  Trio
+therefore never blocks any longer, nor any shorter, than it would have; it
+only stops paying its trip for sockets that the reactor serves.  With it the
+prototype relay made 94 us p50 and 41k requests/s at 16 streams.
+
+This needs three things trio keeps private (its epoll, its run queue and its
+deadlines, reached through ``trio._core._run``); ``_IdleHook.attach`` checks
+that each is what it expects, and that the clock is trio's own SystemClock
+(a MockClock's autojump and ``wait_all_tasks_blocked`` need trio to see idle
+time itself), and otherwise the reactor runs as a task.  It does the same if
+the hook ever fails.  Checked against trio 0.35.
 """
 
 from __future__ import annotations
 
 import select
 import socket
+import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import outcome
 import trio
@@ -69,10 +98,13 @@ class _Watch:
 class Reactor:
     """One task that watches sockets for readability and runs their callbacks (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, idle_hook: bool = True) -> None:
         self._epoll: select.epoll | None = None
         self._watches: dict[int, _Watch] = {}
-        #: Callbacks run and tasks woken: for tests and the agents' counters.
+        self._idle_hook = idle_hook
+        #: "idle hook" or "task" while running (module docstring), "" before.
+        self.mode = ""
+        #: Callbacks run and tasks woken, for tests and diagnosis.
         self.dispatched = 0
         self.woken = 0
 
@@ -91,27 +123,43 @@ class Reactor:
             raise RuntimeError("Reactor.run may run only once at a time")
         epoll = select.epoll()
         self._epoll = epoll
-        watches = self._watches
+        hook = _IdleHook.attach(self, epoll) if self._idle_hook else None
         try:
+            self.mode = "task" if hook is None else "idle hook"
             task_status.started()
+            if hook is not None:
+                await hook.failed.wait()
+                hook.detach()  # a bug in the hook: serve from this task instead
+                hook = None
+                self.mode = "task"
             while True:
+                # Never while the hook is attached: its epoll holds trio's, and
+                # trio's must then not hold ours.
                 await trio.lowlevel.wait_readable(epoll)
                 for _ in range(YIELD_EVERY):
-                    events = epoll.poll(0, _MAX_EVENTS)
-                    if not events:
+                    if not self._dispatch():
                         break
-                    for fd, _mask in events:
-                        # A watch that ended earlier in this batch is gone; one
-                        # that took over its descriptor number since only sees a
-                        # spurious call, which every callback tolerates.
-                        watch = watches.get(fd)
-                        if watch is not None:
-                            self._fire(watch)
         finally:
+            if hook is not None:
+                hook.detach()
             self._epoll = None
-            for watch in list(watches.values()):
+            for watch in list(self._watches.values()):
                 self._finish(watch, outcome.Value(None))
             epoll.close()
+
+    def _dispatch(self) -> int:
+        """Run the callbacks of the sockets ready now; how many were."""
+        assert self._epoll is not None
+        events = self._epoll.poll(0, _MAX_EVENTS)
+        watches = self._watches
+        for fd, _mask in events:
+            # A watch that ended earlier in this batch is gone; one that took
+            # over its descriptor number since only sees a spurious call, which
+            # every callback tolerates.
+            watch = watches.get(fd)
+            if watch is not None:
+                self._fire(watch)
+        return len(events)
 
     def _fire(self, watch: _Watch) -> None:
         self.dispatched += 1
@@ -178,3 +226,95 @@ class Reactor:
         watch = self._watches.get(fd)
         if watch is not None:
             self._finish(watch, outcome.Error(trio.ClosedResourceError("this stream was closed")))
+
+
+class _IdleHook(trio.abc.Instrument):
+    """The reactor's wait in trio's place (module docstring, "The idle hook")."""
+
+    def __init__(self, reactor: Reactor, epoll: select.epoll, runner: Any) -> None:
+        self._reactor = reactor
+        self._runq = runner.runq
+        self._deadlines = runner.deadlines
+        self._waiting_for_idle = runner.waiting_for_idle
+        self._force_wakeup: Callable[[], None] = runner.io_manager.force_wakeup
+        self._trio_fd: int = runner.io_manager._epoll.fileno()
+        self._both = select.epoll()
+        self._both.register(self._trio_fd, select.EPOLLIN)
+        self._both.register(epoll.fileno(), select.EPOLLIN)
+        #: Set if the hook ever failed: the reactor's task takes over.
+        self.failed = trio.Event()
+
+    @classmethod
+    def attach(cls, reactor: Reactor, epoll: select.epoll) -> _IdleHook | None:
+        """Install the hook into the running trio, or None where it cannot work."""
+        try:
+            from trio._core._run import GLOBAL_RUN_CONTEXT
+
+            runner: Any = GLOBAL_RUN_CONTEXT.runner
+            io = runner.io_manager
+            usable = (
+                isinstance(getattr(io, "_epoll", None), select.epoll)
+                and callable(getattr(io, "force_wakeup", None))
+                and hasattr(runner.runq, "__len__")
+                and callable(getattr(runner.deadlines, "next_deadline", None))
+                and hasattr(runner.waiting_for_idle, "__len__")
+                and type(runner.clock).__name__ == "SystemClock"
+            )
+        except (ImportError, AttributeError, RuntimeError):
+            return None
+        if not usable:
+            return None
+        hook = cls(reactor, epoll, runner)
+        trio.lowlevel.add_instrument(hook)
+        return hook
+
+    def detach(self) -> None:
+        try:
+            trio.lowlevel.remove_instrument(self)
+        except KeyError:  # trio already dropped it
+            pass
+        self._both.close()
+
+    def before_io_wait(self, timeout: float) -> None:
+        try:
+            self._serve(timeout)
+        except Exception:
+            # Trio would drop a hook that raises, and nobody would serve the
+            # reactor's sockets; its task does that now (Reactor.run), once
+            # trio's wait, about to start, returns.
+            self.failed.set()
+            self._force_wakeup()
+
+    def _serve(self, timeout: float) -> None:
+        reactor = self._reactor
+        if reactor._epoll is None:
+            return
+        # Trio is busy (timeout 0) or about to wait: either way, what is ready
+        # now is served first, as many batches as the task would serve per turn.
+        for _ in range(YIELD_EVERY):
+            if not reactor._dispatch():
+                break
+        if timeout <= 0 or self._waiting_for_idle:
+            return  # trio will not block, or must see the idle time itself
+        if self._runq:
+            self._force_wakeup()  # a callback woke a task: trio must not block
+            return
+        deadline = self._deadlines.next_deadline()
+        end = time.monotonic() + timeout
+        while True:
+            remaining = end - time.monotonic()
+            events = self._both.poll(remaining, 2) if remaining > 0 else []
+            if not events:
+                self._force_wakeup()  # trio's timeout ran out here: it must not wait it again
+                return
+            trio_ready = False
+            for fd, _mask in events:
+                if fd == self._trio_fd:
+                    trio_ready = True
+                else:
+                    reactor._dispatch()
+            if trio_ready:
+                return  # trio's own wait returns at once
+            if self._runq or self._deadlines.next_deadline() != deadline:
+                self._force_wakeup()
+                return

@@ -1725,6 +1725,7 @@ class TunnelManager:
         direct_connect_timeout: float = 2.0,
         direct_retry_after: float = 30.0,
         use_reactor: bool = True,
+        idle_hook: bool = True,
     ) -> None:
         if not 1 <= len(name.encode("utf-8")) <= _MAX_NAME:
             raise ValueError(f"node name must be 1..{_MAX_NAME} bytes of UTF-8")
@@ -1774,7 +1775,7 @@ class TunnelManager:
         self._last_sent_ts = 0
         #: Where the sessions' readers and the proxied sockets' pumps wait while
         #: serve runs (dataplane.reactor); without it, each waits in trio itself.
-        self.reactor = Reactor()
+        self.reactor = Reactor(idle_hook=idle_hook)
         self.use_reactor = use_reactor
 
     # -- running ----------------------------------------------------------------------
@@ -1793,6 +1794,7 @@ class TunnelManager:
                 self._nursery = nursery
                 if self.use_reactor:
                     await nursery.start(self.reactor.run)
+                    self.log.debug("tunnel_reactor", mode=self.reactor.mode)
                 if listeners:
                     await nursery.start(trio.serve_listeners, self.handle_connection, list(listeners))
                 task_status.started()

@@ -101,8 +101,13 @@ async def handler(node: Node, peer: str, header: bytes, stream: TunnelStream) ->
 
 
 #: For tests of the data path: sessions' readers and pumps waiting in the
-#: reactor (the default), and in trio itself (relayed sessions, a stopped reactor).
-WAITS = pytest.mark.parametrize("use_reactor", [True, False], ids=["reactor", "trio-waits"])
+#: reactor, in trio's place (the default) or as a task of its own, and in trio
+#: itself (relayed sessions, a stopped reactor).
+WAITS = pytest.mark.parametrize(
+    "waits",
+    [{"idle_hook": True}, {"idle_hook": False}, {"use_reactor": False}],
+    ids=["idle-hook", "reactor-task", "trio-waits"],
+)
 
 
 @asynccontextmanager
@@ -263,12 +268,12 @@ def test_outbox_keeps_order_across_partial_sends_growth_and_compaction() -> None
 
 
 @WAITS
-async def test_byte_exact_echo_on_many_concurrent_streams(use_reactor: bool) -> None:
+async def test_byte_exact_echo_on_many_concurrent_streams(waits: dict[str, bool]) -> None:
     rng = random.Random(1)
     payloads = [rng.randbytes(rng.choice([0, 1, 17, 4096, 70_000, 300_000])) for _ in range(40)]
     payloads += [rng.randbytes(3_000_000), rng.randbytes(2_500_000)]
     results: dict[int, bytes] = {}
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+    async with cluster("a", "b", **waits) as nodes:
         a = nodes["a"].manager
 
         async def one(i: int) -> None:
@@ -317,12 +322,12 @@ async def test_one_session_reused_and_concurrent_first_use_shares_one_dial() -> 
 
 
 @WAITS
-async def test_pump_from_reads_no_further_than_the_peers_credit(use_reactor: bool) -> None:
+async def test_pump_from_reads_no_further_than_the_peers_credit(waits: dict[str, bool]) -> None:
     """A proxied socket read straight into records: byte-exact with EOF, and while
     the far reader is stalled it reads exactly one window and queues nothing (the
     old read-then-queue pump held a send buffer more)."""
     payload = os.urandom(3 * mux.DEFAULT_WINDOW + 12345)
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+    async with cluster("a", "b", **waits) as nodes:
         stream = await nodes["a"].manager.open_stream("b", b"slow:pump")
         theirs, ours = socket.socketpair()
         source = RawSocketStream(ours)
@@ -357,8 +362,8 @@ async def test_pump_from_reads_no_further_than_the_peers_credit(use_reactor: boo
 
 
 @WAITS
-async def test_half_close(use_reactor: bool) -> None:
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+async def test_half_close(waits: dict[str, bool]) -> None:
+    async with cluster("a", "b", **waits) as nodes:
         stream = await nodes["a"].manager.open_stream("b", b"request")
         await stream.send_all(b"part one, ")
         await stream.send_all(b"part two")
@@ -422,10 +427,10 @@ async def test_stream_refused_without_handler() -> None:
 
 
 @WAITS
-async def test_slow_reader_does_not_block_other_streams(use_reactor: bool) -> None:
+async def test_slow_reader_does_not_block_other_streams(waits: dict[str, bool]) -> None:
     rng = random.Random(2)
     slow_payload = rng.randbytes(8 * mux.DEFAULT_WINDOW)  # several windows: its sender must block
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+    async with cluster("a", "b", **waits) as nodes:
         a, b = nodes["a"].manager, nodes["b"]
         slow = await a.open_stream("b", b"slow")
         slow_sent = trio.Event()
@@ -734,8 +739,8 @@ async def drain_until_error(stream: TunnelStream, limit: int) -> int:
 
 
 @WAITS
-async def test_session_killed_mid_download_fails_loudly(use_reactor: bool) -> None:
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+async def test_session_killed_mid_download_fails_loudly(waits: dict[str, bool]) -> None:
+    async with cluster("a", "b", **waits) as nodes:
         a, b = nodes["a"].manager, nodes["b"].manager
         download = await a.open_stream("b", b"source")
         idle = await a.open_stream("b", b"echo")
@@ -755,8 +760,8 @@ async def test_session_killed_mid_download_fails_loudly(use_reactor: bool) -> No
 
 
 @WAITS
-async def test_corrupted_records_kill_the_session_loudly_on_both_ends(use_reactor: bool) -> None:
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+async def test_corrupted_records_kill_the_session_loudly_on_both_ends(waits: dict[str, bool]) -> None:
+    async with cluster("a", "b", **waits) as nodes:
         a, b = nodes["a"], nodes["b"]
         payload = os.urandom(4_000_000)
         upload = await a.manager.open_stream("b", b"slow")  # b reads nothing until released
@@ -782,8 +787,8 @@ async def test_corrupted_records_kill_the_session_loudly_on_both_ends(use_reacto
 
 
 @WAITS
-async def test_manager_close_fails_open_streams(use_reactor: bool) -> None:
-    async with cluster("a", "b", use_reactor=use_reactor) as nodes:
+async def test_manager_close_fails_open_streams(waits: dict[str, bool]) -> None:
+    async with cluster("a", "b", **waits) as nodes:
         a = nodes["a"].manager
         stream = await a.open_stream("b", b"echo")
         await stream.send_all(b"hi")
