@@ -259,6 +259,7 @@ class _IdleHook(trio.abc.Instrument):
                 and callable(getattr(runner.deadlines, "next_deadline", None))
                 and hasattr(runner.waiting_for_idle, "__len__")
                 and type(runner.clock).__name__ == "SystemClock"
+                and not getattr(runner, "is_guest", True)  # a host loop does the waiting there
             )
         except (ImportError, AttributeError, RuntimeError):
             return None

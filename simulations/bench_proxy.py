@@ -5,8 +5,10 @@ Three paths to one echo/sink server, measured in the same invocation, interleave
 * ``direct``  -- client -> server: the ceiling of the load generator and server themselves;
 * ``relay``   -- client -> trio relay -> trio relay -> server (``simulations/trio_relay.py``): two
   plain relays on the agents' own socket layer, with no cipher, no multiplexing and no policy.
-  It is the floor under any two-hop proxy written on Python and trio, so its ratio to stunnel
-  says how much of the mesh's gap is the stack and how much is our design;
+  It is what trio costs a proxy written the plain way (a task per direction, one trip through
+  the scheduler per readable socket), so its ratio to stunnel says how much of a gap is the
+  stack and how much the design; the mesh's own reactor (``dataplane/reactor.py``) avoids
+  that trip, and passes the relay at 16 connections;
 * ``mesh``    -- client -> agent A's upstream port -> Noise tunnel -> agent B -> server
   (two real ``mesh-agent`` processes, encrypted gossip, ``--profile local``);
 * ``stunnel`` -- client -> stunnel client -> TLS 1.3 -> stunnel server -> server (Debian's

@@ -4,9 +4,11 @@
 They use the agents' own socket layer (``dataplane.rawsocket.RawSocketStream``, imported
 from the same snapshot of the code) and large reads, but no cipher, no multiplexing, no
 flow control and no policy: one task per direction per connection, ``receive_some`` then
-``send_all``.  Whatever this pair cannot reach, no encrypted two-hop proxy built on
-Python and trio can, so its column tells the cost of the stack from the cost of our
-design.
+``send_all``.  Its column is what trio costs a proxy written the plain way, one trip
+through the scheduler per readable socket: the agents beat it at 16 connections only
+because their data plane waits in its own reactor instead (``dataplane/reactor.py``),
+and what they still lose to it at one connection is the price of the cipher and the
+multiplexing.
 
     PYTHONPATH=<snapshot> python simulations/trio_relay.py LISTEN_PORT TARGET_PORT
 """
