@@ -129,7 +129,7 @@ class Reactor:
             task_status.started()
             if hook is not None:
                 await hook.failed.wait()
-                hook.detach()  # a bug in the hook: serve from this task instead
+                hook.detach(epoll)  # a bug in the hook: serve from this task instead
                 hook = None
                 self.mode = "task"
             while True:
@@ -141,7 +141,7 @@ class Reactor:
                         break
         finally:
             if hook is not None:
-                hook.detach()
+                hook.detach(epoll)
             self._epoll = None
             for watch in list(self._watches.values()):
                 self._finish(watch, outcome.Value(None))
@@ -229,10 +229,13 @@ class Reactor:
 
 
 class _IdleHook(trio.abc.Instrument):
-    """The reactor's wait in trio's place (module docstring, "The idle hook")."""
+    """The reactors' wait in trio's place (module docstring, "The idle hook").
 
-    def __init__(self, reactor: Reactor, epoll: select.epoll, runner: Any) -> None:
-        self._reactor = reactor
+    One per trio run, shared by every reactor in it: a hook that waited on its
+    own reactor's sockets only would sleep through another's.
+    """
+
+    def __init__(self, runner: Any) -> None:
         self._runq = runner.runq
         self._deadlines = runner.deadlines
         self._waiting_for_idle = runner.waiting_for_idle
@@ -240,82 +243,104 @@ class _IdleHook(trio.abc.Instrument):
         self._trio_fd: int = runner.io_manager._epoll.fileno()
         self._both = select.epoll()
         self._both.register(self._trio_fd, select.EPOLLIN)
-        self._both.register(epoll.fileno(), select.EPOLLIN)
-        #: Set if the hook ever failed: the reactor's task takes over.
+        #: The attached reactors, by their epoll's descriptor.
+        self._reactors: dict[int, Reactor] = {}
+        self._broken = False
+        #: Set if the hook ever failed: each reactor's task takes over its sockets.
         self.failed = trio.Event()
 
     @classmethod
     def attach(cls, reactor: Reactor, epoll: select.epoll) -> _IdleHook | None:
-        """Install the hook into the running trio, or None where it cannot work."""
-        try:
-            from trio._core._run import GLOBAL_RUN_CONTEXT
+        """Serve ``reactor`` from this run's hook (installed on first use), or None where it cannot work."""
+        hook = _HOOK.get()
+        if hook is None:
+            try:
+                from trio._core._run import GLOBAL_RUN_CONTEXT
 
-            runner: Any = GLOBAL_RUN_CONTEXT.runner
-            io = runner.io_manager
-            usable = (
-                isinstance(getattr(io, "_epoll", None), select.epoll)
-                and callable(getattr(io, "force_wakeup", None))
-                and hasattr(runner.runq, "__len__")
-                and callable(getattr(runner.deadlines, "next_deadline", None))
-                and hasattr(runner.waiting_for_idle, "__len__")
-                and type(runner.clock).__name__ == "SystemClock"
-                and not getattr(runner, "is_guest", True)  # a host loop does the waiting there
-            )
-        except (ImportError, AttributeError, RuntimeError):
+                runner: Any = GLOBAL_RUN_CONTEXT.runner
+                io = runner.io_manager
+                usable = (
+                    isinstance(getattr(io, "_epoll", None), select.epoll)
+                    and callable(getattr(io, "force_wakeup", None))
+                    and hasattr(runner.runq, "__len__")
+                    and callable(getattr(runner.deadlines, "next_deadline", None))
+                    and hasattr(runner.waiting_for_idle, "__len__")
+                    and type(runner.clock).__name__ == "SystemClock"
+                    and not getattr(runner, "is_guest", True)  # a host loop does the waiting there
+                )
+            except (ImportError, AttributeError, RuntimeError):
+                return None
+            if not usable:
+                return None
+            hook = cls(runner)
+            trio.lowlevel.add_instrument(hook)
+            _HOOK.set(hook)
+        if hook._broken:
             return None
-        if not usable:
-            return None
-        hook = cls(reactor, epoll, runner)
-        trio.lowlevel.add_instrument(hook)
+        hook._both.register(epoll.fileno(), select.EPOLLIN)
+        hook._reactors[epoll.fileno()] = reactor
         return hook
 
-    def detach(self) -> None:
+    def detach(self, epoll: select.epoll) -> None:
+        """Stop serving the reactor of ``epoll``; the last one out removes the hook."""
+        fd = epoll.fileno()
+        if self._reactors.pop(fd, None) is not None and not self._both.closed:
+            self._both.unregister(fd)
+        if self._reactors:
+            return
         try:
             trio.lowlevel.remove_instrument(self)
         except KeyError:  # trio already dropped it
             pass
         self._both.close()
+        if _HOOK.get() is self:
+            _HOOK.set(None)
 
     def before_io_wait(self, timeout: float) -> None:
+        if self._broken:
+            return
         try:
             self._serve(timeout)
         except Exception:
             # Trio would drop a hook that raises, and nobody would serve the
-            # reactor's sockets; its task does that now (Reactor.run), once
+            # reactors' sockets; their tasks do that now (Reactor.run), once
             # trio's wait, about to start, returns.
+            self._broken = True
             self.failed.set()
             self._force_wakeup()
 
     def _serve(self, timeout: float) -> None:
-        reactor = self._reactor
-        if reactor._epoll is None:
-            return
+        deadline = self._deadlines.next_deadline()
         # Trio is busy (timeout 0) or about to wait: either way, what is ready
-        # now is served first, as many batches as the task would serve per turn.
-        for _ in range(YIELD_EVERY):
-            if not reactor._dispatch():
-                break
+        # now is served first, as many batches as a reactor's task would serve.
+        for reactor in list(self._reactors.values()):
+            for _ in range(YIELD_EVERY):
+                if not reactor._dispatch():
+                    break
         if timeout <= 0 or self._waiting_for_idle:
             return  # trio will not block, or must see the idle time itself
-        if self._runq:
-            self._force_wakeup()  # a callback woke a task: trio must not block
-            return
-        deadline = self._deadlines.next_deadline()
         end = time.monotonic() + timeout
         while True:
+            if self._runq or self._deadlines.next_deadline() != deadline:
+                # A callback woke a task, or moved a deadline: trio must not
+                # wait the timeout it had computed.
+                self._force_wakeup()
+                return
             remaining = end - time.monotonic()
-            events = self._both.poll(remaining, 2) if remaining > 0 else []
+            events = self._both.poll(remaining, len(self._reactors) + 1) if remaining > 0 else []
             if not events:
                 self._force_wakeup()  # trio's timeout ran out here: it must not wait it again
                 return
             trio_ready = False
             for fd, _mask in events:
-                if fd == self._trio_fd:
+                ready = self._reactors.get(fd)
+                if ready is not None:
+                    ready._dispatch()
+                elif fd == self._trio_fd:
                     trio_ready = True
-                else:
-                    reactor._dispatch()
             if trio_ready:
                 return  # trio's own wait returns at once
-            if self._runq or self._deadlines.next_deadline() != deadline:
-                self._force_wakeup()
-                return
+
+
+#: This trio run's idle hook, if one is installed.
+_HOOK: trio.lowlevel.RunVar[_IdleHook | None] = trio.lowlevel.RunVar("mesh_reactor_idle_hook", default=None)

@@ -357,3 +357,32 @@ async def test_a_mock_clock_keeps_the_reactor_a_task(autojump_clock: trio.testin
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_reactors_in_one_run_share_the_hook_and_none_sleeps_through_another() -> None:
+    first, second = Reactor(idle_hook=True), Reactor(idle_hook=True)
+    stream, peer = pair()
+    with trio.fail_after(2):  # the next deadline: a reactor the hook forgot would wait for it
+        async with trio.open_nursery() as nursery:
+            await nursery.start(first.run)
+            async with trio.open_nursery() as inner:
+                await inner.start(second.run)
+                assert first.mode == second.mode == "idle hook"
+
+                async def send_later() -> None:
+                    await trio.sleep(0.05)
+                    peer.send(b"x")
+
+                nursery.start_soon(send_later)
+                await stream.wait_readable_in(second, lambda: False)
+                inner.cancel_scope.cancel()
+            # The second left; the first is still served.
+            nursery.start_soon(send_later)
+            other, other_peer = pair()
+            other_peer.send(b"y")
+            await other.wait_readable_in(first, lambda: False)
+            nursery.cancel_scope.cancel()
+    for s in (stream, other):
+        s.close_now()
+    for p in (peer, other_peer):
+        p.close()
