@@ -196,6 +196,22 @@ class AgentCollector(Collector):
             c = _counter(name, doc)
             c.add_metric([], dp[stat])
             yield c
+        # Which way the data plane waits (dataplane/reactor.py): "idle_hook" is
+        # the fast one; "task" means trio's internals were not as the hook
+        # expects, which costs latency at low concurrency, not correctness.
+        reactor = ag.tunnels.reactor
+        mode = reactor.mode.replace(" ", "_") if reactor.running else "off"
+        g = GaugeMetricFamily("mesh_dataplane_reactor_mode", "1 for the way the data plane's reactor waits.",
+                              labels=["mode"])
+        for m in ("idle_hook", "task", "off"):
+            g.add_metric([m], 1 if m == mode else 0)
+        yield g
+        c = _counter("mesh_dataplane_reactor_callbacks_total", "Socket readiness served without waking a task.")
+        c.add_metric([], reactor.dispatched)
+        yield c
+        c = _counter("mesh_dataplane_reactor_wakeups_total", "Tasks the reactor woke to do what needs waiting.")
+        c.add_metric([], reactor.woken)
+        yield c
 
     def _upstreams(self) -> Iterator[Metric]:
         ag = self.agent

@@ -69,6 +69,10 @@ def test_metrics_pass_promtool_and_count_what_happened(cluster: Cluster) -> None
     assert value(text, 'mesh_upstream_instances{state="active",upstream="echo"}') == 1
     assert value(text, 'mesh_tunnel_handshakes_total{reason="",result="ok"}') >= 1
     assert value(text, 'mesh_tunnel_sessions{path="direct"}') == 1
+    # The agents run on trio's own clock: the data plane waits in trio's place.
+    assert value(text, 'mesh_dataplane_reactor_mode{mode="idle_hook"}') == 1
+    assert value(text, 'mesh_dataplane_reactor_mode{mode="task"}') == 0
+    assert value(text, "mesh_dataplane_reactor_callbacks_total") > 0
     assert value(text, 'mesh_registry_instances{health="passing"}') == 1
     assert value(text, "mesh_registry_version_lag") == 0
     assert value(text, 'mesh_gossip_probe_rtt_seconds_bucket{le="+Inf"}') == value(
