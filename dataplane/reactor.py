@@ -31,7 +31,8 @@ What it keeps of trio's rules:
   ``ClosedResourceError``, as trio's ``notify_closing`` does.
 * Fairness: at most ``YIELD_EVERY`` batches are dispatched between two trips
   through trio's scheduler, so a bulk transfer cannot starve the agent's other
-  tasks (gossip, the API, timers).
+  tasks (gossip, the API, timers).  In the idle hook (below) the reactor goes
+  on only while trio has nothing to run, and any work of trio's ends its turn.
 * When the reactor stops, its waiting tasks wake and go on with trio's own
   waits (``running`` is then False).
 

@@ -139,11 +139,12 @@ get a short grace period to notice their streams failed, then are cancelled.
 The nursery also runs the manager's reactor (``dataplane.reactor``).  The
 busiest waits wait there: a session's reader for its socket, and
 ``TunnelStream.pump_from`` for the proxied socket it reads.  Each readable
-moment is then handled by a callback in the reactor's task (``_on_readable``,
-``_direct_step``: read, decrypt or seal, hand on), so many ready sockets cost
-one trip through trio's scheduler rather than one each, and a task wakes only
-for what needs waiting: credit, room, the end of a stream.  Sessions over a
-relay, and everything once the reactor has stopped, wait in trio as before.
+moment is then handled by a callback the reactor runs (``_on_readable``,
+``_direct_step``: read, decrypt or seal, hand on), in trio's idle hook or its
+own task, so ready sockets cost no trip through trio's scheduler each, and a
+task wakes only for what needs waiting: credit, room, the end of a stream.
+Sessions over a relay, and everything once the reactor has stopped, wait in
+trio as before.
 """
 
 from __future__ import annotations
