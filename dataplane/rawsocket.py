@@ -188,8 +188,8 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         self._emptied = False
 
     async def wait_readable_in(self, reactor: Reactor, on_ready: OnReady) -> None:
-        """``wait_readable`` through ``reactor``: ``on_ready`` runs in the reactor's task
-        each time the socket is readable, until it returns False (see dataplane.reactor).
+        """``wait_readable`` through ``reactor``: ``on_ready`` runs in the reactor each
+        time the socket is readable, until it returns False (see dataplane.reactor).
 
         ``on_ready`` may call ``try_receive_into``; this task is still the only
         receiver, so nothing else may receive meanwhile.

@@ -97,7 +97,8 @@ class _Watch:
 
 
 class Reactor:
-    """One task that watches sockets for readability and runs their callbacks (module docstring)."""
+    """Watches sockets for readability and runs their callbacks, from trio's idle
+    hook or from a task of its own (module docstring)."""
 
     def __init__(self, *, idle_hook: bool = True) -> None:
         self._epoll: select.epoll | None = None
@@ -137,9 +138,7 @@ class Reactor:
                 # Never while the hook is attached: its epoll holds trio's, and
                 # trio's must then not hold ours.
                 await trio.lowlevel.wait_readable(epoll)
-                for _ in range(YIELD_EVERY):
-                    if not self._dispatch():
-                        break
+                self._turn()
         finally:
             if hook is not None:
                 hook.detach(epoll)
@@ -147,6 +146,12 @@ class Reactor:
             for watch in list(self._watches.values()):
                 self._finish(watch, outcome.Value(None))
             epoll.close()
+
+    def _turn(self) -> None:
+        """Serve what is ready, as many batches as fairness allows between two trips through trio."""
+        for _ in range(YIELD_EVERY):
+            if not self._dispatch():
+                break
 
     def _dispatch(self) -> int:
         """Run the callbacks of the sockets ready now; how many were."""
@@ -175,22 +180,27 @@ class Reactor:
     def _finish(self, watch: _Watch, result: outcome.Outcome[None]) -> None:
         """Stop watching and wake the task with ``result``, once (a callback may
         already have ended its own watch, by closing its socket)."""
+        if self._forget(watch):
+            self.woken += 1
+            trio.lowlevel.reschedule(watch.task, result)
+
+    def _forget(self, watch: _Watch) -> bool:
+        """Stop watching, unless that already happened; whether it did now."""
         if self._watches.get(watch.fd) is not watch:
-            return
+            return False
         del self._watches[watch.fd]
         if self._epoll is not None:
             try:
                 self._epoll.unregister(watch.fd)
             except OSError:  # closed behind our back: the kernel dropped it already
                 pass
-        self.woken += 1
-        trio.lowlevel.reschedule(watch.task, result)
+        return True
 
     async def wait(self, sock: socket.socket, on_ready: OnReady) -> None:
         """Until ``on_ready()`` returns False or raises (raised here), the socket
         is closed (``ClosedResourceError``), or the reactor stops.
 
-        ``on_ready`` runs in the reactor's task each time the socket is readable;
+        ``on_ready`` runs in the reactor each time the socket is readable;
         it must not block and must tolerate being called when a read then finds
         nothing.  The caller must re-check its state when this returns.
         """
@@ -207,24 +217,14 @@ class Reactor:
         self._watches[fd] = watch
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
-            if self._watches.get(fd) is watch:
-                del self._watches[fd]
-                if self._epoll is not None:
-                    try:
-                        self._epoll.unregister(fd)
-                    except OSError:
-                        pass
+            self._forget(watch)
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
     def closing(self, sock: socket.socket) -> None:
         """``sock`` is about to be closed: wake its waiting task with ``ClosedResourceError``."""
-        try:
-            fd = sock.fileno()
-        except OSError:
-            return
-        watch = self._watches.get(fd)
+        watch = self._watches.get(sock.fileno())  # -1 once closed: never watched
         if watch is not None:
             self._finish(watch, outcome.Error(trio.ClosedResourceError("this stream was closed")))
 
@@ -311,15 +311,16 @@ class _IdleHook(trio.abc.Instrument):
             self._force_wakeup()
 
     def _serve(self, timeout: float) -> None:
-        deadline = self._deadlines.next_deadline()
         # Trio is busy (timeout 0) or about to wait: either way, what is ready
-        # now is served first, as many batches as a reactor's task would serve.
+        # now is served first, as much as a reactor's task would serve per turn.
+        # Unless trio will not block, or must see the idle time itself, the
+        # hook then waits in its place, and must notice a deadline a callback moves.
+        waits = timeout > 0 and not self._waiting_for_idle
+        deadline = self._deadlines.next_deadline() if waits else 0.0
         for reactor in list(self._reactors.values()):
-            for _ in range(YIELD_EVERY):
-                if not reactor._dispatch():
-                    break
-        if timeout <= 0 or self._waiting_for_idle:
-            return  # trio will not block, or must see the idle time itself
+            reactor._turn()
+        if not waits:
+            return
         end = time.monotonic() + timeout
         while True:
             if self._runq or self._deadlines.next_deadline() != deadline:

@@ -149,6 +149,7 @@ trio as before.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections import deque
@@ -407,13 +408,8 @@ class _Reader(_Window):
 
     async def _fill(self, n: int) -> bool:
         """At least ``n`` unread bytes (n <= 2 + MAX_MESSAGE); False if the stream ended first."""
-        while (held := self._end - self._start) < n:
-            size = len(self._buf)
-            # Room for the rest of the message, and for a receive worth its syscall.
-            want = max(n - held, size // 4)
-            if size - self._end < want:
-                self._relocate(size if size - held >= want else self.CAPACITY)
-            tail = self._view[self._end :]
+        while self._end - self._start < n:
+            tail = self._tail(n)
             stream = self._stream
             if isinstance(stream, RawSocketStream):
                 # RawSocketStream.receive_into, inlined: two coroutine frames
@@ -434,32 +430,36 @@ class _Reader(_Window):
                 tail[:got] = chunk
             if not got:
                 return False
-            self._end += got
-            if got == len(tail) and len(self._buf) < self.CAPACITY:
-                self._relocate(self.CAPACITY)  # the socket had more than we had room for
+            self._received(got, len(tail))
         return True
+
+    def _tail(self, n: int) -> memoryview:
+        """The free tail, with room for ``n`` unread bytes in all (the rest of a
+        message) and for a receive worth its syscall."""
+        held = self._end - self._start
+        size = len(self._buf)
+        want = max(n - held, size // 4)
+        if size - self._end < want:
+            self._relocate(size if size - held >= want else self.CAPACITY)
+        return self._view[self._end :]
+
+    def _received(self, got: int, room: int) -> None:
+        """``got`` bytes arrived in a tail of ``room``."""
+        self._end += got
+        if got == room and len(self._buf) < self.CAPACITY:
+            self._relocate(self.CAPACITY)  # the socket had more than we had room for
 
     def receive_now(self, stream: RawSocketStream) -> int | None:
         """One non-blocking receive into the free tail, for the reactor's path
-        (``_Session._on_readable``): what it got, 0 at the end, None if nothing.
-
-        The room it makes is ``_fill``'s: enough for the rest of a message whose
-        length is known, and a receive worth its syscall.
-        """
-        held = self._end - self._start
-        need = 2
-        if held >= 2:
-            need = 2 + ((self._buf[self._start] << 8) | self._buf[self._start + 1])
-        size = len(self._buf)
-        want = max(need - held, size // 4)
-        if size - self._end < want:
-            self._relocate(size if size - held >= want else self.CAPACITY)
-        tail = self._view[self._end :]
+        (``_Session._on_readable``): what it got, 0 at the end, None if nothing."""
+        start = self._start
+        need = 2  # a length prefix; then the whole message it announces
+        if self._end - start >= 2:
+            need += (self._buf[start] << 8) | self._buf[start + 1]
+        tail = self._tail(need)
         got = stream.try_receive_into(tail)
         if got:
-            self._end += got
-            if got == len(tail) and len(self._buf) < self.CAPACITY:
-                self._relocate(self.CAPACITY)  # the socket had more than we had room for
+            self._received(got, len(tail))
         return got
 
     def ready_view(self) -> memoryview | None:
@@ -594,9 +594,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sink: RawSocketStream | None = None
         self._delivered: Callable[[int], None] | None = None
         self._sink_busy = False
-        #: Set while pump_from runs: the socket it reads, for _direct_step.
-        self._source: RawSocketStream | None = None
-        self._source_delivered: Callable[[int], None] | None = None
         self._buffered = 0
         self._fair = Fairness()
         self._eof_received = False
@@ -774,9 +771,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sending = True
         session = self._session
         reactor = session.manager.reactor
-        direct_max = _DIRECT_MAX
-        self._source = source
-        self._source_delivered = delivered
+        step = functools.partial(self._direct_step, source, delivered)
         try:
             while True:
                 # As RawSocketStream._receive does: after a read that emptied the
@@ -786,7 +781,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     # A cancel point too.  In the reactor, _direct_step does the
                     # direct path's work without waking this task.
                     if reactor.running:
-                        await source.wait_readable_in(reactor, self._direct_step)
+                        await source.wait_readable_in(reactor, step)
                     else:
                         await source.wait_readable()
                 else:
@@ -796,14 +791,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 # source's own end may follow, which the queued path handles.
                 room = 0 if self._eof_sent else session.direct_room(self)
                 if room:
-                    # From the read to the send, nothing yields: _SCRATCH is ours.
-                    n = source.try_receive_into(_SCRATCH[mux.HEADER_SIZE : mux.HEADER_SIZE + min(room, direct_max)])
+                    n = self._send_read(source, delivered, room)
                     if n is None:
                         continue
                     if not n:
                         break
-                    session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
-                    delivered(n)
                     if self._fair.due():
                         await trio.lowlevel.cancel_shielded_checkpoint()
                 elif session.out_full():
@@ -824,30 +816,26 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     delivered(len(data))
         finally:
             self._sending = False
-            self._source = None
-            self._source_delivered = None
         await self.send_eof()
 
-    def _direct_step(self) -> bool:
+    def _direct_step(self, source: RawSocketStream, delivered: Callable[[int], None]) -> bool:
         """pump_from's direct path for one readable moment of its source, run by
         the reactor (dataplane.reactor); False when the pump's task must act:
         no room on the direct path, the source's end, or the stream's."""
-        source, delivered = self._source, self._source_delivered
-        if source is None or delivered is None or self._closed or self._failure is not None or self._eof_sent:
+        if self._closed or self._failure is not None or self._eof_sent:
             return False
-        session = self._session
-        room = session.direct_room(self)
-        if not room:
-            return False
+        room = self._session.direct_room(self)
+        return bool(room) and self._send_read(source, delivered, room) != 0
+
+    def _send_read(self, source: RawSocketStream, delivered: Callable[[int], None], room: int) -> int | None:
+        """Read up to ``room`` (a ``direct_room``) bytes of ``source`` into a record and
+        send it at once; the count read, 0 at the source's end, None if it had nothing."""
         # From the read to the send, nothing yields: _SCRATCH is ours.
         n = source.try_receive_into(_SCRATCH[mux.HEADER_SIZE : mux.HEADER_SIZE + min(room, _DIRECT_MAX)])
-        if n is None:
-            return True
-        if not n:
-            return False
-        session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
-        delivered(n)
-        return True
+        if n:
+            self._session.send_direct(self, _SCRATCH[: mux.HEADER_SIZE + n])
+            delivered(n)
+        return n
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
