@@ -1,6 +1,8 @@
 """The local HTTP/JSON API, served with h11 on trio.
 
-Local only (127.0.0.1 by default).  HTTP/1.1 keep-alive is honoured, as
+Local only (127.0.0.1 by default).  Every request passes agent.access's
+rules at its head, before its body is read: a refused request's body is
+read and thrown away, never buffered or parsed, and nothing changes.  HTTP/1.1 keep-alive is honoured, as
 Consul's API does: a script or dashboard polling the agent reuses one
 connection instead of paying for a TCP set-up and a new task per request
 (about a third of the agent's cost of a small request).  An idle kept-alive
@@ -27,7 +29,9 @@ import h11
 import trio
 
 from agent import log
+from agent.access import ACTING_GETS, Refused
 from agent.health import parse_duration
+from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError
 from dataplane.rawsocket import RawSocketStream
 from gossip.wire import parse_addr
@@ -50,6 +54,21 @@ def _encode(payload: Any) -> bytes:
 
 class _TooLarge(Exception):
     pass
+
+
+def _headers(request: h11.Request) -> dict[str, str]:
+    """Lower-case names (h11 gives them so), the last value of each, decoded leniently."""
+    return {name.decode("ascii", "replace"): value.decode("latin-1") for name, value in request.headers}
+
+
+def _has_body(request: h11.Request) -> bool:
+    """Whether the head announces a body (RFC 9112 §6.3): chunked, or a Content-Length above 0."""
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length" and value.strip() not in (b"0", b""):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -81,10 +100,26 @@ MAX_WAIT = 600.0
 DEFAULT_WAIT = 300.0
 
 
+#: Body fields never written to the audit log.
+_SECRET_FIELDS = frozenset({"key", "token"})
+
+
+def _redacted(body: Any) -> Any:
+    """What the audit log shows of a request body: secrets replaced, long text cut."""
+    if isinstance(body, dict):
+        return {k: ("<redacted>" if k in _SECRET_FIELDS else _redacted(v)) for k, v in list(body.items())[:32]}
+    if isinstance(body, list):
+        return [_redacted(v) for v in body[:32]]
+    if isinstance(body, str) and len(body) > 200:
+        return body[:200] + "..."
+    return body
+
+
 class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self.log = log.get("mesh.api")
+        self.log = log.get("mesh.api").bind(node=agent.cfg.name)
+        self.policy = agent.access
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/health"): self.health,
             ("GET", "/v1/members"): self.members,
@@ -298,6 +333,18 @@ class ApiServer:
         # Non-blocking syscalls that enter the scheduler only to wait (dataplane.rawsocket):
         # trio.SocketStream's full scheduler pass after every send and receive was a
         # large share of a poll's cost, and monitoring polls every agent often.
+        try:
+            addrs = (accepted.socket.getpeername()[:2], accepted.socket.getsockname()[:2])
+        except OSError:
+            addrs = None
+        uid_cache: list[int | None] = []
+
+        def peer_uid() -> int | None:
+            """Looked up once per connection, and only when a request needs it."""
+            if not uid_cache:
+                uid_cache.append(None if addrs is None else loopback_peer_uid(*addrs))
+            return uid_cache[0]
+
         stream = RawSocketStream.adopt(accepted)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         # One cancel scope for the whole connection, its deadline moved only when a
@@ -318,7 +365,7 @@ class ApiServer:
                             return  # the kept-alive client went away
                         conn.receive_data(data)
                     reading = True
-                    reply = await self._serve_one(conn, stream, scope)
+                    reply = await self._serve_one(conn, stream, scope, peer_uid)
                     reading = False
                     status, payload, *extra = reply
                     if isinstance(payload, Streamed):
@@ -341,24 +388,48 @@ class ApiServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, conn: h11.Connection, stream: RawSocketStream, scope: trio.CancelScope) -> Reply:
+    async def _serve_one(self, conn: h11.Connection, stream: RawSocketStream, scope: trio.CancelScope,
+                         peer_uid: Callable[[], int | None]) -> Reply:
         """Read one request and answer it; the handler runs with ``scope``'s deadline lifted."""
         body = bytearray()
         try:
-            request = await self._read_request(conn, stream, body, scope)
+            request = await self._read_head(conn, stream, scope)
+            if request is None:
+                return 400, {"error": "no request"}
+            method = request.method.decode("ascii", "replace")
+            path = self._path(request)
+            try:
+                caller = self.policy.check(method, path, _headers(request), _has_body(request), peer_uid)
+            except Refused as exc:
+                await self._read_body(conn, stream, None)  # read to its end, kept nowhere
+                self.policy.count(exc, method, path)
+                return exc.status, {"error": exc.message}
+            await self._read_body(conn, stream, body)
         except h11.RemoteProtocolError as exc:
             return 400, {"error": f"bad HTTP request: {exc}"}
         except _TooLarge:
             return 413, {"error": "request body too large"}
-        if request is None:
-            return 400, {"error": "no request"}
         if scope.deadline != math.inf:
             scope.deadline = math.inf
-        return await self._dispatch(request, body)
+        reply = await self._dispatch(request, body)
+        if reply[0] < 400 and (method != "GET" or path in ACTING_GETS):
+            self.log.info("api_change", method=method, route=path, by=str(caller),
+                          change=_redacted(self._json(body)))
+        return reply
 
-    async def _read_request(self, conn: h11.Connection, stream: RawSocketStream,
-                            body: bytearray, scope: trio.CancelScope) -> h11.Request | None:
-        request: h11.Request | None = None
+    @staticmethod
+    def _path(request: h11.Request) -> str:
+        return urlsplit(request.target.decode("ascii", "replace")).path.rstrip("/") or "/"
+
+    @staticmethod
+    def _json(body: bytearray) -> Any:
+        try:
+            return json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    async def _read_head(self, conn: h11.Connection, stream: RawSocketStream,
+                         scope: trio.CancelScope) -> h11.Request | None:
         armed = False
         while True:
             event = conn.next_event()
@@ -368,18 +439,30 @@ class ApiServer:
                     armed = True
                 conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, h11.Request):
-                request = event
+                return event
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    async def _read_body(self, conn: h11.Connection, stream: RawSocketStream, body: bytearray | None) -> None:
+        """Read the request's body to its end, into ``body`` (or nowhere), at most MAX_BODY bytes."""
+        seen = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
+                seen += len(event.data)
+                if seen > MAX_BODY:
                     raise _TooLarge()
+                if body is not None:
+                    body += event.data
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return request
+                return
 
     async def _dispatch(self, request: h11.Request, body: bytearray) -> Reply:
         method = request.method.decode("ascii", "replace")
         split = urlsplit(request.target.decode("ascii", "replace"))
-        path = split.path.rstrip("/") or "/"
+        path = self._path(request)
         handler: Handler | None = self.routes.get((method, path)) or self._match_prefixed(method, path)
         if handler is None:
             known = [p for (_, p) in self.routes] + [
@@ -398,6 +481,8 @@ class ApiServer:
         except HttpError as exc:
             return exc.status, {"error": exc.message}
         except ServiceError as exc:  # what the registries refuse, with its 4xx status
+            if exc.reason is not None:  # a policy refusal (script checks, a public listener): counted
+                self.policy.count(Refused(exc.status, exc.reason, str(exc)), method, path)
             return exc.status, {"error": str(exc)}
         except Exception as exc:  # a bug must not take the agent down
             self.log.exception("api_handler_failed", path=path)

@@ -47,6 +47,10 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "profile": ("str", "lan"),
     "log_format": ("str", "console"),
     "log_level": ("str", "info"),
+    "api_token": ("str", None),
+    "api_token_file": ("str", None),
+    "api_allow_host": ("list", []),
+    "enable_script_checks": ("bool", False),
 }
 
 
@@ -69,6 +73,12 @@ class AgentConfig:
     upstreams: list[dict[str, Any]] = field(default_factory=list)
     intentions: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: The bearer token that lets a caller other than the agent's own user use the API (agent.access).
+    api_token: str | None = None
+    #: Host names, beyond localhost and the API's own addresses, that requests may be addressed to.
+    api_allow_hosts: list[str] = field(default_factory=list)
+    #: Whether exec checks may be registered over the API (Consul's enable_script_checks).
+    enable_script_checks: bool = False
 
     @property
     def insecure(self) -> bool:
@@ -161,6 +171,32 @@ def load_key(key: str | None, key_file: str | None, insecure: bool, warnings: li
     )
 
 
+#: Shortest API token accepted: 16 bytes of randomness, as `mesh-agent keygen` makes 32.
+MIN_TOKEN_LEN = 16
+
+
+def load_api_token(token: str | None, token_file: str | None, warnings: list[str]) -> str | None:
+    if token and token_file:
+        raise ConfigError("give either --api-token or --api-token-file, not both")
+    if token_file:
+        try:
+            mode = os.stat(token_file).st_mode
+            token = Path(token_file).read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"API token file {token_file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read API token file {token_file}: {getattr(exc, 'strerror', exc)}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.append(f"API token file {token_file} is readable by others; chmod 600 it")
+    if token is None or token == "":
+        return None
+    token = token.strip()
+    if len(token) < MIN_TOKEN_LEN or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(f"the API token must be at least {MIN_TOKEN_LEN} printable characters with no spaces "
+                          "(make one with `mesh-agent keygen`)")
+    return token
+
+
 def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> AgentConfig:
     """Merge flags, environment and config file into a checked AgentConfig.
 
@@ -228,6 +264,12 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         raise ConfigError(f"--log-level {values['log_level']!r}: choose debug, info, warning or error")
 
     key = load_key(values["key"], values["key_file"], bool(values["insecure"]), warnings)
+    api_token = load_api_token(values["api_token"], values["api_token_file"], warnings)
+    from agent.peercred import is_loopback
+
+    if not is_loopback(api[0]) and api_token is None:
+        raise ConfigError(f"--api {format_addr(api)} is not a loopback address: anyone who reaches it could "
+                          "use the API, so give a token with --api-token-file (or keep --api on 127.0.0.1)")
 
     tags = file_data.get("tags", {})
     if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
@@ -302,6 +344,9 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         upstreams=[dict(u) for u in upstreams],
         intentions=[dict(r) for r in intentions],
         warnings=warnings,
+        api_token=api_token,
+        api_allow_hosts=list(values["api_allow_host"]),
+        enable_script_checks=bool(values["enable_script_checks"]),
     )
 
 
@@ -315,4 +360,6 @@ def describe(cfg: AgentConfig) -> dict[str, Any]:
         "join": [format_addr(j) for j in cfg.join],
         "profile": cfg.profile,
         "encrypted": not cfg.insecure,
+        "api_token": cfg.api_token is not None,
+        "script_checks": cfg.enable_script_checks,
     }

@@ -61,6 +61,14 @@ class AgentCollector(Collector):
         yield from self._registry()
         yield from self._tunnels()
         yield from self._upstreams()
+        yield from self._api()
+
+    def _api(self) -> Iterator[Metric]:
+        refused = _counter("mesh_api_refused_total",
+                           "Local API requests refused by its access rules (agent.access), by reason.", ["reason"])
+        for reason, value in sorted(self.agent.access.refused.items()):
+            refused.add_metric([reason], value)
+        yield refused
 
     # -- gossip ------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from agent import identity, log
+from agent.access import AccessPolicy
 from agent.config import AgentConfig, describe
 from agent.directory import MeshDirectory
 from agent.intentions import Intentions
@@ -87,7 +88,8 @@ class Agent:
             signer=Signer(identity_seed),
         )
         self.services = LocalServices(
-            cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake
+            cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake,
+            script_checks=cfg.enable_script_checks,
         )
         self.directory = MeshDirectory(self.membership, self.services)
         self.dp_stats: Counter[str] = Counter()
@@ -105,6 +107,9 @@ class Agent:
         self.keys.load()
         self._registry_index = self.registry.index
         self.io: Counter[str] = Counter()
+        #: The local API's rules and refusal counters (the API server applies them; info and metrics show them).
+        self.access = AccessPolicy(cfg.api, cfg.api_token, cfg.api_allow_hosts,
+                                   log=log.get("mesh.api").bind(node=cfg.name))
         self.started_wall = time.time()
         self._udp: DatagramSocket | None = None
         self._members_view: tuple[tuple[int, int], list[dict[str, Any]], bytes] | None = None
@@ -123,6 +128,7 @@ class Agent:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         from agent.api import ApiServer  # deferred: keeps the gossip path import-light
 
+        raise_open_files_limit(self.log)
         self._udp = await self._bind_udp()
         try:
             tcp_listeners = await self._bind_tcp(self.cfg.bind, "gossip TCP")
@@ -544,6 +550,8 @@ class Agent:
             "counters": {
                 "dropped": dict(sorted(ms.counters.drops.items())),
                 "dropped_total": sum(ms.counters.drops.values()),
+                "api_refused": dict(sorted(self.access.refused.items())),
+                "api_refused_total": sum(self.access.refused.values()),
                 **dict(sorted(stats.items())),
             },
             "uptime_s": round(time.time() - self.started_wall, 1),
@@ -566,6 +574,26 @@ class Agent:
             self.log.info(kind, **fields)
         else:
             self.log.debug(kind, **fields)
+
+
+def raise_open_files_limit(logger: Any) -> None:
+    """Lift the soft limit on open files to the hard one, as Go's runtime does at start.
+
+    Every API client, tunnel stream and proxied connection is a descriptor;
+    the usual soft limit of 1024 would let a burst of idle API connections
+    (or a busy proxy) starve the rest of the agent of sockets.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            # Linux refuses RLIM_INFINITY above fs.nr_open: keep a finite ceiling then.
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            logger.debug("open_files_limit", soft=target, hard=hard)
+    except (ImportError, ValueError, OSError) as exc:
+        logger.warning("open_files_limit_unchanged", detail=str(exc))
 
 
 def _refused(exc: OSError) -> bool:

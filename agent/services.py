@@ -43,9 +43,11 @@ STORE_FILE = "services.json"
 class ServiceError(ValueError):
     """Bad registration input; ``status`` is the HTTP code to answer with."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: Set on a refusal by policy (not bad input): the refusal counter it counts in (agent.access).
+        self.reason = reason
 
 
 @dataclass
@@ -69,8 +71,21 @@ class Registration:
         return d
 
 
-def validate(payload: Any, node: str, default_address: str, source: str = "api") -> Registration:
-    """Check a registration fully before anything changes; one-line errors."""
+#: What refuses an exec check registered over the API, naming the setting that allows it.
+SCRIPT_CHECKS_OFF = ("exec checks registered over the API are off: they would let any API caller run commands "
+                     "as the agent's user. Start the agent with --enable-script-checks (config: "
+                     "enable_script_checks = true) to allow them; exec checks in the config file need nothing")
+
+
+def validate(payload: Any, node: str, default_address: str, source: str = "api",
+             script_checks: bool = True) -> Registration:
+    """Check a registration fully before anything changes; one-line errors.
+
+    ``script_checks`` False refuses an exec check (Consul's model: a script
+    check from the API is remote code execution for whoever can reach it,
+    so it is off unless the operator turns it on; the config file is the
+    operator's own).
+    """
     if not isinstance(payload, dict):
         raise ServiceError("a service registration must be a JSON object")
     unknown = sorted(set(payload) - FIELDS)
@@ -114,13 +129,21 @@ def validate(payload: Any, node: str, default_address: str, source: str = "api")
             check = CheckSpec.from_dict(raw_check)
         except ValueError as exc:
             raise ServiceError(f"invalid check: {exc}") from None
+        if check.type == "exec" and not script_checks:
+            raise ServiceError(SCRIPT_CHECKS_OFF, 403, "script_checks")
     return Registration(iid, name, address, port, list(tags), dict(meta), check, source)
 
 
 class LocalServices:
     def __init__(self, node: str, default_address: str, data_dir: Path | None,
-                 registry: Registry, membership: Membership, on_change: Callable[[], None]) -> None:
+                 registry: Registry, membership: Membership, on_change: Callable[[], None],
+                 script_checks: bool = False) -> None:
         self.node = node
+        #: Whether run-time (API) registrations may carry exec checks (--enable-script-checks).
+        self.script_checks = script_checks
+        #: Stored run-time registrations not loaded (an exec check while script checks are off):
+        #: written back with every save, so that turning the setting on again brings them back.
+        self._held: list[dict[str, Any]] = []
         self.default_address = default_address
         self.data_dir = data_dir
         self.registry = registry
@@ -153,9 +176,13 @@ class LocalServices:
                 stored_version = int(raw["version"])
                 continue
             try:
-                reg = validate(raw, self.node, self.default_address)
+                reg = validate(raw, self.node, self.default_address, script_checks=self.script_checks)
             except ServiceError as exc:
-                self.log.error("stored_service_invalid", detail=str(exc))
+                if exc.reason == "script_checks":
+                    self._held.append(raw)
+                    self.log.error("stored_service_held", id=raw.get("id"), detail=str(exc))
+                else:
+                    self.log.error("stored_service_invalid", detail=str(exc))
                 continue
             if reg.id not in self.registrations:
                 self._add(reg)
@@ -170,7 +197,7 @@ class LocalServices:
     # -- writes -----------------------------------------------------------------------------
 
     def register(self, payload: Any) -> Registration:
-        reg = validate(payload, self.node, self.default_address)
+        reg = validate(payload, self.node, self.default_address, script_checks=self.script_checks)
         if reg.id in self.registrations:
             raise ServiceError(f"an instance with id {reg.id!r} is already registered on this agent; "
                                "deregister it first or pick another id", 409)
@@ -256,7 +283,8 @@ class LocalServices:
             return
         body = {
             "version": self.registry.local.version,
-            "services": [r.to_dict() for r in self.registrations.values() if r.source == "api"],
+            "services": [r.to_dict() for r in self.registrations.values() if r.source == "api"]
+            + [h for h in self._held if h.get("id") not in self.registrations],
         }
         store.write_json(path, body)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent import log, store
 from agent.health import parse_duration
+from agent.peercred import is_loopback
 from agent.services import SERVICE_NAME_RE, ServiceError
 from dataplane.balancer import POLICIES
 from dataplane.outlier import OutlierConfig
@@ -24,7 +25,7 @@ from gossip.wire import format_addr, parse_addr
 STORE_FILE = "upstreams.json"
 
 
-FIELDS = ("service", "listen", "source", "connect_timeout", "idle_timeout", "lb", "max_connections",
+FIELDS = ("service", "listen", "public", "source", "connect_timeout", "idle_timeout", "lb", "max_connections",
           "max_pending", "consecutive_failures", "base_ejection_time", "max_ejection_percent",
           "slow_start_window")
 #: Integer settings: (name, lowest, highest).
@@ -41,10 +42,14 @@ class UpstreamSpec:
     service: str
     listen: tuple[str, int]
     options: UpstreamOptions = UpstreamOptions()
+    #: The operator's opt-in to a listener other hosts can reach (see validate).
+    public: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The stored and shown form: optional fields only when set away from the default."""
         d: dict[str, Any] = {"service": self.service, "listen": format_addr(self.listen)}
+        if self.public:
+            d["public"] = True
         d.update(options_dict(self.options))
         return d
 
@@ -130,6 +135,15 @@ def validate(payload: Any) -> UpstreamSpec:
         addr = parse_addr(listen)
     except ValueError as exc:
         raise ServiceError(f"listen: {exc}") from None
+    public = payload.get("public", False)
+    if not isinstance(public, bool):
+        raise ServiceError("public must be true or false")
+    # An upstream is an open door into the mesh for whoever reaches its port: off this host only
+    # when the operator says so (Consul's local_bind_address defaults to loopback likewise).
+    if not public and not is_loopback(addr[0]):
+        raise ServiceError(f"listen {format_addr(addr)} is not a loopback address: anyone who reaches it could "
+                           f"call {payload.get('service')!r} through the mesh. Pass --public (field \"public\": "
+                           "true) to allow it", 403, "public_listen")
     source = payload.get("source")
     if source is not None and (not isinstance(source, str) or not SERVICE_NAME_RE.match(source)):
         raise ServiceError(f"invalid source {source!r}: the name of a service registered on this node")
@@ -139,7 +153,7 @@ def validate(payload: Any) -> UpstreamSpec:
         idle_timeout=_duration(payload, "idle_timeout", IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, zero_ok=True),
         routing=_routing(payload),
     )
-    return UpstreamSpec(service, addr, options)
+    return UpstreamSpec(service, addr, options, public)
 
 
 class Upstreams:
@@ -147,6 +161,8 @@ class Upstreams:
         self.proxy = proxy
         self.data_dir = data_dir
         self.sources: dict[str, str] = {}
+        #: Upstreams whose listener the operator opened to other hosts.
+        self.public: set[str] = set()
         self.log = log.get("mesh.upstreams").bind(node=node)
 
     async def load(self, config_upstreams: list[dict[str, Any]]) -> None:
@@ -164,6 +180,10 @@ class Upstreams:
     async def _open(self, spec: UpstreamSpec, origin: str) -> None:
         await self.proxy.add_upstream(spec.service, spec.listen, spec.options)
         self.sources[spec.service] = origin
+        if spec.public:
+            self.public.add(spec.service)
+            self.log.warning("upstream_public", service=spec.service, listen=format_addr(spec.listen),
+                             detail="reachable from other hosts: anyone who reaches it can call the service")
         self.log.info("upstream_added", **spec.to_dict())
 
     async def add(self, payload: Any) -> dict[str, Any]:
@@ -181,6 +201,7 @@ class Upstreams:
         except ProxyError as exc:
             raise ServiceError(str(exc), 404) from None
         self.sources.pop(service, None)
+        self.public.discard(service)
         self._persist()
         self.log.info("upstream_removed", service=service)
         return {"ok": True, "service": service}
@@ -191,6 +212,7 @@ class Upstreams:
             out.append({
                 "service": service,
                 "listen": format_addr(up.listen),
+                "public": service in self.public,
                 "instances": len(self.proxy.directory.passing_endpoints(service)),
                 "connections": up.stats["connections"],
                 "connect_failures": up.stats["connect_failures"] + up.stats["no_instance"] + up.stats["denied"],
@@ -219,6 +241,7 @@ class Upstreams:
     def _persist(self) -> None:
         if self.data_dir is None:
             return
-        body = [UpstreamSpec(s, up.listen, up.options).to_dict() for s, up in self.proxy.upstreams.items()
+        body = [UpstreamSpec(s, up.listen, up.options, s in self.public).to_dict()
+                for s, up in self.proxy.upstreams.items()
                 if self.sources.get(s) == "api"]
         store.write_json(self.data_dir / STORE_FILE, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,32 @@ from gossip.wire import parse_addr
 
 class ApiError(Exception):
     """One line for the user: the agent is unreachable or said no."""
+
+
+#: Set by the CLI's --token-file; otherwise MESH_API_TOKEN, then MESH_API_TOKEN_FILE, are read.
+token_file: str | None = None
+
+
+def _token() -> str | None:
+    """The API token, if the caller has one; the agent's own user on its host needs none."""
+    path = token_file or None
+    if path is None:
+        env = os.environ.get("MESH_API_TOKEN", "").strip()
+        if env:
+            return env
+        path = os.environ.get("MESH_API_TOKEN_FILE") or None
+    if path is None:
+        return None
+    try:
+        with open(path) as fh:
+            return fh.read().strip() or None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ApiError(f"cannot read API token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    token = _token()
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 def _connection(api: str, timeout: float) -> http.client.HTTPConnection:
@@ -36,6 +63,7 @@ def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30
     conn = _connection(api, timeout)
     payload = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if payload is not None else {}
+    headers.update(_auth_headers())
     try:
         conn.request(method, path, body=payload, headers=headers)
         resp = conn.getresponse()
@@ -63,7 +91,7 @@ def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
     """
     conn = _connection(api, timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=_auth_headers())
         resp = conn.getresponse()
     except (ConnectionRefusedError, TimeoutError, OSError, http.client.HTTPException) as exc:
         conn.close()

@@ -15,15 +15,33 @@ from urllib.parse import quote, urlencode
 
 import click
 
+from cli import client
 from cli.client import ApiError, call
 
 DEFAULT_API = "127.0.0.1:7947"
 STATUSES = ("alive", "suspect", "dead", "left")
 
-api_option = click.option(
+_api_address = click.option(
     "--api", envvar="MESH_API", default=DEFAULT_API, show_default=True,
     help="Address of the local agent's API.",
 )
+
+
+def _set_token_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        client.token_file = value
+
+
+_token_file = click.option(
+    "--token-file", envvar="MESH_API_TOKEN_FILE", expose_value=False, callback=_set_token_file,
+    type=click.Path(dir_okay=False),
+    help="File holding the API token (or set MESH_API_TOKEN); the agent's own user on its host needs none.",
+)
+
+
+def api_option(f: Any) -> Any:
+    """--api and --token-file, on every command that talks to the agent."""
+    return _api_address(_token_file(f))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON only.")
 
 
@@ -91,6 +109,14 @@ def main() -> None:
 @click.option("--profile", help="Timing profile: lan (default), local or wan.")
 @click.option("--log-format", help="console (default) or json.")
 @click.option("--log-level", help="debug, info (default), warning or error.")
+@click.option("--api-token", "--token", "api_token",
+              help="Token that lets other users and hosts use the API (prefer --api-token-file).")
+@click.option("--api-token-file", "--token-file", "api_token_file", type=click.Path(dir_okay=False),
+              help="File holding the API token.")
+@click.option("--api-allow-host", multiple=True,
+              help="Another host name the API may be addressed by (repeatable; DNS rebinding guard).")
+@click.option("--enable-script-checks", is_flag=True, default=None,
+              help="Allow exec checks registered over the API (config-file exec checks need nothing).")
 def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     """Run an agent in the foreground; SIGINT/SIGTERM leave gracefully."""
     from agent.config import ConfigError, resolve
@@ -273,7 +299,8 @@ def _meta_pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--meta", "meta", multiple=True, help="KEY=VALUE (repeatable).")
 @click.option("--check-tcp", help="Health: TCP connect to HOST:PORT.")
 @click.option("--check-http", help="Health: HTTP GET URL (2xx passing, 429 warning).")
-@click.option("--check-exec", help="Health: shell command (exit 0 passing, 1 warning).")
+@click.option("--check-exec", help="Health: shell command (exit 0 passing, 1 warning); the agent must run "
+              "with --enable-script-checks.")
 @click.option("--check-interval", default="10s", show_default=True, help="Time between checks.")
 @click.option("--check-timeout", default="2s", show_default=True, help="Time a check may take.")
 def services_register(api: str, as_json: bool, name: str, port: int, iid: str | None, address: str | None,
@@ -333,10 +360,14 @@ def upstreams(ctx: click.Context, api: str, as_json: bool) -> None:
 @click.option("--source", help="Local service these connections act for (judged by the far agents' intentions).")
 @click.option("--connect-timeout", help="Time to reach an instance before trying another [5s].")
 @click.option("--idle-timeout", help="Silence either way before a connection is reset; 0 is off [1h].")
+@click.option("--public", is_flag=True,
+              help="Allow a --listen address other hosts can reach (anyone who reaches it reaches SERVICE).")
 def upstreams_add(api: str, as_json: bool, service: str, listen: str, source: str | None,
-                  connect_timeout: str | None, idle_timeout: str | None) -> None:
+                  connect_timeout: str | None, idle_timeout: str | None, public: bool) -> None:
     """Open a local port that leads to SERVICE through the mesh."""
     body: dict[str, Any] = {"service": service, "listen": listen}
+    if public:
+        body["public"] = True
     optional = {"source": source, "connect_timeout": connect_timeout, "idle_timeout": idle_timeout}
     body.update({k: v for k, v in optional.items() if v is not None})
     data = _call(api, "PUT", "/v1/upstreams", body)

@@ -120,7 +120,8 @@ class NsLocalAgent(NsAgent):
         data = None if body is None else json.dumps(body).encode()
 
         def request() -> Any:
-            req = urllib.request.Request(f"http://127.0.0.1:{API_PORT}{path}", data=data, method=method)
+            req = urllib.request.Request(f"http://127.0.0.1:{API_PORT}{path}", data=data, method=method,
+                                         headers={} if data is None else {"content-type": "application/json"})
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return json.loads(resp.read())
 

@@ -68,7 +68,8 @@ class AgentProc:
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method)
+        headers = {} if data is None else {"content-type": "application/json"}
+        req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 

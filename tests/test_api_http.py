@@ -13,7 +13,7 @@ def _h11_get(port: int, path: str) -> bytes:
     """One request on a fresh connection that asks to be closed."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.settimeout(5)
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk

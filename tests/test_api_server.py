@@ -10,12 +10,13 @@ import pytest
 import trio
 
 from agent import api
+from agent.access import AccessPolicy
 
-GET = b"GET /v1/health HTTP/1.1\r\nhost: x\r\n\r\n"
+GET = b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
 
 
 def _server() -> api.ApiServer:
-    agent: Any = SimpleNamespace(cfg=SimpleNamespace(name="n1"),
+    agent: Any = SimpleNamespace(cfg=SimpleNamespace(name="n1"), access=AccessPolicy(("127.0.0.1", 0), None),
                                  membership=SimpleNamespace(me=SimpleNamespace(status=SimpleNamespace(value="alive"))))
     return api.ApiServer(agent)
 

@@ -106,7 +106,8 @@ def test_api_answers_bad_requests_with_json_errors(cluster: Cluster) -> None:
     a = cluster.start("api1")
 
     def status_of(method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str]]:
-        req = urllib.request.Request(f"http://{a.api}{path}", data=body, method=method)
+        req = urllib.request.Request(f"http://{a.api}{path}", data=body, method=method,
+                                     headers={} if body is None else {"content-type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, json.loads(r.read())
@@ -155,8 +156,8 @@ def test_api_keeps_connections_alive_and_closes_when_asked(cluster: Cluster) -> 
     # Two pipelined requests, the second asking to close: both answered, then EOF.
     with socket.create_connection(("127.0.0.1", a.api_port)) as s:
         s.settimeout(5)
-        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
-                  b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                  b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):
             data += chunk

@@ -257,7 +257,8 @@ def test_bad_routing_options_get_clear_errors(cluster: Cluster) -> None:
         p = cli(a.api, "routes", "nothing")
         assert p.returncode == 1 and "no upstream" in p.stderr
         res = subprocess.run([sys.executable, "-c", "import sys,json,urllib.request as u;"
-                              "r=u.Request(sys.argv[1],data=sys.argv[2].encode(),method='PUT');"
+                              "r=u.Request(sys.argv[1],data=sys.argv[2].encode(),method='PUT',"
+                              "headers={'content-type':'application/json'});"
                               "\ntry:\n  u.urlopen(r)\nexcept Exception as e:\n  print(e.code, e.read().decode())",
                               f"http://{a.api}/v1/upstreams",
                               json.dumps({"service": "x", "listen": f"127.0.0.1:{free_port()}", **body})],

@@ -153,7 +153,8 @@ def test_bad_registrations_are_refused_and_change_nothing(cluster: Cluster, body
     a = cluster.start("v1")
     a.call("PUT", "/v1/services", {"name": "dup", "port": 80})
     before = a.call("GET", "/v1/services")
-    req = urllib.request.Request(f"http://{a.api}/v1/services", data=json.dumps(body).encode(), method="PUT")
+    req = urllib.request.Request(f"http://{a.api}/v1/services", data=json.dumps(body).encode(), method="PUT",
+                                 headers={"content-type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == code
