@@ -29,7 +29,7 @@ import h11
 import trio
 
 from agent import log
-from agent.access import ACTING_GETS, Refused
+from agent.access import SAFE_METHODS, Refused
 from agent.health import parse_duration
 from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError
@@ -412,7 +412,7 @@ class ApiServer:
         if scope.deadline != math.inf:
             scope.deadline = math.inf
         reply = await self._dispatch(request, body)
-        if reply[0] < 400 and (method != "GET" or path in ACTING_GETS):
+        if reply[0] < 400 and method not in SAFE_METHODS:
             self.log.info("api_change", method=method, route=path, by=str(caller),
                           change=_redacted(self._json(body)))
         return reply

@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -246,7 +247,13 @@ class Lab:
 
     def start_agent(self, name: str, join: list[str] | None = None, extra: list[str] | None = None) -> NsAgent:
         host = self.hosts.get(name) or self.add_host(name)
-        args = [sys.executable, "-m", "cli.main", "agent", "--name", name,
+        # The API is on the host's network address, reached from this (the root) namespace: off the
+        # agent's host, so it needs the API token, as any client from another host would.
+        token_file = self.workdir / "api-token"
+        if not token_file.exists():
+            token_file.write_text(secrets.token_urlsafe(24))
+            token_file.chmod(0o600)
+        args = [sys.executable, "-m", "cli.main", "agent", "--name", name, "--api-token-file", str(token_file),
                 "--bind", f"{host.ip}:{GOSSIP_PORT}", "--api", f"{host.ip}:{API_PORT}",
                 "--tunnel", f"{host.ip}:{TUNNEL_PORT}", "--profile", "local", "--log-format", "json",
                 "--key", self.key, "--data-dir", str(self.workdir / f"data-{name}")]
@@ -256,6 +263,7 @@ class Lab:
         log_name = f"{name}.log"
         popen = self.run_in(host, args, log_name)
         agent = NsAgent(name, host.ip, host.ns, self.workdir / log_name, popen)
+        agent.token = token_file.read_text()
         self.agents[name] = agent
         wait_for(lambda: agent.try_members() is not None or not agent.running(), 20, f"agent {name} API up",
                  lambda: agent.log()[-2000:])

@@ -57,6 +57,8 @@ class AgentProc:
         self.api_port = api_port
         self.log_path = log_path
         self.popen = popen
+        #: The API token to send, for an agent whose API is reached from off its host (tests/netns.py).
+        self.token: str | None = None
 
     @property
     def addr(self) -> str:
@@ -69,6 +71,8 @@ class AgentProc:
     def call(self, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         data = None if body is None else json.dumps(body).encode()
         headers = {} if data is None else {"content-type": "application/json"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(f"http://{self.api}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())

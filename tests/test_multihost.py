@@ -43,7 +43,7 @@ def test_a_client_reaches_a_service_on_an_unreachable_host_through_a_relay(lab: 
     lab.run_in(lab.hosts["c"], [sys.executable, "-c", ECHO, "9100"], "echo.log")
     c.call("PUT", "/v1/services", {"name": "echo", "id": "echo-c", "port": 9100, "address": "127.0.0.1"})
     wait_for(lambda: len(a.call("GET", "/v1/services/echo?passing")) == 1, 30, "echo-c known on a")
-    a.call("PUT", "/v1/upstreams", {"service": "echo", "listen": f"{a.ip}:9000"})
+    a.call("PUT", "/v1/upstreams", {"service": "echo", "listen": f"{a.ip}:9000", "public": True})
 
     # SWIM keeps C alive on A through B's indirect probes, so its instance stays routable.
     payload = os.urandom(2 * 1024 * 1024 + 3)
