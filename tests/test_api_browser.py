@@ -124,8 +124,12 @@ def test_a_page_from_another_origin_changes_nothing_and_the_dashboard_still_work
                                                   "listen": free_port()})
     browser.get(f"http://127.0.0.1:{port}/")
     results: list[list[Any]] = []
-    wait_for(lambda: bool(results.extend(browser.execute_script("return window.__done || []")) or results), 60,
-             "the page's requests all sent")
+
+    def done() -> bool:
+        results[:] = browser.execute_script("return window.__done || []")
+        return bool(results)
+
+    wait_for(done, 60, "the page's requests all sent")
     # Every fetch got through to the agent (none was blocked by the browser before sending) or was a
     # preflight that failed: either way the agent's answer was refused or unreadable.
     assert len(results) == 10 * 5 * 2

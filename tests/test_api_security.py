@@ -93,7 +93,10 @@ def state(a: AgentProc, data: Path) -> dict[str, Any]:
     }
 
 
-def attack_matrix(port: int, marker: Path, new_key: str) -> list[tuple[str, str, str, dict[str, str], bytes, int | None]]:
+Attack = tuple[str, str, str, dict[str, str], bytes, int | None]
+
+
+def attack_matrix(port: int, marker: Path, new_key: str) -> list[Attack]:
     """(name, method, path, headers, body, uid) for every state-changing route under every attack."""
     evil_check = {"name": "x", "port": 1, "check": {"type": "exec", "target": f"touch {marker}", "interval": "1s"}}
     routes: list[tuple[str, str, Any]] = [
@@ -291,6 +294,8 @@ def test_the_cli_needs_no_flags_as_the_agents_user_and_reports_a_wrong_token(
     p = cli("members", env={"MESH_API_TOKEN": "wrong-token-0123456789"})
     assert p.returncode == 1 and p.stderr.strip() == "mesh-agent: agent refused: wrong API token (HTTP 401)"
     assert cli("members", env={"MESH_API_TOKEN": TOKEN}).returncode == 0
+    p = cli("info")
+    assert p.returncode == 0 and "api refused: token 1\n" in p.stdout, p.stdout
     token_file = tmp_path / "cli-token"
     token_file.write_text(TOKEN)
     assert cli("members", "--token-file", str(token_file)).returncode == 0
