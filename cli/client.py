@@ -92,6 +92,9 @@ def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
     conn = _connection(api, timeout)
     try:
         conn.request("GET", path, headers=_auth_headers())
+        # Kept now: getresponse() hands a "Connection: close" socket over to the response and
+        # clears conn.sock, so that afterwards nothing here could lift the timeout from it.
+        sock = conn.sock
         resp = conn.getresponse()
     except (ConnectionRefusedError, TimeoutError, OSError, http.client.HTTPException) as exc:
         conn.close()
@@ -103,8 +106,8 @@ def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
             data = None
         conn.close()
         raise _refused(resp, data)
-    if conn.sock is not None:
-        conn.sock.settimeout(None)
+    if sock is not None:
+        sock.settimeout(None)
     return _lines(conn, resp)
 
 

@@ -220,3 +220,25 @@ async def test_a_slow_monitor_loses_lines_and_is_told_and_logging_never_fails() 
     assert log.monitor_stats()["monitor_lines_dropped"] >= 3
     with trio.fail_after(5):  # closed on leaving the block: the stream ends
         assert [line async for line in sub] == []
+
+
+def test_a_quiet_stream_outlasts_the_clients_request_timeout(cluster: Cluster) -> None:
+    """The timeout that bounds reaching the agent must not end a stream that is merely quiet."""
+    import threading
+
+    from cli.client import stream_lines
+
+    a = cluster.start("quiet")
+    lines = stream_lines(a.api, "/v1/agent/monitor?log_level=error", timeout=0.5)
+    got: list[bytes] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        got.extend(lines)
+        ended.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert not ended.wait(2.5), f"the stream ended after {got!r}"  # five times the request timeout
+    a.signal(signal.SIGKILL)
+    assert ended.wait(10), "the stream did not end when the agent went away"
