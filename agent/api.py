@@ -32,7 +32,7 @@ from agent import log
 from agent.access import SAFE_METHODS, Refused
 from agent.health import parse_duration
 from agent.peercred import loopback_peer_uid
-from agent.services import ServiceError
+from agent.services import ServiceError, shown
 from dataplane.rawsocket import RawSocketStream
 from gossip.wire import parse_addr
 
@@ -269,13 +269,14 @@ class ApiServer:
 
     async def _blocking(self, query: dict[str, list[str]], key: str, compute: Callable[[], Any]) -> Reply:
         """Consul-style blocking query: with ?index=N, answer once the view's index passes N."""
+        raw_index = query["index"][0] if "index" in query else None
+        if raw_index is not None and not (raw_index.isascii() and raw_index.isdigit()):
+            raise HttpError(400, f"index must be a non-negative integer, got {shown(raw_index[:40])}")
+        index = int(raw_index) if raw_index is not None else None
         try:
-            index = int(query["index"][0]) if "index" in query else None
             wait = parse_duration(query["wait"][0]) if "wait" in query else DEFAULT_WAIT
         except ValueError as exc:
-            raise HttpError(400, f"bad index or wait: {exc}") from None
-        if index is not None and index < 0:
-            raise HttpError(400, "index must be a non-negative integer")
+            raise HttpError(400, f"wait: {exc}") from None
         wait = min(max(wait, 0.0), MAX_WAIT)
         services = self.agent.services
         view = compute()
@@ -302,8 +303,8 @@ class ApiServer:
         return 200, {"ok": True, "id": reg.id}
 
     async def deregister(self, iid: str, query: dict[str, list[str]], body: Any) -> Reply:
-        self.agent.services.deregister(iid)
-        return 200, {"ok": True, "id": iid}
+        reg = self.agent.services.deregister(iid)
+        return 200, {"ok": True, "id": iid, "service": reg.name, "node": self.agent.cfg.name}
 
     async def upstreams(self, query: dict[str, list[str]], body: Any) -> Reply:
         return 200, self.agent.upstreams.view()

@@ -8,6 +8,7 @@ reported as one :class:`ConfigError` line, never a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -142,7 +143,18 @@ def _addr(text: str, what: str, default_port: int | None = None) -> Address:
         raise ConfigError(f"--{what}: {exc}") from None
 
 
-def load_key(key: str | None, key_file: str | None, insecure: bool, warnings: list[str]) -> bytes | None:
+def _local_addr(text: str, what: str, default_port: int) -> Address:
+    """An address this agent binds: its host must resolve now (a seed's may not, yet)."""
+    addr = _addr(text, what, default_port)
+    try:
+        socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise ConfigError(f"--{what} {text!r}: {addr[0]!r} is not an address or a name this host resolves") from None
+    return addr
+
+
+def load_key(key: str | None, key_file: str | None, insecure: bool, warnings: list[str],
+             keyring_file: Path | None = None) -> bytes | None:
     if key and key_file:
         raise ConfigError("give either --key or --key-file, not both")
     if insecure and (key or key_file):
@@ -165,6 +177,14 @@ def load_key(key: str | None, key_file: str | None, insecure: bool, warnings: li
             raise ConfigError(f"unusable cluster key: {exc} (make one with `mesh-agent keygen`)") from None
     if insecure:
         return None
+    if keyring_file is not None and keyring_file.exists():
+        # The data dir's keyring (agent.keys) is the agent's own record of the cluster's keys, rotations
+        # included: with it, no key need be given again.
+        try:
+            return decode_key(json.loads(keyring_file.read_text())["keys"][0])
+        except (OSError, ValueError, KeyError, IndexError, TypeError, KeyError_) as exc:
+            raise ConfigError(f"keyring {keyring_file} is unreadable ({type(exc).__name__}): "
+                              "pass --key or --key-file") from None
     raise ConfigError(
         "gossip is encrypted by default: pass --key or --key-file "
         "(make one with `mesh-agent keygen`), or --insecure to run without encryption"
@@ -245,16 +265,16 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     except ValueError as exc:
         raise ConfigError(f"config file {config_path}: {exc}") from None
 
-    bind = _addr(values["bind"], "bind", DEFAULT_GOSSIP_PORT)
+    bind = _local_addr(values["bind"], "bind", DEFAULT_GOSSIP_PORT)
     advertise = (
         _addr(values["advertise"], "advertise", bind[1])
         if values["advertise"]
         else (_advertise_host(bind[0]), bind[1])
     )
     join = [_addr(j, "join", DEFAULT_GOSSIP_PORT) for j in values["join"]]
-    api = _addr(values["api"], "api", 7947)
+    api = _local_addr(values["api"], "api", 7947)
     tunnel = (
-        _addr(values["tunnel"], "tunnel", DEFAULT_TUNNEL_PORT)
+        _local_addr(values["tunnel"], "tunnel", DEFAULT_TUNNEL_PORT)
         if values["tunnel"]
         else (bind[0], DEFAULT_TUNNEL_PORT)
     )
@@ -263,7 +283,11 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     if values["log_level"] not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"--log-level {values['log_level']!r}: choose debug, info, warning or error")
 
-    key = load_key(values["key"], values["key_file"], bool(values["insecure"]), warnings)
+    from agent.keys import KEYRING_FILE
+
+    data_dir = Path(values["data_dir"]) if values["data_dir"] else None
+    key = load_key(values["key"], values["key_file"], bool(values["insecure"]), warnings,
+                   None if data_dir is None else data_dir / KEYRING_FILE)
     api_token = load_api_token(values["api_token"], values["api_token_file"], warnings)
     from agent.peercred import is_loopback
 
@@ -320,7 +344,6 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
                               f"{rule.source!r} to {rule.destination!r} (one rule per pair)")
         pairs.add((rule.source, rule.destination))
 
-    data_dir = Path(values["data_dir"]) if values["data_dir"] else None
     if data_dir is not None:
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

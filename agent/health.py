@@ -15,6 +15,7 @@ for "healthy".  Everything is plain trio: no threads.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import random
@@ -159,8 +160,11 @@ class CheckSpec:
     failures_before_critical: int = 1
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line reason; a timeout longer than the interval is allowed (probes never
-        overlap, the next one simply starts late)."""
+        """Raise ValueError with a one-line reason.
+
+        A timeout longer than the interval is refused: the check would be late
+        on every slow probe, and the interval the operator asked for would be a lie.
+        """
         if not isinstance(self.type, str) or self.type not in CHECK_TYPES:
             raise ValueError(f"unknown check type {self.type!r}: use tcp, http or exec")
         if not isinstance(self.target, str):
@@ -176,11 +180,14 @@ class CheckSpec:
         for name in ("interval", "timeout"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+                raise ValueError(f"{name} must be a positive number of seconds, got {json.dumps(value)}")
+        if self.timeout > self.interval:
+            raise ValueError(f"timeout ({self.timeout:g}s) is longer than the interval ({self.interval:g}s): "
+                             "give a timeout no longer than the interval")
         for name in ("success_before_passing", "failures_before_critical"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+                raise ValueError(f"{name} must be a whole number of at least 1, got {json.dumps(value)}")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -215,6 +222,9 @@ class CheckSpec:
                     kwargs[key] = parse_duration(raw)
                 except ValueError as exc:
                     raise ValueError(f"{key}: {exc}") from None
+        if "timeout" not in kwargs and "interval" in kwargs and _is_number(kwargs["interval"]):
+            # The default timeout never outlasts a short interval the operator chose.
+            kwargs["timeout"] = min(CheckSpec.timeout, kwargs["interval"])
         for key in ("success_before_passing", "failures_before_critical"):
             if key in d:
                 kwargs[key] = d[key]  # validate() says what is wrong with it

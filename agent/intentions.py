@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import log, store
-from agent.services import SERVICE_NAME_RE, ServiceError
+from agent.services import SERVICE_NAME_RE, ServiceError, shown
 
 STORE_FILE = "intentions.json"
 WILDCARD = "*"
@@ -76,7 +76,7 @@ class Verdict:
 
 def check_name(value: Any, what: str) -> str:
     if not isinstance(value, str) or not (value == WILDCARD or SERVICE_NAME_RE.match(value)):
-        raise ServiceError(f"invalid {what} {value!r}: use a service name (a DNS label) or '*'")
+        raise ServiceError(f"invalid {what} {shown(value)}: use a service name (a DNS label) or '*'")
     return value
 
 
@@ -91,7 +91,7 @@ def validate(payload: Any, origin: str = "api") -> Intention:
     destination = check_name(payload.get("destination"), "destination")
     action = payload.get("action")
     if action not in ACTIONS:
-        raise ServiceError(f"action must be allow or deny, got {action!r}")
+        raise ServiceError(f"action must be allow or deny, got {shown(action)}")
     description = payload.get("description", "")
     if description is None:
         description = ""

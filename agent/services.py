@@ -40,6 +40,15 @@ FIELDS = {"name", "id", "address", "port", "tags", "meta", "check"}
 STORE_FILE = "services.json"
 
 
+def shown(value: Any) -> str:
+    """A value from a request as the caller wrote it (JSON: null, true, "x"), never as Python prints it."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class ServiceError(ValueError):
     """Bad registration input; ``status`` is the HTTP code to answer with."""
 
@@ -94,17 +103,18 @@ def validate(payload: Any, node: str, default_address: str, source: str = "api",
     name = payload.get("name")
     if not isinstance(name, str) or not SERVICE_NAME_RE.match(name):
         raise ServiceError(
-            f"invalid service name {name!r}: use a DNS label (1-63 of a-z, 0-9 and '-', "
+            f"invalid service name {shown(name)}: use a DNS label (1-63 of a-z, 0-9 and '-', "
             "not starting or ending with '-')")
     port = payload.get("port")
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ServiceError(f"port must be an integer from 1 to 65535, got {port!r}")
+        raise ServiceError("port is missing: give an integer from 1 to 65535" if port is None
+                           else f"port must be an integer from 1 to 65535, got {shown(port)}")
     iid = payload.get("id") or f"{name}-{node}"
     if not isinstance(iid, str) or not INSTANCE_ID_RE.match(iid):
-        raise ServiceError(f"invalid id {iid!r}: 1-128 of letters, digits, '_', '.', ':' and '-'")
+        raise ServiceError(f"invalid id {shown(iid)}: 1-128 of letters, digits, '_', '.', ':' and '-'")
     address = payload.get("address") or default_address
     if not isinstance(address, str) or len(address) > 255 or any(c.isspace() for c in address):
-        raise ServiceError(f"invalid address {address!r}")
+        raise ServiceError(f"invalid address {shown(address)}")
     tags = payload.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) and 0 < len(t) <= MAX_TAG_LEN for t in tags):
         raise ServiceError(f"tags must be a list of non-empty strings of at most {MAX_TAG_LEN} characters")
@@ -209,10 +219,10 @@ class LocalServices:
         self._changed()
         return reg
 
-    def deregister(self, iid: str) -> None:
+    def deregister(self, iid: str) -> Registration:
         reg = self.registrations.pop(iid, None)
         if reg is None:
-            raise ServiceError(f"no instance with id {iid!r} on this agent", 404)
+            raise ServiceError(f"no instance with id {shown(iid)} on this agent", 404)
         scope = self._scopes.pop(iid, None)
         if scope is not None:
             scope.cancel()
@@ -221,6 +231,7 @@ class LocalServices:
         self._persist()
         self.log.info("service_deregistered", id=iid, service=reg.name)
         self._changed()
+        return reg
 
     def _add(self, reg: Registration) -> None:
         self.registrations[reg.id] = reg

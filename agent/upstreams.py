@@ -15,7 +15,7 @@ from typing import Any
 from agent import log, store
 from agent.health import parse_duration
 from agent.peercred import is_loopback
-from agent.services import SERVICE_NAME_RE, ServiceError
+from agent.services import SERVICE_NAME_RE, ServiceError, shown
 from dataplane.balancer import POLICIES
 from dataplane.outlier import OutlierConfig
 from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamOptions
@@ -80,18 +80,18 @@ def options_dict(options: UpstreamOptions) -> dict[str, Any]:
 def _routing(payload: dict[str, Any]) -> RoutingOptions:
     lb = payload.get("lb", _DEFAULT_ROUTING.lb)
     if lb not in POLICIES:
-        raise ServiceError(f"lb must be one of {', '.join(sorted(POLICIES))}, got {lb!r}")
+        raise ServiceError(f"lb must be one of {', '.join(sorted(POLICIES))}, got {shown(lb)}")
     ints: dict[str, int] = {}
     for name, low, high in _INT_FIELDS:
         raw = payload.get(name)
         if raw is None:
             continue
         if type(raw) is not int or not low <= raw <= high:
-            raise ServiceError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
+            raise ServiceError(f"{name} must be a whole number from {low} to {high}, got {shown(raw)}")
         ints[name] = raw
     percent = payload.get("max_ejection_percent", _DEFAULT_OUTLIER.max_ejection_percent)
     if type(percent) not in (int, float) or not 0 <= percent <= 100:
-        raise ServiceError(f"max_ejection_percent must be a number from 0 to 100, got {percent!r}")
+        raise ServiceError(f"max_ejection_percent must be a number from 0 to 100, got {shown(percent)}")
     base = _duration(payload, "base_ejection_time", _DEFAULT_OUTLIER.base_ejection_time, 3600.0, zero_ok=False)
     outlier = OutlierConfig(
         consecutive_failures=ints.get("consecutive_failures", _DEFAULT_OUTLIER.consecutive_failures),
@@ -115,7 +115,7 @@ def _duration(payload: dict[str, Any], name: str, default: float, high: float, z
         raise ServiceError(f"{name}: {exc}") from None
     if value > high or (value == 0 and not zero_ok):
         low = "0 (off)" if zero_ok else "above 0"
-        raise ServiceError(f"{name} must be {low} and at most {high:g}s, got {raw!r}")
+        raise ServiceError(f"{name} must be {low} and at most {high:g}s, got {shown(raw)}")
     return value
 
 
@@ -127,7 +127,7 @@ def validate(payload: Any) -> UpstreamSpec:
         raise ServiceError(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(FIELDS))})")
     service = payload.get("service")
     if not isinstance(service, str) or not SERVICE_NAME_RE.match(service):
-        raise ServiceError(f"invalid service name {service!r}: use a DNS label")
+        raise ServiceError(f"invalid service name {shown(service)}: use a DNS label")
     listen = payload.get("listen")
     if not isinstance(listen, str):
         raise ServiceError("listen must be a host:port string")
@@ -146,7 +146,7 @@ def validate(payload: Any) -> UpstreamSpec:
                            "true) to allow it", 403, "public_listen")
     source = payload.get("source")
     if source is not None and (not isinstance(source, str) or not SERVICE_NAME_RE.match(source)):
-        raise ServiceError(f"invalid source {source!r}: the name of a service registered on this node")
+        raise ServiceError(f"invalid source {shown(source)}: the name of a service registered on this node")
     options = UpstreamOptions(
         source=source,
         connect_timeout=_duration(payload, "connect_timeout", CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT, zero_ok=False),

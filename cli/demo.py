@@ -14,6 +14,7 @@ processes and reads their local APIs, like any other client.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,11 +178,19 @@ def run_demo(nodes: int, base_port: int, interval: float) -> None:
         _watch(names, agents, apis, instances, client_node, url, interval)
     except KeyboardInterrupt:
         click.echo("\nstopping: services deregister, agents leave gracefully ...")
+        clean = True
+    else:
+        clean = False
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the leave short
         signal.signal(signal.SIGTERM, previous_term)
         _stop(services, 10)
         _stop(agents, 15)
+    # The logs matter only when something went wrong: then they stay, and the path is said.
+    if clean:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        click.echo(f"logs kept in {workdir}", err=True)
 
 
 def _watch(names: list[str], agents: dict[str, subprocess.Popen[bytes]], apis: dict[str, str],

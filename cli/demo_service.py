@@ -119,7 +119,7 @@ def _register_once(inst: _Instance, port: int, address: str | None, check_host: 
             raise
     body: dict[str, Any] = {"name": inst.service, "id": inst.instance, "port": port,
                             "check": {"type": "http", "target": f"http://{check_host}:{port}/health",
-                                      "interval": check_interval, "timeout": "2s"}}
+                                      "interval": check_interval}}  # the timeout: 2 s, or the interval if less
     if address:
         body["address"] = address
     call(inst.api, "PUT", "/v1/services", body, timeout=5)

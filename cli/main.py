@@ -22,7 +22,7 @@ DEFAULT_API = "127.0.0.1:7947"
 STATUSES = ("alive", "suspect", "dead", "left")
 
 _api_address = click.option(
-    "--api", envvar="MESH_API", default=DEFAULT_API, show_default=True,
+    "--api", envvar="MESH_API", default=DEFAULT_API, show_default=True, show_envvar=True,
     help="Address of the local agent's API.",
 )
 
@@ -94,7 +94,9 @@ def main() -> None:
     """mesh-agent: a decentralized service mesh agent (SWIM gossip, no control plane)."""
 
 
-@main.command()
+@main.command(cls=OneLineErrors, epilog="Every flag may also be set as an environment variable MESH_<FLAG> "
+              "(upper case, dashes as underscores: MESH_KEY, MESH_JOIN=a:7946,b:7946) or as a key of the "
+              "--config TOML file; a flag wins over the environment, which wins over the file.")
 @click.option("--name", help="Unique node name (default: host name).")
 @click.option("--bind", help="Gossip address, UDP and TCP [0.0.0.0:7946].")
 @click.option("--advertise", help="Address peers should use, when --bind is not reachable.")
@@ -106,9 +108,11 @@ def main() -> None:
 @click.option("--insecure", is_flag=True, default=None, help="Run gossip without encryption (not for production).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Directory for persistent state.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
-@click.option("--profile", help="Timing profile: lan (default), local or wan.")
-@click.option("--log-format", help="console (default) or json.")
-@click.option("--log-level", help="debug, info (default), warning or error.")
+@click.option("--profile", type=click.Choice(["lan", "local", "wan"]), help="Timing profile [lan].")
+@click.option("--log-format", type=click.Choice(["console", "json"]),
+              help="Log lines for people or machines [console].")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Least level logged [info].")
 @click.option("--api-token", "--token", "api_token",
               help="Token that lets other users and hosts use the API (prefer --api-token-file).")
 @click.option("--api-token-file", "--token-file", "api_token_file", type=click.Path(dir_okay=False),
@@ -226,7 +230,8 @@ def leave(api: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the key to this file (mode 0600).")
-def keygen(out: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace --out if it exists (its old key is lost).")
+def keygen(out: str | None, force: bool) -> None:
     """Print a new cluster key: 32 random bytes, base64."""
     from gossip.keyring import generate_key
 
@@ -234,10 +239,14 @@ def keygen(out: str | None) -> None:
     if out:
         path = Path(out)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # O_EXCL: a key file that exists may be the only copy of a cluster's key.
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+            fd = os.open(path, flags, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(key + "\n")
             os.chmod(path, 0o600)
+        except FileExistsError:
+            _fail(f"{out} already exists: it may hold a key in use; pass --force to replace it")
         except OSError as exc:
             _fail(f"cannot write {out}: {exc.strerror}")
     click.echo(key)
@@ -270,8 +279,7 @@ def services_show(api: str, as_json: bool, passing: bool, name: str) -> None:
     path = f"/v1/services/{quote(name, safe='')}" + ("?passing" if passing else "")
     data = _call(api, "GET", path)
     if as_json:
-        _print_json([{k: i[k] for k in ("id", "service", "node", "address", "tags", "meta", "health")}
-                     for i in data])
+        _print_json(data)  # the API's objects whole (node_status included)
         return
     rows = [["ID", "NODE", "ADDRESS", "HEALTH", "TAGS"]]
     for i in data:
@@ -303,12 +311,12 @@ def _meta_pairs(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--check-http", help="Health: HTTP GET URL (2xx passing, 429 warning).")
 @click.option("--check-exec", help="Health: shell command (exit 0 passing, 1 warning); the agent must run "
               "with --enable-script-checks.")
-@click.option("--check-interval", default="10s", show_default=True, help="Time between checks.")
-@click.option("--check-timeout", default="2s", show_default=True, help="Time a check may take.")
+@click.option("--check-interval", help="Time between checks [10s].")
+@click.option("--check-timeout", help="Time a check may take, at most the interval [2s or the interval].")
 def services_register(api: str, as_json: bool, name: str, port: int, iid: str | None, address: str | None,
                       tags: tuple[str, ...], meta: tuple[str, ...], check_tcp: str | None,
-                      check_http: str | None, check_exec: str | None, check_interval: str,
-                      check_timeout: str) -> None:
+                      check_http: str | None, check_exec: str | None, check_interval: str | None,
+                      check_timeout: str | None) -> None:
     """Register a service instance on the local agent (persisted under --data-dir)."""
     body: dict[str, Any] = {"name": name, "port": port, "tags": list(tags), "meta": _meta_pairs(meta)}
     if iid:
@@ -318,9 +326,12 @@ def services_register(api: str, as_json: bool, name: str, port: int, iid: str | 
     checks = [(t, v) for t, v in (("tcp", check_tcp), ("http", check_http), ("exec", check_exec)) if v]
     if len(checks) > 1:
         _fail("give at most one of --check-tcp, --check-http, --check-exec", 2)
+    if not checks and (check_interval or check_timeout):
+        _fail("--check-interval and --check-timeout need a check (--check-tcp, --check-http or --check-exec)", 2)
     if checks:
-        body["check"] = {"type": checks[0][0], "target": checks[0][1],
-                         "interval": check_interval, "timeout": check_timeout}
+        body["check"] = {"type": checks[0][0], "target": checks[0][1], "interval": check_interval or "10s"}
+        if check_timeout:  # otherwise the agent's default: 2 s, or the interval if that is shorter
+            body["check"]["timeout"] = check_timeout
     data = _call(api, "PUT", "/v1/services", body)
     _emit(data, as_json, f"registered {data['id']}")
 
@@ -332,7 +343,8 @@ def services_register(api: str, as_json: bool, name: str, port: int, iid: str | 
 def services_deregister(api: str, as_json: bool, iid: str) -> None:
     """Remove instance ID from the local agent."""
     data = _call(api, "DELETE", f"/v1/services/{quote(iid, safe='')}")
-    _emit(data, as_json, f"deregistered {data['id']}")
+    # Ids are per node (as in Consul): say whose instance this was.
+    _emit(data, as_json, f"deregistered {data['id']} (service {data['service']}) from node {data['node']}")
 
 
 @main.group(invoke_without_command=True)

@@ -93,9 +93,10 @@ class Keyring:
     def remove(self, key: bytes) -> None:
         if key == self._keys[0]:
             raise KeyError_("refusing to remove the primary key")
-        if key in self._keys:
-            i = self._keys.index(key)
-            del self._keys[i]
+        if key not in self._keys:
+            # Said, not ignored: a remove that found nothing must not be reported as done.
+            raise KeyError_("that key is not installed")
+        del self._keys[self._keys.index(key)]
 
     def seal(self, plaintext: bytes, aad: bytes = b"") -> bytes:
         """version || nonce || XChaCha20-Poly1305(plaintext), the layout of ``Aead.encrypt``."""

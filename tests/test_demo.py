@@ -231,6 +231,8 @@ def test_make_demo_shows_calls_moving_off_a_killed_agent_and_ctrl_c_leaves(tmp_p
             expected = -signal.SIGKILL if f"node{n}" == node else 0
             assert f"  node{n} exited with {expected}" in final, final
         assert "Traceback" not in final
+        logs = re.search(r"logs in (\S+)\)", final)
+        assert logs and not Path(logs.group(1)).exists(), "a clean stop leaves no work dir behind"
     finally:
         if demo.poll() is None:
             demo.send_signal(signal.SIGINT)

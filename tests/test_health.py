@@ -425,7 +425,7 @@ async def test_run_slow_probe_does_not_overlap(autojump_clock: trio.testing.Mock
             await trio.sleep(25)
             return "passing", ""
 
-    r = Slow(CheckSpec("exec", "true", interval=10, timeout=30), ["passing"], Changes())
+    r = Slow(CheckSpec("exec", "true", interval=10, timeout=10), ["passing"], Changes())
     with trio.move_on_after(100):
         await r.run()
     assert [b - a for a, b in zip(r.times, r.times[1:], strict=False)] == [25, 25, 25]
@@ -447,7 +447,7 @@ async def test_run_tcp_flips_when_the_service_stops(nursery: trio.Nursery) -> No
 
     port: int = await nursery.start(service)
     changes = Changes()
-    spec = CheckSpec("tcp", f"127.0.0.1:{port}", interval=0.05, timeout=0.5,
+    spec = CheckSpec("tcp", f"127.0.0.1:{port}", interval=0.1, timeout=0.1,
                      success_before_passing=2, failures_before_critical=2)
     r = CheckRunner(spec, changes)
     nursery.start_soon(r.run)
@@ -461,7 +461,7 @@ async def test_run_exec_follows_a_flag_file(tmp_path: Path) -> None:
     flag = tmp_path / "up"
     flag.write_text("")
     changes = Changes()
-    spec = CheckSpec("exec", f"test -f {flag} && echo up || {{ echo down; exit 2; }}", interval=0.05, timeout=1)
+    spec = CheckSpec("exec", f"test -f {flag} && echo up || {{ echo down; exit 2; }}", interval=0.3, timeout=0.3)
     r = CheckRunner(spec, changes)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(r.run)
@@ -561,8 +561,9 @@ def test_from_dict_durations_and_defaults() -> None:
     s = CheckSpec.from_dict({"type": "tcp", "target": "[::1]:53", "interval": "1m", "timeout": "500ms"})
     assert s == CheckSpec("tcp", "[::1]:53", interval=60.0, timeout=0.5)
     assert CheckSpec.from_dict(GOOD) == CheckSpec("http", "http://127.0.0.1:8080/health", 10.0, 2.0, 1, 1)
-    # A timeout longer than the interval is allowed: probes just never overlap.
-    assert CheckSpec.from_dict({**GOOD, "interval": 1, "timeout": 5}).timeout == 5
+    # A timeout longer than the interval is refused (see the test below).
+    with pytest.raises(ValueError, match="longer than the interval"):
+        CheckSpec.from_dict({**GOOD, "interval": 1, "timeout": 5})
 
 
 def test_validate_catches_direct_construction() -> None:
@@ -591,6 +592,7 @@ specs = st.builds(
                      st.from_regex(r"[a-z0-9/]{0,12}(\?[a-z]=[0-9])?", fullmatch=True)),
     interval=positive,
 ) | st.builds(CheckSpec, type=st.just("exec"), target=st.text(min_size=1).filter(lambda t: t.strip() and "\0" not in t))
+specs = specs.filter(lambda s: s.timeout <= s.interval)  # validate() refuses the rest
 
 
 @SETTINGS
@@ -610,3 +612,10 @@ def test_exec_target_with_nul_is_rejected() -> None:
 async def test_exec_sees_the_agent_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESH_HEALTH_TEST", "hello")
     assert await probe(CheckSpec("exec", 'echo "$MESH_HEALTH_TEST"')) == ("passing", "exit 0: hello")
+
+
+def test_a_timeout_longer_than_the_interval_is_refused_and_a_default_one_fits_a_short_interval() -> None:
+    with pytest.raises(ValueError, match="longer than the interval"):
+        CheckSpec.from_dict({"type": "tcp", "target": "127.0.0.1:1", "interval": "1s", "timeout": "5s"})
+    assert CheckSpec.from_dict({"type": "tcp", "target": "127.0.0.1:1", "interval": "200ms"}).timeout == 0.2
+    assert CheckSpec.from_dict({"type": "tcp", "target": "127.0.0.1:1", "interval": "1m"}).timeout == 2.0

@@ -114,7 +114,7 @@ def test_log_level_filters_and_may_go_below_the_agents(cluster: Cluster, tmp_pat
              "member_alive for a2 at debug", debug.out)
     # A check turning passing is logged at debug: the monitor sees it, the agent's own log does not.
     a1.call("PUT", "/v1/services", {"name": "api", "port": a1.api_port, "check": {
-        "type": "tcp", "target": a1.api, "interval": "200ms", "timeout": "1s"}})
+        "type": "tcp", "target": a1.api, "interval": "200ms", "timeout": "200ms"}})
     wait_for(lambda: any(e["event"] == "check_state_changed" and e["level"] == "debug" for e in debug.events()),
              20, "a debug line in the debug monitor", debug.out)
     assert "check_state_changed" not in a1.log()
