@@ -27,9 +27,14 @@ from agent.keys import KeyManager
 from agent.services import LocalServices
 from agent.transport import (
     DEFERRED_ICMP,
+    ENCRYPTED,
+    UNENCRYPTED,
+    UNREADABLE,
+    WRONG_KEY,
     DatagramSocket,
     FrameError,
     FrameServer,
+    Mismatch,
     OpenError,
     Sealer,
     normalize,
@@ -47,7 +52,15 @@ from gossip.member import Status
 from gossip.registry import Registry
 from gossip.signing import Signer
 from gossip.swim import FetchState, Membership, SendPacket, StartPushPull, TcpProbe
-from gossip.wire import PROTOCOL_VERSION, Address, format_addr
+from gossip.wire import (
+    PROTOCOL_VERSION,
+    Address,
+    DecodeError,
+    PushPull,
+    decode_stream,
+    encode_push_pull_stream,
+    format_addr,
+)
 
 #: Datagrams handled per wake-up, at most, before the agent flushes and yields.
 UDP_BURST = 32
@@ -56,6 +69,48 @@ UDP_BURST = 32
 #: Sources of unopenable datagrams remembered at most, and arrivals kept per source.
 _MAX_NO_KEY_SOURCES = 1024
 _NO_KEY_KEEP = 10_000
+#: A stranger is logged at most once per source in this many seconds, and no more
+#: than _STRANGER_LOG_BURST strangers in all in that time (spoofed UDP sources are free).
+_STRANGER_LOG_EVERY = 60.0
+_STRANGER_LOG_BURST = 20
+
+#: What a joiner is told when the seed's reply does not open, by what its bytes say.
+_JOIN_MISMATCH = {
+    WRONG_KEY: "the seed answered but its reply does not open with any of our keys: is the cluster key different?",
+    UNENCRYPTED: "the seed answered but its reply is not encrypted: the seed runs with --insecure, "
+                 "and this agent has a cluster key",
+    ENCRYPTED: "the seed answered with an encrypted reply, and this agent runs with --insecure: "
+               "the cluster has a key (start this agent with --key or --key-file)",
+    UNREADABLE: "the seed answered but its reply is not gossip: is that the gossip port of a mesh-agent?",
+}
+#: The refusal a stranger's push-pull is answered with; only a peer that holds our
+#: primary key (a keyring mid-rotation) can read it, the others learn from its bytes alone.
+_STRANGER_REFUSAL = {
+    WRONG_KEY: "your push-pull opens with none of the keys installed here: is your primary key installed "
+               "on this member?",
+    UNENCRYPTED: "this cluster is encrypted and your push-pull was not: start with the cluster key",
+    ENCRYPTED: "this member runs with --insecure and your push-pull was encrypted",
+}
+
+
+#: (transport, host, port (0 for TCP), what its bytes say: transport.WRONG_KEY ...)
+_StrangerKey = tuple[str, str, int, str]
+#: Unencrypted streams larger than this are not decoded just to name their sender.
+_NAME_DECODE_MAX = 64 * 1024
+
+
+class _Stranger:
+    """A source of input that no installed key opens, as ``mesh-agent info`` and the log name it."""
+
+    __slots__ = ("times", "kind", "label", "logged_at")
+
+    def __init__(self, kind: str) -> None:
+        #: Arrival times in the last minute.
+        self.times: deque[float] = deque()
+        self.kind = kind
+        #: Who it says it is, where its bytes tell (plain gossip): " (node n at host:port)".
+        self.label = ""
+        self.logged_at: float | None = None
 
 
 class StartupError(Exception):
@@ -120,8 +175,11 @@ class Agent:
         self._kick = trio.Event()
         self._sleep_until = 0.0
         self._leave_done = trio.Event()
-        #: Sources of datagrams no installed key opens: address -> arrival times in the last minute.
-        self._no_key: dict[Address, deque[float]] = {}
+        #: Sources of input no installed key opens: (transport, host, port, kind) -> what is known of them.
+        #: A TCP stream comes from a new port every time, so TCP sources are kept by host (port 0).
+        self._no_key: dict[_StrangerKey, _Stranger] = {}
+        #: When strangers were last logged (any of them), for the overall limit.
+        self._stranger_logs: deque[float] = deque()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -309,41 +367,67 @@ class Agent:
         try:
             plain = self.sealer.open(data)
         except OpenError:
-            self.membership.drop("decrypt")
-            self._count_no_key(normalize(raw_src))
+            self._unopened("udp", normalize(raw_src), data)
             return
         self.membership.receive(trio.current_time(), normalize(raw_src), plain)
 
-    def _count_no_key(self, src: Address) -> None:
-        """Remember who sends what our keys cannot open, so `info` can name them."""
+    def _unopened(self, transport: str, src: Address, payload: bytes) -> str:
+        """Count input our keys do not open, and note its sender so `info` and the log can name it.
+
+        Returns what the bytes say about the sender (transport.WRONG_KEY, ...).
+        """
+        self.membership.drop("decrypt" if self.sealer.keyring is not None else "encrypted")
+        kind = self.sealer.mismatch(payload)
         now = trio.current_time()
-        times = self._no_key.get(src)
-        if times is None:
+        key = (transport, src[0], src[1] if transport == "udp" else 0, kind)
+        row = self._no_key.get(key)
+        if row is None:
             if len(self._no_key) >= _MAX_NO_KEY_SOURCES:
                 self._prune_no_key(now)
                 if len(self._no_key) >= _MAX_NO_KEY_SOURCES:
-                    return
-            times = self._no_key[src] = deque()
+                    return kind
+            row = self._no_key[key] = _Stranger(kind)
+        times = row.times
         times.append(now)
         while times and times[0] < now - 60.0:
             times.popleft()
         if len(times) > _NO_KEY_KEEP:
             times.popleft()
+        self._log_stranger(now, key, row, payload)
+        return kind
+
+    def _log_stranger(self, now: float, key: _StrangerKey, row: _Stranger, payload: bytes) -> None:
+        """One line per stranger a minute: enough to be seen, never a flood."""
+        if row.logged_at is not None and now - row.logged_at < _STRANGER_LOG_EVERY:
+            return
+        logs = self._stranger_logs
+        while logs and logs[0] <= now - _STRANGER_LOG_EVERY:
+            logs.popleft()
+        if len(logs) >= _STRANGER_LOG_BURST:
+            self.io["undecryptable_logs_suppressed"] += 1
+            return
+        logs.append(now)
+        row.logged_at = now
+        if key[0] == "tcp" and row.kind == UNENCRYPTED:
+            # Streams come from any port: the push-pull itself says which agent sent it.
+            # Decoded only here, so unauthenticated input costs a decode at most as often as a log line.
+            row.label = _plain_sender(payload) or row.label
+        view = _stranger_row(key, row, len(row.times))
+        self.log.warning("undecryptable", source=view["source"], transport=view["transport"],
+                         kind=view["kind"], detail=view["hint"])
 
     def _prune_no_key(self, now: float) -> None:
-        for src in [s for s, t in self._no_key.items() if not t or t[-1] < now - 60.0]:
+        for src in [s for s, r in self._no_key.items() if not r.times or r.times[-1] < now - 60.0]:
             del self._no_key[src]
 
     def no_key_view(self) -> list[dict[str, Any]]:
         now = trio.current_time()
         self._prune_no_key(now)
         rows = []
-        for src, times in sorted(self._no_key.items(), key=lambda kv: -len(kv[1])):
-            n = sum(1 for t in times if t >= now - 60.0)
+        for key, row in sorted(self._no_key.items(), key=lambda kv: -len(kv[1].times)):
+            n = sum(1 for t in row.times if t >= now - 60.0)
             if n:
-                rows.append({"source": format_addr(src), "packets_last_minute": n,
-                             "hint": f"{format_addr(src)}: {n} packets in the last minute opened with no "
-                                     "installed key — is its key different?"})
+                rows.append(_stranger_row(key, row, n))
         return rows
 
     def _answer_frames(self, frames: list[tuple[Address, bytes]]) -> list[bytes | None]:
@@ -356,11 +440,20 @@ class Agent:
                 requests.append((peer, self.sealer.open(frame)))
                 opened.append(i)
             except OpenError:
-                self.membership.drop("decrypt")
+                # Answered, not just closed: a joiner with another key (or none) can
+                # then tell from the reply's bytes which it is, instead of "truncated".
+                replies[i] = self._stranger_reply(self._unopened("tcp", peer, frame))
         for i, reply in zip(opened, self.membership.handle_streams(trio.current_time(), requests), strict=True):
             if reply is not None:
                 replies[i] = self.sealer.seal(reply)
         return replies
+
+    def _stranger_reply(self, kind: str) -> bytes | None:
+        """A refusal sealed as we seal everything (plain when --insecure), for a push-pull we could not open."""
+        reason = _STRANGER_REFUSAL.get(kind)
+        if reason is None:
+            return None  # not gossip at all: nothing to explain to it
+        return self.sealer.seal(encode_push_pull_stream(PushPull(self.cfg.name, False, [], reason), []))
 
     async def _push_pull(self, target: Address, purpose: str) -> tuple[bool, str]:
         """Initiator side of push-pull: one frame out, one frame back."""
@@ -371,9 +464,8 @@ class Agent:
                 reply = await self._exchange(target, self.membership.push_pull_payload(purpose == "join",
                                                                                           lite=purpose == "sync"))
                 error = ""
-            except OpenError:
-                self.membership.drop("decrypt")
-                error = "reply not sealed with our key (different cluster key?)"
+            except Mismatch as exc:
+                error = _JOIN_MISMATCH[exc.kind]
             except FrameError as exc:
                 error = f"bad reply ({exc.reason})"
             except OSError as exc:
@@ -395,7 +487,11 @@ class Agent:
             self.io["tcp_bytes_out"] += len(sealed) + 4
             frame = await receive_frame(stream)
             self.io["tcp_bytes_in"] += len(frame) + 4
-            return self.sealer.open(frame)
+            try:
+                return self.sealer.open(frame)
+            except OpenError:
+                self.membership.drop("decrypt" if self.sealer.keyring is not None else "encrypted")
+                raise Mismatch(self.sealer.mismatch(frame)) from None
         finally:
             stream.close_now()
 
@@ -574,6 +670,43 @@ class Agent:
             self.log.info(kind, **fields)
         else:
             self.log.debug(kind, **fields)
+
+
+def _stranger_row(key: _StrangerKey, row: _Stranger, n: int) -> dict[str, Any]:
+    """A stranger as `info` shows it: the hint says in plain words what probably differs."""
+    transport, host, port, _ = key
+    source = format_addr((host, port)) if transport == "udp" else (f"[{host}]" if ":" in host else host)
+    what = ("packet" if transport == "udp" else "TCP stream") + ("" if n == 1 else "s")
+    if transport == "tcp":
+        what += " (joins, push-pulls)"
+    were = "was" if n == 1 else "were"
+    who = source + row.label
+    if row.kind == WRONG_KEY:
+        hint = f"{who}: {n} {what} in the last minute opened with no installed key — is its key different?"
+    elif row.kind == UNENCRYPTED:
+        hint = (f"{who}: {n} {what} in the last minute {were} not encrypted — does it run with --insecure? "
+                "This agent has a cluster key")
+    elif row.kind == ENCRYPTED:
+        hint = (f"{who}: {n} {what} in the last minute {were} encrypted, and this agent runs with --insecure "
+                "— does the cluster have a key?")
+    else:
+        hint = f"{who}: {n} {what} in the last minute {were} neither gossip nor sealed with an installed key"
+    return {"source": source, "transport": transport, "kind": row.kind, "packets_last_minute": n, "hint": hint}
+
+
+def _plain_sender(payload: bytes) -> str:
+    """Who an unencrypted push-pull says it is, for the operator of an encrypted agent: " (node n at a:p)"."""
+    if len(payload) > _NAME_DECODE_MAX:
+        return ""
+    try:
+        msgs = decode_stream(payload)
+    except DecodeError:
+        return ""
+    if len(msgs) != 1 or not isinstance(msgs[0], PushPull):
+        return ""
+    msg = msgs[0]
+    own = next((r for r in msg.members if r.name == msg.source), None)
+    return f" (node {msg.source!r}" + (f" at {format_addr(own.addr)})" if own is not None else ")")
 
 
 def raise_open_files_limit(logger: Any) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from dataplane.rawsocket import RawSocketStream
-from gossip.keyring import Keyring, OpenError
+from gossip.keyring import SEAL_OVERHEAD, SEAL_VERSION, Keyring, OpenError
 from gossip.wire import Address
 
 MAX_FRAME = 16 * 1024 * 1024
@@ -44,6 +44,31 @@ class FrameError(Exception):
         self.reason = reason
 
 
+#: What a payload that does not open says about its sender (see ``Sealer.mismatch``).
+WRONG_KEY = "wrong_key"  # sealed, with no key we hold
+UNENCRYPTED = "unencrypted"  # plain gossip, and we have a key
+ENCRYPTED = "encrypted"  # sealed, and we run --insecure
+UNREADABLE = "unreadable"  # neither: not gossip at all
+
+
+def looks_sealed(payload: bytes) -> bool:
+    """A sealed payload opens with its version byte; plain gossip (a msgpack array) never does."""
+    return len(payload) >= SEAL_OVERHEAD and payload[0] == SEAL_VERSION
+
+
+def looks_plain(payload: bytes) -> bool:
+    """Unsealed gossip: a packet (msgpack 2-array) or a deflated stream (gossip.wire)."""
+    return payload[:1] in (b"\x92", b"\xc1")
+
+
+class Mismatch(OpenError):
+    """A peer's payload did not open; ``kind`` says whether a key, or encryption itself, differs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
 class Sealer:
     """Seals and opens payloads, or passes them through when insecure."""
 
@@ -54,10 +79,25 @@ class Sealer:
         return self.keyring.seal(payload) if self.keyring else payload
 
     def open(self, payload: bytes) -> bytes:
-        """Raises OpenError for anything our keys did not seal."""
+        """Raises OpenError for anything our keys did not seal.
+
+        An insecure agent refuses sealed payloads too: left to the decoder they
+        would only count as malformed, and the operator would never learn that
+        the sender has a key this agent lacks.
+        """
         if self.keyring is None:
+            if looks_sealed(payload):
+                raise OpenError("sealed payload, and this agent has no key")
             return payload
         return self.keyring.open(payload)
+
+    def mismatch(self, payload: bytes) -> str:
+        """Why ``payload`` did not open, as far as its bytes tell: a different key, or one side unencrypted."""
+        if self.keyring is None:
+            return ENCRYPTED if looks_sealed(payload) else UNREADABLE
+        if looks_sealed(payload):
+            return WRONG_KEY
+        return UNENCRYPTED if looks_plain(payload) else UNREADABLE
 
 
 def normalize(addr: tuple[object, ...]) -> Address:
@@ -397,6 +437,7 @@ class FrameServer:
 
 
 __all__ = [
-    "DatagramSocket", "FrameError", "FrameServer", "Sealer", "OpenError", "normalize", "open_udp", "send_frame",
+    "ENCRYPTED", "UNENCRYPTED", "UNREADABLE", "WRONG_KEY", "DatagramSocket", "FrameError", "FrameServer",
+    "Mismatch", "Sealer", "OpenError", "looks_plain", "looks_sealed", "normalize", "open_udp", "send_frame",
     "receive_frame",
 ]
