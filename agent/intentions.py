@@ -24,7 +24,7 @@ lasts until the next start.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ class Intentions:
         self.has_instance = has_instance
         self.rules: dict[tuple[str, str], Intention] = {}
         self.log = log.get("mesh.intentions").bind(node=node)
+        self.saver = store.Saver(None if data_dir is None else data_dir / STORE_FILE, self.log)
 
     def load(self, config_intentions: list[dict[str, Any]]) -> None:
         """The config file's rules, then the persisted run-time ones (config errors were caught at start)."""
@@ -155,18 +156,18 @@ class Intentions:
 
     def put(self, payload: Any) -> dict[str, Any]:
         rule = validate(payload)
+        self._persist([*(r for k, r in self.rules.items() if k != (rule.source, rule.destination)), rule])
         self.rules[(rule.source, rule.destination)] = rule
-        self._persist()
         self.log.info("intention_set", source=rule.source, destination=rule.destination, action=rule.action)
         return {"ok": True, **rule.to_dict()}
 
     def remove(self, source: Any, destination: Any) -> dict[str, Any]:
         source = check_name(source, "source")
         destination = check_name(destination, "destination")
-        rule = self.rules.pop((source, destination), None)
-        if rule is None:
+        if (source, destination) not in self.rules:
             raise ServiceError(f"no intention from {source!r} to {destination!r}", 404)
-        self._persist()
+        self._persist([r for k, r in self.rules.items() if k != (source, destination)])
+        del self.rules[(source, destination)]
         self.log.info("intention_removed", source=source, destination=destination)
         return {"ok": True, "source": source, "destination": destination}
 
@@ -180,9 +181,11 @@ class Intentions:
         path = None if self.data_dir is None else self.data_dir / STORE_FILE
         return store.read_records(path, self.log, "intention_store_unreadable")
 
-    def _persist(self) -> None:
-        if self.data_dir is None:
-            return
+    def _persist(self, rules: Iterable[Intention]) -> None:
+        """Save ``rules`` (the state about to be applied); ServiceError 507 when they cannot be."""
         body = [{"source": r.source, "destination": r.destination, "action": r.action,
-                 "description": r.description} for r in self.rules.values() if r.origin == "api"]
-        store.write_json(self.data_dir / STORE_FILE, body)
+                 "description": r.description} for r in rules if r.origin == "api"]
+        try:
+            self.saver.save(body)
+        except store.StoreError as exc:
+            raise ServiceError(str(exc), 507) from None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import msgpack
 import trio
 
+from agent import store
 from gossip.keyring import KeyError_, Keyring, decode_key, encode_key
 from gossip.member import Status
 from gossip.swim import Membership
@@ -55,6 +55,7 @@ class KeyManager:
         self.membership = membership
         self.log = log
         self._wake = wake
+        self.saver = store.Saver(None if data_dir is None or keyring is None else data_dir / KEYRING_FILE, log)
         #: Queries we originated: id -> an event set when every expected member answered.
         self._waiting: dict[int, tuple[set[str], trio.Event]] = {}
 
@@ -66,7 +67,10 @@ class KeyManager:
             return
         path = self.data_dir / KEYRING_FILE
         if not path.exists():
-            self._persist()
+            try:
+                self._persist()
+            except store.StoreError:
+                pass  # logged and shown in info; the next key operation tries again
             return
         try:
             data = json.loads(path.read_text())
@@ -85,15 +89,9 @@ class KeyManager:
         self.log.info("keyring_loaded", keys=len(keys), primary=fingerprint(keys[0]))
 
     def _persist(self) -> None:
-        if self.keyring is None or self.data_dir is None:
-            return
-        path = self.data_dir / KEYRING_FILE
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"keys": [encode_key(k) for k in self.keyring.keys]}, fh)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        """Save the keyring (mode 0600); StoreError when it cannot be written."""
+        if self.keyring is not None:
+            self.saver.save({"keys": [encode_key(k) for k in self.keyring.keys]})
 
     # -- the member side: a query arrived -------------------------------------------------
 
@@ -111,6 +109,7 @@ class KeyManager:
         if op == "list":
             return _pack({"ok": True, "keys": [encode_key(k) for k in self.keyring.keys],
                           "primary": encode_key(self.keyring.primary)})
+        before = list(self.keyring.keys)
         try:
             key = decode_key(str(key_text))
             if op == "install":
@@ -119,10 +118,14 @@ class KeyManager:
                 self.keyring.use(key)
             else:
                 self.keyring.remove(key)
+            self._persist()
         except KeyError_ as exc:
             self.log.warning("key_op_refused", op=op, reason=str(exc))
             return _pack({"ok": False, "error": str(exc)})
-        self._persist()
+        except store.StoreError as exc:
+            # Not saved, so not applied: a restart would otherwise bring the old keyring back.
+            self.keyring.replace(before)
+            return _pack({"ok": False, "error": str(exc)})
         self.log.info("key_op", op=op, key=fingerprint(key), primary=fingerprint(self.keyring.primary))
         return _pack({"ok": True})
 

@@ -62,6 +62,18 @@ class AgentCollector(Collector):
         yield from self._tunnels()
         yield from self._upstreams()
         yield from self._api()
+        yield from self._store()
+
+    def _store(self) -> Iterator[Metric]:
+        failures = _counter("mesh_store_write_failures_total",
+                            "Failed writes of files under --data-dir (the change was refused), by file.", ["file"])
+        failing = GaugeMetricFamily("mesh_store_write_failing",
+                                    "1 while the last write of a file under --data-dir failed.", labels=["file"])
+        for name, saver in self.agent.savers().items():
+            failures.add_metric([name], saver.failures)
+            failing.add_metric([name], 1 if saver.error else 0)
+        yield failures
+        yield failing
 
     def _api(self) -> Iterator[Metric]:
         refused = _counter("mesh_api_refused_total",

@@ -619,6 +619,11 @@ class Agent:
             rows += up.router.view(now, endpoints, self.directory, self.cfg.name)
         return rows
 
+    def savers(self) -> dict[str, Any]:
+        """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
+        return {"services.json": self.services.saver, "intentions.json": self.intentions.saver,
+                "upstreams.json": self.upstreams.saver, "keyring.json": self.keys.saver}
+
     def self_view(self) -> dict[str, Any]:
         ms = self.membership
         stats = dict(ms.counters.stats)
@@ -651,6 +656,7 @@ class Agent:
                 **dict(sorted(stats.items())),
             },
             "uptime_s": round(time.time() - self.started_wall, 1),
+            "store": {name.removesuffix(".json"): saver.view() for name, saver in self.savers().items()},
         }
 
     # -- logging ---------------------------------------------------------------------------

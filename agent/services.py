@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,7 @@ class LocalServices:
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.log = log.get("mesh.services").bind(node=node)
+        self.saver = store.Saver(None if data_dir is None else data_dir / STORE_FILE, self.log)
         #: Woken on every change that may alter a discovery answer.
         self.changed = trio.Event()
         self._view_hashes: dict[str, bytes] = {}
@@ -211,8 +212,8 @@ class LocalServices:
         if reg.id in self.registrations:
             raise ServiceError(f"an instance with id {reg.id!r} is already registered on this agent; "
                                "deregister it first or pick another id", 409)
+        self._persist([*self.registrations.values(), reg], next_version=True)
         self._add(reg)
-        self._persist()
         self._start_check(reg.id)
         self.log.info("service_registered", id=reg.id, service=reg.name, port=reg.port,
                       check=reg.check.type if reg.check else None)
@@ -220,15 +221,15 @@ class LocalServices:
         return reg
 
     def deregister(self, iid: str) -> Registration:
-        reg = self.registrations.pop(iid, None)
-        if reg is None:
+        if iid not in self.registrations:
             raise ServiceError(f"no instance with id {shown(iid)} on this agent", 404)
+        self._persist([r for r in self.registrations.values() if r.id != iid], next_version=True)
+        reg = self.registrations.pop(iid)
         scope = self._scopes.pop(iid, None)
         if scope is not None:
             scope.cancel()
         self.runners.pop(iid, None)
         self.registry.remove(iid)
-        self._persist()
         self.log.info("service_deregistered", id=iid, service=reg.name)
         self._changed()
         return reg
@@ -288,16 +289,23 @@ class LocalServices:
             out.append({"version": data["version"]})
         return out
 
-    def _persist(self) -> None:
-        path = self._store_path()
-        if path is None:
-            return
+    def _persist(self, registrations: Iterable[Registration], next_version: bool = False) -> None:
+        """Save ``registrations`` (the state about to be applied); ServiceError 507 when it cannot be.
+
+        ``next_version`` stores the version the change will bring, so that a
+        restart counts past it.
+        """
+        regs = list(registrations)
+        ids = {r.id for r in regs}
         body = {
-            "version": self.registry.local.version,
-            "services": [r.to_dict() for r in self.registrations.values() if r.source == "api"]
-            + [h for h in self._held if h.get("id") not in self.registrations],
+            "version": self.registry.local.version + (1 if next_version else 0),
+            "services": [r.to_dict() for r in regs if r.source == "api"]
+            + [h for h in self._held if h.get("id") not in ids],
         }
-        store.write_json(path, body)
+        try:
+            self.saver.save(body)
+        except store.StoreError as exc:
+            raise ServiceError(str(exc), 507) from None
 
     # -- discovery views ----------------------------------------------------------------------
 

@@ -164,6 +164,7 @@ class Upstreams:
         #: Upstreams whose listener the operator opened to other hosts.
         self.public: set[str] = set()
         self.log = log.get("mesh.upstreams").bind(node=node)
+        self.saver = store.Saver(None if data_dir is None else data_dir / STORE_FILE, self.log)
 
     async def load(self, config_upstreams: list[dict[str, Any]]) -> None:
         """Open the configured and the persisted upstreams (config errors were caught at start)."""
@@ -192,19 +193,28 @@ class Upstreams:
             await self._open(spec, "api")
         except ProxyError as exc:
             raise ServiceError(str(exc), 409 if "already exists" in str(exc) else 400) from None
-        self._persist()
+        try:
+            self._persist()
+        except ServiceError:
+            await self._close(spec.service)  # not saved: not open either
+            raise
         return {"ok": True, **spec.to_dict()}
 
     async def remove(self, service: str) -> dict[str, Any]:
+        if service not in self.proxy.upstreams:
+            raise ServiceError(f"no upstream for {shown(service)}", 404)
+        self._persist(without=service)
+        await self._close(service)
+        self.log.info("upstream_removed", service=service)
+        return {"ok": True, "service": service}
+
+    async def _close(self, service: str) -> None:
         try:
             await self.proxy.remove_upstream(service)
         except ProxyError as exc:
             raise ServiceError(str(exc), 404) from None
         self.sources.pop(service, None)
         self.public.discard(service)
-        self._persist()
-        self.log.info("upstream_removed", service=service)
-        return {"ok": True, "service": service}
 
     def view(self) -> list[dict[str, Any]]:
         out = []
@@ -238,10 +248,12 @@ class Upstreams:
         path = None if self.data_dir is None else self.data_dir / STORE_FILE
         return store.read_records(path, self.log, "upstream_store_unreadable")
 
-    def _persist(self) -> None:
-        if self.data_dir is None:
-            return
+    def _persist(self, without: str | None = None) -> None:
+        """Save the run-time upstreams (less ``without``); ServiceError 507 when they cannot be saved."""
         body = [UpstreamSpec(s, up.listen, up.options, s in self.public).to_dict()
                 for s, up in self.proxy.upstreams.items()
-                if self.sources.get(s) == "api"]
-        store.write_json(self.data_dir / STORE_FILE, body)
+                if self.sources.get(s) == "api" and s != without]
+        try:
+            self.saver.save(body)
+        except store.StoreError as exc:
+            raise ServiceError(str(exc), 507) from None

@@ -197,6 +197,9 @@ def info(api: str, as_json: bool) -> None:
     counters = data["counters"]
     dropped = counters.get("dropped", {})
     click.echo("dropped:     " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"))
+    for name, state in data.get("store", {}).items():
+        if state.get("error"):
+            click.echo(f"store:       {name}.json not saved ({state['failures']} failures): {state['error']}")
     refused = {k: v for k, v in counters.get("api_refused", {}).items() if v}
     click.echo("api refused: " + (", ".join(f"{k} {v}" for k, v in refused.items()) or "none"))
     other = {k: v for k, v in counters.items() if k not in ("dropped", "dropped_total", "api_refused")}

@@ -77,6 +77,11 @@ class AgentProc:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 
+    def call_text(self, path: str, timeout: float = 5.0) -> str:
+        """A GET whose answer is not JSON (``/metrics``, the dashboard)."""
+        with urllib.request.urlopen(f"http://{self.api}{path}", timeout=timeout) as resp:
+            return str(resp.read().decode())
+
     def members(self) -> dict[str, dict[str, Any]]:
         return {m["name"]: m for m in self.call("GET", "/v1/members")}
 
