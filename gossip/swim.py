@@ -32,6 +32,7 @@ from gossip.member import MEMBER_CHANGES, Member, Status
 from gossip.signing import Signer, Verifier, alive_bytes
 from gossip.suspicion import Suspicion
 from gossip.wire import (
+    MAX_INCARNATION,
     MAX_QUERY_PAYLOAD,
     PACKET_OVERHEAD,
     Ack,
@@ -39,6 +40,7 @@ from gossip.wire import (
     Alive,
     Dead,
     DecodeError,
+    MemberRecord,
     Message,
     Nack,
     NodeState,
@@ -1001,12 +1003,26 @@ class Membership:
             self._set_status(now, m, Status.ALIVE, reason)
         self._broadcast(a.name, a)
 
+    def _beyond_announced(self, m: Member, incarnation: int) -> bool:
+        """An accusation above the incarnation the member itself announced (its latest alive).
+
+        SWIM's rule that only a member raises its own incarnation makes such a
+        claim a lie or a bug: honest accusers name the incarnation they hold,
+        which came from the member's own (signed) alive.  Taken, one datagram
+        with the largest incarnation the wire carries would kill the member for
+        good, since no refutation could outbid it.  Dropped and counted.
+        """
+        if incarnation > m.incarnation:
+            self.drop("accusation_beyond_alive")
+            return True
+        return False
+
     def _on_suspect(self, now: float, s: Suspect) -> None:
         if s.name == self.name:
             self._accused(now, s.incarnation, f"suspected by {s.source}")
             return
         m = self.members.get(s.name)
-        if m is None or s.incarnation < m.incarnation:
+        if m is None or s.incarnation < m.incarnation or self._beyond_announced(m, s.incarnation):
             return
         sus = self._suspicions.get(s.name)
         if sus is not None:
@@ -1036,7 +1052,7 @@ class Membership:
             self._accused(now, d.incarnation, f"declared dead by {d.source}")
             return
         m = self.members.get(d.name)
-        if m is None or d.incarnation < m.incarnation:
+        if m is None or d.incarnation < m.incarnation or self._beyond_announced(m, d.incarnation):
             return
         if m.status is Status.DEAD and d.source == d.name:
             # We timed out our own suspicion before the leave reached us; a
@@ -1061,7 +1077,13 @@ class Membership:
         """Someone claims we are suspect or dead."""
         if self.leaving:
             return
+        if incarnation >= MAX_INCARNATION:
+            # No refutation can outbid it; peers drop it (_beyond_announced), so we need not.
+            self.drop("accusation_beyond_alive")
+            return
         if incarnation >= self.me.incarnation:
+            # Above what we announced is still possible here: a restarted agent starts low,
+            # and its past self's incarnation comes back to it as "dead at N".
             self._refute(now, incarnation, reason)
         elif not self.broadcasts.pending(self.name):
             # A stale claim: its sender missed our refutation.  Repeat our
@@ -1479,6 +1501,20 @@ class Membership:
             return f"name {remote.source!r} is already alive at {format_addr(existing.addr)}"
         return ""
 
+    def _learn_announced(self, held: Member, r: MemberRecord) -> None:
+        """Take the incarnation a push-pull record proves the member itself announced (its signed alive)."""
+        a = Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity, r.sig)
+        if r.addr != held.addr or r.identity is None or r.identity != held.identity or not self._signature_ok(a):
+            return  # unproven: the accusation that follows is dropped as beyond what was announced
+        m = self._own(held)
+        m.incarnation = r.incarnation
+        m.tags = dict(r.tags)
+        m.tunnel = r.tunnel
+        m.sig = r.sig
+        if r.state != m.state:
+            m.state = r.state
+            self._note_state(m)
+
     def _merge(self, now: float, remote: PushPull) -> None:
         # memberlist mergeState: a remote "dead" only makes us suspect, so one
         # node's stale view cannot kill a member we can still reach.
@@ -1508,10 +1544,20 @@ class Membership:
                 # that matter.  The peer itself, and any change to a member we know, still spread.
                 self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity,
                                           r.sig), spread_new=r.name == remote.source or r.name in fresh)
-            elif r.status == "left":
-                self._on_dead(now, Dead(r.name, r.incarnation, r.name))
             else:
-                self._on_suspect(now, Suspect(r.name, r.incarnation, remote.source))
+                if held is not None and r.name != self.name and r.incarnation > held.incarnation:
+                    # The peer holds a later incarnation than ours, accused.  Its record carries
+                    # the member's own signed alive for it: learn that first, so the accusation
+                    # is within what the member announced.  A lite record carries no signature:
+                    # ask for the full exchange instead.
+                    if remote.lite:
+                        news = True
+                        continue
+                    self._learn_announced(held, r)
+                if r.status == "left":
+                    self._on_dead(now, Dead(r.name, r.incarnation, r.name))
+                else:
+                    self._on_suspect(now, Suspect(r.name, r.incarnation, remote.source))
         if news:
             own = next((r for r in remote.members if r.name == remote.source), None)
             if own is not None:

@@ -254,6 +254,8 @@ def _tunnel(t: Tunnel | None) -> list[Any] | None:
 # messages, each of them checked field by field.
 
 _INT_LIMIT = 2**63
+#: The largest incarnation the wire carries (msgpack's signed 64-bit range, as memberlist's uint32 is its).
+MAX_INCARNATION = _INT_LIMIT - 1
 
 
 def _tunnel_of(v: Any) -> Tunnel | None:

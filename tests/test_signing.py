@@ -239,3 +239,24 @@ def test_a_lite_sync_about_an_agent_with_keys_tags_and_a_catalog_changes_nothing
     held = b.members["a"]
     assert held.tunnel == (A("a", 7000), key) and held.tags == {"role": "web"}
     assert held.incarnation == inc and held.state == a.me.state
+
+
+def test_a_push_pulls_accusation_above_our_incarnation_counts_only_with_the_members_signed_alive() -> None:
+    """A peer that holds a member at a later incarnation, accused, proves it with the member's signature."""
+    from gossip.wire import MemberRecord
+
+    b = signer()
+    for proven in (True, False):
+        m = machine()
+        feed(m, 1.0, signed(b, "b", 3, A("b")))
+        settle_checks(m, 1.0)
+        later = signed(b, "b", 7, A("b"))
+        sig = later.sig if proven else signed(signer(), "b", 7, A("b")).sig
+        record = MemberRecord("b", A("b"), 7, "suspect", {}, None, None, b.public, sig)
+        m.handle_stream(5.0, A("c"), encode_packet([PushPull("c", False, [record])]))
+        held = m.members["b"]
+        if proven:
+            assert (held.status.value, held.incarnation) == ("suspect", 7)
+        else:
+            assert (held.status.value, held.incarnation) == ("alive", 3)
+            assert m.counters.drops["accusation_beyond_alive"] == 1

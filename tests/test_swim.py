@@ -225,8 +225,8 @@ def test_suspect_with_lower_incarnation_is_ignored() -> None:
     assert status(m, "x") == "alive"
 
 
-@pytest.mark.parametrize("inc", [5, 7])
-def test_suspect_with_equal_or_higher_incarnation_marks_suspect(inc: int) -> None:
+@pytest.mark.parametrize("inc", [5])
+def test_suspect_with_equal_incarnation_marks_suspect(inc: int) -> None:
     m = known(5)
     feed(m, 1.0, Suspect("x", inc, "b"))
     x = m.members["x"]
@@ -314,15 +314,16 @@ def test_claims_about_a_member_follow_swim_precedence(seq: list[tuple[str, int, 
                 model = ("alive", inc)
         elif kind == "suspect":
             msg = Suspect("x", inc, src)
-            if model[0] == "alive" and inc >= model[1]:
+            # An accusation above the incarnation x announced is dropped (_beyond_announced).
+            if model[0] == "alive" and inc == model[1]:
                 model = ("suspect", inc)
         else:
             msg = Dead("x", inc, src)
-            if model[0] in ("alive", "suspect") and inc >= model[1]:
+            if model[0] in ("alive", "suspect") and inc == model[1]:
                 model = ("left" if src == "x" else "dead", inc)
         feed(m, 1.0, msg)
         after = (status(m, "x"), m.members["x"].incarnation)
-        if model[0] == "dead" and kind == "dead" and src == "x" and inc >= model[1]:
+        if model[0] == "dead" and kind == "dead" and src == "x" and inc == model[1]:
             # The one rule beyond `overrides`: the member's own leave replaces a dead
             # verdict (test_a_leave_heard_after_our_own_dead_verdict_still_shows_left).
             model = ("left", inc)
@@ -1676,3 +1677,46 @@ def test_the_kept_up_count_matches_a_recount_through_joins_deaths_and_reaping() 
     assert m.num_up() == recount() == 7
     net.run(20.0)  # reaped
     assert "n3" not in m.members and m.num_up() == recount() == 7
+
+
+# -- accusations are bounded by what the accused announced -----------------------------------------
+
+
+@pytest.mark.parametrize("claim", [Suspect("x", 6, "b"), Dead("x", 6, "b"), Dead("x", 2**63 - 1, "b"),
+                                   Dead("x", 6, "x"), Suspect("x", 2**63 - 1, "c")])
+def test_an_accusation_beyond_the_members_own_incarnation_is_dropped_and_counted(claim: Message) -> None:
+    m = known(5)
+    feed(m, 1.0, claim)
+    assert (status(m, "x"), m.members["x"].incarnation) == ("alive", 5)
+    assert m.counters.drops["accusation_beyond_alive"] == 1
+    assert claim not in queued(m)  # not spread either
+    feed(m, 2.0, Suspect("x", 5, "b"))  # an honest one still counts
+    assert status(m, "x") == "suspect"
+
+
+def test_an_accusation_no_refutation_could_outbid_is_ignored_by_its_target() -> None:
+    m = machine("a", ["b"])
+    feed(m, 1.0, Dead("a", 2**63 - 1, "b"))
+    assert m.me.incarnation < 2**63 - 1 and m.counters.drops["accusation_beyond_alive"] == 1
+    # A restarted agent still refutes its past self's death at a higher incarnation.
+    feed(m, 2.0, Dead("a", 57, "b"))
+    assert m.me.incarnation == 58
+
+
+insider = st.lists(st.tuples(st.sampled_from(["suspect", "dead"]), st.integers(0, 2**63 - 1),
+                             st.sampled_from(["b", "c", "x"])), max_size=30)
+
+
+@SETTINGS
+@given(insider)
+def test_no_insider_sequence_of_accusations_outbids_a_live_members_refutation(seq: list[tuple[str, int, str]]) -> None:
+    """Whatever a key holder sends, x's own alive one above what was accused always wins again."""
+    m = known(3, config=LAN)
+    for kind, inc, src in seq:
+        msg: Message = Suspect("x", inc, src) if kind == "suspect" else Dead("x", inc, src)
+        feed(m, 1.0, msg)
+        held = m.members["x"].incarnation
+        assert held == 3  # accusations never raise it: only x's alive does
+    refute = Alive("x", m.members["x"].incarnation + 1, A("x"), {"v": "1"})
+    feed(m, 2.0, refute)
+    assert status(m, "x") == "alive" and m.members["x"].incarnation == 4
