@@ -148,6 +148,7 @@ class ApiServer:
             ("DELETE", "/v1/services/"): self.deregister,
             ("DELETE", "/v1/upstreams/"): self.upstream_remove,
             ("DELETE", "/v1/intentions/"): self.intention_remove_one,
+            ("PUT", "/v1/agent/force-leave/"): self.force_leave,
         }
         #: Routes with two trailing path parameters (a source and a destination).
         self.prefixed2: dict[tuple[str, str], Prefix2Handler] = {
@@ -259,6 +260,19 @@ class ApiServer:
         from agent import dashboard  # read from disk on the first visit only
 
         return 200, dashboard.page(), dashboard.HEADERS
+
+    async def force_leave(self, node: str, query: dict[str, list[str]], body: Any) -> Reply:
+        """Consul's PUT /v1/agent/force-leave/{node}: a member that will never come back shows left."""
+        try:
+            was = self.agent.membership.force_leave(trio.current_time(), node)
+        except KeyError:
+            raise HttpError(404, f"no member named {node[:100]!r}") from None
+        except ValueError as exc:
+            raise HttpError(400, f"{node} is {exc}") from None
+        await self.agent.flush()  # the leave goes out now, not at the next gossip round
+        note = ("it was alive: if it still is, it refutes and stays" if was in ("alive", "suspect")
+                else "it shows left everywhere, and returns only if it rejoins")
+        return 200, {"ok": True, "node": node, "was": was, "detail": note}
 
     async def leave(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         if self.agent.membership.leaving:

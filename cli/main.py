@@ -231,6 +231,16 @@ def leave(api: str, as_json: bool) -> None:
     _emit(data, as_json, data.get("detail", "leaving"))
 
 
+@main.command("force-leave")
+@api_option
+@json_option
+@click.argument("node")
+def force_leave(api: str, as_json: bool, node: str) -> None:
+    """Mark NODE, a member that will never come back, as left everywhere (before the reap removes it)."""
+    data = _call(api, "PUT", f"/v1/agent/force-leave/{quote(node, safe='')}")
+    _emit(data, as_json, f"{data['node']} (was {data['was']}): {data['detail']}")
+
+
 @main.command()
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the key to this file (mode 0600).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists (its old key is lost).")

@@ -486,6 +486,29 @@ class Membership:
         for m in self.rng.sample(up, min(LEAVE_DIRECT, len(up))):
             self._send_only(m.addr, [d])
 
+    def force_leave(self, now: float, name: str) -> str:
+        """Mark ``name`` left everywhere, on its behalf (Serf's and Consul's force-leave).
+
+        For a member that will never come back, before the reap removes it: a
+        left member is not reconnected to, and shows as departed, not failed.
+        The claim is a leave at the incarnation the member announced, so it is
+        within the bound on accusations; a member that is in fact alive hears
+        it, refutes, and stays.  Returns the status it had.
+        """
+        self._now = now
+        m = self.members.get(name)
+        if m is None:
+            raise KeyError(name)
+        if name == self.name:
+            raise ValueError("this agent itself: use a graceful leave")
+        was = m.status.value
+        if m.status is not Status.LEFT:
+            m = self._own(m)
+            self._suspicions.pop(name, None)  # its heap entry goes stale
+            self._set_status(now, m, Status.LEFT, f"forced to leave by {self.name}")
+            self._broadcast(name, Dead(name, m.incarnation, name))
+        return was
+
     def leave_spread(self, now: float) -> bool:
         """True once our leave has been sent its full retransmit budget."""
         return self.leaving and (

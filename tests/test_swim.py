@@ -1720,3 +1720,26 @@ def test_no_insider_sequence_of_accusations_outbids_a_live_members_refutation(se
     refute = Alive("x", m.members["x"].incarnation + 1, A("x"), {"v": "1"})
     feed(m, 2.0, refute)
     assert status(m, "x") == "alive" and m.members["x"].incarnation == 4
+
+
+# -- force-leave ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("st_", ["dead", "suspect", "alive"])
+def test_force_leave_marks_a_member_left_and_spreads_it(st_: str) -> None:
+    m = known(5, st_)
+    assert m.force_leave(1.0, "x") == st_
+    assert status(m, "x") == "left" and m.members["x"].incarnation == 5
+    assert Dead("x", 5, "x") in queued(m)
+    assert drain(m).member_events("x")[-1]["reason"] == "forced to leave by a"
+    assert m.force_leave(2.0, "x") == "left"  # again: nothing more
+    with pytest.raises(KeyError):
+        m.force_leave(1.0, "nobody")
+    with pytest.raises(ValueError):
+        m.force_leave(1.0, "a")
+
+
+def test_a_live_member_forced_to_leave_refutes_and_stays() -> None:
+    x = machine("x", ["a"])
+    feed(x, 1.0, Dead("x", x.me.incarnation, "x"))  # the force-leave, as x hears it
+    assert x.me.status is Status.ALIVE and x.me.incarnation == 1
