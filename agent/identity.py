@@ -7,16 +7,24 @@
   refute on our behalf (gossip.signing).
 
 Both must stay the same across restarts -- hence files, written 0600 and
-never logged.  Without --data-dir they live only as long as the process,
-which works but makes every restart look like a new identity (and a restarted
-agent must then wait until its old self is dead before it may take its name).
+never logged.  Without --data-dir they are kept in a default place of their
+own (``default_dir``): one per agent name and gossip bind address, under the
+user's state directory, locked while an agent uses it, so that two agents
+never share an identity and a restart keeps it.  Only the identity lives
+there: run-time registrations and the keyring still need --data-dir, so the
+default place never holds a key that could override an explicit --key.
+Where it cannot be used (no writable home, or another agent holds it), the
+keys are new at every start; the mesh still takes a restarted agent's new key
+once its address answers with it (gossip.swim: _replaced_at_address).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -29,6 +37,38 @@ IDENTITY_FILE = "identity.key"
 
 class IdentityError(Exception):
     """The key file exists but cannot be used; worded as one line."""
+
+
+LOCK_FILE = "lock"
+
+
+def default_dir(name: str, bind: tuple[str, int], environ: dict[str, str] | None = None) -> Path | None:
+    """Where an agent without --data-dir keeps its identity: $XDG_STATE_HOME (or ~/.local/state)/mesh-agent/."""
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or (str(Path(env["HOME"]) / ".local" / "state") if env.get("HOME") else "")
+    if not base:
+        return None
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", bind[0])
+    return Path(base) / "mesh-agent" / "identity" / f"{name}@{host}_{bind[1]}"
+
+
+def claim_dir(path: Path) -> tuple[int | None, str]:
+    """Create and lock ``path`` for this process: (the lock's descriptor, or None and why not).
+
+    The lock lasts as long as the process (the descriptor is kept open, and
+    the kernel drops the lock when the process ends, however it ends).
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        return None, f"cannot use {path}: {exc.strerror}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None, f"{path} is in use by another agent of the same name and address"
+    return fd, ""
 
 
 def _public(private: bytes) -> bytes:

@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from collections import Counter, deque
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -123,9 +124,11 @@ class Agent:
         self.log = log.get("mesh.agent").bind(node=cfg.name)
         self.sealer = Sealer(Keyring(cfg.key) if cfg.key else None)
         self.registry = Registry(cfg.name)
+        #: Where the identity keys are kept, and the lock that keeps other agents out of it.
+        self.identity_dir, self._identity_lock = self._claim_identity_dir(cfg)
         try:
-            self.tunnel_private, self.tunnel_public, id_warnings = identity.load_or_create(cfg.data_dir)
-            identity_seed, more = identity.load_or_create_secret(cfg.data_dir, identity.IDENTITY_FILE,
+            self.tunnel_private, self.tunnel_public, id_warnings = identity.load_or_create(self.identity_dir)
+            identity_seed, more = identity.load_or_create_secret(self.identity_dir, identity.IDENTITY_FILE,
                                                                  "identity key")
             id_warnings += [w for w in more if "no --data-dir" not in w]
         except identity.IdentityError as exc:
@@ -181,6 +184,31 @@ class Agent:
         #: When strangers were last logged (any of them), for the overall limit.
         self._stranger_logs: deque[float] = deque()
 
+    @staticmethod
+    def _claim_identity_dir(cfg: AgentConfig) -> tuple[Path | None, int | None]:
+        """The data dir, or without one the default identity place (agent.identity), locked for this process.
+
+        Two agents never share one: an explicit --data-dir in use is a start-up
+        error; a default place in use (or unusable) means keys new at this start.
+        """
+        if cfg.data_dir is not None:
+            fd, why = identity.claim_dir(cfg.data_dir)
+            if fd is None and "in use" in why:
+                raise StartupError(f"--data-dir {why}")
+            if fd is None:
+                cfg.warnings.append(f"--data-dir not locked: {why}")
+            return cfg.data_dir, fd
+        default = identity.default_dir(cfg.name, cfg.bind)
+        if default is None:
+            cfg.warnings.append("no --data-dir and no home directory: the identity keys are new at every start")
+            return None, None
+        fd, why = identity.claim_dir(default)
+        if fd is None:
+            cfg.warnings.append(f"no --data-dir, and the default identity place {why}: "
+                                "the identity keys are new at this start")
+            return None, None
+        return default, fd
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -208,7 +236,8 @@ class Agent:
             self.log.warning("config_warning", detail=w)
         if self.cfg.insecure:
             self.log.warning("insecure_mode", detail="gossip is NOT encrypted or authenticated (--insecure)")
-        self.log.info("agent_started", **describe(self.cfg))
+        self.log.info("agent_started", **describe(self.cfg),
+                      identity=str(self.identity_dir) if self.identity_dir else "new at every start")
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -670,7 +699,7 @@ class Agent:
             self.log.warning(kind, **fields)
         elif kind in ("refute", "member_moved", "member_rekeyed"):
             self.log.info(kind, **fields)
-        elif kind in ("udp_blocked", "address_mismatch", "broadcasts_dropped"):
+        elif kind in ("udp_blocked", "address_mismatch", "broadcasts_dropped", "previous_identity"):
             self.log.warning(kind, **fields)
         elif kind == "udp_restored":
             self.log.info(kind, **fields)

@@ -99,6 +99,8 @@ _FETCH_FALLBACKS = 2
 #: the same work no longer delays it.  (Checking as soon as news paused for
 #: half a gossip round still fell inside the burst, and gained nothing.)
 VERIFY_DELAY = 1.0
+#: How often, at most, we ask a member's address who holds it (Membership._verify_address).
+VERIFY_ADDRESS_EVERY = 2.0
 
 #: Distinct address mismatches reported at most (a bound on what a peer can make us keep).
 _MAX_ADDR_WARNINGS = 4096
@@ -319,6 +321,8 @@ class Membership:
         self.udp_blocked: dict[str, float] = {}
         #: (member, source address) pairs already reported by _address_mismatch.
         self._addr_warned: set[tuple[str, Address]] = set()
+        #: Names whose address we asked who holds it (_verify_address), and when, so we ask once a while.
+        self._verified_at: dict[str, float] = {}
         self._next_drop_report = 0.0
         #: Catalog fetches that failed and were retried through another member: node -> tries.
         self._fetch_tries: dict[str, int] = {}
@@ -671,6 +675,39 @@ class Membership:
             self.drop("state_" + exc.reason)
         self.state_changed()  # a restart may have made us move our version on
 
+    def _verify_address(self, now: float, m: Member) -> None:
+        """Open a push-pull to ``m``'s address: its answer says which key holds that address now."""
+        last = self._verified_at.get(m.name)
+        if last is not None and now - last < VERIFY_ADDRESS_EVERY:
+            return
+        self._verified_at[m.name] = now
+        self._outbox.append(StartPushPull(m.addr, "verify"))
+
+    def _replaced_at_address(self, now: float, target: Address, remote: PushPull) -> None:
+        """The member at ``target``, which we dialled, answers with a new identity key: its old one is gone.
+
+        The strongest evidence SWIM has: a UDP or TCP address is held by one
+        process at a time, and we chose the address, so whoever answers there
+        is the member now.  Its own record is signed with the new key.  The
+        old key's member is taken as dead here, and the new key's alive (next,
+        in _merge) takes the name.  A live impostor elsewhere never gets this
+        far: dialling the member's address reaches the member, not it.
+        """
+        held = self.members.get(remote.source)
+        if held is None or remote.lite or remote.source == self.name or not held.status.up:
+            return
+        own = next((r for r in remote.members if r.name == remote.source), None)
+        if (own is None or own.identity is None or held.identity is None or own.identity == held.identity
+                or own.addr != target or held.addr != target):
+            return
+        if not self._signature_ok(Alive(own.name, own.incarnation, own.addr, own.tags, own.state, own.tunnel,
+                                        own.identity, own.sig)):
+            return
+        m = self._own(held)
+        self._suspicions.pop(m.name, None)  # its heap entry goes stale
+        self._set_status(now, m, Status.DEAD, "replaced at its address by a new identity key")
+        self.counters.stats["identities_replaced"] += 1
+
     def complete_push_pull(
         self, now: float, target: Address, purpose: str, reply: bytes | None, error: str = ""
     ) -> tuple[bool, str]:
@@ -699,6 +736,7 @@ class Membership:
                 self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
             else:
                 news = self._news
+                self._replaced_at_address(now, target, remote)
                 self._merge(now, remote)
                 self._merge_delegate(remote.delegate)
                 self.counters.stats["push_pull_out"] += 1
@@ -926,7 +964,16 @@ class Membership:
     def _on_alive(self, now: float, a: Alive, spread_new: bool = True) -> None:
         if a.name == self.name:
             me = self.me
-            if a.identity is not None and a.identity != me.identity and a.incarnation >= me.incarnation:
+            if a.identity is not None and a.identity != me.identity and a.addr == me.addr:
+                # Our own address under another key: a previous run of this agent (started without
+                # --data-dir, it kept no identity).  Peers ask this address who holds it, and take
+                # our key once we answer (_replaced_at_address).
+                if (a.name, a.addr) not in self._addr_warned:
+                    self._addr_warned.add((a.name, a.addr))
+                    self._event("previous_identity", name=a.name, addr=format_addr(a.addr),
+                                detail="peers still hold a previous run of this agent, with another identity key "
+                                       "(keep --data-dir to keep it); they take this one once they ask this address")
+            elif a.identity is not None and a.identity != me.identity and a.incarnation >= me.incarnation:
                 # Someone else, with another key, claims our name: say so; our refutation wins
                 # everywhere our key is bound.
                 self._event("name_conflict", name=a.name, ours=format_addr(me.addr), theirs=format_addr(a.addr),
@@ -984,7 +1031,11 @@ class Membership:
         same_key = a.identity is not None and a.identity == m.identity
         if m.identity is not None and not same_key:
             if m.status.up:
-                # Another key claims a live name: refused, whatever its incarnation.
+                # Another key claims a live name: refused, whatever its incarnation -- unless
+                # the member's own address now answers with that key (a restart with a new
+                # identity, as an agent without --data-dir has).  Ask the address itself.
+                if a.addr == m.addr:
+                    self._verify_address(now, m)
                 if (a.name, a.addr) not in self._addr_warned:
                     self._addr_warned.add((a.name, a.addr))
                     self._event("name_conflict", name=a.name, ours=format_addr(m.addr), theirs=format_addr(a.addr),
@@ -1009,8 +1060,8 @@ class Membership:
             if m.status.up:
                 self._event("member_moved", name=a.name, old=format_addr(m.addr), new=format_addr(a.addr))
             m.addr = a.addr
-        elif a.incarnation <= m.incarnation:
-            return
+        elif a.incarnation <= m.incarnation and (same_key or m.identity is None):
+            return  # (a new key's life counts its incarnations anew: the old key's are no bar)
         m = self._own(m)
         m.incarnation = a.incarnation
         m.tags = dict(a.tags)
@@ -1547,10 +1598,11 @@ class Membership:
         for r in remote.members:
             held = members.get(r.name)
             if held is not None and r.name != self.name and (
-                    (r.status == "alive" and r.addr == held.addr and r.incarnation <= held.incarnation)
+                    (r.status == "alive" and r.addr == held.addr and r.incarnation <= held.incarnation
+                     and (r.identity is None or r.identity == held.identity))
                     or (r.status != "alive" and r.incarnation < held.incarnation)):
                 # Nothing this record can change (an alive needs a higher incarnation or,
-                # for a departed member, a new address; an accusation a current
+                # for a departed member, a new address or a new key; an accusation a current
                 # incarnation): most of a push-pull, skipped cheaply.
                 continue
             if r.status == "alive":

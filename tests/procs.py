@@ -139,7 +139,9 @@ class Cluster:
             extra += ["--tunnel", "127.0.0.1:0"]  # many agents share loopback
         args += extra
         log_path = self.workdir / f"{name}-{len(self._all)}.log"
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        # Agents without --data-dir keep their identity in a default place under the state home
+        # (agent/identity.py): this run's own, so that no run leaves anything behind.
+        env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_STATE_HOME=str(self.workdir / "state"))
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True

@@ -260,3 +260,36 @@ def test_a_push_pulls_accusation_above_our_incarnation_counts_only_with_the_memb
         else:
             assert (held.status.value, held.incarnation) == ("alive", 3)
             assert m.counters.drops["accusation_beyond_alive"] == 1
+
+
+def test_a_new_key_at_a_members_own_address_is_checked_at_that_address_and_then_taken() -> None:
+    """The restart race: the new process answers the old one's probes, so only its address can tell."""
+    from gossip.swim import StartPushPull
+    from gossip.wire import MemberRecord
+
+    old, new = signer(), signer()
+    m = machine()
+    feed(m, 1.0, signed(old, "b", 5, A("b")))
+    settle_checks(m, 1.0)
+    m.receive(2.0, A("b"), encode_packet([signed(new, "b", 1, A("b"))]))
+    out, _ = m.drain()
+    assert m.members["b"].identity == old.public  # refused for now ...
+    assert StartPushPull(A("b"), "verify") in out  # ... and its address is asked
+    m.receive(2.5, A("b"), encode_packet([signed(new, "b", 2, A("b"))]))
+    assert StartPushPull(A("b"), "verify") not in m.drain()[0]  # asked once a while, not per packet
+
+    def reply(key: Signer, inc: int) -> bytes:
+        alive = signed(key, "b", inc, A("b"))
+        record = MemberRecord("b", A("b"), inc, "alive", {}, None, None, key.public, alive.sig)
+        return encode_packet([PushPull("b", False, [record])])
+
+    # A reply from elsewhere claiming b's address proves nothing; the old key answering there neither.
+    m.complete_push_pull(3.0, A("c"), "verify", reply(new, 2))
+    assert m.members["b"].identity == old.public
+    m.complete_push_pull(3.0, A("b"), "verify", reply(old, 5))
+    assert m.members["b"].identity == old.public and m.members["b"].status.value == "alive"
+    # The new key answering at b's own address: the old one is gone, whatever the incarnations.
+    m.complete_push_pull(3.5, A("b"), "verify", reply(new, 2))
+    held = m.members["b"]
+    assert (held.identity, held.status.value, held.incarnation) == (new.public, "alive", 2)
+    assert m.counters.stats["identities_replaced"] == 1
