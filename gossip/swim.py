@@ -1123,7 +1123,9 @@ class Membership:
 
     def _on_dead(self, now: float, d: Dead) -> None:
         if d.name == self.name:
-            self._accused(now, d.incarnation, f"declared dead by {d.source}")
+            # Our own name as the source is our own earlier leave (or a force-leave said for us).
+            self._accused(now, d.incarnation, "an earlier leave of this agent" if d.source == d.name
+                          else f"declared dead by {d.source}")
             return
         m = self.members.get(d.name)
         if m is None or d.incarnation < m.incarnation or self._beyond_announced(m, d.incarnation):

@@ -1743,3 +1743,12 @@ def test_a_live_member_forced_to_leave_refutes_and_stays() -> None:
     x = machine("x", ["a"])
     feed(x, 1.0, Dead("x", x.me.incarnation, "x"))  # the force-leave, as x hears it
     assert x.me.status is Status.ALIVE and x.me.incarnation == 1
+
+
+def test_a_rejoining_agent_refutes_its_own_earlier_leave_by_that_name() -> None:
+    m = machine("n6", ["b"])
+    feed(m, 1.0, Dead("n6", 3, "n6"))  # what peers still hold after our last run left
+    refute = [e for e in drain(m).events if e.kind == "refute"]
+    assert refute and refute[-1].fields["reason"] == "an earlier leave of this agent"
+    feed(m, 2.0, Dead("n6", m.me.incarnation, "b"))
+    assert [e for e in drain(m).events if e.kind == "refute"][-1].fields["reason"] == "declared dead by b"
