@@ -546,13 +546,16 @@ def routes(api: str, as_json: bool, service: str | None) -> None:
     if as_json:
         _print_json(data)
         return
-    rows = [["SERVICE", "INSTANCE", "NODE", "PATH", "RTT", "WEIGHT", "STATE", "OPEN", "LATENCY"]]
+    rows = [["SERVICE", "INSTANCE", "NODE", "PATH", "RTT", "WEIGHT", "STATE", "OPEN", "LATENCY", "LAST FAILURE"]]
     for r in data:
         rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.2f}ms"
         latency = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}ms"
         state = r["state"] + (" (half-open)" if r.get("half_open") else "")
+        if r.get("refused"):
+            state += " (refused)"  # its agent's intentions refuse this upstream's source
+        failure = "-" if not r.get("last_failure") else f"{r['last_failure']} {r['last_failure_ago_s']:.0f}s ago"
         rows.append([r["service"], r["instance"], r["node"], " > ".join(r["path"]), rtt, f"{r['weight']:.2f}",
-                     state, str(r.get("outstanding", 0)), latency])
+                     state, str(r.get("outstanding", 0)), latency, failure])
     _table(rows)
 
 

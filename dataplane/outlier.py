@@ -1,8 +1,10 @@
 """Passive health per upstream instance: outlier ejection, half-open trial, slow start.
 
 Active probes say whether a node is alive; they do not say whether one service
-instance on it accepts connections.  The proxy learns that from its own
-connects, so it reports every outcome here and asks, per instance, whether to
+instance on it serves them.  The proxy learns that from its own
+connections (a connect that fails, or a connection the instance resets or
+closes before its first byte of answer: dataplane.routing), so it reports
+every outcome here and asks, per instance, whether to
 use it and with what weight.  Pure state machine: no I/O, no clock (every call
 takes ``now`` in seconds), one detector per upstream service (the
 ``max_ejection_percent`` cap is a fraction of that service's instances).
@@ -43,7 +45,7 @@ API
 ``OutlierDetector(config=OutlierConfig())``
 
 * ``on_success(now, key)``, ``on_failure(now, key, total_instances)`` -- one
-  connect outcome each (a timeout is a failure).
+  connection outcome each (a timeout is a failure).
 * ``available(now, key) -> bool``; ``weight(now, key) -> float`` (0 when not
   available); ``trial_started(now, key)`` after picking an instance (a no-op
   unless it is half-open, so it is safe to call on every pick).

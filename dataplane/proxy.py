@@ -12,11 +12,20 @@ The far end answers every stream with one status byte before any payload:
 connected, denied (an intention refuses the caller), or unavailable (no such
 instance, or it could not be reached), and it forwards nothing to the
 instance before it has answered "connected".  So an attempt answered
-"unavailable" is known to have reached no instance and is retried on another
-passing instance (at most MAX_ATTEMPTS in all) without the client noticing; a
-denial is final.  The client's first bytes (up to EARLY_MAX) travel with the
+"unavailable" or "denied" is known to have reached no instance and is retried
+on another passing instance without the client noticing (at most MAX_ATTEMPTS
+failures; a denial rules out every instance on that agent, whose intentions
+are the same for all of them, and the router remembers it: see
+dataplane.routing).  The client is reset only when no instance is left that
+could take it.  The client's first bytes (up to EARLY_MAX) travel with the
 open rather than after the answer, so the status costs no round trip; a copy
 is kept to replay on the next instance.
+
+Once connected, the client's bytes have reached the instance, so a failure
+resets the client rather than risk delivering a request twice; if it came
+from the instance's side before its first byte of answer (a reset, or a close
+while the client was still sending), the router counts it against the
+instance (:func:`splice` says which side ended how).
 
 Who may call is decided here, on the receiving side, by an :class:`Authorizer`
 (agent/intentions.py) from the tunnel's authenticated node name and the source
@@ -42,10 +51,10 @@ from typing import Final, Protocol
 import msgpack
 import trio
 
-from dataplane import tunnel
+from dataplane import routing, tunnel
 from dataplane.rawsocket import RawSocketStream, connect_tcp
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
-from dataplane.tunnel import TunnelError
+from dataplane.tunnel import StreamResetError, TunnelError
 
 #: Bytes read from a client or instance socket at a time: fewer, larger reads
 #: and tunnel records per byte (see mux.DEFAULT_MAX_RECORD).
@@ -66,6 +75,8 @@ _ACCEPT_PAUSE: Final = 0.1
 MAX_ATTEMPTS = 3
 #: Client bytes forwarded (and kept for a retry) before the far end has answered.
 EARLY_MAX = 64 * 1024
+#: The share of an upstream's connect timeout the far agent is given to connect its instance.
+FAR_CONNECT_SHARE = 0.8
 #: The stream header's first byte, so the tunnel can carry other kinds later.
 #: Kind 1 (no status byte) is retired: an agent that speaks only it refuses
 #: kind 2 as unknown, a loud failure rather than a misread first byte.
@@ -159,7 +170,7 @@ class ProxyError(Exception):
 
 
 class Denied(ProxyError):
-    """The receiving agent's intentions refuse the caller: final, never retried."""
+    """The receiving agent's intentions refuse the caller: no instance on that agent will do."""
 
 
 class _ClientGone(ProxyError):
@@ -169,6 +180,11 @@ class _ClientGone(ProxyError):
 class _Delivered(ProxyError):
     """An attempt failed after bytes may have reached an instance: retrying could deliver them twice."""
 
+    def __init__(self, message: str, reason: str = routing.RESET_BEFORE_REPLY) -> None:
+        super().__init__(message)
+        #: How the router records it against the instance (dataplane.routing's failure names).
+        self.reason = reason
+
 
 @dataclass
 class _Early:
@@ -176,6 +192,8 @@ class _Early:
 
     data: bytearray = field(default_factory=bytearray)
     eof: bool = False
+    #: Some of it (or the EOF) went out on the current attempt's stream.
+    sent: bool = False
 
 
 def encode_connect(instance_id: str, source: str | None = None,
@@ -215,13 +233,33 @@ def _reset(stream: RawSocketStream) -> None:
         pass
 
 
+@dataclass
+class Spliced:
+    """How a splice ended, so the caller can tell whose doing a failure was."""
+
+    #: What tore it down: "a" or "b" (that side's error), "idle", or None (a clean end both ways).
+    failed: str | None = None
+    #: ``b`` ended its direction (EOF) while ``a``'s was still open.
+    b_ended_first: bool = False
+
+
+_SPLICE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProxyError, EOFError)
+
+
+def _blame(exc: BaseException, src: Duplex, dst: Duplex) -> Duplex:
+    """Which end of a tunnel-to-socket pump raised ``exc``: the tunnel stream only ever fails
+    by a reset (its peer's, or its session's end), anything else is the socket's."""
+    stream_failed = isinstance(exc, StreamResetError)
+    return src if isinstance(src, tunnel.TunnelStream) == stream_failed else dst
+
+
 async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[], None],
-                 idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None) -> None:
+                 idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None) -> Spliced:
     """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly.
 
     ``on_reply`` runs once, when the first bytes from ``b`` have reached ``a``.
     """
-    failed = False
+    result = Spliced()
     #: Bumped on every chunk; the watchdog reads the clock, the pumps do not (a
     #: clock read per proxied message was a few percent of an agent's CPU).
     activity = 0
@@ -229,7 +267,7 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
     first_reply = on_reply
 
     async def pump(src: Duplex, dst: Duplex, key: str) -> None:
-        nonlocal failed, activity, finished
+        nonlocal activity, finished
 
         def delivered(n: int) -> None:
             nonlocal activity, first_reply
@@ -239,23 +277,38 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
                 first_reply()
                 first_reply = None
 
+        def fail(side: Duplex, exc: BaseException) -> None:
+            if result.failed is None:
+                result.failed = "b" if side is b else "a"
+            stats["splice_errors"] += 1
+            stats[f"splice_error.{type(exc).__name__}"] += 1
+            nursery.cancel_scope.cancel()
+
+        fast = True
         try:
             if isinstance(src, tunnel.TunnelStream) and isinstance(dst, RawSocketStream):
                 await src.pump_into(dst, delivered)  # the tunnel's reader writes into dst itself
             elif isinstance(src, RawSocketStream) and isinstance(dst, tunnel.TunnelStream):
                 await dst.pump_from(src, delivered, CHUNK)  # read straight into a record, sealed in place
             else:
-                while data := bytes(await src.receive_some(CHUNK)):
+                fast = False
+                while True:
+                    try:
+                        data = bytes(await src.receive_some(CHUNK))
+                    except _SPLICE_ERRORS as exc:
+                        fail(src, exc)
+                        return
+                    if not data:
+                        break
                     activity += 1
                     await dst.send_all(data)
                     delivered(len(data))
                 await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProxyError, EOFError) as exc:
-            failed = True
-            stats["splice_errors"] += 1
-            stats[f"splice_error.{type(exc).__name__}"] += 1
-            nursery.cancel_scope.cancel()
+        except _SPLICE_ERRORS as exc:
+            fail(_blame(exc, src, dst) if fast else dst, exc)  # the plain loop's reads fail above
             return
+        if finished == 0 and src is b:
+            result.b_ended_first = True
         finished += 1
         if finished == 2:
             done.set()  # stops the idle watchdog
@@ -264,7 +317,6 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
         # Silence is counted from the look that last saw new activity, so the
         # reset comes idle_timeout after the last byte, or up to two looks
         # (a quarter of idle_timeout) later: never early.
-        nonlocal failed
         seen = activity
         quiet_since = trio.current_time()
         while True:
@@ -277,7 +329,8 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
                 seen, quiet_since = activity, now
             elif now - quiet_since >= idle_timeout:
                 break
-        failed = True
+        if result.failed is None:
+            result.failed = "idle"
         stats["idle_timeouts"] += 1
         nursery.cancel_scope.cancel()
 
@@ -290,8 +343,9 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
         nursery.start_soon(pump, b, a, "bytes_in")
         if idle_timeout > 0:
             nursery.start_soon(watchdog)
-    if failed:
+    if result.failed is not None:
         on_error()
+    return result
 
 
 @dataclass
@@ -305,7 +359,7 @@ class UpstreamListener:
     router: Router = field(default_factory=lambda: Router(""))
 
 
-#: What a failed attempt may raise; all but :class:`Denied` are retried elsewhere.
+#: What a failed attempt may raise, retried elsewhere (:class:`Denied` is handled apart: it rules out a node).
 _ATTEMPT_ERRORS = (OSError, ProxyError, TunnelError, trio.BrokenResourceError, trio.ClosedResourceError,
                    trio.TooSlowError, ValueError)
 
@@ -389,10 +443,14 @@ class Proxy:
         est = self.paths.rtt_to(node) if self.paths is not None else None
         return None if est is None else est[0]
 
-    def pick(self, up: UpstreamListener, exclude: frozenset[tuple[str, str]] = frozenset()) -> Endpoint | None:
-        """The router's choice among the passing instances not tried yet (dataplane.routing)."""
+    def pick(self, up: UpstreamListener, exclude: frozenset[tuple[str, str]] = frozenset(),
+             refusing: frozenset[str] = frozenset(), last_resort: bool = True) -> Endpoint | None:
+        """The router's choice among the passing instances not tried yet, on nodes that did not
+        refuse this connection (dataplane.routing)."""
         endpoints = self.directory.passing_endpoints(up.service)
-        chosen = up.router.pick(trio.current_time(), endpoints, exclude, self.rtt_to)
+        if refusing:  # excluded, not filtered out: the router must still see them listed
+            exclude = exclude | {(e.node, e.instance_id) for e in endpoints if e.node in refusing}
+        chosen = up.router.pick(trio.current_time(), endpoints, exclude, self.rtt_to, last_resort)
         assert chosen is None or isinstance(chosen, Endpoint)
         return chosen
 
@@ -410,36 +468,63 @@ class Proxy:
             _reset(client)
             await _close(client)
             return
-        far, attempt = got
+        far, attempt, client_done = got
         up.stats["connected"] += 1
+        replied = False
 
         def broken() -> None:
             _reset(client)
             if isinstance(far, RawSocketStream):
                 _reset(far)
 
-        def replied() -> None:
+        def first_reply() -> None:
+            nonlocal replied
+            replied = True
             up.router.first_reply(trio.current_time(), attempt)
 
+        failure: str | None = None
+        clean = False
         try:
-            await splice(client, far, up.stats, broken, up.options.idle_timeout, on_reply=replied)
+            end = await splice(client, far, up.stats, broken, up.options.idle_timeout, on_reply=first_reply)
+            clean = end.failed is None
+            if not replied:
+                # The instance's side ended it before a byte of answer: its doing (or the path's).
+                # A close after the client had finished sending may be the protocol; a reset never is.
+                if end.b_ended_first and not client_done:
+                    failure = routing.CLOSED_BEFORE_REPLY
+                elif end.failed == "b":
+                    failure = routing.RESET_BEFORE_REPLY
+            if failure is not None:
+                up.stats[f"instance_{failure}"] += 1
+                self._log("proxy_instance_failed", service=up.service, node=attempt.key[0],
+                          instance=attempt.key[1], error=failure)
         finally:
-            up.router.closed(trio.current_time(), attempt)
+            up.router.closed(trio.current_time(), attempt, failure, clean)
             await _close(client)
             await _close(far)
 
     async def _connect_any(self, up: UpstreamListener,
-                           client: RawSocketStream) -> tuple[Duplex, Attempt] | None:
-        """Try up to MAX_ATTEMPTS instances; None (counted and logged) when the client must be reset."""
+                           client: RawSocketStream) -> tuple[Duplex, Attempt, bool] | None:
+        """Connect an instance: the stream, its attempt, and whether the client had already ended
+        its side; None (counted and logged) when the client must be reset.
+
+        At most MAX_ATTEMPTS instances that fail; an agent that refuses (intentions) rules out its
+        instances for this connection, and the router remembers it.  Instances on agents already
+        known to refuse are asked only when nothing else is left, and then at most MAX_ATTEMPTS
+        times, so that a caller every agent refuses is reset after a bounded wait.
+        """
         tried: set[tuple[str, str]] = set()
+        refusing: set[str] = set()
         early = _Early()
         router = up.router
-        for _ in range(MAX_ATTEMPTS):
-            endpoint = self.pick(up, frozenset(tried))
+        failures = asked_refusing = 0
+        while failures < MAX_ATTEMPTS:
+            endpoint = self.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS)
             if endpoint is None:
                 break
             key = (endpoint.node, endpoint.instance_id)
             tried.add(key)
+            known_refusing = router.refuses(endpoint.node)
             attempt = router.attempt(trio.current_time(), key)
             try:
                 far = await self._connect(up, endpoint, client, early)
@@ -448,19 +533,25 @@ class Proxy:
                 up.stats["client_gone"] += 1
                 return None
             except _Delivered as exc:
-                router.failed(trio.current_time(), attempt)
+                router.failed(trio.current_time(), attempt, reason=exc.reason)
                 up.stats["connect_failures"] += 1
                 self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
                           instance=endpoint.instance_id, error=str(exc))
                 return None
             except Denied as exc:
-                router.failed(trio.current_time(), attempt, instance_fault=False)
-                up.stats["denied"] += 1
+                # Decided before the instance was connected: nothing reached it, so another
+                # agent may be asked, and none of this one's instances will do.
+                router.denied(trio.current_time(), attempt)
+                refusing.add(endpoint.node)
+                asked_refusing += known_refusing
+                up.stats["refusals"] += 1
                 self._info("proxy_denied", service=up.service, source=up.options.source, node=endpoint.node,
                            detail=str(exc))
-                return None
+                continue
             except _ATTEMPT_ERRORS as exc:
-                router.failed(trio.current_time(), attempt)
+                reason = routing.TIMEOUT if isinstance(exc, trio.TooSlowError) else routing.CONNECT_FAILED
+                router.failed(trio.current_time(), attempt, reason=reason)
+                failures += 1
                 up.stats["attempts_failed"] += 1
                 self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
                           instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
@@ -472,8 +563,10 @@ class Proxy:
             up.stats["bytes_out"] += len(early.data)  # sent with the open, before the splice counts
             if len(tried) > 1:
                 up.stats["retried"] += 1
-            return far, attempt
-        if not tried:
+            return far, attempt, early.eof
+        if refusing:
+            up.stats["denied"] += 1  # no instance left that this source may reach
+        elif not tried:
             up.stats["no_instance"] += 1
             self._log("proxy_no_instance", service=up.service)
         else:
@@ -494,18 +587,31 @@ class Proxy:
                     await conn.send_all(bytes(early.data))
                 if early.eof:
                     await conn.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                await _close(conn)
+                raise _Delivered(f"the instance broke off as the client's first bytes were sent: {exc}") from None
             except BaseException:
                 await _close(conn)
                 raise
             return conn
-        header = encode_connect(endpoint.instance_id, source, timeout)
-        with trio.fail_after(timeout):
-            stream = await self.tunnels.open_stream(endpoint.node, header)
-            try:
-                status = await self._early_data(stream, client, early)
-            except BaseException:
-                await _close(stream)
-                raise
+        # The far agent gives up connecting before we do, so that a slow instance is
+        # normally answered "unavailable" (retried) rather than timed out (not: see below).
+        header = encode_connect(endpoint.instance_id, source, timeout * FAR_CONNECT_SHARE)
+        early.sent = False
+        try:
+            with trio.fail_after(timeout):
+                stream = await self.tunnels.open_stream(endpoint.node, header)
+                try:
+                    status = await self._early_data(stream, client, early)
+                except BaseException:
+                    await _close(stream)
+                    raise
+        except trio.TooSlowError:
+            if early.sent:
+                # The far agent may connect the instance and pass the bytes on just as we give up.
+                raise _Delivered("no answer within the connect timeout after the client's first bytes went out",
+                                 routing.TIMEOUT) from None
+            raise
         if status == bytes([STATUS_OK]):
             return stream
         await _close(stream)
@@ -526,6 +632,7 @@ class Proxy:
         status: bytes | None = None
         failure: Exception | None = None
         gone: _ClientGone | None = None
+        early.sent = bool(early.data) or early.eof
         try:
             if early.data:
                 await stream.send_all(bytes(early.data))
@@ -562,11 +669,11 @@ class Proxy:
                         # retry), never be dropped.
                         reading = trio.CancelScope()
                         if not data:
-                            early.eof = True
+                            early.eof = early.sent = True
                             await stream.send_eof()
                             break
                         early.data += data
-                        sent_any = True
+                        sent_any = early.sent = True
                         await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     failure = exc

@@ -11,11 +11,29 @@ joins three pieces, each with its own state machine and tests:
   latency times load (or round robin / least connections), preferring the
   nearest by estimated RTT (Vivaldi coordinates or measured probes).
 
-What a connection teaches the balancer: the time from the start of the
-attempt to the first byte back from the instance (what the caller waits for:
-network, both agents, and the instance's own response time), or the connect
-time when it closes without a reply.  An L4 proxy sees no requests, so the
-first reply of each connection is its latency sample.
+What a connection teaches the balancer and the outlier detector: the time
+from the start of the attempt to the first byte back from the instance (what
+the caller waits for: network, both agents, and the instance's own response
+time) is its latency sample, and that first byte is its success.  An L4 proxy
+sees no requests, so the first reply of each connection is all it has.  A
+connect is not a success: an instance that accepts and then resets, or closes
+before a byte of answer while the client is still sending, is failing, as
+Envoy counts a connection that ends before the response as a locally
+originated failure; it is reported through :meth:`Router.closed` with the
+reason, observed as a failure (the balancer's penalty, not a fast sample) and
+counted towards ejection.  Without a reply there is no latency sample; a
+connection that still ends cleanly after the client's end (an instance that
+only takes data) is no failure, and one the client resets teaches nothing.
+
+Refusals are policy, not health.  The agent that hosts an instance decides by
+its intentions, for the (source, destination) pair, before it connects the
+instance; so a refusal is the answer of that whole *agent*, for every
+instance of the service on it, and it is not a fast answer: it says nothing
+about latency.  The router remembers the node as refusing this upstream's
+source, offers its instances only when nothing else is left (the answer
+costs one round trip and no instance), and asks it again on one connection
+every ``base_ejection_time``, since intentions are not gossiped and a policy
+can change; an allowed connection clears the mark.
 
 Limits (Envoy's circuit-breaker thresholds): at most ``max_connections`` open
 and ``max_pending`` connects in flight per upstream; past either, a new client
@@ -76,6 +94,13 @@ class PathView(Protocol):
         ...
 
 
+#: Why a connection to an instance failed, as ``routes`` shows it (``last_failure``).
+CONNECT_FAILED = "connect_failed"
+TIMEOUT = "timeout"
+RESET_BEFORE_REPLY = "reset_before_reply"
+CLOSED_BEFORE_REPLY = "closed_before_reply"
+
+
 @dataclass
 class Attempt:
     """One connection the router handed out; report its life through the router."""
@@ -85,6 +110,17 @@ class Attempt:
     connected: bool = False
     observed: bool = False
     open: bool = True
+
+
+@dataclass
+class _Refusal:
+    """A node whose intentions refused this upstream's source."""
+
+    since: float
+    #: From then on one connection may ask the node again.
+    recheck_at: float
+    #: When the outstanding recheck began, or None.
+    asking: float | None = None
 
 
 class Router:
@@ -98,6 +134,10 @@ class Router:
         self.open = 0
         self.pending = 0
         self._known: set[Key] = set()
+        #: Nodes that refused this upstream's source, by node name.
+        self._refused: dict[str, _Refusal] = {}
+        #: The latest failure per instance: (reason, when).
+        self._last_failure: dict[Key, tuple[str, float]] = {}
 
     # -- admission (circuit-breaker thresholds) ------------------------------------------
 
@@ -126,29 +166,61 @@ class Router:
             # in the detector only while listed; the balancer forgets its load.
             self.balancer.forget(key)
             self.outlier.forget(key)
+            self._last_failure.pop(key, None)
+        nodes = {node for node, _ in keys}
+        for node in set(self._refused) - nodes:
+            del self._refused[node]
         self._known = keys
 
     def pick(self, now: float, endpoints: Sequence[Instance], exclude: frozenset[Key],
-             rtt_of: Callable[[str], float | None]) -> Instance | None:
+             rtt_of: Callable[[str], float | None], last_resort: bool = True) -> Instance | None:
+        """An instance for the next attempt, or None.
+
+        Instances on nodes known to refuse are left out while any other is
+        available, except one connection per node every recheck interval;
+        with ``last_resort`` they are offered when nothing else is left.
+        """
         self.sync(now, endpoints)
         by_key: dict[Key, Instance] = {}
-        candidates: list[Candidate[Key]] = []
+        allowing: list[Candidate[Key]] = []
+        refusing: list[Candidate[Key]] = []
         for e in endpoints:
             key = (e.node, e.instance_id)
             if key in exclude or not self.outlier.available(now, key):
                 continue
             by_key[key] = e
-            candidates.append(Candidate(key, rtt_of(e.node), self.outlier.weight(now, key)))
+            candidate = Candidate(key, rtt_of(e.node), self.outlier.weight(now, key))
+            refusal = self._refused.get(e.node)
+            (allowing if refusal is None or self._due(now, refusal) else refusing).append(candidate)
+        candidates = allowing or (refusing if last_resort else [])
         if not candidates:
-            if endpoints and not exclude:
+            if endpoints and not exclude and not refusing:
                 self.stats["all_ejected"] += 1
             return None
         chosen = self.balancer.pick(now, candidates)
         if chosen is None:
             return None
         self.outlier.trial_started(now, chosen)
+        refusal = self._refused.get(chosen[0])
+        if refusal is not None:
+            refusal.asking = now
+            self.stats["refusal_rechecks" if allowing else "refused_last_resort"] += 1
         self.stats[f"picked.{self.outlier.state(now, chosen)}"] += 1
         return by_key[chosen]
+
+    def refuses(self, node: str) -> bool:
+        """Whether ``node``'s intentions are known to refuse this upstream's source."""
+        return node in self._refused
+
+    def _recheck_interval(self) -> float:
+        # A refusal is set aside as long as an ejection starts out: asking again
+        # costs one round trip to the refusing agent and no instance anything.
+        return self.options.outlier.base_ejection_time
+
+    def _due(self, now: float, r: _Refusal) -> bool:
+        if now < r.recheck_at:
+            return False
+        return r.asking is None or now - r.asking >= self._recheck_interval()
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -157,39 +229,84 @@ class Router:
         self.pending += 1
         return Attempt(key, now)
 
-    def failed(self, now: float, a: Attempt, instance_fault: bool = True) -> None:
-        """The attempt reached no instance.  ``instance_fault`` False: a denial, not the instance's doing."""
+    def failed(self, now: float, a: Attempt, instance_fault: bool = True, reason: str = CONNECT_FAILED) -> None:
+        """The attempt was not connected.  ``instance_fault`` False: the client left or the task was
+        cancelled, which says nothing about the instance."""
         if not a.open:
             return
         a.open = False
         self.pending -= 1
+        refusal = self._refused.get(a.key[0])
+        if refusal is not None:
+            refusal.asking = None  # no answer to the recheck: the next connection may ask
         if instance_fault:
-            self.balancer.finished(now, a.key, now - a.started, ok=False)
-            self.outlier.on_failure(now, a.key, max(1, len(self._known)))
-            self.stats["connect_failures"] += 1
+            self._failure(now, a, reason)
         else:
             self.balancer.finished(now, a.key)
 
+    def denied(self, now: float, a: Attempt) -> None:
+        """The instance's agent refused this upstream's source: remember the node, not a latency."""
+        if not a.open:
+            return
+        a.open = False
+        self.pending -= 1
+        self.balancer.finished(now, a.key)
+        node = a.key[0]
+        refusal = self._refused.get(node)
+        if refusal is None:
+            self._refused[node] = _Refusal(now, now + self._recheck_interval())
+            self.stats["refusals"] += 1
+        else:
+            refusal.recheck_at, refusal.asking = now + self._recheck_interval(), None
+            self.stats["refusals_again"] += 1
+
     def connected(self, now: float, a: Attempt) -> None:
+        """The instance is connected: its agent allows this source; health waits for the reply."""
         a.connected = True
         self.pending -= 1
         self.open += 1
-        self.outlier.on_success(now, a.key)
+        if self._refused.pop(a.key[0], None) is not None:
+            self.stats["refusals_lifted"] += 1
 
     def first_reply(self, now: float, a: Attempt) -> None:
         if not a.observed and a.open:
             a.observed = True
             self.balancer.observe(now, a.key, now - a.started, ok=True)
+            self.outlier.on_success(now, a.key)
 
-    def closed(self, now: float, a: Attempt) -> None:
+    def closed(self, now: float, a: Attempt, failure: str | None = None, clean: bool = False) -> None:
+        """The connection is over.
+
+        ``failure``: the instance reset or closed it before its first reply byte
+        (RESET_BEFORE_REPLY, CLOSED_BEFORE_REPLY), counted against it; ignored once
+        it has replied.  Otherwise, with no reply, ``clean`` (both directions
+        ended without error) is a success for the outlier detector -- an
+        instance that takes data and never answers (a sink) is not failing --
+        and anything else, the client's reset or an idle timeout, teaches
+        nothing.  Without a reply there is no latency sample either: a short
+        one would make the instance look fast for a connection it never served.
+        """
         if not a.open:
+            return
+        if failure is not None and a.connected and not a.observed:
+            a.open = False
+            self.open -= 1
+            self._failure(now, a, failure)
             return
         a.open = False
         if a.connected:
             self.open -= 1
+            if clean and not a.observed:
+                self.outlier.on_success(now, a.key)
         else:
             self.pending -= 1
-        self.balancer.finished(now, a.key, None if a.observed else now - a.started, ok=True)
+        self.balancer.finished(now, a.key)
+
+    def _failure(self, now: float, a: Attempt, reason: str) -> None:
+        self.balancer.finished(now, a.key, now - a.started, ok=False)
+        self.outlier.on_failure(now, a.key, max(1, len(self._known)))
+        self._last_failure[a.key] = (reason, now)
+        self.stats["connect_failures" if not a.connected else "failures_before_reply"] += 1
 
     # -- the view -------------------------------------------------------------------
 
@@ -204,6 +321,8 @@ class Router:
             state = self.outlier.state(now, key)
             ewma = self.balancer.ewma(now, key)
             until = self.outlier.ejected_until(key)
+            last = self._last_failure.get(key)
+            refusal = self._refused.get(e.node)
             rows.append({
                 "service": self.service,
                 "instance": e.instance_id,
@@ -219,5 +338,12 @@ class Router:
                 "outstanding": self.balancer.outstanding(key),
                 "latency_ms": None if ewma is None else round(ewma * 1000.0, 3),
                 "policy": self.options.lb,
+                # This node's intentions refuse the upstream's source: not routed to while
+                # another instance is left, asked again from time to time.
+                "refused": refusal is not None,
+                "refused_for_s": None if refusal is None else round(max(0.0, now - refusal.since), 1),
+                # The latest failure of a connection to it, whatever its state now.
+                "last_failure": None if last is None else last[0],
+                "last_failure_ago_s": None if last is None else round(max(0.0, now - last[1]), 1),
             })
         return rows

@@ -1,4 +1,5 @@
-"""Routing with real agents: latency-aware balancing, outlier ejection, slow start, the routes view.
+"""Routing with real agents: latency-aware balancing, outlier ejection, slow start, the routes view;
+and the router in process, with its own clock (refusals, failures before the first reply).
 
 Three agents on loopback; instances are small servers in subprocesses that
 answer each connection with their id.  Latency is injected by a delaying
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,6 +22,10 @@ from collections.abc import Iterator
 
 import pytest
 from procs import ROOT, Cluster, free_port, wait_for, wait_port
+
+from dataplane.outlier import OutlierConfig
+from dataplane.proxy import Endpoint
+from dataplane.routing import Router, RoutingOptions
 
 pytestmark = pytest.mark.slow
 
@@ -264,3 +270,154 @@ def test_bad_routing_options_get_clear_errors(cluster: Cluster) -> None:
                               json.dumps({"service": "x", "listen": f"127.0.0.1:{free_port()}", **body})],
                              capture_output=True, text=True, timeout=30)
         assert res.stdout.startswith("400") and fragment in res.stdout, res.stdout + res.stderr
+
+
+# -- the router in process, with its own clock: refusals and failures before the first reply ----------
+
+#: As routes shows them (last_failure).
+RESET_BEFORE_REPLY, CLOSED_BEFORE_REPLY = "reset_before_reply", "closed_before_reply"
+N2A, N2B, N3 = Endpoint("n2", "web-a", "h", 1), Endpoint("n2", "web-b", "h", 2), Endpoint("n3", "web-c", "h", 3)
+
+
+def router(**outlier: float) -> Router:
+    return Router("web", RoutingOptions(lb="round_robin", outlier=OutlierConfig(**outlier)),  # type: ignore[arg-type]
+                  random.Random(7))
+
+
+def rtt(node: str) -> float:
+    return 0.001
+
+
+def key(e: Endpoint) -> tuple[str, str]:
+    return (e.node, e.instance_id)
+
+
+def picks(r: Router, now: float, endpoints: list[Endpoint], n: int = 20, last_resort: bool = True) -> set[str]:
+    """Instances chosen for ``n`` connections that are connected and closed at once."""
+    out = set()
+    for _ in range(n):
+        e = r.pick(now, endpoints, frozenset(), rtt, last_resort)
+        if e is None:
+            out.add("none")
+            continue
+        assert isinstance(e, Endpoint)
+        out.add(e.instance_id)
+        a = r.attempt(now, key(e))
+        r.connected(now, a)
+        r.closed(now, a, clean=True)
+    return out
+
+
+def next_on_n2(r: Router, now: float, endpoints: list[Endpoint]) -> Endpoint:
+    """Pick until round robin offers an instance on n2 (within a round); the others are served."""
+    for _ in range(len(endpoints)):
+        e = r.pick(now, endpoints, frozenset(), rtt)
+        assert isinstance(e, Endpoint)
+        if e.node == "n2":
+            return e
+        a = r.attempt(now, key(e))
+        r.connected(now, a)
+        r.closed(now, a, clean=True)
+    raise AssertionError("n2 was not offered")
+
+
+def test_a_refusal_marks_the_node_not_a_latency_and_is_asked_again_later() -> None:
+    r = router(base_ejection_time=30.0)
+    eps = [N2A, N2B, N3]
+    assert picks(r, 0.0, eps, 6) == {"web-a", "web-b", "web-c"}
+    a = r.attempt(1.0, key(N2A))
+    r.denied(1.0, a)
+    # Every instance on the refusing node is left alone; the refusal taught the balancer nothing.
+    assert r.refuses("n2") and not r.refuses("n3")
+    assert picks(r, 1.0, eps) == {"web-c"}
+    rows = {row["instance"]: row for row in r.view(1.0, eps, _Paths(), "n1")}
+    assert rows["web-a"]["refused"] and rows["web-b"]["refused"] and not rows["web-c"]["refused"]
+    assert rows["web-a"]["state"] == "active" and rows["web-a"]["last_failure"] is None
+    assert rows["web-a"]["latency_ms"] == 1.0, "the prior (the RTT), not a fast sample"
+    assert r.pending == 0 and r.outlier.state(1.0, key(N2A)) == "active"
+    # After the recheck interval, one connection (not two at once) asks the node again ...
+    first = next_on_n2(r, 31.0, eps)
+    assert picks(r, 31.0, eps) == {"web-c"}
+    again = r.attempt(31.0, key(first))
+    r.denied(31.0, again)  # ... still refused: left alone for another interval
+    assert picks(r, 60.0, eps) == {"web-c"}
+    due = next_on_n2(r, 61.0, eps)
+    allowed = r.attempt(61.0, key(due))
+    r.connected(61.0, allowed)  # the policy changed: the mark is gone
+    assert not r.refuses("n2")
+    assert picks(r, 61.0, eps) == {"web-a", "web-b", "web-c"}
+    assert r.stats["refusals"] == 1 and r.stats["refusals_again"] == 1 and r.stats["refusals_lifted"] == 1
+
+
+def test_refusing_nodes_are_the_last_resort_and_forgotten_when_they_leave() -> None:
+    r = router()
+    r.sync(0.0, [N2A, N3])
+    for e in (N2A, N3):
+        r.denied(0.0, r.attempt(0.0, key(e)))
+    assert r.pick(1.0, [N2A, N3], frozenset(), rtt, last_resort=False) is None
+    # Nothing else left: asking costs a round trip and no instance anything, and may find the policy changed.
+    assert r.pick(1.0, [N2A, N3], frozenset(), rtt) in (N2A, N3)
+    assert r.stats["refused_last_resort"] == 1 and r.stats["all_ejected"] == 0
+    assert r.refuses("n2") and r.refuses("n3")
+    r.sync(2.0, [N3])  # n2's instances left the catalog: so does what we knew of its policy
+    assert not r.refuses("n2") and r.refuses("n3")
+
+
+def test_a_reset_or_close_before_the_first_reply_is_a_failure_and_ejects() -> None:
+    r = router(consecutive_failures=3, max_ejection_percent=50.0)
+    eps = [N2A, N3]
+    r.sync(0.0, eps)
+    t = 0.0
+    for reason in (RESET_BEFORE_REPLY, CLOSED_BEFORE_REPLY, RESET_BEFORE_REPLY):
+        assert r.outlier.state(t, key(N2A)) == "active"
+        a = r.attempt(t, key(N2A))
+        r.connected(t + 0.001, a)  # connected is not a success ...
+        r.closed(t + 0.002, a, reason)  # ... the instance's reset or close before replying is a failure
+        t += 1.0
+    assert r.outlier.state(t, key(N2A)) == "ejected"
+    rows = {row["instance"]: row for row in r.view(t, eps, _Paths(), "n1")}
+    assert rows["web-a"]["last_failure"] == RESET_BEFORE_REPLY and rows["web-a"]["last_failure_ago_s"] == 1.0
+    assert rows["web-a"]["latency_ms"] > 500.0, "the failure penalty (1 s, decaying), never a fast answer"
+    assert rows["web-c"]["last_failure"] is None
+    assert r.open == 0 and r.pending == 0 and r.stats["failures_before_reply"] == 3
+
+
+def test_a_reply_is_the_success_and_a_clean_end_without_one_is_no_failure() -> None:
+    r = router(consecutive_failures=2, max_ejection_percent=50.0)
+    eps = [N2A, N3]
+    r.sync(0.0, eps)
+
+    def failing(t: float) -> None:
+        a = r.attempt(t, key(N2A))
+        r.connected(t, a)
+        r.closed(t, a, RESET_BEFORE_REPLY)
+
+    failing(0.0)
+    a = r.attempt(1.0, key(N2A))
+    r.connected(1.0, a)
+    r.first_reply(1.5, a)
+    r.closed(2.0, a, RESET_BEFORE_REPLY)  # after a reply: the client's problem or the protocol's, not counted
+    failing(3.0)
+    failing_clean = r.attempt(4.0, key(N2A))
+    r.connected(4.0, failing_clean)
+    r.closed(4.0, failing_clean, clean=True)  # took the request, closed after the client: a sink, not failing
+    failing(5.0)
+    assert r.outlier.state(5.0, key(N2A)) == "active"
+    # A client that resets before any reply says nothing about the instance, nor about its latency.
+    assert r.pick(6.0, eps, frozenset({key(N2A)}), rtt) == N3
+    c = r.attempt(6.0, key(N3))
+    r.connected(6.0, c)
+    r.closed(9.0, c)
+    assert r.balancer.ewma(9.0, key(N3)) == 0.001, "still the prior (the RTT): nothing observed"
+    failing(10.0)
+    assert r.outlier.state(10.0, key(N2A)) == "ejected"
+    rows = {row["instance"]: row for row in r.view(10.0, eps, _Paths(), "n1")}
+    assert rows["web-a"]["state"] == "ejected"
+
+
+class _Paths:
+    def rtt_to(self, node: str) -> tuple[float, str] | None:
+        return (0.001, "measured")
+
+    def path_to(self, node: str) -> list[str]:
+        return ["n1", node]
