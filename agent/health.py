@@ -480,9 +480,11 @@ class CheckRunner:
         if not apply:
             return False
         changed = result != self._health
+        # A check starts critical with no reason given: its first failing result is the reason.
+        first_reason = result != "passing" and bool(output) and not self._output
         self._health = result
         self._output = output
-        if changed:
+        if changed or first_reason:
             self.on_change(result, output)
         return changed
 

@@ -246,7 +246,7 @@ class LocalServices:
             return
 
         def on_change(health: str, output: str) -> None:
-            if self.registry.set_health(iid, health):
+            if self.registry.set_health(iid, health, output):
                 self.log.info("health_changed", id=iid, service=reg.name, health=health, output=output)
                 self._changed()
 
@@ -331,6 +331,7 @@ class LocalServices:
                 "tags": list(inst.tags),
                 "meta": dict(inst.meta),
                 "health": inst.health,
+                "output": inst.output,
                 "node_status": status.value,
             })
         out.sort(key=lambda d: (d["service"], d["node"], d["id"]))

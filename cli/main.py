@@ -294,10 +294,10 @@ def services_show(api: str, as_json: bool, passing: bool, name: str) -> None:
     if as_json:
         _print_json(data)  # the API's objects whole (node_status included)
         return
-    rows = [["ID", "NODE", "ADDRESS", "HEALTH", "TAGS"]]
+    rows = [["ID", "NODE", "ADDRESS", "HEALTH", "TAGS", "CHECK OUTPUT"]]
     for i in data:
         health = i["health"] + (" (node suspect)" if i.get("node_status") == "suspect" else "")
-        rows.append([i["id"], i["node"], i["address"], health, ",".join(i["tags"])])
+        rows.append([i["id"], i["node"], i["address"], health, ",".join(i["tags"]) or "-", i.get("output") or ""])
     _table(rows)
 
 

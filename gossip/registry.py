@@ -30,6 +30,8 @@ MAX_TAGS = 64
 MAX_META = 64
 MAX_META_KEY = 128
 MAX_META_VALUE = 512
+#: A failing check's output, as carried to every member (agent.health cuts it to one line first).
+MAX_OUTPUT = 512
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,24 @@ class Instance:
     tags: tuple[str, ...] = ()
     meta: tuple[tuple[str, str], ...] = ()
     health: str = "passing"
+    #: Why a check is not passing: its output when the health last changed (Consul shows it too).
+    output: str = ""
 
     def to_obj(self) -> list[Any]:
-        return [self.id, self.service, self.address, self.port, list(self.tags),
-                [list(kv) for kv in self.meta], self.health]
+        obj = [self.id, self.service, self.address, self.port, list(self.tags),
+               [list(kv) for kv in self.meta], self.health]
+        if self.output:
+            obj.append(self.output)  # only then: a passing catalog encodes as it always did
+        return obj
 
     @staticmethod
     def from_obj(obj: Any) -> Instance:
-        if not isinstance(obj, list) or len(obj) != 7:
+        if not isinstance(obj, list) or len(obj) not in (7, 8):
             raise DecodeError("malformed", "bad instance record")
-        iid, service, address, port, tags, meta, health = obj
+        iid, service, address, port, tags, meta, health = obj[:7]
+        output = obj[7] if len(obj) == 8 else ""
+        if not isinstance(output, str) or len(output) > MAX_OUTPUT:
+            raise DecodeError("malformed", "bad instance check output")
         if not all(isinstance(x, str) and 0 < len(x) <= MAX_NAME_LEN for x in (iid, service)):
             raise DecodeError("malformed", "bad instance id or service")
         if not isinstance(address, str) or len(address) > 255:
@@ -70,7 +80,7 @@ class Instance:
             pairs.append((kv[0], kv[1]))
         if health not in HEALTH_STATES:
             raise DecodeError("malformed", "bad instance health")
-        return Instance(iid, service, address, port, tuple(tags), tuple(pairs), health)
+        return Instance(iid, service, address, port, tuple(tags), tuple(pairs), health, output)
 
 
 def catalog_digest(instances: dict[str, Instance]) -> bytes:
@@ -157,12 +167,14 @@ class Registry:
         self._changed_local()
         return True
 
-    def set_health(self, instance_id: str, health: str) -> bool:
+    def set_health(self, instance_id: str, health: str, output: str = "") -> bool:
+        """A check's new health; ``output`` (kept unless passing) says why, to every member."""
         inst = self.local.instances.get(instance_id)
-        if inst is None or inst.health == health:
-            return False
+        kept = "" if health == "passing" else output[:MAX_OUTPUT]
+        if inst is None or (inst.health == health and (inst.output or not kept)):
+            return False  # no news: the same health, and its reason already given
         self.local.instances[instance_id] = Instance(
-            inst.id, inst.service, inst.address, inst.port, inst.tags, inst.meta, health)
+            inst.id, inst.service, inst.address, inst.port, inst.tags, inst.meta, health, kept)
         self._changed_local()
         return True
 

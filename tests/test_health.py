@@ -345,12 +345,15 @@ def test_record_invariants(initial: str, seq: list[str], success: int, failures:
         before = r.health
         passes, fails = (passes + 1, 0) if result == "passing" else (0, fails + 1)
         calls = len(changes.calls)
+        had_reason = bool(r.output)
         flipped = r.record(result, f"{i}:{result}")
         assert r.health in HEALTH
-        # record() reports a flip exactly when the state changed, and on_change saw the same.
+        # record() reports a flip exactly when the state changed; on_change saw it, and also the
+        # first reason given for a state that is not passing (a check starts critical with none).
         assert flipped == (r.health != before)
-        assert len(changes.calls) == calls + flipped
-        if flipped:
+        first_reason = not flipped and r.health != "passing" and not had_reason and bool(r.output)
+        assert len(changes.calls) == calls + (flipped or first_reason)
+        if flipped or first_reason:
             assert changes.calls[-1] == (r.health, r.output)
         # A state can only change to the latest result.
         assert r.health in (before, result)

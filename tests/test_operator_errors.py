@@ -127,3 +127,20 @@ def test_a_data_dir_with_a_keyring_needs_no_key(cluster: Cluster, tmp_path: Path
     finally:
         again.kill()
         again.wait(timeout=5)
+
+
+def test_services_show_says_why_a_check_fails_on_every_node(cluster: Cluster) -> None:
+    a = cluster.start("co1")
+    b = cluster.start("co2", join=[a.addr])
+    cluster.wait_converged(["co1", "co2"])
+    closed = free_port()
+    assert run("services", "register", "--api", a.api, "--name", "db", "--port", str(closed),
+               "--check-tcp", f"127.0.0.1:{closed}", "--check-interval", "200ms").returncode == 0
+
+    def shown_on_b() -> list[dict[str, str]]:
+        return [i for i in b.call("GET", "/v1/services/db") if i["health"] == "critical" and i["output"]]
+
+    wait_for(lambda: bool(shown_on_b()), 15, "db critical on co2, with the check's output")
+    assert "refused" in shown_on_b()[0]["output"]
+    table = run("services", "show", "db", "--api", b.api).stdout
+    assert "CHECK OUTPUT" in table and "refused" in table, table

@@ -239,3 +239,21 @@ def test_a_failed_fetch_waits_for_the_next_advertisement() -> None:
     assert not r.fetch_done("o", ok=False)
     assert r.inflight == set()
     assert r.advertised("o", 4, b"d" * 8)
+
+
+def test_a_failing_checks_reason_travels_with_the_instance_and_a_passing_one_encodes_as_before() -> None:
+    from gossip.registry import MAX_OUTPUT
+    from gossip.wire import DecodeError as WireDecodeError
+
+    failing = Instance("db-1", "db", "10.0.0.1", 5432, (), (), "critical", "connect refused")
+    assert Instance.from_obj(failing.to_obj()) == failing
+    passing = Instance("db-1", "db", "10.0.0.1", 5432)
+    assert len(passing.to_obj()) == 7 and Instance.from_obj(passing.to_obj()) == passing
+    with pytest.raises(WireDecodeError):
+        Instance.from_obj([*passing.to_obj(), "x" * (MAX_OUTPUT + 1)])
+    reg = Registry("n1")
+    reg.put(Instance("db-1", "db", "10.0.0.1", 5432, health="critical"))
+    assert reg.set_health("db-1", "critical", "connect refused")  # the first reason is news
+    assert not reg.set_health("db-1", "critical", "still refused")  # later ones are not
+    assert reg.set_health("db-1", "passing", "ok")
+    assert reg.local.instances["db-1"].output == ""  # a passing instance needs no reason

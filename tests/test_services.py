@@ -75,7 +75,8 @@ def test_register_check_flip_deregister_everywhere(cluster: Cluster, tmp_path: P
     print(f"registration visible and passing everywhere in {time.monotonic() - t0:.2f}s")
     seen = instances(cluster.agents["s1"], "web")["web-s3"]
     assert seen == {"id": "web-s3", "service": "web", "node": "s3", "address": f"127.0.0.1:{port}",
-                    "tags": ["v1"], "meta": {"zone": "a"}, "health": "passing", "node_status": "alive"}
+                    "tags": ["v1"], "meta": {"zone": "a"}, "health": "passing", "output": "",
+                    "node_status": "alive"}
     listing = json.loads(cli(cluster.agents["s5"].api, "services", "--json").stdout)
     assert listing == [{"name": "web", "instances": 1, "passing": 1}]
 

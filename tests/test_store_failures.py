@@ -69,11 +69,16 @@ def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+    """Whether something accepts on the port (asked a few times: this box is small and busy)."""
+    for _ in range(5):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            continue
+    return False
 
 
 def view(a: AgentProc) -> dict[str, Any]:
