@@ -66,19 +66,22 @@ def echo(tmp_path: Path) -> tuple[int, Path]:
 
 
 @pytest.mark.parametrize("moment,same_address", [
-    ("unprobed", True), ("alive", True), ("suspect", True), ("dead", True), ("alive", False), ("dead", False),
+    ("unprobed", True), ("push-pulling", True), ("alive", True), ("suspect", True), ("dead", True),
+    ("alive", False), ("dead", False),
 ])
 def test_a_restart_with_a_new_identity_converges_and_carries_traffic(
         cluster: Cluster, echo: tuple[int, Path], moment: str, same_address: bool, tmp_path: Path) -> None:
     """"unprobed": the peers probe so rarely that nobody notices the old process go before the new one
     answers at its address, which then acks every probe meant for the old one -- the race that left
-    peers on the old identity for good."""
+    peers on the old identity for good.  "push-pulling": the peers push-pull with someone every 50 ms,
+    so that exchanges with the old process are in flight when it is killed and the new one starts."""
     _, conf = echo
     peer_extra: list[str] = []
-    if moment == "unprobed":
-        slow = tmp_path / "slow.toml"
-        slow.write_text("[timing]\nprobe_interval = 60.0\n")
-        peer_extra = ["--config", str(slow)]
+    if moment in ("unprobed", "push-pulling"):
+        timing = tmp_path / "timing.toml"
+        timing.write_text("[timing]\nprobe_interval = 60.0\n" if moment == "unprobed"
+                          else "[timing]\npush_pull_interval = 0.05\n")
+        peer_extra = ["--config", str(timing)]
     a = cluster.start("ra", extra=peer_extra)
     b = cluster.start("rb", join=[a.addr], extra=peer_extra)
     # Each run of s2 its own data dir: a rebuilt node, with a new identity.
