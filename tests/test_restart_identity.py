@@ -5,32 +5,22 @@ one; a live impostor is refused; and a plain restart without --data-dir keeps it
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import AgentProc, Cluster, free_port, wait_for, wait_port
+from procs import AgentProc, Cluster, free_port, wait_for
+from test_proxy import echo_server
 
 pytestmark = pytest.mark.slow
 
-ECHO = r"""
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
-def serve(c):
-    with c:
-        while (d := c.recv(65536)):
-            c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
 
 
 def through(port: int, payload: bytes) -> bytes:
-    import socket
-
     with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
         c.sendall(payload)
         got = b""
@@ -54,10 +44,9 @@ def own_key(agent: AgentProc) -> str:
 
 
 @pytest.fixture
-def echo(tmp_path: Path) -> tuple[int, Path]:
+def echo(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-c", ECHO, str(port)], start_new_session=True)
-    wait_port(port, "echo server")
+    p = echo_server(port)
     conf = tmp_path / "s2.toml"
     conf.write_text(f'[[service]]\nname = "echo"\nport = {port}\naddress = "127.0.0.1"\n')
     yield port, conf
