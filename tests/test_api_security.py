@@ -302,3 +302,23 @@ def test_the_cli_needs_no_flags_as_the_agents_user_and_reports_a_wrong_token(
     assert cli("info", env={"MESH_API_TOKEN_FILE": str(token_file)}).returncode == 0
     p = cli("members", "--token-file", str(tmp_path / "missing"))
     assert p.returncode == 1 and "cannot read API token file" in p.stderr
+
+
+def test_no_answer_ever_carries_cors_headers(target: tuple[AgentProc, AgentProc, Path]) -> None:
+    """Without them a browser lets no cross-origin page read an answer, nor send a preflighted request."""
+    a, _, _ = target
+    evil = {"Origin": "http://evil.example", "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type"}
+    for method, path in (("OPTIONS", "/v1/services"), ("OPTIONS", "/v1/keys"), ("GET", "/v1/members"),
+                         ("GET", "/v1/health"), ("GET", "/"), ("PUT", "/v1/services")):
+        hdrs = evil if method == "OPTIONS" else {"Origin": "http://evil.example"}
+        s = socket.create_connection(("127.0.0.1", a.api_port), timeout=10)
+        with s:
+            head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{a.api_port}\r\nConnection: close\r\n"
+            s.sendall((head + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n").encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        response_head = data.partition(b"\r\n\r\n")[0].decode().lower()
+        assert "access-control-" not in response_head, (method, path, response_head)
+        assert not (method == "OPTIONS" and response_head.startswith("http/1.1 2")), response_head
