@@ -277,8 +277,7 @@ class ApiServer:
     async def leave(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         if self.agent.membership.leaving:
             return 200, {"ok": True, "detail": "already leaving"}
-        assert self.agent._nursery is not None
-        self.agent._nursery.start_soon(self.agent.leave)
+        self.agent.start_leave()
         return 200, {"ok": True, "detail": "leaving; the agent exits once the leave has spread"}
 
     async def _blocking(self, query: dict[str, list[str]], key: str, compute: Callable[[], Any]) -> Reply:

@@ -277,6 +277,12 @@ class Agent:
         except OSError as exc:
             raise StartupError(_bind_error(what, addr, exc)) from None
 
+    def start_leave(self) -> None:
+        """Begin a graceful leave in the agent's own nursery: it outlives the request that asked for it."""
+        if self._nursery is None:
+            raise RuntimeError("the agent is not running")
+        self._nursery.start_soon(self.leave)
+
     async def leave(self) -> None:
         """Graceful leave: broadcast it, give it time to spread, then stop."""
         if self.membership.leaving:
