@@ -151,25 +151,21 @@ MAX_STREAM_ID: Final = (1 << 32) - 1
 #: The proxy names its target (service, instance) here; a few hundred bytes at most.
 MAX_OPEN_HEADER: Final = 1024
 #: Per-stream window: what one stream may have in flight, and so what a slow
-#: reader can make the receiving agent hold for it.  yamux starts at 256 KiB;
-#: at 256 KiB a single bulk stream on loopback stalled on credit (a steady
-#: trickle of window updates, agents 70-90% busy), at 1 MiB it does not.
+#: reader can make the receiving agent hold for it.  Four times yamux's 256 KiB,
+#: at which a single bulk stream stalls on credit (docs/dataplane.md, "Windows and records").
 DEFAULT_WINDOW: Final = 1024 * 1024
-#: How far a stream's window may grow while its reader keeps up.  At a fixed
-#: 1 MiB a single bulk stream through two agents on loopback waited for credit
-#: once every nine records: the tunnel's own TCP buffers hold more than a
-#: window.  256 MiB one way, 11 alternating rounds, medians: fixed 1 MiB 778
-#: MB/s, 2 MiB 863, 4 MiB 855, 8 MiB 924, stunnel 787; in a second run fixed
-#: 1 MiB 626, growing from 1 MiB to 8 MiB 764 (faster in every round), stunnel 694.
+#: How far a stream's window may grow while its reader keeps up: the tunnel's
+#: own TCP buffers hold more than the initial window, so without growth a bulk
+#: stream is paced by the credit loop, not by the agents (docs/dataplane.md,
+#: "Windows and records").
 DEFAULT_MAX_WINDOW: Final = 8 * 1024 * 1024
 #: The most that growth adds to one session's windows, all streams together: what
 #: a session can make us buffer is at most streams x initial_window + this.
 DEFAULT_GROWTH_BUDGET: Final = 32 * 1024 * 1024
 #: The largest Noise transport message is 65,535 bytes including the 16-byte
 #: AEAD tag (Noise section 3); full-size records mean 4x fewer cipher calls,
-#: length prefixes and dispatches per byte than 16 KiB ones.  (Bulk through
-#: two agents: 85 MB/s at 16 KiB records and 256 KiB windows, 125 MB/s with
-#: these two, 180 MB/s with the proxy reading 256 KiB at a time as well.)
+#: length prefixes and dispatches per byte than 16 KiB ones (docs/dataplane.md,
+#: "Windows and records").
 DEFAULT_MAX_RECORD: Final = 65535 - 16
 #: A record must always fit the largest control frame (an OPEN with a full header).
 MIN_RECORD: Final = HEADER_SIZE + MAX_OPEN_HEADER
@@ -215,7 +211,7 @@ class GoAwayCode(IntEnum):
 #: Wire value -> FrameType: a tuple index is several times cheaper than ``FrameType(v)``,
 #: which every received frame would pay.
 _FRAME_TYPES: Final = tuple(FrameType)
-#: FrameType.DATA as a plain int for the per-record paths (struct packs an IntEnum at half the speed).
+#: FrameType.DATA as a plain int for the per-record paths (struct packs an IntEnum much more slowly).
 _DATA: Final = int(FrameType.DATA)
 _SESSION_FRAMES: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
 #: Payload lengths that are fixed by the frame type.

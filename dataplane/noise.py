@@ -39,14 +39,13 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 # The transport messages' cipher is the same ChaCha20-Poly1305 (RFC 8439) as the
 # handshake's, but computed by OpenSSL through the ``cryptography`` package:
-# libsodium's (what PyNaCl ships) runs at about 0.95 GB/s on these machines and
-# OpenSSL's AVX-512 code at about 2.5 GB/s, and its ``encrypt_into`` /
-# ``decrypt_into`` write into buffers we own, so a message costs no allocation
-# and about 1.6 us of call overhead for 1 KiB.  Bulk traffic spends a third of
-# each agent's CPU in this cipher, so its speed is the proxy's speed.  The
-# ciphertexts are byte-identical (tests/test_noise.py checks both against each
-# other and against the vectors); the handshake, which runs once per session,
-# stays on PyNaCl.
+# OpenSSL's vectorised code is much faster than libsodium's (what PyNaCl
+# ships), and its ``encrypt_into`` / ``decrypt_into`` write into buffers we
+# own, so a message costs no allocation.  Bulk traffic spends a large share of
+# each agent's CPU in this cipher, so its speed is the proxy's speed
+# (docs/dataplane.md, "The cipher").  The ciphertexts are byte-identical
+# (tests/test_noise.py checks both against each other and against the
+# vectors); the handshake, which runs once per session, stays on PyNaCl.
 
 __all__ = [
     "BLOCKLEN",

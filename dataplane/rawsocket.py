@@ -2,12 +2,10 @@
 
 Why not ``trio.SocketStream``: each of its ``send``/``recv`` calls ends in a
 full scheduler pass (``cancel_shielded_checkpoint``) even when the syscall
-succeeded at once.  On these 2-core VMs one pass costs 7-10 us and a 1 KiB
-ping-pong through ``SocketStream`` costs ~57 us per hop against ~32 us with a
-plain non-blocking syscall plus ``trio.lowlevel.wait_readable`` when the kernel
-has nothing (``/tmp``-style microbenchmark in the commit that added this
-file).  A proxied request crosses four such hops and a few socket calls each,
-so the pass per call was a large share of the mesh's latency.
+succeeded at once.  A proxied request crosses four socket hops and a few
+socket calls each, so that pass per call is a large share of the mesh's
+latency; a plain non-blocking syscall, plus ``trio.lowlevel.wait_readable``
+only when the kernel has nothing, avoids it (docs/dataplane.md, "Raw sockets").
 
 What it keeps of trio's contract:
 

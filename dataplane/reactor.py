@@ -3,13 +3,12 @@
 Why: with one task per proxied direction, every socket that becomes readable
 costs a full trip through trio's scheduler (the epoll event is mapped to its
 task, the task is rescheduled, its coroutine chain resumed, and the socket
-re-armed with ``epoll_ctl`` before the task sleeps again).  Under 16
-concurrent request/response streams an agent spends most of its time there:
-a plain two-hop relay on trio, with no cipher at all, made 18.5k requests/s
-against stunnel's ~33k.  The same relay with its sockets in one
-level-triggered epoll of its own, read by one task that runs a short
-synchronous callback per ready socket, made 39.6k (5 alternating rounds,
-medians; the prototype is described in the commit that added this file).
+re-armed with ``epoll_ctl`` before the task sleeps again).  Under many
+concurrent request/response streams an agent spends most of its time there.
+With its sockets in one level-triggered epoll of its own, read by one task
+that runs a short synchronous callback per ready socket, that trip is paid
+once per batch of ready sockets instead of once per socket (the measurements
+are in docs/dataplane.md, "The reactor").
 
 The pattern is the classic Reactor (Schmidt, "Reactor: An Object Behavioral
 Pattern for Demultiplexing and Dispatching Handles for Synchronous Events",
@@ -41,9 +40,7 @@ The idle hook
 Nested in trio, a readable socket still costs one trip through trio's
 scheduler before its callback runs: epoll returns, the reactor's task is
 rescheduled, its coroutine chain resumed.  At one request in flight nothing
-is batched, and that trip is a fixed cost on the latency of every hop: the
-prototype relay took 110-120 us p50 through two hops this way against 78-85
-us as a plain epoll loop with no trio at all.
+is batched, and that trip is a fixed cost on the latency of every hop.
 
 So, where it can, the reactor waits where trio itself would wait: in an
 instrument's ``before_io_wait`` hook, which trio calls with the timeout it is
@@ -54,8 +51,7 @@ something to do: I/O of its own (trio's epoll is readable, so trio's wait
 returns at once), a task that a callback woke, a deadline moved or reached
 (then it wakes trio's wait, as trio's own wake-up for threads does).  Trio
 therefore never blocks any longer, nor any shorter, than it would have; it
-only stops paying its trip for sockets that the reactor serves.  With it the
-prototype relay made 94 us p50 and 41k requests/s at 16 streams.
+only stops paying its trip for sockets that the reactor serves.
 
 This needs three things trio keeps private (its epoll, its run queue and its
 deadlines, reached through ``trio._core._run``); ``_IdleHook.attach`` checks

@@ -4,147 +4,16 @@ Every pair of agents shares at most one long-lived *session*: a TCP connection
 that has run one Noise_IK handshake (:mod:`dataplane.noise`) and then carries
 the records of a stream multiplexer (:mod:`dataplane.mux`).  Every proxied
 connection is a *stream* on it, so a new proxied connection costs neither a
-handshake nor a round trip.  This module is the trio driver that joins the two
-sans-I/O machines to sockets; the few pure pieces (the handshake payloads) are
-plain functions at the top.
+handshake nor a round trip.  Keys are renewed in band by a fresh handshake, so
+a stolen key opens minutes of traffic at most and no stream waits for it; a
+responder admits only keys that membership vouches for; and any failure kills
+the session loudly, so a proxied connection is reset rather than silently
+truncated.  This module is the trio driver that joins the two sans-I/O
+machines to sockets; the few pure pieces (the handshake payloads) are plain
+functions at the top.
 
-Wire format
------------
-Every message on the TCP connection is a 2-byte big-endian length and that
-many bytes (Noise messages are at most 65535 bytes, §3 of the spec)::
-
-    initiator                                     responder
-    PREAMBLE (b"MESH" + version byte, unframed)  ->
-    [len] Noise message 1, payload = HELLO       ->
-                                                  <-  [len] Noise message 2, payload = responder name
-    [len] transport message (one mux record)     <->  [len] transport message ...
-
-``HELLO`` is a 12-byte TAI64N timestamp (8-byte seconds label, 4-byte
-nanoseconds, big-endian; WireGuard's replay defence) followed by the
-initiator's node name in UTF-8.  The preamble is also the Noise prologue, so a
-version mismatch can never produce a working session.  Each transport message
-is one mux record encrypted with the split CipherState; a record packs several
-frames, so small frames of many streams share one cipher call.  A transport
-message whose plaintext starts with a byte of 0x80 or more is instead a session
-*control record* (below), which the mux never sees: mux frame types are 0..7.
-
-Rekey
------
-A session renews its keys in band, as WireGuard renews its sessions (paper
-§6.1-6.2: every ``REKEY_AFTER_TIME`` = 120 s or ``REKEY_AFTER_MESSAGES``,
-whichever first), so that the traffic keys change over time and a key stolen
-later opens at most a couple of minutes of traffic (forward secrecy over
-time), without interrupting the streams.  The Noise ``Rekey()`` function
-(§11.3) would be cheaper but derives the new key from the old one, so it gives
-no forward secrecy against a compromise of the current key; a fresh
-Diffie-Hellman does.
-
-The new keys come from a second Noise_IK handshake between the same static
-keys, carried as control records under the current keys::
-
-    A (rekey initiator)                        B
-    INIT   (0xF0 + IK message 1)  under k      ->
-                                               <-  REPLY (0xF1 + IK message 2) under k';
-                                                   B sends everything after it under the new k'
-    SWITCH (0xF2)                 under k      ->
-    A sends everything after the SWITCH under the new key;
-    B reads everything after the SWITCH with it
-
-Each direction thus has an explicit switch point: the REPLY for B's sending
-direction, the SWITCH for A's; a message is read with the key its sender
-used, never guessed.  Mux records keep flowing under the old keys while the
-handshake is in flight, so no stream waits, and the transport is ordered, so
-none is lost or duplicated.  IK again rather than NN (or KK): NN would
-authenticate the new keys only through the old ones, so whoever stole the
-current traffic keys could man-in-the-middle every later rekey; IK's ``es``,
-``ss`` and ``se`` make each rekey prove both static keys again (the responder
-checks the INIT comes from the session's peer key), its ``ee`` gives fresh
-forward-secret keys, and it is the one pattern :mod:`dataplane.noise`
-implements and tests against vectors (KK would save the 48 bytes of the
-encrypted ``s``, not worth a second pattern).  IK message 1's weak spots (§7.7:
-replayable, not forward-secret against the responder's static key) do not
-apply inside a channel that is already encrypted with implicit nonces.  The
-prologue is ``PREAMBLE + b" rekey " + the previous handshake hash`` (§6,
-§11.2), which chains every rekey to the session's first handshake.
-
-Either side may start a rekey (one at a time): the sender of a direction after
-``rekey_after_messages`` messages on its key, the session initiator after
-``rekey_after_time`` (the responder 10 % later, only as a fallback, so the usual
-rekey is one INIT, not two crossing ones; WireGuard likewise leaves time-based
-renewal to the initiator of the current session), or :meth:`TunnelManager.rekey`.
-If both send an INIT at once, the session initiator's wins on both ends: the
-initiator ignores the responder's INIT, the responder drops its own handshake
-and answers.  A rekey message that does not verify kills the session loudly,
-like any corrupted record.  Limits are enforced, not just hoped for: a key
-that has carried ``reject_after_messages`` mux records (2^24 by default, far
-below the 2^64-1 nonces of Noise §5.1) or has been in use for
-``reject_after_time`` (180 s, WireGuard's ``REJECT_AFTER_TIME``) closes the
-session loudly; a receiver enforces the message cap on its peer too (so all
-agents must use the same limits, as they do by default).  Since a time-based
-rekey needs its reply within the minute between the two times, it doubles as
-the keepalive: a peer that silently vanished while streams were open but quiet
-is detected by ``reject_after_time`` at the latest (the idle timer handles
-sessions without streams, membership handles dead agents).
-
-Who may connect
----------------
-The responder learns the initiator's static key from message 1 and asks the
-:class:`PeerDirectory` (membership, read-only) which alive or suspect member
-holds it; anything else is refused and counted.  Message 1 of IK can be
-replayed (Noise §7.7), so the responder refuses a HELLO whose timestamp is not
-newer than the last it accepted from that key, and it registers the session
-only once the initiator's first transport message decrypts (that proves the
-initiator holds the ephemeral key too: a replayed message 1 can never get
-that far).  The initiator therefore always sends a PING right after the
-handshake.  The timestamp table forgets keys that are no longer members once
-it grows (so it is bounded by about twice the membership), and at most
-``max_handshakes`` handshakes run at once: a flood of half-open connections
-gets its excess closed on arrival, not a task and a socket each for the whole
-handshake timeout.
-
-One session per pair
---------------------
-``open_stream(peer)`` reuses the peer's session or dials one; concurrent
-callers share a single dial.  If both agents dial each other at once, each ends
-up with two sessions and both keep the one initiated by the lexicographically
-smaller name (if both were initiated by the same side, the newer one).  The
-other is *drained*: we stop opening streams on it and send a DRAIN marker (a
-mux PING with a reserved payload); streams already on it finish normally, and
-once both sides have sent DRAIN and no stream is left the session closes.
-Idle sessions (no stream for ``idle_timeout``) close the same way, so a stream
-the peer opened a moment before it saw our DRAIN is still served, never
-refused.  (The mux's GOAWAY would refuse such a stream; a peer's GOAWAY is
-honoured as a drain.)
-
-Failure is loud
----------------
-A record that fails to decrypt, a mux protocol violation, a broken or
-truncated TCP connection, or a peer that closes with streams still open kills
-the session: every stream on it fails with :class:`StreamResetError` (a
-:class:`trio.BrokenResourceError`), so a proxied connection is reset rather
-than silently truncated.  ``receive_some`` returns ``b""`` only after the
-peer's FIN.  Closing a stream (``aclose``) before ``send_eof`` resets it, as
-does closing it with unread data or receiving data after it was closed, which
-is what TCP does too.
-
-Tasks
------
-Everything runs under :meth:`TunnelManager.serve`, which owns one nursery:
-the listeners' accept loops, one task per connection (handshake, then the
-session), and one task per dial (handshake, then the session).  A session owns
-a reader, a writer, an idle timer and a key timer, plus a nursery for the ``on_stream``
-handlers of the streams the peer opens; when the session ends the handlers
-get a short grace period to notice their streams failed, then are cancelled.
-
-The nursery also runs the manager's reactor (``dataplane.reactor``).  The
-busiest waits wait there: a session's reader for its socket, and
-``TunnelStream.pump_from`` for the proxied socket it reads.  Each readable
-moment is then handled by a callback the reactor runs (``_on_readable``,
-``_direct_step``: read, decrypt or seal, hand on), in trio's idle hook or its
-own task, so ready sockets cost no trip through trio's scheduler each, and a
-task wakes only for what needs waiting: credit, room, the end of a stream.
-Sessions over a relay, and everything once the reactor has stopped, wait in
-trio as before.
+See docs/dataplane.md, "Tunnels" (wire format, rekey, who may connect, one
+session per pair, failure, tasks).
 """
 
 from __future__ import annotations
@@ -211,7 +80,7 @@ _FLUSH_TIMEOUT: Final = 1.0
 #: How long a dead session's stream handlers get to notice before they are cancelled.
 _HANDLER_GRACE: Final = 5.0
 
-# Session control records (see "Rekey" in the module docstring).  A decrypted
+# Session control records (docs/dataplane.md, "Rekey").  A decrypted
 # transport message whose first byte is _CONTROL_MIN or more is for the session
 # itself and never reaches the mux: mux frame types are 0..7 and dataplane.mux
 # reserves 0x80..0xFF for this layer.
@@ -512,11 +381,10 @@ class _Outbox(_Window):
 
     The cipher writes each message straight into the free tail
     (``CipherState.encrypt_framed_into``) and sends go from a view of the
-    head, so a sealed byte is never copied in Python.  The bytearray this
-    replaced, grown with ``+=`` and cut with ``del``, was resized to the exact
-    size both ways by CPython and so copied all it held at every append: in
-    a bulk transfer memcpy was the sending agent's largest single cost (15% of
-    its samples, py-spy --native), ahead of ChaCha20 and Poly1305 together.
+    head, so a sealed byte is never copied in Python.  A bytearray grown with
+    ``+=`` and cut with ``del`` would not do: CPython resizes it to the exact
+    size both ways, so it copies all it holds at every append, which in a bulk
+    transfer costs more than the cipher (docs/dataplane.md, "Copies").
 
     The buffer starts small and grows once to CAPACITY when a message does
     not fit (a bulk transfer), as _Reader's does.  When the tail is too short
@@ -897,7 +765,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
 
 class _Session:
-    """One encrypted connection to a peer and the streams on it (see the module docstring)."""
+    """One encrypted connection to a peer and the streams on it (docs/dataplane.md, "Tunnels")."""
 
     def __init__(
         self,
@@ -925,7 +793,7 @@ class _Session:
         self._peer_static = peer_static
         #: The last handshake's transcript hash: the next rekey's prologue binds to it.
         self._hs_hash = handshake_hash
-        # Rekey state (module docstring, "Rekey"): "idle"; "initiated" (our INIT is
+        # Rekey state (docs/dataplane.md, "Rekey"): "idle"; "initiated" (our INIT is
         # out, _rekey_hs waits for the REPLY); "switching" (we read the REPLY, our
         # SWITCH is queued and the writer changes our send key right after it);
         # "awaiting_switch" (we answered an INIT, the writer changes our send key
@@ -1418,11 +1286,10 @@ class _Session:
         order on the wire is the order of encryption whichever task sends.
 
         This holds however many streams are open.  Handing writes to the writer
-        task when many were (so that the streams sending in one scheduler turn
-        shared a record and a syscall, like TCP autocorking) left both agents
-        idle 40% of the time at 16 concurrent request/response streams: every
-        request waited a scheduler turn in each agent.  Inline, the same load ran
-        35-50% more requests per second (bench_proxy rr16, 2 runs each way).
+        task instead, so that the streams sending in one scheduler turn share a
+        record and a syscall (like TCP autocorking), makes every request wait a
+        scheduler turn in each agent, and the agents then sit idle between turns
+        (docs/dataplane.md, "Sending inline").
         Batching still happens where it pays: what the kernel refuses piles up in
         ``_out`` and leaves in one send when the socket drains.
         """
@@ -1678,7 +1545,7 @@ class TunnelManager:
     any mutable mapping of counters (the agent's own, so they show up in its
     API); the keys used are pre-created at zero.
 
-    Key lifetime (module docstring, "Rekey"): a session renews its keys after
+    Key lifetime (docs/dataplane.md, "Rekey"): a session renews its keys after
     ``rekey_after_messages`` records under one key or ``rekey_after_time``
     seconds, whichever comes first, and is closed loudly if a key reaches
     ``reject_after_messages`` records or ``reject_after_time`` seconds anyway.

@@ -50,8 +50,8 @@ class ChangeCount:
     a second by dashboards and benchmarks) are cached until it moves.  It is an
     object of its own, not a class attribute of Member: writing a class
     attribute invalidates CPython's per-type attribute caches, so every member
-    field read after each write took the slow path (three reads went from 174
-    to 519 ns in a microbenchmark, and a join burst writes fields constantly).
+    field read after each write would take the slow path, and a join burst
+    writes fields constantly (docs/membership.md, "Costs").
     """
 
     __slots__ = ("value",)

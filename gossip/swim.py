@@ -80,8 +80,9 @@ _EXACT_SAMPLE_MAX = 64
 #: Live members a leaving agent tells directly, besides gossiping its leave.
 LEAVE_DIRECT = 32
 #: Settling push-pulls after one join at most (see Membership._settle_pending).
-#: An agent that joins early in a 50-agent burst hears news in lulls for 2-3 s,
-#: and with 5 its settles ran out before the last joiner arrived (a 12 s tail).
+#: An agent that joins early in a burst hears news in lulls for as long as the
+#: burst lasts, and each settle that brings news spends one, so the cap must
+#: outlast the burst (docs/membership.md, "Settling after a join").
 SETTLE_MAX = 8
 
 #: A push-pull's refusal when it came from this agent itself (a seed list naming it).
@@ -93,11 +94,10 @@ _FETCH_FALLBACKS = 2
 #: it arrived, and before its tunnel key is used (``checked``).  Why it may
 #: wait: on first sight the signature cannot bind anything -- the name takes
 #: the key that comes with it (trust on first use, gossip.signing) -- it only
-#: shows that the other fields are the key owner's.  In a burst of 50 joins
-#: every agent checks 49 signatures of 0.1 ms while the seed, one process among
-#: fifty on two cores, is what the cluster waits on; checked after the burst,
-#: the same work no longer delays it.  (Checking as soon as news paused for
-#: half a gossip round still fell inside the burst, and gained nothing.)
+#: shows that the other fields are the key owner's.  In a burst of joins every
+#: agent checks a signature per joiner while the seed, one process among many
+#: sharing a few cores, is what the cluster waits on; checked after the burst,
+#: the same work no longer delays it (docs/membership.md, "First-sight signatures").
 VERIFY_DELAY = 1.0
 #: How often, at most, we ask a member's address who holds it (Membership._verify_address).
 VERIFY_ADDRESS_EVERY = 2.0
@@ -300,12 +300,11 @@ class Membership:
         #: instead of waiting for the next periodic push-pull.  A settle that
         #: itself brings news means the quiet was a lull, not the end of the
         #: burst: another follows after twice the quiet, up to SETTLE_MAX per
-        #: join.  (Fifty agents joining at once on two cores starve each other
-        #: for 100 ms at a time, and their burst lasts 2-3 s.)  The first
-        #: settle that brings nothing is confirmed by one more with another
-        #: peer: the peer may have lagged as we did, and a member that joined
-        #: last can then stay unknown to us until the periodic push-pull, a
-        #: 12-22 s tail seen about once in ten 50-agent bursts.
+        #: join (agents joining at once on few cores starve each other, so a
+        #: burst has lulls).  The first settle that brings nothing is confirmed
+        #: by one more with another peer: the peer may have lagged as we did,
+        #: and a member that joined last could then stay unknown to us until the
+        #: periodic push-pull (docs/membership.md, "Settling after a join").
         self._settle_pending = False
         self._settle_left = 0
         #: A settle found nothing new, and the one after it is the last.
@@ -484,8 +483,8 @@ class Membership:
         self._gossip_round(now)
         # Said once, so said directly too, to up to LEAVE_DIRECT live members: its few
         # gossip transmissions go to random targets, members recently dead among them, and
-        # one member in ~25 of a small cluster heard it only seconds later (the epidemic
-        # from those told carries it beyond).
+        # may reach some members only seconds later (docs/membership.md, "Leaving"); the
+        # epidemic from those told carries it beyond.
         up = [m for m in self.members.values() if m.name != self.name and m.status.up]
         for m in self.rng.sample(up, min(LEAVE_DIRECT, len(up))):
             self._send_only(m.addr, [d])
@@ -747,7 +746,7 @@ class Membership:
                         self._settle_confirmed = False
                     elif not self._settle_confirmed:
                         # Nothing new, but the peer may have lagged as we did (a member that
-                        # joined last reaches most of the cluster in the same few hundred ms):
+                        # joined last reaches most of the cluster at about the same moment):
                         # one more settle, a doubled quiet from now, with another peer.
                         self._settle_pending = True
                         self._settle_confirmed = True
@@ -811,9 +810,9 @@ class Membership:
 
     def num_up(self) -> int:
         # Every packet sent asks this (retransmit limit).  Status changes adjust
-        # it (_set_status); a change of the member set recounts.  A count shared
-        # by all machines (a class-wide version) made each of a simulated
-        # cluster's status changes cost every machine a full recount.
+        # it (_set_status); a change of the member set recounts.  The count is
+        # per machine: one shared by all (a class-wide version) would make each
+        # of a simulated cluster's status changes cost every machine a recount.
         size = len(self.members)
         if self._up_count is None or self._up_count[0] != size:
             self._up_count = (size, sum(1 for m in self.members.values() if m.status.up))
@@ -993,8 +992,8 @@ class Membership:
         m = self.members.get(a.name)
         if (m is not None and a.identity is not None and a.identity == m.identity and a.addr == m.addr
                 and a.incarnation <= m.incarnation):
-            # Old news from the key bound to this name (a join burst repeats every alive a
-            # dozen times): whatever its signature says, it would change nothing below.
+            # Old news from the key bound to this name (a join burst repeats every alive
+            # many times): whatever its signature says, it would change nothing below.
             return
         if m is not None and a.name in self._unverified and not self._check_pending(now, a.name):
             m = None  # what we held was forged: this alive is the first we can take
@@ -1516,8 +1515,9 @@ class Membership:
                 if lite:
                     # What a lite record is checked for: name, address, incarnation, status (and
                     # our own record's tags, which a refutation compares).  The signature,
-                    # tunnel key and catalog digest, 130 of a record's ~180 bytes and none of
-                    # them compressible, come with the full exchange a difference asks for.
+                    # tunnel key and catalog digest, most of a record's bytes and none of them
+                    # compressible, come with the full exchange a difference asks for
+                    # (docs/membership.md, "Push-pull").
                     w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, None, None)
                 else:
                     w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, m.state, m.tunnel,
@@ -1532,11 +1532,11 @@ class Membership:
         A push-pull names them so that the other side spreads them as well.  A
         member learned from a push-pull is otherwise not spread (it is old news to
         the cluster, and spreading every one would flood gossip), but in a burst
-        of joins the members that joined a moment ago are news to many: without
-        this, members that learned them from the seed's reply never passed them
-        on, and a 50-node burst left a few members unaware of a few others until
-        the next push-pull, 30 s later, in 7 of 8 simulated runs (gossip
-        retransmits each update only retransmit_mult * log10(N) times).
+        of joins the members that joined a moment ago are news to many: members
+        that learned them only from the seed's reply would never pass them on,
+        and since gossip retransmits each update only retransmit_mult * log10(N)
+        times, a few members could stay unaware of a few others until the next
+        periodic push-pull (docs/membership.md, "Join bursts").
         """
         if not len(self.broadcasts):
             return ()

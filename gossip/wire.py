@@ -84,9 +84,9 @@ class PingReq:
 
 
 #: A Vivaldi coordinate on the wire: its numbers as little-endian float32, in
-#: one msgpack bin.  Serf sends float64 in a map; 46 bytes instead of ~110 on
-#: every ack keeps the bytes an idle agent sends below Serf's, and float32's
-#: 24-bit mantissa is far finer than any latency we can measure.
+#: one msgpack bin.  Serf sends float64 in a map; this is well under half of
+#: that, on every ack, which keeps what an idle agent sends small (docs/membership.md,
+#: "Wire sizes"), and float32's 24-bit mantissa is far finer than any latency we can measure.
 MAX_COORD_FLOATS = 64
 MAX_COORDS = 100_000
 
@@ -142,7 +142,8 @@ class MemberRecord(NamedTuple):
 
     A named tuple, not a frozen dataclass: a push-pull at 10,000 members
     decodes 10,000 of these, and a frozen dataclass sets each field through
-    ``object.__setattr__`` (about 9x slower to build).
+    ``object.__setattr__``, which makes it several times slower to build
+    (docs/membership.md, "Costs").
     """
 
     name: str
@@ -250,7 +251,7 @@ def _tunnel(t: Tunnel | None) -> list[Any] | None:
 
 # The decoders below test ``type(v) is ...`` rather than isinstance: msgpack
 # only ever returns the exact built-in types, ``type(v) is int`` already
-# leaves out bools, and every datagram of a join burst carries a dozen alive
+# leaves out bools, and every datagram of a join burst carries many alive
 # messages, each of them checked field by field.
 
 _INT_LIMIT = 2**63
@@ -306,7 +307,7 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         # Alive is the message of a join burst, where how many fit in one
         # datagram sets how fast a cluster converges: one-letter keys, no
         # empty tags, and the tunnel's host only when it is not the gossip
-        # host -- 117 bytes down to 91 for a typical member.
+        # host (docs/membership.md, "Wire sizes").
         obj: dict[str, Any] = {"t": "alive", "n": msg.name, "i": msg.incarnation, "a": _addr(msg.addr)}
         if msg.tags:
             obj["g"] = dict(msg.tags)
@@ -467,7 +468,7 @@ def _message_from_obj(obj: Any) -> Message:
         raise DecodeError("malformed", "message is not a map")
     t = obj.get("t")
     if t == "alive":
-        # The message of a join burst (and a dozen per datagram): tested first.
+        # The message of a join burst (and many per datagram): tested first.
         addr = _addr_of(obj.get("a"))
         identity, sig = _signed_by(obj.get("k"), obj.get("z"))
         return Alive(
@@ -590,7 +591,7 @@ def encode_push_pull_stream(msg: PushPull, packed_records: list[bytes]) -> bytes
     """``encode_stream([msg])`` for a push-pull whose member records come pre-encoded.
 
     A push-pull carries every member; encoding each record anew on every
-    exchange was most of its cost at thousands of members, while a record
+    exchange would be most of its cost at thousands of members, while a record
     changes only when its member does.  ``msg.members`` is ignored.
     """
     head = message_to_obj(dataclasses.replace(msg, members=[]))
