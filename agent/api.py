@@ -56,19 +56,21 @@ class _TooLarge(Exception):
     pass
 
 
-def _headers(request: h11.Request) -> dict[str, str]:
-    """Lower-case names (h11 gives them so), the last value of each, decoded leniently."""
-    return {name.decode("ascii", "replace"): value.decode("latin-1") for name, value in request.headers}
+#: The request headers agent.access reads (h11 gives names in lower case).
+_ACCESS_HEADERS = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"content-type"})
 
 
-def _has_body(request: h11.Request) -> bool:
-    """Whether the head announces a body (RFC 9112 §6.3): chunked, or a Content-Length above 0."""
+def _head_facts(request: h11.Request) -> tuple[dict[str, str], bool]:
+    """The headers the access rules read (the last value of each), and whether the head announces a
+    body (RFC 9112 §6.3: chunked, or a Content-Length above 0), in one pass over the headers."""
+    headers: dict[str, str] = {}
+    body = False
     for name, value in request.headers:
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length" and value.strip() not in (b"0", b""):
-            return True
-    return False
+        if name in _ACCESS_HEADERS:
+            headers[name.decode()] = value.decode("latin-1")
+        elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            body = True
+    return headers, body
 
 
 @dataclass(frozen=True)
@@ -411,9 +413,10 @@ class ApiServer:
             if request is None:
                 return 400, {"error": "no request"}
             method = request.method.decode("ascii", "replace")
-            path = self._path(request)
+            split = urlsplit(request.target.decode("ascii", "replace"))
+            path = split.path.rstrip("/") or "/"
             try:
-                caller = self.policy.check(method, path, _headers(request), _has_body(request), peer_uid)
+                caller = self.policy.check(method, path, *_head_facts(request), peer_uid)
             except Refused as exc:
                 await self._read_body(conn, stream, None)  # read to its end, kept nowhere
                 self.policy.count(exc, method, path)
@@ -425,15 +428,11 @@ class ApiServer:
             return 413, {"error": "request body too large"}
         if scope.deadline != math.inf:
             scope.deadline = math.inf
-        reply = await self._dispatch(request, body)
+        reply = await self._dispatch(method, path, split.query, body)
         if reply[0] < 400 and method not in SAFE_METHODS:
             self.log.info("api_change", method=method, route=path, by=str(caller),
                           change=_redacted(self._json(body)))
         return reply
-
-    @staticmethod
-    def _path(request: h11.Request) -> str:
-        return urlsplit(request.target.decode("ascii", "replace")).path.rstrip("/") or "/"
 
     @staticmethod
     def _json(body: bytearray) -> Any:
@@ -473,10 +472,7 @@ class ApiServer:
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                 return
 
-    async def _dispatch(self, request: h11.Request, body: bytearray) -> Reply:
-        method = request.method.decode("ascii", "replace")
-        split = urlsplit(request.target.decode("ascii", "replace"))
-        path = self._path(request)
+    async def _dispatch(self, method: str, path: str, query: str, body: bytearray) -> Reply:
         handler: Handler | None = self.routes.get((method, path)) or self._match_prefixed(method, path)
         if handler is None:
             known = [p for (_, p) in self.routes] + [
@@ -491,7 +487,7 @@ class ApiServer:
             except (ValueError, UnicodeDecodeError):
                 return 400, {"error": "request body is not valid JSON"}
         try:
-            return await handler(parse_qs(split.query, keep_blank_values=True), parsed)
+            return await handler(parse_qs(query, keep_blank_values=True), parsed)
         except HttpError as exc:
             return exc.status, {"error": exc.message}
         except ServiceError as exc:  # what the registries refuse, with its 4xx status
