@@ -60,21 +60,20 @@ def _unexpected_skip(report: pytest.CollectReport | pytest.TestReport) -> str | 
     return reason
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
+def _fail_unexpected_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
     reason = _unexpected_skip(report)
     if reason is not None:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, where it must run: {reason} (tests/conftest.py CI_ALLOWED_SKIPS)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    _fail_unexpected_skip(outcome.get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, None]:
     outcome = yield
-    report: pytest.CollectReport = outcome.get_result()
-    reason = _unexpected_skip(report)
-    if reason is not None:
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI, where it must run: {reason} (tests/conftest.py CI_ALLOWED_SKIPS)"
+    _fail_unexpected_skip(outcome.get_result())
