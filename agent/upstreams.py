@@ -19,7 +19,7 @@ from agent.services import SERVICE_NAME_RE, ServiceError, shown
 from dataplane.balancer import POLICIES
 from dataplane.outlier import OutlierConfig
 from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamOptions
-from dataplane.routing import RoutingOptions
+from dataplane.routing import CLOSED_BEFORE_REPLY, RESET_BEFORE_REPLY, RoutingOptions
 from gossip.wire import format_addr, parse_addr
 
 STORE_FILE = "upstreams.json"
@@ -230,6 +230,10 @@ class Upstreams:
                 "bytes_in": up.stats["bytes_in"],
                 "retried": up.stats["retried"],
                 "denied": up.stats["denied"],
+                # Refusals by a far agent's intentions (carried on to another agent when one allows),
+                # and instances that reset or closed before a byte of answer (outlier failures).
+                "refusals": up.stats["refusals"],
+                "instance_failures": sum(up.stats[f"instance_{f}"] for f in (RESET_BEFORE_REPLY, CLOSED_BEFORE_REPLY)),
                 "idle_timeouts": up.stats["idle_timeouts"],
                 "source": up.options.source,
                 "connect_timeout": up.options.connect_timeout,
