@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dataplane.reactor import ReactorMode
 from dataplane.tunnel import REFUSAL_REASONS
 from gossip.swim import RTT_BUCKETS
 
@@ -220,11 +221,11 @@ class AgentCollector(Collector):
         # the fast one; "task" means trio's internals were not as the hook
         # expects, which costs latency at low concurrency, not correctness.
         reactor = ag.tunnels.reactor
-        mode = reactor.mode.replace(" ", "_") if reactor.running else "off"
+        mode = reactor.mode if reactor.running else ReactorMode.OFF
         g = GaugeMetricFamily("mesh_dataplane_reactor_mode", "1 for the way the data plane's reactor waits.",
                               labels=["mode"])
-        for m in ("idle_hook", "task", "off"):
-            g.add_metric([m], 1 if m == mode else 0)
+        for m in ReactorMode:
+            g.add_metric([m.value], 1 if m is mode else 0)
         yield g
         c = _counter("mesh_dataplane_reactor_callbacks_total", "Socket readiness served without waking a task.")
         c.add_metric([], reactor.dispatched)

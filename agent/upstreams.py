@@ -18,7 +18,7 @@ from agent.peercred import is_loopback
 from agent.services import SERVICE_NAME_RE, ServiceError, shown
 from dataplane.balancer import POLICIES
 from dataplane.outlier import OutlierConfig
-from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamOptions
+from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamExists, UpstreamOptions
 from dataplane.routing import CLOSED_BEFORE_REPLY, RESET_BEFORE_REPLY, RoutingOptions
 from gossip.wire import format_addr, parse_addr
 
@@ -191,8 +191,10 @@ class Upstreams:
         spec = validate(payload)
         try:
             await self._open(spec, "api")
+        except UpstreamExists as exc:
+            raise ServiceError(str(exc), 409) from None
         except ProxyError as exc:
-            raise ServiceError(str(exc), 409 if "already exists" in str(exc) else 400) from None
+            raise ServiceError(str(exc), 400) from None
         try:
             self._persist()
         except ServiceError:

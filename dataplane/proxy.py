@@ -169,6 +169,10 @@ class ProxyError(Exception):
     """A proxied connection could not be set up; worded for a log line."""
 
 
+class UpstreamExists(ProxyError):
+    """An upstream for that service is open already (the API answers 409 Conflict)."""
+
+
 class Denied(ProxyError):
     """The receiving agent's intentions refuse the caller: no instance on that agent will do."""
 
@@ -389,7 +393,7 @@ class Proxy:
     async def add_upstream(self, service: str, listen: tuple[str, int],
                            options: UpstreamOptions | None = None) -> UpstreamListener:
         if service in self.upstreams:
-            raise ProxyError(f"an upstream for {service!r} already exists; remove it first")
+            raise UpstreamExists(f"an upstream for {service!r} already exists; remove it first")
         assert self._nursery is not None
         try:
             listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])

@@ -67,6 +67,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any, Final
 
 import outcome
@@ -92,6 +93,14 @@ class _Watch:
         self.task = task
 
 
+class ReactorMode(StrEnum):
+    """How a reactor waits (the module docstring says why there are two ways); the values are metric labels."""
+
+    OFF = "off"
+    IDLE_HOOK = "idle_hook"
+    TASK = "task"
+
+
 class Reactor:
     """Watches sockets for readability and runs their callbacks, from trio's idle
     hook or from a task of its own (module docstring)."""
@@ -100,8 +109,8 @@ class Reactor:
         self._epoll: select.epoll | None = None
         self._watches: dict[int, _Watch] = {}
         self._idle_hook = idle_hook
-        #: "idle hook" or "task" while running (module docstring), "" before.
-        self.mode = ""
+        #: IDLE_HOOK or TASK while running, OFF before.
+        self.mode = ReactorMode.OFF
         #: Callbacks run and tasks woken, for tests and diagnosis.
         self.dispatched = 0
         self.woken = 0
@@ -123,13 +132,13 @@ class Reactor:
         self._epoll = epoll
         hook = _IdleHook.attach(self, epoll) if self._idle_hook else None
         try:
-            self.mode = "task" if hook is None else "idle hook"
+            self.mode = ReactorMode.TASK if hook is None else ReactorMode.IDLE_HOOK
             task_status.started()
             if hook is not None:
                 await hook.failed.wait()
                 hook.detach(epoll)  # a bug in the hook: serve from this task instead
                 hook = None
-                self.mode = "task"
+                self.mode = ReactorMode.TASK
             while True:
                 # Never while the hook is attached: its epoll holds trio's, and
                 # trio's must then not hold ours.

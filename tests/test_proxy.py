@@ -120,11 +120,11 @@ def test_upstream_errors_are_clear(cluster: Cluster) -> None:
     port = free_port()
     assert cli(a.api, "upstreams", "add", "--service", "web", "--listen", f"127.0.0.1:{port}").returncode == 0
     p = cli(a.api, "upstreams", "add", "--service", "web", "--listen", f"127.0.0.1:{free_port()}")
-    assert p.returncode == 1 and "already exists" in p.stderr
+    assert p.returncode == 1 and "already exists" in p.stderr and "(HTTP 409)" in p.stderr
     p = cli(a.api, "upstreams", "add", "--service", "Bad!", "--listen", "127.0.0.1:1")
     assert p.returncode == 1 and "DNS label" in p.stderr
     p = cli(a.api, "upstreams", "add", "--service", "db", "--listen", f"127.0.0.1:{port}")
-    assert p.returncode == 1 and "cannot listen" in p.stderr
+    assert p.returncode == 1 and "cannot listen" in p.stderr and "(HTTP 400)" in p.stderr
     assert cli(a.api, "upstreams", "remove", "web").returncode == 0
     assert cli(a.api, "upstreams", "remove", "web").returncode == 1
     time.sleep(0.2)

@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from dataplane.rawsocket import RawSocketStream
-from dataplane.reactor import OnReady, Reactor
+from dataplane.reactor import OnReady, Reactor, ReactorMode
 
 DEADLINE = 10.0
 
@@ -31,7 +31,7 @@ async def running_reactor(idle_hook: bool) -> AsyncIterator[tuple[Reactor, trio.
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)
-            assert reactor.mode == ("idle hook" if idle_hook else "task")
+            assert reactor.mode == (ReactorMode.IDLE_HOOK if idle_hook else ReactorMode.TASK)
             yield reactor, nursery
             nursery.cancel_scope.cancel()
 
@@ -294,7 +294,7 @@ async def test_trio_io_and_timers_go_on_while_the_hook_waits() -> None:
         assert trio.current_time() - start < 0.9
         # Idle detection still works (the hook stays out of its way).
         await trio.testing.wait_all_tasks_blocked(0.01)
-        assert reactor.mode == "idle hook"
+        assert reactor.mode == ReactorMode.IDLE_HOOK
         watched.close_now()
     watched_peer.close()
     a.close()
@@ -309,7 +309,7 @@ class _FlakyReactor(Reactor):
         self.failures = 0
 
     def _dispatch(self) -> int:
-        if self.failures == 0 and self.mode == "idle hook":
+        if self.failures == 0 and self.mode == ReactorMode.IDLE_HOOK:
             self.failures += 1
             raise OSError("injected")
         return super()._dispatch()
@@ -332,7 +332,7 @@ async def test_a_failing_hook_hands_the_sockets_to_the_reactors_task() -> None:
             await nursery.start(reactor.run)  # the hook may fail from here on
             nursery.start_soon(stream.wait_readable_in, reactor, on_ready)
             await trio.sleep(0.01)
-            assert reactor.failures == 1 and reactor.mode == "task"  # failing proves it was hooked
+            assert reactor.failures == 1 and reactor.mode == ReactorMode.TASK  # failing proves it was hooked
             peer.send(b"served all the same")
             peer.shutdown(socket.SHUT_WR)
             while reactor.watching:
@@ -345,11 +345,11 @@ async def test_a_failing_hook_hands_the_sockets_to_the_reactors_task() -> None:
 
 async def test_a_mock_clock_keeps_the_reactor_a_task(autojump_clock: trio.testing.MockClock) -> None:
     async with running_reactor(False) as (reactor, _):
-        assert reactor.mode == "task"
+        assert reactor.mode == ReactorMode.TASK
     hooked = Reactor(idle_hook=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(hooked.run)
-        assert hooked.mode == "task"  # autojump needs trio to see its idle time
+        assert hooked.mode == ReactorMode.TASK  # autojump needs trio to see its idle time
         await trio.sleep(3600)  # jumps at once
         nursery.cancel_scope.cancel()
 
@@ -367,7 +367,7 @@ async def test_reactors_in_one_run_share_the_hook_and_none_sleeps_through_anothe
             await nursery.start(first.run)
             async with trio.open_nursery() as inner:
                 await inner.start(second.run)
-                assert first.mode == second.mode == "idle hook"
+                assert first.mode == second.mode == ReactorMode.IDLE_HOOK
 
                 async def send_later() -> None:
                     await trio.sleep(0.05)
