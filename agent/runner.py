@@ -52,7 +52,7 @@ from gossip.keyring import Keyring
 from gossip.member import Status
 from gossip.registry import Registry
 from gossip.signing import Signer
-from gossip.swim import FetchState, Membership, SendPacket, StartPushPull, TcpProbe
+from gossip.swim import FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
     PROTOCOL_VERSION,
     Address,
@@ -490,14 +490,14 @@ class Agent:
             return None  # not gossip at all: nothing to explain to it
         return self.sealer.seal(encode_push_pull_stream(PushPull(self.cfg.name, False, [], reason), []))
 
-    async def _push_pull(self, target: Address, purpose: str) -> tuple[bool, str]:
+    async def _push_pull(self, target: Address, purpose: Purpose) -> tuple[bool, str]:
         """Initiator side of push-pull: one frame out, one frame back."""
         reply: bytes | None = None
         error = "timed out"
         with trio.move_on_after(self.cfg.gossip.tcp_timeout):
             try:
-                reply = await self._exchange(target, self.membership.push_pull_payload(purpose == "join",
-                                                                                          lite=purpose == "sync"))
+                reply = await self._exchange(target, self.membership.push_pull_payload(
+                    purpose is Purpose.JOIN, lite=purpose is Purpose.SYNC))
                 error = ""
             except Mismatch as exc:
                 error = _JOIN_MISMATCH[exc.kind]
@@ -560,7 +560,7 @@ class Agent:
         results: dict[str, str] = {}
 
         async def one(t: Address) -> None:
-            ok, reason = await self._push_pull(t, "explicit")
+            ok, reason = await self._push_pull(t, Purpose.EXPLICIT)
             results[format_addr(t)] = "ok" if ok else reason
 
         async with trio.open_nursery() as n:

@@ -20,6 +20,7 @@ import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 from gossip.awareness import Awareness
@@ -119,6 +120,27 @@ class SendPacket:
     payload: bytes
 
 
+class Purpose(StrEnum):
+    """Why a push-pull is made: what its result counts towards (complete_push_pull)."""
+
+    #: The seed retry loop of a join.
+    JOIN = "join"
+    #: A join asked for through the API.
+    EXPLICIT = "explicit"
+    #: Periodic anti-entropy (a lite exchange: see push_pull_payload).
+    SYNC = "sync"
+    #: A member marked dead, tried again in case it is back.
+    RECONNECT = "reconnect"
+    #: A full exchange once news of new members stops after a join.
+    SETTLE = "settle"
+    #: A full exchange asked for after a lite one showed a difference.
+    FULL = "full"
+    #: Who holds a member's address now (_verify_address).
+    VERIFY = "verify"
+    #: A join whose seed turned out to be this agent itself (never sent; counted off the join).
+    SELF = "self"
+
+
 @dataclass(frozen=True)
 class StartPushPull:
     """Open TCP to ``target``, send ``push_pull_payload()``, read the reply, and
@@ -126,10 +148,7 @@ class StartPushPull:
     (a seed), which the driver resolves at each attempt."""
 
     target: Address
-    #: "join" (seed retry loop), "sync" (periodic anti-entropy), "reconnect"
-    #: (a member marked dead), "explicit" (a join asked for through the API), or
-    #: "settle" (a full exchange once news of new members stops after a join).
-    purpose: str
+    purpose: Purpose
 
 
 @dataclass(frozen=True)
@@ -409,7 +428,7 @@ class Membership:
             # The first settle goes back to the member we joined through: in a burst
             # of joins, that is the one that heard from every joiner first.
             seed, self._settle_seed = self._settle_seed, None
-            peer = self._sync_with_random_peer("settle", avoid=self._settle_peer, prefer=seed)
+            peer = self._sync_with_random_peer(Purpose.SETTLE, avoid=self._settle_peer, prefer=seed)
             if peer is not None:
                 self._settle_peer = peer
                 self._settle_left -= 1
@@ -680,7 +699,7 @@ class Membership:
         if last is not None and now - last < VERIFY_ADDRESS_EVERY:
             return
         self._verified_at[m.name] = now
-        self._outbox.append(StartPushPull(m.addr, "verify"))
+        self._outbox.append(StartPushPull(m.addr, Purpose.VERIFY))
 
     def _replaced_at_address(self, now: float, target: Address, remote: PushPull) -> None:
         """The member at ``target``, which we dialled, answers with a new identity key: its old one is gone.
@@ -708,10 +727,11 @@ class Membership:
         self.counters.stats["identities_replaced"] += 1
 
     def complete_push_pull(
-        self, now: float, target: Address, purpose: str, reply: bytes | None, error: str = ""
+        self, now: float, target: Address, purpose: Purpose, reply: bytes | None, error: str = ""
     ) -> tuple[bool, str]:
         """We were the initiator: merge the reply (or note the failure)."""
         self._now = now
+        purpose = Purpose(purpose)  # a driver may hand back the value it was given
         ok, reason = False, error or "no reply"
         if reply is not None:
             remote = self._decode_push_pull(reply)
@@ -727,9 +747,9 @@ class Membership:
                     j.seeds.remove(target)
                     if not j.seeds:
                         j.done, j.last_error = True, ""  # the only seed was ourselves: we are first
-                if purpose != "join" or j is None or j.done:
+                if purpose is not Purpose.JOIN or j is None or j.done:
                     return False, reason
-                purpose = "self"  # counted off the attempt below without an error
+                purpose = Purpose.SELF  # counted off the attempt below without an error
             elif remote.refused:
                 reason = f"refused by {remote.source}: {remote.refused}"
                 self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
@@ -740,7 +760,7 @@ class Membership:
                 self._merge_delegate(remote.delegate)
                 self.counters.stats["push_pull_out"] += 1
                 ok, reason = True, ""
-                if purpose == "settle" and self._settle_left > 0:
+                if purpose is Purpose.SETTLE and self._settle_left > 0:
                     if self._news != news:
                         self._settle_pending = True  # the burst was still spreading: settle again
                         self._settle_confirmed = False
@@ -751,7 +771,7 @@ class Membership:
                         self._settle_pending = True
                         self._settle_confirmed = True
                         self._last_news = now
-                if purpose in ("join", "explicit"):
+                if purpose in (Purpose.JOIN, Purpose.EXPLICIT):
                     self._settle_pending = True
                     self._settle_seed = target
                     self._settle_left = SETTLE_MAX
@@ -761,20 +781,20 @@ class Membership:
                     # now, rather than at the next gossip tick.
                     self._gossip_round(now)
                     self._next_gossip = now + self.config.gossip_interval
-        if purpose == "settle" and not ok and self._settle_left > 0:
+        if purpose is Purpose.SETTLE and not ok and self._settle_left > 0:
             self._settle_pending = True  # that peer failed us: another, after the doubled quiet
-        if purpose in ("join", "reconnect"):
+        if purpose in (Purpose.JOIN, Purpose.RECONNECT):
             if ok:
                 self._failed_seeds.discard(target)
-            elif purpose == "join":
+            elif purpose is Purpose.JOIN:
                 self._failed_seeds.add(target)
         j = self._join
-        if purpose == "self" and j is not None:
+        if purpose is Purpose.SELF and j is not None:
             j.in_flight = max(0, j.in_flight - 1)
             if j.in_flight == 0 and not j.done:
                 j.next_at = now + self.config.join_retry_min * self.rng.uniform(0.8, 1.2)
             return False, reason
-        if purpose == "join" and j is not None and not j.done:
+        if purpose is Purpose.JOIN and j is not None and not j.done:
             j.in_flight = max(0, j.in_flight - 1)
             if ok:
                 j.done = True
@@ -1414,7 +1434,7 @@ class Membership:
         done = SETTLE_MAX - self._settle_left
         return self._last_news + self.config.settle_quiet() * 2.0 ** done
 
-    def _sync_with_random_peer(self, purpose: str = "sync", avoid: Address | None = None,
+    def _sync_with_random_peer(self, purpose: Purpose = Purpose.SYNC, avoid: Address | None = None,
                                prefer: Address | None = None) -> Address | None:
         """A push-pull with ``prefer`` if it is an alive member, else with a random alive
         member (other than ``avoid`` if there is another): its address, or None if there is none."""
@@ -1443,7 +1463,7 @@ class Membership:
             targets += sorted(self._failed_seeds)
         if targets and not self.leaving:
             self.counters.stats["reconnect_attempts"] += 1
-            self._outbox.append(StartPushPull(self.rng.choice(targets), "reconnect"))
+            self._outbox.append(StartPushPull(self.rng.choice(targets), Purpose.RECONNECT))
 
     def _tick_join(self, now: float) -> None:
         j = self._join
@@ -1452,7 +1472,7 @@ class Membership:
         j.attempt += 1
         j.in_flight = len(j.seeds)
         for seed in j.seeds:
-            self._outbox.append(StartPushPull(seed, "join"))
+            self._outbox.append(StartPushPull(seed, Purpose.JOIN))
 
     def _reap(self, now: float) -> None:
         for name, m in list(self.members.items()):
@@ -1655,7 +1675,7 @@ class Membership:
             self._full_sync_after = {a: t for a, t in self._full_sync_after.items() if t > now}
         self._full_sync_after[addr] = now + self.config.push_pull_interval
         self.counters.stats["full_syncs_asked"] += 1
-        self._outbox.append(StartPushPull(addr, "full"))
+        self._outbox.append(StartPushPull(addr, Purpose.FULL))
 
     def _coords_to_send(self, everyone: bool) -> dict[str, tuple[float, ...]]:
         """Our coordinate; on a join, every up member's we hold, so the newcomer

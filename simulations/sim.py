@@ -55,7 +55,7 @@ from typing import Any
 from gossip.config import LAN, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import MEMBER_CHANGES, Member, Status
-from gossip.swim import Event, FetchState, Membership, SendPacket, StartPushPull, TcpProbe
+from gossip.swim import Event, FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import Address, decode_packet
 
 PORT = 7946
@@ -534,7 +534,7 @@ class Sim:
                 return  # the initiator died or was restarted meanwhile
             error = "connection refused"
             if target is not None and target.state == "up" and target.group == node.group:
-                request = machine.push_pull_payload(eff.purpose == "join", lite=eff.purpose == "sync")
+                request = machine.push_pull_payload(eff.purpose is Purpose.JOIN, lite=eff.purpose is Purpose.SYNC)
                 node.stream_bytes_out += len(request)
                 self.stream_bytes += len(request)
                 self.push_pulls += 1
