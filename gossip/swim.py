@@ -87,7 +87,15 @@ LEAVE_DIRECT = 32
 SETTLE_MAX = 8
 
 #: A push-pull's refusal when it came from this agent itself (a seed list naming it).
-SELF_REFUSAL = "that is this agent itself"
+class Refusal(StrEnum):
+    """Why a push-pull was refused, as the wire carries it beside the sentence for people."""
+
+    #: The initiator is this agent itself (a seed list that names us): not a failure.
+    SELF = "self"
+    #: Our name, claimed by another agent.
+    NAME_TAKEN = "name_taken"
+    #: The initiator's name is alive elsewhere under this name.
+    NAME_ALIVE = "name_alive"
 
 #: Other members asked for a node's catalog when the node itself cannot be reached.
 _FETCH_FALLBACKS = 2
@@ -601,15 +609,16 @@ class Membership:
                 continue
             assert isinstance(msg, PushPull)
             remote = msg
-            refused = self._refusal(remote)
-            if refused:
-                if refused == SELF_REFUSAL:
+            refusal = self._refusal(remote)
+            if refusal is not None:
+                code, refused = refusal
+                if code is Refusal.SELF:
                     self.counters.stats["push_pull_self"] += 1
                 else:
                     self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
                     self.counters.stats["push_pull_refused"] += 1
-                replies[i] = encode_push_pull_stream(PushPull(self.name, False, [], refused, b"", {}, False, ()),
-                                                     self._packed_records(False))
+                replies[i] = encode_push_pull_stream(
+                    PushPull(self.name, False, [], refused, b"", {}, False, (), code), self._packed_records(False))
                 continue
             self.counters.stats["push_pull_in"] += 1
             self._merge(now, remote)
@@ -737,7 +746,7 @@ class Membership:
             remote = self._decode_push_pull(reply)
             if remote is None:
                 reason = "malformed reply"
-            elif remote.refused == SELF_REFUSAL:
+            elif remote.refusal == Refusal.SELF:
                 # The seed is this agent itself (under another address or name of the
                 # host): not a failure, and not a seed to retry.
                 reason = "that seed is this agent itself"
@@ -1580,22 +1589,23 @@ class Membership:
         msg = self._decode_one(data, (PushPull,))
         return msg if isinstance(msg, PushPull) else None
 
-    def _refusal(self, remote: PushPull) -> str:
+    def _refusal(self, remote: PushPull) -> tuple[Refusal, str] | None:
+        """Why we refuse ``remote``'s push-pull (a code and a sentence), or None."""
         if remote.source == self.name:
             own = next((r for r in remote.members if r.name == remote.source), None)
             if own is not None and (own.addr == self.addr or (
                     own.identity is not None and own.identity == self.me.identity)):
-                return SELF_REFUSAL
-            return f"name {self.name!r} is already taken by the agent at {format_addr(self.addr)}"
+                return Refusal.SELF, "that is this agent itself"
+            return Refusal.NAME_TAKEN, f"name {self.name!r} is already taken by the agent at {format_addr(self.addr)}"
         own = next((r for r in remote.members if r.name == remote.source), None)
         existing = self.members.get(remote.source)
         if own is not None and existing is not None and existing.status.up and existing.addr != own.addr:
             if existing.identity is not None and own.identity == existing.identity and own.sig is not None and (
                     self._signature_ok(Alive(own.name, own.incarnation, own.addr, own.tags, own.state, own.tunnel,
                                              own.identity, own.sig))):
-                return ""  # the same key: the member itself, restarted at a new address
-            return f"name {remote.source!r} is already alive at {format_addr(existing.addr)}"
-        return ""
+                return None  # the same key: the member itself, restarted at a new address
+            return Refusal.NAME_ALIVE, f"name {remote.source!r} is already alive at {format_addr(existing.addr)}"
+        return None
 
     def _learn_announced(self, held: Member, r: MemberRecord) -> None:
         """Take the incarnation a push-pull record proves the member itself announced (its signed alive)."""

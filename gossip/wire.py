@@ -175,6 +175,9 @@ class PushPull:
     #: Members whose alive the sender is still spreading; the receiver spreads
     #: them too (gossip.swim Membership._fresh).
     fresh: tuple[str, ...] = ()
+    #: With ``refused``: what the refusal is, as a code a program compares (gossip.swim.Refusal);
+    #: ``refused`` is the sentence for people.  Absent from the wire when empty.
+    refusal: str = ""
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,7 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
             "c": {name: coord_bytes(c) for name, c in msg.coords.items()},
             **({"l": True} if msg.lite else {}),
             **({"f": list(msg.fresh)} if msg.fresh else {}),
+            **({"rc": msg.refusal} if msg.refusal else {}),
         }
     if isinstance(msg, StateRequest):
         return {"t": "state-req", "from": msg.source, "node": msg.node}
@@ -537,8 +541,11 @@ def _message_from_obj(obj: Any) -> Message:
         if type(raw_fresh) is not list or len(raw_fresh) > len(members) or any(
                 type(f) is not str or len(f) > MAX_NAME_LEN for f in raw_fresh):
             raise DecodeError("malformed", "bad fresh list")
+        refusal = obj.get("rc", "")
+        if type(refusal) is not str or len(refusal) > 32:
+            raise DecodeError("malformed", "bad refusal code")
         return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords, _bool(obj, "l"),
-                        tuple(raw_fresh))
+                        tuple(raw_fresh), refusal)
     if t == "state-req":
         return StateRequest(_str(obj, "from"), _str(obj, "node"))
     if t == "query":

@@ -1646,6 +1646,10 @@ def test_a_seed_list_that_names_this_agent_too_is_no_error() -> None:
     out = drain(m)
     assert not out.of_kind("join_refused") and not out.of_kind("join_refused_by_peer")
     assert m.counters.stats["push_pull_self"] == 1
+    # What decides is the refusal's code, not its sentence: the same words without it are a refusal.
+    words = encode_packet([PushPull("x", False, [], "that is this agent itself")])
+    assert m.complete_push_pull(0.15, A("x"), "explicit", words) == (
+        False, "refused by x: that is this agent itself")
     b = machine("b")
     reply = b.handle_stream(0.2, A("a"), m.push_pull_payload(True))
     assert m.complete_push_pull(0.2, A("b"), "join", reply)[0] and m.joined
