@@ -52,7 +52,7 @@ from gossip.keyring import Keyring
 from gossip.member import Status
 from gossip.registry import Registry
 from gossip.signing import Signer
-from gossip.swim import FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
+from gossip.swim import EventKind, FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
     PROTOCOL_VERSION,
     Address,
@@ -314,14 +314,14 @@ class Agent:
         """Do what the machine asked for, log its events, and re-arm the timer."""
         effects, events = self.membership.drain()
         for ev in events:
-            if ev.kind == "query":
+            if ev.kind is EventKind.QUERY:
                 self.keys.on_event(ev.fields)
                 continue
             self._log_event(ev.kind, ev.fields)
-            if ev.kind == "member" and ev.fields["status"] in ("dead", "left"):
+            if ev.kind is EventKind.MEMBER and ev.fields["status"] in ("dead", "left"):
                 # Streams to a member gossip gave up on fail now, not at a TCP timeout.
                 self.tunnels.drop_peer(ev.fields["name"], f"member {ev.fields['status']}")
-        if self.registry.index != self._registry_index or any(ev.kind == "member" for ev in events):
+        if self.registry.index != self._registry_index or any(ev.kind is EventKind.MEMBER for ev in events):
             self._registry_index = self.registry.index
             self.services.notify()
         for eff in effects:
@@ -696,21 +696,23 @@ class Agent:
 
     # -- logging ---------------------------------------------------------------------------
 
-    def _log_event(self, kind: str, fields: dict[str, Any]) -> None:
-        if kind == "member":
+    def _log_event(self, kind: EventKind, fields: dict[str, Any]) -> None:
+        if kind is EventKind.MEMBER:
             self.log.info("member_" + fields["status"], **fields)
-        elif kind in ("name_conflict", "join_refused", "join_refused_by_peer", "member_forged"):
-            self.log.error(kind, **fields)
-        elif kind == "join_retry":
-            self.log.warning(kind, **fields)
-        elif kind in ("refute", "member_moved", "member_rekeyed"):
-            self.log.info(kind, **fields)
-        elif kind in ("udp_blocked", "address_mismatch", "broadcasts_dropped", "previous_identity"):
-            self.log.warning(kind, **fields)
-        elif kind == "udp_restored":
-            self.log.info(kind, **fields)
-        else:
-            self.log.debug(kind, **fields)
+            return
+        level = _EVENT_LEVELS.get(kind, "debug")
+        getattr(self.log, level)(kind.value, **fields)
+
+
+#: The level each membership event is logged at (the rest: debug).
+_EVENT_LEVELS: dict[EventKind, str] = {
+    EventKind.NAME_CONFLICT: "error", EventKind.JOIN_REFUSED: "error", EventKind.JOIN_REFUSED_BY_PEER: "error",
+    EventKind.MEMBER_FORGED: "error",
+    EventKind.JOIN_RETRY: "warning", EventKind.UDP_BLOCKED: "warning", EventKind.ADDRESS_MISMATCH: "warning",
+    EventKind.BROADCASTS_DROPPED: "warning", EventKind.PREVIOUS_IDENTITY: "warning",
+    EventKind.REFUTE: "info", EventKind.MEMBER_MOVED: "info", EventKind.MEMBER_REKEYED: "info",
+    EventKind.UDP_RESTORED: "info",
+}
 
 
 def _stranger_row(key: _StrangerKey, row: _Stranger, n: int) -> dict[str, Any]:

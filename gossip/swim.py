@@ -211,11 +211,32 @@ class Delegate(Protocol):
     def forget(self, node: str) -> None: ...
 
 
+class EventKind(StrEnum):
+    """What an Event reports; its value is the log line's event name (agent.runner logs it)."""
+
+    ADDRESS_MISMATCH = "address_mismatch"
+    BROADCASTS_DROPPED = "broadcasts_dropped"
+    JOIN_REFUSED = "join_refused"
+    JOIN_REFUSED_BY_PEER = "join_refused_by_peer"
+    JOIN_RETRY = "join_retry"
+    MEMBER = "member"
+    MEMBER_FORGED = "member_forged"
+    MEMBER_MOVED = "member_moved"
+    MEMBER_REAPED = "member_reaped"
+    MEMBER_REKEYED = "member_rekeyed"
+    NAME_CONFLICT = "name_conflict"
+    PREVIOUS_IDENTITY = "previous_identity"
+    QUERY = "query"
+    REFUTE = "refute"
+    UDP_BLOCKED = "udp_blocked"
+    UDP_RESTORED = "udp_restored"
+
+
 @dataclass(frozen=True)
 class Event:
     """Something worth a log line: ``kind`` is the event name, ``fields`` its data."""
 
-    kind: str
+    kind: EventKind
     fields: dict[str, Any]
 
 
@@ -615,7 +636,7 @@ class Membership:
                 if code is Refusal.SELF:
                     self.counters.stats["push_pull_self"] += 1
                 else:
-                    self._event("join_refused", peer=remote.source, addr=format_addr(src), reason=refused)
+                    self._event(EventKind.JOIN_REFUSED, peer=remote.source, addr=format_addr(src), reason=refused)
                     self.counters.stats["push_pull_refused"] += 1
                 replies[i] = encode_push_pull_stream(
                     PushPull(self.name, False, [], refused, b"", {}, False, (), code), self._packed_records(False))
@@ -761,7 +782,7 @@ class Membership:
                 purpose = Purpose.SELF  # counted off the attempt below without an error
             elif remote.refused:
                 reason = f"refused by {remote.source}: {remote.refused}"
-                self._event("join_refused_by_peer", peer=remote.source, reason=remote.refused)
+                self._event(EventKind.JOIN_REFUSED_BY_PEER, peer=remote.source, reason=remote.refused)
             else:
                 news = self._news
                 self._replaced_at_address(now, target, remote)
@@ -816,7 +837,7 @@ class Membership:
                         self.config.join_retry_min * 2 ** min(j.attempt - 1, 16),
                     )
                     j.next_at = now + backoff * self.rng.uniform(0.8, 1.2)
-                    self._event("join_retry", seeds=[format_addr(s) for s in j.seeds],
+                    self._event(EventKind.JOIN_RETRY, seeds=[format_addr(s) for s in j.seeds],
                                 error=j.last_error, retry_in=round(j.next_at - now, 2))
         elif ok and j is not None:
             j.done = True  # an explicit join succeeded: the seed loop can stop
@@ -908,7 +929,7 @@ class Membership:
                 target = self._own(target)
                 if self.udp_blocked.pop(target.name, None) is not None:
                     MEMBER_CHANGES.bump()
-                    self._event("udp_restored", name=target.name)
+                    self._event(EventKind.UDP_RESTORED, name=target.name)
                 target.rtt = sample if target.rtt is None else 0.8 * target.rtt + 0.2 * sample
                 self.counters.rtt_buckets[bisect.bisect_left(RTT_BUCKETS, sample)] += 1
                 self.counters.rtt_sum += sample
@@ -978,7 +999,7 @@ class Membership:
         self._queries_seen[key] = now + QUERY_MEMORY
         self._broadcast(f"query:{q.origin}:{q.id}", q)
         self.counters.stats["queries"] += 1
-        self._event("query", origin=q.origin, origin_addr=q.origin_addr, id=q.id, name=q.name,
+        self._event(EventKind.QUERY, origin=q.origin, origin_addr=q.origin_addr, id=q.id, name=q.name,
                     payload=q.payload)
 
     # The three rules below follow memberlist's aliveNode/suspectNode/deadNode.
@@ -998,17 +1019,17 @@ class Membership:
                 # our key once we answer (_replaced_at_address).
                 if (a.name, a.addr) not in self._addr_warned:
                     self._addr_warned.add((a.name, a.addr))
-                    self._event("previous_identity", name=a.name, addr=format_addr(a.addr),
+                    self._event(EventKind.PREVIOUS_IDENTITY, name=a.name, addr=format_addr(a.addr),
                                 detail="peers still hold a previous run of this agent, with another identity key "
                                        "(keep --data-dir to keep it); they take this one once they ask this address")
             elif a.identity is not None and a.identity != me.identity and a.incarnation >= me.incarnation:
                 # Someone else, with another key, claims our name: say so; our refutation wins
                 # everywhere our key is bound.
-                self._event("name_conflict", name=a.name, ours=format_addr(me.addr), theirs=format_addr(a.addr),
+                self._event(EventKind.NAME_CONFLICT, name=a.name, ours=format_addr(me.addr), theirs=format_addr(a.addr),
                             reason="another agent, with a different identity key, claims this agent's name")
                 self.counters.stats["name_conflicts"] += 1
             elif a.addr != me.addr and a.incarnation >= me.incarnation and a.identity is None:
-                self._event("name_conflict", name=a.name, ours=format_addr(me.addr),
+                self._event(EventKind.NAME_CONFLICT, name=a.name, ours=format_addr(me.addr),
                             theirs=format_addr(a.addr),
                             reason="another agent claims this agent's name")
                 self.counters.stats["name_conflicts"] += 1
@@ -1049,7 +1070,7 @@ class Membership:
             self._probe_order.insert(self.rng.randint(self._probe_index, len(self._probe_order)), a.name)
             if a.identity is not None:
                 self._unverified[a.name] = (now, a)
-            self._event("member", name=a.name, addr=format_addr(a.addr), status="alive",
+            self._event(EventKind.MEMBER, name=a.name, addr=format_addr(a.addr), status="alive",
                         previous="none", incarnation=a.incarnation, reason="joined")
             self._last_news = now
             self._news += 1
@@ -1066,16 +1087,17 @@ class Membership:
                     self._verify_address(now, m)
                 if (a.name, a.addr) not in self._addr_warned:
                     self._addr_warned.add((a.name, a.addr))
-                    self._event("name_conflict", name=a.name, ours=format_addr(m.addr), theirs=format_addr(a.addr),
+                    self._event(EventKind.NAME_CONFLICT, name=a.name, ours=format_addr(m.addr),
+                                theirs=format_addr(a.addr),
                                 reason="a different identity key claims this live member's name; refused")
                 self.counters.stats["name_conflicts"] += 1
                 self.drop("identity_conflict")
                 return
             # Dead or departed: the name may be taken by a new key (a rebuilt node).
-            self._event("member_rekeyed", name=a.name, addr=format_addr(a.addr))
+            self._event(EventKind.MEMBER_REKEYED, name=a.name, addr=format_addr(a.addr))
         if a.addr != m.addr:
             if m.status.up and not same_key:
-                self._event("name_conflict", name=a.name, ours=format_addr(m.addr),
+                self._event(EventKind.NAME_CONFLICT, name=a.name, ours=format_addr(m.addr),
                             theirs=format_addr(a.addr),
                             reason=f"name already alive at {format_addr(m.addr)}; refused")
                 self.counters.stats["name_conflicts"] += 1
@@ -1086,7 +1108,7 @@ class Membership:
             # one moves when its own key says so (restarted at a new address).
             m = self._own(m)
             if m.status.up:
-                self._event("member_moved", name=a.name, old=format_addr(m.addr), new=format_addr(a.addr))
+                self._event(EventKind.MEMBER_MOVED, name=a.name, old=format_addr(m.addr), new=format_addr(a.addr))
             m.addr = a.addr
         elif a.incarnation <= m.incarnation and (same_key or m.identity is None):
             return  # (a new key's life counts its incarnations anew: the old key's are no bar)
@@ -1204,7 +1226,7 @@ class Membership:
         self.me.incarnation = max(self.me.incarnation, accused) + 1
         self.awareness.apply_delta(1)  # Lifeguard: being suspected hints we are slow
         self.counters.stats["refutations"] += 1
-        self._event("refute", incarnation=self.me.incarnation, reason=reason)
+        self._event(EventKind.REFUTE, incarnation=self.me.incarnation, reason=reason)
         self._queue_alive_self()
 
     # -- timers ---------------------------------------------------------------------
@@ -1340,7 +1362,7 @@ class Membership:
             # Say so (once, until UDP works again) rather than accuse it.
             if p.target not in self.udp_blocked:
                 m = self.members.get(p.target)
-                self._event("udp_blocked", name=p.target, addr=format_addr(m.addr) if m else "?",
+                self._event(EventKind.UDP_BLOCKED, name=p.target, addr=format_addr(m.addr) if m else "?",
                             detail="probes over UDP fail but TCP reaches it: is a firewall dropping UDP?")
             self.udp_blocked[p.target] = now
             MEMBER_CHANGES.bump()  # member views show it
@@ -1487,7 +1509,7 @@ class Membership:
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
                 self._forget(name)
-                self._event("member_reaped", name=name, status=m.status.value)
+                self._event(EventKind.MEMBER_REAPED, name=name, status=m.status.value)
 
     def _forget(self, name: str) -> None:
         """Remove a member and everything held about it."""
@@ -1520,7 +1542,7 @@ class Membership:
         self.drop("bad_signature")
         if name in self.members:
             self._forget(name)
-            self._event("member_forged", name=name, addr=format_addr(entry[1].addr),
+            self._event(EventKind.MEMBER_FORGED, name=name, addr=format_addr(entry[1].addr),
                         reason="its alive was not signed by the key it carried; forgotten")
         return False
 
@@ -1763,7 +1785,7 @@ class Membership:
             if self._now >= self._next_drop_report:
                 # Logged at most every 10 s, with the total: never silent, never a flood.
                 self._next_drop_report = self._now + 10.0
-                self._event("broadcasts_dropped", total=self.counters.stats["broadcasts_dropped"],
+                self._event(EventKind.BROADCASTS_DROPPED, total=self.counters.stats["broadcasts_dropped"],
                             bound=self.broadcasts.max_depth,
                             detail="more updates than the queue holds; the least valuable were dropped "
                                    "(push-pull repairs what they would have said)")
@@ -1803,7 +1825,7 @@ class Membership:
             return
         self._addr_warned.add(key)
         self.counters.stats["address_mismatches"] += 1
-        self._event("address_mismatch", name=m.name, advertised=format_addr(m.addr), seen=format_addr(src),
+        self._event(EventKind.ADDRESS_MISMATCH, name=m.name, advertised=format_addr(m.addr), seen=format_addr(src),
                     detail="its packets come from another address than it advertises (NAT?); "
                            "others send to the advertised one: check its --advertise")
 
@@ -1831,8 +1853,8 @@ class Membership:
             size, up = self._up_count
             self._up_count = (size, up + (1 if status.up else -1))
         if previous is not status:
-            self._event("member", name=m.name, addr=format_addr(m.addr), status=status.value,
+            self._event(EventKind.MEMBER, name=m.name, addr=format_addr(m.addr), status=status.value,
                         previous=previous.value, incarnation=m.incarnation, reason=reason)
 
-    def _event(self, kind: str, **fields: Any) -> None:
+    def _event(self, kind: EventKind, **fields: Any) -> None:
         self._events.append(Event(kind, fields))
