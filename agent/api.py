@@ -34,7 +34,7 @@ from agent.health import parse_duration
 from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError, shown
 from dataplane.rawsocket import RawSocketStream
-from gossip.wire import parse_addr
+from gossip.address import parse_addr
 
 if TYPE_CHECKING:
     from agent.runner import Agent

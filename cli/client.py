@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from gossip.wire import parse_addr
+from gossip.address import parse_addr
 
 
 class ApiError(Exception):

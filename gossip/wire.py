@@ -23,6 +23,11 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+# Re-exported: the protocol's users import addresses from here too.
+from gossip.address import Address as Address
+from gossip.address import format_addr as format_addr
+from gossip.address import parse_addr as parse_addr
+
 PROTOCOL_VERSION = 1
 
 #: Upper bounds on what a peer may make us allocate while decoding.
@@ -39,7 +44,6 @@ COMPRESSED_MARK = 0xC1
 #: Payloads shorter than this are sent plain: deflate would not pay for itself.
 COMPRESS_MIN = 256
 
-Address = tuple[str, int]
 #: A node's application state summary (registry version, digest) that rides on
 #: its alive messages; the full state travels over TCP.
 NodeState = tuple[int, bytes]
@@ -646,42 +650,3 @@ def decode_stream(data: bytes) -> list[Message]:
             raise DecodeError("malformed", "trailing bytes after the deflate stream")
         data = plain
     return decode_packet(data)
-
-
-def format_addr(addr: Address) -> str:
-    """host:port, with IPv6 hosts in brackets (RFC 3986 section 3.2.2)."""
-    host, port = addr
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
-
-
-def parse_addr(text: str, default_port: int | None = None) -> Address:
-    """Parse ``host:port``, ``[v6]:port`` or (with a default port) ``host``."""
-    text = text.strip()
-    if not text:
-        raise ValueError("empty address")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"bad address {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1 :]
-        if rest == "" and default_port is not None:
-            return (host, default_port)
-        if not rest.startswith(":"):
-            raise ValueError(f"bad address {text!r}: expected [host]:port")
-        port_text = rest[1:]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" not in text and default_port is not None:
-        return (text, default_port)
-    else:
-        raise ValueError(f"bad address {text!r}: expected host:port")
-    if not host:
-        raise ValueError(f"bad address {text!r}: empty host")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"bad address {text!r}: port is not a number")
-    port = int(port_text)
-    if not 0 <= port < 65536:
-        raise ValueError(f"bad address {text!r}: port out of range")
-    return (host, port)
