@@ -418,8 +418,8 @@ class ApiServer:
             try:
                 caller = self.policy.check(method, path, *_head_facts(request), peer_uid)
             except Refused as exc:
+                self.policy.count(exc, method, path)  # first: a body too large still counts the refusal
                 await self._read_body(conn, stream, None)  # read to its end, kept nowhere
-                self.policy.count(exc, method, path)
                 return exc.status, {"error": exc.message}
             await self._read_body(conn, stream, body)
         except h11.RemoteProtocolError as exc:
