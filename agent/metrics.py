@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -284,4 +284,7 @@ def exposition(agent: Agent) -> bytes:
     """The whole exposition, in Prometheus text format."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
+    # The standard process metrics (resident memory, CPU seconds, open and maximum file
+    # descriptors, start time), as every Prometheus client exports them, read from /proc.
+    ProcessCollector(registry=registry)
     return generate_latest(registry)

@@ -59,6 +59,11 @@ def test_metrics_pass_promtool_and_count_what_happened(cluster: Cluster) -> None
     assert check.returncode == 0, check.stdout + check.stderr
 
     assert value(text, 'mesh_members{status="alive"}') == 2
+    # The standard process metrics, of the agent's own process.
+    assert 10 * 2**20 < value(text, "process_resident_memory_bytes") < 2**30
+    assert value(text, "process_cpu_seconds_total") > 0
+    assert value(text, "process_open_fds") > 5
+    assert value(text, "process_max_fds") >= value(text, "process_open_fds")
     assert value(text, 'mesh_gossip_packets_total{direction="in"}') > 0
     assert value(text, 'mesh_gossip_messages_total{direction="out",type="ping"}') > 0
     assert value(text, 'mesh_gossip_messages_total{direction="in",type="ack"}') > 0
