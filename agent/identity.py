@@ -52,23 +52,28 @@ def default_dir(name: str, bind: tuple[str, int], environ: dict[str, str] | None
     return Path(base) / "mesh-agent" / "identity" / f"{name}@{host}_{bind[1]}"
 
 
-def claim_dir(path: Path) -> tuple[int | None, str]:
-    """Create and lock ``path`` for this process: (the lock's descriptor, or None and why not).
+class DirInUse(IdentityError):
+    """Another running agent holds the directory's lock."""
+
+
+def claim_dir(path: Path) -> int:
+    """Create and lock ``path`` for this process; the lock's descriptor.
 
     The lock lasts as long as the process (the descriptor is kept open, and
     the kernel drops the lock when the process ends, however it ends).
+    DirInUse when another agent holds it; IdentityError when it cannot be used.
     """
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        return None, f"cannot use {path}: {exc.strerror}"
+        raise IdentityError(f"cannot use {path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        return None, f"{path} is in use by another agent of the same name and address"
-    return fd, ""
+        raise DirInUse(f"{path} is in use by another agent of the same name and address") from None
+    return fd
 
 
 def _public(private: bytes) -> bytes:

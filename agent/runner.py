@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from agent import identity, log
+from agent import identity, log, store
 from agent.access import AccessPolicy
 from agent.config import AgentConfig, describe
 from agent.directory import MeshDirectory
@@ -192,22 +192,23 @@ class Agent:
         error; a default place in use (or unusable) means keys new at this start.
         """
         if cfg.data_dir is not None:
-            fd, why = identity.claim_dir(cfg.data_dir)
-            if fd is None and "in use" in why:
-                raise StartupError(f"--data-dir {why}")
-            if fd is None:
-                cfg.warnings.append(f"--data-dir not locked: {why}")
-            return cfg.data_dir, fd
+            try:
+                return cfg.data_dir, identity.claim_dir(cfg.data_dir)
+            except identity.DirInUse as exc:
+                raise StartupError(f"--data-dir {exc}") from None
+            except identity.IdentityError as exc:
+                cfg.warnings.append(f"--data-dir not locked: {exc}")
+                return cfg.data_dir, None
         default = identity.default_dir(cfg.name, cfg.bind)
         if default is None:
             cfg.warnings.append("no --data-dir and no home directory: the identity keys are new at every start")
             return None, None
-        fd, why = identity.claim_dir(default)
-        if fd is None:
-            cfg.warnings.append(f"no --data-dir, and the default identity place {why}: "
+        try:
+            return default, identity.claim_dir(default)
+        except identity.IdentityError as exc:
+            cfg.warnings.append(f"no --data-dir, and the default identity place: {exc}: "
                                 "the identity keys are new at this start")
             return None, None
-        return default, fd
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -654,7 +655,7 @@ class Agent:
             rows += up.router.view(now, endpoints, self.directory, self.cfg.name)
         return rows
 
-    def savers(self) -> dict[str, Any]:
+    def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
         return {"services.json": self.services.saver, "intentions.json": self.intentions.saver,
                 "upstreams.json": self.upstreams.saver, "keyring.json": self.keys.saver}
