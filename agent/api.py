@@ -33,6 +33,7 @@ from agent.access import SAFE_METHODS, Refused
 from agent.health import parse_duration
 from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError, shown
+from agent.store import StoreError
 from dataplane.rawsocket import RawSocketStream
 from gossip.address import parse_addr
 
@@ -490,6 +491,8 @@ class ApiServer:
             return await handler(parse_qs(query, keep_blank_values=True), parsed)
         except HttpError as exc:
             return exc.status, {"error": exc.message}
+        except StoreError as exc:  # a change that could not be saved, and so was not made
+            return 507, {"error": str(exc)}
         except ServiceError as exc:  # what the registries refuse, with its 4xx status
             if exc.reason is not None:  # a policy refusal (script checks, a public listener): counted
                 self.policy.count(Refused(exc.status, exc.reason, str(exc)), method, path)

@@ -182,10 +182,7 @@ class Intentions:
         return store.read_records(path, self.log, "intention_store_unreadable")
 
     def _persist(self, rules: Iterable[Intention]) -> None:
-        """Save ``rules`` (the state about to be applied); ServiceError 507 when they cannot be."""
+        """Save ``rules`` (the state about to be applied); StoreError when they cannot be."""
         body = [{"source": r.source, "destination": r.destination, "action": r.action,
                  "description": r.description} for r in rules if r.origin == "api"]
-        try:
-            self.saver.save(body)
-        except store.StoreError as exc:
-            raise ServiceError(str(exc), 507) from None
+        self.saver.save(body)

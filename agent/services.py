@@ -290,7 +290,7 @@ class LocalServices:
         return out
 
     def _persist(self, registrations: Iterable[Registration], next_version: bool = False) -> None:
-        """Save ``registrations`` (the state about to be applied); ServiceError 507 when it cannot be.
+        """Save ``registrations`` (the state about to be applied); StoreError when it cannot be.
 
         ``next_version`` stores the version the change will bring, so that a
         restart counts past it.
@@ -302,10 +302,7 @@ class LocalServices:
             "services": [r.to_dict() for r in regs if r.source == "api"]
             + [h for h in self._held if h.get("id") not in ids],
         }
-        try:
-            self.saver.save(body)
-        except store.StoreError as exc:
-            raise ServiceError(str(exc), 507) from None
+        self.saver.save(body)
 
     # -- discovery views ----------------------------------------------------------------------
 

@@ -142,7 +142,7 @@ def validate(payload: Any) -> UpstreamSpec:
     # when the operator says so (Consul's local_bind_address defaults to loopback likewise).
     if not public and not is_loopback(addr[0]):
         raise ServiceError(f"listen {format_addr(addr)} is not a loopback address: anyone who reaches it could "
-                           f"call {payload.get('service')!r} through the mesh. Pass --public (field \"public\": "
+                           f"call {shown(service)} through the mesh. Pass --public (field \"public\": "
                            "true) to allow it", 403, "public_listen")
     source = payload.get("source")
     if source is not None and (not isinstance(source, str) or not SERVICE_NAME_RE.match(source)):
@@ -197,7 +197,7 @@ class Upstreams:
             raise ServiceError(str(exc), 400) from None
         try:
             self._persist()
-        except ServiceError:
+        except store.StoreError:
             await self._close(spec.service)  # not saved: not open either
             raise
         return {"ok": True, **spec.to_dict()}
@@ -255,11 +255,8 @@ class Upstreams:
         return store.read_records(path, self.log, "upstream_store_unreadable")
 
     def _persist(self, without: str | None = None) -> None:
-        """Save the run-time upstreams (less ``without``); ServiceError 507 when they cannot be saved."""
+        """Save the run-time upstreams (less ``without``); StoreError when they cannot be saved."""
         body = [UpstreamSpec(s, up.listen, up.options, s in self.public).to_dict()
                 for s, up in self.proxy.upstreams.items()
                 if self.sources.get(s) == "api" and s != without]
-        try:
-            self.saver.save(body)
-        except store.StoreError as exc:
-            raise ServiceError(str(exc), 507) from None
+        self.saver.save(body)
