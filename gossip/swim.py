@@ -288,6 +288,11 @@ class _Counters:
     rtt_sum: float = 0.0
 
 
+def _alive_of(r: MemberRecord) -> Alive:
+    """The alive a push-pull record carries: the member's own, signed, where the record has its signature."""
+    return Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity, r.sig)
+
+
 class Membership:
     def __init__(
         self,
@@ -748,8 +753,7 @@ class Membership:
         if (own is None or own.identity is None or held.identity is None or own.identity == held.identity
                 or own.addr != target or held.addr != target):
             return
-        if not self._signature_ok(Alive(own.name, own.incarnation, own.addr, own.tags, own.state, own.tunnel,
-                                        own.identity, own.sig)):
+        if not self._signature_ok(_alive_of(own)):
             return
         m = self._own(held)
         self._suspicions.pop(m.name, None)  # its heap entry goes stale
@@ -1623,16 +1627,15 @@ class Membership:
         existing = self.members.get(remote.source)
         if own is not None and existing is not None and existing.status.up and existing.addr != own.addr:
             if existing.identity is not None and own.identity == existing.identity and own.sig is not None and (
-                    self._signature_ok(Alive(own.name, own.incarnation, own.addr, own.tags, own.state, own.tunnel,
-                                             own.identity, own.sig))):
+                    self._signature_ok(_alive_of(own))):
                 return None  # the same key: the member itself, restarted at a new address
             return Refusal.NAME_ALIVE, f"name {remote.source!r} is already alive at {format_addr(existing.addr)}"
         return None
 
     def _learn_announced(self, held: Member, r: MemberRecord) -> None:
         """Take the incarnation a push-pull record proves the member itself announced (its signed alive)."""
-        a = Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity, r.sig)
-        if r.addr != held.addr or r.identity is None or r.identity != held.identity or not self._signature_ok(a):
+        if (r.addr != held.addr or r.identity is None or r.identity != held.identity
+                or not self._signature_ok(_alive_of(r))):
             return  # unproven: the accusation that follows is dropped as beyond what was announced
         m = self._own(held)
         m.incarnation = r.incarnation
@@ -1671,8 +1674,7 @@ class Membership:
                 # (a joiner learns everyone this way): spreading it again would flood
                 # gossip with thousands of alives everybody holds, ahead of the updates
                 # that matter.  The peer itself, and any change to a member we know, still spread.
-                self._on_alive(now, Alive(r.name, r.incarnation, r.addr, r.tags, r.state, r.tunnel, r.identity,
-                                          r.sig), spread_new=r.name == remote.source or r.name in fresh)
+                self._on_alive(now, _alive_of(r), spread_new=r.name == remote.source or r.name in fresh)
             else:
                 if held is not None and r.name != self.name and r.incarnation > held.incarnation:
                     # The peer holds a later incarnation than ours, accused.  Its record carries
