@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from gossip.wire import Address
+from gossip.address import Address, parse_addr
 
 #: Routes anyone who reaches the API may call: liveness for health checkers.
 PUBLIC: frozenset[tuple[str, str]] = frozenset({("GET", "/v1/health")})
@@ -83,15 +83,12 @@ class Caller:
 ANONYMOUS = Caller()
 
 
-def _host_only(value: str) -> str:
-    """The host part of a ``Host`` header or an origin's authority: brackets and port taken off."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        return value[1:end] if end > 0 else value
-    if value.count(":") == 1:
-        return value.split(":", 1)[0]
-    return value
+def _authority(value: str, default_port: int) -> Address | None:
+    """(host, port) of a ``Host`` header or an origin's authority (RFC 3986 §3.2), or None when malformed."""
+    try:
+        return parse_addr(value.strip().lower(), default_port)
+    except ValueError:
+        return None
 
 
 def _is_ip(host: str) -> bool:
@@ -100,17 +97,6 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _port_of(authority: str) -> int | None:
-    authority = authority.strip()
-    tail = authority.rsplit("]", 1)[-1] if authority.startswith("[") else authority
-    if tail.count(":") != 1:
-        return None
-    try:
-        return int(tail.rsplit(":", 1)[1])
-    except ValueError:
-        return None
 
 
 class AccessPolicy:
@@ -123,7 +109,7 @@ class AccessPolicy:
         self.wildcard = bound in ("0.0.0.0", "::", "")
         #: The names and addresses a request's Host may carry (RFC 9110 §7.2).
         self.hosts = {"localhost", "127.0.0.1", "::1", bound}
-        self.hosts.update(_host_only(h) for h in allow_hosts)
+        self.hosts.update(a[0] for a in (_authority(h, self.port) for h in allow_hosts) if a is not None)
         self._token = token.encode() if token else None
         self.agent_uid = os.geteuid() if agent_uid is None else agent_uid
         self.refused: Counter[str] = Counter({r: 0 for r in REASONS})
@@ -131,17 +117,16 @@ class AccessPolicy:
         self._last_logged: dict[str, float] = {}
         self._unlogged: Counter[str] = Counter()
 
-    @property
-    def has_token(self) -> bool:
-        return self._token is not None
-
     # -- the rules ---------------------------------------------------------------------------
 
     def host_allowed(self, host: str | None) -> bool:
         """A missing Host (HTTP/1.0) is no browser's; an IP literal cannot be rebound, so a wildcard bind takes any."""
         if host is None:
             return True
-        name = _host_only(host)
+        addr = _authority(host, self.port)
+        return addr is not None and self._name_allowed(addr[0])
+
+    def _name_allowed(self, name: str) -> bool:
         return name in self.hosts or (self.wildcard and _is_ip(name))
 
     def own_origin(self, origin: str) -> bool:
@@ -149,8 +134,8 @@ class AccessPolicy:
         scheme, sep, authority = origin.strip().partition("://")
         if not sep or scheme.lower() != "http" or "/" in authority:
             return False
-        port = _port_of(authority)
-        return (port if port is not None else 80) == self.port and self.host_allowed(authority)
+        addr = _authority(authority, 80)
+        return addr is not None and addr[1] == self.port and self._name_allowed(addr[0])
 
     def check(self, method: str, path: str, headers: dict[str, str], body_expected: bool,
               peer_uid: Callable[[], int | None]) -> Caller:
