@@ -1,7 +1,11 @@
 """``mesh-agent``: run an agent, or talk to the local one through its API.
 
-Client commands never import gossip state: they speak HTTP to the agent, so
-what they print is exactly what the agent believes.
+Client commands (members, info, join, keys, services, ...) speak only HTTP to
+the agent, so what they print is exactly what the agent believes; they import
+nothing of the protocol, the data plane or the agent (tests/test_cli.py checks
+this).  Three commands run locally instead and use the agent's own packages on
+purpose: ``agent`` starts one, ``demo`` starts several, and ``keygen`` makes a
+key in the one format gossip.keyring reads, so that format has a single owner.
 """
 
 from __future__ import annotations

@@ -100,6 +100,38 @@ def test_members_and_info_json_follow_the_contract(cluster: Cluster) -> None:
     assert "dropped:" in run("info", "--api", s.api).stdout
 
 
+_CLIENT_COMMANDS = (
+    ["members", "--json"], ["info"], ["services"], ["upstreams"], ["intentions"], ["routes"],
+    ["keys", "list"], ["rtt", "c1"],
+)
+#: Run every client command in one interpreter, then print which of our own
+#: packages (and the protocol's dependencies) that interpreter ever imported.
+_IMPORT_PROBE = """
+import sys, click
+from cli.main import main
+for argv in {commands!r}:
+    try:
+        main(argv + ["--api", {api!r}], standalone_mode=False)
+    except (SystemExit, click.ClickException):
+        pass
+watched = ("gossip", "agent", "dataplane", "msgpack", "nacl", "trio", "structlog")
+print("IMPORTED", *sorted(m for m in sys.modules if m.split(".")[0] in watched))
+"""
+
+
+def test_client_commands_speak_only_http(cluster: Cluster) -> None:
+    """What a client command prints comes from the agent, never from a protocol module it loaded."""
+    s = cluster.start("c1")
+    probe = _IMPORT_PROBE.format(commands=[list(c) for c in _CLIENT_COMMANDS], api=s.api)
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0, p.stderr
+    assert '"name": "c1"' in p.stdout  # the commands did reach the agent
+    imported = p.stdout.splitlines()[-1].split()[1:]
+    # The one shared piece is the host:port parser, kept apart from the wire format for this.
+    assert imported == ["gossip", "gossip.address"], p.stdout
+
+
 def test_join_command_and_env_api(cluster: Cluster) -> None:
     a = cluster.start("j1")
     b = cluster.start("j2")
