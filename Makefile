@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo cluster-key test lint typecheck unit bench bench-proxy simulate clean
+.PHONY: demo cluster-key test lint typecheck unit canary bench bench-proxy simulate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,29 @@ unit: $(STAMP)
 test: lint typecheck $(STAMP)
 	$(PY) -m pytest
 
+# The reactor's idle hook reads trio internals (dataplane/reactor.py), so pyproject.toml pins the
+# trio it was checked against.  This canary installs the newest release of every dependency,
+# ignoring the pins, in a scratch venv and runs the tests that lean on those internals: a trio that
+# breaks the hook shows here before users meet it.  It reports and never fails (CI runs it).
+CANARY := $(VENV)-canary
+CANARY_TESTS := tests/test_reactor.py tests/test_rawsocket.py tests/test_tunnel.py tests/test_proxy.py
+canary:
+	@rm -rf $(CANARY)
+	@if ! { $(PYTHON) -m venv $(CANARY) && $(CANARY)/bin/pip install --quiet --upgrade \
+	      trio msgpack pynacl cryptography structlog click h11 prometheus-client \
+	      pytest pytest-trio hypothesis > $(VENV)-canary.pip.log 2>&1; }; then \
+	  echo "CANARY: could not install the newest dependencies (no package index?); nothing checked"; \
+	else \
+	  v=$$($(CANARY)/bin/python -c 'import trio; print(trio.__version__)'); \
+	  if PYTHONPATH=. $(CANARY)/bin/python -m pytest -q -p no:cacheprovider $(CANARY_TESTS) \
+	        > $(CANARY)/pytest.log 2>&1; then \
+	    echo "CANARY: newest trio $$v passes $(CANARY_TESTS)"; \
+	  else \
+	    echo "CANARY: newest trio $$v FAILS the data plane's tests; pin trio below it until fixed:"; \
+	    tail -n 30 $(CANARY)/pytest.log; \
+	  fi; \
+	fi; rm -rf $(CANARY) $(VENV)-canary.pip.log
+
 # Side-by-side with HashiCorp Serf (needs Debian's `serf`: apt-get install serf).
 bench: $(STAMP)
 	$(PY) simulations/bench_cluster.py
@@ -59,4 +82,4 @@ simulate: $(SIM_STAMP)
 		--churn-sizes $(SIM_CHURN_SIZES) --out $(SIM_OUT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(CANARY) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -307,13 +307,17 @@ class _IdleHook(trio.abc.Instrument):
             return
         try:
             self._serve(timeout)
-        except Exception:
-            # Trio would drop a hook that raises, and nobody would serve the
-            # reactors' sockets; their tasks do that now (Reactor.run), once
-            # trio's wait, about to start, returns.
+        except BaseException as exc:
+            # Trio drops a hook that raises anything at all (BaseException
+            # included), and then nobody would serve the reactors' sockets:
+            # their tasks do that now (Reactor.run), once trio's wait, about to
+            # start, returns.  Whatever is not an Exception (KeyboardInterrupt,
+            # SystemExit) still goes on to trio, which logs it.
             self._broken = True
             self.failed.set()
             self._force_wakeup()
+            if not isinstance(exc, Exception):
+                raise
 
     def _serve(self, timeout: float) -> None:
         # Trio is busy (timeout 0) or about to wait: either way, what is ready

@@ -301,23 +301,29 @@ async def test_trio_io_and_timers_go_on_while_the_hook_waits() -> None:
     b.close()
 
 
+class _NotAnException(BaseException):
+    """What trio's instrument runner also drops a hook for (as it would a KeyboardInterrupt)."""
+
+
 class _FlakyReactor(Reactor):
     """Fails once when the idle hook dispatches: a stand-in for a bug in the hook."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: type[BaseException]) -> None:
         super().__init__(idle_hook=True)
         self.failures = 0
+        self.error = error
 
     def _dispatch(self) -> int:
         if self.failures == 0 and self.mode == ReactorMode.IDLE_HOOK:
             self.failures += 1
-            raise OSError("injected")
+            raise self.error("injected")
         return super()._dispatch()
 
 
-async def test_a_failing_hook_hands_the_sockets_to_the_reactors_task() -> None:
+@pytest.mark.parametrize("error", [OSError, _NotAnException])
+async def test_a_failing_hook_hands_the_sockets_to_the_reactors_task(error: type[BaseException]) -> None:
     stream, peer = pair()
-    reactor = _FlakyReactor()
+    reactor = _FlakyReactor(error)
     buf = memoryview(bytearray(100))
     got = bytearray()
 
