@@ -193,6 +193,8 @@ def test_100_mib_and_200_concurrent_connections_arrive_byte_exact(cluster: Clust
 
 
 def test_instance_dying_mid_stream_closes_the_client_promptly(cluster: Cluster) -> None:
+    """Killed with nothing unread, the instance's kernel ends its side with a FIN, exactly as a close
+    would: the client may see an end of stream or a reset, but promptly (the unread case is below)."""
     listen, echo, _ = mesh_with_echo(cluster)
     with socket.create_connection(("127.0.0.1", listen), timeout=30) as c:
         c.sendall(b"x" * 100_000)
@@ -208,3 +210,36 @@ def test_instance_dying_mid_stream_closes_the_client_promptly(cluster: Cluster) 
         except ConnectionResetError:
             pass
         assert time.monotonic() - t0 < 10, "the client hung after the instance died"
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of ``pid`` in the stopped state (a stop signal reaches each thread in its own time)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks.iterdir())
+
+
+def _unread_at(port: int) -> int:
+    """Bytes waiting unread in the receive queues of the connections accepted on ``port``."""
+    out = subprocess.run(["ss", "-Htn", "state", "established", "sport", "=", f":{port}"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines())
+
+
+def test_instance_killed_with_unread_bytes_resets_the_client(cluster: Cluster) -> None:
+    """The instance's kernel answers the kill with a reset (bytes were lost): the client must get one too,
+    never a clean end of stream that would pass for a complete answer."""
+    listen, echo, echo_port = mesh_with_echo(cluster)
+    with socket.create_connection(("127.0.0.1", listen), timeout=30) as c:
+        c.sendall(b"x" * 1000)
+        got = 0
+        while got < 1000:
+            got += len(c.recv(65536))
+        os.killpg(echo.pid, signal.SIGSTOP)
+        wait_for(lambda: _stopped(echo.pid), 10, "every thread of the instance stopped")
+        c.sendall(b"never read")
+        wait_for(lambda: _unread_at(echo_port) == len(b"never read"), 10, "the bytes wait at the stopped instance")
+        os.killpg(echo.pid, signal.SIGKILL)
+        echo.wait(5)
+        with pytest.raises(ConnectionResetError):
+            while c.recv(65536):
+                pass
