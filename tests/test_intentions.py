@@ -352,12 +352,13 @@ def test_idle_timeout_resets_an_idle_connection(cluster: Cluster) -> None:
     try:
         listen = free_port()
         p = cli(a.api, "upstreams", "add", "--service", "db", "--listen", f"127.0.0.1:{listen}",
-                "--idle-timeout", "1s", "--connect-timeout", "2s", "--json")
+                "--idle-timeout", "2s", "--connect-timeout", "2s", "--json")
         assert p.returncode == 0, p.stderr
-        assert json.loads(p.stdout)["idle_timeout"] == 1.0
-        with socket.create_connection(("127.0.0.1", listen), timeout=10) as c:
-            # Traffic every 0.3 s keeps it open well past the timeout ...
-            for _ in range(8):
+        assert json.loads(p.stdout)["idle_timeout"] == 2.0
+        # The socket's own timeout is the upper bound: a connection never reset fails with TimeoutError.
+        with socket.create_connection(("127.0.0.1", listen), timeout=20) as c:
+            # Traffic every 0.3 s keeps it open well past the timeout (a stall of 1.7 s would break it) ...
+            for _ in range(12):
                 time.sleep(0.3)
                 c.sendall(b"tick")
                 assert c.recv(100) == b"tick"
@@ -366,7 +367,9 @@ def test_idle_timeout_resets_an_idle_connection(cluster: Cluster) -> None:
             with pytest.raises(ConnectionResetError):
                 c.recv(100)
             took = time.monotonic() - t0
-        assert 0.8 < took < 5, took
+        # Not before the timeout (the agent's clock started a moment before t0); how late is not a
+        # test's business on a loaded machine, only that it came and was counted as an idle timeout.
+        assert took > 1.5, took
         assert a.call("GET", "/v1/upstreams")[0]["idle_timeouts"] == 1
     finally:
         kill(echo)

@@ -168,7 +168,7 @@ async def test_after_a_short_read_the_next_receive_waits_instead_of_failing() ->
     assert await reader.receive_some(100) == b"sent before the next receive"
 
     async def later() -> None:
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the reader waits on an empty socket
         await writer.send_all(b"later")
 
     async with trio.open_nursery() as nursery:

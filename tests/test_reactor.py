@@ -72,7 +72,7 @@ async def test_callbacks_do_the_work_while_the_task_sleeps(idle_hook: bool) -> N
             nursery.start_soon(waiter)
             for i in range(20):
                 peer.send(b"message %d;" % i)
-                await trio.sleep(0.005)
+                await trio.testing.wait_all_tasks_blocked()
             assert woke == 0, "the task woke although every callback returned True"
             assert reactor.watching == 1
             peer.shutdown(socket.SHUT_WR)
@@ -107,7 +107,7 @@ async def test_a_callback_error_is_raised_in_its_task_and_the_reactor_goes_on(id
             good_done.set()
 
         nursery.start_soon(good_waiter)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
         bad_peer.send(b"x")
         with pytest.raises(ValueError, match="bug in a callback"):
             await bad.wait_readable_in(reactor, explode)
@@ -134,11 +134,11 @@ async def test_closing_the_socket_wakes_its_task_and_unregisters_it_first(idle_h
                 failed.append(exc)
 
         nursery.start_soon(waiter)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
         assert reactor.watching == 1
         stream.close_now()
         assert reactor.watching == 0  # before the descriptor was gone
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
         assert len(failed) == 1
         # Its number may now go to a new socket, which the reactor watches afresh.
         fresh, fresh_peer = pair()
@@ -187,7 +187,7 @@ async def test_cancelling_a_waiting_task_unregisters_its_socket(idle_hook: bool)
         assert scope.cancelled_caught
         assert reactor.watching == 0
         peer.send(b"x")  # readable now, but nobody watches: no callback
-        await trio.sleep(0.02)
+        await trio.testing.wait_all_tasks_blocked()
         assert calls == 0
         # And the socket may be waited on again.
         with trio.move_on_after(0.02):
@@ -201,7 +201,7 @@ async def test_one_waiter_per_socket(idle_hook: bool) -> None:
     stream, peer = pair()
     async with running_reactor(idle_hook) as (reactor, nursery):
         nursery.start_soon(wait_until_closed, stream, reactor, lambda: True)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
         with pytest.raises(trio.BusyResourceError):
             await reactor.wait(stream.raw, lambda: True)
         stream.close_now()
@@ -224,7 +224,7 @@ async def test_when_the_reactor_stops_its_tasks_wake_and_go_on_without_it(idle_h
                     woke.set()
 
                 outer.start_soon(waiter)
-                await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
                 inner.cancel_scope.cancel()
             await woke.wait()
     assert not reactor.running and reactor.watching == 0
@@ -272,7 +272,7 @@ async def test_trio_io_and_timers_go_on_while_the_hook_waits() -> None:
     a, b = trio.socket.socketpair()
     async with running_reactor(True) as (reactor, nursery):
         nursery.start_soon(wait_until_closed, watched, reactor, lambda: True)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
         # A socket trio waits on itself: without trio's epoll inside the hook's,
         # this would sleep until the next deadline (the test's, 10 s away).
         got: list[bytes] = []
@@ -281,7 +281,7 @@ async def test_trio_io_and_timers_go_on_while_the_hook_waits() -> None:
             got.append(await b.recv(10))
 
         nursery.start_soon(trio_reader)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()
         await a.send(b"trio's own")
         with trio.fail_after(2):
             while not got:
@@ -337,8 +337,10 @@ async def test_a_failing_hook_hands_the_sockets_to_the_reactors_task(error: type
         async with trio.open_nursery() as nursery:
             await nursery.start(reactor.run)  # the hook may fail from here on
             nursery.start_soon(stream.wait_readable_in, reactor, on_ready)
-            await trio.sleep(0.01)
-            assert reactor.failures == 1 and reactor.mode == ReactorMode.TASK  # failing proves it was hooked
+            while reactor.failures == 0:  # the hook's next turn dispatches, and fails
+                await trio.sleep(0.001)
+            await trio.testing.wait_all_tasks_blocked()  # and the waiter is registered
+            assert reactor.mode == ReactorMode.TASK  # failing proves it was hooked
             peer.send(b"served all the same")
             peer.shutdown(socket.SHUT_WR)
             while reactor.watching:

@@ -161,7 +161,7 @@ async def test_a_frame_still_on_its_way_is_waited_for() -> None:
         nursery.start_soon(_server(rec, listener).serve)
         c = await _client(listener.getsockname()[1])
         await c.send(b"\x00\x00\x00\x05he")
-        await trio.sleep(0.05)  # the server has accepted it and is waiting for the rest
+        await trio.testing.wait_all_tasks_blocked()  # the server has read the start and waits for the rest
         await c.send(b"llo")
         with trio.fail_after(5):
             assert await _read_all(c) == b"\x00\x00\x00\x05olleh"
