@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gossip agent cli dataplane tests simulations
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy --strict gossip agent cli dataplane simulations/sim.py simulations/scenarios.py simulations/report.py simulations/__main__.py simulations/coordinates.py
+	$(VENV)/bin/mypy --strict gossip agent cli dataplane simulations/harness.py simulations/sim.py simulations/scenarios.py simulations/report.py simulations/__main__.py simulations/coordinates.py
 
 unit: $(STAMP)
 	$(PY) -m pytest -m "not slow"

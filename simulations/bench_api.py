@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simulations.bench_cluster import free_port as _free_port  # noqa: E402
 from simulations.bench_cluster import snapshot_source  # noqa: E402
+from simulations.harness import free_port as _free_port  # noqa: E402
 
 _taken: set[int] = set()
 
 
 def free_port() -> int:
-    return _free_port(_taken, udp_too=True)
+    return _free_port(_taken)
 
 
 def agent_cpu(pid: int) -> float:

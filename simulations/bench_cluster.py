@@ -230,29 +230,6 @@ class Ports:
         self.release(*list(self.held))
 
 
-def free_port(taken: set[int], udp_too: bool = False) -> int:
-    """A free loopback port not in ``taken`` (which it joins), free for UDP as well if asked.
-
-    For benchmarks that start their processes right away; ``Ports`` keeps them
-    bound until then, for those that start many one after the other.
-    """
-    for _ in range(500):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            if port in taken:
-                continue
-            if udp_too:
-                try:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                        u.bind((HOST, port))
-                except OSError:
-                    continue
-        taken.add(port)
-        return port
-    raise RuntimeError("no free port")
-
-
 def proc_cpu_seconds(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/stat") as fh:

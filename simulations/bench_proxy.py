@@ -68,9 +68,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_cluster import free_port as _free_port
 from simulations.bench_cluster import proc_cpu_seconds
 from simulations.bench_cluster import snapshot_source as _snapshot_source
+from simulations.harness import free_port as _free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -21,7 +21,7 @@ benchmark, not a test: it exits 0 whatever the numbers say, unless the cluster c
 
     .venv/bin/python simulations/bench_registry.py --sizes 10,25 --runs 5 --big-agents 20 --big-instances 1000
 
-Standard library only; imports nothing from the project.
+Agents are started by the one harness of tests and benchmarks (simulations/harness.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,11 +42,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simulations.bench_cluster import free_port, proc_cpu_seconds
+from simulations.bench_cluster import proc_cpu_seconds
+from simulations.harness import AgentProc, mesh_agent_cmd
+from simulations.harness import Cluster as Harness
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-MESH_AGENT = Path(sys.executable).parent / "mesh-agent"
 HOST = "127.0.0.1"
 
 
@@ -88,109 +88,36 @@ def http_call(api_port: int, method: str, path: str, body: Any = None,
         conn.close()
 
 
-class Agent:
-    def __init__(self, name: str, gossip_port: int, api_port: int, log_path: Path,
-                 popen: subprocess.Popen[bytes]) -> None:
-        self.name = name
-        self.gossip_port = gossip_port
-        self.api_port = api_port
-        self.log_path = log_path
-        self.popen = popen
-
-    @property
-    def addr(self) -> str:
-        return f"{HOST}:{self.gossip_port}"
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
-        return http_call(self.api_port, method, path, body, timeout)[0]
-
-    def try_call(self, method: str, path: str, timeout: float = 5.0) -> Any:
-        try:
-            return self.call(method, path, timeout=timeout)
-        except (OSError, ApiError, ValueError, http.client.HTTPException):
-            return None
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-
-class Cluster:
-    """Agent processes, each in its own session; ``close()`` kills them all."""
+class Cluster(Harness):
+    """The harness's agents, started in a row, plus what this benchmark sums over them."""
 
     def __init__(self, workdir: Path, key: str, profile: str, label: str) -> None:
-        self.workdir = workdir
-        self.key = key
-        self.profile = profile
+        super().__init__(workdir, key, profile)
         self.label = label
-        self.agents: list[Agent] = []
-        self.ports: set[int] = set()
-
-    def start(self, name: str, join: str | None) -> Agent:
-        gport = free_port(self.ports, udp_too=True)
-        aport = free_port(self.ports, udp_too=True)
-        data_dir = self.workdir / f"{self.label}-{name}-data"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        args = [str(MESH_AGENT), "agent", "--name", name,
-                "--bind", f"{HOST}:{gport}", "--api", f"{HOST}:{aport}", "--tunnel", f"{HOST}:0",
-                "--key", self.key, "--profile", self.profile, "--data-dir", str(data_dir),
-                "--log-format", "json"]
-        if join:
-            args += ["--join", join]
-        log_path = self.workdir / f"{self.label}-{name}.log"
-        with open(log_path, "wb") as out:
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=ROOT, start_new_session=True)
-        agent = Agent(name, gport, aport, log_path, popen)
-        self.agents.append(agent)
-        deadline = time.monotonic() + 30
-        while True:
-            if not agent.running():
-                raise RuntimeError(f"agent {name} exited at start (rc {popen.returncode}):\n{agent.log_tail()}")
-            if agent.try_call("GET", "/v1/health", timeout=2) is not None:
-                return agent
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"agent {name} API not up after 30 s:\n{agent.log_tail()}")
-            time.sleep(0.05)
+        #: In start order: the first is everyone's seed.
+        self.started: list[AgentProc] = []
 
     def start_all(self, n: int) -> None:
         """Start n agents one after another, each joining through the first."""
-        seed: str | None = None
+        seed: list[str] = []
         for i in range(n):
-            a = self.start(f"{self.label}-n{i:02d}", seed)
-            seed = seed or a.addr
+            name = f"{self.label}-n{i:02d}"
+            data_dir = self.workdir / f"{name}-data"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            a = self.start(name, join=seed, extra=["--data-dir", str(data_dir)], timeout=30)
+            self.started.append(a)
+            seed = seed or [a.addr]
 
-    def wait_converged(self, timeout: float = 120.0) -> float:
+    def wait_all_converged(self, timeout: float) -> float:
         """Until every agent lists every agent alive; returns seconds waited."""
-        names = {a.name for a in self.agents}
         t0 = time.monotonic()
-        last: dict[str, Any] = {}
-        while True:
-            ok = True
-            for a in self.agents:
-                ms = a.try_call("GET", "/v1/members")
-                if ms is None:
-                    ok = False
-                    last[a.name] = "no answer"
-                    continue
-                alive = {m["name"] for m in ms if m["status"] == "alive"}
-                last[a.name] = f"{len(alive & names)}/{len(names)} alive"
-                ok = ok and names <= alive
-            if ok:
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"membership not converged after {timeout:.0f} s: {json.dumps(last)}")
-            time.sleep(0.25)
+        self.wait_converged([a.name for a in self.started], timeout)
+        return time.monotonic() - t0
 
     def snapshot(self) -> dict[str, float]:
         """Summed over agents: CPU seconds (from /proc) and the counters cost is read from."""
         tot: dict[str, float] = {"cpu_s": 0.0}
-        for a in self.agents:
+        for a in self.started:
             tot["cpu_s"] += cpu_seconds(a.popen.pid)
             info = a.try_call("GET", "/v1/agent/self", timeout=10)
             counters = info.get("counters", {}) if isinstance(info, dict) else {}
@@ -201,26 +128,13 @@ class Cluster:
         return tot
 
     def dead(self) -> list[str]:
-        return [a.name for a in self.agents if not a.running()]
-
-    def close(self) -> None:
-        for a in self.agents:
-            if a.running():
-                try:
-                    os.killpg(a.popen.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for a in self.agents:
-            try:
-                a.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        return [a.name for a in self.started if not a.running()]
 
 
 # -- watching a condition on every agent ----------------------------------------------------------
 
 
-def watch_all(agents: list[Agent], path: str, pred: Callable[[Any], bool], timeout: float, mode: str,
+def watch_all(agents: list[AgentProc], path: str, pred: Callable[[Any], bool], timeout: float, mode: str,
               poll_interval: float, ready: threading.Barrier | None = None) -> dict[str, float | None]:
     """Per agent, the monotonic time its ``GET path`` first satisfied ``pred`` (None: not within timeout).
 
@@ -240,7 +154,7 @@ def watch_all(agents: list[Agent], path: str, pred: Callable[[Any], bool], timeo
             except threading.BrokenBarrierError:
                 pass
 
-    def one(a: Agent) -> None:
+    def one(a: AgentProc) -> None:
         index: str | None = None
         armed = False
         while True:
@@ -288,7 +202,7 @@ def watch_all(agents: list[Agent], path: str, pred: Callable[[Any], bool], timeo
 class Watch:
     """``watch_all`` in a background thread, armed (every watcher holds a view) when the constructor returns."""
 
-    def __init__(self, agents: list[Agent], path: str, pred: Callable[[Any], bool],
+    def __init__(self, agents: list[AgentProc], path: str, pred: Callable[[Any], bool],
                  args: argparse.Namespace) -> None:
         self._res: dict[str, float | None] = {}
         barrier = threading.Barrier(len(agents) + 1)
@@ -340,20 +254,20 @@ def bench_spread(n: int, runs: int, args: argparse.Namespace, key: str, workdir:
         t0 = time.monotonic()
         cluster.start_all(n)
         log(f"N={n}: {n} agents started in {time.monotonic() - t0:.1f} s; waiting for membership")
-        conv = cluster.wait_converged(timeout=max(60.0, 4.0 * n))
+        conv = cluster.wait_all_converged(timeout=max(60.0, 4.0 * n))
         out["membership_converged_s"] = conv
         log(f"N={n}: membership converged {conv:.1f} s after the last start")
         if args.settle > 0:
             time.sleep(args.settle)
         service = "bench"
         for r in range(runs):
-            owner = rng.choice(cluster.agents)
+            owner = rng.choice(cluster.started)
             iid = f"bench-n{n}-r{r}-{rng.randrange(1 << 30):x}"
             sample: dict[str, Any] = {"run": r, "owner": owner.name, "id": iid}
             path = f"/v1/services/{service}"
 
             # register
-            watch = Watch(cluster.agents, path, has_id(iid), args)
+            watch = Watch(cluster.started, path, has_id(iid), args)
             t_sent = time.monotonic()
             reply = owner.call("PUT", "/v1/services", {"name": service, "port": 8000 + r, "id": iid,
                                                       "tags": ["bench"], "meta": {"run": str(r)}})
@@ -375,7 +289,7 @@ def bench_spread(n: int, runs: int, args: argparse.Namespace, key: str, workdir:
                 sample["first_other_from_return_s"] = max(0.0, min(others) - t_ret) if others else None
 
             # deregister
-            watch = Watch(cluster.agents, path, lacks_id(iid), args)
+            watch = Watch(cluster.started, path, lacks_id(iid), args)
             t_sent = time.monotonic()
             owner.call("DELETE", f"/v1/services/{iid}")
             t_ret = time.monotonic()
@@ -443,7 +357,7 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
         t0 = time.monotonic()
         cluster.start_all(n)
         log(f"big: {n} agents started in {time.monotonic() - t0:.1f} s; waiting for membership")
-        out["membership_converged_s"] = cluster.wait_converged(timeout=max(60.0, 4.0 * n))
+        out["membership_converged_s"] = cluster.wait_all_converged(timeout=max(60.0, 4.0 * n))
         if args.settle > 0:
             time.sleep(args.settle)
 
@@ -451,7 +365,7 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
         expected: dict[str, set[str]] = {f"big-svc{s}": set() for s in range(nsvc)}
         plan = []
         for j in range(total):
-            a = cluster.agents[j % n]
+            a = cluster.started[j % n]
             svc = f"big-svc{j % nsvc}"
             iid = f"{svc}-{a.name}-{j}"
             expected[svc].add(iid)
@@ -495,7 +409,7 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
         # not slow the agents being timed: every agent's GET /v1/services/{name} must list exactly the
         # expected ids for every service. If that fails at first, it is retried, and the time it finally
         # passed counts as that agent's convergence time.
-        seen = watch_all(cluster.agents, "/v1/services", totals_ok, args.big_timeout, args.watch,
+        seen = watch_all(cluster.started, "/v1/services", totals_ok, args.big_timeout, args.watch,
                          args.poll_interval)
         # Cost up to here: the registrations and their spreading (not the verification below).
         after = cluster.snapshot()
@@ -503,7 +417,7 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
         out["cost_window_s"] = time.monotonic() - t_first
         last_diff: dict[str, str] = {}
 
-        def ids_ok(a: Agent) -> bool:
+        def ids_ok(a: AgentProc) -> bool:
             for svc, want in expected.items():
                 got = a.try_call("GET", f"/v1/services/{svc}", timeout=10)
                 ids = [i["id"] for i in got] if isinstance(got, list) else []
@@ -517,7 +431,7 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
         deadline = t_last + args.big_timeout
         conv: dict[str, float | None] = {}
         first_try: list[str] = []
-        for a in cluster.agents:
+        for a in cluster.started:
             conv[a.name] = None
             if seen[a.name] is None:
                 last_diff[a.name] = "totals never matched"
@@ -533,7 +447,7 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
                     conv[a.name] = time.monotonic()
                     break
         missing = sorted(k for k, v in conv.items() if v is None)
-        out["ids_first_check"] = f"{len(first_try)}/{len(cluster.agents)}"
+        out["ids_first_check"] = f"{len(first_try)}/{len(cluster.started)}"
         out["not_converged"] = {k: last_diff.get(k, "") for k in missing}
         totals = [v for v in seen.values() if v is not None]
         out["totals_converged_s"] = max(totals) - t_last if len(totals) == len(seen) else None
@@ -549,14 +463,14 @@ def bench_big(args: argparse.Namespace, key: str, workdir: Path) -> dict[str, An
 
         # Final snapshot: full records identical across agents.
         views: dict[str, dict[str, Any]] = {}
-        for a in cluster.agents:
+        for a in cluster.started:
             per: dict[str, Any] = {}
             for svc in expected:
                 got = a.try_call("GET", f"/v1/services/{svc}", timeout=10) or []
                 per[svc] = sorted((i["id"], i["node"], i["address"], tuple(i["tags"]),
                                    tuple(sorted(i["meta"].items())), i["health"]) for i in got)
             views[a.name] = per
-        ref_name = cluster.agents[0].name
+        ref_name = cluster.started[0].name
         differ = [k for k, v in views.items() if v != views[ref_name]]
         sums = {k: sum(len(x) for x in v.values()) for k, v in views.items()}
         out["identical_views"] = not differ
@@ -629,7 +543,8 @@ def fmt_s(x: float | None) -> str:
 
 
 def keygen() -> str:
-    out = subprocess.run([str(MESH_AGENT), "keygen"], capture_output=True, text=True, check=True, timeout=30)
+    out = subprocess.run([*mesh_agent_cmd(), "keygen"], capture_output=True, text=True, check=True, timeout=30,
+                         cwd=ROOT)
     return out.stdout.strip()
 
 
@@ -661,9 +576,6 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rng = random.Random(args.seed)
 
-    if not MESH_AGENT.exists():
-        print(f"mesh-agent not found at {MESH_AGENT}; run with the project's venv python", file=sys.stderr)
-        return 2
     workdir = Path(tempfile.mkdtemp(prefix="bench-registry-"))
     key = keygen()
     load = os.getloadavg()

@@ -11,9 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from netns import Lab, skip_reason  # noqa: E402
-from procs import Cluster  # noqa: E402
 
 from gossip.keyring import generate_key  # noqa: E402
+from simulations.harness import Cluster  # noqa: E402
 
 
 @pytest.fixture

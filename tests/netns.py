@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from procs import ROOT, AgentProc, mesh_agent_cmd, wait_for
+from simulations.harness import ROOT, AgentProc, mesh_agent_cmd, wait_for
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import Cluster, free_port, wait_for, wait_port
 from test_dashboard import browser, wait_page  # noqa: F401 - the fixture is used by name
 
 from gossip.keyring import generate_key
+from simulations.harness import Cluster, free_port, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from procs import AgentProc, Cluster, wait_for
+
+from simulations.harness import AgentProc, Cluster, wait_for
 
 pytestmark = pytest.mark.slow
 

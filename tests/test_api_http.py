@@ -6,7 +6,7 @@ import http.client
 import json
 import socket
 
-from procs import Cluster
+from simulations.harness import Cluster
 
 
 def _h11_get(port: int, path: str) -> bytes:

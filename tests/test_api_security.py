@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ROOT, AgentProc, Cluster, free_port, wait_for
 
 from gossip.keyring import generate_key
+from simulations.harness import ROOT, AgentProc, Cluster, free_port, wait_for
 
 NOBODY = 65534
 TOKEN = "operator-token-" + "7" * 24

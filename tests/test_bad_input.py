@@ -12,10 +12,10 @@ import socket
 
 import msgpack
 import pytest
-from procs import Cluster, wait_for
 
 from gossip.keyring import Keyring, decode_key, generate_key
 from gossip.wire import Ping, encode_packet
+from simulations.harness import Cluster, wait_for
 
 pytestmark = pytest.mark.slow
 

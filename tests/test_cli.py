@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, free_port
 
 from agent.config import ConfigError, resolve
+from simulations.harness import ROOT, Cluster, free_port
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

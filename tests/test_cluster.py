@@ -11,9 +11,9 @@ import signal
 import time
 
 import pytest
-from procs import Cluster
 
 from gossip.config import LOCAL
+from simulations.harness import Cluster
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_second_agent_with_a_live_name_is_refused(cluster: Cluster) -> None:
     original = cluster.agents["n2"]
     impostor = cluster.start("n2", join=[cluster.agents["n1"].addr])
     # Both sides say why, and nobody's view of n2 moves.
-    from procs import wait_for
+    from simulations.harness import wait_for
 
     wait_for(lambda: "join_refused_by_peer" in impostor.log(), 15, "impostor logs the refusal",
              lambda: impostor.log()[-2000:])

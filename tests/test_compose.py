@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 from netns import ComposeService, load_compose
-from procs import ROOT
 
 from cli.demo import CLIENT_SERVICE, SEEDS, layout
 from gossip.keyring import generate_key
+from simulations.harness import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 from netns import ComposeService, Lab, NsLocalAgent, in_netns, load_compose, sh, skip_reason
-from procs import ROOT, wait_for
 
 from cli.demo_service import call_once
 from gossip.keyring import generate_key
+from simulations.harness import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
 

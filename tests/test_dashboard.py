@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import Cluster, free_port
+
+from simulations.harness import Cluster, free_port
 
 pytestmark = pytest.mark.slow
 

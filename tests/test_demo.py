@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, default_sigint, free_port, wait_for, wait_port
 
 from cli.demo import _port_free, layout
+from simulations.harness import ROOT, Cluster, default_sigint, free_port, wait_for, wait_port
 
 ANSWER = re.compile(r"^instance=(\S+) node=(\S+) \d+\.\d ms$")
 

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from procs import ROOT, Cluster
+from simulations.harness import ROOT, Cluster
 
 
 def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import nacl.bindings
 import pytest
-from procs import Cluster
 
 from agent.identity import KEY_FILE, IdentityError, load_or_create
+from simulations.harness import Cluster
 
 
 def test_key_is_created_0600_and_reused(tmp_path: Path) -> None:

@@ -6,11 +6,10 @@ import base64
 import socket
 import time
 
-from procs import Cluster
-
 from agent.transport import Sealer
 from gossip.keyring import Keyring
 from gossip.wire import MAX_INCARNATION, Dead, Suspect, encode_message, pack_packet
+from simulations.harness import Cluster
 
 
 def test_a_forged_death_at_the_largest_incarnation_is_dropped_everywhere(cluster: Cluster, cluster_key: str) -> None:

@@ -26,7 +26,6 @@ import msgpack
 import pytest
 import trio
 import trio.testing
-from procs import AgentProc, Cluster, free_port, wait_for, wait_port
 from test_proxy import cli, echo_server, expect_reset, roundtrip
 
 from agent.config import ConfigError, resolve
@@ -43,6 +42,7 @@ from dataplane.proxy import (
     encode_connect,
     splice,
 )
+from simulations.harness import AgentProc, Cluster, free_port, wait_for, wait_port
 
 # -- rules, in process ---------------------------------------------------------------------
 

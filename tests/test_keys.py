@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, wait_for
 
 from gossip.keyring import generate_key
+from simulations.harness import ROOT, Cluster, wait_for
 
 pytestmark = pytest.mark.slow
 

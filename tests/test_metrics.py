@@ -8,8 +8,9 @@ import subprocess
 import urllib.request
 
 import pytest
-from procs import Cluster, free_port, wait_for
 from test_proxy import echo_server
+
+from simulations.harness import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

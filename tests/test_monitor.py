@@ -15,9 +15,9 @@ from typing import Any
 import h11
 import pytest
 import trio
-from procs import ROOT, AgentProc, Cluster, default_sigint, free_port, mesh_agent_cmd, wait_for
 
 from agent import log
+from simulations.harness import ROOT, AgentProc, Cluster, default_sigint, free_port, mesh_agent_cmd, wait_for
 
 
 class Monitor:

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 from netns import Lab
-from procs import wait_for
 from test_proxy import ECHO
+
+from simulations.harness import wait_for
 
 pytestmark = pytest.mark.slow
 

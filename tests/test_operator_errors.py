@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, free_port, wait_for
 
 from gossip.keyring import generate_key
+from simulations.harness import ROOT, Cluster, free_port, wait_for
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

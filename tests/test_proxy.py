@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import ROOT, Cluster, free_port, wait_for, wait_port
+
+from simulations.harness import ROOT, Cluster, free_port, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from procs import ROOT, Cluster, free_port, wait_for
 
 from gossip.keyring import Keyring, decode_key, generate_key
 from gossip.wire import Ping, encode_packet
+from simulations.harness import ROOT, Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 from netns import Lab, sh
-from procs import wait_for
 
 from gossip.config import LOCAL
+from simulations.harness import wait_for
 
 pytestmark = pytest.mark.slow
 

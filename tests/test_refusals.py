@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 import trio
-from procs import AgentProc, Cluster, free_port, wait_for, wait_port
 from test_routing import ID_SERVER, Procs, cli
 
 from dataplane.proxy import splice
 from dataplane.rawsocket import RawSocketStream
+from simulations.harness import AgentProc, Cluster, free_port, wait_for, wait_port
 
 #: Accepts every connection and resets it at once: SO_LINGER 0, no byte read or sent.
 RESETTER = r"""

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import AgentProc, Cluster, free_port, wait_for
 from test_proxy import echo_server
+
+from simulations.harness import AgentProc, Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from procs import ROOT, Cluster, free_port, wait_for, wait_port
 
 from dataplane.outlier import OutlierConfig
 from dataplane.proxy import Endpoint
 from dataplane.routing import Router, RoutingOptions
+from simulations.harness import ROOT, Cluster, free_port, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 

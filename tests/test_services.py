@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ROOT, AgentProc, Cluster, free_port, wait_for, wait_port
 
 from gossip.config import LOCAL
+from simulations.harness import ROOT, AgentProc, Cluster, free_port, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ROOT, AgentProc, Cluster, free_port
 
 from gossip.keyring import generate_key
+from simulations.harness import ROOT, AgentProc, Cluster, free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only or full data dir needs root")]

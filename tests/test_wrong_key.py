@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import ROOT, AgentProc, Cluster, wait_for
 
 from gossip.keyring import Keyring, decode_key, generate_key
 from gossip.wire import Ping, PushPull, decode_stream, encode_packet, encode_push_pull_stream
+from simulations.harness import ROOT, AgentProc, Cluster, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -1,12 +1,14 @@
-"""Real agent processes on loopback, for tests and the demo.
+"""Real agent processes on loopback: the one harness of the tests and the benchmarks.
 
 Each agent runs as its own process group; the harness keeps every Popen and
-kills them all on close, so a failed test never leaks ports into the next.
-Tests wait on conditions, not sleeps, and report the last state seen.
+kills them all on close, so a failed test or an interrupted benchmark never
+leaks ports into the next.  Callers wait on conditions, not sleeps, and report
+the last state seen.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -23,18 +25,27 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    """A port free for both TCP and UDP (gossip uses both on one port)."""
-    for _ in range(100):
+def free_port(taken: set[int] | None = None, udp_too: bool = True) -> int:
+    """A free loopback port, for UDP as well unless told otherwise (gossip uses both on one port).
+
+    ``taken`` (which the port joins) keeps a caller that picks many ports
+    before starting anything from being handed one twice.
+    """
+    for _ in range(500):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
             t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind(("127.0.0.1", port))
-            except OSError:
+            port = int(t.getsockname()[1])
+            if taken is not None and port in taken:
                 continue
-            return int(port)
+            if udp_too:
+                try:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                        u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        if taken is not None:
+            taken.add(port)
+        return port
     raise RuntimeError("no free port")
 
 
@@ -89,11 +100,16 @@ class AgentProc:
         result: dict[str, Any] = self.call("GET", "/v1/agent/self")
         return result
 
-    def try_members(self) -> dict[str, dict[str, Any]] | None:
+    def try_call(self, method: str, path: str, timeout: float = 5.0) -> Any:
+        """``call``, or None when the agent does not answer, or answers an error or no JSON."""
         try:
-            return self.members()
-        except (OSError, urllib.error.URLError, ValueError):
+            return self.call(method, path, timeout=timeout)
+        except (OSError, ValueError, http.client.HTTPException):
             return None
+
+    def try_members(self) -> dict[str, dict[str, Any]] | None:
+        ms = self.try_call("GET", "/v1/members")
+        return None if ms is None else {m["name"]: m for m in ms}
 
     def signal(self, sig: int) -> None:
         os.killpg(self.popen.pid, sig)
@@ -121,6 +137,7 @@ class Cluster:
         api_port: int | None = None,
         extra: list[str] | None = None,
         wait: bool = True,
+        timeout: float = 15,
     ) -> AgentProc:
         gossip_port = gossip_port or free_port()
         api_port = api_port or free_port()
@@ -151,7 +168,7 @@ class Cluster:
         self._all.append(proc)
         if wait:
             wait_for(lambda: proc.try_members() is not None or not proc.running(),
-                     15, f"agent {name} API up", lambda: proc.log()[-2000:])
+                     timeout, f"agent {name} API up", lambda: proc.log()[-2000:])
             if not proc.running():
                 raise AssertionError(f"agent {name} exited at start:\n{proc.log()}")
         return proc
