@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo cluster-key test lint typecheck unit canary bench bench-proxy simulate clean
+.PHONY: demo cluster-key test lint typecheck unit canary bench bench-proxy bench-footprint simulate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench: $(STAMP)
 # Data plane side-by-side: direct, through two agents, and through stunnel (apt-get install stunnel4).
 bench-proxy: $(STAMP)
 	$(PY) simulations/bench_proxy.py --runs 3
+
+# What one agent costs before it works (RSS, start-up, the CLI, 25 agents starting at once), beside Serf.
+bench-footprint: $(STAMP)
+	$(PY) simulations/bench_footprint.py --runs 3
 
 # The protocol at sizes no machine can run for real: the real gossip/ state machines on a virtual
 # clock (simulations/sim.py).  Writes results.md, results.json and PNG plots to SIM_OUT.

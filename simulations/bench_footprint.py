@@ -1,0 +1,325 @@
+"""What an agent costs its node before it does any work: memory, start-up, the CLI, a crowd starting.
+
+Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf, median of ``--runs``:
+
+1. RSS of one idle agent, alone, 2 s after it was spawned;
+2. spawn to the API answering (ours ``GET /v1/health``; Serf: its RPC answers ``members``), wall
+   time and the CPU seconds the process had spent by then;
+3. ``members`` from the command line, end to end (``mesh-agent members`` / ``serf members``),
+   median of ``--cli-calls`` calls against that agent;
+4. ``--agents`` agents spawned at once, all but the first told to join the first: spawn to every
+   agent's log naming all of them (the agents' logs are read, not polled, so the observer costs
+   the 2 cores nothing), and the median RSS of those agents once they all have.
+
+``--ref REV`` adds a column for a git revision of our code, run from a snapshot, in the same run
+(interleaved: every run measures each column once), so a change's effect is a ratio, not a memory.
+It ends with the import-time profile of the agent and of the CLI (``python -X importtime``),
+grouped by top-level package.  A benchmark, not a test: it exits 0 whatever the numbers say.
+
+    .venv/bin/python simulations/bench_footprint.py --runs 3 [--ref HEAD~5] [--agents 25]
+
+Needs Debian's ``serf`` for its column (skipped with a note otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulations.bench_cluster import (  # noqa: E402
+    HOST,
+    SERF,
+    SerfRPC,
+    http_json,
+    proc_cpu_seconds,
+    proc_rss_mib,
+    snapshot_source,
+)
+from simulations.harness import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+#: How long after spawning an idle agent its RSS is read.
+RSS_AFTER = 2.0
+#: How often readiness is probed while an agent starts: fine enough for a 10 ms start.
+READY_POLL = 0.002
+
+
+@dataclass
+class Column:
+    """One implementation under test: how to start it, ask it, and read its log."""
+
+    label: str
+    kind: str  # "ours" or "serf"
+    code: Path | None = None  # ours: the snapshot to run (PYTHONPATH)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, metric: str, value: float | None) -> None:
+        if value is not None:
+            self.samples.setdefault(metric, []).append(value)
+
+    def cwd(self) -> Path:
+        """``python -m`` puts the working directory first on sys.path: it must be the code's."""
+        return self.code or ROOT
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.code is not None:
+            env["PYTHONPATH"] = str(self.code)
+        return env
+
+    def agent_cmd(self, name: str, port: int, ctl: int, key: str, join: int | None) -> list[str]:
+        if self.kind == "ours":
+            cmd = [sys.executable, "-m", "cli.main", "agent", "--name", name, "--bind", f"{HOST}:{port}",
+                   "--api", f"{HOST}:{ctl}", "--tunnel", f"{HOST}:0", "--key", key, "--profile", "lan",
+                   "--log-format", "json"]
+            return cmd + (["--join", f"{HOST}:{join}"] if join else [])
+        cmd = [SERF, "agent", f"-node={name}", f"-bind={HOST}:{port}", f"-rpc-addr={HOST}:{ctl}",
+               f"-encrypt={key}", "-profile=lan", "-log-level=info"]
+        # Serf gives up on a plain -join that finds nobody yet; ours retries on its own.
+        return cmd + ([f"-retry-join={HOST}:{join}", "-retry-interval=100ms"] if join else [])
+
+    def ready(self, ctl: int) -> bool:
+        try:
+            if self.kind == "ours":
+                return bool(http_json(ctl, "GET", "/v1/health", timeout=1.0).get("ok"))
+            rpc = SerfRPC(ctl, timeout=1.0)
+            try:
+                return bool(rpc.call("members")["Members"])
+            finally:
+                rpc.close()
+        except (OSError, RuntimeError, ValueError, KeyError):
+            return False
+
+    def cli_cmd(self, ctl: int) -> list[str]:
+        if self.kind == "ours":
+            return [sys.executable, "-m", "cli.main", "members", "--api", f"{HOST}:{ctl}"]
+        return [SERF, "members", f"-rpc-addr={HOST}:{ctl}"]
+
+    def names_in_log(self, text: str) -> set[str]:
+        """Members this agent's log says it saw join (itself included where the log says so)."""
+        if self.kind == "serf":
+            return set(re.findall(r"EventMemberJoin: (\S+)", text))
+        names = set()
+        for line in text.splitlines():
+            if '"member_alive"' in line:
+                try:
+                    names.add(json.loads(line)["name"])
+                except (ValueError, KeyError, TypeError):
+                    pass
+        return names
+
+
+class Procs:
+    """Every process this benchmark starts, each its own process group; ``close`` kills them all."""
+
+    def __init__(self) -> None:
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, col: Column, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 cwd=col.cwd(), env=col.env(), start_new_session=True)
+        self.all.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.all:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.all:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.all.clear()
+
+
+def wait(pred: Callable[[], bool], timeout: float, interval: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
+
+def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
+    """Rows 1-3: start one agent, time it to ready, read its RSS at 2 s, time the CLI against it."""
+    procs = Procs()
+    try:
+        port, ctl = free_port(), free_port()
+        t0 = time.monotonic()
+        p = procs.spawn(col, col.agent_cmd("solo", port, ctl, key, None), work / f"{col.label}-solo.log")
+        if not wait(lambda: col.ready(ctl) or p.poll() is not None, 30, READY_POLL) or p.poll() is not None:
+            print(f"  {col.label}: the agent did not start; see {work}", file=sys.stderr)
+            return
+        col.add("start_s", time.monotonic() - t0)
+        col.add("start_cpu_s", proc_cpu_seconds(p.pid))
+        time.sleep(max(0.0, t0 + RSS_AFTER - time.monotonic()))
+        col.add("rss_alone_mib", proc_rss_mib(p.pid))
+        walls = []
+        for _ in range(cli_calls):
+            c0 = time.monotonic()
+            r = subprocess.run(col.cli_cmd(ctl), capture_output=True, cwd=col.cwd(), env=col.env(), timeout=30)
+            if r.returncode == 0:
+                walls.append(time.monotonic() - c0)
+        col.add("cli_members_s", statistics.median(walls) if walls else None)
+    finally:
+        procs.close()
+
+
+def crowd(col: Column, key: str, work: Path, n: int, timeout: float) -> None:
+    """Row 4: n agents spawned at once, all joining the first; until every log names all n."""
+    procs = Procs()
+    try:
+        ports = [(free_port(), free_port()) for _ in range(n)]
+        names = [f"c{i:02d}" for i in range(n)]
+        logs = [work / f"{col.label}-crowd-{nm}.log" for nm in names]
+        t0 = time.monotonic()
+        pids = [procs.spawn(col, col.agent_cmd(nm, port, ctl, key, ports[0][0] if i else None), logs[i]).pid
+                for i, (nm, (port, ctl)) in enumerate(zip(names, ports, strict=True))]
+        want = set(names)
+        pending = set(range(n))
+
+        def all_seen() -> bool:
+            for i in list(pending):
+                try:
+                    text = logs[i].read_text(errors="replace")
+                except OSError:
+                    continue
+                if want <= col.names_in_log(text) | {names[i]}:
+                    pending.discard(i)
+            return not pending
+
+        if wait(all_seen, timeout, 0.02):
+            col.add("crowd_converged_s", time.monotonic() - t0)
+            rss = [proc_rss_mib(pid) for pid in pids]
+            col.add("rss_in_crowd_mib", statistics.median(r for r in rss if r is not None))
+        else:
+            print(f"  {col.label}: {len(pending)} of {n} agents never logged all {n} members in {timeout:.0f} s",
+                  file=sys.stderr)
+    finally:
+        procs.close()
+
+
+def import_profile(code: Path | None, statement: str, top: int = 8) -> str:
+    """``python -X importtime`` of ``statement``, summed by top-level package: the biggest first."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True,
+                       cwd=code or ROOT, env=env, timeout=60)
+    by_pkg: dict[str, int] = {}
+    total = 0
+    for line in r.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \| *(\S+)", line)
+        if not m:
+            continue
+        self_us, mod = int(m.group(1)), m.group(2)
+        by_pkg[mod.split(".")[0]] = by_pkg.get(mod.split(".")[0], 0) + self_us
+        total += self_us
+    parts = sorted(by_pkg.items(), key=lambda kv: -kv[1])[:top]
+    return f"{total / 1000:.0f} ms: " + ", ".join(f"{k} {v / 1000:.0f}" for k, v in parts)
+
+
+ROWS = (
+    ("rss_alone_mib", "RSS of one idle agent, alone, after 2 s (MiB)", 1),
+    ("start_s", "spawn to API answering (s)", 3),
+    ("start_cpu_s", "CPU spent by then (s)", 3),
+    ("cli_members_s", "`members` from the CLI, end to end (s)", 3),
+    ("crowd_converged_s", "N agents spawned at once: spawn to every log naming all N (s)", 2),
+    ("rss_in_crowd_mib", "RSS of an agent in that crowd, median (MiB)", 1),
+)
+
+
+def table(cols: list[Column], n: int) -> str:
+    ours = cols[0]
+    serf = next((c for c in cols if c.kind == "serf"), None)
+    head = ["metric"] + [c.label for c in cols] + [f"{c.label}/{serf.label}" for c in cols if serf and c is not serf]
+    head += [f"{ours.label}/{c.label}" for c in cols[1:] if c.kind == "ours"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def med(c: Column, key: str) -> float | None:
+        xs = c.samples.get(key)
+        return statistics.median(xs) if xs else None
+
+    for key, title, digits in ROWS:
+        vals = [med(c, key) for c in cols]
+        cells = [title.replace("N ", f"{n} ")] + ["n/a" if v is None else f"{v:.{digits}f}" for v in vals]
+        for c, v in zip(cols, vals, strict=True):
+            if serf and c is not serf:
+                s = med(serf, key)
+                cells.append("n/a" if v is None or not s else f"{v / s:.1f}x")
+        for c in cols[1:]:
+            if c.kind == "ours":
+                o, r = vals[0], med(c, key)
+                cells.append("n/a" if o is None or not r else f"{o / r:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="measurements of each row per column (median)")
+    ap.add_argument("--agents", type=int, default=25, help="agents in the crowd spawned at once")
+    ap.add_argument("--cli-calls", type=int, default=10, help="CLI calls per run (median)")
+    ap.add_argument("--ref", help="also run this git revision of our code, side by side")
+    ap.add_argument("--no-serf", action="store_true", help="leave Serf out")
+    ap.add_argument("--timeout", type=float, default=60.0, help="give up on the crowd after this long (s)")
+    ap.add_argument("--json", action="store_true", help="also print every sample as JSON on the last line")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
+    try:
+        code, what = snapshot_source(work / "ours", None)
+        cols = [Column("ours", "ours", code)]
+        if args.ref:
+            ref_code, ref_what = snapshot_source(work / "ref", args.ref)
+            cols.append(Column(f"ref {args.ref}", "ours", ref_code))
+            what += f"; ref: {ref_what}"
+        if not args.no_serf and shutil.which(SERF):
+            cols.append(Column("serf", "serf"))
+        elif not args.no_serf:
+            print("serf not found (apt-get install serf): its column is left out", file=sys.stderr)
+        key = base64.b64encode(os.urandom(32)).decode()
+        for run in range(args.runs):
+            for col in cols:
+                print(f"run {run + 1}/{args.runs}: {col.label}", file=sys.stderr, flush=True)
+                one_agent(col, key, work, args.cli_calls)
+                crowd(col, key, work, args.agents, args.timeout)
+        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs\n")
+        print(table(cols, args.agents))
+        print()
+        for col in cols:
+            if col.kind == "ours":
+                print(f"- import time, {col.label}, agent (`import agent.runner`): "
+                      + import_profile(col.code, "import cli.main, agent.runner"))
+                print(f"- import time, {col.label}, CLI (`import cli.main`): "
+                      + import_profile(col.code, "import cli.main"))
+        if args.json:
+            print(json.dumps({c.label: c.samples for c in cols}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
