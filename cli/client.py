@@ -1,14 +1,21 @@
-"""A tiny client for the agent's local API (stdlib http.client: no extra import cost)."""
+"""A tiny client for the agent's local API, on the standard library's http.client.
+
+http.client (with the email parser it brings) is imported by the first call,
+not by ``import cli.client``: ``mesh-agent agent`` imports this module too and
+never calls it, and an agent is not made to carry a client it does not use.
+"""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gossip.address import parse_addr
+
+if TYPE_CHECKING:
+    import http.client
 
 
 class ApiError(Exception):
@@ -42,6 +49,8 @@ def _auth_headers() -> dict[str, str]:
 
 
 def _connection(api: str, timeout: float) -> http.client.HTTPConnection:
+    import http.client
+
     try:
         host, port = parse_addr(api, 7947)
     except ValueError as exc:
@@ -60,6 +69,8 @@ def _refused(resp: http.client.HTTPResponse, data: Any) -> ApiError:
 
 
 def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+    import http.client
+
     conn = _connection(api, timeout)
     payload = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json"} if payload is not None else {}
@@ -89,6 +100,8 @@ def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
     bounds reaching the agent and its answer; reads of the stream then wait
     indefinitely, since a quiet agent may log nothing for long.
     """
+    import http.client
+
     conn = _connection(api, timeout)
     try:
         conn.request("GET", path, headers=_auth_headers())
@@ -112,6 +125,8 @@ def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
 
 
 def _lines(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> Iterator[bytes]:
+    import http.client
+
     try:
         while True:
             try:
