@@ -29,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 # The transport messages' cipher is the same ChaCha20-Poly1305 (RFC 8439) as the
 # handshake's, but computed by OpenSSL through the ``cryptography`` package:
@@ -46,6 +47,25 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 # (docs/dataplane.md, "The cipher").  The ciphertexts are byte-identical
 # (tests/test_noise.py checks both against each other and against the
 # vectors); the handshake, which runs once per session, stays on PyNaCl.
+# OpenSSL's bindings are loaded by the first transport key, not at import: an
+# agent that carries no service traffic never pays their memory.
+
+
+class _NotLoaded(Exception):
+    """Stands for cryptography's InvalidTag until the first key loads it."""
+
+
+#: cryptography's InvalidTag once _aead_for has run (no cipher can fail before).
+_InvalidTag: type[Exception] = _NotLoaded
+
+
+def _aead_for(key: bytes) -> ChaCha20Poly1305:
+    global _InvalidTag
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    _InvalidTag = InvalidTag
+    return ChaCha20Poly1305(key)
 
 __all__ = [
     "BLOCKLEN",
@@ -219,7 +239,7 @@ class CipherState:
 
     def _set_key(self, key: bytes | None) -> None:
         self._k = key
-        self._aead = None if key is None else ChaCha20Poly1305(key)
+        self._aead = None if key is None else _aead_for(key)
 
     # §5.1 HasKey()
     def has_key(self) -> bool:
@@ -307,7 +327,7 @@ class CipherState:
         opened = _DEC_VIEW[: clen - TAGLEN]
         try:
             aead.decrypt_into(_nonce(self._n), ciphertext, None, opened)
-        except InvalidTag:
+        except _InvalidTag:
             raise NoiseError("authentication failed") from None
         self._n += 1
         return opened
