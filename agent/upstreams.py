@@ -25,9 +25,11 @@ from gossip.wire import format_addr, parse_addr
 STORE_FILE = "upstreams.json"
 
 
-FIELDS = ("service", "listen", "public", "source", "connect_timeout", "idle_timeout", "lb", "max_connections",
-          "max_pending", "consecutive_failures", "base_ejection_time", "max_ejection_percent",
-          "slow_start_window")
+#: How a service is called, settable per upstream and, for every upstream of a service, by its
+#: service-defaults entry (agent/entry_kinds.py).
+TUNABLE_FIELDS = ("connect_timeout", "idle_timeout", "lb", "max_connections", "max_pending", "consecutive_failures",
+                  "base_ejection_time", "max_ejection_percent", "slow_start_window")
+FIELDS = ("service", "listen", "public", "source", *TUNABLE_FIELDS)
 #: Integer settings: (name, lowest, highest).
 _INT_FIELDS = (("max_connections", 1, 1_000_000), ("max_pending", 1, 1_000_000), ("consecutive_failures", 1, 1000))
 _DEFAULT_ROUTING = RoutingOptions()
@@ -117,6 +119,13 @@ def _duration(payload: dict[str, Any], name: str, default: float, high: float, z
         low = "0 (off)" if zero_ok else "above 0"
         raise ServiceError(f"{name} must be {low} and at most {high:g}s, got {shown(raw)}")
     return value
+
+
+def check_tunables(payload: dict[str, Any]) -> None:
+    """Raise ServiceError unless the TUNABLE_FIELDS ``payload`` sets are valid."""
+    _duration(payload, "connect_timeout", CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT, zero_ok=False)
+    _duration(payload, "idle_timeout", IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, zero_ok=True)
+    _routing(payload)
 
 
 def validate(payload: Any) -> UpstreamSpec:
