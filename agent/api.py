@@ -133,6 +133,8 @@ class ApiServer:
             ("PUT", "/v1/services"): self.register,
             ("GET", "/v1/upstreams"): self.upstreams,
             ("PUT", "/v1/upstreams"): self.upstream_add,
+            ("GET", "/v1/config"): self.config_list,
+            ("PUT", "/v1/config"): self.config_write,
             ("GET", "/v1/intentions"): self.intentions,
             ("PUT", "/v1/intentions"): self.intention_put,
             ("GET", "/v1/rtt"): self.rtt,
@@ -151,11 +153,15 @@ class ApiServer:
             ("DELETE", "/v1/services/"): self.deregister,
             ("DELETE", "/v1/upstreams/"): self.upstream_remove,
             ("DELETE", "/v1/intentions/"): self.intention_remove_one,
+            ("GET", "/v1/config/"): self.config_kind,
             ("PUT", "/v1/agent/force-leave/"): self.force_leave,
         }
-        #: Routes with two trailing path parameters (a source and a destination).
+        #: Routes with two trailing path parameters (a source and a destination; a kind and a name,
+        #: which for an intention is SOURCE/DESTINATION: the second takes the rest of the path).
         self.prefixed2: dict[tuple[str, str], Prefix2Handler] = {
             ("DELETE", "/v1/intentions/"): self.intention_remove,
+            ("GET", "/v1/config/"): self.config_read,
+            ("DELETE", "/v1/config/"): self.config_delete,
         }
 
     # -- routes -------------------------------------------------------------------------
@@ -344,6 +350,41 @@ class ApiServer:
     async def intention_remove_one(self, source: str, query: dict[str, list[str]], body: Any) -> Reply:
         raise HttpError(400, "name the rule by both ends: DELETE /v1/intentions/{source}/{destination}")
 
+    # -- config entries ---------------------------------------------------------------------
+
+    @staticmethod
+    def _cas(query: dict[str, list[str]]) -> int | None:
+        raw = query.get("cas")
+        if not raw:
+            return None
+        if not raw[-1].isdigit():
+            raise HttpError(400, f"cas must be an entry's version (a whole number, 0: must not exist), got {raw[-1]!r}")
+        return int(raw[-1])
+
+    async def config_list(self, query: dict[str, list[str]], body: Any) -> Reply:
+        kinds = query.get("kind")
+        return 200, self.agent.config_entries.listing(kinds[-1] if kinds else None)
+
+    async def config_kind(self, kind: str, query: dict[str, list[str]], body: Any) -> Reply:
+        return 200, self.agent.config_entries.listing(kind)
+
+    async def config_read(self, kind: str, name: str, query: dict[str, list[str]], body: Any) -> Reply:
+        return 200, self.agent.config_entries.read(kind, name)
+
+    async def config_write(self, query: dict[str, list[str]], body: Any) -> Reply:
+        entries = self.agent.config_entries
+        cas = self._cas(query)
+        if isinstance(body, list):
+            if cas is not None:
+                raise HttpError(400, "cas applies to one entry: write the entries one by one")
+            if not body:
+                raise HttpError(400, "an empty list writes nothing")
+            return 200, [entries.write(e) for e in body]
+        return 200, entries.write(body, cas)
+
+    async def config_delete(self, kind: str, name: str, query: dict[str, list[str]], body: Any) -> Reply:
+        return 200, self.agent.config_entries.delete(kind, name, self._cas(query))
+
     # -- HTTP plumbing ------------------------------------------------------------------------
 
     async def handle(self, accepted: trio.SocketStream) -> None:
@@ -507,7 +548,7 @@ class ApiServer:
             if m == method and path.startswith(prefix) and rest and "/" not in rest:
                 return functools.partial(h, unquote(rest))
         for (m, prefix), h2 in self.prefixed2.items():
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix):].split("/", 1)
             if m == method and path.startswith(prefix) and len(parts) == 2 and all(parts):
                 return functools.partial(h2, unquote(parts[0]), unquote(parts[1]))
         return None

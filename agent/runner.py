@@ -22,6 +22,7 @@ import trio
 from agent import identity, log, store
 from agent.access import AccessPolicy
 from agent.config import AgentConfig, describe
+from agent.config_entries import ConfigEntries
 from agent.directory import MeshDirectory
 from agent.intentions import Intentions
 from agent.keys import KeyManager
@@ -135,6 +136,7 @@ class Agent:
             raise StartupError(str(exc)) from None
         cfg.warnings.extend(id_warnings)
         self._tunnel_host = cfg.advertise[0] if cfg.tunnel[0] in ("0.0.0.0", "::") else cfg.tunnel[0]
+        signer = Signer(identity_seed)
         self.membership = Membership(
             cfg.name,
             cfg.advertise,
@@ -143,7 +145,7 @@ class Agent:
             now=trio.current_time(),
             delegate=self.registry,
             tunnel=((self._tunnel_host, cfg.tunnel[1]), self.tunnel_public),
-            signer=Signer(identity_seed),
+            signer=signer,
         )
         self.services = LocalServices(
             cfg.name, cfg.advertise[0], cfg.data_dir, self.registry, self.membership, self._wake,
@@ -152,6 +154,8 @@ class Agent:
         self.directory = MeshDirectory(self.membership, self.services)
         self.dp_stats: Counter[str] = Counter()
         self.intentions = Intentions(cfg.data_dir, cfg.name, self.directory.has_instance)
+        #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
+        self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory)
         self.tunnels = TunnelManager(
@@ -230,6 +234,7 @@ class Agent:
         self.membership.set_tunnel(((self._tunnel_host, bound_port), self.tunnel_public))
         self.services.load(self.cfg.services)
         self.intentions.load(self.cfg.intentions)
+        self.config_entries.load()
         self.membership.state_changed()
         if self.cfg.data_dir is None:
             self.log.warning("no_data_dir", detail="run-time service registrations will not survive a restart")
@@ -658,7 +663,8 @@ class Agent:
     def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
         return {"services.json": self.services.saver, "intentions.json": self.intentions.saver,
-                "upstreams.json": self.upstreams.saver, "keyring.json": self.keys.saver}
+                "upstreams.json": self.upstreams.saver, "keyring.json": self.keys.saver,
+                "config_entries.json": self.config_entries.saver}
 
     def self_view(self) -> dict[str, Any]:
         ms = self.membership

@@ -475,6 +475,81 @@ def intentions_remove(api: str, as_json: bool, source: str, destination: str) ->
     _emit(data, as_json, f"removed {data['source']} -> {data['destination']}")
 
 
+@main.group("config")
+def config_entries() -> None:
+    """Mesh-wide config entries: written on any node, the same on every node (intention,
+    service-defaults, service-resolver, service-splitter, service-router)."""
+
+
+_ENTRY_META = ("kind", "name", "version", "writer", "written_at", "signed_by")
+
+
+def _entry_fields(entry: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in entry.items() if k not in _ENTRY_META}, sort_keys=True)
+
+
+@config_entries.command("write")
+@api_option
+@json_option
+@click.option("--cas", type=click.IntRange(0), help="Write only if the entry is still at this version "
+                                                    "(from `config read`; 0: only if it does not exist).")
+@click.argument("file", type=click.File("r"))
+def config_write(api: str, as_json: bool, cas: int | None, file: Any) -> None:
+    """Write the entry (or list of entries) in FILE, JSON; '-' reads standard input."""
+    try:
+        body = json.load(file)
+    except ValueError as exc:
+        _fail(f"{file.name}: not JSON: {exc}")
+    path = "/v1/config" + (f"?cas={cas}" if cas is not None else "")
+    data = _call(api, "PUT", path, body)
+    written = data if isinstance(data, list) else [data]
+    _emit(data, as_json, "\n".join(f"wrote {e['kind']} {e['name']} (version {e['version']})" for e in written))
+
+
+@config_entries.command("read")
+@api_option
+@json_option
+@click.argument("kind")
+@click.argument("name")
+def config_read(api: str, as_json: bool, kind: str, name: str) -> None:
+    """Show one entry, with who wrote it and when."""
+    data = _call(api, "GET", f"/v1/config/{quote(kind, safe='')}/{quote(name, safe='')}")
+    if as_json:
+        _print_json(data)
+        return
+    for k in _ENTRY_META:
+        click.echo(f"{k + ':':12}{data[k]}")
+    click.echo(json.dumps({k: v for k, v in data.items() if k not in _ENTRY_META}, indent=2, sort_keys=True))
+
+
+@config_entries.command("list")
+@api_option
+@json_option
+@click.argument("kind", required=False)
+def config_list(api: str, as_json: bool, kind: str | None) -> None:
+    """List the entries, of one KIND or all."""
+    data = _call(api, "GET", "/v1/config" + (f"/{quote(kind, safe='')}" if kind else ""))
+    if as_json:
+        _print_json(data)
+        return
+    rows = [["KIND", "NAME", "VERSION", "WRITER", "WRITTEN", "FIELDS"]]
+    rows += [[e["kind"], e["name"], str(e["version"]), e["writer"], e["written_at"], _entry_fields(e)] for e in data]
+    _table(rows)
+
+
+@config_entries.command("delete")
+@api_option
+@json_option
+@click.option("--cas", type=click.IntRange(1), help="Delete only if the entry is still at this version.")
+@click.argument("kind")
+@click.argument("name")
+def config_delete(api: str, as_json: bool, cas: int | None, kind: str, name: str) -> None:
+    """Delete an entry everywhere (the delete itself spreads, so it cannot come back)."""
+    path = f"/v1/config/{quote(kind, safe='')}/{quote(name, safe='')}" + (f"?cas={cas}" if cas else "")
+    data = _call(api, "DELETE", path)
+    _emit(data, as_json, f"deleted {data['kind']} {data['name']} (version {data['version']})")
+
+
 @main.group()
 def keys() -> None:
     """Manage the gossip keyring on every member at once (like `serf keys`)."""

@@ -1,0 +1,97 @@
+"""Config entries through a real agent's API and the CLI: write, read, list, check-and-set, delete, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from simulations.harness import ROOT, Cluster
+
+
+def cli(api: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--api", api], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, input=stdin, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def one_line(p: subprocess.CompletedProcess[str]) -> str:
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+CANARY = [
+    {"kind": "service-defaults", "name": "web", "protocol": "http", "lb": "round_robin"},
+    {"kind": "service-resolver", "name": "web", "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}}},
+    {"kind": "service-splitter", "name": "web", "splits": [{"weight": 90, "subset": "v1"},
+                                                           {"weight": 10, "subset": "v2"}]},
+]
+
+
+def test_write_read_list_cas_delete_and_restart(cluster: Cluster, tmp_path: Path) -> None:
+    a = cluster.start("cfg1", extra=["--data-dir", str(tmp_path / "cfg1")])
+    f = tmp_path / "canary.json"
+    f.write_text(json.dumps(CANARY))
+    p = cli(a.api, "config", "write", str(f))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 3 and all(ln.startswith(f"wrote {e['kind']} web (version ")
+                                   for e, ln in zip(CANARY, lines, strict=True)), p.stdout
+    p = cli(a.api, "config", "write", "-", "--json",
+            stdin=json.dumps({"kind": "intention", "source": "web", "destination": "db", "action": "deny"}))
+    assert p.returncode == 0, p.stderr
+    deny = json.loads(p.stdout)
+    assert deny["name"] == "web/db" and deny["writer"] == "cfg1"
+
+    listed = json.loads(cli(a.api, "config", "list", "--json").stdout)
+    assert [(e["kind"], e["name"]) for e in listed] == [("intention", "web/db"), ("service-defaults", "web"),
+                                                        ("service-resolver", "web"), ("service-splitter", "web")]
+    assert [e["kind"] for e in json.loads(cli(a.api, "config", "list", "service-splitter", "--json").stdout)] \
+        == ["service-splitter"]
+    shown = cli(a.api, "config", "read", "intention", "web/db")
+    assert shown.returncode == 0 and "writer:     cfg1" in shown.stdout and '"action": "deny"' in shown.stdout
+    assert a.call("GET", "/v1/config/intention/web%2Fdb") == a.call("GET", "/v1/config/intention/web/db")
+
+    # Check-and-set: a write over a change since the read is refused, with the version it is at.
+    allow = json.dumps({"kind": "intention", "source": "web", "destination": "db", "action": "allow"})
+    line = one_line(cli(a.api, "config", "write", "-", "--cas", str(deny["version"] - 1), stdin=allow))
+    assert "changed since it was read" in line and "(HTTP 409)" in line
+    ok = cli(a.api, "config", "write", "-", "--cas", str(deny["version"]), "--json", stdin=allow)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["action"] == "allow"
+
+    # Bad entries: one line each, nothing written.
+    for body, needle in ((CANARY[2] | {"splits": [{"weight": 50, "subset": "v1"}]}, "add up to 50"),
+                         ({"kind": "service-router", "name": "db", "routes": []}, "needs db to speak http"),
+                         ({"kind": "nonsense", "name": "x"}, "unknown kind")):
+        assert needle in one_line(cli(a.api, "config", "write", "-", stdin=json.dumps(body)))
+    assert "not JSON" in one_line(cli(a.api, "config", "write", "-", stdin="{oops"))
+    assert "no intention entry" in one_line(cli(a.api, "config", "read", "intention", "x/y"))
+    line = one_line(cli(a.api, "config", "delete", "service-resolver", "web"))
+    assert "delete or change it first" in line  # the splitter still uses its subsets
+    assert len(json.loads(cli(a.api, "config", "list", "--json").stdout)) == 4
+
+    p = cli(a.api, "config", "delete", "service-splitter", "web")
+    assert p.returncode == 0 and p.stdout.startswith("deleted service-splitter web")
+
+    # A restart serves the same entries, alone, before meeting anyone.
+    before = json.loads(cli(a.api, "config", "list", "--json").stdout)
+    a.signal(15)
+    a.popen.wait(10)
+    back = cluster.start("cfg1", api_port=a.api_port, extra=["--data-dir", str(tmp_path / "cfg1")])
+    assert json.loads(cli(back.api, "config", "list", "--json").stdout) == before
+
+
+def test_the_api_refuses_bad_cas_and_empty_lists(cluster: Cluster) -> None:
+    a = cluster.start("cfg2")
+    for path, body, needle in (("/v1/config?cas=x", CANARY[0], "cas must be"),
+                               ("/v1/config?cas=1", CANARY, "cas applies to one entry"),
+                               ("/v1/config", [], "empty list")):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            a.call("PUT", path, body)
+        assert info.value.code == 400 and needle in json.loads(info.value.read())["error"]
