@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
+from dataplane.buffers import Reader, TooLong, Truncated
 from dataplane.noise import MAX_MESSAGE
 from dataplane.rawsocket import RawSocketStream
-from dataplane.buffers import Reader, TooLong, Truncated
 
 
 def _framed(msg: bytes) -> bytes:
