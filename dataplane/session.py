@@ -1,14 +1,14 @@
 """A tunnel session: one encrypted connection to a peer, the streams on it, and its I/O tasks.
 
+(Over 700 lines because the read path, the write path and the session's life
+share its state and end it together; split up, each part would reach into the others.)
+
 It joins the sans-I/O pieces to a transport: the Noise keys of
 :mod:`dataplane.handshake` and :mod:`dataplane.rekey` seal and open records,
 :mod:`dataplane.mux` multiplexes the streams (:mod:`dataplane.stream`) over
 them, and :mod:`dataplane.buffers` holds the bytes in between.  Any failure
 kills the whole session loudly, so a proxied connection is reset rather than
 silently truncated (docs/dataplane.md, "Tunnels").
-
-(Over 700 lines because the read path, the write path and the session's life
-share its state and end it together; split up, each part would reach into the others.)
 """
 
 from __future__ import annotations
