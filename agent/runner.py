@@ -46,7 +46,7 @@ from agent.transport import (
 )
 from agent.upstreams import Upstreams
 from dataplane import relay
-from dataplane.proxy import Proxy, ProxyError, TunnelStream
+from dataplane.proxy import PeerStream, Proxy, ProxyError
 from dataplane.rawsocket import connect_tcp
 from dataplane.tunnel import TunnelManager
 from gossip.keyring import Keyring
@@ -621,7 +621,7 @@ class Agent:
 
     # -- relays (dataplane.relay) ------------------------------------------------------------
 
-    async def _on_stream(self, peer: str, header: bytes, stream: TunnelStream) -> None:
+    async def _on_stream(self, peer: str, header: bytes, stream: PeerStream) -> None:
         if header[:1] == bytes([relay.HEADER_KIND_RELAY]):
             await relay.serve(peer, header, stream, self.directory, self.dp_stats,
                               connect_timeout=self.cfg.gossip.tcp_timeout, log=self.log.info)
@@ -803,5 +803,5 @@ class _LazyTunnels:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def open_stream(self, peer: str, header: bytes) -> TunnelStream:
+    async def open_stream(self, peer: str, header: bytes) -> PeerStream:
         return await self.agent.tunnels.open_stream(peer, header)

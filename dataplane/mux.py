@@ -1,5 +1,8 @@
 """A sans-I/O stream multiplexer: many proxied connections over one encrypted session.
 
+(Over 700 lines because its send and receive halves keep one set of per-stream
+books -- credit, FIN, reset -- that can only be checked when read together.)
+
 Between a pair of agents there is one long-lived session; every proxied TCP
 connection is a stream on it, so a new connection costs neither a handshake nor
 a round trip.  This module is only the state machine, in the h11 style: it
@@ -7,29 +10,7 @@ never touches a socket, a clock or an event loop.  The caller feeds it the
 decrypted records it received and asks it for the next record to encrypt and
 send; everything else (waiting, timeouts, the cipher) is the caller's business.
 
-Wire format
------------
-A *record* is one encrypted message of the session.  It holds one or more
-whole *frames* (a frame never spans records), so several small frames share a
-single cipher call.  The transport must hand records over whole and in order
-(the encrypted channel does); frame order is what keeps both ends' stream
-accounting in step.  Each frame is an 8-byte big-endian header and a payload::
-
-    type (u8) | stream id (u32) | payload length (u24) | payload
-
-    type            stream id  payload
-    DATA 0          stream     1 or more bytes of stream data (flow-controlled)
-    WINDOW_UPDATE 1 stream     u32 credit increment, > 0
-    OPEN 2          stream     opaque header, at most MAX_OPEN_HEADER bytes
-    FIN 3           stream     empty: the sender will send no more data
-    RST 4           stream     u32 reset code (ResetCode)
-    PING 5          0          8 opaque bytes, echoed in a PONG
-    PONG 6          0          the 8 bytes of the PING it answers
-    GOAWAY 7        0          u32 code (GoAwayCode)
-
-Types 0x80-0xFF are reserved for the encrypted session below: a record that
-starts with one is a control record of :mod:`dataplane.tunnel` (its rekey
-messages) and is never handed to ``receive``.
+The wire format (records, frames, codes) is :mod:`dataplane.frames`'s.
 
 Stream ids follow yamux ("Stream ID" in yamux spec.md): the session initiator
 opens odd ids, the responder even ids; 0 is the session itself.  As in RFC 9113
@@ -95,19 +76,35 @@ I/O:
 
 State: ``stream_count``, ``is_open(stream_id)``, ``failed`` (the ProtocolError
 reason, or None), ``goaway_received``, ``counters`` (a dict of ints for stats).
-Helpers: ``encode_frame`` and ``decode_record`` (framing only, for tests and tools).
+Helpers, from :mod:`dataplane.frames`: ``encode_frame`` and ``decode_record`` (framing only,
+for tests and tools).
 A stream is forgotten once both sides have sent FIN (ours after its queued data
 was emitted) or either side reset it.
 """
 
 from __future__ import annotations
 
-import struct
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Final, NamedTuple
+from typing import Final
+
+from dataplane.frames import (
+    DATA,
+    HEADER,
+    HEADER_SIZE,
+    MAX_OPEN_HEADER,
+    MAX_STREAM_ID,
+    PING_LEN,
+    U32,
+    Frame,
+    FrameType,
+    GoAwayCode,
+    ProtocolError,
+    ResetCode,
+    decode_record,
+    encode_frame,
+    iter_frames,
+)
 
 __all__ = [
     "DEFAULT_MAX_RECORD",
@@ -141,15 +138,8 @@ __all__ = [
     "take_chunks",
 ]
 
-_HEADER: Final = struct.Struct(">BIBH")  # type, stream id, length split as u8 + u16 = u24
-_U32: Final = struct.Struct(">I")
-HEADER_SIZE: Final = _HEADER.size
-MAX_PAYLOAD: Final = (1 << 24) - 1
 #: RFC 9113 §6.9.1: a flow-control window may not exceed 2^31 - 1.
 MAX_WINDOW: Final = (1 << 31) - 1
-MAX_STREAM_ID: Final = (1 << 32) - 1
-#: The proxy names its target (service, instance) here; a few hundred bytes at most.
-MAX_OPEN_HEADER: Final = 1024
 #: Per-stream window: what one stream may have in flight, and so what a slow
 #: reader can make the receiving agent hold for it.  Four times yamux's 256 KiB,
 #: at which a single bulk stream stalls on credit (docs/dataplane.md, "Windows and records").
@@ -172,57 +162,6 @@ MIN_RECORD: Final = HEADER_SIZE + MAX_OPEN_HEADER
 #: Below this much room left in a record, a larger chunk waits for the next
 #: record rather than going out as a sliver that costs a header for little data.
 _MIN_FRAGMENT: Final = 256
-_PING_LEN: Final = 8
-
-
-class FrameType(IntEnum):
-    DATA = 0
-    WINDOW_UPDATE = 1
-    OPEN = 2
-    FIN = 3
-    RST = 4
-    PING = 5
-    PONG = 6
-    GOAWAY = 7
-
-
-class ResetCode(IntEnum):
-    """RST codes; a peer may send any u32, so events carry a plain ``int``."""
-
-    NO_ERROR = 0
-    PROTOCOL_ERROR = 1
-    INTERNAL_ERROR = 2
-    #: The stream was never processed (e.g. it arrived after our GOAWAY), so the
-    #: opener may safely retry it on another session (RFC 9113 §8.7 REFUSED_STREAM).
-    REFUSED = 3
-    CANCEL = 4
-    #: The proxy could not reach the target named in the OPEN header.
-    CONNECT_FAILED = 5
-
-
-class GoAwayCode(IntEnum):
-    """yamux's GoAway codes ("Go Away" in yamux spec.md)."""
-
-    NORMAL = 0
-    PROTOCOL_ERROR = 1
-    INTERNAL_ERROR = 2
-
-
-#: Wire value -> FrameType: a tuple index is several times cheaper than ``FrameType(v)``,
-#: which every received frame would pay.
-_FRAME_TYPES: Final = tuple(FrameType)
-#: FrameType.DATA as a plain int for the per-record paths (struct packs an IntEnum much more slowly).
-_DATA: Final = int(FrameType.DATA)
-_SESSION_FRAMES: Final = frozenset({FrameType.PING, FrameType.PONG, FrameType.GOAWAY})
-#: Payload lengths that are fixed by the frame type.
-_FIXED_LENGTH: Final = {
-    FrameType.WINDOW_UPDATE: 4,
-    FrameType.FIN: 0,
-    FrameType.RST: 4,
-    FrameType.PING: _PING_LEN,
-    FrameType.PONG: _PING_LEN,
-    FrameType.GOAWAY: 4,
-}
 
 
 # -- errors -----------------------------------------------------------------------
@@ -245,18 +184,6 @@ class FlowControlError(MuxError):
 
 class TooManyStreamsError(MuxError):
     """Opening one more stream would exceed ``max_streams``; wait for one to end."""
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; the whole session must be closed.
-
-    ``reason`` is a short stable tag suitable as a counter name.
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 # -- events -----------------------------------------------------------------------
@@ -320,54 +247,6 @@ class GoAway:
 Event = StreamOpened | Data | StreamEnded | StreamReset | WindowOpened | Ping | Pong | GoAway
 
 
-# -- framing ----------------------------------------------------------------------
-
-
-class Frame(NamedTuple):
-    type: FrameType
-    stream_id: int
-    payload: bytes
-
-
-def encode_frame(ftype: FrameType, stream_id: int, payload: bytes = b"") -> bytes:
-    """One frame, unchecked beyond what the header can represent."""
-    n = len(payload)
-    if n > MAX_PAYLOAD:
-        raise ValueError(f"payload of {n} bytes exceeds the u24 length field")
-    return _HEADER.pack(ftype, stream_id, n >> 16, n & 0xFFFF) + payload
-
-
-def _iter_frames(record: bytes | memoryview) -> Iterator[tuple[FrameType, int, memoryview]]:
-    """The structural checks every frame must pass before its type's own rules apply."""
-    view = memoryview(record)
-    end = len(view)
-    off = 0
-    while off < end:
-        if end - off < HEADER_SIZE:
-            raise ProtocolError("truncated", f"{end - off} bytes left, a frame header needs {HEADER_SIZE}")
-        raw_type, sid, hi, lo = _HEADER.unpack_from(view, off)
-        length = (hi << 16) | lo
-        off += HEADER_SIZE
-        if length > end - off:
-            raise ProtocolError("truncated", f"frame claims {length} bytes, record has {end - off}")
-        if raw_type >= len(_FRAME_TYPES):
-            raise ProtocolError("unknown_frame_type", str(raw_type))
-        ftype = _FRAME_TYPES[raw_type]
-        fixed = _FIXED_LENGTH.get(ftype)
-        if fixed is not None and length != fixed:
-            raise ProtocolError("bad_length", f"{ftype.name} of {length} bytes, must be {fixed}")
-        if ftype is FrameType.DATA and length == 0:
-            # Our sender never makes one; accepting them would let a peer make
-            # us spin for free (the "empty frames flood", CVE-2019-9518).
-            raise ProtocolError("bad_length", "empty DATA")
-        if ftype is FrameType.OPEN and length > MAX_OPEN_HEADER:
-            raise ProtocolError("bad_length", f"OPEN header of {length} bytes")
-        if (sid == 0) != (ftype in _SESSION_FRAMES):
-            raise ProtocolError("bad_stream_id", f"{ftype.name} on stream {sid}")
-        yield ftype, sid, view[off : off + length]
-        off += length
-
-
 def take_chunks(queue: deque[bytes | memoryview], n: int, out: list[bytes | memoryview]) -> None:
     """Move the first ``n`` bytes of a queue of chunks to ``out``, as views: no byte is copied.
 
@@ -385,11 +264,6 @@ def take_chunks(queue: deque[bytes | memoryview], n: int, out: list[bytes | memo
             out.append(view[:n])
             queue[0] = view[n:]
             n = 0
-
-
-def decode_record(record: bytes) -> list[Frame]:
-    """Split a record into frames, with the structural checks of ``receive``."""
-    return [Frame(t, sid, bytes(p)) for t, sid, p in _iter_frames(record)]
 
 
 # -- state ------------------------------------------------------------------------
@@ -606,7 +480,7 @@ class Session:
         if st is None or not 0 < n <= min(st.send_credit, self._max_chunk):
             raise FlowControlError(f"stream {stream_id}: {n} bytes cannot skip the queue now; see direct_room()")
         st.send_credit -= n
-        _HEADER.pack_into(record, 0, _DATA, stream_id, n >> 16, n & 0xFFFF)
+        HEADER.pack_into(record, 0, DATA, stream_id, n >> 16, n & 0xFFFF)
         counters = self.counters
         counters["data_bytes_out"] += n
         counters["records_out"] += 1
@@ -626,7 +500,7 @@ class Session:
         if st is None:
             return
         if st.open_sent:
-            self._control.append((None, encode_frame(FrameType.RST, stream_id, _U32.pack(code))))
+            self._control.append((None, encode_frame(FrameType.RST, stream_id, U32.pack(code))))
             self._remember_reset(stream_id)
         self.counters["streams_reset_local"] += 1
         self._forget(st)
@@ -657,7 +531,7 @@ class Session:
                 st.window += extra
                 increment += extra
                 self.counters["windows_grown"] += 1
-            self._control.append((None, encode_frame(FrameType.WINDOW_UPDATE, stream_id, _U32.pack(increment))))
+            self._control.append((None, encode_frame(FrameType.WINDOW_UPDATE, stream_id, U32.pack(increment))))
             st.recv_credit += increment
             st.pending_credit = 0
             self.counters["window_updates_out"] += 1
@@ -665,8 +539,8 @@ class Session:
     def ping(self, opaque: bytes) -> None:
         """Queue a PING; the caller matches the PONG's opaque bytes to time a round trip."""
         self._check_alive()
-        if len(opaque) != _PING_LEN:
-            raise ValueError(f"ping payload must be {_PING_LEN} bytes")
+        if len(opaque) != PING_LEN:
+            raise ValueError(f"ping payload must be {PING_LEN} bytes")
         self._control.append((None, encode_frame(FrameType.PING, 0, bytes(opaque))))
 
     def go_away(self, code: int = GoAwayCode.NORMAL) -> None:
@@ -676,7 +550,7 @@ class Session:
             raise ValueError("goaway code must fit in a u32")
         if not self._goaway_sent:
             self._goaway_sent = True
-            self._control.append((None, encode_frame(FrameType.GOAWAY, 0, _U32.pack(code))))
+            self._control.append((None, encode_frame(FrameType.GOAWAY, 0, U32.pack(code))))
 
     # -- output -------------------------------------------------------------------
 
@@ -716,7 +590,7 @@ class Session:
                     st.scheduled = True
                     break
                 n = min(want, fits)
-                out.append(_HEADER.pack(_DATA, st.id, n >> 16, n & 0xFFFF))
+                out.append(HEADER.pack(DATA, st.id, n >> 16, n & 0xFFFF))
                 take_chunks(st.queue, n, out)
                 st.queued -= n
                 st.send_credit -= n
@@ -752,9 +626,9 @@ class Session:
         (Stream id 0 is never a DATA stream.)  No event objects, no frame loop.
         """
         n = len(record) - HEADER_SIZE
-        if n <= 0 or record[0] != _DATA or self._failed is not None:
+        if n <= 0 or record[0] != DATA or self._failed is not None:
             return 0
-        _, sid, hi, lo = _HEADER.unpack_from(record)
+        _, sid, hi, lo = HEADER.unpack_from(record)
         if (hi << 16) | lo != n:
             return 0
         st = self._streams.get(sid)
@@ -779,7 +653,7 @@ class Session:
     def _receive(self, record: bytes | memoryview) -> list[Event]:
         events: list[Event] = []
         self.counters["records_in"] += 1
-        for ftype, sid, payload in _iter_frames(record):
+        for ftype, sid, payload in iter_frames(record):
             self.counters["frames_in"] += 1
             if ftype is FrameType.DATA:
                 st = self._receiving_stream(sid, ftype)
@@ -797,7 +671,7 @@ class Session:
                 self.counters["data_bytes_in"] += n
                 events.append(Data(sid, payload))
             elif ftype is FrameType.WINDOW_UPDATE:
-                (increment,) = _U32.unpack(payload)
+                (increment,) = U32.unpack(payload)
                 if increment == 0:
                     raise ProtocolError("zero_window_increment", f"stream {sid}")  # RFC 9113 §6.9
                 st = self._receiving_stream(sid, ftype)
@@ -824,7 +698,7 @@ class Session:
                 events.append(StreamEnded(sid))
                 self._maybe_forget(st)
             elif ftype is FrameType.RST:
-                (code,) = _U32.unpack(payload)
+                (code,) = U32.unpack(payload)
                 st = self._receiving_stream(sid, ftype)
                 if st is None:
                     continue
@@ -839,7 +713,7 @@ class Session:
                 self.counters["pongs_in"] += 1
                 events.append(Pong(bytes(payload)))
             else:  # GOAWAY
-                (code,) = _U32.unpack(payload)
+                (code,) = U32.unpack(payload)
                 self._goaway_received = True
                 events.append(GoAway(code))
         return events
@@ -853,7 +727,7 @@ class Session:
         self._peer_highest = sid
         if self._goaway_sent:
             # The peer had not seen our GOAWAY yet: refuse, so it may retry elsewhere.
-            self._control_from_peer(encode_frame(FrameType.RST, sid, _U32.pack(ResetCode.REFUSED)))
+            self._control_from_peer(encode_frame(FrameType.RST, sid, U32.pack(ResetCode.REFUSED)))
             self._remember_reset(sid)
             self.counters["streams_refused"] += 1
             return None
@@ -942,4 +816,4 @@ class Session:
         self._ready.clear()
         self._control.clear()
         # The caller should send this last record before closing the transport.
-        self._control.append((None, encode_frame(FrameType.GOAWAY, 0, _U32.pack(GoAwayCode.PROTOCOL_ERROR))))
+        self._control.append((None, encode_frame(FrameType.GOAWAY, 0, U32.pack(GoAwayCode.PROTOCOL_ERROR))))

@@ -1,5 +1,8 @@
 """The L4 service proxy: local listeners (upstreams) and the far end of streams.
 
+(Over 700 lines because the near end's retries and the far end's status byte
+are the two halves of one protocol, and each is only checked against the other.)
+
 An application connects to an upstream's local port on its own agent; the
 proxy picks a passing instance of the service and carries the bytes there --
 straight to it when the instance is on this node, otherwise as one stream of
@@ -51,8 +54,8 @@ from typing import Final, Protocol
 import msgpack
 import trio
 
-from dataplane import routing, tunnel
-from dataplane.rawsocket import RawSocketStream, connect_tcp
+from dataplane import routing
+from dataplane.rawsocket import RawSocketStream, SocketPump, connect_tcp
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.tunnel import StreamResetError, TunnelError
 
@@ -148,7 +151,13 @@ class _AllowAll:
         return _Allowed()
 
 
-class TunnelStream(Protocol):
+class PeerStream(Protocol):
+    """What the proxy needs of a stream to another agent (dataplane.stream.TunnelStream is one).
+
+    One that is also a :class:`~dataplane.rawsocket.SocketPump` is spliced to
+    raw sockets by its own fast paths.
+    """
+
     async def send_all(self, data: bytes) -> None: ...
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes: ...
@@ -158,11 +167,11 @@ class TunnelStream(Protocol):
     async def aclose(self) -> None: ...
 
 
-Duplex = trio.abc.HalfCloseableStream | TunnelStream
+Duplex = trio.abc.HalfCloseableStream | PeerStream
 
 
 class TunnelOpener(Protocol):
-    async def open_stream(self, peer: str, header: bytes) -> TunnelStream: ...
+    async def open_stream(self, peer: str, header: bytes) -> PeerStream: ...
 
 
 class ProxyError(Exception):
@@ -250,13 +259,6 @@ class Spliced:
 _SPLICE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProxyError, EOFError)
 
 
-def _blame(exc: BaseException, src: Duplex, dst: Duplex) -> Duplex:
-    """Which end of a tunnel-to-socket pump raised ``exc``: the tunnel stream only ever fails
-    by a reset (its peer's, or its session's end), anything else is the socket's."""
-    stream_failed = isinstance(exc, StreamResetError)
-    return src if isinstance(src, tunnel.TunnelStream) == stream_failed else dst
-
-
 async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[], None],
                  idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None) -> Spliced:
     """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly.
@@ -289,14 +291,16 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
             stats[f"splice_error.{type(exc).__name__}"] += 1
             nursery.cancel_scope.cancel()
 
-        fast = True
+        #: The end whose own fast path carries this direction, if one does.
+        pumper: SocketPump | None = None
         try:
-            if isinstance(src, tunnel.TunnelStream) and isinstance(dst, RawSocketStream):
+            if isinstance(src, SocketPump) and isinstance(dst, RawSocketStream):
+                pumper = src
                 await src.pump_into(dst, delivered)  # the tunnel's reader writes into dst itself
-            elif isinstance(src, RawSocketStream) and isinstance(dst, tunnel.TunnelStream):
+            elif isinstance(src, RawSocketStream) and isinstance(dst, SocketPump):
+                pumper = dst
                 await dst.pump_from(src, delivered, CHUNK)  # read straight into a record, sealed in place
             else:
-                fast = False
                 while True:
                     try:
                         data = bytes(await src.receive_some(CHUNK))
@@ -310,7 +314,12 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
                     delivered(len(data))
                 await dst.send_eof()
         except _SPLICE_ERRORS as exc:
-            fail(_blame(exc, src, dst) if fast else dst, exc)  # the plain loop's reads fail above
+            if pumper is None:
+                fail(dst, exc)  # the plain loop's reads fail above
+            elif isinstance(exc, StreamResetError):
+                fail(pumper, exc)  # a tunnel stream only ever fails by a reset (its peer's, or its session's end)
+            else:
+                fail(dst if pumper is src else src, exc)  # anything else is the socket's
             return
         if finished == 0 and src is b:
             result.b_ended_first = True
@@ -624,7 +633,7 @@ class Proxy:
             raise Denied(f"{endpoint.node} refuses {source or '(no source)'} -> {up.service} (intentions)")
         raise ProxyError(f"{endpoint.node} could not connect instance {endpoint.instance_id!r}")
 
-    async def _early_data(self, stream: TunnelStream, client: RawSocketStream, early: _Early) -> bytes:
+    async def _early_data(self, stream: PeerStream, client: RawSocketStream, early: _Early) -> bytes:
         """Send the client's first bytes while the far end connects, and return its status byte.
 
         Pipelining spares the client a tunnel round trip.  A copy of what was
@@ -711,7 +720,7 @@ class Proxy:
 
     # -- the far end: a peer opened a stream to one of our instances --------------------------
 
-    async def handle_stream(self, peer: str, header: bytes, stream: TunnelStream) -> None:
+    async def handle_stream(self, peer: str, header: bytes, stream: PeerStream) -> None:
         self.stats["streams_in"] += 1
         try:
             req = decode_connect(header)
@@ -753,7 +762,7 @@ class Proxy:
             await stream.aclose()
 
 
-async def _answer(stream: TunnelStream, status: int) -> None:
+async def _answer(stream: PeerStream, status: int) -> None:
     """A refusal: the status byte and a clean end, so the initiator reads why rather than a reset.
 
     The initiator may already have sent early data; closing with it unread
@@ -778,7 +787,7 @@ async def _close(s: Duplex) -> None:
     cancel scope, cancel and Cancelled cost a measurable share of an agent's
     CPU when connections come and go by the thousand.
     """
-    if isinstance(s, (RawSocketStream, tunnel.TunnelStream)):
+    if isinstance(s, (RawSocketStream, SocketPump)):
         s.close_now()
     elif isinstance(s, trio.abc.AsyncResource):
         await trio.aclose_forcefully(s)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -38,7 +39,7 @@ import trio
 if TYPE_CHECKING:
     from dataplane.reactor import OnReady, Reactor
 
-__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "Fairness", "RawSocketStream", "connect_tcp"]
+__all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "Fairness", "RawSocketStream", "SocketPump", "connect_tcp"]
 
 #: trio's own default for ``receive_some()`` without a size.
 RECEIVE_SIZE: Final = 65536
@@ -330,6 +331,31 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self.close_now()
         await trio.lowlevel.checkpoint()
+
+
+class SocketPump(trio.abc.HalfCloseableStream):
+    """A stream that moves bytes to and from a RawSocketStream by its own fast path.
+
+    A splice between such a stream and a raw socket (dataplane.proxy) hands the
+    whole direction to ``pump_into`` or ``pump_from`` instead of carrying each
+    chunk through ``receive_some`` and ``send_all``, so the stream can write
+    straight into the socket, or read it straight into its own buffers, without
+    a hand-off between tasks (dataplane.stream.TunnelStream does both).
+    """
+
+    @abstractmethod
+    async def pump_into(self, sink: RawSocketStream, delivered: Callable[[int], None]) -> None:
+        """Copy everything this stream receives into ``sink``, then half-close ``sink``;
+        ``delivered(n)`` for every n bytes handed over."""
+
+    @abstractmethod
+    async def pump_from(self, source: RawSocketStream, delivered: Callable[[int], None], chunk: int) -> None:
+        """Copy everything ``source`` receives into this stream (reads of at most ``chunk``
+        bytes where it must read for itself), then half-close this stream."""
+
+    @abstractmethod
+    def close_now(self) -> None:
+        """``aclose`` without a checkpoint: usable in ``finally`` blocks and cancelled scopes."""
 
 
 async def connect_tcp(host: str, port: int) -> RawSocketStream:

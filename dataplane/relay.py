@@ -50,7 +50,7 @@ class RelayDirectory(Protocol):
 
 
 class RelayedStream(Protocol):
-    """The tunnel stream a relay request arrived on (what dataplane.tunnel.TunnelStream offers)."""
+    """The tunnel stream a relay request arrived on (what dataplane.stream.TunnelStream offers)."""
 
     async def send_all(self, data: bytes) -> None: ...
 

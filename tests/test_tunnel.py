@@ -20,7 +20,8 @@ import pytest
 import trio
 import trio.testing
 
-from dataplane import mux
+from dataplane import mux, rekey
+from dataplane.buffers import Outbox
 from dataplane.noise import CipherState, HandshakeState, generate_keypair
 from dataplane.rawsocket import RawSocketStream
 from dataplane.tunnel import (
@@ -29,7 +30,6 @@ from dataplane.tunnel import (
     TunnelError,
     TunnelManager,
     TunnelStream,
-    _Outbox,
     decode_hello,
     encode_hello,
 )
@@ -231,14 +231,14 @@ def test_outbox_keeps_order_across_partial_sends_growth_and_compaction() -> None
     rng = random.Random(7)
     key = os.urandom(32)
     send, recv = CipherState(key), CipherState(key)
-    box = _Outbox()
+    box = Outbox()
     small = [os.urandom(rng.randrange(1, 1200)) for _ in range(200)]
     for msg in small:
         box.seal(send, msg)
         wire = bytes(box.pending())
         box.sent(len(wire))
         assert len(box) == 0 and bytes(recv.decrypt_view(wire[2:])) == msg
-    assert len(box._buf) == _Outbox.INITIAL
+    assert len(box._buf) == Outbox.INITIAL
 
     sizes = [65519, 1, 40000, 65519, 300, 65519] * 40
     wire = bytearray()
@@ -1043,7 +1043,7 @@ async def test_simultaneous_rekey_from_both_sides_resolves_to_one(autojump_clock
             await wait_until(lambda round_=round_: a.stats["rekeys"] == b.stats["rekeys"] == round_)
             # The initiator's handshake won on both ends: one rekey, one collision seen by each side.
             assert a.stats["rekey_collisions"] == b.stats["rekey_collisions"] == round_
-            assert sa._rekey_state == sb._rekey_state == "idle"
+            assert sa._rekey.state == sb._rekey.state == "idle"
             assert keys_in_step(a, b)
             assert (sa._send_cipher._k, sa._recv_cipher._k) != before
         assert a.stats["sessions_failed"] == b.stats["sessions_failed"] == 0
@@ -1077,10 +1077,10 @@ async def test_tampered_rekey_record_kills_the_session_loudly(
             sa._control_out[-1] = (record[:-1] + bytes([record[-1] ^ 1]), switch)
         else:
             # Whoever stole the traffic keys, but not a's static key, cannot rekey.
-            real = a._static_private
-            a._static_private = generate_keypair()[0]
+            real = sa._rekey._static_private
+            sa._rekey._static_private = generate_keypair()[0]
             assert a.rekey("b")
-            a._static_private = real
+            sa._rekey._static_private = real
         with pytest.raises(StreamResetError):
             while await stream.receive_some():
                 pass
@@ -1099,7 +1099,7 @@ async def test_tampered_rekey_record_kills_the_session_loudly(
 def ignore_rekeys(manager: TunnelManager) -> None:
     """Make this end of its session deaf to the peer's INITs (it still sends its own)."""
     (sess,) = manager._sessions
-    sess._on_rekey_init = lambda body: None  # type: ignore[method-assign]
+    sess._rekey._on_init = lambda body: rekey.Step()  # type: ignore[method-assign]
 
 
 async def test_message_cap_closes_a_session_that_cannot_rekey(autojump_clock: trio.testing.MockClock) -> None:
@@ -1170,12 +1170,12 @@ async def test_replay_table_forgets_keys_that_left_membership(autojump_clock: tr
         assert await roundtrip(stream, b"c") == b"c"
         c_key = nodes["c"].manager.static_public
         for _ in range(400):  # keys of agents long gone from membership
-            b._last_hello[os.urandom(32)] = 1
+            b._replay._last[os.urandom(32)] = 1
         stream = await nodes["a"].manager.open_stream("b", b"echo")
         assert await roundtrip(stream, b"a") == b"a"
         # Only current members survive; the next pruning waits for the table to double.
-        assert set(b._last_hello) == {c_key, nodes["a"].manager.static_public}
-        assert b._prune_hellos_at == 256
+        assert set(b._replay) == {c_key, nodes["a"].manager.static_public}
+        assert b._replay.prune_at == 256
 
 
 async def test_handshake_cap_closes_excess_half_open_connections(autojump_clock: trio.testing.MockClock) -> None:

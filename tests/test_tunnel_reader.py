@@ -1,4 +1,4 @@
-"""The tunnel's message reader (dataplane.tunnel._Reader): framing over any chunking,
+"""The tunnel's message reader (dataplane.buffers.Reader): framing over any chunking,
 its buffer that starts small and grows for bulk traffic, and its errors."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
+from dataplane.buffers import Reader, TooLong, Truncated
 from dataplane.noise import MAX_MESSAGE
 from dataplane.rawsocket import RawSocketStream
-from dataplane.tunnel import _Reader, _TooLong, _Truncated
 
 
 def _framed(msg: bytes) -> bytes:
@@ -35,7 +35,7 @@ async def _write_chunked(stream: trio.abc.SendStream, wire: bytes, rng: random.R
             await trio.sleep(0.001)
 
 
-async def _read_all(reader: _Reader, count: int) -> list[bytes]:
+async def _read_all(reader: Reader, count: int) -> list[bytes]:
     out = []
     for _ in range(count):
         view = await reader.read_view()
@@ -50,7 +50,7 @@ async def test_any_chunking_over_a_memory_stream(seed: int) -> None:
     msgs = _messages(rng, 200, MAX_MESSAGE)
     wire = b"".join(_framed(m) for m in msgs)
     send, receive = trio.testing.memory_stream_pair()
-    reader = _Reader(receive)
+    reader = Reader(receive)
 
     async def writer() -> None:
         await _write_chunked(send, wire, rng, [1, 2, 3, 100, 4096, 70000])
@@ -65,14 +65,14 @@ async def test_any_chunking_over_a_memory_stream(seed: int) -> None:
 async def test_a_socket_reader_stays_small_for_small_messages_and_grows_for_bulk() -> None:
     a, b = socket.socketpair()
     sender, receiver = RawSocketStream(a), RawSocketStream(b)
-    reader = _Reader(receiver)
+    reader = Reader(receiver)
     rng = random.Random(7)
     try:
         for _ in range(50):  # request/response: one small message at a time
             msg = rng.randbytes(1024)
             await sender.send_all(_framed(msg))
             assert await _read_all(reader, 1) == [msg]
-        assert len(reader._buf) == _Reader.INITIAL
+        assert len(reader._buf) == Reader.INITIAL
         bulk = [rng.randbytes(MAX_MESSAGE) for _ in range(8)]  # more than the small buffer holds
 
         async def writer() -> None:
@@ -81,7 +81,7 @@ async def test_a_socket_reader_stays_small_for_small_messages_and_grows_for_bulk
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
             assert await _read_all(reader, len(bulk)) == bulk
-        assert len(reader._buf) == _Reader.CAPACITY
+        assert len(reader._buf) == Reader.CAPACITY
     finally:
         sender.close_now()
         receiver.close_now()
@@ -96,7 +96,7 @@ async def test_a_socket_reader_never_asks_an_empty_socket_and_reassembles_any_ch
     a, b = socket.socketpair()
     counting = CountingSocket(b)
     sender, receiver = RawSocketStream(a), RawSocketStream(counting)
-    reader = _Reader(receiver)
+    reader = Reader(receiver)
     rng = random.Random(11)
     try:
         for i in range(40):  # request/response: each message is one short read
@@ -127,13 +127,13 @@ async def test_a_socket_reader_never_asks_an_empty_socket_and_reassembles_any_ch
 
 
 async def test_truncated_and_too_long_messages_raise() -> None:
-    for wire, exc in ((b"\x00", _Truncated), (b"\x00\x05abc", _Truncated)):
+    for wire, exc in ((b"\x00", Truncated), (b"\x00\x05abc", Truncated)):
         send, receive = trio.testing.memory_stream_pair()
         await send.send_all(wire)
         await send.aclose()
         with pytest.raises(exc):
-            await _Reader(receive).read_view()
+            await Reader(receive).read_view()
     send, receive = trio.testing.memory_stream_pair()
     await send.send_all(b"\x01\x00" + bytes(256))
-    with pytest.raises(_TooLong):
-        await _Reader(receive).read_view(limit=255)
+    with pytest.raises(TooLong):
+        await Reader(receive).read_view(limit=255)
