@@ -22,6 +22,9 @@ retries belong to the caller.
 
 Every failure raises :class:`NoiseError`.  Callers should treat a handshake
 that raised as dead and start over; :class:`HandshakeState` enforces this.
+
+One module past 700 lines because it is one spec's §5 (CipherState,
+SymmetricState, HandshakeState), which read best side by side with it.
 """
 
 from __future__ import annotations
@@ -51,22 +54,6 @@ if TYPE_CHECKING:
 # agent that carries no service traffic never pays their memory.
 
 
-class _NotLoaded(Exception):
-    """Stands for cryptography's InvalidTag until the first key loads it."""
-
-
-#: cryptography's InvalidTag once _aead_for has run (no cipher can fail before).
-_InvalidTag: type[Exception] = _NotLoaded
-
-
-def _aead_for(key: bytes) -> ChaCha20Poly1305:
-    global _InvalidTag
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-    _InvalidTag = InvalidTag
-    return ChaCha20Poly1305(key)
-
 __all__ = [
     "BLOCKLEN",
     "DHLEN",
@@ -82,6 +69,23 @@ __all__ = [
     "SymmetricState",
     "generate_keypair",
 ]
+
+
+class _NotLoaded(Exception):
+    """Stands for cryptography's InvalidTag until the first key loads it."""
+
+
+#: cryptography's InvalidTag once _aead_for has run (no cipher can fail before).
+_InvalidTag: type[Exception] = _NotLoaded
+
+
+def _aead_for(key: bytes) -> ChaCha20Poly1305:
+    global _InvalidTag
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    _InvalidTag = InvalidTag
+    return ChaCha20Poly1305(key)
 
 PROTOCOL_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"  # §8
 #: §3: every Noise message, handshake or transport, is at most 65535 bytes.
