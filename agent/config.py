@@ -73,6 +73,8 @@ class AgentConfig:
     services: list[dict[str, Any]] = field(default_factory=list)
     upstreams: list[dict[str, Any]] = field(default_factory=list)
     intentions: list[dict[str, Any]] = field(default_factory=list)
+    #: The config file's ``[[config]]`` tables: mesh-wide config entries (agent.config_entries).
+    config_entries: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     #: The bearer token that lets a caller other than the agent's own user use the API (agent.access).
     api_token: str | None = None
@@ -242,7 +244,8 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
             continue
         values[name] = default
 
-    known = set(FLAGS) | {n.replace("_", "-") for n in FLAGS} | {"timing", "tags", "service", "upstream", "intention"}
+    known = set(FLAGS) | {n.replace("_", "-") for n in FLAGS} | {"timing", "tags", "service", "upstream", "intention",
+                                                                   "config"}
     unknown = sorted(set(file_data) - known)
     if unknown:
         raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
@@ -336,13 +339,29 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     pairs: set[tuple[str, str]] = set()
     for i, raw in enumerate(intentions):
         try:
-            rule = validate_intention(raw, origin="config")
+            rule = validate_intention(raw)
         except ServiceError as exc:
             raise ConfigError(f"config file {config_path}: intention #{i + 1}: {exc}") from None
         if (rule.source, rule.destination) in pairs:
             raise ConfigError(f"config file {config_path}: intention #{i + 1}: a second rule from "
                               f"{rule.source!r} to {rule.destination!r} (one rule per pair)")
         pairs.add((rule.source, rule.destination))
+
+    config_entries = file_data.get("config", [])
+    if not isinstance(config_entries, list) or not all(isinstance(r, dict) for r in config_entries):
+        raise ConfigError(f"config file {config_path}: [[config]] must be an array of tables")
+    from agent.entry_kinds import validate as validate_entry
+
+    # Each entry is checked against those before it in the file: an order that writes cleanly.
+    earlier: dict[tuple[str, str], dict[str, Any]] = {}
+    for i, raw in enumerate(config_entries):
+        kind, name = raw.get("kind"), raw.get("name")
+        try:
+            body = {k: v for k, v in raw.items() if k not in ("kind", "name")}
+            earlier[(str(kind), str(name))] = validate_entry(kind, name, body,
+                                                             lambda k, n: earlier.get((k, n)))
+        except ServiceError as exc:
+            raise ConfigError(f"config file {config_path}: config entry #{i + 1}: {exc}") from None
 
     if data_dir is not None:
         try:
@@ -366,6 +385,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         services=[dict(s) for s in services],
         upstreams=[dict(u) for u in upstreams],
         intentions=[dict(r) for r in intentions],
+        config_entries=[dict(r) for r in config_entries],
         warnings=warnings,
         api_token=api_token,
         api_allow_hosts=list(values["api_allow_host"]),

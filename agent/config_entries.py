@@ -19,6 +19,8 @@ spread, and those the peer does not hold are dropped (:meth:`settle_stale`).
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -33,6 +35,8 @@ from gossip.hlc import ClockDriftError, HybridClock
 from gossip.signing import Signer, Verifier
 
 STORE_FILE = "config_entries.json"
+#: Entries with versions this old were carried over from per-node stores (agent.intentions.migrate).
+MIGRATED_BEFORE_MS = 10
 #: How often a running node re-saves its file even with nothing new, so that the
 #: time it records ("up with the mesh until at least then") stays recent.
 TOUCH_EVERY_MS = 3_600_000
@@ -66,6 +70,8 @@ class ConfigEntries:
         self.stats: Counter[str] = Counter()
         #: When the file was last written: a node that saved recently was up with the mesh then.
         self._saved_at = 0
+        #: The config file's entries as last applied (apply_file).
+        self.file_digest = ""
 
     # -- start -----------------------------------------------------------------------------
 
@@ -75,6 +81,7 @@ class ConfigEntries:
         if not isinstance(raw, dict):
             return
         self.clock.last = raw.get("clock", 0) if isinstance(raw.get("clock"), int) else 0
+        self.file_digest = raw.get("file_digest", "") if isinstance(raw.get("file_digest"), str) else ""
         for item in raw.get("entries", []):
             try:
                 entry = Entry.from_wire(_from_json(item))
@@ -138,6 +145,31 @@ class ConfigEntries:
         self.log.info("config_entry_written", kind=kind, config_name=name, version=entry.version)
         return self.view_of(entry)
 
+    def write_migrated(self, kind: str, name: str, body: dict[str, Any], version: int) -> None:
+        """An entry carried over from a per-node store, at a fixed old ``version`` (agent.intentions)."""
+        clean = entry_kinds.validate(kind, name, body, self.lookup)
+        self._commit([Entry.write(self.signer, self.node, kind, name, clean, version)])
+
+    def apply_file(self, payloads: list[dict[str, Any]]) -> int:
+        """Write the config file's entries, but only when the file's entries changed since the last start.
+
+        So a restart with the same file never undoes an edit made since, nor
+        brings back an entry deleted since.  Returns how many were written.
+        """
+        digest = hashlib.sha256(json.dumps(payloads, sort_keys=True).encode()).hexdigest()
+        if digest == self.file_digest:
+            return 0
+        written = 0
+        for i, payload in enumerate(payloads):
+            try:
+                self.write(payload)
+                written += 1
+            except ServiceError as exc:  # checked alone at start; this is a conflict with the mesh's entries
+                self.log.error("config_file_entry_refused", entry=i + 1, detail=str(exc))
+        self.file_digest = digest
+        self._save(list(self.store))
+        return written
+
     def delete(self, kind: str, name: str, cas: int | None = None) -> dict[str, Any]:
         held = self.store.get(kind, name)
         if held is None or held.deleted:
@@ -188,6 +220,11 @@ class ConfigEntries:
                 continue
             if held is not None and held.writer != e.writer:
                 self.stats["conflicts_resolved"] += 1
+                if held.written_ms < MIGRATED_BEFORE_MS and e.written_ms < MIGRATED_BEFORE_MS \
+                        and held.body != e.body:
+                    self.log.warning("config_migration_conflict", kind=e.kind, config_name=e.name,
+                                     kept=e.writer, dropped=held.writer,
+                                     detail="two nodes held different per-node rules; the stricter one wins")
             accepted.append(e)
         if not accepted:
             return []
@@ -246,7 +283,7 @@ class ConfigEntries:
 
     def _save(self, entries: list[Entry]) -> None:
         now = self.wall()
-        self.saver.save({"clock": self.clock.last, "saved_at_ms": now,
+        self.saver.save({"clock": self.clock.last, "saved_at_ms": now, "file_digest": self.file_digest,
                          "entries": [_to_json(e.to_wire()) for e in entries]})
         self._saved_at = now
 

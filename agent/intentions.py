@@ -15,22 +15,24 @@ to this destination, else ``*``/``*``) explicitly allows it, so nobody gains
 an identity's permissions by claiming it.  A stream that names no source is
 judged by the ``*``-source rules alone (default allow).
 
-Rules come from the config file (``[[intention]]``, re-read at each start) and
-from the API/CLI; run-time ones are written under --data-dir so a restart
-keeps them.  A run-time rule for a pair the config file also names takes
-its place (and, persisted, keeps it); removing a config-file rule at run time
-lasts until the next start.
+Rules are the mesh-wide ``intention`` config entries (agent.config_entries):
+written on any node, through these commands, ``mesh-agent config`` or the
+config file's ``[[intention]]`` tables, and the same on every node.  The
+destination's agent stays the authority, for the reason above; the caller's
+agent knows the same rules, so a denied call can be refused before it leaves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import log, store
+from agent import entry_kinds, log, store
+from agent.config_entries import ConfigEntries
 from agent.services import SERVICE_NAME_RE, ServiceError, shown
+from gossip import hlc
 
 STORE_FILE = "intentions.json"
 WILDCARD = "*"
@@ -45,8 +47,9 @@ class Intention:
     destination: str
     action: str
     description: str = ""
-    #: "config" rules come back from the config file at each start; "api" ones are persisted.
-    origin: str = "api"
+    #: The node that wrote the config entry this rule is, and its version.
+    writer: str = ""
+    version: int = 0
 
     @property
     def precedence(self) -> int:
@@ -63,7 +66,8 @@ class Intention:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "destination": self.destination, "action": self.action,
-                "description": self.description, "precedence": self.precedence, "origin": self.origin}
+                "description": self.description, "precedence": self.precedence, "writer": self.writer,
+                "version": self.version}
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ def check_name(value: Any, what: str) -> str:
     return value
 
 
-def validate(payload: Any, origin: str = "api") -> Intention:
+def validate(payload: Any) -> Intention:
     """Check a rule fully before anything changes; one-line errors."""
     if not isinstance(payload, dict):
         raise ServiceError("an intention must be an object with source, destination and action")
@@ -97,7 +101,7 @@ def validate(payload: Any, origin: str = "api") -> Intention:
         description = ""
     if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
         raise ServiceError(f"description must be a string of at most {MAX_DESCRIPTION} characters")
-    return Intention(source, destination, str(action), description, origin)
+    return Intention(source, destination, str(action), description)
 
 
 def match(rules: dict[tuple[str, str], Intention], source: str | None, destination: str) -> Intention | None:
@@ -124,27 +128,58 @@ def decide(rules: dict[tuple[str, str], Intention], source: str | None, destinat
     return Verdict(rule.action == "allow", rule.action, rule)
 
 
+#: Versions given to rules migrated from a node's own intentions.json: older than any
+#: write made since (a hybrid-logical timestamp of now), and a deny's newer than an
+#: allow's, so that where nodes held conflicting rules for a pair, deny wins everywhere.
+MIGRATED_VERSION = {"allow": hlc.make(1), "deny": hlc.make(2)}
+
+
 class Intentions:
-    def __init__(self, data_dir: Path | None, node: str, has_instance: Callable[[str, str], bool]) -> None:
+    """The mesh-wide ``intention`` config entries, as the rules this agent enforces."""
+
+    def __init__(self, entries: ConfigEntries, data_dir: Path | None, node: str,
+                 has_instance: Callable[[str, str], bool]) -> None:
+        self.entries = entries
         self.data_dir = data_dir
         #: ``has_instance(node, service)``: is an instance of ``service`` registered on ``node``.
         self.has_instance = has_instance
         self.rules: dict[tuple[str, str], Intention] = {}
         self.log = log.get("mesh.intentions").bind(node=node)
-        self.saver = store.Saver(None if data_dir is None else data_dir / STORE_FILE, self.log)
 
-    def load(self, config_intentions: list[dict[str, Any]]) -> None:
-        """The config file's rules, then the persisted run-time ones (config errors were caught at start)."""
-        for raw in config_intentions:
-            rule = validate(raw, origin="config")
-            self.rules[(rule.source, rule.destination)] = rule
-        for raw in self._read_store():
+    def refresh(self) -> None:
+        """Rebuild the rules from the entries (after any change to them)."""
+        rules = {}
+        for e in self.entries.live(entry_kinds.INTENTION):
+            body = e.body or {}
+            rule = Intention(body["source"], body["destination"], body["action"], body.get("description", ""),
+                             writer=e.writer, version=e.version)
+            rules[(rule.source, rule.destination)] = rule
+        self.rules = rules
+
+    def migrate(self) -> None:
+        """Once, at the first start of a mesh-wide version: this node's own intentions.json becomes entries."""
+        path = None if self.data_dir is None else self.data_dir / STORE_FILE
+        if path is None or not path.exists():
+            return
+        migrated = 0
+        for raw in store.read_records(path, self.log, "intention_store_unreadable"):
             try:
                 rule = validate(raw)
             except ServiceError as exc:
                 self.log.error("stored_intention_invalid", detail=str(exc))
                 continue
-            self.rules[(rule.source, rule.destination)] = rule
+            body = {"source": rule.source, "destination": rule.destination, "action": rule.action}
+            if rule.description:
+                body["description"] = rule.description
+            self.entries.write_migrated(entry_kinds.INTENTION, entry_kinds.intention_name(rule.source,
+                                                                                          rule.destination),
+                                        body, MIGRATED_VERSION[rule.action])
+            migrated += 1
+        path.rename(path.with_name(STORE_FILE + ".migrated"))
+        self.refresh()
+        self.log.warning("intentions_migrated", rules=migrated,
+                         detail=f"this node's intentions are now mesh-wide config entries; {path.name} was "
+                                f"renamed {path.name}.migrated")
 
     # -- the data plane asks -------------------------------------------------------------
 
@@ -152,37 +187,32 @@ class Intentions:
         verified = source is not None and self.has_instance(node, source)
         return decide(self.rules, source, destination, verified)
 
-    # -- API -----------------------------------------------------------------------------
+    # -- API: a front for the intention entries ---------------------------------------------
 
     def put(self, payload: Any) -> dict[str, Any]:
         rule = validate(payload)
-        self._persist([*(r for k, r in self.rules.items() if k != (rule.source, rule.destination)), rule])
-        self.rules[(rule.source, rule.destination)] = rule
-        self.log.info("intention_set", source=rule.source, destination=rule.destination, action=rule.action)
-        return {"ok": True, **rule.to_dict()}
+        body: dict[str, Any] = {"kind": entry_kinds.INTENTION, "source": rule.source,
+                                "destination": rule.destination, "action": rule.action}
+        if rule.description:
+            body["description"] = rule.description
+        view = self.entries.write(body)
+        return {"ok": True, **self._rule_view(view)}
 
     def remove(self, source: Any, destination: Any) -> dict[str, Any]:
         source = check_name(source, "source")
         destination = check_name(destination, "destination")
         if (source, destination) not in self.rules:
             raise ServiceError(f"no intention from {source!r} to {destination!r}", 404)
-        self._persist([r for k, r in self.rules.items() if k != (source, destination)])
-        del self.rules[(source, destination)]
-        self.log.info("intention_removed", source=source, destination=destination)
+        self.entries.delete(entry_kinds.INTENTION, entry_kinds.intention_name(source, destination))
         return {"ok": True, "source": source, "destination": destination}
 
     def view(self) -> list[dict[str, Any]]:
         rules = sorted(self.rules.values(), key=lambda r: (-r.precedence, r.source, r.destination))
         return [r.to_dict() for r in rules]
 
-    # -- persistence -----------------------------------------------------------------------
-
-    def _read_store(self) -> list[dict[str, Any]]:
-        path = None if self.data_dir is None else self.data_dir / STORE_FILE
-        return store.read_records(path, self.log, "intention_store_unreadable")
-
-    def _persist(self, rules: Iterable[Intention]) -> None:
-        """Save ``rules`` (the state about to be applied); StoreError when they cannot be."""
-        body = [{"source": r.source, "destination": r.destination, "action": r.action,
-                 "description": r.description} for r in rules if r.origin == "api"]
-        self.saver.save(body)
+    @staticmethod
+    def _rule_view(entry_view: dict[str, Any]) -> dict[str, Any]:
+        rule = Intention(entry_view["source"], entry_view["destination"], entry_view["action"],
+                         entry_view.get("description", ""), writer=entry_view["writer"],
+                         version=entry_view["version"])
+        return rule.to_dict()

@@ -153,9 +153,10 @@ class Agent:
         )
         self.directory = MeshDirectory(self.membership, self.services)
         self.dp_stats: Counter[str] = Counter()
-        self.intentions = Intentions(cfg.data_dir, cfg.name, self.directory.has_instance)
         #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
+        self.config_entries.on_change = self._config_changed
+        self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory)
         self.tunnels = TunnelManager(
@@ -233,8 +234,7 @@ class Agent:
         bound_port = int(tunnel_listeners[0].socket.getsockname()[1])
         self.membership.set_tunnel(((self._tunnel_host, bound_port), self.tunnel_public))
         self.services.load(self.cfg.services)
-        self.intentions.load(self.cfg.intentions)
-        self.config_entries.load()
+        self._load_config_entries()
         self.membership.state_changed()
         if self.cfg.data_dir is None:
             self.log.warning("no_data_dir", detail="run-time service registrations will not survive a restart")
@@ -660,11 +660,27 @@ class Agent:
             rows += up.router.view(now, endpoints, self.directory, self.cfg.name)
         return rows
 
+    def _load_config_entries(self) -> None:
+        """Saved entries, then a per-node intentions.json carried over (once), then the config file's."""
+        self.config_entries.load()
+        self.intentions.migrate()
+        from_file = [{"kind": "intention", **r} for r in self.cfg.intentions] + self.cfg.config_entries
+        try:
+            written = self.config_entries.apply_file(from_file)
+        except store.StoreError as exc:
+            self.log.error("config_file_entries_not_saved", detail=str(exc))
+        else:
+            if written:
+                self.log.info("config_file_entries_written", entries=written)
+        self.intentions.refresh()
+
+    def _config_changed(self, changed: list[Any]) -> None:
+        self.intentions.refresh()
+
     def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
-        return {"services.json": self.services.saver, "intentions.json": self.intentions.saver,
-                "upstreams.json": self.upstreams.saver, "keyring.json": self.keys.saver,
-                "config_entries.json": self.config_entries.saver}
+        return {"services.json": self.services.saver, "upstreams.json": self.upstreams.saver,
+                "keyring.json": self.keys.saver, "config_entries.json": self.config_entries.saver}
 
     def self_view(self) -> dict[str, Any]:
         ms = self.membership

@@ -95,3 +95,34 @@ def test_the_api_refuses_bad_cas_and_empty_lists(cluster: Cluster) -> None:
         with pytest.raises(urllib.error.HTTPError) as info:
             a.call("PUT", path, body)
         assert info.value.code == 400 and needle in json.loads(info.value.read())["error"]
+
+
+def test_config_file_entries_apply_only_when_the_file_changed(cluster: Cluster, tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[[config]]\nkind = "service-defaults"\nname = "web"\nprotocol = "http"\n'
+                    '[[intention]]\nsource = "*"\ndestination = "db"\naction = "deny"\n')
+    data = ["--data-dir", str(tmp_path / "d"), "--config", str(conf)]
+    a = cluster.start("f1", extra=data)
+    assert {(e["kind"], e["name"]) for e in a.call("GET", "/v1/config")} == {("service-defaults", "web"),
+                                                                              ("intention", "*/db")}
+    a.call("DELETE", "/v1/config/intention/*/db")  # an operator's later edit
+    a.signal(15)
+    a.popen.wait(10)
+    a = cluster.start("f1", api_port=a.api_port, extra=data)  # the same file: the delete stands
+    assert [(e["kind"], e["name"]) for e in a.call("GET", "/v1/config")] == [("service-defaults", "web")]
+    conf.write_text(conf.read_text().replace('"deny"', '"allow"'))
+    a.signal(15)
+    a.popen.wait(10)
+    a = cluster.start("f1", api_port=a.api_port, extra=data)  # a changed file is applied
+    assert a.call("GET", "/v1/config/intention/*/db")["action"] == "allow"
+
+
+def test_bad_config_file_entries_stop_the_start_with_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[[config]]\nkind = "service-splitter"\nname = "web"\n'
+                    'splits = [{weight = 60}, {weight = 30, service = "canary"}]\n')
+    p = subprocess.run([sys.executable, "-m", "cli.main", "agent", "--name", "x", "--config", str(conf), "--insecure"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "config entry #1: the weights of splits add up to 90, not 100" in p.stderr

@@ -29,6 +29,7 @@ import trio.testing
 from test_proxy import cli, echo_server, expect_reset, roundtrip
 
 from agent.config import ConfigError, resolve
+from agent.config_entries import ConfigEntries
 from agent.intentions import Intention, Intentions, decide, match, validate
 from agent.services import ServiceError
 from agent.upstreams import validate as validate_upstream
@@ -42,6 +43,7 @@ from dataplane.proxy import (
     encode_connect,
     splice,
 )
+from gossip.signing import Signer
 from simulations.harness import AgentProc, Cluster, free_port, wait_for, wait_port
 
 # -- rules, in process ---------------------------------------------------------------------
@@ -81,27 +83,60 @@ def test_decisions_default_allow_and_unverified_sources() -> None:
     assert not d.allowed and d.reason == "deny"
 
 
-def test_store_validates_persists_and_authorizes(tmp_path: Path) -> None:
-    held = {("n1", "web")}
-    store = Intentions(tmp_path, "me", lambda node, svc: (node, svc) in held)
-    store.put({"source": "web", "destination": "db", "action": "deny", "description": "no"})
-    store.put({"source": "web", "destination": "db", "action": "allow"})  # one rule per pair: replaced
-    store.put({"source": "*", "destination": "db", "action": "deny"})
-    assert [(r["source"], r["action"], r["precedence"]) for r in store.view()] == [("web", "allow", 9),
-                                                                                ("*", "deny", 8)]
-    assert store.authorize("n1", "web", "db").allowed
-    assert store.authorize("n2", "web", "db").reason == "unverified"
-    assert not store.authorize("n1", None, "db").allowed
-    again = Intentions(tmp_path, "me", lambda node, svc: True)
-    again.load([{"source": "a", "destination": "b", "action": "deny"}])
-    assert {(r["source"], r["destination"], r["origin"]) for r in again.view()} == {
-        ("web", "db", "api"), ("*", "db", "api"), ("a", "b", "config")}
+def _intentions(data_dir: Path, held: set[tuple[str, str]] | None = None, name: str = "me") -> Intentions:
+    entries = ConfigEntries(data_dir, name, Signer(name.encode().ljust(32, b".")))
+    rules = Intentions(entries, data_dir, name, lambda node, svc: held is None or (node, svc) in held)
+    entries.on_change = lambda changed: rules.refresh()
+    entries.load()
+    rules.migrate()
+    rules.refresh()
+    return rules
+
+
+def test_rules_are_intention_entries_validated_persisted_and_authorized(tmp_path: Path) -> None:
+    rules = _intentions(tmp_path, {("n1", "web")})
+    rules.put({"source": "web", "destination": "db", "action": "deny", "description": "no"})
+    rules.put({"source": "web", "destination": "db", "action": "allow"})  # one rule per pair: replaced
+    rules.put({"source": "*", "destination": "db", "action": "deny"})
+    assert [(r["source"], r["action"], r["precedence"], r["writer"]) for r in rules.view()] == [
+        ("web", "allow", 9, "me"), ("*", "deny", 8, "me")]
+    assert rules.authorize("n1", "web", "db").allowed
+    assert rules.authorize("n2", "web", "db").reason == "unverified"
+    assert not rules.authorize("n1", None, "db").allowed
+    assert [e["name"] for e in rules.entries.listing("intention")] == ["*/db", "web/db"]
+    again = _intentions(tmp_path)
+    assert {(r["source"], r["destination"]) for r in again.view()} == {("web", "db"), ("*", "db")}
     again.remove("web", "db")
     with pytest.raises(ServiceError) as err:
         again.remove("web", "db")
     assert err.value.status == 404
-    assert json.loads((tmp_path / "intentions.json").read_text()) == [
-        {"source": "*", "destination": "db", "action": "deny", "description": ""}]
+    assert [(r["source"], r["destination"]) for r in _intentions(tmp_path).view()] == [("*", "db")]
+
+
+def test_a_per_node_intentions_file_is_migrated_once_and_deny_wins_across_nodes(tmp_path: Path) -> None:
+    for node, action in (("a", "allow"), ("b", "deny")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "intentions.json").write_text(json.dumps([
+            {"source": "web", "destination": "db", "action": action, "description": f"from {node}"},
+            {"source": "*", "destination": "cache", "action": "deny", "description": ""}]))
+    a, b = _intentions(tmp_path / "a", name="a"), _intentions(tmp_path / "b", name="b")
+    for rules, action in ((a, "allow"), (b, "deny")):
+        assert not (rules.data_dir / "intentions.json").exists()  # type: ignore[operator]
+        assert (rules.data_dir / "intentions.json.migrated").exists()  # type: ignore[operator]
+        assert {(r["source"], r["destination"]): r["action"] for r in rules.view()} == {
+            ("web", "db"): action, ("*", "cache"): "deny"}
+    # The two nodes meet (as anti-entropy will make them): the stricter rule wins on both.
+    a.entries.receive(b.entries.live())
+    b.entries.receive(a.entries.live())
+    for rules in (a, b):
+        assert {(r["source"], r["destination"]): r["action"] for r in rules.view()}[("web", "db")] == "deny"
+    assert a.entries.stats["conflicts_resolved"] >= 1
+    # Any rule written since is newer than every migrated one.
+    a.put({"source": "web", "destination": "db", "action": "allow"})
+    b.entries.receive(a.entries.live())
+    assert b.authorize("n", "web", "db").allowed
+    # And migration happens once: a restart does not bring the old file's rules back.
+    assert _intentions(tmp_path / "a", name="a").authorize("n", "web", "db").allowed
 
 
 @pytest.mark.parametrize(("payload", "needle"), [
@@ -430,7 +465,7 @@ def test_config_file_intentions_and_upstream_source(cluster: Cluster, tmp_path: 
         a = cluster.start("c1", extra=["--config", str(a_cfg)])
         b = cluster.start("c2", join=[a.addr], extra=["--config", str(b_cfg)])
         cluster.wait_converged(["c1", "c2"])
-        assert {r["origin"] for r in b.call("GET", "/v1/intentions")} == {"config"}
+        assert {r["writer"] for r in b.call("GET", "/v1/intentions")} == {"c2"}
         up = a.call("GET", "/v1/upstreams")[0]
         assert (up["source"], up["idle_timeout"], up["connect_timeout"]) == ("web", 600.0, 5.0)
         wait_for(lambda: sees(a, "db", "c2") and sees(b, "web", "c1"), 10, "catalogs spread")
@@ -472,7 +507,9 @@ async def test_proxy_retries_refused_instances_and_stops_at_a_denial() -> None:
                      Endpoint("n2", "far-dead", "127.0.0.1", free_port(), "svc"),
                      Endpoint("n2", "far-good", "127.0.0.1", good, "svc")]
         directory = _Dir(endpoints)
-        store = Intentions(None, "n2", lambda node, svc: (node, svc) == ("n1", "web"))
+        entries = ConfigEntries(None, "n2", Signer(b"n2".ljust(32, b".")))
+        store = Intentions(entries, None, "n2", lambda node, svc: (node, svc) == ("n1", "web"))
+        entries.on_change = lambda changed: store.refresh()
         far = Proxy("n2", directory, None, authorizer=store)  # type: ignore[arg-type]
 
         class Opener:
