@@ -67,6 +67,8 @@ class ConfigEntries:
         self.stale_before = 0
         #: Called with the entries that changed this node's state, after they are saved.
         self.on_change: Callable[[list[Entry]], None] = lambda changed: None
+        #: Called with each entry written here (not received), once saved: to announce it.
+        self.on_written: Callable[[Entry], None] = lambda entry: None
         self.stats: Counter[str] = Counter()
         #: When the file was last written: a node that saved recently was up with the mesh then.
         self._saved_at = 0
@@ -141,6 +143,7 @@ class ConfigEntries:
         self._check_cas(kind, name, cas)
         entry = Entry.write(self.signer, self.node, kind, name, clean, self.clock.now(self.wall()))
         self._commit([entry])
+        self.on_written(entry)
         self.stats["written"] += 1
         self.log.info("config_entry_written", kind=kind, config_name=name, version=entry.version)
         return self.view_of(entry)
@@ -178,6 +181,7 @@ class ConfigEntries:
         self._check_cas(kind, name, cas)
         entry = Entry.write(self.signer, self.node, kind, name, None, self.clock.now(self.wall()))
         self._commit([entry])
+        self.on_written(entry)
         self.stats["deleted"] += 1
         self.log.info("config_entry_deleted", kind=kind, config_name=name, version=entry.version)
         return {"ok": True, "kind": kind, "name": name, "version": entry.version}

@@ -49,12 +49,15 @@ from dataplane import relay
 from dataplane.proxy import PeerStream, Proxy, ProxyError
 from dataplane.rawsocket import connect_tcp
 from dataplane.tunnel import TunnelManager
+from gossip import config_sync
+from gossip.config_store import Entry
 from gossip.keyring import Keyring
 from gossip.member import Status
 from gossip.registry import Registry
 from gossip.signing import Signer
 from gossip.swim import EventKind, FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
+    MAX_QUERY_PAYLOAD,
     PROTOCOL_VERSION,
     Address,
     DecodeError,
@@ -156,6 +159,7 @@ class Agent:
         #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
         self.config_entries.on_change = self._config_changed
+        self.config_entries.on_written = self._announce_config
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory)
@@ -321,7 +325,10 @@ class Agent:
         effects, events = self.membership.drain()
         for ev in events:
             if ev.kind is EventKind.QUERY:
-                self.keys.on_event(ev.fields)
+                if ev.fields["name"] == config_sync.QUERY_NAME:
+                    self._on_config_query(ev.fields)
+                else:
+                    self.keys.on_event(ev.fields)
                 continue
             self._log_event(ev.kind, ev.fields)
             if ev.kind is EventKind.MEMBER and ev.fields["status"] in ("dead", "left"):
@@ -676,6 +683,26 @@ class Agent:
 
     def _config_changed(self, changed: list[Any]) -> None:
         self.intentions.refresh()
+
+    def _announce_config(self, entry: Entry) -> None:
+        """Spread an entry written here to every member at once (gossip.config_sync, "Announcement")."""
+        if self.config_entries.stale_before:
+            return  # not until this node has synced: its entries may be ones the mesh deleted
+        qid = self.membership.start_query(trio.current_time(), config_sync.QUERY_NAME,
+                                          config_sync.announcement(entry, MAX_QUERY_PAYLOAD))
+        self.membership.finish_query(qid)  # nobody answers an announcement
+        self._wake()
+
+    def _on_config_query(self, fields: dict[str, Any]) -> None:
+        try:
+            got = config_sync.parse_announcement(fields["payload"])
+        except config_sync.SyncError as exc:
+            self.config_entries.stats["refused_malformed"] += 1
+            self.log.warning("config_announcement_malformed", origin=fields["origin"], detail=str(exc))
+            return
+        if isinstance(got, Entry):
+            self.config_entries.receive([got])
+        # A large entry announced by key alone is fetched at the next push-pull's anti-entropy.
 
     def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
