@@ -45,7 +45,7 @@ from agent.transport import (
     send_frame,
 )
 from agent.upstreams import Upstreams
-from dataplane import relay
+from dataplane import noise, relay
 from dataplane.proxy import PeerStream, Proxy, ProxyError
 from dataplane.rawsocket import connect_tcp
 from dataplane.tunnel import TunnelManager
@@ -187,6 +187,8 @@ class Agent:
         self._kick = trio.Event()
         self._sleep_until = 0.0
         self._leave_done = trio.Event()
+        #: Set once a local service or upstream exists (flush): the cipher is then loaded.
+        self._carries_traffic = False
         #: Sources of input no installed key opens: (transport, host, port, kind) -> what is known of them.
         #: A TCP stream comes from a new port every time, so TCP sources are kept by host (port 0).
         self._no_key: dict[_StrangerKey, _Stranger] = {}
@@ -322,6 +324,11 @@ class Agent:
 
     async def flush(self) -> None:
         """Do what the machine asked for, log its events, and re-arm the timer."""
+        if not self._carries_traffic and (self.services.registrations or self.proxy.upstreams):
+            # This node will carry service traffic: load the tunnel cipher before the first
+            # connection needs it (dataplane.noise.preload), not inside it.
+            self._carries_traffic = True
+            noise.preload()
         effects, events = self.membership.drain()
         for ev in events:
             if ev.kind is EventKind.QUERY:

@@ -241,6 +241,8 @@ class Upstreams:
                 "bytes_in": up.stats["bytes_in"],
                 "retried": up.stats["retried"],
                 "denied": up.stats["denied"],
+                # Of those, refused here before any agent was asked: the mesh-wide rules deny the call.
+                "denied_here": up.stats["denied_here"],
                 # Refusals by a far agent's intentions (carried on to another agent when one allows),
                 # and instances that reset or closed before a byte of answer (outlier failures).
                 "refusals": up.stats["refusals"],

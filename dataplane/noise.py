@@ -79,6 +79,16 @@ class _NotLoaded(Exception):
 _InvalidTag: type[Exception] = _NotLoaded
 
 
+def preload() -> None:
+    """Load OpenSSL's cipher now, where a first tunnel is about to be needed.
+
+    Its bindings (a large shared library) take tens of milliseconds to map the
+    first time: paid inside a first handshake, they would show as a slow first
+    connection, and as a latency the balancer remembers for a while.
+    """
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: F401
+
+
 def _aead_for(key: bytes) -> ChaCha20Poly1305:
     global _InvalidTag
     from cryptography.exceptions import InvalidTag

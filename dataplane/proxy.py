@@ -477,6 +477,10 @@ class Proxy:
             _reset(client)
             await _close(client)
             return
+        if not self._allowed_here(up):
+            _reset(client)
+            await _close(client)
+            return
         got = await self._connect_any(up, client)
         if got is None:
             _reset(client)
@@ -705,6 +709,19 @@ class Proxy:
             raise failure
         assert status is not None
         return status
+
+    def _allowed_here(self, up: UpstreamListener) -> bool:
+        """The caller's side of the intentions: every agent holds the same mesh-wide rules, so a
+        call they deny is refused at once, before it is balanced onto instances that would refuse
+        it one by one.  The destination's agent still decides for itself (handle_stream)."""
+        verdict = self.authorizer.authorize(self.local_node, up.options.source, up.service)
+        if verdict.allowed:
+            return True
+        up.stats["denied"] += 1
+        up.stats["denied_here"] += 1
+        self._info("proxy_denied_here", service=up.service, source=up.options.source, reason=verdict.reason,
+                   detail=f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
+        return False
 
     def _authorize(self, node: str, source: str | None, destination: str) -> bool:
         """The receiving side's decision, counted and logged once when it refuses."""

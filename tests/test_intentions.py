@@ -269,28 +269,36 @@ def test_deny_refuses_promptly_and_remove_allows_again(cluster: Cluster) -> None
         assert "(as web)" in p.stdout
         assert roundtrip(listen, b"before") == b"before"
 
+        # Written on the destination's node, the rule is mesh-wide: the caller's agent learns it
+        # and refuses the call itself, before any stream reaches the destination.
         p = cli(b.api, "intentions", "deny", "web", "db", "--description", "web must not reach db")
         assert p.returncode == 0, p.stderr
+        wait_for(lambda: len(a.call("GET", "/v1/intentions")) == 1, 10, "the rule reaches the caller's agent")
         t0 = time.monotonic()
         expect_reset(listen, b"x" * 1000)
         assert time.monotonic() - t0 < 5, "a denied connection must close promptly, not hang"
-        assert counters(b)["proxy.intentions_denied"] >= 1
-        assert counters(b).get("proxy.intentions_unverified", 0) == 0
         up = a.call("GET", "/v1/upstreams")[0]
-        assert up["denied"] >= 1 and up["source"] == "web"
-        log = [json.loads(ln) for ln in b.log().splitlines() if '"intention_denied"' in ln]
-        assert log and log[0]["source_node"] == a.name and log[0]["source_service"] == "web"
-        assert log[0]["destination"] == "db" and log[0]["level"] == "info"
-        table = cli(b.api, "intentions").stdout.splitlines()
+        assert up["denied"] >= 1 and up["denied_here"] >= 1 and up["source"] == "web"
+        assert counters(b).get("proxy.intentions_denied", 0) == 0  # nothing reached db's agent
+        log = [json.loads(ln) for ln in a.log().splitlines() if '"proxy_denied_here"' in ln]
+        assert log and log[0]["source"] == "web" and log[0]["service"] == "db" and log[0]["level"] == "info"
+        table = cli(a.api, "intentions").stdout.splitlines()
         assert table[0].split() == ["SOURCE", "DESTINATION", "ACTION", "PRECEDENCE", "DESCRIPTION"]
         assert table[1].split()[:4] == ["web", "db", "deny", "9"]
 
         p = cli(b.api, "intentions", "remove", "web", "db")
         assert p.returncode == 0, p.stderr
+        wait_for(lambda: a.call("GET", "/v1/intentions") == [], 10, "the removal reaches the caller's agent")
         assert roundtrip(listen, b"after") == b"after"
         assert json.loads(cli(b.api, "intentions", "--json").stdout) == []
     finally:
         kill(echo)
+
+
+def same_rules(a: AgentProc, b: AgentProc) -> None:
+    """Wait until a's copy of the mesh-wide intentions is b's."""
+    wait_for(lambda: a.call("GET", "/v1/intentions") == b.call("GET", "/v1/intentions"), 10,
+             f"{a.name} holds {b.name}'s intentions")
 
 
 @pytest.mark.slow
@@ -301,13 +309,18 @@ def test_unverified_source_and_wildcard_precedence(cluster: Cluster) -> None:
         claimed, anon, as_web = free_port(), free_port(), free_port()
         a.call("PUT", "/v1/upstreams", {"service": "db", "listen": f"127.0.0.1:{claimed}", "source": "admin"})
         expect_reset(claimed, b"let me in")
-        assert counters(b)["proxy.intentions_unverified"] >= 1
+        # Refused by a itself: its copy of the mesh-wide rules says the same as b's would.
+        log = [json.loads(ln) for ln in a.log().splitlines() if '"proxy_denied_here"' in ln]
+        assert log and log[-1]["reason"] == "unverified" and log[-1]["source"] == "admin"
         # An explicit allow for any source lets unverified callers through.
         assert cli(b.api, "intentions", "allow", "*", "db").returncode == 0
+        same_rules(a, b)
         assert roundtrip(claimed, b"any") == b"any"
         # Default deny for db, allow for web: web passes, an unverified claim and anonymous do not.
         assert cli(b.api, "intentions", "deny", "*", "db").returncode == 0
+        same_rules(a, b)
         assert cli(b.api, "intentions", "allow", "web", "db").returncode == 0
+        same_rules(a, b)
         expect_reset(claimed, b"no")
         a.call("DELETE", "/v1/upstreams/db")
         a.call("PUT", "/v1/upstreams", {"service": "db", "listen": f"127.0.0.1:{as_web}", "source": "web"})
@@ -317,11 +330,14 @@ def test_unverified_source_and_wildcard_precedence(cluster: Cluster) -> None:
         expect_reset(anon, b"anonymous")
         # * destination rules: exact source + * destination loses to * source + exact destination.
         assert cli(b.api, "intentions", "remove", "web", "db").returncode == 0
+        same_rules(a, b)
         assert cli(b.api, "intentions", "allow", "web", "*").returncode == 0
+        same_rules(a, b)
         a.call("DELETE", "/v1/upstreams/db")
         a.call("PUT", "/v1/upstreams", {"service": "db", "listen": f"127.0.0.1:{as_web}", "source": "web"})
         expect_reset(as_web, b"web")
         assert cli(b.api, "intentions", "remove", "*", "db").returncode == 0
+        same_rules(a, b)
         assert roundtrip(as_web, b"web again") == b"web again"
         assert a.running() and b.running()
     finally:
