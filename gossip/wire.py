@@ -182,6 +182,35 @@ class PushPull:
     #: With ``refused``: what the refusal is, as a code a program compares (gossip.swim.Refusal);
     #: ``refused`` is the sentence for people.  Absent from the wire when empty.
     refusal: str = ""
+    #: The digest of the sender's config entries (gossip.config_sync, "Anti-entropy"); None from
+    #: an agent that does not take config entries (older ones send no such key and ignore it).
+    config: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ConfigPull:
+    """Ask a member (over TCP) for the config entries newer than ``summary`` (gossip.config_sync).
+
+    Sent only to members whose push-pull carried a config digest, so never to an
+    agent that would not know it.
+    """
+
+    source: str
+    #: Rows [kind, name, version, writer, signature], checked by gossip.config_sync.
+    summary: list[Any]
+    #: The puller's entries are stale (agent.config_entries): send every key you hold too.
+    stale: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigPush:
+    """The answer to a ConfigPull: entries in their wire form, checked and verified by the receiver."""
+
+    entries: list[Any]
+    #: Every key the sender holds, as [kind, name] (only when the puller was stale).
+    keys: list[Any] | None = None
+    #: More newer entries remain than one answer carries: pull again.
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,7 +253,7 @@ class QueryResponse:
 MAX_QUERY_PAYLOAD = 1024
 
 Message = (Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | PushPull | StateRequest | StateReply
-           | Query | QueryResponse)
+           | Query | QueryResponse | ConfigPull | ConfigPush)
 
 STATUSES = ("alive", "suspect", "dead", "left")
 
@@ -347,6 +376,7 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
             **({"l": True} if msg.lite else {}),
             **({"f": list(msg.fresh)} if msg.fresh else {}),
             **({"rc": msg.refusal} if msg.refusal else {}),
+            **({"e": msg.config} if msg.config is not None else {}),
         }
     if isinstance(msg, StateRequest):
         return {"t": "state-req", "from": msg.source, "node": msg.node}
@@ -357,6 +387,11 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         return {"t": "query-resp", "id": msg.id, "from": msg.source, "p": msg.payload}
     if isinstance(msg, StateReply):
         return {"t": "state", "node": msg.node, "data": msg.data}
+    if isinstance(msg, ConfigPull):
+        return {"t": "cfg-pull", "from": msg.source, "s": msg.summary, **({"stale": True} if msg.stale else {})}
+    if isinstance(msg, ConfigPush):
+        return {"t": "cfg", "e": msg.entries, **({"k": msg.keys} if msg.keys is not None else {}),
+                **({"more": True} if msg.more else {})}
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -548,14 +583,27 @@ def _message_from_obj(obj: Any) -> Message:
         refusal = obj.get("rc", "")
         if type(refusal) is not str or len(refusal) > 32:
             raise DecodeError("malformed", "bad refusal code")
+        config = obj.get("e")
+        if config is not None and (type(config) is not bytes or len(config) > MAX_STATE_DIGEST):
+            raise DecodeError("malformed", "bad config digest")
         return PushPull(_str(obj, "from"), _bool(obj, "join"), members, refused, delegate, coords, _bool(obj, "l"),
-                        tuple(raw_fresh), refusal)
+                        tuple(raw_fresh), refusal, config)
     if t == "state-req":
         return StateRequest(_str(obj, "from"), _str(obj, "node"))
     if t == "query":
         return Query(_int(obj, "id"), _str(obj, "o"), _addr_of(obj.get("a")), _str(obj, "n"), _payload(obj))
     if t == "query-resp":
         return QueryResponse(_int(obj, "id"), _str(obj, "from"), _payload(obj))
+    if t == "cfg-pull":
+        summary = obj.get("s")
+        if type(summary) is not list:
+            raise DecodeError("malformed", "config summary must be a list")
+        return ConfigPull(_str(obj, "from"), summary, _bool(obj, "stale"))
+    if t == "cfg":
+        entries, keys = obj.get("e"), obj.get("k")
+        if type(entries) is not list or (keys is not None and type(keys) is not list):
+            raise DecodeError("malformed", "config entries and keys must be lists")
+        return ConfigPush(entries, keys, _bool(obj, "more"))
     if t == "state":
         data = obj.get("data")
         if not isinstance(data, bytes):
@@ -609,7 +657,7 @@ def encode_push_pull_stream(msg: PushPull, packed_records: list[bytes]) -> bytes
     del head["members"]
     packed_head: bytes = msgpack.packb(head, use_bin_type=True)
     n = len(head) + 1
-    if n > 15:  # pragma: no cover - a push-pull has 7 or 8 keys
+    if n > 15:  # pragma: no cover - a push-pull has 7 to 11 keys
         raise ValueError("push-pull head too large for a fixmap")
     body = (bytes([0x80 | n]) + packed_head[1:] + msgpack.packb("members")
             + _array_header(len(packed_records)) + b"".join(packed_records))

@@ -19,6 +19,8 @@ from gossip.wire import (
     PROTOCOL_VERSION,
     Ack,
     Alive,
+    ConfigPull,
+    ConfigPush,
     Dead,
     DecodeError,
     MemberRecord,
@@ -86,6 +88,18 @@ def raw_packet(*messages: object, version: object = PROTOCOL_VERSION) -> bytes:
 # -- round trips ---------------------------------------------------------------------
 
 
+def test_a_push_pull_without_a_config_digest_is_one_from_an_agent_that_takes_no_config() -> None:
+    obj = message_to_obj(PushPull("old", False, []))
+    assert "e" not in obj  # what an agent of the release before config entries sends
+    assert decode_packet(raw_packet(obj)) == [PushPull("old", False, [])]
+    assert decode_packet(raw_packet({**obj, "e": b"d" * 32}))[0].config == b"d" * 32  # type: ignore[union-attr]
+    for bad in ("text", b"x" * 65, 5):
+        assert reason_of(raw_packet({**obj, "e": bad})) == "malformed"
+    for bad_msg in ({"t": "cfg-pull", "from": "a", "s": "x"}, {"t": "cfg", "e": {}},
+                    {"t": "cfg", "e": [], "k": "x"}, {"t": "cfg-pull", "from": "a", "s": [], "stale": 1}):
+        assert reason_of(raw_packet(bad_msg)) == "malformed"
+
+
 @SETTINGS
 @given(st.lists(messages, max_size=5))
 def test_any_messages_round_trip(msgs: list[object]) -> None:
@@ -106,6 +120,11 @@ def test_any_messages_round_trip(msgs: list[object]) -> None:
     PushPull("a", True, [MemberRecord("a", ("10.0.0.1", 7946), 1, "alive", {"k": "v"}),
                          MemberRecord("b", ("10.0.0.2", 7946), 0, "left")], ""),
     PushPull("a", False, [], "name taken"),
+    PushPull("a", False, [], "", b"", {}, False, (), "", b"\x01" * 32),
+    ConfigPull("a", [["intention", "web/db", 7, "w", b"s" * 64]]),
+    ConfigPull("a", [], stale=True),
+    ConfigPush([["intention", "web/db", {"action": "deny"}, 7, "w", b"k" * 32, b"s" * 64]]),
+    ConfigPush([], [["intention", "web/db"]], more=True),
 ])
 def test_each_message_type_round_trips(msg: object) -> None:
     assert decode_packet(encode_packet([msg])) == [msg]  # type: ignore[list-item]
@@ -113,7 +132,8 @@ def test_each_message_type_round_trips(msg: object) -> None:
 
 def test_every_message_type_has_its_own_tag() -> None:
     samples = [Ping(1, "", ""), PingReq(1, "", ("h", 1), ""), Ack(1, ""), Nack(1, ""),
-               Alive("", 1, ("h", 1)), Suspect("", 1, ""), Dead("", 1, ""), PushPull("", False, [])]
+               Alive("", 1, ("h", 1)), Suspect("", 1, ""), Dead("", 1, ""), PushPull("", False, []),
+               ConfigPull("", []), ConfigPush([])]
     assert len({message_to_obj(m)["t"] for m in samples}) == len(samples)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         message_to_obj("not a message")  # type: ignore[arg-type]
