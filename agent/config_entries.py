@@ -121,6 +121,19 @@ class ConfigEntries:
             raise ServiceError(f"unknown kind {shown(kind)}: one of {', '.join(entry_kinds.KINDS)}")
         return [self.view_of(e) for e in self.store.live(kind)]
 
+    def summary_view(self) -> dict[str, Any]:
+        """What `mesh-agent info` shows: how many entries of each kind, the digest peers compare, counters."""
+        by_kind = {k: 0 for k in entry_kinds.KINDS}
+        tombstones = 0
+        for e in self.store:
+            if e.deleted:
+                tombstones += 1
+            else:
+                by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
+        return {"entries": by_kind, "tombstones": tombstones, "digest": self.store.digest().hex()[:16],
+                "clock": self.clock.last, "stale": bool(self.stale_before),
+                "counters": dict(sorted(self.stats.items()))}
+
     def view_of(self, e: Entry) -> dict[str, Any]:
         written = datetime.fromtimestamp(e.written_ms / 1000, UTC).isoformat(timespec="milliseconds")
         return {"kind": e.kind, "name": e.name, **(e.body or {}), "version": e.version, "writer": e.writer,

@@ -64,6 +64,36 @@ class AgentCollector(Collector):
         yield from self._upstreams()
         yield from self._api()
         yield from self._store()
+        yield from self._config_entries()
+
+    def _config_entries(self) -> Iterator[Metric]:
+        view = self.agent.config_entries.summary_view()
+        entries = GaugeMetricFamily("mesh_config_entries", "Mesh-wide config entries this node holds, by kind.",
+                                    labels=["kind"])
+        for kind, n in view["entries"].items():
+            entries.add_metric([kind], n)
+        yield entries
+        g = GaugeMetricFamily("mesh_config_tombstones", "Deletes remembered, so they cannot be undone by a "
+                              "node that missed them.")
+        g.add_metric([], view["tombstones"])
+        yield g
+        g = GaugeMetricFamily("mesh_config_clock_seconds",
+                              "This node's config version clock, its wall-clock part (Unix time).")
+        g.add_metric([], (view["clock"] >> 16) / 1000)
+        yield g
+        stats = view["counters"]
+        c = _counter("mesh_config_writes_total", "Config entries written or deleted through this node.", ["op"])
+        c.add_metric(["write"], stats.get("written", 0))
+        c.add_metric(["delete"], stats.get("deleted", 0))
+        yield c
+        c = _counter("mesh_config_conflicts_resolved_total",
+                     "Received entries that replaced another writer's version of the same entry.")
+        c.add_metric([], stats.get("conflicts_resolved", 0))
+        yield c
+        c = _counter("mesh_config_refused_total", "Config entries from peers refused, by reason.", ["reason"])
+        for reason in ("signature", "clock", "malformed"):
+            c.add_metric([reason], stats.get(f"refused_{reason}", 0))
+        yield c
 
     def _store(self) -> Iterator[Metric]:
         failures = _counter("mesh_store_write_failures_total",

@@ -749,6 +749,7 @@ class Agent:
             },
             "uptime_s": round(time.time() - self.started_wall, 1),
             "store": {name.removesuffix(".json"): saver.view() for name, saver in self.savers().items()},
+            "config_entries": self.config_entries.summary_view(),
         }
 
     # -- logging ---------------------------------------------------------------------------

@@ -126,3 +126,19 @@ def test_bad_config_file_entries_stop_the_start_with_one_line(tmp_path: Path) ->
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "config entry #1: the weights of splits add up to 90, not 100" in p.stderr
+
+
+def test_info_and_metrics_show_the_entries(cluster: Cluster) -> None:
+    a = cluster.start("cfg3")
+    a.call("PUT", "/v1/config", CANARY[:2] + [{"kind": "intention", "source": "web", "destination": "db",
+                                              "action": "deny"}])
+    a.call("DELETE", "/v1/config/intention/web/db")
+    view = a.info()["config_entries"]
+    assert view["entries"] == {"intention": 0, "service-defaults": 1, "service-resolver": 1,
+                               "service-splitter": 0, "service-router": 0}
+    assert view["tombstones"] == 1 and view["stale"] is False and len(view["digest"]) == 16
+    assert view["counters"]["written"] == 3 and view["counters"]["deleted"] == 1
+    metrics = a.call_text("/metrics")
+    assert 'mesh_config_entries{kind="service-resolver"} 1.0' in metrics
+    assert "mesh_config_tombstones 1.0" in metrics
+    assert 'mesh_config_writes_total{op="delete"} 1.0' in metrics
