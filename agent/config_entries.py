@@ -30,9 +30,11 @@ from typing import Any
 
 from agent import entry_kinds, log, store
 from agent.services import ServiceError, shown
+from gossip import config_sync
 from gossip.config_store import ConfigStore, Entry, EntryError, Key
 from gossip.hlc import ClockDriftError, HybridClock
 from gossip.signing import Signer, Verifier
+from gossip.wire import ConfigPull, ConfigPush
 
 STORE_FILE = "config_entries.json"
 #: Entries with versions this old were carried over from per-node stores (agent.intentions.migrate).
@@ -275,6 +277,53 @@ class ConfigEntries:
             except store.StoreError:
                 pass  # counted and shown by the Saver; the next turn tries again
         return gone
+
+    # -- anti-entropy (gossip.config_sync) ---------------------------------------------------
+
+    def digest(self) -> bytes:
+        return self.store.digest()
+
+    def pull_request(self) -> ConfigPull:
+        """What this node sends a peer whose digest differs: its summary, and whether it is stale."""
+        return ConfigPull(self.node, config_sync.summary_to_wire(self.store.summary()), bool(self.stale_before))
+
+    def answer(self, pull: ConfigPull) -> ConfigPush:
+        """A peer's pull: the entries it lacks (never this node's stale ones), and every key if it is stale."""
+        try:
+            theirs = config_sync.summary_from_wire(pull.summary)
+        except config_sync.SyncError as exc:
+            self.stats["refused_malformed"] += 1
+            self.log.warning("config_pull_malformed", peer=pull.source, detail=str(exc))
+            return ConfigPush([])
+        source = self.store
+        if self.stale_before:
+            source = ConfigStore(self.store.tombstone_ttl_ms)
+            for e in self.spreadable():
+                source.apply(e)
+        entries, keys, more = config_sync.pull_reply(source, theirs, with_keys=pull.stale)
+        self.stats["pulls_answered"] += 1
+        return ConfigPush([e.to_wire() for e in entries], None if keys is None else [list(k) for k in keys], more)
+
+    def apply_push(self, push: ConfigPush, peer: str) -> bool:
+        """Merge a pull's answer from ``peer``; True if more remain to pull."""
+        entries = []
+        for raw in push.entries:
+            try:
+                entries.append(Entry.from_wire(raw))
+            except EntryError as exc:
+                self.stats["refused_malformed"] += 1
+                self.log.warning("config_entry_malformed", peer=peer, detail=str(exc))
+        self.stats["pulled"] += len(self.receive(entries))
+        if push.keys is not None and self.stale_before and not push.more:
+            keys = [(k[0], k[1]) for k in push.keys
+                    if isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k)]
+            self.settle_stale(keys)
+        return push.more
+
+    def in_step_with(self, digest: bytes) -> None:
+        """A peer's digest equals ours: a stale node holds nothing the mesh lacks, and is stale no more."""
+        if self.stale_before and digest == self.store.digest():
+            self.settle_stale([e.key for e in self.store])
 
     def spreadable(self) -> list[Entry]:
         """What this node may hand to peers: everything but stale entries."""

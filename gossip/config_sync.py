@@ -25,11 +25,13 @@ Pure: message bodies in and out, no I/O; gossip.wire carries them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgpack
 
+from gossip.address import Address
 from gossip.config_store import MAX_KIND, MAX_NAME, ConfigStore, Entry, EntryError, Key, Summary
+from gossip.wire import ConfigPull, ConfigPush
 
 #: The gossip query that announces a written entry.
 QUERY_NAME: Final = "config"
@@ -38,6 +40,22 @@ MAX_PULL_ENTRIES: Final = 512
 #: Most summary rows a pull may send (a mesh with more entries than this is
 #: far beyond what the config entries are for).
 MAX_SUMMARY: Final = 100_000
+
+
+class ConfigPeer(Protocol):
+    """What push-pull asks of the node's config entries (gossip.sync calls it; the agent implements it)."""
+
+    def digest(self) -> bytes:
+        """The digest to send in this node's push-pulls."""
+        ...
+
+    def observed(self, peer: str, addr: Address, digest: bytes | None) -> None:
+        """A push-pull with ``peer`` carried its digest (None: it takes no config entries)."""
+        ...
+
+    def answer(self, pull: ConfigPull) -> ConfigPush:
+        """The reply to a peer's pull."""
+        ...
 
 
 class SyncError(ValueError):

@@ -164,3 +164,52 @@ def test_a_full_disk_refuses_a_write_and_changes_nothing(tmp_path: Path, monkeyp
     with pytest.raises(store.StoreError):
         c.delete("intention", "web/db")
     assert c.read("intention", "web/db")["action"] == "deny"
+
+
+def sync(puller: ConfigEntries, peer: ConfigEntries) -> int:
+    """Pull from ``peer`` until nothing remains, as the agent does over TCP; how many rounds."""
+    rounds = 1
+    while puller.apply_push(peer.answer(puller.pull_request()), peer.node):
+        rounds += 1
+    return rounds
+
+
+def test_anti_entropy_brings_two_nodes_to_the_same_digest(tmp_path: Path) -> None:
+    clock = Clock()
+    a, b = node(None, "a", clock), node(None, "b", clock)
+    a.write(DENY)
+    for i in range(600):  # more than one pull's batch
+        b.write({"kind": "intention", "source": f"s{i}", "destination": "db", "action": "allow"})
+    a.delete("intention", "web/db")
+    assert sync(a, b) == 2 and sync(b, a) == 1
+    assert a.digest() == b.digest() and len(a.listing()) == 600
+    held = b.store.get("intention", "web/db")
+    assert held is not None and held.deleted  # the delete made on a reached b
+    assert a.answer(b.pull_request()).entries == []  # in step: nothing to send
+
+
+def test_a_stale_node_settles_on_its_first_pull_and_spreads_nothing_stale(tmp_path: Path) -> None:
+    clock = Clock()
+    (tmp_path / "old").mkdir()
+    old = node(tmp_path / "old", "old", clock, ttl=24 * HOUR)
+    old.write(DENY)  # deleted by the mesh while old was away; the tombstone is long gone
+    old.write({"kind": "service-defaults", "name": "db", "protocol": "http"})
+    mesh = node(None, "mesh", clock, ttl=24 * HOUR)
+    mesh.receive([e for e in old.live() if e.kind == "service-defaults"])
+    clock.ms += 48 * HOUR
+    back = node(tmp_path / "old", "old", clock, ttl=24 * HOUR)
+    assert back.stale_before
+    assert back.answer(mesh.pull_request()).entries == []  # a stale node hands out nothing
+    assert [e.key for e in mesh.live()] == [("service-defaults", "db")]
+    sync(back, mesh)
+    assert not back.stale_before and [e.key for e in back.live()] == [("service-defaults", "db")]
+    assert back.digest() == mesh.digest()
+
+
+def test_malformed_pulls_and_pushes_are_counted_not_applied(tmp_path: Path) -> None:
+    a = node(None, "a")
+    a.write(DENY)
+    from gossip.wire import ConfigPull, ConfigPush
+
+    assert a.answer(ConfigPull("x", [["bad"]])) == ConfigPush([]) and a.stats["refused_malformed"] == 1
+    assert a.apply_push(ConfigPush([["not", "an", "entry"]]), "x") is False and a.stats["refused_malformed"] == 2
