@@ -35,7 +35,6 @@ class Dissemination:
         self._name = table.name
         self._rng = table.rng
         self._stats = table.counters.stats
-        self._outbox = table.outbox
         self._num_up = table.num_up
         self._packet_budget = self.config.udp_packet_size - seal_overhead - PACKET_OVERHEAD
         self._next_gossip = now + self.config.gossip_interval
@@ -179,4 +178,4 @@ class Dissemination:
         for e in encoded:
             n = e[_ENCODED_TYPE_AT] & 0x1F
             stats["msg_out." + e[_ENCODED_TYPE_AT + 1:_ENCODED_TYPE_AT + 1 + n].decode()] += 1
-        self._outbox.append(SendPacket(addr, payload))
+        self.table.outbox.append(SendPacket(addr, payload))

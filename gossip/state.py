@@ -12,8 +12,6 @@ moment later (VERIFY_DELAY).
 
 from __future__ import annotations
 
-import math
-
 from gossip.delegate import StateTransfer
 from gossip.dissemination import Dissemination
 from gossip.effects import EventKind, Purpose, StartPushPull
@@ -111,10 +109,11 @@ class StateRules:
 
     def next_deadline(self) -> float:
         """The earliest suspicion timeout or first-sight check."""
-        due = self.suspicions.next_deadline()
-        t = math.inf if due is None else due
+        t = self.suspicions.next_deadline()
         if self._unverified:
-            t = min(t, self._verify_due())
+            due = self._verify_due()
+            if due < t:
+                return due
         return t
 
     # -- the rules -----------------------------------------------------------------------

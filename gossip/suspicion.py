@@ -92,8 +92,8 @@ class Suspicions:
         """End the suspicion of ``name``, if any (refuted, confirmed dead, or forgotten)."""
         self._live.pop(name, None)  # its heap entry goes stale
 
-    def next_deadline(self) -> float | None:
-        """The earliest live suspicion's deadline; stale heap entries are discarded on the way."""
+    def next_deadline(self) -> float:
+        """The earliest live suspicion's deadline (inf: none); stale heap entries are discarded on the way."""
         heap, live = self._heap, self._live
         while heap:
             deadline, name = heap[0]
@@ -101,13 +101,12 @@ class Suspicions:
             if sus is not None and sus.deadline == deadline:
                 return deadline
             heapq.heappop(heap)
-        return None
+        return math.inf
 
     def expire(self, now: float) -> Iterator[str]:
         """End every suspicion due at ``now``, yielding the name of each in deadline order."""
         while True:
-            due = self.next_deadline()
-            if due is None or now < due:
+            if now < self.next_deadline():
                 return
             _, name = heapq.heappop(self._heap)
             del self._live[name]

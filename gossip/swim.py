@@ -202,10 +202,9 @@ class Membership:
 
     def drain(self) -> tuple[list[Effect], list[Event]]:
         """Take what the driver must do and what it should log."""
-        outbox, events = self.table.outbox, self.table.events
-        out, ev = outbox.copy(), events.copy()
-        outbox.clear()
-        events.clear()
+        table = self.table
+        out, ev = table.outbox, table.events
+        table.outbox, table.events = [], []
         return out, ev
 
     def join(self, now: float, seeds: list[Address]) -> None:

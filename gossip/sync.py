@@ -134,12 +134,16 @@ class Sync:
                 self._stats["settle_syncs"] += 1
 
     def next_deadline(self) -> float:
-        t = min(self._next_push_pull, self._next_reconnect)
+        t = self._next_push_pull
+        if self._next_reconnect < t:
+            t = self._next_reconnect
         if self._settle_pending:
-            t = min(t, self._settle_due())
+            due = self._settle_due()
+            if due < t:
+                t = due
         j = self._join
-        if j is not None and not j.done and j.in_flight == 0:
-            t = min(t, j.next_at)
+        if j is not None and not j.done and j.in_flight == 0 and j.next_at < t:
+            t = j.next_at
         return t
 
     def stagger(self, now: float, phase: float) -> None:

@@ -57,7 +57,7 @@ class MemberTable:
         self.counters = Counters()
         #: Lifeguard's local health: failed probes, missed nacks and refutations all say we may be the slow one.
         self.awareness = Awareness(config.awareness_max_multiplier if config.lifeguard else 1)
-        #: What the driver must do and log, until it drains them (the same lists for the table's life).
+        #: What the driver must do and log, until it drains them (Membership.drain takes the lists).
         self.outbox: list[Effect] = []
         self.events: list[Event] = []
         #: The protocol time of the input being handled.
