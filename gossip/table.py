@@ -120,7 +120,7 @@ class MemberTable:
         return names
 
     def admit(self, now: float, m: Member) -> None:
-        """Add a member new to us."""
+        """Add a member new to us; its arrival is news (a settle after a join waits for news to stop)."""
         self.members[m.name] = m
         self._names = None
         if self._up_count is not None and self._up_count[0] == len(self.members) - 1:
@@ -140,7 +140,8 @@ class MemberTable:
             hook(name)
 
     def reap(self, now: float) -> None:
-        """Forget members down longer than ``dead_reap_after``."""
+        """Forget members down longer than ``dead_reap_after``: kept until then so that a
+        late claim about them is recognised as old, and a return as a return."""
         self.next_reap = now + self.reap_every
         for name, m in list(self.members.items()):
             if not m.status.up and name != self.name and now - m.status_since >= self.config.dead_reap_after:
