@@ -15,7 +15,7 @@ there: run-time registrations and the keyring still need --data-dir, so the
 default place never holds a key that could override an explicit --key.
 Where it cannot be used (no writable home, or another agent holds it), the
 keys are new at every start; the mesh still takes a restarted agent's new key
-once its address answers with it (gossip.swim: _replaced_at_address).
+once its address answers with it (gossip.state: StateRules.replaced_at_address).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class GossipConfig:
 
     def settle_quiet(self) -> float:
         """After a join, how long without news of a new member before the settling push-pull
-        (gossip.swim): half a gossip round.  While a burst of joins spreads, news comes every
+        (gossip.sync): half a gossip round.  While a burst of joins spreads, news comes every
         eager gossip gap (a quarter of a round on lan); a settle that still finds news is
         followed by another, so a lull taken for the end costs a push-pull, not a member.
         Simulated 25- and 50-member bursts spread over 0.3 s converged in a median 0.42 and

@@ -7,11 +7,12 @@ alive and dead/left beat both (SWIM section 4.2, memberlist state.go).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from gossip.wire import Address, NodeState, Tunnel
+from gossip.wire import Address, NodeState, Tunnel, pack_record
 
 
 class Status(StrEnum):
@@ -68,8 +69,8 @@ MEMBER_CHANGES = ChangeCount()
 
 @dataclass
 class Member:
-    #: True on a record the simulator shares between many machines; a machine
-    #: copies it before changing it (Membership._own).  Set per instance.
+    #: True on a record shared between many member tables (gossip.table.shared_record,
+    #: the simulator's); a table copies it before changing it (MemberTable.own).  Set per instance.
     shared: ClassVar[bool] = False
 
     name: str
@@ -94,7 +95,35 @@ class Member:
         object.__setattr__(self, name, value)
         MEMBER_CHANGES.value += 1
         if name != "rtt":
-            # The push-pull encodings of this record (Membership._packed_records) are stale.
+            # The push-pull encodings of this record (packed_records) are stale.
             d = self.__dict__
             d.pop("wire_full", None)
             d.pop("wire_lite", None)
+
+
+def packed_records(members: Iterable[Member], lite: bool) -> list[bytes]:
+    """Every member's push-pull record, encoded; each is kept on its Member until it changes.
+
+    The encoding lives in the instance ``__dict__`` beside the fields, written
+    there directly: the cache is no change of the member, and ``__setattr__``
+    drops it on any real one.
+    """
+    attr = "wire_lite" if lite else "wire_full"
+    out = []
+    for m in members:
+        d = m.__dict__
+        w = d.get(attr)
+        if w is None:
+            if lite:
+                # What a lite record is checked for: name, address, incarnation, status (and
+                # our own record's tags, which a refutation compares).  The signature,
+                # tunnel key and catalog digest, most of a record's bytes and none of them
+                # compressible, come with the full exchange a difference asks for
+                # (docs/membership.md, "Push-pull").
+                w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, None, None)
+            else:
+                w = pack_record(m.name, m.addr, m.incarnation, m.status.value, m.tags, m.state, m.tunnel,
+                                m.identity, m.sig)
+            d[attr] = w
+        out.append(w)
+    return out

@@ -10,7 +10,7 @@ current -- carry the member's Ed25519 public key and its signature over
 exactly those fields.  The first key seen for a name is bound to it (trust on
 first use); afterwards an alive for that name must be signed by that key,
 while it is alive.  (A first sighting is checked a moment later, not on
-arrival: gossip.swim.VERIFY_DELAY says why that gives nothing away.)
+arrival: gossip.state.VERIFY_DELAY says why that gives nothing away.)
 Suspect and dead messages stay unsigned: any member must be able to accuse
 another, which is what failure detection is.
 

@@ -10,7 +10,9 @@ declared quickly.
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import ItemsView, Iterator
 
 
 class Suspicion:
@@ -44,3 +46,68 @@ class Suspicion:
 
     def expired(self, now: float) -> bool:
         return now >= self.deadline
+
+
+class Suspicions:
+    """Every live suspicion by member, with the earliest deadline at hand.
+
+    The deadlines are a heap with stale entries left in place (a refuted or
+    confirmed suspicion's old deadline) and skipped when they reach the top:
+    while a partition splits a cluster a member holds hundreds of suspicions,
+    and the next deadline is asked after every packet.
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[str, Suspicion] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._live
+
+    def __getitem__(self, name: str) -> Suspicion:
+        return self._live[name]
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def get(self, name: str) -> Suspicion | None:
+        return self._live.get(name)
+
+    def items(self) -> ItemsView[str, Suspicion]:
+        return self._live.items()
+
+    def start(self, name: str, sus: Suspicion) -> None:
+        self._live[name] = sus
+        heapq.heappush(self._heap, (sus.deadline, name))
+
+    def confirm(self, name: str, source: str) -> bool:
+        """Count ``source``'s confirmation of the suspicion of ``name``; True if it was new."""
+        sus = self._live[name]
+        if not sus.confirm(source):
+            return False
+        heapq.heappush(self._heap, (sus.deadline, name))  # it moved earlier
+        return True
+
+    def discard(self, name: str) -> None:
+        """End the suspicion of ``name``, if any (refuted, confirmed dead, or forgotten)."""
+        self._live.pop(name, None)  # its heap entry goes stale
+
+    def next_deadline(self) -> float:
+        """The earliest live suspicion's deadline (inf: none); stale heap entries are discarded on the way."""
+        heap, live = self._heap, self._live
+        while heap:
+            deadline, name = heap[0]
+            sus = live.get(name)
+            if sus is not None and sus.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return math.inf
+
+    def expire(self, now: float) -> Iterator[str]:
+        """End every suspicion due at ``now``, yielding the name of each in deadline order."""
+        while True:
+            if now < self.next_deadline():
+                return
+            _, name = heapq.heappop(self._heap)
+            del self._live[name]
+            yield name

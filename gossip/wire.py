@@ -173,11 +173,11 @@ class PushPull:
     #: Network coordinates the sender holds, its own included, so a member can
     #: estimate its RTT to nodes it has never probed.
     coords: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    #: A periodic sync without the members' signatures (gossip.swim: lite
+    #: A periodic sync without the members' signatures (gossip.sync: lite
     #: push-pull); a receiver that finds something new in it asks for a full one.
     lite: bool = False
     #: Members whose alive the sender is still spreading; the receiver spreads
-    #: them too (gossip.swim Membership._fresh).
+    #: them too (gossip.dissemination: Dissemination.fresh).
     fresh: tuple[str, ...] = ()
     #: With ``refused``: what the refusal is, as a code a program compares (gossip.swim.Refusal);
     #: ``refused`` is the sentence for people.  Absent from the wire when empty.

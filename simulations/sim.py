@@ -54,8 +54,9 @@ from typing import Any
 
 from gossip.config import LAN, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
-from gossip.member import MEMBER_CHANGES, Member, Status
+from gossip.member import MEMBER_CHANGES, Status
 from gossip.swim import Event, FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
+from gossip.table import shared_record
 from gossip.wire import Address, decode_packet
 
 PORT = 7946
@@ -220,32 +221,18 @@ class Sim:
         """n nodes that already know each other as alive (a cluster that has been up a while).
 
         Faster than n real joins (which cost O(n^2) messages), and what most
-        scenarios want to start from.  Each machine's member table is filled
-        through its public ``members`` dict and its broadcast queue emptied.
+        scenarios want to start from.  Every machine's table takes the same
+        records (``MemberTable.share``) and its broadcast queue is emptied.
         """
         start = len(self.nodes)
         new = [self.add(f"{prefix}{start + i}") for i in range(n)]
-        everyone = self.nodes
         # One record per member, shared by every machine until one of them
-        # changes it (Membership._own copies it then): n records instead of
-        # n^2, which is what lets 10,000 nodes fit in memory.  Built from a
-        # template dict, since Member() runs a counting __setattr__ per field.
-        shared: dict[str, Member] = {}
+        # changes it (MemberTable.own copies it then): n records instead of
+        # n^2, which is what lets 10,000 nodes fit in memory.
+        shared = {o.name: shared_record(o.name, o.addr, self.now, self._shared_tags) for o in self.nodes}
         stagger = random.Random(f"stagger:{self.seed}:{start}")
-        new_member = Member.__new__
-        for o in everyone:
-            rec = new_member(Member)
-            vars(rec).update({"name": o.name, "addr": o.addr, "incarnation": 0, "status": Status.ALIVE,
-                              "tags": self._shared_tags, "status_since": self.now, "rtt": None, "state": None,
-                              "tunnel": None, "shared": True})
-            shared[o.name] = rec
-        for node in everyone:
-            members = node.m.members
-            known = {k: v for k, v in members.items() if k != node.name} if len(members) > 1 else None
-            members.update(shared)
-            members[node.name] = node.m.me
-            if known:
-                members.update(known)  # what a node already knew (an earlier join) stays its own
+        for node in self.nodes:
+            node.m.table.share(shared)
             node.m.broadcasts.reset()
             # Up a while: push-pulls spread over the interval for this size (SWIM's
             # anti-entropy at 10,000 nodes comes every 5 minutes, not all at once).

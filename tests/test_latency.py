@@ -12,7 +12,10 @@ import pytest
 
 from gossip.config import LOCAL
 from gossip.coordinate import Coordinate
+from gossip.latency import Latency
+from gossip.member import Member, Status
 from gossip.swim import Membership, SendPacket
+from gossip.table import MemberTable
 from gossip.wire import (
     Ack,
     Address,
@@ -157,3 +160,21 @@ def test_malformed_coordinates_are_decode_errors(bad: object) -> None:
     packet = msgpack.packb([1, [{"t": "ack", "seq": 1, "from": "a", "c": bad}]], use_bin_type=True)
     with pytest.raises(DecodeError):
         decode_packet(packet)
+
+
+def test_a_push_pull_replaces_the_senders_coordinate_and_only_fills_gaps_for_others() -> None:
+    table = MemberTable(Member("a", A("a"), 0, Status.ALIVE), LOCAL, random.Random(1), 0.0)
+    for name in ("b", "c"):
+        table.admit(0.0, Member(name, A(name), 0, Status.ALIVE))
+    lat = Latency(table)
+
+    def at(x: float) -> tuple[float, ...]:
+        return tuple(Coordinate(vec=(x,) + (0.0,) * 7, error=1.5, adjustment=0.0, height=1e-5).to_wire())
+
+    lat.merge("b", {"b": at(0.01), "c": at(0.02), "unknown": at(0.03), "a": at(0.04)})
+    assert set(lat.coordinates) == {"b", "c"}  # not ours, not a stranger's
+    lat.merge("b", {"b": at(0.05), "c": at(0.06)})
+    assert lat.coordinates["b"].vec[0] == pytest.approx(0.05)  # the sender's own: always the freshest
+    assert lat.coordinates["c"].vec[0] == pytest.approx(0.02)  # a third party's: only where we had none
+    table.forget("c")
+    assert "c" not in lat.coordinates

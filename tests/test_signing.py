@@ -137,7 +137,7 @@ def test_another_key_cannot_take_a_live_name_or_refute_for_it() -> None:
     assert (rec.addr, rec.incarnation, rec.identity) == (A("b"), 3, b.public)
     assert m.counters.drops["identity_conflict"] == 1 and m.counters.stats["name_conflicts"] == 1
     # Nor refute a suspicion of b: while b is suspect (still up) only b's key counts.
-    m._on_suspect(3.0, Suspect("b", 3, "c"))
+    m.rules.on_suspect(3.0, Suspect("b", 3, "c"))
     m.drain()
     feed(m, 4.0, signed(mallory, "b", 100, A("b")))
     assert (m.members["b"].status.value, m.members["b"].identity) == ("suspect", b.public)
@@ -160,7 +160,7 @@ def test_a_dead_name_may_be_taken_by_a_new_key() -> None:
     m = machine()
     old, new = signer(), signer()
     feed(m, 1.0, signed(old, "b", 0, A("b")))
-    m._on_dead(2.0, Dead("b", 0, "c"))
+    m.rules.on_dead(2.0, Dead("b", 0, "c"))
     m.drain()
     m.receive(3.0, A("z"), encode_packet([signed(new, "b", 1, A("b", 9000))]))
     _, events = m.drain()

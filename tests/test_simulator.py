@@ -178,10 +178,10 @@ def test_lifeguard_off_fixes_suspicion_timeout_and_health() -> None:
     on.awareness.apply_delta(5)
     assert on.awareness.scale(1.0) == 6.0
     _, machines = _suspect_one(False)
-    sus = [mm._suspicions["n5"] for mm in machines if "n5" in mm._suspicions]
+    sus = [mm.rules.suspicions["n5"] for mm in machines if "n5" in mm.rules.suspicions]
     assert sus and all(s.max == s.min == cfg.suspicion_min(40) for s in sus)
     _, machines = _suspect_one(True)
-    sus = [mm._suspicions["n5"] for mm in machines if "n5" in mm._suspicions]
+    sus = [mm.rules.suspicions["n5"] for mm in machines if "n5" in mm.rules.suspicions]
     assert sus and all(s.max == LAN.suspicion_max(40) for s in sus)
 
 
@@ -193,7 +193,7 @@ def test_lifeguard_off_no_buddy_and_no_nacks() -> None:
         m = sim.by_name["n0"].m
         for name in ("n1", "n2", "n3", "n4", "n5"):
             m.members[name].status = m.members[name].status.SUSPECT
-        m._next_probe = sim.now
+        m.prober.next_probe = sim.now
         m.tick(sim.now)
         effects, _ = m.drain()
         msgs = [msg for e in effects for msg in decode_packet(e.payload)]  # type: ignore[union-attr]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gossip.config import LAN, LOCAL, WAN, GossipConfig
-from gossip.suspicion import Suspicion
+from gossip.suspicion import Suspicion, Suspicions
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None, max_examples=200)
 
@@ -115,3 +115,40 @@ def test_timeout_falls_monotonically_between_max_and_min(
         previous = s.deadline
     if len(seen) - 1 == k:
         assert s.deadline == pytest.approx(10.0 + lo)
+
+
+# -- Suspicions: every live suspicion, the earliest deadline at hand ----------------------------
+
+
+def test_suspicions_expire_in_deadline_order_and_skip_ended_ones() -> None:
+    sus = Suspicions()
+    sus.start("a", Suspicion(0.0, "x", 0, 3.0, 9.0))
+    sus.start("b", Suspicion(0.0, "x", 0, 1.0, 9.0))
+    sus.start("c", Suspicion(0.0, "x", 0, 2.0, 9.0))
+    assert sus.next_deadline() == 1.0
+    sus.discard("b")  # refuted: its heap entry is stale, never reported
+    assert "b" not in sus and sus.next_deadline() == 2.0
+    assert list(sus.expire(2.5)) == ["c"]
+    assert list(sus.expire(2.9)) == []
+    assert list(sus.expire(3.0)) == ["a"]
+    assert len(sus) == 0 and sus.next_deadline() == math.inf
+
+
+def test_a_confirmation_moves_the_deadline_earlier_and_the_old_entry_goes_stale() -> None:
+    sus = Suspicions()
+    sus.start("a", Suspicion(0.0, "x", 3, 2.0, 12.0))
+    assert sus.next_deadline() == 12.0
+    assert sus.confirm("a", "y") and not sus.confirm("a", "y")  # a repeat is no confirmation
+    moved = sus["a"].deadline
+    assert 2.0 < moved < 12.0 and sus.next_deadline() == moved
+    assert list(sus.expire(moved)) == ["a"]
+    assert list(sus.expire(12.0)) == []  # the old deadline's entry is not a second expiry
+
+
+def test_a_suspicion_started_again_counts_only_its_new_deadline() -> None:
+    sus = Suspicions()
+    sus.start("a", Suspicion(0.0, "x", 0, 1.0, 9.0))
+    sus.discard("a")
+    sus.start("a", Suspicion(5.0, "x", 0, 1.0, 9.0))
+    assert list(sus.expire(1.0)) == []
+    assert sus.next_deadline() == 6.0 and list(sus.expire(6.0)) == ["a"]

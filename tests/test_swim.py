@@ -314,7 +314,7 @@ def test_claims_about_a_member_follow_swim_precedence(seq: list[tuple[str, int, 
                 model = ("alive", inc)
         elif kind == "suspect":
             msg = Suspect("x", inc, src)
-            # An accusation above the incarnation x announced is dropped (_beyond_announced).
+            # An accusation above the incarnation x announced is dropped (StateRules._beyond_announced).
             if model[0] == "alive" and inc == model[1]:
                 model = ("suspect", inc)
         else:
@@ -488,7 +488,7 @@ def test_next_deadline_follows_suspicions_as_they_are_confirmed_and_refuted() ->
     m.tick(0.0)
     now, dead = 0.0, {}
     while now < 60.0 and "p3" not in dead:
-        due = {name: sus.deadline for name, sus in m._suspicions.items()}
+        due = {name: sus.deadline for name, sus in m.rules.suspicions.items()}
         if script and script[0][0] <= m.next_deadline():
             now, msgs = script.pop(0)
             feed(m, now, *msgs)
@@ -741,7 +741,7 @@ def test_a_member_whose_udp_is_blocked_stays_alive_through_tcp_and_is_reported()
     m.tick(m.next_deadline())
     ping = [msgs for msgs in drain(m).to("b") if isinstance(msgs[0], Ping)]
     if ping:
-        feed(m, m._now, Ack(ping[0][0].seq, "b"), src="b")  # type: ignore[attr-defined]
+        feed(m, m.now, Ack(ping[0][0].seq, "b"), src="b")
         assert "b" not in m.udp_blocked
 
 
@@ -806,7 +806,7 @@ def _probe_started(m: Membership) -> tuple[float, str, int]:
     for _ in range(20):
         now = m.next_deadline()
         m.tick(now)
-        p = m._probe  # type: ignore[attr-defined]
+        p = m.prober.current
         if p is not None and not p.indirect_sent:
             m.drain()
             return now, p.target, p.seq
