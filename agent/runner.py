@@ -60,13 +60,18 @@ from gossip.wire import (
     MAX_QUERY_PAYLOAD,
     PROTOCOL_VERSION,
     Address,
+    ConfigPull,
+    ConfigPush,
     DecodeError,
     PushPull,
     decode_stream,
     encode_push_pull_stream,
+    encode_stream,
     format_addr,
 )
 
+#: Answers one config pull may take (each up to gossip.config_sync.MAX_PULL_ENTRIES entries).
+_MAX_CONFIG_PULLS = 64
 #: Datagrams handled per wake-up, at most, before the agent flushes and yields.
 UDP_BURST = 32
 
@@ -160,6 +165,11 @@ class Agent:
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
         self.config_entries.on_change = self._config_changed
         self.config_entries.on_written = self._announce_config
+        self.membership.set_config_peer(self)
+        #: Peers a config pull is under way with (one at a time each).
+        self._config_pulls: set[str] = set()
+        #: Members whose push-pulls carry no config digest: agents of a release before config entries.
+        self.config_unaware: set[str] = set()
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory)
@@ -700,6 +710,48 @@ class Agent:
         self.membership.finish_query(qid)  # nobody answers an announcement
         self._wake()
 
+    # -- config anti-entropy: the agent is the membership's ConfigPeer (gossip.config_sync) ----
+
+    def digest(self) -> bytes:
+        return self.config_entries.digest()
+
+    def observed(self, peer: str, addr: Address, digest: bytes | None) -> None:
+        if digest is None:
+            self.config_unaware.add(peer)
+            return
+        self.config_unaware.discard(peer)
+        if digest == self.config_entries.digest():
+            self.config_entries.in_step_with(digest)
+            return
+        if peer not in self._config_pulls and self._nursery is not None:
+            self._config_pulls.add(peer)
+            self._nursery.start_soon(self._pull_config, peer, addr)
+
+    def answer(self, pull: ConfigPull) -> ConfigPush:
+        return self.config_entries.answer(pull)
+
+    async def _pull_config(self, peer: str, addr: Address) -> None:
+        """Fetch from ``peer`` the entries this node lacks, in as many answers as it takes."""
+        try:
+            for _ in range(_MAX_CONFIG_PULLS):
+                with trio.move_on_after(self.cfg.gossip.tcp_timeout) as scope:
+                    reply = await self._exchange(addr, encode_stream([self.config_entries.pull_request()]))
+                if scope.cancelled_caught:
+                    self.log.debug("config_pull_failed", member=peer, error="timed out")
+                    return
+                msgs = decode_stream(reply)
+                if len(msgs) != 1 or not isinstance(msgs[0], ConfigPush):
+                    self.membership.drop("unexpected_type")
+                    return
+                if not self.config_entries.apply_push(msgs[0], peer):
+                    return
+        except (OSError, Mismatch, FrameError, DecodeError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as exc:
+            self.log.debug("config_pull_failed", member=peer, error=str(exc) or type(exc).__name__)
+        finally:
+            self._config_pulls.discard(peer)
+            await self.flush()
+
     def _on_config_query(self, fields: dict[str, Any]) -> None:
         try:
             got = config_sync.parse_announcement(fields["payload"])
@@ -709,7 +761,9 @@ class Agent:
             return
         if isinstance(got, Entry):
             self.config_entries.receive([got])
-        # A large entry announced by key alone is fetched at the next push-pull's anti-entropy.
+        elif config_sync.lacks(self.config_entries.store, got):
+            # Too large to ride in the query: pull from its writer what this node lacks.
+            self.observed(fields["origin"], fields["origin_addr"], b"")
 
     def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
@@ -749,7 +803,10 @@ class Agent:
             },
             "uptime_s": round(time.time() - self.started_wall, 1),
             "store": {name.removesuffix(".json"): saver.view() for name, saver in self.savers().items()},
-            "config_entries": self.config_entries.summary_view(),
+            # Members that cannot take config entries yet (an older release): they keep
+            # membership, catalog and traffic, but neither hold nor enforce the entries.
+            "config_entries": {**self.config_entries.summary_view(),
+                               "peers_without_config": sorted(self.config_unaware)},
         }
 
     # -- logging ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 
 from gossip.config import GossipConfig
+from gossip.config_sync import ConfigPeer
 from gossip.coordinate import Coordinate
 from gossip.delegate import Delegate, StateTransfer
 from gossip.dissemination import Dissemination
@@ -244,6 +245,10 @@ class Membership:
         return self.table.leaving and (
             not self.dissemination.pending(self.name) or not self.dissemination.targets(now)
         )
+
+    def set_config_peer(self, peer: ConfigPeer) -> None:
+        """Take part in config-entry anti-entropy (gossip.config_sync): a digest in every push-pull."""
+        self.sync.config_peer = peer
 
     def set_tunnel(self, tunnel: Tunnel) -> None:
         """Our tunnel address or key changed (e.g. bound to a port the OS chose)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from gossip.config_sync import ConfigPeer
 from gossip.delegate import StateTransfer
 from gossip.dissemination import Dissemination
 from gossip.effects import EventKind, Purpose, StartPushPull
@@ -26,6 +27,7 @@ from gossip.table import MemberTable
 from gossip.wire import (
     Ack,
     Address,
+    ConfigPull,
     Dead,
     DecodeError,
     Message,
@@ -105,6 +107,9 @@ class Sync:
         #: Seeds a join could not reach: retried with the dead (a seed down at our
         #: start may be the only way to the rest of a cluster that was split).
         self._failed_seeds: set[Address] = set()
+        #: The node's config entries (gossip.config_sync), if it takes them: their digest rides
+        #: in every push-pull, and a peer's pull is answered from them.
+        self.config_peer: ConfigPeer | None = None
         self._next_push_pull = now + self._rng.uniform(0.5, 1.0) * config.push_pull_interval
         self._next_reconnect = now + self._rng.uniform(0.5, 1.0) * config.reconnect_interval
 
@@ -218,8 +223,11 @@ class Sync:
         lite = lite and self.rules.signer is not None
         return encode_push_pull_stream(PushPull(self._name, join, [], delegate=self.transfer.dump(),
                                                 coords=self.latency.to_send(everyone=False), lite=lite,
-                                                fresh=self.dissemination.fresh()),
+                                                fresh=self.dissemination.fresh(), config=self._config_digest()),
                                        packed_records(self._members.values(), lite))
+
+    def _config_digest(self) -> bytes | None:
+        return None if self.config_peer is None else self.config_peer.digest()
 
     def handle_streams(self, now: float, requests: list[tuple[Address, bytes]]) -> list[bytes | None]:
         """Answer TCP requests that arrived together, in order (Membership.handle_streams)."""
@@ -227,8 +235,15 @@ class Sync:
         merged: list[tuple[int, PushPull]] = []
         stats = self._stats
         for i, (src, data) in enumerate(requests):
-            msg = self._decode_one(data, (StateRequest, PushPull, Ping))
+            msg = self._decode_one(data, (StateRequest, PushPull, Ping, ConfigPull))
             if msg is None:
+                continue
+            if isinstance(msg, ConfigPull):
+                if self.config_peer is None:
+                    self.table.drop("unexpected_type")
+                    continue
+                stats["config_pulls_in"] += 1
+                replies[i] = encode_stream([self.config_peer.answer(msg)])
                 continue
             if isinstance(msg, Ping):
                 if msg.target != self._name:
@@ -260,6 +275,8 @@ class Sync:
             stats["push_pull_in"] += 1
             self._merge(now, remote)
             self._merge_delegate(remote.delegate)
+            if self.config_peer is not None:
+                self.config_peer.observed(remote.source, src, remote.config)
             merged.append((i, remote))
         answers: dict[tuple[bool, bool], bytes] = {}
         for i, remote in merged:
@@ -270,7 +287,8 @@ class Sync:
                 # A joiner gets every coordinate we hold; its own, if there, it ignores.
                 answer = answers[kind] = encode_push_pull_stream(
                     PushPull(self._name, False, [], "", self.transfer.dump(),
-                             self.latency.to_send(everyone=remote.join), lite, self.dissemination.fresh()),
+                             self.latency.to_send(everyone=remote.join), lite, self.dissemination.fresh(),
+                             config=self._config_digest()),
                     packed_records(self._members.values(), lite))
             replies[i] = answer
         return replies
@@ -304,6 +322,8 @@ class Sync:
                 self.rules.replaced_at_address(now, target, remote)
                 self._merge(now, remote)
                 self._merge_delegate(remote.delegate)
+                if self.config_peer is not None:
+                    self.config_peer.observed(remote.source, target, remote.config)
                 self._stats["push_pull_out"] += 1
                 ok, reason = True, ""
                 if purpose is Purpose.SETTLE and self._settle_left > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 from simulations.harness import AgentProc, Cluster, wait_for
@@ -60,3 +61,44 @@ def test_concurrent_conflicting_writes_converge_to_one_entry(cluster: Cluster) -
              lambda: json.dumps([entries(a).get(("service-defaults", "web")) for a in agents], indent=1))
     winner = entries(agents[0])[("service-defaults", "web")]
     assert {k: winner[k] for k in ("protocol", "lb")} in [{k: b[k] for k in ("protocol", "lb")} for b in bodies]
+
+
+def test_a_late_joiner_gets_every_entry_by_anti_entropy(cluster: Cluster) -> None:
+    a = cluster.start("j1")
+    a.call("PUT", "/v1/config", [{"kind": "intention", "source": f"s{i}", "destination": "db", "action": "deny"}
+                                 for i in range(20)])
+    a.call("DELETE", "/v1/config/intention/s0/db")
+    late = cluster.start("j2", join=[a.addr])  # heard none of the announcements
+    wait_for(lambda: entries(late) == entries(a), 15, "the late joiner holds a's entries",
+             lambda: f"{len(entries(late))} of {len(entries(a))}")
+    assert len(entries(late)) == 19
+    assert late.info()["config_entries"]["tombstones"] == 1  # the delete came too
+    assert a.info()["counters"].get("config_pulls_in", 0) >= 1  # answered the joiner's pull
+
+
+def test_an_entry_too_large_for_a_datagram_is_announced_by_key_and_fetched(cluster: Cluster) -> None:
+    a, b, c = trio_of_agents(cluster, "g")
+    a.call("PUT", "/v1/config", {"kind": "service-defaults", "name": "web", "protocol": "http"})
+    routes = [{"match": {"path_prefix": f"/api/v{i}/resource"}, "destination": {"service": f"backend-{i}"}}
+              for i in range(40)]
+    a.call("PUT", "/v1/config", {"kind": "service-router", "name": "web", "routes": routes})
+    wait_for(lambda: all(("service-router", "web") in entries(x) for x in (b, c)), 10, "the router everywhere")
+    assert entries(b)[("service-router", "web")]["routes"] == entries(a)[("service-router", "web")]["routes"]
+
+
+def test_a_node_restarted_from_an_old_data_dir_does_not_bring_a_delete_back(cluster: Cluster,
+                                                                            tmp_path: Path) -> None:
+    a = cluster.start("r1")
+    b = cluster.start("r2", join=[a.addr], extra=["--data-dir", str(tmp_path / "r2")])
+    cluster.wait_converged(["r1", "r2"])
+    a.call("PUT", "/v1/config", {"kind": "intention", "source": "web", "destination": "db", "action": "deny"})
+    wait_for(lambda: ("intention", "web/db") in entries(b), 10, "the entry on r2")
+    b.signal(15)
+    b.popen.wait(10)
+    a.call("DELETE", "/v1/config/intention/web/db")  # while r2 is away
+    b = cluster.start("r2", join=[a.addr], gossip_port=b.gossip_port, api_port=b.api_port,
+                      extra=["--data-dir", str(tmp_path / "r2")])
+    # r2 serves its saved entry until it meets a; then the tombstone wins there too.
+    wait_for(lambda: ("intention", "web/db") not in entries(b), 15, "the delete reaches the restarted node")
+    assert entries(a) == entries(b) == {}
+    assert b.call("GET", "/v1/intentions") == []
