@@ -229,17 +229,23 @@ def test_instance_killed_with_unread_bytes_resets_the_client(cluster: Cluster) -
     """The instance's kernel answers the kill with a reset (bytes were lost): the client must get one too,
     never a clean end of stream that would pass for a complete answer."""
     listen, echo, echo_port = mesh_with_echo(cluster)
-    with socket.create_connection(("127.0.0.1", listen), timeout=30) as c:
-        c.sendall(b"x" * 1000)
-        got = 0
-        while got < 1000:
-            got += len(c.recv(65536))
-        os.killpg(echo.pid, signal.SIGSTOP)
-        wait_for(lambda: _stopped(echo.pid), 10, "every thread of the instance stopped")
-        c.sendall(b"never read")
-        wait_for(lambda: _unread_at(echo_port) == len(b"never read"), 10, "the bytes wait at the stopped instance")
-        os.killpg(echo.pid, signal.SIGKILL)
-        echo.wait(5)
-        with pytest.raises(ConnectionResetError):
-            while c.recv(65536):
-                pass
+    try:
+        with socket.create_connection(("127.0.0.1", listen), timeout=30) as c:
+            c.sendall(b"x" * 1000)
+            got = 0
+            while got < 1000:
+                got += len(c.recv(65536))
+            os.killpg(echo.pid, signal.SIGSTOP)
+            wait_for(lambda: _stopped(echo.pid), 10, "every thread of the instance stopped")
+            c.sendall(b"never read")
+            wait_for(lambda: _unread_at(echo_port) == len(b"never read"), 10,
+                     "the bytes wait at the stopped instance")
+            os.killpg(echo.pid, signal.SIGKILL)
+            echo.wait(5)
+            with pytest.raises(ConnectionResetError):
+                while c.recv(65536):
+                    pass
+    finally:
+        if echo.poll() is None:  # a failed wait leaves it stopped: it must not outlive the test
+            os.killpg(echo.pid, signal.SIGKILL)
+            echo.wait(5)
