@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from simulations.bench_cluster import (  # noqa: E402
     proc_rss_mib,
     snapshot_source,
 )
-from simulations.harness import free_port  # noqa: E402
+from simulations.harness import Processes, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: How long after spawning an idle agent its RSS is read.
@@ -124,34 +123,6 @@ class Column:
         return names
 
 
-class Procs:
-    """Every process this benchmark starts, each its own process group; ``close`` kills them all."""
-
-    def __init__(self) -> None:
-        self.all: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, col: Column, cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with open(log, "wb") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=col.cwd(), env=col.env(), start_new_session=True)
-        self.all.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.all:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in self.all:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        self.all.clear()
-
-
 def wait(pred: Callable[[], bool], timeout: float, interval: float) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -163,11 +134,12 @@ def wait(pred: Callable[[], bool], timeout: float, interval: float) -> bool:
 
 def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
     """Rows 1-3: start one agent, time it to ready, read its RSS at 2 s, time the CLI against it."""
-    procs = Procs()
+    procs = Processes()
     try:
         port, ctl = free_port(), free_port()
         t0 = time.monotonic()
-        p = procs.spawn(col, col.agent_cmd("solo", port, ctl, key, None), work / f"{col.label}-solo.log")
+        p = procs.start(col.agent_cmd("solo", port, ctl, key, None), work / f"{col.label}-solo.log", col.env(),
+                        col.cwd())
         if not wait(lambda: col.ready(ctl) or p.poll() is not None, 30, READY_POLL) or p.poll() is not None:
             print(f"  {col.label}: the agent did not start; see {work}", file=sys.stderr)
             return
@@ -188,13 +160,14 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
 
 def crowd(col: Column, key: str, work: Path, n: int, timeout: float) -> None:
     """Row 4: n agents spawned at once, all joining the first; until every log names all n."""
-    procs = Procs()
+    procs = Processes()
     try:
         ports = [(free_port(), free_port()) for _ in range(n)]
         names = [f"c{i:02d}" for i in range(n)]
         logs = [work / f"{col.label}-crowd-{nm}.log" for nm in names]
         t0 = time.monotonic()
-        pids = [procs.spawn(col, col.agent_cmd(nm, port, ctl, key, ports[0][0] if i else None), logs[i]).pid
+        pids = [procs.start(col.agent_cmd(nm, port, ctl, key, ports[0][0] if i else None), logs[i], col.env(),
+                            col.cwd()).pid
                 for i, (nm, (port, ctl)) in enumerate(zip(names, ports, strict=True))]
         want = set(names)
         pending = set(range(n))

@@ -70,6 +70,7 @@ from typing import Any
 
 from simulations.bench_cluster import proc_cpu_seconds
 from simulations.bench_cluster import snapshot_source as _snapshot_source
+from simulations.harness import Processes
 from simulations.harness import free_port as _free_port
 
 HERE = Path(__file__).resolve().parent
@@ -108,34 +109,6 @@ def build_tool(workdir: Path) -> Path:
 
 
 # -- processes, ports, /proc --------------------------------------------------------------
-
-
-class Procs:
-    """Every process we start, each in its own process group; all killed in ``close``."""
-
-    def __init__(self) -> None:
-        self.all: list[subprocess.Popen[bytes]] = []
-
-    def start(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as fh:
-            p = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=env, cwd=cwd, start_new_session=True)
-        self.all.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.all:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for p in self.all:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log(f"process {p.pid} did not exit after SIGKILL")
 
 
 _taken: set[int] = set()
@@ -217,7 +190,7 @@ class Target:
     logs: list[Path] = field(default_factory=list)
 
 
-def start_server(tool: Path, procs: Procs, workdir: Path) -> tuple[int, int]:
+def start_server(tool: Path, procs: Processes, workdir: Path) -> tuple[int, int]:
     port = free_port()
     p = procs.start([str(tool), "server", str(port)], workdir / "server.log")
     wait_for(lambda: probe(port) or p.poll() is not None, 10, "the echo server")
@@ -244,7 +217,7 @@ def _api_or_none(port: int, method: str, path: str) -> Any:
         return None
 
 
-def start_mesh(server_port: int, procs: Procs, workdir: Path, env: dict[str, str],
+def start_mesh(server_port: int, procs: Processes, workdir: Path, env: dict[str, str],
                log_level: str) -> Target:
     key = _run([str(MESH_AGENT), "keygen"], env=env).strip()
     agents: list[dict[str, Any]] = []
@@ -288,7 +261,7 @@ def start_mesh(server_port: int, procs: Procs, workdir: Path, env: dict[str, str
     return Target("mesh", listen, [a["proc"].pid, b["proc"].pid], ["agent A", "agent B"], [a["log"], b["log"]])
 
 
-def start_relays(server_port: int, procs: Procs, workdir: Path, env: dict[str, str]) -> Target:
+def start_relays(server_port: int, procs: Processes, workdir: Path, env: dict[str, str]) -> Target:
     """Two trio_relay.py processes in a chain in front of the server: hop 1 takes the client,
     hop 2 reaches the server.  Hop 2 starts first, so hop 1 has somewhere to connect."""
     first, second = free_port(), free_port()
@@ -310,7 +283,7 @@ def stunnel_binary() -> str | None:
     return shutil.which("stunnel4") or shutil.which("stunnel")
 
 
-def start_stunnel(binary: str, server_port: int, procs: Procs, workdir: Path, cert_kind: str,
+def start_stunnel(binary: str, server_port: int, procs: Processes, workdir: Path, cert_kind: str,
                   debug: str) -> Target:
     d = workdir / "stunnel"
     d.mkdir()
@@ -622,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     workdir = Path(tempfile.mkdtemp(prefix="bench_proxy_"))
-    procs = Procs()
+    procs = Processes()
     started = time.monotonic()
     stunnel = stunnel_binary()
     notes: list[str] = []

@@ -55,6 +55,51 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+class Processes:
+    """Background processes, each in its own process group (its children go with it), all killed by close.
+
+    Tests and benchmarks start servers, relays and agents that must never
+    outlive them, whatever failed.
+    """
+
+    def __init__(self) -> None:
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], log_path: Path | None = None, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen[bytes]:
+        """Run ``argv``, its output appended to ``log_path`` (or inherited)."""
+        if log_path is None:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env, cwd=cwd, start_new_session=True)
+        else:
+            with open(log_path, "ab") as out:
+                p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, cwd=cwd, start_new_session=True)
+        self.all.append(p)
+        return p
+
+    def python(self, script: str, *args: object, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+        """Run a Python program given as text, with ``args`` as its argv."""
+        return self.start([sys.executable, "-c", script, *map(str, args)], log_path)
+
+    @staticmethod
+    def stop(p: subprocess.Popen[bytes]) -> None:
+        """Kill ``p``'s whole process group and reap it."""
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        for p in self.all:
+            self.stop(p)
+        self.all.clear()
+
+
 def mesh_agent_cmd() -> list[str]:
     return [sys.executable, "-m", "cli.main"]
 
@@ -128,6 +173,7 @@ class Cluster:
         self.profile = profile
         self.agents: dict[str, AgentProc] = {}
         self._all: list[AgentProc] = []
+        self._procs = Processes()
 
     def start(
         self,
@@ -159,10 +205,7 @@ class Cluster:
         # Agents without --data-dir keep their identity in a default place under the state home
         # (agent/identity.py): this run's own, so that no run leaves anything behind.
         env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_STATE_HOME=str(self.workdir / "state"))
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True
-            )
+        popen = self._procs.start(args, log_path, env, ROOT)
         proc = AgentProc(name, gossip_port, api_port, log_path, popen)
         self.agents[name] = proc
         self._all.append(proc)
@@ -210,16 +253,7 @@ class Cluster:
         wait_for(ok, timeout, f"{names} all alive everywhere", lambda: json.dumps(self.statuses(obs), indent=1))
 
     def close(self) -> None:
-        for a in self._all:
-            if a.running():
-                try:
-                    os.killpg(a.popen.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                a.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        self._procs.close()
 
 
 def wait_port(port: int, what: str, timeout: float = 10) -> None:

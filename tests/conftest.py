@@ -13,12 +13,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from netns import Lab, skip_reason  # noqa: E402
 
 from gossip.keyring import generate_key  # noqa: E402
-from simulations.harness import Cluster  # noqa: E402
+from simulations.harness import Cluster, Processes  # noqa: E402
 
 
 @pytest.fixture
 def cluster_key() -> str:
     return generate_key()
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """Servers, relays and the like a test starts; all killed when it ends, whatever failed."""
+    ps = Processes()
+    try:
+        yield ps
+    finally:
+        ps.close()
 
 
 @pytest.fixture

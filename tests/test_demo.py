@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cli.demo import _port_free, layout
-from simulations.harness import ROOT, Cluster, default_sigint, free_port, wait_for, wait_port
+from simulations.harness import ROOT, Cluster, Processes, default_sigint, free_port, wait_for, wait_port
 
 ANSWER = re.compile(r"^instance=(\S+) node=(\S+) \d+\.\d ms$")
 
@@ -27,28 +27,19 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
                           timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
-class Procs:
-    """Background processes of one test, each in its own process group, all killed at the end."""
+class Procs(Processes):
+    """``mesh-agent`` commands run in the background, each logging to its own file in the test's directory."""
 
     def __init__(self, workdir: Path) -> None:
+        super().__init__()
         self.workdir = workdir
-        self.all: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with open(self.workdir / f"{name}.log", "wb") as log:
-            p = subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=log, stderr=subprocess.STDOUT,
-                                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
-        self.all.append(p)
-        return p
+    def cli(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        return self.start([sys.executable, "-m", "cli.main", *args], self.workdir / f"{name}.log",
+                          dict(os.environ, PYTHONPATH=str(ROOT)), ROOT)
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
-
-    def close(self) -> None:
-        for p in self.all:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ def get(port: int, path: str = "/") -> dict[str, object]:
 
 def test_demo_service_answers_every_request_with_its_instance_id(procs: Procs) -> None:
     port = free_port()
-    p = procs.start("svc", "demo-service", "--port", str(port), "--id", "web-7")
+    p = procs.cli("svc", "demo-service", "--port", str(port), "--id", "web-7")
     wait_port(port, "demo-service up")
     assert get(port, "/hello?x=1") == {"instance": "web-7", "service": None, "node": None, "method": "GET",
                                        "path": "/hello?x=1"}
@@ -101,7 +92,7 @@ def test_demo_service_registers_itself_and_deregisters_on_exit(procs: Procs, clu
         return {i["id"]: i["health"] for i in agent.call("GET", "/v1/services/web")}
 
     args = ("demo-service", "--port", str(port), "--id", "web-1", "--register", "web", "--api", agent.api)
-    p = procs.start("svc", *args)
+    p = procs.cli("svc", *args)
     wait_for(lambda: ids() == {"web-1": "passing"}, 30, "web-1 registered and passing", lambda: str(ids()))
     assert get(port) == {"instance": "web-1", "service": "web", "node": "n1", "method": "GET", "path": "/"}
     p.send_signal(signal.SIGTERM)
@@ -110,11 +101,11 @@ def test_demo_service_registers_itself_and_deregisters_on_exit(procs: Procs, clu
     assert "deregistered web-1" in procs.log("svc")
 
     # A restarted instance whose registration outlived it (kill -9) is registered again, not refused.
-    p = procs.start("svc2", *args)
+    p = procs.cli("svc2", *args)
     wait_for(lambda: ids() == {"web-1": "passing"}, 30, "web-1 registered", lambda: procs.log("svc2"))
     p.kill()
     p.wait(timeout=10)
-    procs.start("svc3", *args)
+    procs.cli("svc3", *args)
     wait_for(lambda: "registered web-1" in procs.log("svc3"), 30, "registered again", lambda: procs.log("svc3"))
     wait_for(lambda: ids() == {"web-1": "passing"}, 30, "web-1 passing again", lambda: str(ids()))
 
@@ -122,7 +113,7 @@ def test_demo_service_registers_itself_and_deregisters_on_exit(procs: Procs, clu
 def test_demo_service_waits_for_its_agent(procs: Procs, cluster: Cluster) -> None:
     api_port = free_port()
     port = free_port()
-    procs.start("svc", "demo-service", "--port", str(port), "--id", "api-1", "--register", "api",
+    procs.cli("svc", "demo-service", "--port", str(port), "--id", "api-1", "--register", "api",
                 "--api", f"127.0.0.1:{api_port}")
     wait_for(lambda: "waiting for the agent" in procs.log("svc"), 30, "the service says it waits")
     agent = cluster.start("n1", api_port=api_port)
@@ -133,7 +124,7 @@ def test_demo_service_waits_for_its_agent(procs: Procs, cluster: Cluster) -> Non
 def test_demo_client_prints_who_answered_and_how_long_it_took(procs: Procs, cluster: Cluster) -> None:
     agent = cluster.start("n1")
     port, upstream = free_port(), free_port()
-    procs.start("svc", "demo-service", "--port", str(port), "--id", "web-1", "--register", "web",
+    procs.cli("svc", "demo-service", "--port", str(port), "--id", "web-1", "--register", "web",
                 "--api", agent.api)
     wait_for(lambda: len(agent.call("GET", "/v1/services/web?passing")) == 1, 30, "web-1 passing",
              lambda: procs.log("svc"))

@@ -18,16 +18,15 @@ import json
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio
-from test_routing import ID_SERVER, Procs, cli
+from test_routing import ID_SERVER, cli
 
 from dataplane.proxy import splice
 from dataplane.rawsocket import RawSocketStream
-from simulations.harness import AgentProc, Cluster, free_port, wait_for, wait_port
+from simulations.harness import AgentProc, Cluster, Processes, free_port, wait_for, wait_port
 
 #: Accepts every connection and resets it at once: SO_LINGER 0, no byte read or sent.
 RESETTER = r"""
@@ -58,18 +57,9 @@ while True:
 """
 
 
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    ps = Procs()
-    try:
-        yield ps
-    finally:
-        ps.close()
-
-
-def serve(procs: Procs, script: str, *args: str) -> int:
+def serve(procs: Processes, script: str, *args: str) -> int:
     port = free_port()
-    procs.start(script, port, *args)
+    procs.python(script, port, *args)
     wait_port(port, f"instance on {port} up")
     return port
 
@@ -107,7 +97,7 @@ def denials(agent: AgentProc) -> int:
 
 
 @pytest.mark.slow
-def test_a_mesh_wide_deny_is_refused_by_the_caller_and_lifted_everywhere(cluster: Cluster, procs: Procs) -> None:
+def test_a_mesh_wide_deny_is_refused_by_the_caller_and_lifted_everywhere(cluster: Cluster, procs: Processes) -> None:
     """Intentions are mesh-wide config entries: a deny written on the destination's node is known to
     the caller's agent, which refuses at once instead of asking every instance's agent in turn. (Agents
     that refuse while others allow, which the router learns and routes around, now arise only while
@@ -143,7 +133,7 @@ def test_a_mesh_wide_deny_is_refused_by_the_caller_and_lifted_everywhere(cluster
 
 
 @pytest.mark.slow
-def test_instances_that_reset_or_close_before_replying_are_ejected(cluster: Cluster, procs: Procs) -> None:
+def test_instances_that_reset_or_close_before_replying_are_ejected(cluster: Cluster, procs: Processes) -> None:
     a = cluster.start("x1")
     b = cluster.start("x2", join=[a.addr])
     c = cluster.start("x3", join=[a.addr])

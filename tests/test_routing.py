@@ -10,22 +10,19 @@ since tc netem is not available here.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 
 from dataplane.outlier import OutlierConfig
 from dataplane.proxy import Endpoint
 from dataplane.routing import Router, RoutingOptions
-from simulations.harness import ROOT, Cluster, free_port, wait_for, wait_port
+from simulations.harness import ROOT, Cluster, Processes, free_port, wait_for, wait_port
 
 pytestmark = pytest.mark.slow
 
@@ -71,40 +68,9 @@ while True:
 """
 
 
-class Procs:
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, script: str, *args: object) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self, p: subprocess.Popen[bytes]) -> None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait(5)
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                self.stop(p)
-
-
-@pytest.fixture
-def procs() -> Iterator[Procs]:
-    ps = Procs()
-    try:
-        yield ps
-    finally:
-        ps.close()
-
-
-def id_server(procs: Procs, ident: str) -> tuple[int, subprocess.Popen[bytes]]:
+def id_server(procs: Processes, ident: str) -> tuple[int, subprocess.Popen[bytes]]:
     port = free_port()
-    p = procs.start(ID_SERVER, port, ident)
+    p = procs.python(ID_SERVER, port, ident)
     wait_port(port, f"{ident} up")
     return port, p
 
@@ -131,7 +97,7 @@ def register(agent: object, name: str, iid: str, port: int) -> None:
     agent.call("PUT", "/v1/services", {"name": name, "id": iid, "port": port, "address": "127.0.0.1"})  # type: ignore[attr-defined]
 
 
-def test_a_slow_instance_gets_few_new_connections_and_routes_show_why(cluster: Cluster, procs: Procs) -> None:
+def test_a_slow_instance_gets_few_new_connections_and_routes_show_why(cluster: Cluster, procs: Processes) -> None:
     a = cluster.start("r1")
     b = cluster.start("r2", join=[a.addr])
     c = cluster.start("r3", join=[a.addr])
@@ -140,7 +106,7 @@ def test_a_slow_instance_gets_few_new_connections_and_routes_show_why(cluster: C
     fast_c, _ = id_server(procs, "fast-c")
     slow_backend, _ = id_server(procs, "slow-c")
     slow_port = free_port()
-    procs.start(DELAY_RELAY, slow_port, slow_backend, 0.04)  # 40 ms each way per chunk
+    procs.python(DELAY_RELAY, slow_port, slow_backend, 0.04)  # 40 ms each way per chunk
     wait_port(slow_port, "delay relay up")
     register(b, "who", "fast-b", fast_b)
     register(c, "who", "fast-c", fast_c)
@@ -179,7 +145,7 @@ def test_a_slow_instance_gets_few_new_connections_and_routes_show_why(cluster: C
 
 
 def test_a_refusing_instance_is_ejected_without_failing_clients_and_returns_in_slow_start(
-        cluster: Cluster, procs: Procs) -> None:
+        cluster: Cluster, procs: Processes) -> None:
     a = cluster.start("s1")
     b = cluster.start("s2", join=[a.addr])
     c = cluster.start("s3", join=[a.addr])
@@ -212,7 +178,7 @@ def test_a_refusing_instance_is_ejected_without_failing_clients_and_returns_in_s
     assert first["state"] == "ejected" or first["half_open"], first
 
     # It comes back: after the ejection time one trial connection, then slow start.
-    flaky = procs.start(ID_SERVER, flaky_port, "flaky-c")
+    flaky = procs.python(ID_SERVER, flaky_port, "flaky-c")
     wait_port(flaky_port, "flaky back")
 
     def back_in_slow_start() -> bool:
@@ -229,7 +195,7 @@ def test_a_refusing_instance_is_ejected_without_failing_clients_and_returns_in_s
     assert answers["flaky-c"] < min(answers["good-b"], answers["good-c"]), answers
 
 
-def test_connection_limits_refuse_at_once_and_count(cluster: Cluster, procs: Procs) -> None:
+def test_connection_limits_refuse_at_once_and_count(cluster: Cluster, procs: Processes) -> None:
     a = cluster.start("l1")
     port, _ = id_server(procs, "only")
     register(a, "lim", "only", port)
