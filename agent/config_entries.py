@@ -30,6 +30,7 @@ from typing import Any
 
 from agent import entry_kinds, log, store
 from agent.services import ServiceError, shown
+from dataplane.discovery_chain import DiscoveryChain
 from gossip import config_sync
 from gossip.config_store import ConfigStore, Entry, EntryError, Key
 from gossip.hlc import ClockDriftError, HybridClock
@@ -76,6 +77,8 @@ class ConfigEntries:
         self._saved_at = 0
         #: The config file's entries as last applied (apply_file).
         self.file_digest = ""
+        self._chains: dict[str, DiscoveryChain | None] = {}
+        self._chains_digest = b""
 
     # -- start -----------------------------------------------------------------------------
 
@@ -122,6 +125,22 @@ class ConfigEntries:
         if kind is not None and kind not in entry_kinds.KINDS:
             raise ServiceError(f"unknown kind {shown(kind)}: one of {', '.join(entry_kinds.KINDS)}")
         return [self.view_of(e) for e in self.store.live(kind)]
+
+    def chain_for(self, service: str) -> DiscoveryChain | None:
+        """The discovery chain (splits, subsets, failover) for ``service``; None when no entry shapes it.
+
+        Compiled once per change of the entries (the store's digest says when).
+        """
+        digest = self.store.digest()
+        if digest != self._chains_digest:
+            self._chains.clear()
+            self._chains_digest = digest
+        if service not in self._chains:
+            splitter = self.lookup(entry_kinds.SERVICE_SPLITTER, service)
+            resolvers = {e.name: e.body or {} for e in self.store.live(entry_kinds.SERVICE_RESOLVER)}
+            shaped = splitter is not None or service in resolvers
+            self._chains[service] = DiscoveryChain(service, splitter, resolvers) if shaped else None
+        return self._chains[service]
 
     def summary_view(self) -> dict[str, Any]:
         """What `mesh-agent info` shows: how many entries of each kind, the digest peers compare, counters."""

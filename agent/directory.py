@@ -33,7 +33,7 @@ class MeshDirectory:
             m = self.membership.members.get(node)
             if m is None or m.status is not Status.ALIVE:
                 continue  # suspect members' instances are not routed to while others exist
-            out.append(Endpoint(node, inst.id, inst.address, inst.port, inst.service))
+            out.append(Endpoint(node, inst.id, inst.address, inst.port, inst.service, inst.tags, inst.meta))
         return out
 
     def local_endpoint(self, instance_id: str) -> Endpoint | None:

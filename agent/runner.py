@@ -172,7 +172,8 @@ class Agent:
         self.config_unaware: set[str] = set()
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
-                           authorizer=self.intentions, info=self.log.info, paths=self.directory)
+                           authorizer=self.intentions, info=self.log.info, paths=self.directory,
+                           chains=self.config_entries)
         self.tunnels = TunnelManager(
             cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
@@ -680,8 +681,19 @@ class Agent:
         for name, up in sorted(self.proxy.upstreams.items()):
             if service is not None and name != service:
                 continue
-            endpoints = self.directory.passing_endpoints(name)
-            rows += up.router.view(now, endpoints, self.directory, self.cfg.name)
+            chain = self.config_entries.chain_for(name)
+            if chain is None:
+                rows += up.router.view(now, self.directory.passing_endpoints(name), self.directory, self.cfg.name)
+                continue
+            # Shaped by config entries: each split's instances, and which target (and weight) chose them.
+            for weight, target in chain.splits:
+                resolved = chain.resolve(target, self.directory.passing_endpoints)
+                for row in up.router.view(now, resolved.endpoints, self.directory, self.cfg.name):
+                    row["service"] = name
+                    row["target"] = str(resolved.used)
+                    row["split_weight"] = weight
+                    row["failover_from"] = str(target) if resolved.failed_over else None
+                    rows.append(row)
         return rows
 
     def _load_config_entries(self) -> None:

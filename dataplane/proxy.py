@@ -44,6 +44,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import random
 import socket
 import struct
 from collections import Counter
@@ -55,6 +56,7 @@ import msgpack
 import trio
 
 from dataplane import routing
+from dataplane.discovery_chain import ChainSource, DiscoveryChain, Target
 from dataplane.rawsocket import RawSocketStream, SocketPump, connect_tcp
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.tunnel import StreamResetError, TunnelError
@@ -98,6 +100,9 @@ class Endpoint:
     host: str
     port: int
     service: str = ""
+    #: What a resolver's subsets select on (dataplane.discovery_chain).
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -381,8 +386,12 @@ _ATTEMPT_ERRORS = (OSError, ProxyError, TunnelError, trio.BrokenResourceError, t
 class Proxy:
     def __init__(self, local_node: str, directory: InstanceDirectory, tunnels: TunnelOpener,
                  log: Callable[..., None] | None = None, authorizer: Authorizer | None = None,
-                 info: Callable[..., None] | None = None, paths: PathView | None = None) -> None:
+                 info: Callable[..., None] | None = None, paths: PathView | None = None,
+                 chains: ChainSource | None = None, rng: random.Random | None = None) -> None:
         self.local_node = local_node
+        #: The mesh-wide splits, subsets and failover (None: every service is called plainly).
+        self.chains = chains
+        self._rng = rng or random.Random()
         self.directory = directory
         self.tunnels = tunnels
         self.authorizer: Authorizer = authorizer or _AllowAll()
@@ -458,10 +467,19 @@ class Proxy:
         return None if est is None else est[0]
 
     def pick(self, up: UpstreamListener, exclude: frozenset[tuple[str, str]] = frozenset(),
-             refusing: frozenset[str] = frozenset(), last_resort: bool = True) -> Endpoint | None:
+             refusing: frozenset[str] = frozenset(), last_resort: bool = True,
+             route: tuple[DiscoveryChain, Target] | None = None) -> Endpoint | None:
         """The router's choice among the passing instances not tried yet, on nodes that did not
-        refuse this connection (dataplane.routing)."""
-        endpoints = self.directory.passing_endpoints(up.service)
+        refuse this connection (dataplane.routing); within the connection's split target when the
+        service has a discovery chain."""
+        if route is None:
+            endpoints = self.directory.passing_endpoints(up.service)
+        else:
+            chain, target = route
+            resolved = chain.resolve(target, self.directory.passing_endpoints)
+            endpoints = resolved.endpoints
+            if resolved.failed_over:
+                up.stats["failovers"] += 1
         if refusing:  # excluded, not filtered out: the router must still see them listed
             exclude = exclude | {(e.node, e.instance_id) for e in endpoints if e.node in refusing}
         chosen = up.router.pick(trio.current_time(), endpoints, exclude, self.rtt_to, last_resort)
@@ -536,8 +554,13 @@ class Proxy:
         early = _Early()
         router = up.router
         failures = asked_refusing = 0
+        chain = self.chains.chain_for(up.service) if self.chains is not None else None
+        route = None
+        if chain is not None:
+            route = (chain, chain.choose(self._rng))  # one split per connection, kept through its retries
+            up.stats[f"split.{route[1]}"] += 1
         while failures < MAX_ATTEMPTS:
-            endpoint = self.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS)
+            endpoint = self.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS, route)
             if endpoint is None:
                 break
             key = (endpoint.node, endpoint.instance_id)
