@@ -180,7 +180,8 @@ class Agent:
             relays=self._relays_for,
         )
         self.directory.tunnel_route = self.tunnels.route_to
-        self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name)
+        self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name,
+                                   defaults=lambda service: self.config_entries.lookup("service-defaults", service))
         self.keys = KeyManager(self.sealer.keyring, cfg.data_dir, self.membership, self.log, self._wake)
         self.keys.load()
         self._registry_index = self.registry.index
@@ -712,6 +713,8 @@ class Agent:
 
     def _config_changed(self, changed: list[Any]) -> None:
         self.intentions.refresh()
+        if any(e.kind == "service-defaults" for e in changed):
+            self.upstreams.defaults_changed()
 
     def _announce_config(self, entry: Entry) -> None:
         """Spread an entry written here to every member at once (gossip.config_sync, "Announcement")."""

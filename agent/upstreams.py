@@ -8,6 +8,7 @@ receiving agents judge its connections by their intentions for that service.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,21 @@ def validate(payload: Any) -> UpstreamSpec:
 
 
 class Upstreams:
-    def __init__(self, proxy: Proxy, data_dir: Path | None, node: str) -> None:
+    """The upstream listeners, each with its own settings over its service's service-defaults entry.
+
+    A field an upstream sets is its own; every other tunable comes from the
+    mesh-wide ``service-defaults`` entry of its service (when there is one),
+    and follows that entry when it changes.
+    """
+
+    def __init__(self, proxy: Proxy, data_dir: Path | None, node: str,
+                 defaults: Callable[[str], dict[str, Any] | None] = lambda service: None) -> None:
         self.proxy = proxy
         self.data_dir = data_dir
+        #: ``defaults(service)``: the service-defaults entry's body, or None.
+        self.defaults = defaults
+        #: Each upstream as the operator gave it (what is saved, and what overrides the defaults).
+        self.given: dict[str, dict[str, Any]] = {}
         self.sources: dict[str, str] = {}
         #: Upstreams whose listener the operator opened to other hosts.
         self.public: set[str] = set()
@@ -178,17 +191,42 @@ class Upstreams:
     async def load(self, config_upstreams: list[dict[str, Any]]) -> None:
         """Open the configured and the persisted upstreams (config errors were caught at start)."""
         for raw in config_upstreams:
-            await self._open(validate(raw), "config")
+            await self._open(raw, self._effective(raw), "config")
         for raw in self._read_store():
             try:
-                spec = validate(raw)
+                spec = self._effective(raw)
                 if spec.service not in self.proxy.upstreams:
-                    await self._open(spec, "api")
+                    await self._open(raw, spec, "api")
             except (ServiceError, ProxyError) as exc:
                 self.log.error("stored_upstream_failed", detail=str(exc))
 
-    async def _open(self, spec: UpstreamSpec, origin: str) -> None:
+    def _effective(self, given: Any) -> UpstreamSpec:
+        """The upstream's own fields over its service's service-defaults (each checked alone first)."""
+        spec = validate(given)
+        defaults = self.defaults(spec.service)
+        if not defaults:
+            return spec
+        inherited = {k: v for k, v in defaults.items() if k in TUNABLE_FIELDS and k not in given}
+        return validate({**given, **inherited}) if inherited else spec
+
+    def defaults_changed(self) -> None:
+        """The service-defaults entries may have changed: upstreams that inherit from them follow."""
+        for service, given in list(self.given.items()):
+            up = self.proxy.upstreams.get(service)
+            if up is None:
+                continue
+            try:
+                spec = self._effective(given)
+            except ServiceError as exc:
+                self.log.error("upstream_defaults_refused", service=service, detail=str(exc))
+                continue
+            if spec.options != up.options:
+                self.proxy.update_options(service, spec.options)
+                self.log.info("upstream_defaults_applied", service=service, **options_dict(spec.options))
+
+    async def _open(self, given: Any, spec: UpstreamSpec, origin: str) -> None:
         await self.proxy.add_upstream(spec.service, spec.listen, spec.options)
+        self.given[spec.service] = dict(given)
         self.sources[spec.service] = origin
         if spec.public:
             self.public.add(spec.service)
@@ -197,9 +235,9 @@ class Upstreams:
         self.log.info("upstream_added", **spec.to_dict())
 
     async def add(self, payload: Any) -> dict[str, Any]:
-        spec = validate(payload)
+        spec = self._effective(payload)
         try:
-            await self._open(spec, "api")
+            await self._open(payload, spec, "api")
         except UpstreamExists as exc:
             raise ServiceError(str(exc), 409) from None
         except ProxyError as exc:
@@ -225,6 +263,7 @@ class Upstreams:
         except ProxyError as exc:
             raise ServiceError(str(exc), 404) from None
         self.sources.pop(service, None)
+        self.given.pop(service, None)
         self.public.discard(service)
 
     def view(self) -> list[dict[str, Any]]:
@@ -267,7 +306,6 @@ class Upstreams:
 
     def _persist(self, without: str | None = None) -> None:
         """Save the run-time upstreams (less ``without``); StoreError when they cannot be saved."""
-        body = [UpstreamSpec(s, up.listen, up.options, s in self.public).to_dict()
-                for s, up in self.proxy.upstreams.items()
+        body = [validate(self.given[s]).to_dict() for s in self.proxy.upstreams
                 if self.sources.get(s) == "api" and s != without]
         self.saver.save(body)

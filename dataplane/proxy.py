@@ -452,6 +452,17 @@ class Proxy:
                 continue
             nursery.start_soon(self._serve_client, up, RawSocketStream.adopt(sock))
 
+    def update_options(self, service: str, options: UpstreamOptions) -> None:
+        """New settings for an open upstream: its connections from now on use them.
+
+        A change of balancing or outlier settings starts its router afresh (what
+        it learned was learned under the old ones); timeouts alone keep it.
+        """
+        up = self.upstreams[service]
+        if options.routing != up.options.routing:
+            up.router = Router(service, options.routing)
+        up.options = options
+
     async def remove_upstream(self, service: str) -> None:
         up = self.upstreams.pop(service, None)
         if up is None:

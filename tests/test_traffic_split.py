@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -75,3 +76,33 @@ def test_failover_to_the_backup_subset_and_back(cluster: Cluster, procs: Process
                                    "address": "127.0.0.1", "tags": ["v1"]})
     wait_for(lambda: len(a.call("GET", "/v1/services/web?passing")) == 2, 10, "web-v1 back on the caller")
     assert set(Counter(ask(listen) for _ in range(20))) == {"web-v1"}  # the primary takes it back
+
+
+def test_service_defaults_apply_to_upstreams_that_do_not_set_a_field(cluster: Cluster, tmp_path: Any) -> None:
+    a = cluster.start("d1", extra=["--data-dir", str(tmp_path / "d1")])
+    b = cluster.start("d2", join=[a.addr])
+    cluster.wait_converged(["d1", "d2"])
+    plain, own = free_port(), free_port()
+    a.call("PUT", "/v1/upstreams", {"service": "web", "listen": f"127.0.0.1:{plain}"})
+    a.call("PUT", "/v1/upstreams", {"service": "api", "listen": f"127.0.0.1:{own}", "connect_timeout": "9s"})
+    for service in ("web", "api"):
+        write_everywhere(b, [a], {"kind": "service-defaults", "name": service, "protocol": "tcp",
+                                  "lb": "round_robin", "connect_timeout": "2s", "idle_timeout": "1m"})
+    ups = {u["service"]: u for u in a.call("GET", "/v1/upstreams")}
+    assert (ups["web"]["lb"], ups["web"]["connect_timeout"], ups["web"]["idle_timeout"]) == ("round_robin", 2.0, 60.0)
+    assert (ups["api"]["lb"], ups["api"]["connect_timeout"]) == ("round_robin", 9.0)  # its own field wins
+    # A change of the entry reaches the open upstream; deleting it goes back to the built-in defaults.
+    write_everywhere(b, [a], {"kind": "service-defaults", "name": "web", "lb": "least_connections"})
+    ups = {u["service"]: u for u in a.call("GET", "/v1/upstreams")}
+    assert (ups["web"]["lb"], ups["web"]["connect_timeout"]) == ("least_connections", 5.0)
+    b.call("DELETE", "/v1/config/service-defaults/web")
+    wait_for(lambda: {u["service"]: u for u in a.call("GET", "/v1/upstreams")}["web"]["lb"] == "p2c_peak_ewma",
+             10, "the built-in default again")
+    # What is saved is what the operator gave, not what the defaults made of it.
+    stored = {u["service"]: u for u in json.loads((tmp_path / "d1" / "upstreams.json").read_text())}
+    assert stored["api"].get("connect_timeout") == 9.0 and "lb" not in stored["api"] and "lb" not in stored["web"]
+    a.signal(15)
+    a.popen.wait(10)
+    a = cluster.start("d1", api_port=a.api_port, extra=["--data-dir", str(tmp_path / "d1")])
+    saved = {u["service"]: u for u in a.call("GET", "/v1/upstreams")}
+    assert saved["api"]["connect_timeout"] == 9.0 and saved["api"]["lb"] == "round_robin"  # the entry still holds
