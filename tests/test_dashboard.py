@@ -40,6 +40,7 @@ return {
   routes: Object.fromEntries(Array.from(document.querySelectorAll('#routes tr[data-route]'))
     .map(tr => [tr.dataset.route, tr.dataset.state])),
   events: Array.from(document.querySelectorAll('#events li')).map(li => li.dataset.event),
+  config: Array.from(document.querySelectorAll('#config tr[data-entry]')).map(tr => tr.dataset.entry),
   conn: document.getElementById('conn').dataset.state,
   marker: window.__testMarker || null,
 };
@@ -104,6 +105,11 @@ def test_dashboard_follows_members_live(cluster: Cluster, browser: Any, tmp_path
     wait_page(browser, 20, "web-a2 passing and routed from a1",
               lambda s: s["instances"].get("web-a2") == "passing" and s["routes"].get("web/a2/web-a2") == "active")
     browser.execute_script("window.__testMarker = 'same page'")
+    # A config entry written on another node is listed on this one's page.
+    written = a2.call("PUT", "/v1/config", {"kind": "intention", "source": "api", "destination": "web",
+                                            "action": "deny"})
+    wait_page(browser, 20, "the intention written on a2 listed on a1's page",
+              lambda s: s["config"] == [f"intention/api/web/{written['version']}"])
 
     a3.signal(signal.SIGKILL)
     page = wait_page(browser, 30, "a3 dead, after being shown suspect",
