@@ -323,6 +323,13 @@ class ConfigEntries:
         self.stats["pulls_answered"] += 1
         return ConfigPush([e.to_wire() for e in entries], None if keys is None else [list(k) for k in keys], more)
 
+    def news_in(self, pull: ConfigPull) -> bool:
+        """Whether a peer's pull shows it holds versions this node lacks (then this node pulls back)."""
+        try:
+            return config_sync.has_news_for(self.store, config_sync.summary_from_wire(pull.summary))
+        except config_sync.SyncError:
+            return False
+
     def apply_push(self, push: ConfigPush, peer: str) -> bool:
         """Merge a pull's answer from ``peer``; True if more remain to pull."""
         entries = []

@@ -9,8 +9,10 @@ for.  A graceful leave cancels the nursery only after the leave has spread.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import json
+import random
 import signal
 import time
 from collections import Counter, deque
@@ -738,15 +740,35 @@ class Agent:
         if digest == self.config_entries.digest():
             self.config_entries.in_step_with(digest)
             return
+        self._start_pull(peer, addr, 0)
+
+    def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:
+        push = self.config_entries.answer(pull)
+        member = self.membership.members.get(pull.source)
+        if member is not None and self.config_entries.news_in(pull):
+            self._start_pull(pull.source, member.addr, 0)  # pull back what it has and we lack
+            return dataclasses.replace(push, pulling_back=True)
+        return push
+
+    def _start_pull(self, peer: str, addr: Address, dull: int) -> None:
         if peer not in self._config_pulls and self._nursery is not None:
             self._config_pulls.add(peer)
-            self._nursery.start_soon(self._pull_config, peer, addr)
+            self._nursery.start_soon(self._pull_config, peer, addr, dull)
 
-    def answer(self, pull: ConfigPull) -> ConfigPush:
-        return self.config_entries.answer(pull)
+    def _pull_next(self, after: str, dull: int) -> None:
+        """Go on spreading news: one more pull from a random member (gossip.config_sync, "News travels on")."""
+        me = self.membership.name
+        peers = [m for m in self.membership.members.values()
+                 if m.status is Status.ALIVE and m.name not in (me, after) and m.name not in self.config_unaware]
+        if peers:
+            m = random.choice(peers)
+            self._start_pull(m.name, m.addr, dull)
 
-    async def _pull_config(self, peer: str, addr: Address) -> None:
-        """Fetch from ``peer`` the entries this node lacks, in as many answers as it takes."""
+    async def _pull_config(self, peer: str, addr: Address, dull: int = 0) -> None:
+        """Fetch from ``peer`` the entries this node lacks, in as many answers as it takes; then, while
+        pulls teach either side something (``dull`` counts those that did not), pull from another."""
+        news_before = self.config_entries.stats["pulled"]
+        told = False
         try:
             for _ in range(_MAX_CONFIG_PULLS):
                 with trio.move_on_after(self.cfg.gossip.tcp_timeout) as scope:
@@ -758,6 +780,7 @@ class Agent:
                 if len(msgs) != 1 or not isinstance(msgs[0], ConfigPush):
                     self.membership.drop("unexpected_type")
                     return
+                told = told or msgs[0].pulling_back
                 if not self.config_entries.apply_push(msgs[0], peer):
                     return
         except (OSError, Mismatch, FrameError, DecodeError, trio.BrokenResourceError,
@@ -765,6 +788,10 @@ class Agent:
             self.log.debug("config_pull_failed", member=peer, error=str(exc) or type(exc).__name__)
         finally:
             self._config_pulls.discard(peer)
+            news = self.config_entries.stats["pulled"] > news_before or told
+            dull = 0 if news else dull + 1
+            if (news or dull) and dull < config_sync.NEWS_DULL:
+                self._pull_next(after=peer, dull=dull)
             await self.flush()
 
     def _on_config_query(self, fields: dict[str, Any]) -> None:

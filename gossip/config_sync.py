@@ -18,6 +18,14 @@ reasons):
   converged mesh therefore sends 32 bytes per push-pull and nothing else; a
   node that missed an announcement, was partitioned or was down catches up at
   its next push-pull.
+- **News travels on.**  Periodic push-pull alone would take many periods to
+  carry what one side of a healed partition wrote to every node of the other.
+  So a node that gains news by a pull goes on pulling from random members,
+  and a node that answers a pull whose summary shows it news pulls back: news
+  spreads as a rumour with feedback (Demers et al., "Epidemic algorithms for
+  replicated database maintenance", 1987), and a node stops after
+  ``NEWS_DULL`` pulls in a row that taught neither side anything, with
+  periodic anti-entropy as the backstop.
 
 Pure: message bodies in and out, no I/O; gossip.wire carries them.
 """
@@ -35,6 +43,9 @@ from gossip.wire import ConfigPull, ConfigPush
 
 #: The gossip query that announces a written entry.
 QUERY_NAME: Final = "config"
+#: A node that gained news goes on pulling from random members until this many
+#: pulls in a row taught neither side anything (Demers et al.'s feedback counter).
+NEWS_DULL: Final = 4
 #: Most entries a pull returns at once; the puller pulls again while more remain.
 MAX_PULL_ENTRIES: Final = 512
 #: Most summary rows a pull may send (a mesh with more entries than this is
@@ -53,8 +64,8 @@ class ConfigPeer(Protocol):
         """A push-pull with ``peer`` carried its digest (None: it takes no config entries)."""
         ...
 
-    def answer(self, pull: ConfigPull) -> ConfigPush:
-        """The reply to a peer's pull."""
+    def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:
+        """The reply to a peer's pull (from ``addr``); a puller whose summary shows news pulls back."""
         ...
 
 
@@ -128,6 +139,15 @@ def _row(item: Any) -> tuple[Key, tuple[int, str, bytes]]:
             and isinstance(writer, str) and writer and isinstance(sig, bytes)):
         raise SyncError("a summary row has a field of the wrong type")
     return (kind, name), (version, writer, sig)
+
+
+def has_news_for(store: ConfigStore, theirs: Summary) -> bool:
+    """Whether ``theirs`` (a puller's summary) holds a version this store lacks or holds older."""
+    for key, order in theirs.items():
+        held = store.get(*key)
+        if held is None or held.order < order:
+            return True
+    return False
 
 
 def pull_reply(store: ConfigStore, theirs: Summary, with_keys: bool) -> tuple[list[Entry], list[Key] | None, bool]:

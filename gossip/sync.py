@@ -243,7 +243,7 @@ class Sync:
                     self.table.drop("unexpected_type")
                     continue
                 stats["config_pulls_in"] += 1
-                replies[i] = encode_stream([self.config_peer.answer(msg)])
+                replies[i] = encode_stream([self.config_peer.answer(msg, src)])
                 continue
             if isinstance(msg, Ping):
                 if msg.target != self._name:

@@ -211,6 +211,8 @@ class ConfigPush:
     keys: list[Any] | None = None
     #: More newer entries remain than one answer carries: pull again.
     more: bool = False
+    #: The puller's summary showed the answering node news: it pulls back (gossip.config_sync).
+    pulling_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -391,7 +393,7 @@ def message_to_obj(msg: Message) -> dict[str, Any]:
         return {"t": "cfg-pull", "from": msg.source, "s": msg.summary, **({"stale": True} if msg.stale else {})}
     if isinstance(msg, ConfigPush):
         return {"t": "cfg", "e": msg.entries, **({"k": msg.keys} if msg.keys is not None else {}),
-                **({"more": True} if msg.more else {})}
+                **({"more": True} if msg.more else {}), **({"back": True} if msg.pulling_back else {})}
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -603,7 +605,7 @@ def _message_from_obj(obj: Any) -> Message:
         entries, keys = obj.get("e"), obj.get("k")
         if type(entries) is not list or (keys is not None and type(keys) is not list):
             raise DecodeError("malformed", "config entries and keys must be lists")
-        return ConfigPush(entries, keys, _bool(obj, "more"))
+        return ConfigPush(entries, keys, _bool(obj, "more"), _bool(obj, "back"))
     if t == "state":
         data = obj.get("data")
         if not isinstance(data, bytes):

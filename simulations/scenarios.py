@@ -18,8 +18,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gossip import hlc
 from gossip.config import PROFILES, GossipConfig
+from gossip.config_store import ConfigStore, Entry
+from gossip.config_sync import NEWS_DULL, QUERY_NAME, announcement, has_news_for, parse_announcement, pull_reply
+from gossip.signing import Signer
 from gossip.swim import Event
+from gossip.wire import MAX_QUERY_PAYLOAD, Address, ConfigPull, ConfigPush
 from simulations.sim import NetModel, Sim, SimNode
 
 WARMUP = 5.0
@@ -445,6 +450,174 @@ def churn(p: Params) -> Summary:
     return out
 
 
+# -- config entries -------------------------------------------------------------------------
+
+
+class _SimConfig:
+    """Each node's config entries, spread as the agent spreads them (gossip.config_sync): a query
+    announces a write, and push-pulls whose digests differ make the puller fetch what it lacks,
+    one TCP exchange later, only while the two can reach each other."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.stores: dict[str, ConfigStore] = {}
+        self.pulls = 0
+        self.rng = random.Random(f"config-news:{sim.seed}")
+        for node in sim.nodes:
+            self.attach(node)
+        sim.on_event(self._on_event)
+
+    def attach(self, node: SimNode) -> None:
+        store = self.stores.setdefault(node.name, ConfigStore())
+        node.m.set_config_peer(_SimPeer(self, node, store))
+
+    def write(self, origin: SimNode, entry: Entry) -> None:
+        self.stores[origin.name].apply(entry)
+        qid = origin.m.start_query(self.sim.now, QUERY_NAME, announcement(entry, MAX_QUERY_PAYLOAD))
+        origin.m.finish_query(qid)
+        self.sim.flush(origin)
+
+    def _on_event(self, now: float, node: SimNode, e: Event) -> None:
+        if e.kind == "query" and e.fields["name"] == QUERY_NAME:
+            got = parse_announcement(e.fields["payload"])
+            if isinstance(got, Entry):
+                self.stores[node.name].apply(got)
+
+    def pull(self, node: SimNode, peer_name: str, dull: int = 0) -> None:
+        """``node`` pulls from ``peer_name``; the peer pulls back if it saw news; a node that gained
+        news goes on pulling from random members until NEWS_DULL pulls in a row taught neither side
+        anything (``dull`` counts them), as the agent does (agent/runner.py, _pull_config)."""
+        peer = self.sim.by_name.get(peer_name)
+        if peer is None or not (node.up and peer.up) or node.group != peer.group:
+            return
+        mine, theirs = self.stores[node.name], self.stores[peer_name]
+        news = 0
+        told = False
+        while True:
+            self.pulls += 1
+            summary = mine.summary()
+            if has_news_for(theirs, summary):
+                told = True  # the answer says so (ConfigPush.pulling_back)
+                self.later(peer, node.name)  # the peer pulls back, and spreads what it learns itself
+            entries, _keys, more = pull_reply(theirs, summary, with_keys=False)
+            news += sum(1 for entry in entries if mine.apply(entry))
+            if not more:
+                break
+        dull = 0 if news or told else dull + 1
+        if (news or told or dull) and dull < NEWS_DULL:
+            others = [n for n in self.sim.nodes if n.up and n is not node and n is not peer]
+            if others:
+                self.later(node, self.rng.choice(others).name, dull)
+
+    def later(self, node: SimNode, peer: str, dull: int = 0) -> None:
+        """A pull one round trip from now, as the agent's TCP exchange would take."""
+        other = self.sim.by_name.get(peer)
+        rtt = 2 * self.sim.base_latency(node, other) if other is not None else 0.0
+        self.sim.at(self.sim.now + rtt, lambda: self.pull(node, peer, dull))
+
+    def digests(self) -> set[bytes]:
+        return {self.stores[n.name].digest() for n in self.sim.nodes if n.up}
+
+
+class _SimPeer:
+    def __init__(self, owner: _SimConfig, node: SimNode, store: ConfigStore) -> None:
+        self.owner, self.node, self.store = owner, node, store
+
+    def digest(self) -> bytes:
+        return self.store.digest()
+
+    def observed(self, peer: str, addr: Address, digest: bytes | None) -> None:
+        if digest is not None and digest != self.store.digest():
+            self.owner.later(self.node, peer)
+
+    def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:  # the scenario pulls in process
+        raise NotImplementedError
+
+
+def config_spread(p: Params) -> Summary:
+    """A config write beside a member update, both from one node at once: when has every node learnt
+    each?  Then writes on both sides of a 60 s partition (conflicting, and a delete), and the time
+    after the heal until every node holds the same entries (none may be left diverging)."""
+    wall0 = time.perf_counter()
+    sim = build(p)
+    cfg_nodes = _SimConfig(sim)
+    sim.run(WARMUP)
+    rng = random.Random(f"config:{p.seed}")
+    origin = rng.choice(sim.nodes)
+    signer = Signer(bytes(32))
+    clock = [hlc.make(1_700_000_000_000)]
+
+    def entry(writer: str, name: str, body: dict[str, Any] | None) -> Entry:
+        clock[0] += 1
+        return Entry.write(signer, writer, "intention", name, body, clock[0])
+
+    def deny(src: str) -> dict[str, Any]:
+        return {"source": src, "destination": "db", "action": "deny"}
+
+    want = origin.m.me.incarnation + 1
+    member_at: dict[str, float] = {}
+    config_at: dict[str, float] = {}
+    written = entry(origin.name, "web/db", deny("web"))
+    key = written.key
+    t0 = sim.now
+
+    def check(node: SimNode) -> None:
+        if node is origin:
+            return
+        if node.name not in member_at:
+            rec = node.m.members.get(origin.name)
+            if rec is not None and rec.incarnation >= want:
+                member_at[node.name] = sim.now - t0
+        if node.name not in config_at:
+            held = cfg_nodes.stores[node.name].get(*key)
+            if held is not None and held.order >= written.order:
+                config_at[node.name] = sim.now - t0
+
+    sim.after_call(check)
+    sim.set_tags(origin.name, {"version": "2"})
+    cfg_nodes.write(origin, written)
+    others = p.nodes - 1
+    sim.run_until(lambda: len(member_at) >= others and len(config_at) >= others, p.seconds)
+
+    def quantile(times: dict[str, float], q: float) -> float | None:
+        vals = sorted(times.values())
+        k = max(1, math.ceil(q * others))
+        return round(vals[k - 1], 3) if len(vals) >= k else None
+
+    m100, c100 = quantile(member_at, 1.0), quantile(config_at, 1.0)
+    # The partition: each half writes what the other cannot hear, on the same key too.
+    names = [n.name for n in sim.nodes]
+    rng.shuffle(names)
+    half = names[: p.nodes // 2]
+    sim.partition(half)
+    left, right = sim.by_name[half[0]], sim.by_name[names[-1]]
+    sim.run(5.0)
+    cfg_nodes.write(left, entry(left.name, "api/db", deny("api")))
+    cfg_nodes.write(right, entry(right.name, "api/db", {**deny("api"), "action": "allow"}))  # concurrent
+    cfg_nodes.write(right, entry(right.name, "web/db", None))  # delete the first write
+    sim.run(55.0)
+    split_digests = len(cfg_nodes.digests())
+    sim.heal()
+    t1 = sim.now
+    healed = False
+    while not healed and sim.now - t1 < p.seconds:
+        sim.run(1.0)  # every node's digest compared once a virtual second, not after every event
+        healed = len(cfg_nodes.digests()) == 1
+    out = _common(p, sim, wall0)
+    out.update({
+        "scenario": "config_spread",
+        "member_t50_s": quantile(member_at, 0.5), "member_t100_s": m100,
+        "config_t50_s": quantile(config_at, 0.5), "config_t100_s": c100,
+        "config_over_member": None if not (m100 and c100) else round(c100 / m100, 2),
+        "config_reached": len(config_at), "of": others,
+        "digests_while_split": split_digests,
+        "heal_s": round(sim.now - t1, 3) if healed else None,
+        "diverging_after_heal": len(cfg_nodes.digests()) - 1,
+        "config_pulls": cfg_nodes.pulls,
+    })
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Params], Summary]] = {
     "detection": detection,
     "dissemination": dissemination,
@@ -452,4 +625,5 @@ SCENARIOS: dict[str, Callable[[Params], Summary]] = {
     "false_positives": false_positives,
     "partition": partition,
     "churn": churn,
+    "config_spread": config_spread,
 }

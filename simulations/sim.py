@@ -241,6 +241,10 @@ class Sim:
         MEMBER_CHANGES.bump()  # member views cached by the machines must be rebuilt
         return new
 
+    def flush(self, node: SimNode) -> None:
+        """After a scenario called into ``node``'s machine itself: send what it queued, re-arm its timer."""
+        self._flush(node)
+
     def set_tags(self, name: str, tags: dict[str, str]) -> None:
         """The node changes its tags: a new incarnation of it spreads by gossip."""
         node = self.by_name[name]

@@ -11,7 +11,7 @@ from pathlib import Path
 from gossip.config import LAN, LOCAL
 from gossip.swim import Membership
 from gossip.wire import Ping, decode_packet
-from simulations.scenarios import Params, detection, dissemination, false_positives
+from simulations.scenarios import Params, config_spread, detection, dissemination, false_positives
 from simulations.sim import NetModel, Sim
 
 
@@ -136,6 +136,14 @@ def test_dissemination_reaches_everyone() -> None:
     r = dissemination(Params(nodes=50, seconds=30.0, seed=2, progress=0.0))
     assert r["reached"] == 49
     assert r["t50_s"] <= r["t99_s"] <= r["t100_s"] < 5.0
+
+
+def test_config_writes_spread_as_fast_as_member_updates_and_converge_after_a_partition() -> None:
+    for seed in (1, 2):
+        r = config_spread(Params(nodes=60, seconds=240.0, seed=seed, progress=0.0))
+        assert r["config_reached"] == 59 and r["config_over_member"] <= 2.0, r
+        assert r["digests_while_split"] >= 2  # the halves did diverge ...
+        assert r["heal_s"] is not None and r["diverging_after_heal"] == 0, r  # ... and agree again
 
 
 def test_false_positives_scenario_runs_with_starved_nodes() -> None:

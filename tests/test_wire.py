@@ -125,6 +125,7 @@ def test_any_messages_round_trip(msgs: list[object]) -> None:
     ConfigPull("a", [], stale=True),
     ConfigPush([["intention", "web/db", {"action": "deny"}, 7, "w", b"k" * 32, b"s" * 64]]),
     ConfigPush([], [["intention", "web/db"]], more=True),
+    ConfigPush([], None, pulling_back=True),
 ])
 def test_each_message_type_round_trips(msg: object) -> None:
     assert decode_packet(encode_packet([msg])) == [msg]  # type: ignore[list-item]
