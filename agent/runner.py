@@ -4,15 +4,17 @@ One nursery, one owner per task: the UDP reader, the TCP acceptor, the
 protocol timer, the local API and the signal watcher.  The gossip machine
 itself never awaits; every task feeds it and then ``flush()``es what it asked
 for.  A graceful leave cancels the nursery only after the leave has spread.
+
+Over 700 lines because it is the one place where the machine's effects meet
+sockets and tasks (UDP, the TCP exchanges, the stranger accounting behind
+them, the views the API shows); each concern beside it has its own module.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import errno
 import json
-import random
 import signal
 import time
 from collections import Counter, deque
@@ -25,6 +27,7 @@ from agent import identity, log, store
 from agent.access import AccessPolicy
 from agent.config import AgentConfig, describe
 from agent.config_entries import ConfigEntries
+from agent.config_spread import ConfigSpread
 from agent.directory import MeshDirectory
 from agent.intentions import Intentions
 from agent.keys import KeyManager
@@ -52,28 +55,21 @@ from dataplane.proxy import PeerStream, Proxy, ProxyError
 from dataplane.rawsocket import connect_tcp
 from dataplane.tunnel import TunnelManager
 from gossip import config_sync
-from gossip.config_store import Entry
 from gossip.keyring import Keyring
 from gossip.member import Status
 from gossip.registry import Registry
 from gossip.signing import Signer
 from gossip.swim import EventKind, FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
-    MAX_QUERY_PAYLOAD,
     PROTOCOL_VERSION,
     Address,
-    ConfigPull,
-    ConfigPush,
     DecodeError,
     PushPull,
     decode_stream,
     encode_push_pull_stream,
-    encode_stream,
     format_addr,
 )
 
-#: Answers one config pull may take (each up to gossip.config_sync.MAX_PULL_ENTRIES entries).
-_MAX_CONFIG_PULLS = 64
 #: Datagrams handled per wake-up, at most, before the agent flushes and yields.
 UDP_BURST = 32
 
@@ -166,12 +162,10 @@ class Agent:
         #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
         self.config_entries.on_change = self._config_changed
-        self.config_entries.on_written = self._announce_config
-        self.membership.set_config_peer(self)
-        #: Peers a config pull is under way with (one at a time each).
-        self._config_pulls: set[str] = set()
-        #: Members whose push-pulls carry no config digest: agents of a release before config entries.
-        self.config_unaware: set[str] = set()
+        self.config_spread = ConfigSpread(self.config_entries, self.membership, self._exchange, self.flush,
+                                          self._wake, self.log, cfg.gossip.tcp_timeout)
+        self.config_entries.on_written = self.config_spread.announce
+        self.membership.set_config_peer(self.config_spread)
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory,
@@ -267,6 +261,7 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.config_spread.nursery = nursery
                 self.services.start(nursery)
                 await nursery.start(self.tunnels.serve, tunnel_listeners)
                 self.proxy.start(nursery)
@@ -347,7 +342,7 @@ class Agent:
         for ev in events:
             if ev.kind is EventKind.QUERY:
                 if ev.fields["name"] == config_sync.QUERY_NAME:
-                    self._on_config_query(ev.fields)
+                    self.config_spread.on_query(ev.fields)
                 else:
                     self.keys.on_event(ev.fields)
                 continue
@@ -718,95 +713,6 @@ class Agent:
         if any(e.kind == "service-defaults" for e in changed):
             self.upstreams.defaults_changed()
 
-    def _announce_config(self, entry: Entry) -> None:
-        """Spread an entry written here to every member at once (gossip.config_sync, "Announcement")."""
-        if self.config_entries.stale_before:
-            return  # not until this node has synced: its entries may be ones the mesh deleted
-        qid = self.membership.start_query(trio.current_time(), config_sync.QUERY_NAME,
-                                          config_sync.announcement(entry, MAX_QUERY_PAYLOAD))
-        self.membership.finish_query(qid)  # nobody answers an announcement
-        self._wake()
-
-    # -- config anti-entropy: the agent is the membership's ConfigPeer (gossip.config_sync) ----
-
-    def digest(self) -> bytes:
-        return self.config_entries.digest()
-
-    def observed(self, peer: str, addr: Address, digest: bytes | None) -> None:
-        if digest is None:
-            self.config_unaware.add(peer)
-            return
-        self.config_unaware.discard(peer)
-        if digest == self.config_entries.digest():
-            self.config_entries.in_step_with(digest)
-            return
-        self._start_pull(peer, addr, 0)
-
-    def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:
-        push = self.config_entries.answer(pull)
-        member = self.membership.members.get(pull.source)
-        if member is not None and self.config_entries.news_in(pull):
-            self._start_pull(pull.source, member.addr, 0)  # pull back what it has and we lack
-            return dataclasses.replace(push, pulling_back=True)
-        return push
-
-    def _start_pull(self, peer: str, addr: Address, dull: int) -> None:
-        if peer not in self._config_pulls and self._nursery is not None:
-            self._config_pulls.add(peer)
-            self._nursery.start_soon(self._pull_config, peer, addr, dull)
-
-    def _pull_next(self, after: str, dull: int) -> None:
-        """Go on spreading news: one more pull from a random member (gossip.config_sync, "News travels on")."""
-        me = self.membership.name
-        peers = [m for m in self.membership.members.values()
-                 if m.status is Status.ALIVE and m.name not in (me, after) and m.name not in self.config_unaware]
-        if peers:
-            m = random.choice(peers)
-            self._start_pull(m.name, m.addr, dull)
-
-    async def _pull_config(self, peer: str, addr: Address, dull: int = 0) -> None:
-        """Fetch from ``peer`` the entries this node lacks, in as many answers as it takes; then, while
-        pulls teach either side something (``dull`` counts those that did not), pull from another."""
-        news_before = self.config_entries.stats["pulled"]
-        told = False
-        try:
-            for _ in range(_MAX_CONFIG_PULLS):
-                with trio.move_on_after(self.cfg.gossip.tcp_timeout) as scope:
-                    reply = await self._exchange(addr, encode_stream([self.config_entries.pull_request()]))
-                if scope.cancelled_caught:
-                    self.log.debug("config_pull_failed", member=peer, error="timed out")
-                    return
-                msgs = decode_stream(reply)
-                if len(msgs) != 1 or not isinstance(msgs[0], ConfigPush):
-                    self.membership.drop("unexpected_type")
-                    return
-                told = told or msgs[0].pulling_back
-                if not self.config_entries.apply_push(msgs[0], peer):
-                    return
-        except (OSError, Mismatch, FrameError, DecodeError, trio.BrokenResourceError,
-                trio.ClosedResourceError) as exc:
-            self.log.debug("config_pull_failed", member=peer, error=str(exc) or type(exc).__name__)
-        finally:
-            self._config_pulls.discard(peer)
-            news = self.config_entries.stats["pulled"] > news_before or told
-            dull = 0 if news else dull + 1
-            if (news or dull) and dull < config_sync.NEWS_DULL:
-                self._pull_next(after=peer, dull=dull)
-            await self.flush()
-
-    def _on_config_query(self, fields: dict[str, Any]) -> None:
-        try:
-            got = config_sync.parse_announcement(fields["payload"])
-        except config_sync.SyncError as exc:
-            self.config_entries.stats["refused_malformed"] += 1
-            self.log.warning("config_announcement_malformed", origin=fields["origin"], detail=str(exc))
-            return
-        if isinstance(got, Entry):
-            self.config_entries.receive([got])
-        elif config_sync.lacks(self.config_entries.store, got):
-            # Too large to ride in the query: pull from its writer what this node lacks.
-            self.observed(fields["origin"], fields["origin_addr"], b"")
-
     def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
         return {"services.json": self.services.saver, "upstreams.json": self.upstreams.saver,
@@ -848,7 +754,7 @@ class Agent:
             # Members that cannot take config entries yet (an older release): they keep
             # membership, catalog and traffic, but neither hold nor enforce the entries.
             "config_entries": {**self.config_entries.summary_view(),
-                               "peers_without_config": sorted(self.config_unaware)},
+                               "peers_without_config": sorted(self.config_spread.unaware)},
         }
 
     # -- logging ---------------------------------------------------------------------------

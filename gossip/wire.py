@@ -11,6 +11,9 @@ that saves bytes: a push-pull repeats the same host, the same status and
 similar names once per member, and it is most of the bytes an idle cluster
 sends (memberlist compresses it too, with LZW).  Datagrams stay plain: they
 are small, and their size budget is checked before sealing.
+
+One module past 700 lines because the format is one table of messages:
+each encoder sits beside its decoder, so a field is never changed on one side only.
 """
 
 from __future__ import annotations
