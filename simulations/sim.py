@@ -4,7 +4,7 @@ Every node is a real :class:`~gossip.swim.Membership`; only the clock and the
 network are simulated.  Time is virtual and jumps from one event to the next.
 A single heap holds every future event -- datagrams in flight, node deadlines,
 TCP push-pull exchanges and scenario actions -- so a step costs O(log E), not
-O(N) as in ``tests/simnet.py`` (which scans all nodes every step).  Node
+O(N) as a scan of every node's deadline per step would.  Node
 deadlines are invalidated lazily: each node remembers the deadline it last
 scheduled and a generation number; a popped deadline whose generation is stale
 is skipped.
@@ -21,13 +21,16 @@ The network model (:class:`NetModel`):
 * partitions: ``partition(groups)`` puts nodes in numbered groups; datagrams
   and streams between groups are dropped (checked at send and at arrival) until
   ``heal()``;
+* one-way link failures: ``block(src, dst)`` drops datagrams from src to dst
+  (checked at send) and every stream between them, since a connection needs
+  both directions, until ``unblock`` or ``heal()``;
 * slow nodes: ``pause(name)`` freezes a process (no timers run; datagrams that
   arrive are held in a bounded socket buffer and handled on ``resume``, late);
   ``slow(name, backlog)`` starves it of CPU: its timers fire, but each datagram
   to it waits up to ``backlog`` seconds in its receive queue;
 * churn: ``add`` (a real join through seeds), ``crash`` (gone for good, or
-  until ``restart``), ``leave`` (graceful; the process stops after
-  ``leave_propagate_timeout``).
+  until ``restart``, a new process with a new generation), ``leave``
+  (graceful; the process stops after ``leave_propagate_timeout``).
 
 TCP push-pull is modelled as a connection costing one round trip plus a
 one-way request and a one-way reply; it is not subject to packet loss (TCP
@@ -37,8 +40,11 @@ Determinism: one ``random.Random`` for the network and one per node, all
 seeded from ``seed`` and names; the heap breaks time ties by insertion order.
 The same seed therefore gives the same run, event for event.
 
-Packet checks (every datagram fits the budget and decodes) cost a decode per
-datagram; they are off by default and on in the tests (``check_packets``).
+Invariant checks are off by default, because they cost on every datagram or
+timer, and on in the tests: ``check_packets`` (every datagram fits
+``udp_packet_size - SEAL_OVERHEAD`` and decodes) and ``check_deadlines``
+(``tick(now)`` always moves a machine's ``next_deadline()`` past ``now``; a
+machine that broke it would spin at one instant of virtual time).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gossip.config import LAN, GossipConfig
+from gossip.delegate import Delegate
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import MEMBER_CHANGES, Status
 from gossip.swim import Event, FetchState, Membership, Purpose, SendPacket, StartPushPull, TcpProbe
@@ -107,6 +114,15 @@ class NetModel:
     #: How many datagrams a paused node's socket buffer holds.
     pause_buffer: int = 256
 
+    @classmethod
+    def uniform(cls, latency: float = 0.002, jitter: float = 0.001, loss: float = 0.0) -> NetModel:
+        """Every link alike: one region, every node at its centre.
+
+        For tests of the protocol's rules, whose time bounds should not depend
+        on where the latency space happened to put each node.
+        """
+        return cls(loss=loss, regions=1, node_spread=0.0, base=latency, jitter=jitter)
+
 
 @dataclass
 class SimNode:
@@ -149,17 +165,21 @@ class Sim:
         seed: int = 0,
         net: NetModel | None = None,
         check_packets: bool = False,
+        check_deadlines: bool = False,
         keep_events: bool = False,
     ) -> None:
         self.config = config
         self.seed = seed
         self.net = net if net is not None else NetModel()
         self.check_packets = check_packets
+        self.check_deadlines = check_deadlines
         self.now = 0.0
         self.rng = random.Random(f"net:{seed}")
         self.nodes: list[SimNode] = []
         self.by_name: dict[str, SimNode] = {}
         self._by_addr: dict[Address, SimNode] = {}
+        #: One-way link failures, as (src index, dst index).
+        self._blocked: set[tuple[int, int]] = set()
         self._heap: list[tuple[Any, ...]] = []
         self._seq = 0
         self._hooks: list[EventHook] = []
@@ -198,16 +218,22 @@ class Sim:
         r = self.net.node_spread * math.sqrt(self.rng.random())
         return cx + r * math.cos(angle), cy + r * math.sin(angle), region
 
-    def _machine(self, name: str, addr: Address, gen: int, tags: dict[str, str] | None) -> Membership:
+    def _machine(self, name: str, addr: Address, gen: int, tags: dict[str, str] | None,
+                 delegate: Delegate | None = None) -> Membership:
         rng = random.Random(f"node:{self.seed}:{name}:{gen}")
-        return Membership(name, addr, self.config, tags=tags, rng=rng, now=self.now)
+        return Membership(name, addr, self.config, tags=tags, rng=rng, now=self.now, delegate=delegate)
 
-    def add(self, name: str, *, seeds: Iterable[str] = (), tags: dict[str, str] | None = None) -> SimNode:
-        """Start a node now; it joins through the named seeds (a real push-pull join)."""
+    def add(self, name: str, *, seeds: Iterable[str] = (), tags: dict[str, str] | None = None,
+            delegate: Delegate | None = None) -> SimNode:
+        """Start a node now; it joins through the named seeds (a real push-pull join).
+
+        With a delegate, its state rides on membership and the machine's
+        ``FetchState`` requests are served over a modelled TCP stream.
+        """
         i = len(self.nodes)
         addr: Address = (f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}", PORT)
         x, y, region = self._place()
-        node = SimNode(i, name, addr, self._machine(name, addr, 0, tags), x, y, region)
+        node = SimNode(i, name, addr, self._machine(name, addr, 0, tags, delegate), x, y, region)
         self.nodes.append(node)
         self.by_name[name] = node
         self._by_addr[addr] = node
@@ -240,6 +266,15 @@ class Sim:
             self._flush(node)
         MEMBER_CHANGES.bump()  # member views cached by the machines must be rebuilt
         return new
+
+    def join_cluster(self, n: int, prefix: str = "n") -> list[SimNode]:
+        """n nodes started now, all joining through the first one by real push-pull joins.
+
+        Unlike :meth:`converged_cluster` this exercises the join path itself,
+        at O(n^2) messages: for tests of joining and small clusters.
+        """
+        first = self.add(f"{prefix}0")
+        return [first] + [self.add(f"{prefix}{i}", seeds=[first.name]) for i in range(1, n)]
 
     def flush(self, node: SimNode) -> None:
         """After a scenario called into ``node``'s machine itself: send what it queued, re-arm its timer."""
@@ -289,11 +324,15 @@ class Sim:
         if node.state in ("up", "paused"):
             node.state = "left"
 
-    def restart(self, name: str, seeds: Iterable[str] = ()) -> SimNode:
-        """A fresh process (incarnation 0) with the same name and address."""
+    def restart(self, name: str, seeds: Iterable[str] = (), tags: dict[str, str] | None = None) -> SimNode:
+        """A fresh process (incarnation 0) with the same name and address.
+
+        The new generation seeds a new random stream, so the new process does
+        not replay the old one's choices.
+        """
         node = self.by_name[name]
         node.generation += 1
-        node.m = self._machine(name, node.addr, node.generation, None)
+        node.m = self._machine(name, node.addr, node.generation, tags)
         node.state = "up"
         node.buffered.clear()
         node.scheduled = math.inf
@@ -311,9 +350,22 @@ class Sim:
             for name in names:
                 self.by_name[name].group = g
 
+    def block(self, src: str, dst: str) -> None:
+        """Datagrams from src to dst are lost (one direction), and so is every stream between them."""
+        self._blocked.add((self.by_name[src].index, self.by_name[dst].index))
+
+    def unblock(self, src: str, dst: str) -> None:
+        self._blocked.discard((self.by_name[src].index, self.by_name[dst].index))
+
+    def _cut(self, a: SimNode, b: SimNode) -> bool:
+        """No connection between a and b: a partition, or a block in either direction."""
+        return a.group != b.group or (a.index, b.index) in self._blocked or (b.index, a.index) in self._blocked
+
     def heal(self) -> None:
+        """End every partition and every one-way block."""
         for node in self.nodes:
             node.group = 0
+        self._blocked.clear()
 
     # -- the latency space ------------------------------------------------------------------------
 
@@ -341,9 +393,32 @@ class Sim:
     def up_nodes(self) -> list[SimNode]:
         return [n for n in self.nodes if n.up]
 
+    def up_names(self) -> list[str]:
+        return [n.name for n in self.nodes if n.up]
+
     def status(self, observer: str, subject: str) -> str | None:
         m = self.by_name[observer].m.members.get(subject)
         return None if m is None else m.status.value
+
+    def incarnation(self, observer: str, subject: str) -> int | None:
+        m = self.by_name[observer].m.members.get(subject)
+        return None if m is None else m.incarnation
+
+    def all_see(self, subject: str, status: str, observers: Iterable[str] | None = None) -> bool:
+        """Every named (default: running) node but the subject sees it with this status.
+
+        O(N): a predicate for small clusters, not for run_until at scale.
+        """
+        obs = observers if observers is not None else self.up_names()
+        return all(self.status(o, subject) == status for o in obs if o != subject)
+
+    def member_events(self, status: str | None = None) -> list[tuple[float, str, dict[str, Any]]]:
+        """(time, observer, fields) of every member status change, optionally of one status."""
+        assert self.keep_events, "member_events needs Sim(keep_events=True)"
+        return [
+            (t, o, f) for t, o, kind, f in self.events
+            if kind == "member" and (status is None or f["status"] == status)
+        ]
 
     def agree_all_alive(self, names: Iterable[str] | None = None) -> bool:
         """Every named (default: running) node sees exactly those nodes, all alive."""
@@ -385,6 +460,7 @@ class Sim:
         heap = self._heap
         nodes = self.nodes
         pop = heapq.heappop
+        check_deadlines = self.check_deadlines
         while heap and heap[0][0] <= end:
             when, _seq, kind, a, b, c = pop(heap)
             if when > self.now:
@@ -397,6 +473,8 @@ class Sim:
                 node.scheduled = math.inf
                 node.m.tick(self.now)
                 self._flush(node)
+                if check_deadlines:
+                    assert node.m.next_deadline() > self.now, f"{node.name}: tick({self.now}) left a deadline due"
             elif kind == _PACKET:
                 self._deliver(nodes[a], b, c)
             elif kind == _PUSH_PULL:
@@ -428,8 +506,8 @@ class Sim:
                 self._start_push_pull(node, eff)
             elif type(eff) is TcpProbe:
                 self._tcp_probe(node, eff)
-            elif type(eff) is FetchState:  # pragma: no cover - no delegate in the simulator
-                pass
+            elif type(eff) is FetchState:
+                self._fetch_state(node, eff)
             else:  # pragma: no cover - a new effect type the simulator does not know
                 raise AssertionError(f"unknown effect {eff!r}")
         for after in self._after_call:
@@ -454,7 +532,7 @@ class Sim:
         self.bytes_sent += size
         lost = self.rng.random() < self.net.loss  # drawn for every datagram: keeps replays aligned
         dst = self._by_addr.get(eff.addr)
-        if dst is None or dst.group != node.group:
+        if dst is None or dst.group != node.group or (self._blocked and (node.index, dst.index) in self._blocked):
             self.packets_cut += 1
             return
         if lost:
@@ -488,13 +566,13 @@ class Sim:
         """The fallback ping over TCP: lost packets are retransmitted by TCP, so only
         a partition or a node that is not up keeps it from answering in time."""
         target = self._by_addr.get(eff.addr)
-        if target is None or target.state != "up" or target.group != node.group:
+        if target is None or target.state != "up" or self._cut(node, target):
             return  # nothing comes back; the probe ends at its own deadline
         one_way = self.base_latency(node, target)
         machine = node.m
 
         def answer() -> None:
-            if target.state != "up" or target.group != node.group:
+            if target.state != "up" or self._cut(node, target):
                 return
             reply = target.m.handle_stream(self.now, node.addr, eff.payload)
             self._flush(target)
@@ -511,6 +589,39 @@ class Sim:
         # SYN, SYN-ACK, then the ping arrives: 3 one-way delays.
         self._push(self.now + 3 * one_way, _CALL, answer, None, None)
 
+    def _fetch_state(self, node: SimNode, eff: FetchState) -> None:
+        """A delegate's state fetched over TCP, timed like a push-pull: three one-way
+        delays to connect and send the request, one for the reply.  A cut link or a
+        peer that is not up fails it (no reply) when the request would have arrived."""
+        target = self._by_addr.get(eff.addr)
+        one_way = self.base_latency(node, target) if target is not None else self.net.base
+        machine = node.m
+
+        def request() -> None:
+            if node.m is not machine or node.state != "up":
+                return  # the requester died or was restarted meanwhile
+            if target is None or target.state != "up" or self._cut(node, target):
+                machine.complete_fetch(self.now, eff.node, None)
+                self._flush(node)
+                return
+            payload = machine.state_request_payload(eff.node)
+            node.stream_bytes_out += len(payload)
+            self.stream_bytes += len(payload)
+            reply = target.m.handle_stream(self.now, node.addr, payload)
+            self._flush(target)
+            if reply is not None:
+                target.stream_bytes_out += len(reply)
+                self.stream_bytes += len(reply)
+
+            def back() -> None:
+                if node.m is machine and node.state == "up":
+                    machine.complete_fetch(self.now, eff.node, reply)
+                    self._flush(node)
+
+            self._push(self.now + one_way, _CALL, back, None, None)
+
+        self._push(self.now + 3 * one_way, _CALL, request, None, None)
+
     def _start_push_pull(self, node: SimNode, eff: StartPushPull) -> None:
         target = self._by_addr.get(eff.target)
         one_way = self.base_latency(node, target) if target is not None else self.net.base
@@ -524,7 +635,7 @@ class Sim:
             if node.m is not machine or node.state != "up":
                 return  # the initiator died or was restarted meanwhile
             error = "connection refused"
-            if target is not None and target.state == "up" and target.group == node.group:
+            if target is not None and target.state == "up" and not self._cut(node, target):
                 request = machine.push_pull_payload(eff.purpose is Purpose.JOIN, lite=eff.purpose is Purpose.SYNC)
                 node.stream_bytes_out += len(request)
                 self.stream_bytes += len(request)

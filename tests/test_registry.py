@@ -8,12 +8,12 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from simnet import SimNet as Net
 
 from gossip.config import LOCAL
 from gossip.registry import EMPTY_DIGEST, Instance, NodeCatalog, Registry, catalog_digest
 from gossip.swim import FetchState, Membership
 from gossip.wire import DecodeError
+from simulations.sim import NetModel, Sim
 
 
 def inst(i: int, service: str = "web", health: str = "passing") -> Instance:
@@ -167,7 +167,7 @@ def test_thousand_instances_spread_through_gossip_and_tcp_fetches() -> None:
     virtual network; the FetchState effects are served as the agent does.
     """
     rng = random.Random(3)
-    net = Net(LOCAL, seed=11)
+    net = Sim(LOCAL, seed=11, net=NetModel.uniform(), check_packets=True, check_deadlines=True)
     registries: dict[str, Registry] = {}
 
     def factory(name: str) -> Registry:
@@ -177,13 +177,14 @@ def test_thousand_instances_spread_through_gossip_and_tcp_fetches() -> None:
     names = [f"n{i}" for i in range(20)]
     for i, name in enumerate(names):
         net.add(name, seeds=[] if i == 0 else ["n0"], delegate=factory(name))
-    assert net.run_until(net.converged, 30.0)
+    assert net.run_until(net.agree_all_alive, 30.0)
     for name in names:
         reg = registries[name]
         for j in range(50):
             reg.put(Instance(f"svc{j % 7}-{name}-{j}", f"svc{j % 7}", "10.1.0.1", 1000 + j,
                              ("t",), (("k", str(rng.random())),)))
-        net.nodes[name].m.state_changed()
+        net.by_name[name].m.state_changed()
+        net.flush(net.by_name[name])
 
     def all_have_everything() -> bool:
         return all(len(r.all_instances()) == 1000 for r in registries.values())

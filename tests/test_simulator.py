@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from gossip.config import LAN, LOCAL
 from gossip.swim import Membership
 from gossip.wire import Ping, decode_packet
@@ -109,6 +111,66 @@ def test_pause_holds_datagrams_and_resume_delivers_them() -> None:
     assert n1.m.counters.stats["packets_in"] == before + held  # handled late, on resume
     sim.run(5.0)
     assert all(sim.status(n.name, "n1") == "alive" for n in sim.nodes if n is not n1)
+
+
+def test_a_one_way_block_cuts_one_direction_until_unblocked_or_healed() -> None:
+    sim = Sim(LOCAL, seed=4, net=NetModel.uniform(), check_packets=True)
+    sim.converged_cluster(5)
+    received: list[tuple[str, str]] = []
+
+    def spy(node: object) -> None:
+        src = sim.current_src
+        if src is not None:
+            received.append((src.name, getattr(node, "name", "")))
+
+    sim.after_call(spy)
+    sim.block("n1", "n2")
+    sim.run(10.0)
+    assert ("n1", "n2") not in received and ("n2", "n1") in received
+    assert sim.packets_cut > 0
+    sim.unblock("n1", "n2")
+    sim.run(10.0)
+    assert ("n1", "n2") in received
+    sim.block("n1", "n2")
+    sim.heal()  # ends one-way blocks too
+    received.clear()
+    sim.run(10.0)
+    assert ("n1", "n2") in received
+
+
+def test_a_uniform_network_gives_every_link_the_same_delay_range() -> None:
+    sim = Sim(LOCAL, seed=4, net=NetModel.uniform(latency=0.002, jitter=0.001))
+    nodes = sim.converged_cluster(6)
+    sim.latencies = []
+    sim.run(5.0)
+    assert len(sim.latencies) > 50
+    assert 0.002 <= min(sim.latencies) and max(sim.latencies) <= 0.003
+    assert {sim.latency_bounds(a, b) for a in nodes for b in nodes} == {(0.002, 0.003)}
+
+
+def test_check_deadlines_catches_a_tick_that_leaves_its_deadline_due() -> None:
+    sim = Sim(LOCAL, seed=4, check_deadlines=True)
+    sim.converged_cluster(3)
+    sim.run(2.0)  # real machines keep the invariant
+    m = sim.by_name["n1"].m
+    m.next_deadline = lambda: sim.now  # type: ignore[method-assign]
+    with pytest.raises(AssertionError, match="n1: tick"):
+        sim.run(2.0)
+
+
+def test_restart_is_a_new_process_with_a_new_generation_and_its_own_tags() -> None:
+    sim = Sim(LOCAL, seed=4, net=NetModel.uniform(), check_packets=True, check_deadlines=True, keep_events=True)
+    sim.join_cluster(4)
+    assert sim.run_until(sim.agree_all_alive, 10.0)
+    old = sim.by_name["n2"].m
+    sim.crash("n2")
+    assert sim.run_until(lambda: sim.all_see("n2", "dead"), 30.0)
+    node = sim.restart("n2", seeds=["n0"], tags={"v": "2"})
+    assert node.generation == 1 and node.m is not old and node.m.me.incarnation == 0
+    assert sim.run_until(lambda: sim.agree_all_alive() and all(
+        sim.incarnation(o, "n2") == node.m.me.incarnation for o in sim.up_names()), 10.0)
+    assert all(sim.by_name[o].m.members["n2"].tags == {"v": "2"} for o in sim.up_names())
+    assert {f["name"] for _, _, f in sim.member_events("dead")} == {"n2"}
 
 
 def test_churn_join_and_leave() -> None:

@@ -2,7 +2,8 @@
 
 The first part drives one Membership by hand: encoded packets in, decoded
 effects out, time passed explicitly.  The second part runs clusters on the
-deterministic simulated network of tests/simnet.py.
+deterministic simulator of simulations/sim.py, on a network where every
+link is alike (``NetModel.uniform``) and every invariant check is on.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from simnet import SimNet
 
 from gossip.config import LAN, LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
@@ -43,6 +43,7 @@ from gossip.wire import (
     encode_stream,
     pack_packet,
 )
+from simulations.sim import NetModel, Sim
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None, max_examples=60,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -1420,18 +1421,23 @@ def test_introspection() -> None:
 # == whole clusters on the simulated network ==========================================================
 
 
+def sim(config: GossipConfig = LOCAL, seed: int = 0, loss: float = 0.0) -> Sim:
+    return Sim(config, seed=seed, net=NetModel.uniform(loss=loss), check_packets=True, check_deadlines=True,
+               keep_events=True)
+
+
 def converged_cluster(n: int = 10, config: GossipConfig = LOCAL, seed: int = 0,
-                      loss: float = 0.0) -> SimNet:
-    net = SimNet(config, seed=seed, loss=loss)
-    net.cluster(n)
-    assert net.run_until(net.converged, 30.0)
+                      loss: float = 0.0) -> Sim:
+    net = sim(config, seed=seed, loss=loss)
+    net.join_cluster(n)
+    assert net.run_until(net.agree_all_alive, 30.0)
     return net
 
 
 def test_ten_nodes_join_through_one_seed_and_converge() -> None:
-    net = SimNet(LOCAL, seed=1)
-    nodes = net.cluster(10)
-    assert net.run_until(net.converged, 5.0)
+    net = sim(LOCAL, seed=1)
+    nodes = net.join_cluster(10)
+    assert net.run_until(net.agree_all_alive, 5.0)
     assert net.now < 2.0
     assert all(n.m.joined for n in nodes)
     assert all(n.m.me.incarnation == 0 for n in nodes)
@@ -1446,7 +1452,7 @@ def test_the_simulation_is_deterministic() -> None:
         net = converged_cluster(6, seed=5, loss=0.05)
         net.crash("n2")
         net.run(20.0)
-        return [(t, o, e.kind, repr(sorted(e.fields.items()))) for t, o, e in net.events]
+        return [(t, o, kind, repr(sorted(fields.items()))) for t, o, kind, fields in net.events]
 
     first = trace()
     assert len(first) > 30  # a run with a crash: joins, suspicions, deaths
@@ -1468,7 +1474,7 @@ def test_a_crashed_node_is_declared_dead_everywhere_in_bounded_time(config: Goss
     net.run(30.0)
     assert {f["name"] for _, _, f in net.member_events("dead")} == {"n3"}
     assert net.all_see("n3", "dead")
-    assert net.converged([n for n in net.nodes if n != "n3"])
+    assert net.agree_all_alive([n for n in net.by_name if n != "n3"])
 
 
 def test_no_false_positives_without_loss() -> None:
@@ -1476,8 +1482,8 @@ def test_no_false_positives_without_loss() -> None:
     net.run(180.0)
     assert net.member_events("suspect") == []
     assert net.member_events("dead") == []
-    assert sum(n.m.counters.stats["probe_failures"] for n in net.nodes.values()) == 0
-    assert net.converged()
+    assert sum(n.m.counters.stats["probe_failures"] for n in net.by_name.values()) == 0
+    assert net.agree_all_alive()
 
 
 def test_lifeguard_keeps_healthy_nodes_alive_under_ten_percent_loss() -> None:
@@ -1488,24 +1494,24 @@ def test_lifeguard_keeps_healthy_nodes_alive_under_ten_percent_loss() -> None:
     net.run(180.0)
     # Loss did cause suspicions, and every one was refuted in time.
     assert len(net.member_events("suspect")) > 20
-    assert sum(n.m.counters.stats["refutations"] for n in net.nodes.values()) > 5
+    assert sum(n.m.counters.stats["refutations"] for n in net.by_name.values()) > 5
     assert net.member_events("dead") == []
-    assert net.converged()
+    assert net.agree_all_alive()
     assert net.packets_lost > 0
 
 
 def test_the_tcp_fallback_probe_spares_members_the_suspicions_that_loss_causes() -> None:
     net = converged_cluster(10, LAN, seed=3, loss=0.10)
     net.run(180.0)
-    saves = sum(n.m.counters.stats["tcp_fallback_saves"] for n in net.nodes.values())
+    saves = sum(n.m.counters.stats["tcp_fallback_saves"] for n in net.by_name.values())
     assert saves >= 10  # probes that loss would have turned into suspicions ended well over TCP
     assert len(net.member_events("suspect")) < 5 and net.member_events("dead") == []
-    assert net.converged()
+    assert net.agree_all_alive()
 
 
 def test_a_paused_node_is_declared_dead_then_refutes_after_resuming() -> None:
     net = converged_cluster(10, seed=4)
-    inc = net.nodes["n4"].m.me.incarnation
+    inc = net.by_name["n4"].m.me.incarnation
     paused_at = net.now
     net.pause("n4")
     assert net.run_until(lambda: net.all_see("n4", "dead"), LOCAL.probe_interval + LOCAL.suspicion_max(10))
@@ -1515,10 +1521,10 @@ def test_a_paused_node_is_declared_dead_then_refutes_after_resuming() -> None:
     net.resume("n4")
     assert net.run_until(lambda: net.all_see("n4", "alive"), 10.0)
     assert net.now - resumed_at < 2.0  # ping replies tell it at once
-    new_inc = net.nodes["n4"].m.me.incarnation
+    new_inc = net.by_name["n4"].m.me.incarnation
     assert new_inc > inc
-    assert {net.incarnation(o, "n4") for o in net.nodes} == {new_inc}
-    assert net.run_until(net.converged, 10.0)
+    assert {net.incarnation(o, "n4") for o in net.by_name} == {new_inc}
+    assert net.run_until(net.agree_all_alive, 10.0)
     # Only the paused node was ever declared dead.
     assert {f["name"] for _, _, f in net.member_events("dead")} == {"n4"}
 
@@ -1526,8 +1532,8 @@ def test_a_paused_node_is_declared_dead_then_refutes_after_resuming() -> None:
 @pytest.mark.parametrize("wait_for_death", [False, True], ids=["quick", "after-death"])
 def test_a_restarted_node_rejoins_with_a_higher_incarnation(wait_for_death: bool) -> None:
     net = converged_cluster(10, seed=5)
-    net.nodes["n5"].m.set_tags({"version": "1"})  # incarnation 1 in its first life
-    assert net.run_until(lambda: all(net.incarnation(o, "n5") == 1 for o in net.nodes), 5.0)
+    net.set_tags("n5", {"version": "1"})  # incarnation 1 in its first life
+    assert net.run_until(lambda: all(net.incarnation(o, "n5") == 1 for o in net.by_name), 5.0)
     net.crash("n5")
     if wait_for_death:
         assert net.run_until(lambda: net.all_see("n5", "dead"), 10.0)
@@ -1536,43 +1542,43 @@ def test_a_restarted_node_rejoins_with_a_higher_incarnation(wait_for_death: bool
         assert net.all_see("n5", "alive")
     node = net.restart("n5", seeds=["n0"], tags={"version": "2"})
     assert node.m.me.incarnation == 0
-    assert net.run_until(lambda: net.converged() and all(
-        net.incarnation(o, "n5") == node.m.me.incarnation for o in net.nodes), 10.0)
+    assert net.run_until(lambda: net.agree_all_alive() and all(
+        net.incarnation(o, "n5") == node.m.me.incarnation for o in net.by_name), 10.0)
     assert node.m.me.incarnation >= 2  # outbid its first life's incarnation 1
-    assert all(net.nodes[o].m.members["n5"].tags == {"version": "2"} for o in net.nodes)
+    assert all(net.by_name[o].m.members["n5"].tags == {"version": "2"} for o in net.by_name)
 
 
 def test_graceful_leave_shows_left_everywhere() -> None:
     net = converged_cluster(10, seed=6)
     net.leave("n2")
-    assert net.run_until(lambda: net.nodes["n2"].m.leave_spread(net.now), LOCAL.leave_propagate_timeout)
+    assert net.run_until(lambda: net.by_name["n2"].m.leave_spread(net.now), LOCAL.leave_propagate_timeout)
     net.crash("n2")  # the agent exits once the leave has spread
     # Gossip carries it to most at once; push-pull anti-entropy to the rest.
     assert net.run_until(lambda: net.all_see("n2", "left"), LOCAL.push_pull_interval + 2.0)
     net.run(60.0)
     assert net.all_see("n2", "left")
     assert net.member_events("dead") == []
-    assert net.converged()
+    assert net.agree_all_alive()
 
 
 def test_local_health_rises_on_a_node_that_cannot_receive() -> None:
     net = converged_cluster(10, seed=7)
-    for other in net.nodes:
+    for other in net.by_name:
         if other != "n3":
             net.block(other, "n3")  # n3 sends fine but hears no acks (nor anything else)
     net.run(10.0)
-    deaf = net.nodes["n3"].m
+    deaf = net.by_name["n3"].m
     top = LOCAL.awareness_max_multiplier - 1
     assert deaf.awareness.score == top
-    before = {n: node.m.counters.stats["probes"] for n, node in net.nodes.items()}
+    before = {n: node.m.counters.stats["probes"] for n, node in net.by_name.items()}
     net.run(20.0)
-    probes = {n: node.m.counters.stats["probes"] - before[n] for n, node in net.nodes.items()}
+    probes = {n: node.m.counters.stats["probes"] - before[n] for n, node in net.by_name.items()}
     # It stretched its probe interval 8x instead of accusing everyone at full speed.
     assert probes["n3"] <= 20.0 / (LOCAL.probe_interval * (top + 1)) + 1
     assert min(v for n, v in probes.items() if n != "n3") >= 30
-    assert max(node.m.awareness.score for n, node in net.nodes.items() if n != "n3") <= 1
+    assert max(node.m.awareness.score for n, node in net.by_name.items() if n != "n3") <= 1
     net.heal()
-    assert net.run_until(net.converged, 30.0)
+    assert net.run_until(net.agree_all_alive, 30.0)
     net.run(30.0)
     assert deaf.awareness.score == 0
 
@@ -1586,17 +1592,17 @@ def test_a_healed_partition_merges_again() -> None:
     net.run(LOCAL.suspicion_max(6) + LOCAL.gossip_to_the_dead + 5.0)
     assert all(net.status(a, b) == "dead" for a in left for b in right)
     net.heal()
-    assert net.run_until(net.converged, LOCAL.reconnect_interval + 5.0)
+    assert net.run_until(net.agree_all_alive, LOCAL.reconnect_interval + 5.0)
     # Each side refuted the other's dead verdict with a new incarnation.
-    assert all(node.m.me.incarnation == 1 for node in net.nodes.values())
+    assert all(node.m.me.incarnation == 1 for node in net.by_name.values())
 
 
 def test_view_version_moves_with_every_change_a_member_view_shows() -> None:
     """The API caches its member list on view_version(); a stale cache would lie."""
-    net = SimNet(LOCAL, seed=3)
-    net.cluster(3)
-    assert net.run_until(lambda: net.converged(), 10)
-    m = net.nodes["n0"].m
+    net = sim(LOCAL, seed=3)
+    net.join_cluster(3)
+    assert net.run_until(lambda: net.agree_all_alive(), 10)
+    m = net.by_name["n0"].m
     seen = [m.view_version()]
 
     def moved() -> bool:
@@ -1666,7 +1672,7 @@ def test_a_seed_list_that_names_this_agent_too_is_no_error() -> None:
 def test_the_kept_up_count_matches_a_recount_through_joins_deaths_and_reaping() -> None:
     cfg = dataclasses.replace(LOCAL, dead_reap_after=5.0)
     net = converged_cluster(8, cfg, seed=11)
-    m = net.nodes["n0"].m
+    m = net.by_name["n0"].m
 
     def recount() -> int:
         return sum(1 for x in m.members.values() if x.status.up)
