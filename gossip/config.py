@@ -102,8 +102,7 @@ class GossipConfig:
         (gossip.sync): half a gossip round.  While a burst of joins spreads, news comes every
         eager gossip gap (a quarter of a round on lan); a settle that still finds news is
         followed by another, so a lull taken for the end costs a push-pull, not a member.
-        Simulated 25- and 50-member bursts spread over 0.3 s converged in a median 0.42 and
-        0.60 s with half a round, 0.51 and 0.76 s with a whole one."""
+        Why half a round and not a whole one: docs/membership.md, "Settling after a join"."""
         return 0.5 * self.gossip_interval
 
     def suspicion_min(self, n_members: int) -> float:

@@ -18,7 +18,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from simulations.harness import ROOT, AgentProc, mesh_agent_cmd, wait_for
+from simulations.harness import ROOT, AgentProc, Processes, mesh_agent_cmd, wait_for
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -207,7 +206,7 @@ class Lab:
         self.hub = f"{self.prefix}hub"
         self.hosts: dict[str, Host] = {}
         self.agents: dict[str, NsAgent] = {}
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs = Processes()
         self._namespaces: list[str] = []
         self._root_if = f"{self.prefix}r"
         self._etc_dirs: list[Path] = []
@@ -239,11 +238,7 @@ class Lab:
     def run_in(self, host: Host, args: list[str], log_name: str,
                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = dict(env if env is not None else os.environ, PYTHONPATH=str(ROOT))
-        with open(self.workdir / log_name, "wb") as log:
-            p = subprocess.Popen(["ip", "netns", "exec", host.ns, *args], stdout=log, stderr=subprocess.STDOUT,
-                                 cwd=ROOT, env=env, start_new_session=True)
-        self.procs.append(p)
-        return p
+        return self.procs.start(["ip", "netns", "exec", host.ns, *args], self.workdir / log_name, env, ROOT)
 
     def start_agent(self, name: str, join: list[str] | None = None, extra: list[str] | None = None) -> NsAgent:
         host = self.hosts.get(name) or self.add_host(name)
@@ -330,16 +325,7 @@ class Lab:
         sh("ip", "netns", "exec", self.hosts[a].ns, "iptables", "-F")
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+        self.procs.close()
         for ns in reversed(self._namespaces):
             sh("ip", "netns", "del", ns, check=False)
         for directory in self._etc_dirs:
