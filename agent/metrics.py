@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 from dataplane.reactor import ReactorMode
 from dataplane.tunnel import REFUSAL_REASONS
+from gossip import hlc
 from gossip.swim import RTT_BUCKETS
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class AgentCollector(Collector):
         yield g
         g = GaugeMetricFamily("mesh_config_clock_seconds",
                               "This node's config version clock, its wall-clock part (Unix time).")
-        g.add_metric([], (view["clock"] >> 16) / 1000)
+        g.add_metric([], hlc.wall_ms(view["clock"]) / 1000)
         yield g
         stats = view["counters"]
         c = _counter("mesh_config_writes_total", "Config entries written or deleted through this node.", ["op"])

@@ -9,16 +9,20 @@ local wall clock, never behind any timestamp this node has seen, and grows
 with every event, so a write made after seeing another always orders after it
 (happened-before is kept), and an operator can still read it as a time.
 
-A timestamp is one int: milliseconds since the Unix epoch in the high bits and
-a 16-bit counter in the low bits, so versions compare as plain integers and
-pack into msgpack as one.  Pure: the caller passes the wall clock in.
+A timestamp is one int, milliseconds since the Unix epoch times COUNTER_SPAN
+plus a counter below it, so versions compare as plain integers, pack into
+msgpack as one, and stay below 2^53 until the year 2255: JSON readers that hold
+numbers as doubles (a browser, jq) read them exactly, so a version copied from
+``config read`` into a check-and-set is the version.  Pure: the caller passes
+the wall clock in.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-COUNTER_BITS: Final = 16
+#: Events one millisecond can tell apart before the counter carries into the next.
+COUNTER_SPAN: Final = 1000
 #: A peer's timestamp further ahead of our wall clock than this is not believed
 #: (a clock set a year ahead must not push every later write there): the paper's
 #: bound on clock drift, ε.
@@ -31,11 +35,11 @@ class ClockDriftError(ValueError):
 
 def wall_ms(ts: int) -> int:
     """The physical part of a timestamp: milliseconds since the epoch."""
-    return ts >> COUNTER_BITS
+    return ts // COUNTER_SPAN
 
 
 def make(wall: int, counter: int = 0) -> int:
-    return (wall << COUNTER_BITS) | counter
+    return wall * COUNTER_SPAN + counter
 
 
 class HybridClock:
@@ -51,8 +55,8 @@ class HybridClock:
 
         The wall clock's when it moved on; else the last one's counter plus one.
         A counter that overflows carries into the milliseconds, so the clock runs
-        a millisecond ahead after 65,536 events in one: still later than all
-        before it, which is all the ordering needs.
+        a millisecond ahead after COUNTER_SPAN events in one: still later than
+        all before it, which is all the ordering needs.
         """
         self.last = max(self.last + 1, make(wall))
         return self.last

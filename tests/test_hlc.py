@@ -44,7 +44,7 @@ def test_a_timestamp_far_ahead_is_refused_and_changes_nothing() -> None:
 
 
 def test_counter_overflow_carries_into_the_milliseconds() -> None:
-    c = HybridClock(hlc.make(7, (1 << hlc.COUNTER_BITS) - 1))
+    c = HybridClock(hlc.make(7, hlc.COUNTER_SPAN - 1))
     assert c.now(7) == hlc.make(8, 0)
 
 
@@ -62,3 +62,11 @@ def test_every_timestamp_issued_is_later_than_all_before(events: list[tuple[bool
             except ClockDriftError:
                 continue
     assert issued == sorted(set(issued))
+
+
+def test_versions_stay_exact_in_a_double_for_centuries() -> None:
+    # A browser or jq reads JSON numbers as doubles: a version must survive that, or a
+    # check-and-set copied from `config read` would never match.
+    year_2255_ms = 9_000_000_000_000
+    ts = hlc.make(year_2255_ms, hlc.COUNTER_SPAN - 1)
+    assert ts < 2**53 and int(float(ts)) == ts
