@@ -184,7 +184,9 @@ class Cluster:
         extra: list[str] | None = None,
         wait: bool = True,
         timeout: float = 15,
+        root: Path = ROOT,
     ) -> AgentProc:
+        """Start an agent (from the code under ``root``: another copy is another release)."""
         gossip_port = gossip_port or free_port()
         api_port = api_port or free_port()
         args = mesh_agent_cmd() + [
@@ -204,8 +206,8 @@ class Cluster:
         log_path = self.workdir / f"{name}-{len(self._all)}.log"
         # Agents without --data-dir keep their identity in a default place under the state home
         # (agent/identity.py): this run's own, so that no run leaves anything behind.
-        env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_STATE_HOME=str(self.workdir / "state"))
-        popen = self._procs.start(args, log_path, env, ROOT)
+        env = dict(os.environ, PYTHONPATH=str(root), XDG_STATE_HOME=str(self.workdir / "state"))
+        popen = self._procs.start(args, log_path, env, root)
         proc = AgentProc(name, gossip_port, api_port, log_path, popen)
         self.agents[name] = proc
         self._all.append(proc)
