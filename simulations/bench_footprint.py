@@ -165,6 +165,8 @@ def crowd(col: Column, key: str, work: Path, n: int, timeout: float) -> None:
         ports = [(free_port(), free_port()) for _ in range(n)]
         names = [f"c{i:02d}" for i in range(n)]
         logs = [work / f"{col.label}-crowd-{nm}.log" for nm in names]
+        for path in logs:  # a log from the run before would be read as this run's (Processes appends)
+            path.unlink(missing_ok=True)
         t0 = time.monotonic()
         pids = [procs.start(col.agent_cmd(nm, port, ctl, key, ports[0][0] if i else None), logs[i], col.env(),
                             col.cwd()).pid
