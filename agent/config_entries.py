@@ -307,7 +307,8 @@ class ConfigEntries:
         return ConfigPull(self.node, config_sync.summary_to_wire(self.store.summary()), bool(self.stale_before))
 
     def answer(self, pull: ConfigPull) -> ConfigPush:
-        """A peer's pull: the entries it lacks (never this node's stale ones), and every key if it is stale."""
+        """A peer's pull: the entries it lacks (never this node's stale ones), every key if it is stale,
+        and whether its summary shows this node news (``pulling_back``: the caller then pulls it)."""
         try:
             theirs = config_sync.summary_from_wire(pull.summary)
         except config_sync.SyncError as exc:
@@ -321,14 +322,8 @@ class ConfigEntries:
                 source.apply(e)
         entries, keys, more = config_sync.pull_reply(source, theirs, with_keys=pull.stale)
         self.stats["pulls_answered"] += 1
-        return ConfigPush([e.to_wire() for e in entries], None if keys is None else [list(k) for k in keys], more)
-
-    def news_in(self, pull: ConfigPull) -> bool:
-        """Whether a peer's pull shows it holds versions this node lacks (then this node pulls back)."""
-        try:
-            return config_sync.has_news_for(self.store, config_sync.summary_from_wire(pull.summary))
-        except config_sync.SyncError:
-            return False
+        return ConfigPush([e.to_wire() for e in entries], None if keys is None else [list(k) for k in keys], more,
+                          pulling_back=config_sync.has_news_for(self.store, theirs))
 
     def apply_push(self, push: ConfigPush, peer: str) -> bool:
         """Merge a pull's answer from ``peer``; True if more remain to pull."""
@@ -359,12 +354,7 @@ class ConfigEntries:
 
     def _commit(self, entries: list[Entry]) -> list[Entry]:
         """Save the state these entries lead to, then apply them (save before apply: store.py)."""
-        after = {e.key: e for e in self.store}
-        for e in entries:
-            held = after.get(e.key)
-            if held is None or held.order < e.order:
-                after[e.key] = e
-        self._save(list(after.values()))
+        self._save(self.store.merged(entries))
         return self._apply(entries)
 
     def _apply(self, entries: list[Entry]) -> list[Entry]:

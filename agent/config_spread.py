@@ -71,10 +71,12 @@ class ConfigSpread:
 
     def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:
         push = self.entries.answer(pull)
+        if not push.pulling_back:
+            return push
         member = self.membership.members.get(pull.source)
-        if member is not None and self.entries.news_in(pull):
-            self._start_pull(pull.source, member.addr, 0)  # pull back what it has and we lack
-            return dataclasses.replace(push, pulling_back=True)
+        if member is None:
+            return dataclasses.replace(push, pulling_back=False)  # nowhere to pull back from
+        self._start_pull(pull.source, member.addr, 0)  # pull back what it has and we lack
         return push
 
     def _start_pull(self, peer: str, addr: Address, dull: int) -> None:
@@ -132,4 +134,4 @@ class ConfigSpread:
             self.entries.receive([got])
         elif config_sync.lacks(self.entries.store, got):
             # Too large to ride in the query: pull from its writer what this node lacks.
-            self.observed(fields["origin"], fields["origin_addr"], b"")
+            self._start_pull(fields["origin"], fields["origin_addr"], 0)

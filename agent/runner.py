@@ -29,6 +29,7 @@ from agent.config import AgentConfig, describe
 from agent.config_entries import ConfigEntries
 from agent.config_spread import ConfigSpread
 from agent.directory import MeshDirectory
+from agent.entry_kinds import SERVICE_DEFAULTS
 from agent.intentions import Intentions
 from agent.keys import KeyManager
 from agent.services import LocalServices
@@ -177,7 +178,7 @@ class Agent:
         )
         self.directory.tunnel_route = self.tunnels.route_to
         self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name,
-                                   defaults=lambda service: self.config_entries.lookup("service-defaults", service))
+                                   defaults=lambda service: self.config_entries.lookup(SERVICE_DEFAULTS, service))
         self.keys = KeyManager(self.sealer.keyring, cfg.data_dir, self.membership, self.log, self._wake)
         self.keys.load()
         self._registry_index = self.registry.index
@@ -710,7 +711,7 @@ class Agent:
 
     def _config_changed(self, changed: list[Any]) -> None:
         self.intentions.refresh()
-        if any(e.kind == "service-defaults" for e in changed):
+        if any(e.kind == SERVICE_DEFAULTS for e in changed):
             self.upstreams.defaults_changed()
 
     def savers(self) -> dict[str, store.Saver]:

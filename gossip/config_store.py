@@ -165,6 +165,11 @@ def _check_key(kind: str, name: str) -> None:
         raise EntryError(f"an entry's name must be 1 to {MAX_NAME} characters")
 
 
+def _wins(entry: Entry, held: Entry | None) -> bool:
+    """The merge rule: an entry replaces what is held exactly when its version orders later."""
+    return held is None or held.order < entry.order
+
+
 class ConfigStore:
     """The entries this node holds, live and deleted, merged as a last-writer-wins map."""
 
@@ -194,12 +199,20 @@ class ConfigStore:
         Commutative, associative and idempotent: the state is the maximum entry
         per key, whatever the order and repetition of the calls.
         """
-        held = self._entries.get(entry.key)
-        if held is not None and held.order >= entry.order:
+        if not _wins(entry, self._entries.get(entry.key)):
             return False
         self._entries[entry.key] = entry
         self._digest = None
         return True
+
+    def merged(self, entries: Iterable[Entry]) -> list[Entry]:
+        """What the store would hold after applying ``entries``, without applying them
+        (a caller that saves before it applies writes this)."""
+        after = dict(self._entries)
+        for e in entries:
+            if _wins(e, after.get(e.key)):
+                after[e.key] = e
+        return list(after.values())
 
     def purge(self, now_ms: int) -> list[Entry]:
         """Drop the tombstones older than the TTL; return them."""

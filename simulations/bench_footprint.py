@@ -54,7 +54,8 @@ from simulations.harness import Processes, free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 #: How long after spawning an idle agent its RSS is read.
 RSS_AFTER = 2.0
-#: How often readiness is probed while an agent starts: fine enough for a 10 ms start.
+#: How often readiness is probed while an agent starts: fine enough to time Serf, which answers
+#: within milliseconds of being spawned.
 READY_POLL = 0.002
 
 

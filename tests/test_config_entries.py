@@ -14,6 +14,7 @@ from agent.services import ServiceError
 from gossip.config_store import Entry
 from gossip.hlc import MAX_DRIFT_MS, make
 from gossip.signing import Signer
+from gossip.wire import ConfigPull, ConfigPush
 
 HOUR = 3_600_000
 
@@ -181,11 +182,12 @@ def test_anti_entropy_brings_two_nodes_to_the_same_digest(tmp_path: Path) -> Non
     for i in range(600):  # more than one pull's batch
         b.write({"kind": "intention", "source": f"s{i}", "destination": "db", "action": "allow"})
     a.delete("intention", "web/db")
+    assert b.answer(a.pull_request()).pulling_back  # a holds what b lacks: b would pull back
     assert sync(a, b) == 2 and sync(b, a) == 1
     assert a.digest() == b.digest() and len(a.listing()) == 600
     held = b.store.get("intention", "web/db")
     assert held is not None and held.deleted  # the delete made on a reached b
-    assert a.answer(b.pull_request()).entries == []  # in step: nothing to send
+    assert a.answer(b.pull_request()) == ConfigPush([])  # in step: nothing to send, nothing to pull back
 
 
 def test_a_stale_node_settles_on_its_first_pull_and_spreads_nothing_stale(tmp_path: Path) -> None:
@@ -209,7 +211,5 @@ def test_a_stale_node_settles_on_its_first_pull_and_spreads_nothing_stale(tmp_pa
 def test_malformed_pulls_and_pushes_are_counted_not_applied(tmp_path: Path) -> None:
     a = node(None, "a")
     a.write(DENY)
-    from gossip.wire import ConfigPull, ConfigPush
-
     assert a.answer(ConfigPull("x", [["bad"]])) == ConfigPush([]) and a.stats["refused_malformed"] == 1
     assert a.apply_push(ConfigPush([["not", "an", "entry"]]), "x") is False and a.stats["refused_malformed"] == 2

@@ -43,8 +43,10 @@ def state(store: ConfigStore) -> dict[tuple[str, str], tuple[object, ...]]:
 @given(writes, st.randoms(use_true_random=False))
 def test_any_order_and_repetition_gives_the_same_state(ws: list[Entry], rnd: random.Random) -> None:
     a, b = ConfigStore(), ConfigStore()
+    planned = a.merged(ws)  # what applying them will leave, computed before
     for e in ws:
         a.apply(e)
+    assert sorted(planned, key=lambda e: e.key) == sorted(a, key=lambda e: e.key)
     shuffled = ws + rnd.sample(ws, k=len(ws) // 2)  # some delivered twice
     rnd.shuffle(shuffled)
     for e in shuffled:
