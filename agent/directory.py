@@ -36,6 +36,15 @@ class MeshDirectory:
             out.append(Endpoint(node, inst.id, inst.address, inst.port, inst.service, inst.tags, inst.meta))
         return out
 
+    def protocol_of(self, service: str) -> str | None:
+        """How the proxy carries ``service``: "http" (per request) or "tcp" (agent.services.effective_protocol);
+        None while nothing says (no entry, no instance registered)."""
+        protocol, _ = self.services.protocol_of(service)
+        if protocol == "tcp" and self.services.declared_protocol(service) is None and not any(
+                inst.service == service for _, inst in self.services.registry.all_instances()):
+            return None
+        return protocol
+
     def local_endpoint(self, instance_id: str) -> Endpoint | None:
         reg = self.services.registrations.get(instance_id)
         if reg is None:

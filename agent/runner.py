@@ -52,7 +52,7 @@ from agent.transport import (
 )
 from agent.upstreams import Upstreams
 from dataplane import noise, relay
-from dataplane.proxy import PeerStream, Proxy, ProxyError
+from dataplane.proxy import PeerStream, Proxy, ProxyError, UpstreamListener
 from dataplane.rawsocket import connect_tcp
 from dataplane.tunnel import TunnelManager
 from gossip import config_sync
@@ -159,6 +159,7 @@ class Agent:
             script_checks=cfg.enable_script_checks,
         )
         self.directory = MeshDirectory(self.membership, self.services)
+        self.services.declared_protocol = self._declared_protocol
         self.dp_stats: Counter[str] = Counter()
         #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
@@ -170,7 +171,7 @@ class Agent:
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory,
-                           chains=self.config_entries)
+                           chains=self.config_entries, protocols=self.directory.protocol_of)
         self.tunnels = TunnelManager(
             cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
@@ -673,6 +674,11 @@ class Agent:
             ranked.append((0 if route == [] else 1, cost, m.name))
         return [name for _, _, name in sorted(ranked)]
 
+    def _declared_protocol(self, service: str) -> str | None:
+        defaults = self.config_entries.lookup(SERVICE_DEFAULTS, service)
+        protocol = None if defaults is None else defaults.get("protocol")
+        return protocol if isinstance(protocol, str) else None
+
     def routes_view(self, service: str | None = None) -> list[dict[str, Any]]:
         """The routing table: every passing instance of each upstream's service, as its router sees it."""
         now = trio.current_time()
@@ -680,20 +686,29 @@ class Agent:
         for name, up in sorted(self.proxy.upstreams.items()):
             if service is not None and name != service:
                 continue
-            chain = self.config_entries.chain_for(name)
-            if chain is None:
-                rows += up.router.view(now, self.directory.passing_endpoints(name), self.directory, self.cfg.name)
-                continue
-            # Shaped by config entries: each split's instances, and which target (and weight) chose them.
-            for weight, target in chain.splits:
-                resolved = chain.resolve(target, self.directory.passing_endpoints)
-                for row in up.router.view(now, resolved.endpoints, self.directory, self.cfg.name):
-                    row["service"] = name
-                    row["target"] = str(resolved.used)
-                    row["split_weight"] = weight
-                    row["failover_from"] = str(target) if resolved.failed_over else None
-                    rows.append(row)
+            protocol, conflict = self.services.protocol_of(name)
+            first = len(rows)
+            self._route_rows(rows, name, up, now)
+            for row in rows[first:]:
+                row["protocol"] = protocol
+                if conflict is not None:
+                    row["protocol_conflict"] = conflict
         return rows
+
+    def _route_rows(self, rows: list[dict[str, Any]], name: str, up: UpstreamListener, now: float) -> None:
+        chain = self.config_entries.chain_for(name)
+        if chain is None:
+            rows += up.router.view(now, self.directory.passing_endpoints(name), self.directory, self.cfg.name)
+            return
+        # Shaped by config entries: each split's instances, and which target (and weight) chose them.
+        for weight, target in chain.splits:
+            resolved = chain.resolve(target, self.directory.passing_endpoints)
+            for row in up.router.view(now, resolved.endpoints, self.directory, self.cfg.name):
+                row["service"] = name
+                row["target"] = str(resolved.used)
+                row["split_weight"] = weight
+                row["failover_from"] = str(target) if resolved.failed_over else None
+                rows.append(row)
 
     def _load_config_entries(self) -> None:
         """Saved entries, then a per-node intentions.json carried over (once), then the config file's."""

@@ -36,7 +36,11 @@ MAX_TAGS = 64
 MAX_TAG_LEN = 256
 MAX_META = 64
 MAX_META_VALUE = 512
-FIELDS = {"name", "id", "address", "port", "tags", "meta", "check"}
+FIELDS = {"name", "id", "address", "port", "tags", "meta", "check", "protocol"}
+PROTOCOLS = ("tcp", "http")
+#: How an instance's protocol travels in the registry: as a meta entry under a key no user can
+#: register (META_KEY_RE has no '.'), so agents that predate it carry and show it, never refuse it.
+PROTOCOL_META = "mesh.protocol"
 STORE_FILE = "services.json"
 
 
@@ -71,10 +75,14 @@ class Registration:
     #: "config" registrations come back from the config file at each start;
     #: "api" ones are persisted under --data-dir.
     source: str = "api"
+    #: "tcp" (carried as bytes) or "http" (balanced per request): see effective_protocol.
+    protocol: str = "tcp"
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"id": self.id, "name": self.name, "address": self.address, "port": self.port,
                              "tags": list(self.tags), "meta": dict(self.meta)}
+        if self.protocol != "tcp":
+            d["protocol"] = self.protocol
         if self.check is not None:
             d["check"] = self.check.to_dict()
         return d
@@ -130,6 +138,11 @@ def validate(payload: Any, node: str, default_address: str, source: str = "api",
             raise ServiceError(f"invalid meta key {k!r}: 1-128 of letters, digits, '_' and '-'")
         if not isinstance(v, str) or len(v) > MAX_META_VALUE:
             raise ServiceError(f"meta value for {k!r} must be a string of at most {MAX_META_VALUE} characters")
+    protocol = payload.get("protocol", "tcp")
+    if protocol not in PROTOCOLS:
+        raise ServiceError(f"protocol must be tcp or http, got {shown(protocol)}")
+    if protocol != "tcp" and len(meta) >= MAX_META:
+        raise ServiceError(f"an http service holds at most {MAX_META - 1} meta keys (the protocol takes one)")
     check = None
     raw_check = payload.get("check")
     if raw_check is not None:
@@ -141,7 +154,33 @@ def validate(payload: Any, node: str, default_address: str, source: str = "api",
             raise ServiceError(f"invalid check: {exc}") from None
         if check.type == "exec" and not script_checks:
             raise ServiceError(SCRIPT_CHECKS_OFF, 403, "script_checks")
-    return Registration(iid, name, address, port, list(tags), dict(meta), check, source)
+    return Registration(iid, name, address, port, list(tags), dict(meta), check, source, protocol)
+
+
+def effective_protocol(declared: str | None, registered: set[str]) -> tuple[str, str | None]:
+    """A service's protocol, and the disagreement to show when there is one.
+
+    The mesh-wide service-defaults entry decides when it names a protocol
+    (issue 27: that is where a service's protocol lives); otherwise the
+    registrations do, when they agree.  Instances that disagree are carried
+    as tcp, which carries anything, until they agree or an entry decides:
+    the conflict is shown (``services``, ``routes``), never silently resolved.
+    """
+    if declared is not None:
+        if registered - {declared}:
+            return declared, (f"service-defaults says {declared}, instances are registered as "
+                              f"{' and '.join(sorted(registered))}: {declared} is used")
+        return declared, None
+    if len(registered) > 1:
+        return "tcp", "instances are registered as both http and tcp: carried as tcp until they agree"
+    return (next(iter(registered)) if registered else "tcp"), None
+
+
+def instance_protocol(meta: tuple[tuple[str, str], ...]) -> str:
+    for k, v in meta:
+        if k == PROTOCOL_META:
+            return v if v in PROTOCOLS else "tcp"
+    return "tcp"
 
 
 class LocalServices:
@@ -149,6 +188,8 @@ class LocalServices:
                  registry: Registry, membership: Membership, on_change: Callable[[], None],
                  script_checks: bool = False) -> None:
         self.node = node
+        #: A service's protocol as its mesh-wide service-defaults entry names it, or None (set by the agent).
+        self.declared_protocol: Callable[[str], str | None] = lambda service: None
         #: Whether run-time (API) registrations may carry exec checks (--enable-script-checks).
         self.script_checks = script_checks
         #: Stored run-time registrations not loaded (an exec check while script checks are off):
@@ -237,8 +278,11 @@ class LocalServices:
     def _add(self, reg: Registration) -> None:
         self.registrations[reg.id] = reg
         health = "passing" if reg.check is None else "critical"
+        meta = dict(reg.meta)
+        if reg.protocol != "tcp":
+            meta[PROTOCOL_META] = reg.protocol
         self.registry.put(Instance(reg.id, reg.name, reg.address, reg.port, tuple(reg.tags),
-                                   tuple(sorted(reg.meta.items())), health))
+                                   tuple(sorted(meta.items())), health))
 
     def _start_check(self, iid: str) -> None:
         reg = self.registrations[iid]
@@ -326,7 +370,8 @@ class LocalServices:
                 "node": node,
                 "address": format_addr((inst.address, inst.port)),
                 "tags": list(inst.tags),
-                "meta": dict(inst.meta),
+                "meta": {k: v for k, v in inst.meta if k != PROTOCOL_META},
+                "protocol": instance_protocol(inst.meta),
                 "health": inst.health,
                 "output": inst.output,
                 "node_status": status.value,
@@ -336,11 +381,26 @@ class LocalServices:
 
     def services(self) -> list[dict[str, Any]]:
         counts: dict[str, list[int]] = {}
+        protocols: dict[str, set[str]] = {}
         for inst in self.instances():
             c = counts.setdefault(inst["service"], [0, 0])
             c[0] += 1
             c[1] += inst["health"] == "passing"
-        return [{"name": n, "instances": c[0], "passing": c[1]} for n, c in sorted(counts.items())]
+            protocols.setdefault(inst["service"], set()).add(inst["protocol"])
+        out = []
+        for n, c in sorted(counts.items()):
+            protocol, conflict = effective_protocol(self.declared_protocol(n), protocols[n])
+            row: dict[str, Any] = {"name": n, "instances": c[0], "passing": c[1], "protocol": protocol}
+            if conflict is not None:
+                row["protocol_conflict"] = conflict
+            out.append(row)
+        return out
+
+    def protocol_of(self, service: str) -> tuple[str, str | None]:
+        """The protocol the mesh carries ``service`` with, and any disagreement about it."""
+        registered = {instance_protocol(inst.meta) for _, inst in self.registry.all_instances()
+                      if inst.service == service}
+        return effective_protocol(self.declared_protocol(service), registered)
 
     def indexed(self, key: str, view: Any) -> int:
         """The index of ``view`` under ``key``: it grows whenever the view changes."""

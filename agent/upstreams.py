@@ -18,6 +18,7 @@ from agent.health import parse_duration
 from agent.peercred import is_loopback
 from agent.services import SERVICE_NAME_RE, ServiceError, shown
 from dataplane.balancer import POLICIES
+from dataplane.http_options import DEFAULT_TIMEOUT, MAX_RETRIES_LIMIT, HttpOptions
 from dataplane.outlier import OutlierConfig
 from dataplane.proxy import CONNECT_TIMEOUT, IDLE_TIMEOUT, Proxy, ProxyError, UpstreamExists, UpstreamOptions
 from dataplane.routing import CLOSED_BEFORE_REPLY, RESET_BEFORE_REPLY, RoutingOptions
@@ -29,7 +30,9 @@ STORE_FILE = "upstreams.json"
 #: How a service is called, settable per upstream and, for every upstream of a service, by its
 #: service-defaults entry (agent/entry_kinds.py).
 TUNABLE_FIELDS = ("connect_timeout", "idle_timeout", "lb", "max_connections", "max_pending", "consecutive_failures",
-                  "base_ejection_time", "max_ejection_percent", "slow_start_window")
+                  "base_ejection_time", "max_ejection_percent", "slow_start_window",
+                  # http services only (dataplane.http_options): per request.
+                  "timeout", "retry_on", "max_retries")
 FIELDS = ("service", "listen", "public", "source", *TUNABLE_FIELDS)
 #: Integer settings: (name, lowest, highest).
 _INT_FIELDS = (("max_connections", 1, 1_000_000), ("max_pending", 1, 1_000_000), ("consecutive_failures", 1, 1000))
@@ -38,6 +41,8 @@ _DEFAULT_OUTLIER = OutlierConfig()
 #: Bounds a user may set: a connect timeout must end, an idle timeout may be 0 (off).
 MAX_CONNECT_TIMEOUT = 300.0
 MAX_IDLE_TIMEOUT = 7 * 24 * 3600.0
+MAX_REQUEST_TIMEOUT = 24 * 3600.0
+_DEFAULT_HTTP = HttpOptions()
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,13 @@ def options_dict(options: UpstreamOptions) -> dict[str, Any]:
         d["connect_timeout"] = options.connect_timeout
     if options.idle_timeout != IDLE_TIMEOUT:
         d["idle_timeout"] = options.idle_timeout
+    h = options.http
+    if h.timeout != _DEFAULT_HTTP.timeout:
+        d["timeout"] = h.timeout
+    if h.retry_on != _DEFAULT_HTTP.retry_on:
+        d["retry_on"] = list(h.retry_on)
+    if h.max_retries != _DEFAULT_HTTP.max_retries:
+        d["max_retries"] = h.max_retries
     r, o = options.routing, options.routing.outlier
     for name, value, default in (
         ("lb", r.lb, _DEFAULT_ROUTING.lb),
@@ -122,11 +134,29 @@ def _duration(payload: dict[str, Any], name: str, default: float, high: float, z
     return value
 
 
+def _http(payload: dict[str, Any]) -> HttpOptions:
+    timeout = _duration(payload, "timeout", DEFAULT_TIMEOUT, MAX_REQUEST_TIMEOUT, zero_ok=True)
+    retry_on = payload.get("retry_on", list(_DEFAULT_HTTP.retry_on))
+    if isinstance(retry_on, str):  # "502,503" from a flag or a config file
+        try:
+            retry_on = [int(x) for x in retry_on.replace(" ", "").split(",") if x]
+        except ValueError:
+            raise ServiceError(f"retry_on must be a list of 5xx status codes, got {shown(retry_on)}") from None
+    if (not isinstance(retry_on, list) or len(retry_on) > 100
+            or not all(type(x) is int and 500 <= x <= 599 for x in retry_on)):
+        raise ServiceError(f"retry_on must be a list of 5xx status codes, got {shown(retry_on)}")
+    retries = payload.get("max_retries", _DEFAULT_HTTP.max_retries)
+    if type(retries) is not int or not 0 <= retries <= MAX_RETRIES_LIMIT:
+        raise ServiceError(f"max_retries must be a whole number from 0 to {MAX_RETRIES_LIMIT}, got {shown(retries)}")
+    return HttpOptions(timeout=timeout, retry_on=tuple(sorted(set(retry_on))), max_retries=retries)
+
+
 def check_tunables(payload: dict[str, Any]) -> None:
     """Raise ServiceError unless the TUNABLE_FIELDS ``payload`` sets are valid."""
     _duration(payload, "connect_timeout", CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT, zero_ok=False)
     _duration(payload, "idle_timeout", IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, zero_ok=True)
     _routing(payload)
+    _http(payload)
 
 
 def validate(payload: Any) -> UpstreamSpec:
@@ -162,6 +192,7 @@ def validate(payload: Any) -> UpstreamSpec:
         connect_timeout=_duration(payload, "connect_timeout", CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT, zero_ok=False),
         idle_timeout=_duration(payload, "idle_timeout", IDLE_TIMEOUT, MAX_IDLE_TIMEOUT, zero_ok=True),
         routing=_routing(payload),
+        http=_http(payload),
     )
     return UpstreamSpec(service, addr, options, public)
 
@@ -291,6 +322,19 @@ class Upstreams:
                 "connect_timeout": up.options.connect_timeout,
                 "idle_timeout": up.options.idle_timeout,
                 "lb": up.options.routing.lb,
+                "protocol": self.proxy.protocol_of(service),
+                # http mode: per request (dataplane.http_proxy).
+                "timeout": up.options.http.timeout,
+                "retry_on": list(up.options.http.retry_on),
+                "max_retries": up.options.http.max_retries,
+                "requests": up.stats["http_requests"],
+                "retries": up.stats["http_retries"],
+                "retry_budget_exhausted": up.stats["http_retry_budget_exhausted"],
+                "timeouts": up.stats["http_timeouts"],
+                "responses_5xx": up.stats["http_5xx"],
+                "mesh_answers": {k[len("http_mesh_"):]: v for k, v in up.stats.items() if k.startswith("http_mesh_")},
+                "pool": {"idle": up.pool.idle_count(), "opened": up.pool.opened, "reused": up.pool.reused,
+                         "stale": up.pool.stale, "expired": up.pool.expired},
                 "open": up.router.open,
                 "pending": up.router.pending,
                 "overflows": up.stats["overflow_max_connections"] + up.stats["overflow_max_pending"],

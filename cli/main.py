@@ -333,12 +333,16 @@ def _meta_pairs(values: tuple[str, ...]) -> dict[str, str]:
               "with --enable-script-checks.")
 @click.option("--check-interval", help="Time between checks [10s].")
 @click.option("--check-timeout", help="Time a check may take, at most the interval [2s or the interval].")
+@click.option("--protocol", type=click.Choice(["tcp", "http"]),
+              help="How the mesh carries calls to it: tcp (bytes) or http (balanced per request) [tcp].")
 def services_register(api: str, as_json: bool, name: str, port: int, iid: str | None, address: str | None,
                       tags: tuple[str, ...], meta: tuple[str, ...], check_tcp: str | None,
                       check_http: str | None, check_exec: str | None, check_interval: str | None,
-                      check_timeout: str | None) -> None:
+                      check_timeout: str | None, protocol: str | None) -> None:
     """Register a service instance on the local agent (persisted under --data-dir)."""
     body: dict[str, Any] = {"name": name, "port": port, "tags": list(tags), "meta": _meta_pairs(meta)}
+    if protocol:
+        body["protocol"] = protocol
     if iid:
         body["id"] = iid
     if address:
@@ -394,15 +398,35 @@ def upstreams(ctx: click.Context, api: str, as_json: bool) -> None:
 @click.option("--source", help="Local service these connections act for (judged by the far agents' intentions).")
 @click.option("--connect-timeout", help="Time to reach an instance before trying another [5s].")
 @click.option("--idle-timeout", help="Silence either way before a connection is reset; 0 is off [1h].")
+@click.option("--lb", help="Balancing: p2c (peak-EWMA), round_robin or least_connections [p2c].")
+@click.option("--max-connections", type=int, help="Open connections (http: requests in flight) at most [1024].")
+@click.option("--max-pending", type=int, help="Connects in flight at most [1024].")
+@click.option("--consecutive-failures", type=int, help="Failures (http: and 5xx answers) in a row that eject [5].")
+@click.option("--base-ejection-time", help="First ejection's length, growing with each [30s].")
+@click.option("--max-ejection-percent", type=float, help="Instances that may be ejected at once, in % [50].")
+@click.option("--slow-start-window", help="Ramp-up of a new or returning instance; 0 is off [30s].")
+@click.option("--timeout", help="http: end of request to end of response, retries included; 0 is off [15s].")
+@click.option("--retry-on", help="http: instance answers retried for idempotent requests [502,503,504].")
+@click.option("--max-retries", type=int, help="http: retries per request, within the retry budget [2].")
 @click.option("--public", is_flag=True,
               help="Allow a --listen address other hosts can reach (anyone who reaches it reaches SERVICE).")
 def upstreams_add(api: str, as_json: bool, service: str, listen: str, source: str | None,
-                  connect_timeout: str | None, idle_timeout: str | None, public: bool) -> None:
-    """Open a local port that leads to SERVICE through the mesh."""
+                  connect_timeout: str | None, idle_timeout: str | None, lb: str | None,
+                  max_connections: int | None, max_pending: int | None, consecutive_failures: int | None,
+                  base_ejection_time: str | None, max_ejection_percent: float | None,
+                  slow_start_window: str | None, timeout: str | None, retry_on: str | None,
+                  max_retries: int | None, public: bool) -> None:
+    """Open a local port that leads to SERVICE through the mesh (options unset follow its service-defaults)."""
     body: dict[str, Any] = {"service": service, "listen": listen}
     if public:
         body["public"] = True
-    optional = {"source": source, "connect_timeout": connect_timeout, "idle_timeout": idle_timeout}
+    optional: dict[str, Any] = {
+        "source": source, "connect_timeout": connect_timeout, "idle_timeout": idle_timeout, "lb": lb,
+        "max_connections": max_connections, "max_pending": max_pending,
+        "consecutive_failures": consecutive_failures, "base_ejection_time": base_ejection_time,
+        "max_ejection_percent": max_ejection_percent, "slow_start_window": slow_start_window,
+        "timeout": timeout, "retry_on": retry_on, "max_retries": max_retries,
+    }
     body.update({k: v for k, v in optional.items() if v is not None})
     data = _call(api, "PUT", "/v1/upstreams", body)
     as_source = f" (as {data['source']})" if data.get("source") else ""

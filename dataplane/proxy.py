@@ -50,14 +50,19 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import msgpack
 import trio
 
 from dataplane import routing
 from dataplane.discovery_chain import ChainSource, DiscoveryChain, Target
+from dataplane.http_options import HttpOptions
+from dataplane.http_pool import IDLE_TIMEOUT as POOL_IDLE_TIMEOUT
+from dataplane.http_pool import InstanceConn, Kept, Pool
+from dataplane.observed import INBOUND, NoSink, RequestRecord, RequestSink
 from dataplane.rawsocket import RawSocketStream, SocketPump, connect_tcp
+from dataplane.retry_budget import RetryBudget
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.tunnel import StreamResetError, TunnelError
 
@@ -114,6 +119,8 @@ class UpstreamOptions:
     idle_timeout: float = IDLE_TIMEOUT
     #: Balancing policy, circuit-breaker limits and outlier detection.
     routing: RoutingOptions = field(default_factory=RoutingOptions)
+    #: Per request, when the service speaks http: timeout and retries.
+    http: HttpOptions = field(default_factory=HttpOptions)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,8 @@ class ConnectRequest:
     instance_id: str
     source: str | None = None
     connect_timeout: float = CONNECT_TIMEOUT
+    #: The caller speaks HTTP on this stream: the far end watches the exchanges for its inbound figures.
+    http: bool = False
 
 
 class InstanceDirectory(Protocol):
@@ -215,8 +224,11 @@ class _Early:
 
 
 def encode_connect(instance_id: str, source: str | None = None,
-                   connect_timeout: float | None = None) -> bytes:
+                   connect_timeout: float | None = None, http: bool = False) -> bytes:
+    # Fields an older agent does not know are ignored by it ("http": it splices without watching).
     obj: dict[str, object] = {"id": instance_id}
+    if http:
+        obj["http"] = 1
     if source is not None:
         obj["src"] = source
     if connect_timeout is not None:
@@ -240,7 +252,7 @@ def decode_connect(header: bytes) -> ConnectRequest:
     ct = obj.get("ct", CONNECT_TIMEOUT)
     if isinstance(ct, bool) or not isinstance(ct, (int, float)) or not math.isfinite(ct) or ct <= 0:
         raise ProxyError("malformed stream header: bad connect timeout")
-    return ConnectRequest(obj["id"], source, min(float(ct), MAX_CONNECT_TIMEOUT))
+    return ConnectRequest(obj["id"], source, min(float(ct), MAX_CONNECT_TIMEOUT), obj.get("http") == 1)
 
 
 def _reset(stream: RawSocketStream) -> None:
@@ -265,10 +277,14 @@ _SPLICE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P
 
 
 async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[], None],
-                 idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None) -> Spliced:
+                 idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None,
+                 taps: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None) -> Spliced:
     """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly.
 
     ``on_reply`` runs once, when the first bytes from ``b`` have reached ``a``.
+    ``taps``: each chunk from ``a``, and from ``b``, is shown to these before it
+    is passed on unchanged (the far end's HTTP observer); the direct paths,
+    which never hold a chunk in Python, are then not used.
     """
     result = Spliced()
     #: Bumped on every chunk; the watchdog reads the clock, the pumps do not (a
@@ -298,8 +314,23 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
 
         #: The end whose own fast path carries this direction, if one does.
         pumper: SocketPump | None = None
+        tap = None if taps is None else taps[0] if src is a else taps[1]
         try:
-            if isinstance(src, SocketPump) and isinstance(dst, RawSocketStream):
+            if tap is not None:
+                while True:
+                    try:
+                        data = bytes(await src.receive_some(CHUNK))
+                    except _SPLICE_ERRORS as exc:
+                        fail(src, exc)
+                        return
+                    tap(data)
+                    if not data:
+                        break
+                    activity += 1
+                    await dst.send_all(data)
+                    delivered(len(data))
+                await dst.send_eof()
+            elif isinstance(src, SocketPump) and isinstance(dst, RawSocketStream):
                 pumper = src
                 await src.pump_into(dst, delivered)  # the tunnel's reader writes into dst itself
             elif isinstance(src, RawSocketStream) and isinstance(dst, SocketPump):
@@ -376,6 +407,11 @@ class UpstreamListener:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stats: Counter[str] = field(default_factory=Counter)
     router: Router = field(default_factory=lambda: Router(""))
+    #: http mode: kept connections to instances, and the retries the upstream may still make.
+    pool: Pool = field(default_factory=Pool)
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    #: The last protocol its service was known to speak (Proxy.protocol).
+    protocol: str = "tcp"
 
 
 #: What a failed attempt may raise, retried elsewhere (:class:`Denied` is handled apart: it rules out a node).
@@ -387,8 +423,16 @@ class Proxy:
     def __init__(self, local_node: str, directory: InstanceDirectory, tunnels: TunnelOpener,
                  log: Callable[..., None] | None = None, authorizer: Authorizer | None = None,
                  info: Callable[..., None] | None = None, paths: PathView | None = None,
-                 chains: ChainSource | None = None, rng: random.Random | None = None) -> None:
+                 chains: ChainSource | None = None, rng: random.Random | None = None,
+                 sink: RequestSink | None = None, protocols: Callable[[str], str | None] | None = None) -> None:
         self.local_node = local_node
+        #: Where the HTTP layer reports each request it carried (agent/traffic.py).
+        self.sink: RequestSink = sink or NoSink()
+        #: A service's protocol ("tcp" or "http"), from the mesh-wide config and the registry; None
+        #: while nothing says (an upstream then keeps the last it knew: see protocol()).
+        self._protocols: Callable[[str], str | None] = protocols or (lambda service: "tcp")
+        #: What a failed attempt may raise (the HTTP layer retries the same ones).
+        self.attempt_errors = _ATTEMPT_ERRORS
         #: The mesh-wide splits, subsets and failover (None: every service is called plainly).
         self.chains = chains
         self._rng = rng or random.Random()
@@ -418,14 +462,19 @@ class Proxy:
         except OSError as exc:
             raise ProxyError(f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}") from None
         options = options or UpstreamOptions()
-        up = UpstreamListener(service, listen, listeners, options, router=Router(service, options.routing))
+        up = UpstreamListener(service, listen, listeners, options, router=Router(service, options.routing),
+                              budget=RetryBudget(options.http.budget))
         self.upstreams[service] = up
 
         async def serve() -> None:
-            with up.scope:
-                async with trio.open_nursery() as nursery:
-                    for listener in listeners:
-                        nursery.start_soon(self._accept_loop, up, listener, nursery)
+            try:
+                with up.scope:
+                    async with trio.open_nursery() as nursery:
+                        for listener in listeners:
+                            nursery.start_soon(self._accept_loop, up, listener, nursery)
+                        nursery.start_soon(self._keep_pool, up)
+            finally:
+                up.pool.close_all()
 
         self._nursery.start_soon(serve)
         return up
@@ -452,6 +501,25 @@ class Proxy:
                 continue
             nursery.start_soon(self._serve_client, up, RawSocketStream.adopt(sock))
 
+    def protocol(self, up: UpstreamListener) -> str:
+        """The upstream's protocol now: its service's, or the last one known while the service has no
+        instance left (a client of an http service is then answered 503, not reset)."""
+        known = self._protocols(up.service)
+        if known is not None:
+            up.protocol = known
+        return up.protocol
+
+    def protocol_of(self, service: str) -> str:
+        up = self.upstreams.get(service)
+        return self.protocol(up) if up is not None else self._protocols(service) or "tcp"
+
+    async def _keep_pool(self, up: UpstreamListener) -> None:
+        """Close kept connections that idled too long, or whose instance left the catalog."""
+        while True:
+            await trio.sleep(POOL_IDLE_TIMEOUT)
+            up.pool.sweep(trio.current_time())
+            up.pool.forget({(e.node, e.instance_id) for e in self.directory.passing_endpoints(up.service)})
+
     def update_options(self, service: str, options: UpstreamOptions) -> None:
         """New settings for an open upstream: its connections from now on use them.
 
@@ -461,6 +529,8 @@ class Proxy:
         up = self.upstreams[service]
         if options.routing != up.options.routing:
             up.router = Router(service, options.routing)
+        if options.http.budget != up.options.http.budget:
+            up.budget = RetryBudget(options.http.budget)
         up.options = options
 
     async def remove_upstream(self, service: str) -> None:
@@ -499,6 +569,16 @@ class Proxy:
 
     async def _serve_client(self, up: UpstreamListener, client: RawSocketStream) -> None:
         up.stats["connections"] += 1
+        if self.protocol(up) == "http":
+            from dataplane import http_proxy  # loaded with the first http service (issue 30's lighter start)
+
+            up.stats["http_connections"] += 1
+            await http_proxy.serve(self, up, client)
+            return
+        await self.serve_l4(up, client)
+
+    async def serve_l4(self, up: UpstreamListener, client: RawSocketStream, early: bytes = b"") -> None:
+        """Carry one client connection as bytes; ``early``: what the HTTP layer already read of it."""
         refused = up.router.admit()
         if refused is not None:
             up.stats[f"overflow_{refused}"] += 1
@@ -510,7 +590,7 @@ class Proxy:
             _reset(client)
             await _close(client)
             return
-        got = await self._connect_any(up, client)
+        got = await self._connect_any(up, client, _Early(bytearray(early)))
         if got is None:
             _reset(client)
             await _close(client)
@@ -550,8 +630,8 @@ class Proxy:
             await _close(client)
             await _close(far)
 
-    async def _connect_any(self, up: UpstreamListener,
-                           client: RawSocketStream) -> tuple[Duplex, Attempt, bool] | None:
+    async def _connect_any(self, up: UpstreamListener, client: RawSocketStream,
+                           early: _Early) -> tuple[Duplex, Attempt, bool] | None:
         """Connect an instance: the stream, its attempt, and whether the client had already ended
         its side; None (counted and logged) when the client must be reset.
 
@@ -562,14 +642,9 @@ class Proxy:
         """
         tried: set[tuple[str, str]] = set()
         refusing: set[str] = set()
-        early = _Early()
         router = up.router
         failures = asked_refusing = 0
-        chain = self.chains.chain_for(up.service) if self.chains is not None else None
-        route = None
-        if chain is not None:
-            route = (chain, chain.choose(self._rng))  # one split per connection, kept through its retries
-            up.stats[f"split.{route[1]}"] += 1
+        route = self.route_for(up)  # one split per connection, kept through its retries
         while failures < MAX_ATTEMPTS:
             endpoint = self.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS, route)
             if endpoint is None:
@@ -744,6 +819,56 @@ class Proxy:
         assert status is not None
         return status
 
+    def route_for(self, up: UpstreamListener) -> tuple[DiscoveryChain, Target] | None:
+        """The split target for one connection (tcp) or one request (http), when the service has a chain."""
+        chain = self.chains.chain_for(up.service) if self.chains is not None else None
+        if chain is None:
+            return None
+        target = chain.choose(self._rng)
+        up.stats[f"split.{target}"] += 1
+        return chain, target
+
+    async def instance_conn(self, up: UpstreamListener, endpoint: Endpoint) -> InstanceConn:
+        """A kept connection to the instance for one HTTP request, or a new one.
+
+        Raises Denied when the instance's agent refuses the source, and the
+        attempt errors when it cannot be connected; nothing is sent to the
+        instance before it is returned, so either may be retried anywhere.
+        """
+        key = (endpoint.node, endpoint.instance_id)
+        kept = up.pool.take(key, trio.current_time())
+        if kept is not None:
+            return kept
+        timeout = up.options.connect_timeout
+        source = up.options.source
+        up.pool.opened += 1
+        if endpoint.node == self.local_node:
+            if not self._authorize(self.local_node, source, endpoint.service or up.service):
+                raise Denied(f"intentions refuse {source or '(no source)'} -> {up.service}")
+            with trio.fail_after(timeout):
+                conn = await connect_tcp(endpoint.host, endpoint.port)
+            return InstanceConn(key, conn, local=True)
+        header = encode_connect(endpoint.instance_id, source, timeout * FAR_CONNECT_SHARE, http=True)
+        with trio.fail_after(timeout):
+            stream = await self.tunnels.open_stream(endpoint.node, header)
+            try:
+                status = await stream.receive_some(1)
+            except BaseException:
+                await _close(stream)
+                raise
+        if status == bytes([STATUS_OK]):
+            return InstanceConn(key, cast(Kept, stream), local=False)
+        await _close(stream)
+        if status == bytes([STATUS_DENIED]):
+            raise Denied(f"{endpoint.node} refuses {source or '(no source)'} -> {up.service} (intentions)")
+        raise ProxyError(f"{endpoint.node} could not connect instance {endpoint.instance_id!r}")
+
+    def log(self, event: str, **fields: object) -> None:
+        self._log(event, **fields)
+
+    def allowed_here(self, up: UpstreamListener) -> bool:
+        return self._allowed_here(up)
+
     def _allowed_here(self, up: UpstreamListener) -> bool:
         """The caller's side of the intentions: every agent holds the same mesh-wide rules, so a
         call they deny is refused at once, before it is balanced onto instances that would refuse
@@ -802,9 +927,20 @@ class Proxy:
         def broken() -> None:
             _reset(conn)
 
+        observer = None
+        if req.http:
+            from dataplane.http_observer import ExchangeObserver
+
+            def done(method: str, path: str, status: int, started: float, wall: float) -> None:
+                self.sink.record(RequestRecord(INBOUND, endpoint.service, endpoint.instance_id, self.local_node,
+                                               req.source, method, path, status, trio.current_time() - started,
+                                               wall))
+
+            observer = ExchangeObserver(done)
         try:
             await stream.send_all(bytes([STATUS_OK]))
-            await splice(stream, conn, self.stats, broken)
+            await splice(stream, conn, self.stats, broken,
+                         taps=None if observer is None else (observer.requests, observer.responses))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.stats["splice_errors"] += 1
             _reset(conn)

@@ -307,6 +307,19 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise _stream_error(exc) from exc
 
+    def at_rest(self) -> bool:
+        """Open both ways with nothing received unread (a peek, never a read): a kept connection that
+        may carry another request; one the peer closed or wrote to meanwhile may not."""
+        if self._closed or self._eof_sent:
+            return False
+        try:
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
+
     # -- closing --------------------------------------------------------------------
 
     def close_now(self) -> None:

@@ -99,6 +99,9 @@ CONNECT_FAILED = "connect_failed"
 TIMEOUT = "timeout"
 RESET_BEFORE_REPLY = "reset_before_reply"
 CLOSED_BEFORE_REPLY = "closed_before_reply"
+#: HTTP only: a response head that did not parse, and a 5xx answer.
+BAD_RESPONSE = "bad_response"
+HTTP_5XX = "http_5xx"
 
 
 @dataclass
@@ -273,6 +276,22 @@ class Router:
             a.observed = True
             self.balancer.observe(now, a.key, now - a.started, ok=True)
             self.outlier.on_success(now, a.key)
+
+    def answered(self, now: float, a: Attempt, ok: bool) -> None:
+        """An HTTP response head (per request, in ``http`` mode): its latency is the sample, and a 5xx
+        is a failure towards ejection, as Envoy's ``consecutive_5xx`` counts it (connect failures and
+        resets count there too, so gateway failures, 502-504 and those, are a subset of it and need
+        no counter of their own while both thresholds are equal, as they are by default)."""
+        if a.observed or not a.open:
+            return
+        a.observed = True
+        self.balancer.observe(now, a.key, now - a.started, ok=ok)
+        if ok:
+            self.outlier.on_success(now, a.key)
+        else:
+            self.outlier.on_failure(now, a.key, max(1, len(self._known)))
+            self._last_failure[a.key] = (HTTP_5XX, now)
+            self.stats["http_5xx"] += 1
 
     def closed(self, now: float, a: Attempt, failure: str | None = None, clean: bool = False) -> None:
         """The connection is over.

@@ -141,6 +141,11 @@ class TunnelStream(SocketPump):
         """Closed by the application, or failed: no sender on it will wait for room again."""
         return self._closed or self._failure is not None
 
+    def at_rest(self) -> bool:
+        """Open both ways with nothing received unread: a kept stream that may carry another request
+        (the HTTP layer's pool asks before reusing one; a peer that ended it meanwhile shows here)."""
+        return not (self._closed or self._failure is not None or self._eof_received or self._eof_sent or self._buf)
+
     def _raise_if_unusable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("this tunnel stream was closed")

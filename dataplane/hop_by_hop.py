@@ -1,0 +1,107 @@
+"""What a proxy changes in a message's header section as it passes it on.
+
+The calling agent re-frames every request and response (h11 parses and
+serializes), so the fields that describe one connection must not be copied to
+the next one, and the fields a proxy is expected to add are added here, in one
+place, once per message.
+
+* RFC 9110 §7.6.1: a proxy removes ``Connection`` and every field it names,
+  and the fields that are hop-by-hop although no sender lists them
+  (``Proxy-Connection``, ``Keep-Alive``, ``TE``, ``Transfer-Encoding``,
+  ``Upgrade``).  The outgoing framing is h11's to write: a received
+  ``Content-Length`` is kept (it is the message's length, not the
+  connection's), chunked transfer coding is asked for again by name, and h11
+  adds ``Connection: close`` when the connection needs it.
+* RFC 7239 ``Forwarded`` and the de-facto ``X-Forwarded-For``: the client's
+  address is appended, so the instance can tell who called through the mesh.
+* ``x-request-id``: added when absent, so both agents' logs and the
+  instance's can be joined; W3C Trace Context (``traceparent``,
+  ``tracestate``) passes through untouched, as any field not named here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+Headers = list[tuple[bytes, bytes]]
+
+#: RFC 9110 §7.6.1's list, plus Transfer-Encoding (re-applied by h11 from the
+#: message's framing) and Content-Length's absence rule handled in requests().
+_HOP_BY_HOP: Final = frozenset({
+    b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade",
+})
+REQUEST_ID: Final = b"x-request-id"
+#: The header naming why the mesh answered a request itself (503, 504, 502, 403).
+MESH_ERROR: Final = b"x-mesh-error"
+
+
+def _listed(value: bytes) -> set[bytes]:
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def wants_upgrade(headers: Headers) -> bool:
+    """A ``Connection: upgrade`` with an ``Upgrade`` field: WebSocket and friends (RFC 9110 §7.8).
+
+    Such a connection stops being HTTP after the 101 answer, so it is carried
+    as bytes (the L4 fallback), never re-framed.
+    """
+    upgrade = False
+    listed = False
+    for name, value in headers:
+        if name == b"upgrade":
+            upgrade = True
+        elif name == b"connection" and b"upgrade" in _listed(value):
+            listed = True
+    return upgrade and listed
+
+
+def _forwarded_node(client: str) -> bytes:
+    # RFC 7239 §6: an IPv6 address is quoted and bracketed.
+    return (f'"[{client}]"' if ":" in client else client).encode()
+
+
+def _strip(headers: Headers) -> tuple[Headers, bool]:
+    """The end-to-end fields, and whether the message was chunked."""
+    named: set[bytes] = set()
+    chunked = False
+    for name, value in headers:
+        if name == b"connection":
+            named |= _listed(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+    drop = _HOP_BY_HOP | named
+    return [(n, v) for n, v in headers if n not in drop], chunked
+
+
+def request_headers(headers: Headers, client: str, request_id: bytes | None = None) -> Headers:
+    """The fields to send an instance, from a request's as received (h11: lower-case names)."""
+    out, chunked = _strip(headers)
+    if chunked:
+        out = [(n, v) for n, v in out if n != b"content-length"]  # RFC 9112 §6.3: TE wins over Content-Length
+        out.append((b"transfer-encoding", b"chunked"))
+    has_id = False
+    xff: int | None = None
+    for i, (name, _) in enumerate(out):
+        if name == REQUEST_ID:
+            has_id = True
+        elif name == b"x-forwarded-for":
+            xff = i
+    if not has_id:
+        out.append((REQUEST_ID, request_id or os.urandom(16).hex().encode()))
+    if xff is None:
+        out.append((b"x-forwarded-for", client.encode()))
+    else:
+        name, value = out[xff]
+        out[xff] = (name, value + b", " + client.encode())
+    out.append((b"forwarded", b"for=" + _forwarded_node(client) + b";proto=http"))
+    return out
+
+
+def response_headers(headers: Headers) -> Headers:
+    """The fields to send the client, from an instance's response as received."""
+    out, chunked = _strip(headers)
+    if chunked:
+        out = [(n, v) for n, v in out if n != b"content-length"]
+        out.append((b"transfer-encoding", b"chunked"))
+    return out

@@ -1,0 +1,143 @@
+"""Kept-alive connections to instances, so a request does not pay for a connect.
+
+In ``http`` mode each request is balanced on its own, so consecutive requests
+of one client go to different instances; opening a tunnel stream (and, on the
+far agent, a TCP connection to the instance) per request would cost a round
+trip each.  Each upstream keeps, per instance, the connections whose last
+exchange ended cleanly (both h11 sides DONE), and hands the most recently
+used first: it is the one least likely to have been closed by the instance's
+own keep-alive timeout meanwhile.  Before reuse a connection is checked at
+rest (nothing received, not ended: a peek, no read), which catches an
+instance that closed it while it sat here; what remains is the race of a
+close in flight as the request goes out, which the HTTP layer retries for
+requests that allow it, as every pooling client must.
+
+Connections idle longer than ``idle_timeout`` are closed: most servers close
+idle keep-alive connections after 5 to 75 s, and a connection they closed is
+one we would only have to discover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import h11
+
+#: Kept per instance; more concurrent requests than this open more, and close the extra after use.
+MAX_IDLE_PER_INSTANCE: Final = 64
+#: Shorter than the keep-alive timeout of most servers (Node.js's default is 5 s).
+IDLE_TIMEOUT: Final = 4.0
+
+Key = tuple[str, str]
+
+
+class Kept(Protocol):
+    """A connection as the pool sees it (dataplane.rawsocket.RawSocketStream and TunnelStream are)."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
+
+    def at_rest(self) -> bool: ...
+
+    def close_now(self) -> None: ...
+
+
+class InstanceConn:
+    """One connection to an instance and the h11 client state that frames requests on it."""
+
+    __slots__ = ("key", "stream", "h", "uses", "idle_since", "local")
+
+    def __init__(self, key: Key, stream: Kept, local: bool) -> None:
+        self.key = key
+        self.stream = stream
+        self.h = h11.Connection(h11.CLIENT)
+        #: Requests carried so far; a reused connection's failure may be a keep-alive race.
+        self.uses = 0
+        self.idle_since = 0.0
+        #: To an instance on this node (a TCP connection), not a tunnel stream.
+        self.local = local
+
+    def reusable(self) -> bool:
+        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE
+
+
+class Pool:
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT, max_idle: int = MAX_IDLE_PER_INSTANCE,
+                 on_close: Callable[[InstanceConn], None] | None = None) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self._idle: dict[Key, list[InstanceConn]] = {}
+        self._on_close = on_close
+        self.reused = 0
+        self.opened = 0
+        self.stale = 0
+        self.expired = 0
+
+    def take(self, key: Key, now: float) -> InstanceConn | None:
+        """The most recently used kept connection to ``key`` that is still at rest, or None."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since > self.idle_timeout:
+                self.expired += 1
+                self._close(conn)
+                continue
+            if not conn.stream.at_rest():
+                self.stale += 1
+                self._close(conn)
+                continue
+            self.reused += 1
+            return conn
+        return None
+
+    def give(self, conn: InstanceConn, now: float) -> None:
+        """Keep ``conn`` for another request if its last exchange ended cleanly; else close it."""
+        if not conn.reusable():
+            self._close(conn)
+            return
+        try:
+            conn.h.start_next_cycle()
+        except h11.LocalProtocolError:
+            self._close(conn)
+            return
+        conn.idle_since = now
+        idle = self._idle.setdefault(conn.key, [])
+        idle.append(conn)
+        while len(idle) > self.max_idle:
+            self._close(idle.pop(0))  # the oldest: the likeliest to be closed by the instance soon
+
+    def sweep(self, now: float) -> None:
+        """Close what has been idle too long (the upstream calls this now and then)."""
+        for key in list(self._idle):
+            idle = self._idle[key]
+            keep = [c for c in idle if now - c.idle_since <= self.idle_timeout]
+            for c in idle:
+                if now - c.idle_since > self.idle_timeout:
+                    self.expired += 1
+                    self._close(c)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def forget(self, keys: set[Key]) -> None:
+        """Close the kept connections of instances no longer listed."""
+        for key in [k for k in self._idle if k not in keys]:
+            for c in self._idle.pop(key):
+                self._close(c)
+
+    def close_all(self) -> None:
+        for idle in self._idle.values():
+            for c in idle:
+                self._close(c)
+        self._idle.clear()
+
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    def _close(self, conn: InstanceConn) -> None:
+        conn.stream.close_now()
+        if self._on_close is not None:
+            self._on_close(conn)

@@ -1,0 +1,565 @@
+"""The calling agent's HTTP layer: one client connection, each request balanced on its own.
+
+An L4 proxy sends everything a client connection carries to one instance, so
+a client with one kept-alive connection (every HTTP client library, every
+pool) loads one instance however many there are, and an instance that
+answers 500 to everything looks healthy because its connections succeed.
+For a service whose protocol is ``http`` the calling agent reads requests
+(h11, server role, towards the client), picks an instance per request with
+the same router as L4 (P2C over peak-EWMA, weights, slow start, outlier
+ejection), and writes the request again on a kept-alive connection to that
+instance (h11, client role; dataplane.http_pool).  The instance's agent only
+watches the bytes go by for its inbound figures (dataplane.http_observer).
+
+What the mesh owes the client, whatever fails:
+
+* an answer, not a reset, while nothing of the response has been sent: 503
+  when no instance can be reached (or the upstream's limits are full), 504
+  when the request timeout passes, 502 when an instance breaks off before a
+  complete response head, 403 when intentions refuse the call; each with a
+  short plain body and an ``x-mesh-error`` header naming the reason.  Once
+  the response has started, a failure resets the client (a truncated body
+  must never look complete);
+* no request delivered twice unless the method allows it: a request is
+  retried (on another instance when there is one) after a connect failure,
+  which provably reached no instance, for any method; after a broken
+  connection or a ``retry_on`` status only for idempotent methods (RFC 9110
+  §9.2.2) whose body the agent still holds whole (at most RETRY_BUFFER: a
+  body streamed beyond it is never replayed).  Every retry takes a token
+  from the upstream's retry budget (dataplane.retry_budget), so retries
+  never multiply an outage;
+* anything that is not HTTP/1 framing this layer can re-frame goes through
+  as bytes: ``Connection: Upgrade`` (WebSocket) and ``CONNECT`` switch the
+  rest of the client connection to the L4 path from that request on, as
+  does a first request line that is not HTTP/1 at all; a request that is
+  HTTP/1 but malformed is answered 400 and reaches no instance.
+
+The request timeout (Envoy's route timeout) runs from the end of the request
+to the end of the response and covers retries; the upstream's idle timeout
+still resets a connection silent for that long.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import h11
+import trio
+
+from dataplane import routing
+from dataplane.hop_by_hop import MESH_ERROR, request_headers, response_headers, wants_upgrade
+from dataplane.http_pool import InstanceConn
+from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
+from dataplane.rawsocket import RawSocketStream
+
+if TYPE_CHECKING:
+    from dataplane.discovery_chain import DiscoveryChain, Target
+    from dataplane.proxy import Proxy, UpstreamListener
+
+#: A request body up to this size is held whole before an instance is chosen, so the request can
+#: be retried; past it the body is streamed and the request is not retried once it went out.
+RETRY_BUFFER: Final = 64 * 1024
+#: RFC 9110 §9.2.2.
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CHUNK: Final = 256 * 1024
+#: RFC 9112 §3: method SP request-target SP HTTP-version.  A first line that is not this is
+#: some other protocol, carried as bytes; one that is, and then fails to parse, is a bad request.
+_REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[01]\r?$")
+_IO_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+# Reasons the mesh names in x-mesh-error (and counts, and records).
+NO_INSTANCE: Final = "no-passing-instances"
+CONNECT_FAILED: Final = "connect-failed"
+TIMEOUT: Final = "timeout"
+UPSTREAM_RESET: Final = "upstream-reset"
+BAD_RESPONSE: Final = "bad-response"
+DENIED: Final = "denied"
+OVERFLOW: Final = "overflow"
+BAD_REQUEST: Final = "bad-request"
+RETRY_BUDGET: Final = "retry-budget-exhausted"
+
+
+def looks_like_http1(raw: bytes | bytearray) -> bool:
+    """Whether the first line received is an HTTP/1 request line (or could still become one)."""
+    end = raw.find(b"\n")
+    if end < 0:
+        return len(raw) < 8 or b" " in raw  # too short to tell: h11 refused it as HTTP
+    return _REQUEST_LINE.fullmatch(bytes(raw[:end])) is not None
+
+
+class _Client:
+    """The client's connection: h11 in the server role over the accepted socket."""
+
+    __slots__ = ("stream", "h", "address", "raw", "eof")
+
+    def __init__(self, stream: RawSocketStream, address: str) -> None:
+        self.stream = stream
+        self.h = h11.Connection(h11.SERVER)
+        self.address = address
+        #: The bytes of the current request from its first, kept until its head is parsed, so a
+        #: request that must go as bytes (an upgrade) can be sent as it came.
+        self.raw: bytearray | None = None
+        self.eof = False
+
+    async def event(self) -> h11.Event | type[h11.PAUSED]:
+        h = self.h
+        while True:
+            ev = h.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev  # type: ignore[return-value]  # narrowed: NEED_DATA is handled here
+            if self.eof:
+                raise h11.RemoteProtocolError("the client closed in the middle of a request", 400)
+            data = await self.stream.receive_some(_CHUNK)
+            if not data:
+                self.eof = True
+            elif self.raw is not None:
+                self.raw += data
+            h.receive_data(data)
+
+    async def send(self, ev: h11.Event) -> None:
+        data = self.h.send(ev)
+        if data:
+            await self.stream.send_all(data)
+
+
+class _Answer(Exception):
+    """The mesh answers this request itself (nothing of a response has reached the client)."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+
+
+class _Reset(Exception):
+    """The response had started when it failed: the client is reset, never handed a short body."""
+
+
+class _Retry(Exception):
+    """This attempt failed in a way the request may be tried again for (on another instance)."""
+
+    def __init__(self, answer: _Answer) -> None:
+        super().__init__(str(answer))
+        self.answer = answer
+
+
+def _peer_host(stream: RawSocketStream) -> str:
+    try:
+        return str(stream.raw.getpeername()[0])
+    except (OSError, IndexError):
+        return "unknown"
+
+
+async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> None:
+    """Carry one client connection's requests until it ends; hand it to the L4 path when it must."""
+    c = _Client(client, _peer_host(client))
+    first = True
+    handed_off = False
+    try:
+        while True:
+            c.raw = bytearray(c.h.trailing_data[0])
+            try:
+                ev = await c.event()
+            except h11.RemoteProtocolError as exc:
+                raw = bytes(c.raw)
+                if first and not looks_like_http1(raw):
+                    up.stats["http_fallbacks"] += 1
+                    handed_off = True
+                    await proxy.serve_l4(up, client, early=raw)
+                    return
+                up.stats["http_bad_requests"] += 1
+                await _answer(c, up, _Answer(exc.error_status_hint, BAD_REQUEST, f"bad request: {exc}"))
+                return
+            if not isinstance(ev, h11.Request):
+                return  # ConnectionClosed: the client is done
+            raw = bytes(c.raw)
+            c.raw = None
+            if ev.method == b"CONNECT" or wants_upgrade(list(ev.headers)):
+                up.stats["http_fallbacks"] += 1
+                handed_off = True
+                await proxy.serve_l4(up, client, early=raw)
+                return
+            if not await _request(proxy, up, c, ev):
+                return
+            try:
+                c.h.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+            first = False
+    except _IO_ERRORS:
+        up.stats["http_client_gone"] += 1
+    except Exception as exc:  # a bug here must cost one connection, never the agent
+        up.stats["http_internal_errors"] += 1
+        proxy.log("http_internal_error", service=up.service, error=repr(exc), exc_info=True)
+        client.reset()
+    finally:
+        if not handed_off:
+            client.close_now()
+
+
+async def _answer(c: _Client, up: UpstreamListener, answer: _Answer) -> bool:
+    """Answer for the mesh; whether the client connection can carry another request."""
+    up.stats[f"http_mesh_{answer.reason}"] += 1
+    if c.h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # IDLE: h11 lets a server answer a bad request
+        return False
+    keep = c.h.their_state is h11.DONE and answer.status not in (400, 431)
+    body = f"{answer}\n".encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+               (MESH_ERROR, answer.reason.encode())]
+    if not keep:
+        headers.append((b"connection", b"close"))
+    try:
+        await c.send(h11.Response(status_code=answer.status, headers=headers))
+        await c.send(h11.Data(data=body))
+        await c.send(h11.EndOfMessage())
+    except (h11.LocalProtocolError, *_IO_ERRORS):
+        return False
+    return keep
+
+
+class _Request:
+    """One request's state across its attempts."""
+
+    __slots__ = ("ev", "headers", "body", "complete", "started", "wall", "status", "instance", "node",
+                 "mesh_error", "retries", "response_started", "deadline_scope", "timeout")
+
+    def __init__(self, ev: h11.Request, headers: list[tuple[bytes, bytes]], timeout: float) -> None:
+        self.ev = ev
+        self.headers = headers
+        self.body = bytearray()
+        #: The whole body is in ``body`` (so it can be sent again).
+        self.complete = False
+        self.started = trio.current_time()
+        self.wall = time.time()
+        self.status = 0
+        self.instance = ""
+        self.node = ""
+        self.mesh_error: str | None = None
+        self.retries = 0
+        #: The response's head went to the client: from here on a failure is a reset.
+        self.response_started = False
+        self.deadline_scope: trio.CancelScope | None = None
+        self.timeout = timeout
+
+    def request_done(self) -> None:
+        """The request is all sent or held: the request timeout starts (Envoy's route timeout)."""
+        if self.deadline_scope is not None and self.timeout > 0:
+            self.deadline_scope.deadline = trio.current_time() + self.timeout
+
+
+async def _prefetch(c: _Client, r: _Request) -> None:
+    """Read the body that comes with the request, up to RETRY_BUFFER, so it can be sent again."""
+    while len(r.body) <= RETRY_BUFFER:
+        ev = await c.event()
+        if isinstance(ev, h11.Data):
+            r.body += ev.data
+        elif isinstance(ev, h11.EndOfMessage):
+            r.complete = True
+            return
+        else:
+            raise h11.RemoteProtocolError("unexpected event in a request body", 400)
+
+
+async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, ev: h11.Request) -> bool:
+    """Carry one request to an instance and its response back; whether the connection goes on."""
+    opts = up.options.http
+    r = _Request(ev, request_headers(list(ev.headers), c.address), opts.timeout)
+    up.stats["http_requests"] += 1
+    keep = True
+    try:
+        with trio.CancelScope() as scope:
+            r.deadline_scope = scope
+            if not c.h.they_are_waiting_for_100_continue:
+                await _prefetch(c, r)
+            if r.complete:
+                r.request_done()
+            try:
+                await _attempts(proxy, up, c, r)
+            except _Answer as answer:
+                r.status, r.mesh_error = answer.status, answer.reason
+                keep = await _answer(c, up, answer)
+        if scope.cancelled_caught:
+            up.stats["http_timeouts"] += 1
+            if r.response_started:
+                raise _Reset("the request timeout passed while the response was being sent")
+            r.status, r.mesh_error = 504, TIMEOUT
+            keep = await _answer(c, up, _Answer(504, TIMEOUT, f"no complete answer from {up.service} within "
+                                                f"{opts.timeout:g}s"))
+    except h11.RemoteProtocolError as exc:
+        up.stats["http_bad_requests"] += 1
+        r.status, r.mesh_error = exc.error_status_hint, BAD_REQUEST
+        keep = False
+        await _answer(c, up, _Answer(exc.error_status_hint, BAD_REQUEST, f"bad request: {exc}"))
+    except _Reset as exc:
+        up.stats["http_resets"] += 1
+        proxy.log("http_response_broken", service=up.service, instance=r.instance, error=str(exc))
+        r.status = 0
+        c.stream.reset()
+        keep = False
+    finally:
+        _record(proxy, up, r)
+    return keep
+
+
+def _record(proxy: Proxy, up: UpstreamListener, r: _Request) -> None:
+    latency = trio.current_time() - r.started
+    method = r.ev.method.decode("ascii", "replace")
+    path = r.ev.target.decode("ascii", "replace")
+    rec = RequestRecord(OUTBOUND, up.service, r.instance, r.node, up.options.source, method, path, r.status,
+                        latency, r.wall, r.mesh_error, r.retries)
+    proxy.sink.record(rec)
+    if r.node == proxy.local_node and r.mesh_error is None:
+        # The instance is this agent's own: it also sees the request come in.
+        proxy.sink.record(RequestRecord(INBOUND, up.service, r.instance, r.node, up.options.source, method,
+                                        path, r.status, latency, r.wall, None, 0))
+
+
+def _has_other(proxy: Proxy, up: UpstreamListener, tried: set[tuple[str, str]],
+               route: tuple[DiscoveryChain, Target] | None) -> bool:
+    now = trio.current_time()
+    if route is None:
+        endpoints = proxy.directory.passing_endpoints(up.service)
+    else:
+        endpoints = route[0].resolve(route[1], proxy.directory.passing_endpoints).endpoints
+    return any((e.node, e.instance_id) not in tried and up.router.outlier.available(now, (e.node, e.instance_id))
+               for e in endpoints)
+
+
+async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) -> None:
+    """Instances until one answers, within the retry rules; raises _Answer when the mesh must."""
+    from dataplane.proxy import MAX_ATTEMPTS, Denied
+
+    refused = up.router.admit()
+    if refused is not None:
+        up.stats[f"overflow_{refused}"] += 1
+        raise _Answer(503, OVERFLOW, f"{up.service}: this agent's {refused} limit is reached")
+    if not proxy.allowed_here(up):
+        raise _Answer(403, DENIED, f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
+    opts = up.options.http
+    router = up.router
+    route = proxy.route_for(up)
+    tried: set[tuple[str, str]] = set()
+    refusing: set[str] = set()
+    asked_refusing = 0
+    attempts = 0
+    last: _Answer | None = None
+    idempotent = r.ev.method in IDEMPOTENT
+    up.budget.request(trio.current_time())
+    paid = False
+
+    def may_retry(body_sent: bool) -> bool:
+        """Whether another attempt may follow this failed one; it takes a token from the budget."""
+        nonlocal paid
+        if attempts > opts.max_retries or (body_sent and not (idempotent and r.complete)):
+            return False
+        if not _has_other(proxy, up, tried, route):
+            return False
+        if not up.budget.try_retry(trio.current_time()):
+            up.stats["http_retry_budget_exhausted"] += 1
+            return False
+        paid = True
+        return True
+
+    while True:
+        if attempts > 0 and not paid and not may_retry(body_sent=False):
+            break
+        paid = False
+        endpoint = proxy.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS, route)
+        if endpoint is None:
+            break
+        if attempts > 0:
+            r.retries += 1
+            up.stats["http_retries"] += 1
+        key = (endpoint.node, endpoint.instance_id)
+        tried.add(key)
+        r.instance, r.node = endpoint.instance_id, endpoint.node
+        known_refusing = router.refuses(endpoint.node)
+        attempt = router.attempt(trio.current_time(), key)
+        try:
+            ic = await proxy.instance_conn(up, endpoint)
+        except Denied as exc:
+            router.denied(trio.current_time(), attempt)
+            refusing.add(endpoint.node)
+            asked_refusing += known_refusing
+            up.stats["refusals"] += 1
+            last = _Answer(403, DENIED, str(exc))
+            continue
+        except (trio.TooSlowError, *proxy.attempt_errors) as exc:
+            slow = isinstance(exc, trio.TooSlowError)
+            router.failed(trio.current_time(), attempt, reason=routing.TIMEOUT if slow else routing.CONNECT_FAILED)
+            up.stats["attempts_failed"] += 1
+            proxy.log("proxy_connect_failed", service=up.service, node=endpoint.node,
+                      instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
+            attempts += 1
+            last = _Answer(503, CONNECT_FAILED, f"could not connect an instance of {up.service}: "
+                                                f"{str(exc) or type(exc).__name__}")
+            continue  # it reached no instance: any method may go elsewhere
+        except BaseException:
+            router.failed(trio.current_time(), attempt, instance_fault=False)
+            raise
+        router.connected(trio.current_time(), attempt)
+        # The request's latency sample starts as it goes out: a connect made for it (once per kept
+        # connection) is not the instance's answer time, and would mark an instance slow for the
+        # peak-EWMA's memory just for being new.
+        attempt.started = trio.current_time()
+        attempts += 1
+        try:
+            await _exchange(proxy, up, c, r, ic, attempt, can_retry=lambda: may_retry(body_sent=True))
+        except _Retry as exc:
+            last = exc.answer
+            continue
+        return
+    if last is None:
+        if refusing:
+            raise _Answer(403, DENIED, f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
+        up.stats["no_instance"] += 1
+        proxy.log("proxy_no_instance", service=up.service)
+        raise _Answer(503, NO_INSTANCE, f"no passing instance of {up.service}")
+    raise last
+
+
+async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
+                    attempt: routing.Attempt, can_retry: Callable[[], bool]) -> None:
+    """One request on one instance connection: raises _Retry, _Answer or _Reset when it fails."""
+    h = ic.h
+    reused = ic.uses > 0
+    ic.uses += 1
+    clean = False
+    fault: str | None = None
+    try:
+        out = h.send(h11.Request(method=r.ev.method, target=r.ev.target, headers=r.headers))
+        if r.body:
+            out += h.send(h11.Data(data=bytes(r.body)))
+        if r.complete:
+            out += h.send(h11.EndOfMessage())
+        try:
+            await ic.stream.send_all(out)
+        except _IO_ERRORS as exc:
+            fault = None if reused else routing.RESET_BEFORE_REPLY
+            raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: {exc}") \
+                from None
+        if r.complete:
+            await _response(up, c, r, ic, attempt, can_retry, reused)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stream_body, c, r, ic)
+                await _response(up, c, r, ic, attempt, can_retry, reused)
+                nursery.cancel_scope.cancel()  # a full response before the body ended: the rest is not wanted
+        clean = True
+    except _Failed as exc:
+        fault = exc.fault
+        raise exc.outcome from None
+    finally:
+        now = trio.current_time()
+        up.router.closed(now, attempt, fault, clean)
+        if clean and ic.reusable():
+            up.pool.give(ic, now)
+        else:
+            ic.stream.close_now()
+
+
+class _Failed(Exception):
+    """An attempt's failure, and whether it counts against the instance (a routing failure name)."""
+
+    def __init__(self, outcome: _Retry | _Answer | _Reset, fault: str | None) -> None:
+        super().__init__(str(outcome))
+        self.outcome = outcome
+        self.fault = fault
+
+
+def _broken(r: _Request, can_retry: Callable[[], bool], detail: str) -> _Retry | _Answer:
+    answer = _Answer(502, UPSTREAM_RESET, detail)
+    if not r.response_started and can_retry():
+        return _Retry(answer)
+    return answer
+
+
+async def _stream_body(c: _Client, r: _Request, ic: InstanceConn) -> None:
+    """The rest of a body larger than RETRY_BUFFER (or awaited behind 100-continue), as it comes."""
+    while True:
+        ev = await c.event()
+        if isinstance(ev, h11.Data):
+            await ic.stream.send_all(ic.h.send(ev) or b"")
+        elif isinstance(ev, h11.EndOfMessage):
+            await ic.stream.send_all(ic.h.send(ev) or b"")
+            r.complete = True
+            r.request_done()
+            return
+        else:
+            raise h11.RemoteProtocolError("unexpected event in a request body", 400)
+
+
+async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
+                    attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool) -> None:
+    """Carry the instance's response to the client whole, or raise _Failed."""
+    h = ic.h
+    stream = ic.stream
+    got_bytes = False
+    #: What is due to the client, sent when the instance makes us wait (or at the end): a small
+    #: response goes out in one write, however many events h11 made of it.
+    out = bytearray()
+    client = c.h
+    while True:
+        try:
+            ev = h.next_event()
+        except h11.RemoteProtocolError as exc:
+            if r.response_started:
+                raise _Failed(_Reset(f"the response of {r.instance} broke off: {exc}"), None) from None
+            up.stats["http_bad_responses"] += 1
+            raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken "
+                                                     f"response: {exc}"), routing.BAD_RESPONSE) from None
+        if ev is h11.NEED_DATA:
+            if out:
+                await c.stream.send_all(out)
+                out.clear()
+            try:
+                data = await stream.receive_some(_CHUNK)
+            except _IO_ERRORS as exc:
+                if r.response_started:
+                    raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
+                raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
+                              routing.RESET_BEFORE_REPLY) from None
+            if data:
+                got_bytes = True
+            elif not got_bytes:
+                # Nothing came back.  On a kept connection this is most often the instance closing
+                # it just as the request went out (a keep-alive race), not a failing instance.
+                if reused:
+                    up.stats["http_stale_connections"] += 1
+                raise _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection "
+                                                    "without answering"),
+                              None if reused else routing.CLOSED_BEFORE_REPLY)
+            h.receive_data(bytes(data))
+            continue
+        if isinstance(ev, h11.Data):
+            out += client.send(ev) or b""
+            if len(out) >= _CHUNK:
+                await c.stream.send_all(out)
+                out.clear()
+        elif isinstance(ev, h11.Response):
+            status = ev.status_code
+            up.router.answered(trio.current_time(), attempt, status < 500)
+            if status >= 500:
+                up.stats["http_5xx"] += 1
+                if status in up.options.http.retry_on and can_retry():
+                    raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
+                                                                          f"answered {status}")), None)
+            r.status = status
+            r.response_started = True
+            out += client.send(h11.Response(status_code=status, headers=response_headers(list(ev.headers)),
+                                            reason=ev.reason)) or b""
+        elif isinstance(ev, h11.EndOfMessage):
+            out += client.send(h11.EndOfMessage()) or b""
+            await c.stream.send_all(out)
+            return
+        elif isinstance(ev, h11.InformationalResponse):
+            if ev.status_code == 100 and not client.they_are_waiting_for_100_continue:
+                continue
+            out += client.send(h11.InformationalResponse(status_code=ev.status_code,
+                                                         headers=response_headers(list(ev.headers)),
+                                                         reason=ev.reason)) or b""
+        else:  # ConnectionClosed before the end: h11 raised above for a framed body, so this is a close
+            raise _Failed(_Reset("the instance closed before the response ended"), None)

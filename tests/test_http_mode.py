@@ -1,0 +1,303 @@
+"""HTTP mode through real agents, real HTTP servers and real clients (http.client, curl, wrk).
+
+Per-request balancing over one kept-alive connection, ejection on 5xx, the
+request timeout, retries and their budget, bodies byte-exact both ways, the
+WebSocket fallback to L4, and the mesh's own answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulations.harness import AgentProc, Cluster, Processes, free_port, wait_for, wait_port
+
+INSTANCE = str(Path(__file__).with_name("http_instance.py"))
+PATTERN = bytes(range(256)) * 256
+
+
+def start_instance(procs: Processes, ident: str, mode: str = "ok") -> tuple[int, subprocess.Popen[bytes]]:
+    port = free_port()
+    p = procs.start([sys.executable, INSTANCE, str(port), ident, mode])
+    wait_port(port, f"{ident} up")
+    return port, p
+
+
+def register(agent: AgentProc, iid: str, port: int, protocol: str = "http") -> None:
+    agent.call("PUT", "/v1/services", {"name": "web", "id": iid, "port": port, "address": "127.0.0.1",
+                                       "protocol": protocol})
+
+
+class Mesh:
+    """A caller agent with an upstream to ``web``, whose instances run on a second agent (and the caller)."""
+
+    def __init__(self, cluster: Cluster, procs: Processes, prefix: str) -> None:
+        self.cluster, self.procs = cluster, procs
+        self.a = cluster.start(f"{prefix}1")
+        self.b = cluster.start(f"{prefix}2", join=[self.a.addr])
+        cluster.wait_converged([self.a.name, self.b.name])
+        self.ports: dict[str, int] = {}
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
+        self.listen = 0
+
+    def instances(self, modes: list[str], local_first: bool = False) -> None:
+        for i, mode in enumerate(modes):
+            iid = f"web-{i}"
+            port, p = start_instance(self.procs, iid, mode)
+            self.ports[iid], self.servers[iid] = port, p
+            register(self.a if (local_first and i == 0) else self.b, iid, port)
+        wait_for(lambda: len(self.a.call("GET", "/v1/services/web?passing")) == len(modes), 15,
+                 "every instance passing on the caller")
+
+    def upstream(self, **options: Any) -> int:
+        self.listen = free_port()
+        self.a.call("PUT", "/v1/upstreams", {"service": "web", "listen": f"127.0.0.1:{self.listen}", **options})
+        return self.listen
+
+    def conn(self, timeout: float = 20) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.listen, timeout=timeout)
+
+    def count(self, iid: str) -> Counter[str]:
+        c = http.client.HTTPConnection("127.0.0.1", self.ports[iid], timeout=10)
+        c.request("GET", "/count")
+        got: Counter[str] = Counter(json.loads(c.getresponse().read()))
+        c.close()
+        got["GET /count"] -= 1
+        return +got
+
+    def upstream_view(self) -> dict[str, Any]:
+        view: dict[str, Any] = self.a.call("GET", "/v1/upstreams")[0]
+        return view
+
+
+@pytest.fixture
+def mesh(cluster: Cluster, procs: Processes, request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    yield Mesh(cluster, procs, "h" + str(abs(hash(request.node.name)) % 1000))
+
+
+def get(c: http.client.HTTPConnection, path: str, headers: dict[str, str] | None = None
+        ) -> tuple[int, dict[str, str], bytes]:
+    c.request("GET", path, headers=headers or {})
+    r = c.getresponse()
+    body = r.read()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+
+
+def test_one_kept_alive_connection_is_balanced_per_request(mesh: Mesh) -> None:
+    mesh.instances(["ok", "ok", "ok"], local_first=True)
+    mesh.upstream(lb="round_robin")
+    c = mesh.conn()
+    got = Counter(get(c, "/who")[2].decode() for _ in range(3000))
+    assert sum(got.values()) == 3000 and set(got) == {"web-0", "web-1", "web-2"}
+    assert all(900 <= n <= 1100 for n in got.values()), got  # within 10% of even
+    view = mesh.upstream_view()
+    assert view["connections"] == 1 and view["requests"] == 3000 and view["protocol"] == "http"
+    assert view["pool"]["reused"] >= 2990  # kept connections, not one per request
+    rows = mesh.a.call("GET", "/v1/routes?service=web")
+    assert {r["protocol"] for r in rows} == {"http"}
+    assert {s["name"]: s["protocol"] for s in mesh.a.call("GET", "/v1/services")}["web"] == "http"
+
+
+def test_default_p2c_spreads_one_connection_and_curl_keepalive_reuses_it(mesh: Mesh) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    mesh.instances(["ok", "ok", "ok"])
+    listen = mesh.upstream()
+    out = subprocess.run(["curl", "--keepalive", "-s", "-w", " %{num_connects}\\n",
+                          f"http://127.0.0.1:{listen}/who?[1-600]"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")[:-1]
+    assert len(lines) == 600
+    got = Counter(line.split()[0] for line in lines)
+    connects = sum(int(line.split()[1]) for line in lines)
+    assert connects == 1, "curl opened more than one connection"
+    assert set(got) == {"web-0", "web-1", "web-2"} and max(got.values()) <= 300, got  # no instance over half
+
+
+def test_a_failing_instance_is_ejected_and_clients_then_see_no_500s(mesh: Mesh) -> None:
+    mesh.instances(["ok", "ok", "fail:500"])
+    mesh.upstream(lb="round_robin")
+    c = mesh.conn()
+    first = [get(c, "/who")[0] for _ in range(60)]
+    # 500 is not in retry_on: the client sees the instance's own 500s until it is ejected (5 in a row).
+    assert 1 <= first.count(500) <= 5, first
+    row = {r["instance"]: r for r in mesh.a.call("GET", "/v1/routes?service=web")}["web-2"]
+    assert row["state"] == "ejected" and row["last_failure"] == "http_5xx"
+    statuses = Counter(get(c, "/who")[0] for _ in range(300))
+    assert statuses == Counter({200: 300}), statuses
+
+
+def test_503s_are_retried_on_another_instance_for_idempotent_requests_but_not_post(mesh: Mesh) -> None:
+    mesh.instances(["ok", "fail:503"])
+    mesh.upstream(lb="round_robin", consecutive_failures=1000)  # keep the failing one in: retries only
+    c = mesh.conn()
+    statuses = Counter(get(c, "/who")[0] for _ in range(40))
+    assert statuses == Counter({200: 40}), statuses
+    assert mesh.upstream_view()["retries"] >= 15
+    posts = Counter()
+    for _ in range(20):
+        c.request("POST", "/echo", body=b"not twice")
+        r = c.getresponse()
+        r.read()
+        posts[r.status] += 1
+    failing_posts = mesh.count("web-1")["POST /echo"]
+    assert failing_posts >= 5 and posts[503] == failing_posts, (posts, failing_posts)  # answered, never retried
+    assert mesh.count("web-0")["POST /echo"] == posts[200]
+
+
+def test_a_request_that_reached_no_instance_is_retried_whatever_its_method(mesh: Mesh) -> None:
+    mesh.instances(["ok", "ok"])
+    mesh.upstream(lb="round_robin")
+    Processes.stop(mesh.servers["web-1"])  # still registered and passing: connects are refused
+    c = mesh.conn()
+    for i in range(10):
+        c.request("POST", "/echo", body=b"x" * i)
+        r = c.getresponse()
+        assert r.status == 200 and r.read().startswith(f"{i} ".encode())
+    assert mesh.upstream_view()["retries"] >= 1
+
+
+def test_a_slow_instance_trips_the_request_timeout_with_a_504(mesh: Mesh) -> None:
+    mesh.instances(["slow:3"])
+    mesh.upstream(timeout="0.5s")
+    status, headers, body = get(mesh.conn(), "/who")
+    assert status == 504 and headers["x-mesh-error"] == "timeout", (status, headers, body)
+    assert mesh.upstream_view()["timeouts"] == 1
+
+
+def test_the_retry_budget_stops_a_retry_storm(mesh: Mesh) -> None:
+    mesh.instances(["fail:503", "fail:503", "fail:503"])
+    mesh.upstream(consecutive_failures=1000, max_retries=2)
+    c = mesh.conn()
+    n = 400
+    statuses = Counter(get(c, "/who")[0] for _ in range(n))
+    assert statuses == Counter({503: n})
+    reached = sum(mesh.count(f"web-{i}")["GET /who"] for i in range(3))
+    # Linkerd's budget: 20% of requests plus 10 a second over 10 s.  Without it, 3 tries each.
+    assert reached <= n + 0.2 * n + 100, reached
+    assert reached > n  # some retries were made
+    assert mesh.upstream_view()["retry_budget_exhausted"] > 0
+
+
+def test_64_mib_chunked_upload_and_download_arrive_byte_exact(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    mesh.upstream()
+    size = 64 * 1024 * 1024
+    c = mesh.conn(timeout=120)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(size // len(PATTERN)):
+            yield PATTERN
+
+    c.request("POST", "/echo", body=chunks(), encode_chunked=True, headers={"transfer-encoding": "chunked"})
+    r = c.getresponse()
+    expected = hashlib.sha256(PATTERN * (size // len(PATTERN))).hexdigest()
+    assert r.status == 200 and r.read().decode() == f"{size} {expected}"
+    c.request("GET", f"/bytes/{size}")
+    r = c.getresponse()
+    h = hashlib.sha256()
+    got = 0
+    while True:
+        data = r.read(1 << 20)
+        if not data:
+            break
+        h.update(data)
+        got += len(data)
+    assert got == size and h.hexdigest() == expected
+
+
+def test_a_websocket_upgrade_is_carried_as_bytes(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream()
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
+        s.sendall(b"GET /chat HTTP/1.1\r\nHost: web\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        frame = bytes([0x81, 0x05]) + b"hello" + bytes(range(256)) * 64
+        s.sendall(frame)
+        echoed = rest
+        while len(echoed) < len(frame):
+            echoed += s.recv(65536)
+        assert echoed == frame
+    assert mesh.upstream_view()["connections"] == 1
+
+
+def test_a_malformed_request_gets_a_400_and_reaches_no_instance(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream()
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
+        s.sendall(b"GET /who HTTP/1.1\r\nHost: web\r\nthis is not a header\r\n\r\n")
+        answer = b""
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            answer += d
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"x-mesh-error: bad-request" in answer.lower()
+    assert mesh.count("web-0") == Counter()
+
+
+def test_the_mesh_answers_503_when_no_instance_can_take_it(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    mesh.upstream()
+    Processes.stop(mesh.servers["web-0"])
+    status, headers, body = get(mesh.conn(), "/who")
+    assert status == 503 and headers["x-mesh-error"] == "connect-failed", (status, headers, body)
+    mesh.b.call("DELETE", "/v1/services/web-0")
+    wait_for(lambda: not mesh.a.call("GET", "/v1/services/web?passing"), 10, "web-0 gone on the caller")
+    status, headers, body = get(mesh.conn(), "/who")
+    assert status == 503 and headers["x-mesh-error"] == "no-passing-instances", (status, headers, body)
+    assert body.startswith(b"no passing instance of web")
+
+
+def test_headers_a_proxy_owes_the_instance(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    mesh.upstream()
+    c = mesh.conn()
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    _, h1, _ = get(c, "/who", {"traceparent": trace, "Connection": "keep-alive, x-private",
+                              "x-private": "hop only"})
+    assert h1["x-seen-traceparent"] == trace  # passes untouched
+    assert re.fullmatch(r"[0-9a-f]{32}", h1["x-seen-x-request-id"])  # added when absent
+    assert h1["x-seen-x-forwarded-for"] == "127.0.0.1" and h1["x-seen-forwarded"] == "for=127.0.0.1;proto=http"
+    assert h1["x-seen-connection"] == "-"  # hop-by-hop: not passed on
+    _, h2, _ = get(c, "/who", {"x-request-id": "mine-1", "x-forwarded-for": "10.0.0.9"})
+    assert h2["x-seen-x-request-id"] == "mine-1"  # kept when present
+    assert h2["x-seen-x-forwarded-for"] == "10.0.0.9, 127.0.0.1"
+
+
+def test_wrk_sees_no_errors_while_an_instance_is_killed(mesh: Mesh) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    mesh.instances(["ok", "ok", "ok"])
+    listen = mesh.upstream()
+    wrk = subprocess.Popen(["wrk", "-t", "2", "-c", "16", "-d", "8s", f"http://127.0.0.1:{listen}/who"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: mesh.upstream_view()["requests"] > 200, 10, "wrk's requests flowing")
+        mesh.servers["web-1"].send_signal(signal.SIGKILL)
+        out, _ = wrk.communicate(timeout=60)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    assert done > 500, out
