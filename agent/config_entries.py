@@ -127,7 +127,7 @@ class ConfigEntries:
         return [self.view_of(e) for e in self.store.live(kind)]
 
     def chain_for(self, service: str) -> DiscoveryChain | None:
-        """The discovery chain (splits, subsets, failover) for ``service``; None when no entry shapes it.
+        """The discovery chain (routes, splits, subsets, failover) for ``service``; None when no entry shapes it.
 
         Compiled once per change of the entries (the store's digest says when).
         """
@@ -137,9 +137,10 @@ class ConfigEntries:
             self._chains_digest = digest
         if service not in self._chains:
             splitter = self.lookup(entry_kinds.SERVICE_SPLITTER, service)
+            router = self.lookup(entry_kinds.SERVICE_ROUTER, service)
             resolvers = {e.name: e.body or {} for e in self.store.live(entry_kinds.SERVICE_RESOLVER)}
-            shaped = splitter is not None or service in resolvers
-            self._chains[service] = DiscoveryChain(service, splitter, resolvers) if shaped else None
+            shaped = splitter is not None or router is not None or service in resolvers
+            self._chains[service] = DiscoveryChain(service, splitter, resolvers, router) if shaped else None
         return self._chains[service]
 
     def summary_view(self) -> dict[str, Any]:

@@ -709,6 +709,15 @@ class Agent:
                 row["split_weight"] = weight
                 row["failover_from"] = str(target) if resolved.failed_over else None
                 rows.append(row)
+        # http: the service-router's routes, each with the instances its destination resolves to.
+        for i, (match, target) in enumerate(chain.routes):
+            resolved = chain.resolve(target, self.directory.passing_endpoints)
+            for row in up.router.view(now, resolved.endpoints, self.directory, self.cfg.name):
+                row["service"] = name
+                row["target"] = str(resolved.used)
+                row["route"] = {"index": i, "match": dict(match)}
+                row["failover_from"] = str(target) if resolved.failed_over else None
+                rows.append(row)
 
     def _load_config_entries(self) -> None:
         """Saved entries, then a per-node intentions.json carried over (once), then the config file's."""

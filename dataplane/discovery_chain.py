@@ -9,7 +9,10 @@ the balancer then picks among the instances it names, so outlier detection
 and latency-aware choice work inside a split exactly as without one.
 
 A split is chosen per connection for ``tcp`` services (an ``http`` service is
-split per request by the HTTP layer, which uses the same chain).  Failover
+split per request by the HTTP layer, which uses the same chain).  For ``http``
+services a ``service-router`` comes first, as in Consul: the first route whose
+match (path prefix, a header, methods) fits the request names the target, and
+only a request no route matches is split.  Failover
 goes to the first target in the resolver's list that has a passing instance,
 so a primary that recovers takes its traffic back at the next connection.
 
@@ -68,9 +71,16 @@ class Resolved(Generic[E]):
 
 class DiscoveryChain:
     def __init__(self, service: str, splitter: Mapping[str, Any] | None,
-                 resolvers: Mapping[str, Mapping[str, Any]]) -> None:
+                 resolvers: Mapping[str, Mapping[str, Any]], router: Mapping[str, Any] | None = None) -> None:
         self.service = service
         self._resolvers = resolvers
+        #: (match, target) in order: the service-router's routes (agent/entry_kinds.py checked them).
+        self.routes: list[tuple[Mapping[str, Any], Target]] = []
+        for r in (router or {}).get("routes", []):
+            dest = r["destination"]
+            dest_service = dest.get("service", service)
+            default = (resolvers.get(dest_service) or {}).get("default_subset")
+            self.routes.append((r["match"], Target(dest_service, dest.get("subset", default))))
         if splitter:
             splits = [(float(s["weight"]), Target(s.get("service", service), s.get("subset")))
                       for s in splitter["splits"] if s["weight"] > 0]
@@ -92,6 +102,35 @@ class DiscoveryChain:
             if x < 0:
                 return target
         return self.splits[-1][1]
+
+    def route(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> Target | None:
+        """The target of the first route whose match fits this request, or None (then it is split).
+
+        ``headers`` as h11 gives them: lower-case names.  A path prefix is
+        matched against the path alone (RFC 3986: before any '?').
+        """
+        if not self.routes:
+            return None
+        path = target.split(b"?", 1)[0].decode("latin-1")
+        verb = method.decode("latin-1")
+        for match, dest in self.routes:
+            prefix = match.get("path_prefix")
+            if prefix is not None and not path.startswith(prefix):
+                continue
+            methods = match.get("methods")
+            if methods is not None and verb not in methods:
+                continue
+            header = match.get("header")
+            if header is not None:
+                name = header["name"].encode("latin-1")
+                values = [v for n, v in headers if n == name]
+                if not values:
+                    continue
+                exact = header.get("exact")
+                if exact is not None and exact.encode("latin-1") not in values:
+                    continue
+            return dest
+        return None
 
     def matches(self, target: Target, e: Tagged) -> bool:
         if e.service != target.service:

@@ -340,7 +340,7 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
         raise _Answer(403, DENIED, f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
     opts = up.options.http
     router = up.router
-    route = proxy.route_for(up)
+    route = proxy.route_for(up, (r.ev.method, r.ev.target, r.headers))
     tried: set[tuple[str, str]] = set()
     refusing: set[str] = set()
     asked_refusing = 0

@@ -819,11 +819,18 @@ class Proxy:
         assert status is not None
         return status
 
-    def route_for(self, up: UpstreamListener) -> tuple[DiscoveryChain, Target] | None:
-        """The split target for one connection (tcp) or one request (http), when the service has a chain."""
+    def route_for(self, up: UpstreamListener, request: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
+                  ) -> tuple[DiscoveryChain, Target] | None:
+        """The target for one connection (tcp) or one request (http: method, target, headers), when the
+        service has a chain: the first service-router route that matches, else a split."""
         chain = self.chains.chain_for(up.service) if self.chains is not None else None
         if chain is None:
             return None
+        if request is not None:
+            routed = chain.route(*request)
+            if routed is not None:
+                up.stats[f"route.{routed}"] += 1
+                return chain, routed
         target = chain.choose(self._rng)
         up.stats[f"split.{target}"] += 1
         return chain, target

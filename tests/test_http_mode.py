@@ -36,9 +36,9 @@ def start_instance(procs: Processes, ident: str, mode: str = "ok") -> tuple[int,
     return port, p
 
 
-def register(agent: AgentProc, iid: str, port: int, protocol: str = "http") -> None:
+def register(agent: AgentProc, iid: str, port: int, protocol: str = "http", tags: list[str] | None = None) -> None:
     agent.call("PUT", "/v1/services", {"name": "web", "id": iid, "port": port, "address": "127.0.0.1",
-                                       "protocol": protocol})
+                                       "protocol": protocol, "tags": tags or []})
 
 
 class Mesh:
@@ -53,12 +53,12 @@ class Mesh:
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.listen = 0
 
-    def instances(self, modes: list[str], local_first: bool = False) -> None:
+    def instances(self, modes: list[str], local_first: bool = False, tags: list[list[str]] | None = None) -> None:
         for i, mode in enumerate(modes):
             iid = f"web-{i}"
             port, p = start_instance(self.procs, iid, mode)
             self.ports[iid], self.servers[iid] = port, p
-            register(self.a if (local_first and i == 0) else self.b, iid, port)
+            register(self.a if (local_first and i == 0) else self.b, iid, port, tags=tags[i] if tags else None)
         wait_for(lambda: len(self.a.call("GET", "/v1/services/web?passing")) == len(modes), 15,
                  "every instance passing on the caller")
 
@@ -301,3 +301,35 @@ def test_wrk_sees_no_errors_while_an_instance_is_killed(mesh: Mesh) -> None:
     assert "Non-2xx" not in out and "Socket errors" not in out, out
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     assert done > 500, out
+
+
+def test_a_service_router_sends_requests_by_path_header_and_method(mesh: Mesh) -> None:
+    """Issue 27's service-router, enforced per request by the HTTP layer."""
+    mesh.instances(["ok", "ok", "ok"], tags=[["v1"], ["v1"], ["v2"]])
+    entries = [
+        {"kind": "service-defaults", "name": "web", "protocol": "http"},
+        {"kind": "service-resolver", "name": "web", "subsets": {"v1": {"tags": ["v1"]}, "v2": {"tags": ["v2"]}},
+         "default_subset": "v1"},
+        {"kind": "service-router", "name": "web", "routes": [
+            {"match": {"path_prefix": "/who", "header": {"name": "x-canary", "exact": "yes"}},
+             "destination": {"subset": "v2"}},
+            {"match": {"methods": ["DELETE"]}, "destination": {"subset": "v2"}},
+        ]},
+    ]
+    for e in entries:
+        mesh.a.call("PUT", "/v1/config", e)
+    mesh.upstream()
+    c = mesh.conn()
+    plain = Counter(get(c, "/who")[2].decode() for _ in range(30))
+    assert set(plain) <= {"web-0", "web-1"} and sum(plain.values()) == 30, plain  # default subset v1
+    canary = Counter(get(c, "/who", {"x-canary": "yes"})[2].decode() for _ in range(10))
+    assert canary == Counter({"web-2": 10}), canary
+    wrong_value = Counter(get(c, "/who", {"x-canary": "no"})[2].decode() for _ in range(10))
+    assert "web-2" not in wrong_value
+    c.request("DELETE", "/who")
+    r = c.getresponse()
+    r.read()
+    assert r.getheader("x-instance") == "web-2"
+    rows = mesh.a.call("GET", "/v1/routes?service=web")
+    routed = [row for row in rows if row.get("route")]
+    assert {row["instance"] for row in routed} == {"web-2"} and {row["route"]["index"] for row in routed} == {0, 1}
