@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo compile cluster-key test lint typecheck unit canary bench bench-proxy bench-footprint simulate clean
+.PHONY: demo compile cluster-key test lint typecheck unit canary bench bench-proxy bench-http bench-footprint simulate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,10 @@ bench: $(STAMP)
 # Data plane side-by-side: direct, through two agents, and through stunnel (apt-get install stunnel4).
 bench-proxy: $(STAMP)
 	$(PY) simulations/bench_proxy.py --runs 3
+
+# HTTP through the mesh (http and tcp mode) beside haproxy's two-hop HTTP chain and direct, with wrk.
+bench-http: $(STAMP)
+	$(PY) simulations/bench_http.py --runs 3
 
 # What one agent costs before it works (RSS, start-up, the CLI, 25 agents starting at once), beside Serf.
 bench-footprint: $(STAMP)

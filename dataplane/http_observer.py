@@ -2,19 +2,23 @@
 
 The calling agent re-frames each request (dataplane.http_proxy); the agent
 next to the instance only needs to know, per request, the method and target,
-the status and when the response ended, so it parses both directions (h11)
-and never serializes what it forwards.  The caller sends one request at a
-time on a kept connection, but the observer follows pipelining anyway:
-requests are queued and responses matched to them in order (RFC 9112 §9.3.2).
+the status and when the response ended, so it parses both directions and
+never serializes what it forwards.  The caller sends one request at a time on
+a kept connection, but the observer follows pipelining anyway: requests are
+queued and responses matched to them in order (RFC 9112 §9.3.2).
 
-h11 is a full state machine for one side of a connection; watching needs a
-server-role parser for requests and a client-role one for responses.  The
-client-role parser must be told the method of each request (a response to
-HEAD has no body) by "sending" it a stand-in request, whose bytes are thrown
-away; each request cycle then begins with fresh parsers fed with what the old
-ones had left over, since a watcher never answers and h11 will not start a
-new cycle for a side that has not.  Anything the parsers refuse ends the
-watching for that stream, never the stream: the bytes keep flowing.
+The parser is httptools (the llhttp bindings uvicorn uses), not h11: a
+watcher needs callbacks as bytes go by, which is what llhttp is, while h11's
+state machine expects its owner to take part in the exchange (a client-role
+h11 must "send" each request before it will read a response), and doing that
+per request cost more than the rest of the far end's work together
+(docs/http.md has the figures).
+
+Two limits, both ending the watching of one stream, never the stream (its
+bytes keep flowing, and the caller still counts every request outbound):
+anything the parser refuses, and a response to HEAD, whose length llhttp
+cannot be told to ignore; a HEAD request is still counted, at its response's
+head.
 """
 
 from __future__ import annotations
@@ -23,78 +27,83 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import h11
+import httptools
 import trio
 
 #: method, path, status, start (trio clock), start (wall clock)
 Done = Callable[[str, str, int, float, float], None]
 
 
+class _Requests:
+    """httptools' callbacks for the bytes going to the instance."""
+
+    __slots__ = ("obs", "parser", "url")
+
+    def __init__(self, obs: ExchangeObserver) -> None:
+        self.obs = obs
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_headers_complete(self) -> None:
+        self.obs.pending.append((self.parser.get_method(), self.url, trio.current_time(), time.time()))
+
+
+class _Responses:
+    """httptools' callbacks for the bytes coming back."""
+
+    __slots__ = ("obs", "parser")
+
+    def __init__(self, obs: ExchangeObserver) -> None:
+        self.obs = obs
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_headers_complete(self) -> None:
+        obs = self.obs
+        status = self.parser.get_status_code()
+        if status >= 200 and obs.pending and obs.pending[0][0] == b"HEAD":
+            obs.finish(status)
+            obs.broken = True  # its body length is not to be read: see the module's docstring
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status >= 200:  # 1xx heads are not the response
+            self.obs.finish(status)
+
+
 class ExchangeObserver:
     def __init__(self, done: Done) -> None:
         self._done = done
-        self._req = h11.Connection(h11.SERVER)
-        self._resp = h11.Connection(h11.CLIENT)
         #: Requests seen, oldest first, whose responses have not ended: (method, path, start, wall).
-        self._pending: deque[tuple[bytes, bytes, float, float]] = deque()
-        #: Requests the response parser has not been told of yet (it takes one at a time).
-        self._untold: deque[bytes] = deque()
-        self._status = 0
+        self.pending: deque[tuple[bytes, bytes, float, float]] = deque()
+        self._req = _Requests(self)
+        self._resp = _Responses(self)
         self.broken = False
+
+    def finish(self, status: int) -> None:
+        if self.pending:
+            method, path, start, wall = self.pending.popleft()
+            self._done(method.decode("ascii", "replace"), path.decode("ascii", "replace"), status, start, wall)
 
     def requests(self, data: bytes) -> None:
         """Bytes on their way to the instance (b"" at their end)."""
-        if self.broken:
+        if self.broken or not data:
             return
         try:
-            self._req.receive_data(data)
-            while True:
-                ev = self._req.next_event()
-                if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                    return
-                if isinstance(ev, h11.Request):
-                    self._pending.append((ev.method, ev.target, trio.current_time(), time.time()))
-                    self._untold.append(ev.method)
-                    self._tell()
-                elif isinstance(ev, h11.EndOfMessage):
-                    left, closed = self._req.trailing_data
-                    self._req = h11.Connection(h11.SERVER)
-                    if left or closed:
-                        self._req.receive_data(left)
-                    if closed:
-                        self._req.receive_data(b"")
-                elif isinstance(ev, h11.ConnectionClosed):
-                    return
-        except (h11.ProtocolError, RuntimeError):
+            self._req.parser.feed_data(data)
+        except httptools.HttpParserError:
             self.broken = True
-
-    def _tell(self) -> None:
-        """Tell the response parser of the next request, once it is free for one."""
-        if self._untold and self._resp.our_state is h11.IDLE:
-            method = self._untold.popleft()
-            self._resp.send(h11.Request(method=method, target=b"/", headers=[(b"host", b"-")]))
-            self._resp.send(h11.EndOfMessage())
 
     def responses(self, data: bytes) -> None:
         """Bytes on their way back from the instance (b"" at their end)."""
-        if self.broken:
+        if self.broken or not data:
             return
         try:
-            self._resp.receive_data(data)
-            while True:
-                ev = self._resp.next_event()
-                if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                    return
-                if isinstance(ev, h11.Response):
-                    self._status = ev.status_code
-                elif isinstance(ev, h11.EndOfMessage):
-                    if self._pending:
-                        method, path, start, wall = self._pending.popleft()
-                        self._done(method.decode("ascii", "replace"), path.decode("ascii", "replace"),
-                                   self._status, start, wall)
-                    self._resp.start_next_cycle()
-                    self._tell()
-                elif isinstance(ev, h11.ConnectionClosed):
-                    return
-        except (h11.ProtocolError, RuntimeError):
+            self._resp.parser.feed_data(data)
+        except httptools.HttpParserError:
             self.broken = True

@@ -333,3 +333,46 @@ def test_a_service_router_sends_requests_by_path_header_and_method(mesh: Mesh) -
     rows = mesh.a.call("GET", "/v1/routes?service=web")
     routed = [row for row in rows if row.get("route")]
     assert {row["instance"] for row in routed} == {"web-2"} and {row["route"]["index"] for row in routed} == {0, 1}
+
+
+def _read_response(s: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    """One response (Content-Length framed) from ``buf`` plus what the socket sends; (it, the rest)."""
+    while b"\r\n\r\n" not in buf:
+        buf += s.recv(65536)
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1)) if b"ontent-length" in head else 0  # type: ignore[union-attr]
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+def test_pipelined_requests_are_answered_in_order(mesh: Mesh) -> None:
+    mesh.instances(["ok", "ok"])
+    listen = mesh.upstream(lb="round_robin")
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
+        s.sendall(b"".join(f"GET /status/{code} HTTP/1.1\r\nHost: web\r\n\r\n".encode() for code in (201, 202, 203))
+                  + b"GET /who HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        buf = b""
+        codes = []
+        for _ in range(4):
+            one, buf = _read_response(s, buf)
+            codes.append(int(one.split(b" ", 2)[1]))
+    assert codes == [201, 202, 203, 200]
+    assert mesh.upstream_view()["requests"] == 4
+
+
+def test_expect_100_continue_is_carried_to_the_instance_and_back(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream()
+    body = b"y" * 100_000  # past the retry buffer: streamed once the instance says continue
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
+        s.sendall(f"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: {len(body)}\r\n"
+                  "Expect: 100-continue\r\n\r\n".encode())
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += s.recv(4096)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        s.sendall(body)
+        final, _ = _read_response(s, interim.split(b"\r\n\r\n", 1)[1])
+    assert final.startswith(b"HTTP/1.1 200")
+    assert final.endswith(f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode())

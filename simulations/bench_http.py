@@ -1,0 +1,277 @@
+"""HTTP through the mesh, side by side: http mode, tcp mode, haproxy's HTTP chain, and direct.
+
+One invocation, one machine, the paths interleaved run by run, each figure the median of
+``--runs`` runs:
+
+* ``direct``  -- wrk -> nginx: the ceiling of the load generator and the server;
+* ``tcp``     -- wrk -> agent A's upstream -> Noise tunnel -> agent B -> nginx, the service
+  registered as tcp (L4: bytes, one instance per connection);
+* ``http``    -- the same two agents, a second service on the same nginx registered as http
+  (each request parsed, balanced and re-framed by agent A; agent B watches it go by);
+* ``haproxy`` -- wrk -> haproxy -> haproxy -> nginx, both in ``mode http`` with keep-alive to
+  the next hop (Debian's haproxy, one thread each): a two-hop HTTP chain, unencrypted.
+
+wrk (Debian's) holds 1, 16 and 64 kept-alive connections for ``--seconds``; nginx answers
+every request with 1 KiB.  For each path: requests/s, p50 and p99 latency, and the CPU the
+proxy processes burned per request (from /proc), which does not depend on how the two cores
+are shared between wrk, nginx and the proxies.  The table ends with the ratios the issue's
+goals are stated in.  A benchmark, not a test: it exits 0 whatever the figures.
+
+    .venv/bin/python simulations/bench_http.py --runs 3        # make bench-http
+    .venv/bin/python simulations/bench_http.py --quick         # a smoke run
+
+Needs wrk, nginx and haproxy (apt-get install wrk nginx-light haproxy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from simulations.bench_proxy import (  # noqa: E402
+    HOST,
+    MESH_AGENT,
+    SetupError,
+    _api,
+    _api_or_none,
+    _run,
+    _tail,
+    cpu_seconds,
+    free_port,
+    log,
+    wait_for,
+)
+from simulations.harness import Processes  # noqa: E402
+
+PATHS = ("direct", "tcp", "http", "haproxy")
+BODY = "x" * 1023 + "\n"
+
+
+def probe(port: int) -> bool:
+    """One HTTP request answered 200."""
+    try:
+        with socket.create_connection((HOST, port), timeout=2) as c:
+            c.settimeout(2)
+            c.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            got = b""
+            while len(got) < 12:
+                d = c.recv(4096)
+                if not d:
+                    break
+                got += d
+            return got.startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@dataclass
+class Path_:
+    label: str
+    port: int
+    pids: list[int] = field(default_factory=list)
+
+
+def start_nginx(procs: Processes, workdir: Path) -> int:
+    port = free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid;
+error_log {workdir}/nginx.error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
+    client_body_temp_path {workdir}/nginx-body; proxy_temp_path {workdir}/nginx-proxy;
+    fastcgi_temp_path {workdir}/nginx-fcgi; uwsgi_temp_path {workdir}/nginx-uwsgi; scgi_temp_path {workdir}/nginx-scgi;
+    server {{ listen {HOST}:{port}; location / {{ default_type text/plain; return 200 "{BODY}"; }} }}
+}}
+""")
+    p = procs.start(["nginx", "-c", str(conf), "-p", str(workdir)], workdir / "nginx.log")
+    wait_for(lambda: probe(port) or p.poll() is not None, 10, "nginx")
+    if p.poll() is not None:
+        raise SetupError(f"nginx exited: {_tail(workdir / 'nginx.log')} {_tail(workdir / 'nginx.error.log')}")
+    return port
+
+
+def start_haproxy_chain(server: int, procs: Processes, workdir: Path) -> Path_:
+    pids = []
+    target = server
+    for hop in (2, 1):
+        port = free_port()
+        conf = workdir / f"haproxy{hop}.cfg"
+        conf.write_text(f"""
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+frontend in
+    bind {HOST}:{port}
+    default_backend out
+backend out
+    http-reuse always
+    server s1 {HOST}:{target}
+""")
+        p = procs.start(["haproxy", "-f", str(conf), "-db"], workdir / f"haproxy{hop}.log")
+        wait_for(lambda port=port, p=p: probe(port) or p.poll() is not None, 10, f"haproxy hop {hop}")
+        if p.poll() is not None:
+            raise SetupError(f"haproxy exited: {_tail(workdir / f'haproxy{hop}.log')}")
+        pids.append(p.pid)
+        target = port
+    return Path_("haproxy", target, pids)
+
+
+def start_mesh(server: int, procs: Processes, workdir: Path) -> tuple[Path_, Path_]:
+    key = _run([str(MESH_AGENT), "keygen"]).strip()
+    agents: list[dict[str, Any]] = []
+    for name in ("bench-a", "bench-b"):
+        gossip, api, tunnel = free_port(udp_too=True), free_port(), free_port()
+        argv = [str(MESH_AGENT), "agent", "--name", name, "--bind", f"{HOST}:{gossip}", "--api", f"{HOST}:{api}",
+                "--tunnel", f"{HOST}:{tunnel}", "--key", key, "--profile", "local", "--log-level", "warning",
+                ]
+        if agents:
+            argv += ["--join", f"{HOST}:{agents[0]['gossip']}"]
+        p = procs.start(argv, workdir / f"{name}.log")
+        agents.append({"name": name, "api": api, "gossip": gossip, "proc": p})
+    a, b = agents
+    for ag in agents:
+        wait_for(lambda ag=ag: (_api_or_none(ag["api"], "GET", "/v1/health") is not None
+                                or ag["proc"].poll() is not None), 30, f"agent {ag['name']}")
+        if ag["proc"].poll() is not None:
+            raise SetupError(f"agent {ag['name']} exited: {_tail(workdir / (ag['name'] + '.log'))}")
+    wait_for(lambda: len([m for m in _api_or_none(a["api"], "GET", "/v1/members") or []
+                          if m.get("status") == "alive"]) == 2, 30, "the agents to converge")
+    out = []
+    for protocol in ("tcp", "http"):
+        service = f"bench-{protocol}"
+        _api(b["api"], "PUT", "/v1/services", {"name": service, "port": server, "address": HOST,
+                                               "protocol": protocol})
+        wait_for(lambda s=service: len(_api_or_none(a["api"], "GET", f"/v1/services/{s}?passing") or []) == 1,
+                 30, f"{service} on agent A")
+        listen = free_port()
+        _api(a["api"], "PUT", "/v1/upstreams", {"service": service, "listen": f"{HOST}:{listen}"})
+        wait_for(lambda listen=listen: probe(listen), 30, f"the {protocol} upstream")
+        out.append(Path_(protocol, listen, [a["proc"].pid, b["proc"].pid]))
+    return out[0], out[1]
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def _duration(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if m is None:
+        raise SetupError(f"cannot read wrk's duration {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(path: Path_, conns: int, seconds: float) -> dict[str, float]:
+    before = sum(cpu_seconds(p) for p in path.pids)
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds:g}s", "--latency", f"http://{HOST}:{path.port}/"],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    cpu = sum(cpu_seconds(p) for p in path.pids) - before
+    m = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (m and rps and p50 and p99):
+        raise SetupError(f"wrk's output did not parse:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    if errors or sock:
+        log(f"  {path.label} c={conns}: wrk saw errors: {errors.group(0) if errors else ''} "
+            f"{sock.group(0) if sock else ''}")
+    n = int(m.group(1))
+    return {"rps": float(rps.group(1)), "p50": _duration(p50.group(1)), "p99": _duration(p99.group(1)),
+            "cpu_us": (cpu / n * 1e6) if path.pids and n else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--conns", default="1,16,64")
+    ap.add_argument("--quick", action="store_true", help="one run of 2 s per cell")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.runs, args.seconds = 1, 2.0
+    missing = [t for t in ("wrk", "nginx", "haproxy") if shutil.which(t) is None]
+    if missing:
+        print(f"bench_http: missing {', '.join(missing)} (apt-get install wrk nginx-light haproxy)", file=sys.stderr)
+        return 2
+    conns = [int(c) for c in args.conns.split(",")]
+    procs = Processes()
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        workdir = Path(tmp)
+        try:
+            server = start_nginx(procs, workdir)
+            tcp, http = start_mesh(server, procs, workdir)
+            paths = [Path_("direct", server), tcp, http, start_haproxy_chain(server, procs, workdir)]
+            for path in paths:  # warm: kept connections, JIT-free but caches and pools
+                run_wrk(path, 16, 1.0)
+            for run in range(args.runs):
+                for c in conns:
+                    for path in paths:
+                        r = run_wrk(path, c, args.seconds)
+                        results.setdefault((path.label, c), []).append(r)
+                        log(f"run {run + 1} c={c} {path.label}: {r['rps']:.0f} req/s p50 {r['p50'] * 1e6:.0f} us "
+                            f"p99 {r['p99'] * 1e6:.0f} us cpu {r['cpu_us']:.1f} us/req")
+        except SetupError as exc:
+            print(f"bench_http: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            procs.close()
+    print(report(results, conns, args))
+    return 0
+
+
+def _med(rs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def report(results: dict[tuple[str, int], list[dict[str, float]]], conns: list[int], args: argparse.Namespace) -> str:
+    lines = [f"HTTP through the mesh, median of {args.runs} runs of {args.seconds:g} s, wrk -t1, 1 KiB answers "
+             f"({time.strftime('%Y-%m-%d %H:%M')})", "",
+             "| path | conns | req/s | p50 us | p99 us | proxy CPU us/req |", "|---|---:|---:|---:|---:|---:|"]
+    for c in conns:
+        for label in PATHS:
+            rs = results.get((label, c))
+            if not rs:
+                continue
+            cpu = _med(rs, "cpu_us")
+            lines.append(f"| {label} | {c} | {_med(rs, 'rps'):,.0f} | {_med(rs, 'p50') * 1e6:,.0f} | "
+                         f"{_med(rs, 'p99') * 1e6:,.0f} | {'-' if cpu != cpu else f'{cpu:.1f}'} |")
+    lines += ["", "| ratio | conns | value | goal |", "|---|---:|---:|---|"]
+    for c in conns:
+        h, t, x = results.get(("http", c)), results.get(("tcp", c)), results.get(("haproxy", c))
+        if h and t:
+            lines.append(f"| http/tcp req/s | {c} | {_med(h, 'rps') / _med(t, 'rps'):.2f} | "
+                         f"{'>= 0.5' if c == 16 else ''} |")
+            if c == 1:
+                lines.append(f"| http - tcp p50 (us) | 1 | {(_med(h, 'p50') - _med(t, 'p50')) * 1e6:+.0f} | <= +150 |")
+        if h and x:
+            lines.append(f"| http/haproxy req/s | {c} | {_med(h, 'rps') / _med(x, 'rps'):.2f} | report |")
+            lines.append(f"| http/haproxy CPU per req | {c} | {_med(h, 'cpu_us') / _med(x, 'cpu_us'):.2f} | report |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
