@@ -76,9 +76,9 @@ def test_register_check_flip_deregister_everywhere(cluster: Cluster, tmp_path: P
     seen = instances(cluster.agents["s1"], "web")["web-s3"]
     assert seen == {"id": "web-s3", "service": "web", "node": "s3", "address": f"127.0.0.1:{port}",
                     "tags": ["v1"], "meta": {"zone": "a"}, "health": "passing", "output": "",
-                    "node_status": "alive"}
+                    "node_status": "alive", "protocol": "tcp"}
     listing = json.loads(cli(cluster.agents["s5"].api, "services", "--json").stdout)
-    assert listing == [{"name": "web", "instances": 1, "passing": 1}]
+    assert listing == [{"name": "web", "instances": 1, "passing": 1, "protocol": "tcp"}]
 
     os.killpg(svc.pid, signal.SIGKILL)  # the service process dies: critical everywhere
     svc.wait(5)
