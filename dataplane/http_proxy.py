@@ -374,6 +374,9 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
             r.retries += 1
             up.stats["http_retries"] += 1
         key = (endpoint.node, endpoint.instance_id)
+        # A half-open trial (dataplane.outlier): any 5xx it gets is retried elsewhere when the request
+        # allows it, so a client does not pay for the mesh's look at an instance that was failing.
+        trial = router.outlier.state(trio.current_time(), key) == "half-open"
         tried.add(key)
         r.instance, r.node = endpoint.instance_id, endpoint.node
         known_refusing = router.refuses(endpoint.node)
@@ -407,7 +410,7 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
         attempt.started = trio.current_time()
         attempts += 1
         try:
-            await _exchange(proxy, up, c, r, ic, attempt, can_retry=lambda: may_retry(body_sent=True))
+            await _exchange(proxy, up, c, r, ic, attempt, can_retry=lambda: may_retry(body_sent=True), trial=trial)
         except _Retry as exc:
             last = exc.answer
             continue
@@ -422,7 +425,7 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
 
 
 async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
-                    attempt: routing.Attempt, can_retry: Callable[[], bool]) -> None:
+                    attempt: routing.Attempt, can_retry: Callable[[], bool], trial: bool = False) -> None:
     """One request on one instance connection: raises _Retry, _Answer or _Reset when it fails."""
     h = ic.h
     reused = ic.uses > 0
@@ -442,11 +445,11 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
             raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: {exc}") \
                 from None
         if r.complete:
-            await _response(up, c, r, ic, attempt, can_retry, reused)
+            await _response(up, c, r, ic, attempt, can_retry, reused, trial)
         else:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stream_body, c, r, ic)
-                await _response(up, c, r, ic, attempt, can_retry, reused)
+                await _response(up, c, r, ic, attempt, can_retry, reused, trial)
                 nursery.cancel_scope.cancel()  # a full response before the body ended: the rest is not wanted
         clean = True
     except _Failed as exc:
@@ -493,7 +496,7 @@ async def _stream_body(c: _Client, r: _Request, ic: InstanceConn) -> None:
 
 
 async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
-                    attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool) -> None:
+                    attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool, trial: bool) -> None:
     """Carry the instance's response to the client whole, or raise _Failed."""
     h = ic.h
     stream = ic.stream
@@ -544,7 +547,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
             up.router.answered(trio.current_time(), attempt, status < 500)
             if status >= 500:
                 up.stats["http_5xx"] += 1
-                if status in up.options.http.retry_on and can_retry():
+                if (status in up.options.http.retry_on or trial) and can_retry():
                     raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
                                                                           f"answered {status}")), None)
             r.status = status

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -376,3 +377,21 @@ def test_expect_100_continue_is_carried_to_the_instance_and_back(mesh: Mesh) -> 
         final, _ = _read_response(s, interim.split(b"\r\n\r\n", 1)[1])
     assert final.startswith(b"HTTP/1.1 200")
     assert final.endswith(f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode())
+
+
+def test_a_failed_half_open_trial_is_retried_elsewhere(mesh: Mesh) -> None:
+    """500 is not in retry_on, but the trial of an ejected instance is the mesh's look, not the client's."""
+    mesh.instances(["ok", "ok", "fail:500"])
+    mesh.upstream(lb="round_robin", base_ejection_time="1s")
+    c = mesh.conn()
+    for _ in range(30):
+        get(c, "/who")
+    row = {r["instance"]: r for r in mesh.a.call("GET", "/v1/routes?service=web")}["web-2"]
+    assert row["state"] == "ejected"
+    trials_before = mesh.count("web-2")["GET /who"]
+    statuses: Counter[int] = Counter()
+    deadline = time.monotonic() + 4.5  # several ejections' worth of half-open trials
+    while time.monotonic() < deadline:
+        statuses[get(c, "/who")[0]] += 1
+    assert mesh.count("web-2")["GET /who"] > trials_before  # it was tried again...
+    assert statuses == Counter({200: sum(statuses.values())}), statuses  # ...and no client saw its 500
