@@ -184,18 +184,19 @@ class Window:
             return None
         return (total - self.counts[_NONE] - self.counts[_5XX]) / total
 
-    def quantile(self, q: float) -> float | None:
-        """The latency (seconds) below which a fraction q of the window's requests finished."""
+    def quantiles(self, qs: tuple[float, ...]) -> list[float | None]:
+        """The latencies (seconds) below which fractions ``qs`` (ascending) of the window's requests finished."""
         total = sum(self.fine.values())
         if not total:
-            return None
-        rank = max(1, math.ceil(q * total))
+            return [None] * len(qs)
+        ranks = [max(1, math.ceil(q * total)) for q in qs]
+        out: list[float | None] = []
         seen = 0
         for k in sorted(self.fine):
             seen += self.fine[k]
-            if seen >= rank:
-                return _fine_value(k)
-        return _fine_value(max(self.fine))  # unreachable: the counts add up to total
+            while len(out) < len(ranks) and seen >= ranks[len(out)]:
+                out.append(_fine_value(k))
+        return out
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -204,13 +205,14 @@ def _ms(seconds: float | None) -> float | None:
 
 def _figures(w: Window, span: float) -> dict[str, Any]:
     rate = w.success_rate()
+    p50, p95, p99 = w.quantiles((0.50, 0.95, 0.99))
     return {
         "requests": w.requests,
         "success_rate": None if rate is None else round(rate, 4),
         "rps": round(w.requests / span, 3),
-        "p50_ms": _ms(w.quantile(0.50)),
-        "p95_ms": _ms(w.quantile(0.95)),
-        "p99_ms": _ms(w.quantile(0.99)),
+        "p50_ms": _ms(p50),
+        "p95_ms": _ms(p95),
+        "p99_ms": _ms(p99),
         "counts": {name: n for name, n in zip(CLASSES, w.counts, strict=True) if n},
     }
 

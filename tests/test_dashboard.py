@@ -41,6 +41,8 @@ return {
     .map(tr => [tr.dataset.route, tr.dataset.state])),
   events: Array.from(document.querySelectorAll('#events li')).map(li => li.dataset.event),
   config: Array.from(document.querySelectorAll('#config tr[data-entry]')).map(tr => tr.dataset.entry),
+  traffic: Array.from(document.querySelectorAll('#traffic tr[data-traffic]')).map(tr => tr.dataset.traffic),
+  trafficEmpty: document.querySelector('#traffic tr.empty-row td')?.textContent || null,
   conn: document.getElementById('conn').dataset.state,
   marker: window.__testMarker || null,
 };
@@ -102,6 +104,8 @@ def test_dashboard_follows_members_live(cluster: Cluster, browser: Any, tmp_path
                      lambda s: {n: m["status"] for n, m in s["members"].items()} == dict.fromkeys(names, "alive")
                      and s["nodes"] == names)
     assert page["conn"] == "live"
+    # The HTTP traffic panel polls /v1/stat: no HTTP requests yet, and it says so.
+    assert page["traffic"] == [] and page["trafficEmpty"].startswith("no HTTP requests yet"), page
     wait_page(browser, 20, "web-a2 passing and routed from a1",
               lambda s: s["instances"].get("web-a2") == "passing" and s["routes"].get("web/a2/web-a2") == "active")
     browser.execute_script("window.__testMarker = 'same page'")
