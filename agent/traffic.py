@@ -13,8 +13,9 @@ destination service and instance, inbound per local instance and calling
 service -- and keeps, since start, counts by status class, retries, the
 mesh's own errors by reason and a Prometheus latency histogram; and, over the
 last minute, a ring of six 10-second slots with counts and a fine log-spaced
-latency histogram, from which p50/p95/p99 are read (to within half a bucket,
-about 2%).  No list of samples is kept, so memory does not grow with traffic.
+latency histogram (a flat array, so its size does not depend on the
+latencies), from which p50/p95/p99 are read (to within half a bucket, about
+2%).  No list of samples is kept, so memory does not grow with traffic.
 It does not grow with names either: services, instances, sources and the
 mesh's error reasons are capped, overflow is counted under ``_other`` (which
 no service name or instance id can be), series idle for an hour are dropped,
@@ -28,13 +29,16 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 import time
+from array import array
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import accumulate
 from typing import Any, Final
 
 import trio
@@ -57,6 +61,10 @@ FINE_PER_OCTAVE: Final = 16
 _FINE_SCALE: Final = FINE_PER_OCTAVE / math.log(2)
 #: Up to FINE_BASE * 2**24 (about 168 s); slower requests share the last bucket.
 _FINE_MAX: Final = 24 * FINE_PER_OCTAVE
+_FINE_BUCKETS: Final = _FINE_MAX + 1
+#: A slot's histogram is a flat array of 32-bit counts (1.5 KiB): its size is known whatever the latencies.
+_ZERO_COUNTS: Final = array("I", bytes(4 * _FINE_BUCKETS))
+_NO_COUNTS: Final = array("I")
 
 #: Prometheus histogram bounds (seconds): 100 us to 30 s.
 PROM_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -109,7 +117,7 @@ class _Slot:
     def __init__(self) -> None:
         self.number = -1
         self.counts = [0] * len(CLASSES)
-        self.fine: dict[int, int] = {}
+        self.fine = _NO_COUNTS
 
 
 class Series:
@@ -149,10 +157,9 @@ class Series:
                 return  # older than the minute this slot now holds
             slot.number = number
             slot.counts = [0] * len(CLASSES)
-            slot.fine = {}
+            slot.fine = _ZERO_COUNTS[:]
         slot.counts[cls] += 1
-        fi = _fine_index(latency)
-        slot.fine[fi] = slot.fine.get(fi, 0) + 1
+        slot.fine[_fine_index(latency)] += 1
 
 
 @dataclass
@@ -160,19 +167,22 @@ class Window:
     """The last minute of one or more series, summed; what ``stat`` shows of them."""
 
     counts: list[int]
-    fine: dict[int, int]
+    fine: list[int]
 
     @classmethod
     def empty(cls) -> Window:
-        return cls([0] * len(CLASSES), {})
+        return cls([0] * len(CLASSES), [0] * _FINE_BUCKETS)
 
     def add_series(self, s: Series, now_slot: int) -> None:
-        for slot in s.slots:
-            if now_slot - SLOTS < slot.number <= now_slot:
-                for i, n in enumerate(slot.counts):
-                    self.counts[i] += n
-                for k, n in slot.fine.items():
-                    self.fine[k] = self.fine.get(k, 0) + n
+        live = [slot for slot in s.slots if now_slot - SLOTS < slot.number <= now_slot]
+        if live:
+            self.counts = list(map(sum, zip(self.counts, *(slot.counts for slot in live), strict=True)))
+            self.fine = list(map(sum, zip(self.fine, *(slot.fine for slot in live), strict=True)))
+
+    def add(self, other: Window) -> None:
+        if any(other.counts):
+            self.counts = list(map(operator.add, self.counts, other.counts))
+            self.fine = list(map(operator.add, self.fine, other.fine))
 
     @property
     def requests(self) -> int:
@@ -186,17 +196,11 @@ class Window:
 
     def quantiles(self, qs: tuple[float, ...]) -> list[float | None]:
         """The latencies (seconds) below which fractions ``qs`` (ascending) of the window's requests finished."""
-        total = sum(self.fine.values())
+        cumulative = list(accumulate(self.fine))
+        total = cumulative[-1]
         if not total:
             return [None] * len(qs)
-        ranks = [max(1, math.ceil(q * total)) for q in qs]
-        out: list[float | None] = []
-        seen = 0
-        for k in sorted(self.fine):
-            seen += self.fine[k]
-            while len(out) < len(ranks) and seen >= ranks[len(out)]:
-                out.append(_fine_value(k))
-        return out
+        return [_fine_value(bisect_left(cumulative, max(1, math.ceil(q * total)))) for q in qs]
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -418,10 +422,12 @@ class Traffic:
                 continue
             g = groups[direction].setdefault(svc, {"all": Window.empty(), "instances": {}, "sources": {},
                                                    "errors": {}, "totals": [0] * len(CLASSES), "nodes": {}})
-            for w in (g["all"], g["instances"].setdefault(instance, Window.empty())):
-                w.add_series(s, now_slot)
+            own = Window.empty()
+            own.add_series(s, now_slot)
+            g["all"].add(own)
+            g["instances"].setdefault(instance, Window.empty()).add(own)
             if source:
-                g["sources"].setdefault(source, Window.empty()).add_series(s, now_slot)
+                g["sources"].setdefault(source, Window.empty()).add(own)
             for reason, n in s.errors.items():
                 g["errors"][reason] = g["errors"].get(reason, 0) + n
             for i, n in enumerate(s.counts):
