@@ -421,7 +421,8 @@ class Traffic:
             if service is not None and svc != service:
                 continue
             g = groups[direction].setdefault(svc, {"all": Window.empty(), "instances": {}, "sources": {},
-                                                   "errors": {}, "totals": [0] * len(CLASSES), "nodes": {}})
+                                                   "errors": {}, "totals": [0] * len(CLASSES), "nodes": {},
+                                                   "inst_totals": {}})
             own = Window.empty()
             own.add_series(s, now_slot)
             g["all"].add(own)
@@ -430,8 +431,8 @@ class Traffic:
                 g["sources"].setdefault(source, Window.empty()).add(own)
             for reason, n in s.errors.items():
                 g["errors"][reason] = g["errors"].get(reason, 0) + n
-            for i, n in enumerate(s.counts):
-                g["totals"][i] += n
+            g["totals"] = list(map(operator.add, g["totals"], s.counts))
+            g["inst_totals"][instance] = g["inst_totals"].get(instance, 0) + sum(s.counts)
             if s.node:
                 g["nodes"][instance] = s.node
         out: dict[str, Any] = {"window_seconds": WINDOW_SECONDS, "span_seconds": round(span, 3)}
@@ -442,7 +443,8 @@ class Traffic:
                        "total_requests": sum(g["totals"]),
                        "total_counts": {c: n for c, n in zip(CLASSES, g["totals"], strict=True) if n},
                        "mesh_errors": dict(sorted(g["errors"].items())),
-                       "instances": [{"instance": inst, "node": g["nodes"].get(inst, ""), **_figures(w, span)}
+                       "instances": [{"instance": inst, "node": g["nodes"].get(inst, ""), **_figures(w, span),
+                                      "total_requests": g["inst_totals"][inst]}
                                      for inst, w in sorted(g["instances"].items())]}
                 if direction == INBOUND:
                     row["sources"] = [{"source": src, **_figures(w, span)} for src, w in sorted(g["sources"].items())]

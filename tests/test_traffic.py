@@ -119,6 +119,7 @@ def test_window_slides_and_totals_stay() -> None:
     web = only(t.stat_view(), OUTBOUND, "web")
     assert web["requests"] == 0 and web["success_rate"] is None and web["p50_ms"] is None and web["rps"] == 0
     assert web["total_requests"] == 120 and web["total_counts"] == {"2xx": 60, "5xx": 60}
+    assert web["instances"][0]["requests"] == 0 and web["instances"][0]["total_requests"] == 120
 
 
 def test_records_folded_late_land_in_their_own_slot() -> None:
