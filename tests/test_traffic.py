@@ -270,3 +270,56 @@ def test_record_without_taps_touches_only_a_list() -> None:
     r = rec()
     t.record(r)
     assert t._pending == [r] and t.series == {}
+
+
+def test_http_metric_families_with_traffic_pass_promtool() -> None:
+    """The mesh_http_* families as /metrics renders them, filled, checked by promtool."""
+    import shutil
+    import subprocess
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent.metrics import AgentCollector
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    clock = Clock()
+    t = Traffic(clock)
+    for i, latency in enumerate((0.00005, 0.0002, 0.003, 0.003, 0.2, 45.0)):
+        t.record(rec(latency=latency, status=(200, 301, 404, 0, 503, 504)[i], started=clock.t - 50,
+                     mesh_error="timeout" if i == 5 else None, retries=i % 2))
+    t.record(rec(direction=INBOUND, source="front", instance="web-2", latency=0.001, started=clock.t - 1))
+
+    class Only:
+        def collect(self) -> Any:
+            return AgentCollector(SimpleNamespace(traffic=t))._http()  # type: ignore[arg-type]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Only())
+    text = generate_latest(registry).decode()
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr + text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+               for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[name, tuple(sorted(labels.items()))]
+
+    out = {"direction": "outbound", "service": "web", "instance": "web-1", "source": ""}
+    assert value("mesh_http_requests_total", **out, status_class="2xx") == 1
+    assert value("mesh_http_requests_total", **out, status_class="3xx") == 1
+    assert value("mesh_http_requests_total", **out, status_class="none") == 1
+    assert value("mesh_http_requests_total", **out, status_class="5xx") == 2
+    assert value("mesh_http_mesh_errors_total", **out, reason="timeout") == 1
+    assert value("mesh_http_retries_total", **out) == 3
+    assert value("mesh_http_request_duration_seconds_bucket", **out, le="0.0001") == 1
+    assert value("mesh_http_request_duration_seconds_bucket", **out, le="0.005") == 4
+    assert value("mesh_http_request_duration_seconds_bucket", **out, le="30.0") == 5
+    assert value("mesh_http_request_duration_seconds_bucket", **out, le="+Inf") == 6
+    assert value("mesh_http_request_duration_seconds_count", **out) == 6
+    assert value("mesh_http_request_duration_seconds_sum", **out) == pytest.approx(45.20625)
+    inbound = {"direction": "inbound", "service": "web", "instance": "web-2", "source": "front"}
+    assert value("mesh_http_requests_total", **inbound, status_class="2xx") == 1
