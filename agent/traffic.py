@@ -66,6 +66,10 @@ _FINE_BUCKETS: Final = _FINE_MAX + 1
 _ZERO_COUNTS: Final = array("I", bytes(4 * _FINE_BUCKETS))
 _NO_COUNTS: Final = array("I")
 
+#: Latencies are taken as at most a day (and records as ending at most a day ago): a
+#: wrong figure from a broken clock must not reach the arithmetic as inf or NaN.
+MAX_LATENCY: Final = 86400.0
+
 #: Prometheus histogram bounds (seconds): 100 us to 30 s.
 PROM_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                        1.0, 2.5, 5.0, 10.0, 30.0)
@@ -137,7 +141,7 @@ class Series:
 
     def add(self, rec: RequestRecord, end: float) -> None:
         cls = _class_of(rec.status)
-        latency = rec.latency if rec.latency > 0.0 else 0.0
+        latency = rec.latency if 0.0 < rec.latency < MAX_LATENCY else MAX_LATENCY if rec.latency >= MAX_LATENCY else 0.0
         self.counts[cls] += 1
         self.prom[bisect_left(PROM_BUCKETS, latency)] += 1
         self.sum += latency
@@ -343,7 +347,11 @@ class Traffic:
             if s is None:
                 s = self._new_series(key, now)
             end = rec.started + rec.latency
-            s.add(rec, end if end < now else now)
+            if not end < now:  # (a clock step, or NaN: never a slot in the future)
+                end = now
+            elif not end > now - MAX_LATENCY:
+                end = now - MAX_LATENCY
+            s.add(rec, end)
 
     def _new_series(self, key: SeriesKey, now: float) -> Series:
         """The series for a new key, or the overflow series it is counted under once a cap is reached."""

@@ -323,3 +323,44 @@ def test_http_metric_families_with_traffic_pass_promtool() -> None:
     assert value("mesh_http_request_duration_seconds_sum", **out) == pytest.approx(45.20625)
     inbound = {"direction": "inbound", "service": "web", "instance": "web-2", "source": "front"}
     assert value("mesh_http_requests_total", **inbound, status_class="2xx") == 1
+
+
+def test_absurd_times_are_clamped_not_raised() -> None:
+    """A broken clock in the data plane must not make record() raise on the proxy's path."""
+    clock = Clock()
+    t = Traffic(clock)
+    nan, inf = float("nan"), float("inf")
+    for latency, started in ((inf, clock.t), (nan, clock.t), (-1.0, clock.t), (0.01, -inf), (0.01, inf),
+                             (0.01, nan), (1e300, clock.t)):
+        t.record(rec(latency=latency, started=started))
+    web = only(t.stat_view(), OUTBOUND, "web")
+    assert web["total_requests"] == 7
+    (s,) = t.series.values()
+    assert s.sum < 10 * tr.MAX_LATENCY
+
+
+def test_cli_renders_stat_and_tap_lines() -> None:
+    from cli.traffic import stat_table, tap_text
+
+    clock = Clock()
+    t = Traffic(clock)
+    for _ in range(3):
+        t.record(rec(latency=0.00008, started=clock.t - 1))
+    t.record(rec(instance="", node="", status=503, mesh_error="no-passing-instances", latency=0.0004,
+                 started=clock.t - 1))
+    t.record(rec(direction=INBOUND, source="front", latency=0.25, started=clock.t - 1))
+    lines = stat_table(t.stat_view())
+    assert lines[0].startswith("OUTBOUND") and lines[1].split()[:3] == ["SERVICE", "INSTANCE", "SUCCESS"]
+    assert lines[2].split()[:3] == ["web", "*", "75.00%"]
+    assert lines[3].split()[:2] == ["(none", "reached)"]
+    assert lines[4].split()[:3] == ["web-1", "100.00%", "3.0"] and "78us" in lines[4]
+    inbound = lines.index(next(ln for ln in lines if ln.startswith("INBOUND")))
+    assert any(ln.split()[:2] == ["from", "front"] for ln in lines[inbound:])
+    assert any("247ms" in ln for ln in lines[inbound:])  # 250 ms, to within half a bucket
+    assert stat_table({"outbound": [], "inbound": []}) == [
+        "OUTBOUND (calls this agent's clients made, last 60s)", "  no HTTP requests yet",
+        "INBOUND (calls that reached this agent's instances, last 60s)", "  no HTTP requests yet"]
+    line = tap_text(tr.tap_line(rec(status=504, mesh_error="timeout", retries=2, path="/a?b=1", latency=1.5)))
+    assert line.endswith("outbound -> web/web-1@n1 GET /a?b=1 504 1500.0ms mesh_error=timeout retries=2"), line
+    assert tap_text({"event": "tap_dropped", "dropped": 7}).startswith("... 7 requests skipped")
+    assert " no-response " in tap_text(tr.tap_line(rec(status=0)))
