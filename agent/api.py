@@ -145,6 +145,8 @@ class ApiServer:
             ("GET", "/metrics"): self.metrics,
             ("GET", "/v1/coordinate"): self.coordinate,
             ("GET", "/v1/agent/monitor"): self.monitor,
+            ("GET", "/v1/stat"): self.stat,
+            ("GET", "/v1/tap"): self.tap,
             ("GET", "/"): self.dashboard,
         }
         #: Routes with one trailing path parameter.
@@ -264,6 +266,26 @@ class ApiServer:
         if level is None:
             raise HttpError(400, f"unknown log_level {wanted[-1]!r}: use {', '.join(log.LEVEL_NAMES)}")
         return 200, Streamed(lambda: log.subscribe(level))
+
+    async def stat(self, query: dict[str, list[str]], body: Any) -> Reply:
+        from agent import traffic
+
+        try:
+            service = traffic.stat_query(query)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        return 200, self.agent.traffic.stat_view(service)
+
+    async def tap(self, query: dict[str, list[str]], body: Any) -> Reply:
+        from agent import traffic
+
+        try:
+            flt = traffic.tap_query(query)
+        except ValueError as exc:
+            raise HttpError(400, str(exc)) from None
+        if len(self.agent.traffic.taps) >= traffic.MAX_TAPS:
+            raise HttpError(429, f"{traffic.MAX_TAPS} taps are open on this agent already; close one")
+        return 200, Streamed(lambda: traffic.tap_lines(self.agent.traffic, flt))
 
     async def dashboard(self, query: dict[str, list[str]], body: Any) -> Reply:
         from agent import dashboard  # read from disk on the first visit only

@@ -66,6 +66,47 @@ class AgentCollector(Collector):
         yield from self._api()
         yield from self._store()
         yield from self._config_entries()
+        yield from self._http()
+
+    def _http(self) -> Iterator[Metric]:
+        """Golden metrics of HTTP requests (agent.traffic): no paths, no node names, capped names."""
+        from agent.traffic import CLASSES, PROM_BUCKETS
+
+        traffic = self.agent.traffic
+        labels = ["direction", "service", "instance", "source"]
+        requests = _counter("mesh_http_requests_total",
+                            "HTTP requests finished, by status class (none: no response reached the client).",
+                            [*labels, "status_class"])
+        errors = _counter("mesh_http_mesh_errors_total",
+                          "Requests the mesh answered itself (502, 503, 504), by reason (x-mesh-error).",
+                          [*labels, "reason"])
+        retries = _counter("mesh_http_retries_total", "Attempts beyond the first that requests took.", labels)
+        latency = HistogramMetricFamily("mesh_http_request_duration_seconds",
+                                        "From a request's head arriving to its response's end.", labels=labels)
+        for key, s in sorted(traffic.tracked().items()):
+            names = list(key)
+            for cls, n in zip(CLASSES, s.counts, strict=True):
+                if n:
+                    requests.add_metric([*names, cls], n)
+            for reason, n in sorted(s.errors.items()):
+                errors.add_metric([*names, reason], n)
+            retries.add_metric(names, s.retries)
+            buckets, running = [], 0
+            for bound, n in zip((*PROM_BUCKETS, float("inf")), s.prom, strict=True):
+                running += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            latency.add_metric(names, buckets, s.sum)
+        yield from (requests, errors, retries, latency)
+        c = _counter("mesh_http_series_overflow_total",
+                     "New service, instance or source names met past the tracking caps (counted under _other).")
+        c.add_metric([], traffic.overflowed)
+        yield c
+        c = _counter("mesh_http_tap_dropped_total", "Requests a tap subscriber read too slowly to be shown.")
+        c.add_metric([], traffic.tap_dropped)
+        yield c
+        g = GaugeMetricFamily("mesh_http_taps", "Tap subscribers attached now.")
+        g.add_metric([], len(traffic.taps))
+        yield g
 
     def _config_entries(self) -> Iterator[Metric]:
         view = self.agent.config_entries.summary_view()

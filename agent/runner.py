@@ -33,6 +33,7 @@ from agent.entry_kinds import SERVICE_DEFAULTS
 from agent.intentions import Intentions
 from agent.keys import KeyManager
 from agent.services import LocalServices
+from agent.traffic import Traffic
 from agent.transport import (
     DEFERRED_ICMP,
     ENCRYPTED,
@@ -161,6 +162,8 @@ class Agent:
         self.directory = MeshDirectory(self.membership, self.services)
         self.services.declared_protocol = self._declared_protocol
         self.dp_stats: Counter[str] = Counter()
+        #: The golden metrics of HTTP requests, fed by the proxy (its RequestSink): stat, tap, /metrics.
+        self.traffic = Traffic()
         #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
         self.config_entries.on_change = self._config_changed

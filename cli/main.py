@@ -762,5 +762,11 @@ def demo_client(url: str, interval: float, count: int | None, timeout: float, se
     run_client(url, interval, count, timeout, service, api)
 
 
+# stat and tap live in cli/traffic.py (which does not import this module).
+from cli.traffic import register as _register_traffic  # noqa: E402
+
+_register_traffic(main, api_option, json_option, OneLineErrors)
+
+
 if __name__ == "__main__":
     main()

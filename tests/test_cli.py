@@ -102,7 +102,7 @@ def test_members_and_info_json_follow_the_contract(cluster: Cluster) -> None:
 
 _CLIENT_COMMANDS = (
     ["members", "--json"], ["info"], ["services"], ["upstreams"], ["intentions"], ["routes"],
-    ["keys", "list"], ["rtt", "c1"],
+    ["keys", "list"], ["rtt", "c1"], ["stat"], ["stat", "web", "--json"], ["tap", "Not_A_Name"],
 )
 #: Run every client command in one interpreter, then print which of our own
 #: packages (and the protocol's dependencies) that interpreter ever imported.
