@@ -174,7 +174,7 @@ class Agent:
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
         self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
                            authorizer=self.intentions, info=self.log.info, paths=self.directory,
-                           chains=self.config_entries, protocols=self.directory.protocol_of)
+                           chains=self.config_entries, protocols=self.directory.protocol_of, sink=self.traffic)
         self.tunnels = TunnelManager(
             cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,

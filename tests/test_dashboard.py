@@ -130,7 +130,6 @@ def test_dashboard_follows_members_live(cluster: Cluster, browser: Any, tmp_path
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.xfail(reason="needs the HTTP data plane (lead's branch)", strict=False)
 def test_dashboard_traffic_panel_follows_requests(cluster: Cluster, browser: Any, procs: Any) -> None:
     import http.client
 

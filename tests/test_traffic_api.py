@@ -207,7 +207,6 @@ def metric(text: str, name: str, labels: dict[str, str]) -> float:
     return total
 
 
-@pytest.mark.xfail(reason="needs the HTTP data plane (lead's branch)", strict=False)
 def test_http_requests_show_in_stat_tap_and_metrics(cluster: Cluster, procs: Processes, tmp_path: Path,
                                                     taps: list[Tap]) -> None:
     a = cluster.start("e1")
