@@ -395,3 +395,28 @@ def test_a_failed_half_open_trial_is_retried_elsewhere(mesh: Mesh) -> None:
         statuses[get(c, "/who")[0]] += 1
     assert mesh.count("web-2")["GET /who"] > trials_before  # it was tried again...
     assert statuses == Counter({200: sum(statuses.values())}), statuses  # ...and no client saw its 500
+
+
+def test_wrk_sees_no_errors_from_an_ejected_failing_instance_through_its_trials(mesh: Mesh) -> None:
+    """Issue 28's goal, shortened: once ejected, an instance answering 500 to everything costs clients
+    nothing, its half-open trials included (every 1-2 s here), while another instance is killed."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    mesh.instances(["ok", "ok", "fail:500", "ok"])
+    listen = mesh.upstream(lb="round_robin", base_ejection_time="1s", max_ejection_percent=50)
+    c = mesh.conn()
+    for _ in range(60):
+        get(c, "/who")
+    wait_for(lambda: {r["instance"]: r for r in mesh.a.call("GET", "/v1/routes?service=web")}["web-2"]["state"]
+             == "ejected", 10, "web-2 ejected")
+    wrk = subprocess.Popen(["wrk", "-t", "2", "-c", "16", "-d", "10s", f"http://127.0.0.1:{listen}/who"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)
+        mesh.servers["web-1"].send_signal(signal.SIGKILL)
+        out, _ = wrk.communicate(timeout=60)
+    finally:
+        if wrk.poll() is None:
+            wrk.kill()
+    assert "Non-2xx" not in out and "Socket errors" not in out, out
+    assert mesh.count("web-2")["GET /who"] > 5  # trials reached it during the run, and were retried
