@@ -41,8 +41,10 @@ still resets a connection silent for that long.
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -93,10 +95,12 @@ def looks_like_http1(raw: bytes | bytearray) -> bool:
 class _Client:
     """The client's connection: h11 in the server role over the accepted socket."""
 
-    __slots__ = ("stream", "h", "address", "raw", "eof")
+    __slots__ = ("stream", "h", "address", "raw", "eof", "stats")
 
-    def __init__(self, stream: RawSocketStream, address: str) -> None:
+    def __init__(self, stream: RawSocketStream, address: str, stats: Counter[str]) -> None:
         self.stream = stream
+        #: The upstream's counters (bytes_out: from the client, bytes_in: to it, as in L4).
+        self.stats = stats
         self.h = h11.Connection(h11.SERVER)
         self.address = address
         #: The bytes of the current request from its first, kept until its head is parsed, so a
@@ -113,6 +117,7 @@ class _Client:
             if self.eof:
                 raise h11.RemoteProtocolError("the client closed in the middle of a request", 400)
             data = await self.stream.receive_some(_CHUNK)
+            self.stats["bytes_out"] += len(data)
             if not data:
                 self.eof = True
             elif self.raw is not None:
@@ -122,7 +127,11 @@ class _Client:
     async def send(self, ev: h11.Event) -> None:
         data = self.h.send(ev)
         if data:
-            await self.stream.send_all(data)
+            await self.send_bytes(data)
+
+    async def send_bytes(self, data: bytes | bytearray) -> None:
+        self.stats["bytes_in"] += len(data)
+        await self.stream.send_all(data)
 
 
 class _Answer(Exception):
@@ -155,15 +164,23 @@ def _peer_host(stream: RawSocketStream) -> str:
 
 async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> None:
     """Carry one client connection's requests until it ends; hand it to the L4 path when it must."""
-    c = _Client(client, _peer_host(client))
+    c = _Client(client, _peer_host(client), up.stats)
     first = True
     handed_off = False
     try:
         while True:
             c.raw = bytearray(c.h.trailing_data[0])
-            try:
-                ev = await c.event()
-            except h11.RemoteProtocolError as exc:
+            # Between requests a kept-alive client may be silent up to the upstream's idle timeout;
+            # then the connection is closed, which RFC 9112 §9.6 lets a server do between requests.
+            idle = up.options.idle_timeout
+            ev: h11.Event | type[h11.PAUSED] | None = None
+            bad: h11.RemoteProtocolError | None = None
+            with trio.move_on_after(idle if idle > 0 and c.h.their_state is h11.IDLE else math.inf):
+                try:
+                    ev = await c.event()
+                except h11.RemoteProtocolError as exc:
+                    bad = exc
+            if bad is not None:
                 raw = bytes(c.raw)
                 if first and not looks_like_http1(raw):
                     up.stats["http_fallbacks"] += 1
@@ -171,7 +188,10 @@ async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> 
                     await proxy.serve_l4(up, client, early=raw)
                     return
                 up.stats["http_bad_requests"] += 1
-                await _answer(c, up, _Answer(exc.error_status_hint, BAD_REQUEST, f"bad request: {exc}"))
+                await _answer(c, up, _Answer(bad.error_status_hint, BAD_REQUEST, f"bad request: {bad}"))
+                return
+            if ev is None:
+                up.stats["idle_timeouts"] += 1
                 return
             if not isinstance(ev, h11.Request):
                 return  # ConnectionClosed: the client is done
@@ -516,7 +536,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
                                                      f"response: {exc}"), routing.BAD_RESPONSE) from None
         if ev is h11.NEED_DATA:
             if out:
-                await c.stream.send_all(out)
+                await c.send_bytes(out)
                 out.clear()
             try:
                 data = await stream.receive_some(_CHUNK)
@@ -540,7 +560,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
         if isinstance(ev, h11.Data):
             out += client.send(ev) or b""
             if len(out) >= _CHUNK:
-                await c.stream.send_all(out)
+                await c.send_bytes(out)
                 out.clear()
         elif isinstance(ev, h11.Response):
             status = ev.status_code
@@ -556,7 +576,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
                                             reason=ev.reason)) or b""
         elif isinstance(ev, h11.EndOfMessage):
             out += client.send(h11.EndOfMessage()) or b""
-            await c.stream.send_all(out)
+            await c.send_bytes(out)
             return
         elif isinstance(ev, h11.InformationalResponse):
             if ev.status_code == 100 and not client.they_are_waiting_for_100_continue:

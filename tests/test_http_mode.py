@@ -420,3 +420,17 @@ def test_wrk_sees_no_errors_from_an_ejected_failing_instance_through_its_trials(
             wrk.kill()
     assert "Non-2xx" not in out and "Socket errors" not in out, out
     assert mesh.count("web-2")["GET /who"] > 5  # trials reached it during the run, and were retried
+
+
+def test_an_idle_kept_alive_client_is_closed_between_requests_and_bytes_are_counted(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream(idle_timeout="1s")
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
+        s.sendall(b"GET /who HTTP/1.1\r\nHost: web\r\n\r\n")
+        one, rest = _read_response(s, b"")
+        assert one.startswith(b"HTTP/1.1 200") and rest == b""
+        s.settimeout(5)
+        assert s.recv(100) == b""  # closed cleanly after a second of silence, between requests
+    view = mesh.upstream_view()
+    assert view["idle_timeouts"] == 1
+    assert view["bytes_out"] == len(b"GET /who HTTP/1.1\r\nHost: web\r\n\r\n") and view["bytes_in"] == len(one)
