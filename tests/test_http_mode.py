@@ -434,3 +434,20 @@ def test_an_idle_kept_alive_client_is_closed_between_requests_and_bytes_are_coun
     view = mesh.upstream_view()
     assert view["idle_timeouts"] == 1
     assert view["bytes_out"] == len(b"GET /who HTTP/1.1\r\nHost: web\r\n\r\n") and view["bytes_in"] == len(one)
+
+
+def test_the_protocol_comes_from_the_config_file_and_a_disagreeing_entry_is_shown(
+        cluster: Cluster, procs: Processes, tmp_path: Path) -> None:
+    port, _ = start_instance(procs, "web-0")
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[[service]]\nname = "web"\nid = "web-0"\nport = {port}\naddress = "127.0.0.1"\n'
+                    'protocol = "http"\n')
+    a = cluster.start("cf1", extra=["--config", str(conf)])
+    wait_for(lambda: bool(a.call("GET", "/v1/services")), 10, "web registered from the file")
+    assert a.call("GET", "/v1/services") == [{"name": "web", "instances": 1, "passing": 1, "protocol": "http"}]
+    a.call("PUT", "/v1/config", {"kind": "service-defaults", "name": "web", "protocol": "tcp"})
+    row = a.call("GET", "/v1/services")[0]
+    assert row["protocol"] == "tcp" and "service-defaults says tcp" in row["protocol_conflict"]
+    p = subprocess.run([sys.executable, "-m", "cli.main", "services", "register", "--name", "api", "--port", "1",
+                        "--protocol", "grpc", "--api", a.api], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "grpc" in p.stderr  # click refuses it before any call
