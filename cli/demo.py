@@ -237,6 +237,8 @@ def _watch(names: list[str], agents: dict[str, subprocess.Popen[bytes]], apis: d
                     click.echo("try, in another shell:")
                     click.echo(f"  .venv/bin/mesh-agent members --api {apis[names[0]]}")
                     click.echo(f"  .venv/bin/mesh-agent routes --api {client_api}")
+                    click.echo(f"  .venv/bin/mesh-agent stat {CLIENT_SERVICE} --api {client_api}    "
+                               "(success rate, requests/s, latency per instance)")
                     hosted = ", ".join(i.id for i in instances if names[i.node_index] == victim)
                     click.echo(f"  kill -9 {agents[victim].pid}    ({victim}, which runs {hosted}: watch it turn "
                                f"suspect, then dead, and the calls move to the other {CLIENT_SERVICE} instances)")

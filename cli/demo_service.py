@@ -117,7 +117,8 @@ def _register_once(inst: _Instance, port: int, address: str | None, check_host: 
     except ApiError as exc:
         if "no agent answering" in str(exc):
             raise
-    body: dict[str, Any] = {"name": inst.service, "id": inst.instance, "port": port,
+    # It speaks HTTP/1.1, so the mesh carries it per request (balancing, retries, golden metrics).
+    body: dict[str, Any] = {"name": inst.service, "id": inst.instance, "port": port, "protocol": "http",
                             "check": {"type": "http", "target": f"http://{check_host}:{port}/health",
                                       "interval": check_interval}}  # the timeout: 2 s, or the interval if less
     if address:
