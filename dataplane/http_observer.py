@@ -90,20 +90,21 @@ class ExchangeObserver:
             method, path, start, wall = self.pending.popleft()
             self._done(method.decode("ascii", "replace"), path.decode("ascii", "replace"), status, start, wall)
 
-    def requests(self, data: bytes) -> None:
-        """Bytes on their way to the instance (b"" at their end)."""
+    def requests(self, data: bytes | memoryview) -> None:
+        """Bytes on their way to the instance (b"" at their end); never raises (it runs inside the
+        tunnel's reader)."""
         if self.broken or not data:
             return
         try:
             self._req.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except Exception:  # noqa: BLE001 - the parser's refusal, or anything in a callback
             self.broken = True
 
-    def responses(self, data: bytes) -> None:
-        """Bytes on their way back from the instance (b"" at their end)."""
+    def responses(self, data: bytes | memoryview) -> None:
+        """Bytes on their way back from the instance (b"" at their end); never raises."""
         if self.broken or not data:
             return
         try:
             self._resp.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except Exception:  # noqa: BLE001
             self.broken = True

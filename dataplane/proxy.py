@@ -64,6 +64,7 @@ from dataplane.observed import INBOUND, NoSink, RequestRecord, RequestSink
 from dataplane.rawsocket import RawSocketStream, SocketPump, connect_tcp
 from dataplane.retry_budget import RetryBudget
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
+from dataplane.stream import TunnelStream
 from dataplane.tunnel import StreamResetError, TunnelError
 
 #: Bytes read from a client or instance socket at a time: fewer, larger reads
@@ -273,12 +274,15 @@ class Spliced:
     b_ended_first: bool = False
 
 
+#: Shown each chunk that passes one way (dataplane.http_observer).
+Tap = Callable[[bytes | memoryview], None]
+
 _SPLICE_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProxyError, EOFError)
 
 
 async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[], None],
                  idle_timeout: float = 0.0, on_reply: Callable[[], None] | None = None,
-                 taps: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None) -> Spliced:
+                 taps: tuple[Tap, Tap] | None = None) -> Spliced:
     """Copy both directions with half-close; any error, or ``idle_timeout`` of silence, tears both down loudly.
 
     ``on_reply`` runs once, when the first bytes from ``b`` have reached ``a``.
@@ -314,7 +318,7 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
 
         #: The end whose own fast path carries this direction, if one does.
         pumper: SocketPump | None = None
-        tap = None if taps is None else taps[0] if src is a else taps[1]
+        tap = None if taps is None or watched else taps[0] if src is a else taps[1]
         try:
             if tap is not None:
                 while True:
@@ -388,6 +392,11 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
     # builds a description of the cancelling task and a Cancelled for the
     # watchdog, a measurable cost per proxied connection.
     done = trio.Event()
+    # A tunnel stream shows its bytes to the taps itself, on its direct paths.
+    watched = False
+    if taps is not None and isinstance(a, TunnelStream) and isinstance(b, RawSocketStream):
+        a.watch(taps[0], taps[1])
+        watched = True
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump, a, b, "bytes_out")
         nursery.start_soon(pump, b, a, "bytes_in")

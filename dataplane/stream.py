@@ -78,6 +78,9 @@ class TunnelStream(SocketPump):
         self._fair = Fairness()
         self._eof_received = False
         self._eof_sent = False
+        #: Shown every byte received, and every byte pump_from reads for the stream (watch()).
+        self._tap_in: Callable[[bytes | memoryview], None] | None = None
+        self._tap_out: Callable[[bytes | memoryview], None] | None = None
         self._closed = False
         self._failure: tuple[str, int | None] | None = None
         self._recv_event = trio.Event()
@@ -110,6 +113,8 @@ class TunnelStream(SocketPump):
         """
         if self._closed:
             return False
+        if self._tap_in is not None:
+            self._tap_in(data)
         sink = self._sink
         if sink is not None and not self._buf and not self._sink_busy:
             try:
@@ -140,6 +145,20 @@ class TunnelStream(SocketPump):
     def unusable(self) -> bool:
         """Closed by the application, or failed: no sender on it will wait for room again."""
         return self._closed or self._failure is not None
+
+    def watch(self, received: Callable[[bytes | memoryview], None] | None,
+              sent: Callable[[bytes | memoryview], None] | None) -> None:
+        """Show each byte received from now on (and what is held unread now) to ``received``, and
+        each byte ``pump_from`` reads for this stream to ``sent``, as they pass, unchanged.
+
+        The far end's HTTP observer watches this way, so its streams keep the
+        direct paths (the taps see the very views those paths send from, and
+        must not keep them).  Taps must not raise.
+        """
+        self._tap_in, self._tap_out = received, sent
+        if received is not None:
+            for chunk in self._buf:
+                received(chunk)
 
     def at_rest(self) -> bool:
         """Open both ways with nothing received unread: a kept stream that may carry another request
@@ -328,6 +347,8 @@ class TunnelStream(SocketPump):
                     data = await source.receive_some(chunk)
                     if not data:
                         break
+                    if self._tap_out is not None:
+                        self._tap_out(data)
                     await self._send_all(data)
                     delivered(len(data))
         finally:
@@ -350,6 +371,8 @@ class TunnelStream(SocketPump):
         scratch = self._scratch
         n = source.try_receive_into(scratch[mux.HEADER_SIZE : mux.HEADER_SIZE + min(room, _DIRECT_MAX)])
         if n:
+            if self._tap_out is not None:
+                self._tap_out(scratch[mux.HEADER_SIZE : mux.HEADER_SIZE + n])  # before it is sealed in place
             self._session.send_direct(self, scratch[: mux.HEADER_SIZE + n])
             delivered(n)
         return n
