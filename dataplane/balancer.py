@@ -72,8 +72,6 @@ __all__ = [
 
 K = TypeVar("K", bound=Hashable)
 
-#: Two P2C costs closer than this ratio are a tie (see Balancer._p2c).
-P2C_TIE: Final = 1.25
 #: Linkerd's EWMA_DECAY (linkerd2-proxy): a spike is mostly forgotten after ~10 s.
 DEFAULT_DECAY_TIME: Final = 10.0
 #: Linkerd's EWMA_DEFAULT_RTT (30 ms): the estimate for an instance never measured
@@ -327,20 +325,20 @@ class Balancer(Generic[K]):
         # random candidates, the lower cost wins.  A slow-start weight scales
         # the cost up, so a warming instance wins proportionally less often.
         #
-        # Costs within P2C_TIE of each other are a tie, broken by the coin already
-        # thrown (the sample's order): the latency samples of equally fast
-        # instances jitter by more than that on a busy host, and a peak-EWMA
-        # holds a spike for seconds, so "the lower one wins" would give a
-        # one-at-a-time client's requests 2/3 to whichever instance looks fastest
-        # just now and none to the one last seen slow.  A real difference (an
-        # instance slower by more than the band, or one request more in flight,
-        # which doubles the cost from 0 to 1) still decides.
+        # The pair's choice is random, weighted by the inverse square of cost (a
+        # 2x cheaper instance wins 4/5 of the time, a 10x cheaper one 100/101),
+        # not "the lower one wins": latency samples of equally fast instances
+        # jitter by more than their differences, and a peak-EWMA holds a spike
+        # for seconds, so a strict comparison gives a one-at-a-time client's
+        # requests 2/3 to whichever instance looks fastest just now and none to
+        # the one last seen slow, which then gets no sample to recover with.
+        # A real difference still decides: a failing instance (observed at 1 s)
+        # loses to a 1 ms one a million times to one.
         i, j = self.rng.sample(range(len(pool)), 2)
         a, b = pool[i], pool[j]
         ca, cb = self._cost(now, a), self._cost(now, b)
-        if ca <= cb * P2C_TIE and cb <= ca * P2C_TIE:
-            return a[0].key
-        return a[0].key if ca < cb else b[0].key
+        wa, wb = cb * cb, ca * ca
+        return a[0].key if self.rng.random() * (wa + wb) < wa else b[0].key
 
     def _cost(self, now: float, cw: tuple[Candidate[K], float]) -> float:
         c, w = cw
