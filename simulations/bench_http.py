@@ -19,6 +19,7 @@ goals are stated in.  A benchmark, not a test: it exits 0 whatever the figures.
 
     .venv/bin/python simulations/bench_http.py --runs 3        # make bench-http
     .venv/bin/python simulations/bench_http.py --quick         # a smoke run
+    .venv/bin/python simulations/bench_http.py --chaos 60      # errors a client sees while instances fail
 
 Needs wrk, nginx and haproxy (apt-get install wrk nginx-light haproxy).
 """
@@ -57,11 +58,12 @@ from simulations.bench_proxy import (  # noqa: E402
 from simulations.harness import Processes  # noqa: E402
 
 PATHS = ("direct", "tcp", "http", "haproxy")
+_nginx_procs: dict[int, Any] = {}
 BODY = "x" * 1023 + "\n"
 
 
 def probe(port: int) -> bool:
-    """One HTTP request answered 200."""
+    """One HTTP request answered (any status)."""
     try:
         with socket.create_connection((HOST, port), timeout=2) as c:
             c.settimeout(2)
@@ -72,7 +74,7 @@ def probe(port: int) -> bool:
                 if not d:
                     break
                 got += d
-            return got.startswith(b"HTTP/1.1 200")
+            return got.startswith(b"HTTP/1.1 ")
     except OSError:
         return False
 
@@ -84,8 +86,10 @@ class Path_:
     pids: list[int] = field(default_factory=list)
 
 
-def start_nginx(procs: Processes, workdir: Path) -> int:
+def start_nginx(procs: Processes, workdir: Path, status: int = 200, name: str = "nginx") -> int:
     port = free_port()
+    workdir = workdir / name
+    workdir.mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
     conf.write_text(f"""
 daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid;
@@ -95,10 +99,11 @@ http {{
     access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
     client_body_temp_path {workdir}/nginx-body; proxy_temp_path {workdir}/nginx-proxy;
     fastcgi_temp_path {workdir}/nginx-fcgi; uwsgi_temp_path {workdir}/nginx-uwsgi; scgi_temp_path {workdir}/nginx-scgi;
-    server {{ listen {HOST}:{port}; location / {{ default_type text/plain; return 200 "{BODY}"; }} }}
+    server {{ listen {HOST}:{port}; location / {{ default_type text/plain; return {status} "{BODY}"; }} }}
 }}
 """)
     p = procs.start(["nginx", "-c", str(conf), "-p", str(workdir)], workdir / "nginx.log")
+    _nginx_procs[port] = p
     wait_for(lambda: probe(port) or p.poll() is not None, 10, "nginx")
     if p.poll() is not None:
         raise SetupError(f"nginx exited: {_tail(workdir / 'nginx.log')} {_tail(workdir / 'nginx.error.log')}")
@@ -203,12 +208,54 @@ def run_wrk(path: Path_, conns: int, seconds: float) -> dict[str, float]:
             "cpu_us": (cpu / n * 1e6) if path.pids and n else float("nan")}
 
 
+def chaos(procs: Processes, workdir: Path, seconds: float) -> str:
+    """Issue 28's goal: wrk at 16 connections for ``seconds`` through http mode to three instances,
+    one answering 500 to everything (ejected, then tried half-open now and then) and one killed -9
+    a third of the way in; the client must see no error at all."""
+    ok1, ok2 = start_nginx(procs, workdir, 200, "ok1"), start_nginx(procs, workdir, 200, "ok2")
+    bad = start_nginx(procs, workdir, 500, "bad")
+    _, http = start_mesh(ok1, procs, workdir)
+    b_api = _agent_api(http.pids[1])
+    a_api = _agent_api(http.pids[0])
+    for i, port in enumerate((ok2, bad)):
+        _api(b_api, "PUT", "/v1/services", {"name": "bench-http", "id": f"bench-http-{i}", "port": port,
+                                            "address": HOST, "protocol": "http"})
+    wait_for(lambda: len(_api_or_none(a_api, "GET", "/v1/services/bench-http?passing") or []) == 3, 30,
+             "three instances on agent A")
+    wrk = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{seconds:g}s", f"http://{HOST}:{http.port}/"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(seconds / 3)
+    _nginx_procs[ok2].kill()
+    log(f"killed the instance on port {ok2} (-9) at {seconds / 3:.0f} s")
+    out, _ = wrk.communicate(timeout=seconds + 60)
+    up = [u for u in _api(a_api, "GET", "/v1/upstreams") if u["service"] == "bench-http"][0]
+    n = re.search(r"(\d+) requests in", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    return "\n".join([
+        f"chaos: wrk -c16 for {seconds:g} s, http mode, 3 instances: one answers 500 to everything, one killed -9 "
+        f"at {seconds / 3:.0f} s",
+        "", "| requests | client errors (non-2xx) | socket errors | retries | ejections | 5xx seen by the mesh |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {n.group(1) if n else '?'} | {errors.group(1) if errors else 0} | {sock.group(1) if sock else 'none'} | "
+        f"{up['retries']} | {up['ejections']} | {up['responses_5xx']} |", "",
+        "500 is not in retry_on, so the failing instance's answers reach clients until it is ejected (5 in a row, "
+        "the default consecutive_failures); from then on, half-open trials included, none should."])
+
+
+def _agent_api(pid: int) -> int:
+    cmd = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    return int(cmd[cmd.index("--api") + 1].rsplit(":", 1)[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", default="1,16,64")
     ap.add_argument("--quick", action="store_true", help="one run of 2 s per cell")
+    ap.add_argument("--chaos", type=float, metavar="SECONDS",
+                    help="instead: wrk for SECONDS while one instance fails every request and one is killed")
     args = ap.parse_args(argv)
     if args.quick:
         args.runs, args.seconds = 1, 2.0
@@ -221,6 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
         workdir = Path(tmp)
+        if args.chaos:
+            try:
+                print(chaos(procs, workdir, args.chaos))
+            except SetupError as exc:
+                print(f"bench_http: {exc}", file=sys.stderr)
+                return 1
+            finally:
+                procs.close()
+            return 0
         try:
             server = start_nginx(procs, workdir)
             tcp, http = start_mesh(server, procs, workdir)
