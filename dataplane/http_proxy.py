@@ -197,6 +197,13 @@ async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> 
                 return  # ConnectionClosed: the client is done
             raw = bytes(c.raw)
             c.raw = None
+            if _both_framings(ev):
+                # RFC 9112 §6.3 lets a server take Transfer-Encoding over Content-Length, but a message
+                # with both is the shape of request smuggling; refused, as Envoy does by default.
+                up.stats["http_bad_requests"] += 1
+                await _answer(c, up, _Answer(400, BAD_REQUEST, "bad request: both Content-Length and "
+                                                               "Transfer-Encoding (RFC 9112 6.3)"))
+                return
             if ev.method == b"CONNECT" or wants_upgrade(list(ev.headers)):
                 up.stats["http_fallbacks"] += 1
                 handed_off = True
@@ -218,6 +225,11 @@ async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> 
     finally:
         if not handed_off:
             client.close_now()
+
+
+def _both_framings(ev: h11.Request) -> bool:
+    names = {name for name, _ in ev.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 async def _answer(c: _Client, up: UpstreamListener, answer: _Answer) -> bool:

@@ -451,3 +451,27 @@ def test_the_protocol_comes_from_the_config_file_and_a_disagreeing_entry_is_show
     p = subprocess.run([sys.executable, "-m", "cli.main", "services", "register", "--name", "api", "--port", "1",
                         "--protocol", "grpc", "--api", a.api], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "grpc" in p.stderr  # click refuses it before any call
+
+
+@pytest.mark.parametrize("head", [
+    # RFC 9112 6.1/6.3: both framings at once is the classic request-smuggling shape.
+    b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    b"POST /echo HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    b"GET /who HTTP/1.1\r\nHost: web\r\nHost: other\r\n\r\n",
+    b"GET /who HTTP/1.1\r\n\r\n",  # no Host (RFC 9112 3.2)
+    b"GET /who HTTP/1.1\r\nHost: web\r\nX-Bad: a\rb\r\n\r\n",
+])
+def test_ambiguous_framing_and_bad_heads_never_reach_an_instance(mesh: Mesh, head: bytes) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream()
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
+        s.sendall(head)
+        answer = b""
+        while True:
+            d = s.recv(4096)
+            if not d:
+                break
+            answer += d
+    assert re.match(rb"HTTP/1\.1 (400|501) ", answer), answer
+    assert mesh.count("web-0") == Counter()
