@@ -60,7 +60,9 @@ class InstanceConn:
         self.local = local
 
     def reusable(self) -> bool:
-        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE
+        """The exchange ended cleanly both ways, and the instance sent nothing past its response (a
+        body after a 204, say): what it sent extra would be read as the next request's answer."""
+        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE and not self.h.trailing_data[0]
 
 
 class Pool:

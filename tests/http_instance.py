@@ -107,8 +107,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n" % len(part) + part + b"\r\n")
                 sent += len(part)
             self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/bad204":  # a server bug: a body after a 204, which has none
+            self._send(204, b"stray bytes\n")
         elif self.path.startswith("/status/"):
-            self._send(int(self.path[8:]), b"as asked\n")
+            code = int(self.path[8:])
+            self._send(code, b"" if code in (204, 304) else b"as asked\n")
         else:
             self._send(404, b"no such path\n")
 

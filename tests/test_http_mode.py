@@ -475,3 +475,34 @@ def test_ambiguous_framing_and_bad_heads_never_reach_an_instance(mesh: Mesh, hea
             answer += d
     assert re.match(rb"HTTP/1\.1 (400|501) ", answer), answer
     assert mesh.count("web-0") == Counter()
+
+
+def test_head_204_http10_and_an_instance_that_closes_each_connection(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream()
+    c = mesh.conn()
+    c.request("HEAD", "/who")
+    r = c.getresponse()
+    assert r.status == 200 and r.read() == b"" and r.getheader("content-length") == "5"
+    assert get(c, "/status/204")[0] == 204
+    assert get(c, "/status/304")[0] == 304
+    assert get(c, "/who")[2] == b"web-0"  # the connection still frames correctly after bodiless answers
+    with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:  # an HTTP/1.0 client
+        s.sendall(b"GET /bytes/3000 HTTP/1.0\r\nHost: web\r\n\r\n")
+        got = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+    head, body = got.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()  # 1.0 cannot take chunks
+    assert body == (bytes(range(256)) * 12)[:3000]
+    # A body after a 204 (a server's bug) must not be read as the next request's answer.
+    assert get(c, "/bad204")[0] == 204
+    for _ in range(3):
+        status, _, body = get(c, "/who")
+        assert (status, body) == (200, b"web-0")
+    c.request("GET", "/who", headers={"connection": "close"})  # the client's close is honoured
+    r = c.getresponse()
+    assert r.read() == b"web-0" and r.getheader("connection") == "close"
