@@ -139,6 +139,8 @@ TIER_RATIO = 1.25
 TIER_SLACK = 0.0005
 #: Entries are rebuilt at least this often, so the order follows RTT estimates as they move.
 REORDER_EVERY = 5.0
+#: Orders rendered ahead per answer whose records are shuffled.
+VARIANTS = 16
 #: Entries kept per transport before the cache starts again.
 MAX_ENTRIES = 4096
 #: What a UDP answer may reach (the client's EDNS size, capped here, as BIND's max-udp-size caps it).
@@ -190,8 +192,8 @@ class Answer:
 class Prepared:
     """A query's answer, rendered but for its ID and the order of its records."""
 
-    __slots__ = ("_head", "_question", "_tiers", "_tail", "_tail_count", "_opt", "_limit", "_max", "_static",
-                 "qtype", "rcode", "virtual")
+    __slots__ = ("_head", "_question", "_tiers", "_tail", "_tail_count", "_opt", "_limit", "_max", "_variants",
+                 "_next", "qtype", "rcode", "virtual")
 
     def __init__(self, flags: int, question: bytes, answer: Answer, opt: bytes, limit: int, max_size: int,
                  qtype: str) -> None:
@@ -206,12 +208,14 @@ class Prepared:
         self.qtype = qtype
         self.rcode = RCODE_NAMES.get(answer.rcode, str(answer.rcode))
         self.virtual = answer.virtual
-        self._static: bytes | None = None
-        if all(len(t) <= 1 for t in self._tiers):
-            self._static = self._render()
+        # The shuffling is done ahead: a few orders, rendered whole, handed out in turn.
+        fixed = all(len(t) <= 1 for t in self._tiers)
+        self._variants = [self._render() for _ in range(1 if fixed else VARIANTS)]
+        self._next = 0
 
     def render(self, qid: bytes) -> bytes:
-        return qid + (self._static if self._static is not None else self._render())
+        self._next = (self._next + 1) % len(self._variants)
+        return qid + self._variants[self._next]
 
     def _render(self) -> bytes:
         picked: list[Record] = []
