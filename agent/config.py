@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.dns_answers import DEFAULT_DNS, DnsSettings, settings_from
+from agent.dns_settings import DEFAULT_DNS, DnsSettings, settings_from
 from gossip.config import PROFILES, GossipConfig
 from gossip.keyring import KeyError_, decode_key
 from gossip.wire import MAX_TAGS_BYTES, Address, format_addr, parse_addr

@@ -23,16 +23,15 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-import dns.message
-import dns.rcode
 import trio
 
-from agent.dns_answers import DEFAULT_DNS, Answers, DnsSettings, Malformed, Prepared
+from agent.dns_settings import DEFAULT_DNS, DnsSettings
 from agent.virtual import VirtualUpstreams
 from gossip.registry import Instance
 from gossip.wire import Address, format_addr
 
 if TYPE_CHECKING:
+    from agent.dns_answers import Answers, Prepared
     from agent.runner import Agent
     from gossip.registry import Registry
     from gossip.swim import Membership
@@ -130,13 +129,16 @@ class SourceLimiter:
 
 
 class DnsServer:
-    def __init__(self, addr: Address, explicit: bool, settings: DnsSettings, answers: Answers,
+    def __init__(self, addr: Address, explicit: bool, settings: DnsSettings, catalog: Any,
                  virtual: VirtualUpstreams | None, logger: Any) -> None:
         self.addr = addr
         self.explicit = explicit
         self.settings = settings
-        self.answers = answers
+        self.catalog = catalog
         self.virtual = virtual
+        #: Built at the first query: dnspython is loaded then, not at every agent's start.
+        self._answers: Answers | None = None
+        self._malformed: type[Exception] = Exception
         self.log = logger
         self.limiter = SourceLimiter(settings.source_qps)
         #: (query type, response code) -> answers sent.
@@ -160,8 +162,16 @@ class DnsServer:
         logger = agent.log.bind(part="dns")
         virtual = VirtualUpstreams(agent.upstreams, agent.proxy, catalog.port_for, cfg.dns_settings.virtual_idle,
                                    logger)
-        answers = Answers(cfg.dns_settings, catalog, virtual)
-        return cls(cfg.dns, cfg.dns_explicit, cfg.dns_settings, answers, virtual, logger)
+        return cls(cfg.dns, cfg.dns_explicit, cfg.dns_settings, catalog, virtual, logger)
+
+    @property
+    def answers(self) -> Answers:
+        if self._answers is None:
+            from agent import dns_answers
+
+            self._answers = dns_answers.Answers(self.settings, self.catalog, self.virtual)
+            self._malformed = dns_answers.Malformed
+        return self._answers
 
     # -- binding --------------------------------------------------------------------------------
 
@@ -215,10 +225,11 @@ class DnsServer:
         if len(data) > MAX_QUERY:
             self.drops["oversized"] += 1
             return None
+        answers = self._answers or self.answers
         try:
-            entry = self.answers.respond(data, tcp)
-        except Malformed as exc:
-            self.drops[exc.reason] += 1
+            entry = answers.respond(data, tcp)
+        except self._malformed as exc:
+            self.drops[getattr(exc, "reason", "malformed")] += 1
             return None
         self.queries[(entry.qtype, entry.rcode)] += 1
         return entry
@@ -281,6 +292,9 @@ class DnsServer:
         # No listener could be opened: say so (SERVFAIL) rather than hand out an address that refuses.
         self.queries[(entry.qtype, entry.rcode)] -= 1
         self.queries[(entry.qtype, "SERVFAIL")] += 1
+        import dns.message
+        import dns.rcode
+
         query = dns.message.from_wire(data)
         response = dns.message.make_response(query)
         response.set_rcode(dns.rcode.SERVFAIL)
@@ -328,6 +342,11 @@ class DnsServer:
             else:
                 reply = self._render(entry, data)
             await stream.send_all(len(reply).to_bytes(2, "big") + reply)
+
+    @property
+    def built(self) -> int:
+        """Answers built from the registry so far (the rest were reused)."""
+        return 0 if self._answers is None else self._answers.built
 
     # -- views ----------------------------------------------------------------------------------
 

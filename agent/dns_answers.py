@@ -16,14 +16,13 @@ Nothing here does I/O; agent/dns.py owns the sockets.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import random
 import struct
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import dns.exception
 import dns.flags
@@ -37,70 +36,8 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.SRV
 
+from agent.dns_settings import DnsSettings
 from gossip.registry import Instance
-
-# -- settings ------------------------------------------------------------------------------------
-
-#: Consul's DNS port, on loopback: the host's resolver forwards the mesh's domain here.
-DEFAULT_DNS = "127.0.0.1:8600"
-
-
-@dataclass(frozen=True)
-class DnsSettings:
-    """What the config file's ``[dns_config]`` table may set (Consul's names where it has one)."""
-
-    domain: str = "mesh."
-    #: Only passing instances in answers (Consul's ``only_passing``); by default warning ones too.
-    only_passing: bool = False
-    #: At most this many records in an answer (0: all of them, as fit).
-    answer_limit: int = 0
-    service_ttl: int = 0
-    node_ttl: int = 0
-    virtual_ttl: int = 0
-    #: Queries a second answered from one source address (0: no limit); a burst of as many is allowed.
-    source_qps: int = 5000
-    #: A virtual upstream nobody looked up or used for this long is closed (seconds).
-    virtual_idle: float = 600.0
-
-
-_SETTING_KINDS: dict[str, tuple[type, float, float]] = {
-    "answer_limit": (int, 0, 1000), "service_ttl": (int, 0, 86400), "node_ttl": (int, 0, 86400),
-    "virtual_ttl": (int, 0, 86400), "source_qps": (int, 0, 10_000_000), "virtual_idle": (float, 1, 7 * 86400),
-}
-
-
-def settings_from(table: Any) -> DnsSettings:
-    """``[dns_config]`` checked; ValueError says what is wrong in one line."""
-    if not isinstance(table, dict):
-        raise ValueError("[dns_config] must be a table")
-    known = {"domain", "only_passing", *_SETTING_KINDS}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"[dns_config]: unknown setting {unknown[0]!r} (allowed: {', '.join(sorted(known))})")
-    values: dict[str, Any] = {}
-    if "domain" in table:
-        domain = table["domain"]
-        try:
-            if not isinstance(domain, str) or not domain.strip("."):
-                raise ValueError
-            name = dns.name.from_text(domain.strip(".") + ".")
-        except (ValueError, dns.exception.DNSException):
-            raise ValueError(f"[dns_config]: domain must be a DNS name such as \"mesh\", got {domain!r}") from None
-        values["domain"] = name.to_text().lower()
-    if "only_passing" in table:
-        if not isinstance(table["only_passing"], bool):
-            raise ValueError("[dns_config]: only_passing must be true or false")
-        values["only_passing"] = table["only_passing"]
-    for key, (kind, low, high) in _SETTING_KINDS.items():
-        if key not in table:
-            continue
-        raw = table[key]
-        ok = type(raw) is int or (kind is float and type(raw) is float)
-        if not ok or not low <= raw <= high:
-            raise ValueError(f"[dns_config]: {key} must be a number from {low:g} to {high:g}, got {raw!r}")
-        values[key] = kind(raw)
-    return DnsSettings(**values)
-
 
 # -- what the answers are built from ----------------------------------------------------------------
 
@@ -562,7 +499,3 @@ class Answers:
         if qtype not in (rdtype, ANY):
             return self._negative(NOERROR)
         return Answer(NOERROR, [[Record(_rr(_POINTER_TO_QNAME, rdtype, self.settings.service_ttl, packed))]])
-
-
-def stable_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")

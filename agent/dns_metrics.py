@@ -45,7 +45,7 @@ def collect(agent: Agent) -> Iterator[Metric]:
     c.add_metric([], server.truncated)
     yield c
     c = CounterMetricFamily("mesh_dns_answers_built", "Answers built from the registry (the rest were reused).")
-    c.add_metric([], server.answers.built)
+    c.add_metric([], server.built)
     yield c
     if server.virtual is not None:
         g = GaugeMetricFamily("mesh_dns_virtual_upstreams", "Upstreams open for NAME.virtual lookups.")

@@ -19,6 +19,7 @@ one configured).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections import Counter
 from collections.abc import Callable
@@ -27,7 +28,6 @@ from typing import Any
 
 import trio
 
-from agent.dns_answers import stable_hash
 from agent.peercred import is_loopback
 from agent.services import ServiceError
 from agent.upstreams import Upstreams
@@ -37,6 +37,10 @@ from gossip.wire import format_addr
 VIRTUAL_NET = ipaddress.ip_network("127.64.0.0/10")
 #: After a failed open, lookups answer SERVFAIL for this long before trying again.
 RETRY_AFTER = 5.0
+
+
+def stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 @dataclass

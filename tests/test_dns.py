@@ -280,3 +280,29 @@ def test_dns_flag_default_off_and_taken(cluster: Cluster, tmp_path: Path) -> Non
     d = cluster.start("o4", extra=["--config", str(config)], wait=False)
     assert d.popen.wait(timeout=30) == 2
     assert "answer_limit must be a number from 0 to 1000, got -1" in d.log()
+
+
+def test_dns_config_domain_limit_ttl_and_only_passing(cluster: Cluster, tmp_path: Path, procs: Processes) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[dns_config]\ndomain = "Corp.Example."\nonly_passing = true\nanswer_limit = 2\n'
+                      'service_ttl = 30\nnode_ttl = 7\n')
+    port = free_port()
+    a = cluster.start("c1", extra=["--dns", f"127.0.0.1:{port}", "--config", str(config)])
+    for i in range(3):
+        a.call("PUT", "/v1/services", {"name": "web", "id": f"web-{i}", "port": 80, "address": f"127.0.1.{i + 1}"})
+    busy = free_port()
+    procs.python(HTTP_429, busy, log_path=tmp_path / "busy.log")
+    check = {"type": "http", "target": f"http://127.0.0.1:{busy}/", "interval": "0.2s"}
+    a.call("PUT", "/v1/services", {"name": "busy", "port": busy, "address": "127.0.0.1", "check": check})
+    wait_for(lambda: [i["health"] for i in a.call("GET", "/v1/services/busy")] == ["warning"], 15, "busy warning")
+    rows = answers(port, "web.service.corp.example", "+tcp")
+    assert len(rows) == 2 and {r[1] for r in rows} == {"30"}
+    assert {r[4] for r in rows} < {"127.0.1.1", "127.0.1.2", "127.0.1.3"}
+    seen: set[str] = set()
+    for _ in range(40):  # the limit picks among the shuffled records: over many answers, all of them show
+        seen |= {r[4] for r in answers(port, "web.service.corp.example")}
+    assert seen == {"127.0.1.1", "127.0.1.2", "127.0.1.3"}
+    assert answers(port, "c1.node.corp.example")[0][1] == "7"
+    out = dig(port, "busy.service.corp.example")  # only passing: the warning instance is left out
+    assert status(out) == "NOERROR" and section(out, "ANSWER") == []
+    assert status(dig(port, "web.service.mesh")) == "REFUSED"
