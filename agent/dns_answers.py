@@ -423,10 +423,14 @@ class Answers:
                 if ip is not None and (qtype == ANY or ip[0] == qtype):
                     items.append((rtt, Record(_rr(_POINTER_TO_QNAME, ip[0], ttl, ip[1]))))
         elif qtype == SRV:
+            seen: set[bytes] = set()
             for node, inst in instances:
                 target, extra = self._target(node, inst.address, ttl)
                 rdata = _wire(dns.rdtypes.IN.SRV.SRV(_CLASS_IN, SRV, 1, 1, inst.port,  # type: ignore[no-untyped-call]
                                                      target))
+                if rdata in seen:
+                    continue  # two instances at one address and port: an RRset holds no duplicates (RFC 2181 5)
+                seen.add(rdata)
                 items.append((self.catalog.rtt(node), Record(_rr(_POINTER_TO_QNAME, SRV, ttl, rdata), extra)))
         elif qtype == TXT:
             for node, inst in instances:

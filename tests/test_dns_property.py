@@ -91,7 +91,8 @@ def ask(pair: Pair, name: str, qtype: str) -> tuple[int, list[Any]]:
 
 
 def expected(rows: list[dict[str, Any]], qtype: str, node_address: str) -> list[Any]:
-    """What `services show` rows say the answer holds: one record per instance, one per distinct address."""
+    """What `services show` rows say the answer holds: a TXT record per instance, an SRV record per distinct
+    address and port, an A/AAAA record per distinct address."""
     out: list[Any] = []
     for row in rows:
         if row["health"] not in ("passing", "warning"):
@@ -102,7 +103,8 @@ def expected(rows: list[dict[str, Any]], qtype: str, node_address: str) -> list[
             out.append(host)
         elif qtype == "SRV":
             target = f"{row['node']}.node.mesh." if host == node_address else f"{ip.packed.hex()}.addr.mesh."
-            out.append((port, target))
+            if (port, target) not in out:  # an RRset is a set: instances at one address and port share a record
+                out.append((port, target))
         elif qtype == "TXT":
             out.append((f"id={row['id']}", f"node={row['node']}", f"port={port}", f"health={row['health']}",
                      *(f"tag={t}" for t in row["tags"]), *(f"meta.{k}={v}" for k, v in row["meta"].items())))
