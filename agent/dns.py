@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from agent.dns_settings import DEFAULT_DNS, DnsSettings
+from agent.peercred import is_loopback
 from agent.virtual import VirtualUpstreams
 from gossip.registry import Instance
 from gossip.wire import Address, format_addr
@@ -196,6 +197,10 @@ class DnsServer:
             return False
         self._udp = udp
         self.bound = (host, port)
+        if not is_loopback(host):
+            self.log.warning("dns_public", address=format_addr(self.bound),
+                             detail="anyone who reaches this address can read the catalog's names, addresses, "
+                                    "tags and meta; keep it behind a firewall")
         return True
 
     def close(self) -> None:
