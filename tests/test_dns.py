@@ -306,3 +306,29 @@ def test_dns_config_domain_limit_ttl_and_only_passing(cluster: Cluster, tmp_path
     out = dig(port, "busy.service.corp.example")  # only passing: the warning instance is left out
     assert status(out) == "NOERROR" and section(out, "ANSWER") == []
     assert status(dig(port, "web.service.mesh")) == "REFUSED"
+
+
+def test_a_virtual_name_that_cannot_listen_gets_servfail_then_works(mesh: Mesh) -> None:
+    from agent.virtual import VIRTUAL_NET, stable_hash
+
+    offset = stable_hash("db") % VIRTUAL_NET.num_addresses
+    assert offset & 0xFF not in (0, 255)  # else the address moves on: this test's arithmetic would not hold
+    virtual = str(VIRTUAL_NET.network_address + offset)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind((virtual, 5432))  # the port db's instances use, on db's virtual address: taken
+    holder.listen(1)
+    try:
+        out = dig(mesh.dns_a, "db.virtual.mesh")
+        assert status(out) == "SERVFAIL" and section(out, "ANSWER") == []
+        assert "virtual_upstream_failed" in mesh.a.log()
+        assert 'mesh_dns_virtual_upstream_events_total{event="failed"} 1.0' in mesh.a.call_text("/metrics")
+    finally:
+        holder.close()
+    # Free again: a lookup after the retry pause opens it, and the answer is the service's virtual address.
+    wait_for(lambda: short(mesh.dns_a, "db.virtual.mesh") == [virtual], 20, "db.virtual.mesh answered")
+    ups = {u["service"]: u for u in mesh.a.call("GET", "/v1/upstreams")}
+    assert ups["db"]["listen"] == f"{virtual}:5432"
+    assert short(mesh.dns_a, "db.virtual.mesh", "AAAA") == []
+    assert status(dig(mesh.dns_a, "nothing.virtual.mesh")) == "NXDOMAIN"
+    mesh.a.call("DELETE", "/v1/upstreams/db")
