@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo compile cluster-key test lint typecheck unit canary bench bench-proxy bench-http bench-footprint simulate clean
+.PHONY: demo compile cluster-key test lint typecheck unit canary bench bench-proxy bench-http bench-footprint bench-dns simulate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ CANARY_TESTS := tests/test_reactor.py tests/test_rawsocket.py tests/test_tunnel.
 canary:
 	@rm -rf $(CANARY)
 	@if ! { $(PYTHON) -m venv $(CANARY) && $(CANARY)/bin/pip install --quiet --upgrade \
-	      trio msgpack pynacl cryptography structlog click h11 prometheus-client \
+	      trio msgpack pynacl cryptography structlog click h11 prometheus-client dnspython \
 	      pytest pytest-trio hypothesis > $(VENV)-canary.pip.log 2>&1; }; then \
 	  echo "CANARY: could not install the newest dependencies (no package index?); nothing checked"; \
 	else \
@@ -77,6 +77,11 @@ bench-http: $(STAMP)
 # What one agent costs before it works (RSS, start-up, the CLI, 25 agents starting at once), beside Serf.
 bench-footprint: $(STAMP)
 	$(PY) simulations/bench_footprint.py --runs 3
+
+# The DNS server beside dnsmasq answering the same names from a hosts file, with dnsperf
+# (apt-get install dnsperf dnsmasq): peak queries/s, latency percentiles at half the agent's peak.
+bench-dns: $(STAMP)
+	$(PY) simulations/bench_dns.py --runs 3
 
 # The protocol at sizes no machine can run for real: the real gossip/ state machines on a virtual
 # clock (simulations/sim.py).  Writes results.md, results.json and PNG plots to SIM_OUT.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.dns_settings import DEFAULT_DNS, DnsSettings, settings_from
 from gossip.config import PROFILES, GossipConfig
 from gossip.keyring import KeyError_, decode_key
 from gossip.wire import MAX_TAGS_BYTES, Address, format_addr, parse_addr
@@ -52,6 +53,8 @@ FLAGS: dict[str, tuple[str, Any]] = {
     "api_token_file": ("str", None),
     "api_allow_host": ("list", []),
     "enable_script_checks": ("bool", False),
+    # None: the default address (agent.dns.DEFAULT_DNS), given up when taken; "off" turns DNS off.
+    "dns": ("str", None),
 }
 
 
@@ -82,6 +85,10 @@ class AgentConfig:
     api_allow_hosts: list[str] = field(default_factory=list)
     #: Whether exec checks may be registered over the API (Consul's enable_script_checks).
     enable_script_checks: bool = False
+    #: The DNS server's address (None: off), whether it was asked for explicitly, and [dns_config].
+    dns: Address | None = None
+    dns_explicit: bool = False
+    dns_settings: DnsSettings = field(default_factory=DnsSettings)
 
     @property
     def insecure(self) -> bool:
@@ -245,7 +252,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         values[name] = default
 
     known = set(FLAGS) | {n.replace("_", "-") for n in FLAGS} | {"timing", "tags", "service", "upstream", "intention",
-                                                                   "config"}
+                                                                   "config", "dns_config"}
     unknown = sorted(set(file_data) - known)
     if unknown:
         raise ConfigError(f"config file {config_path}: unknown setting {unknown[0]!r}")
@@ -363,6 +370,14 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         except ServiceError as exc:
             raise ConfigError(f"config file {config_path}: config entry #{i + 1}: {exc}") from None
 
+    dns_explicit = values["dns"] is not None and values["dns"].strip().lower() != "off"
+    dns = None if (values["dns"] or "").strip().lower() == "off" else \
+        _local_addr(values["dns"] or DEFAULT_DNS, "dns", 8600)
+    try:
+        dns_settings = settings_from(file_data.get("dns_config", {}))
+    except ValueError as exc:
+        raise ConfigError(f"config file {config_path}: {exc}") from None
+
     if data_dir is not None:
         try:
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -390,6 +405,9 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
         api_token=api_token,
         api_allow_hosts=list(values["api_allow_host"]),
         enable_script_checks=bool(values["enable_script_checks"]),
+        dns=dns,
+        dns_explicit=dns_explicit,
+        dns_settings=dns_settings,
     )
 
 
@@ -405,4 +423,5 @@ def describe(cfg: AgentConfig) -> dict[str, Any]:
         "encrypted": not cfg.insecure,
         "api_token": cfg.api_token is not None,
         "script_checks": cfg.enable_script_checks,
+        "dns": None if cfg.dns is None else format_addr(cfg.dns),
     }

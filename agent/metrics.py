@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent import dns_metrics
 from dataplane.reactor import ReactorMode
 from dataplane.tunnel import REFUSAL_REASONS
 from gossip import hlc
@@ -67,6 +68,7 @@ class AgentCollector(Collector):
         yield from self._store()
         yield from self._config_entries()
         yield from self._http()
+        yield from dns_metrics.collect(self.agent)
 
     def _http(self) -> Iterator[Metric]:
         """Golden metrics of HTTP requests (agent.traffic): no paths, no node names, capped names."""

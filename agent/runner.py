@@ -29,6 +29,7 @@ from agent.config import AgentConfig, describe
 from agent.config_entries import ConfigEntries
 from agent.config_spread import ConfigSpread
 from agent.directory import MeshDirectory
+from agent.dns import DnsBindError, DnsServer
 from agent.entry_kinds import SERVICE_DEFAULTS
 from agent.intentions import Intentions
 from agent.keys import KeyManager
@@ -183,6 +184,8 @@ class Agent:
         self.directory.tunnel_route = self.tunnels.route_to
         self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name,
                                    defaults=lambda service: self.config_entries.lookup(SERVICE_DEFAULTS, service))
+        #: The DNS server (agent.dns), None with --dns off.
+        self.dns = DnsServer.for_agent(self)
         self.keys = KeyManager(self.sealer.keyring, cfg.data_dir, self.membership, self.log, self._wake)
         self.keys.load()
         self._registry_index = self.registry.index
@@ -245,6 +248,11 @@ class Agent:
             tcp_listeners = await self._bind_tcp(self.cfg.bind, "gossip TCP")
             api_listeners = await self._bind_tcp(self.cfg.api, "API")
             tunnel_listeners = await self._bind_tcp(self.cfg.tunnel, "tunnel")
+            if self.dns is not None and not await self.dns.bind():
+                self.dns = None
+        except DnsBindError as exc:
+            self._udp.close()
+            raise StartupError(str(exc)) from None
         except StartupError:
             self._udp.close()
             raise
@@ -281,6 +289,8 @@ class Agent:
                                            self.io, self.cfg.gossip.tcp_timeout)
                 nursery.start_soon(frames.serve)
                 nursery.start_soon(trio.serve_listeners, api.handle, api_listeners)
+                if self.dns is not None:
+                    nursery.start_soon(self.dns.serve)
                 if self.cfg.join:
                     self.membership.join(trio.current_time(), self.cfg.join)
                     await self.flush()
@@ -758,6 +768,7 @@ class Agent:
             "bind": format_addr(self.cfg.bind),
             "api": format_addr(self.cfg.api),
             "tunnel": format_addr(ms.me.tunnel[0]) if ms.me.tunnel else None,
+            "dns": None if self.dns is None else self.dns.view(),
             "status": ms.me.status.value,
             "incarnation": ms.me.incarnation,
             "tags": dict(ms.me.tags),

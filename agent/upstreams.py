@@ -280,6 +280,14 @@ class Upstreams:
             raise
         return {"ok": True, **spec.to_dict()}
 
+    async def open_unsaved(self, service: str, listen: tuple[str, int], origin: str) -> None:
+        """An upstream opened on demand (agent.virtual): not saved, so a restart does not bring it back."""
+        raw = {"service": service, "listen": format_addr(listen)}
+        await self._open(raw, self._effective(raw), origin)
+
+    async def close_unsaved(self, service: str) -> None:
+        await self._close(service)
+
     async def remove(self, service: str) -> dict[str, Any]:
         if service not in self.proxy.upstreams:
             raise ServiceError(f"no upstream for {shown(service)}", 404)

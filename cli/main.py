@@ -126,6 +126,7 @@ def main() -> None:
               help="File holding the API token.")
 @click.option("--api-allow-host", multiple=True,
               help="Another host name the API may be addressed by (repeatable; DNS rebinding guard).")
+@click.option("--dns", help="DNS server address, UDP and TCP, or 'off' [127.0.0.1:8600, skipped when taken].")
 @click.option("--enable-script-checks", is_flag=True, default=None,
               help="Allow exec checks registered over the API (config-file exec checks need nothing).")
 def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
@@ -192,6 +193,9 @@ def info(api: str, as_json: bool) -> None:
         return
     click.echo(f"name:        {data['name']}")
     click.echo(f"address:     {data['address']}  (bind {data['bind']}, api {data['api']})")
+    dns = data.get("dns")
+    click.echo(f"dns:         {dns['address']}  (domain {dns['domain']}, {dns['queries']} queries)" if dns else
+               "dns:         off")
     click.echo(f"status:      {data['status']}  incarnation {data['incarnation']}")
     click.echo(f"profile:     {data['profile']}  encrypted: {'yes' if data['encrypted'] else 'NO'}")
     click.echo(f"joined:      {'yes' if data['joined'] else 'no, retrying: ' + data['join_error']}")
@@ -210,6 +214,8 @@ def info(api: str, as_json: bool) -> None:
     refused = {k: v for k, v in counters.get("api_refused", {}).items() if v}
     click.echo("api refused: " + (", ".join(f"{k} {v}" for k, v in refused.items()) or "none"))
     other = {k: v for k, v in counters.items() if k not in ("dropped", "dropped_total", "api_refused")}
+    if dns and dns["dropped"]:
+        click.echo("dns dropped: " + ", ".join(f"{k} {v}" for k, v in dns["dropped"].items()))
     click.echo("counters:    " + ", ".join(f"{k} {v}" for k, v in other.items()))
 
 
