@@ -64,10 +64,10 @@ class ConfigSpread:
             self.unaware.add(peer)
             return
         self.unaware.discard(peer)
-        if digest == self.entries.digest():
+        if config_sync.wants_pull(self.entries.digest(), digest):
+            self._start_pull(peer, addr, 0)
+        else:
             self.entries.in_step_with(digest)
-            return
-        self._start_pull(peer, addr, 0)
 
     def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:
         push = self.entries.answer(pull)
@@ -117,10 +117,9 @@ class ConfigSpread:
             self.log.debug("config_pull_failed", member=peer, error=str(exc) or type(exc).__name__)
         finally:
             self._pulls.discard(peer)
-            news = self.entries.stats["pulled"] > news_before or told
-            dull = 0 if news else dull + 1
-            if (news or dull) and dull < config_sync.NEWS_DULL:
-                self._pull_next(after=peer, dull=dull)
+            carry = config_sync.next_pull(dull, learnt=self.entries.stats["pulled"] > news_before, told=told)
+            if carry is not None:
+                self._pull_next(after=peer, dull=carry)
             await self._flush()
 
     def on_query(self, fields: dict[str, Any]) -> None:
