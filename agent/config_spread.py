@@ -25,6 +25,24 @@ from gossip.wire import MAX_QUERY_PAYLOAD, Address, ConfigPull, ConfigPush, Deco
 
 #: Answers one pull may take (each up to gossip.config_sync.MAX_PULL_ENTRIES entries).
 MAX_PULL_ANSWERS = 64
+#: How often expired tombstones are purged and the entries' file kept recent
+#: (ConfigEntries.maintain): far below its hourly touch, so the file's time is
+#: never more than an hour and a minute old while the agent runs.
+UPKEEP_EVERY = 60.0
+
+
+async def upkeep(entries: ConfigEntries, log: Any, every: float = UPKEEP_EVERY) -> None:
+    """Maintain ``entries`` every ``every`` seconds, for as long as the agent runs.
+
+    Without it tombstones would be kept for ever, and a node up for longer
+    than the tombstone TTL without a write would find its own file that old at
+    its next start and take its entries for stale (agent.config_entries).
+    """
+    while True:
+        await trio.sleep(every)
+        gone = entries.maintain()
+        if gone:
+            log.info("config_tombstones_purged", count=len(gone))
 
 
 class ConfigSpread:
@@ -44,6 +62,11 @@ class ConfigSpread:
         self._pulls: set[str] = set()
         #: Members whose push-pulls carry no config digest: agents of a release before config entries.
         self.unaware: set[str] = set()
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run in the agent's nursery: the pulls, and the entries' upkeep."""
+        self.nursery = nursery
+        nursery.start_soon(upkeep, self.entries, self.log)
 
     def announce(self, entry: Entry) -> None:
         """Spread an entry written here to every member at once (gossip.config_sync, "Announcement")."""

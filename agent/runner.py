@@ -262,7 +262,7 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.config_spread.nursery = nursery
+                self.config_spread.start(nursery)
                 self.services.start(nursery)
                 await nursery.start(self.tunnels.serve, tunnel_listeners)
                 self.proxy.start(nursery)
