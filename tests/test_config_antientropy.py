@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gossip import hlc
+from gossip.config_store import DEFAULT_TOMBSTONE_TTL_MS, Entry
+from gossip.signing import Signer
 from simulations.scenarios import WARMUP, Params, SimConfig, build, config_bytes, config_entries
 
 P = Params(nodes=6, seconds=60.0, seed=3, progress=0.0)
@@ -45,3 +48,28 @@ def test_a_node_missing_one_entry_pulls_it_and_then_the_mesh_goes_quiet() -> Non
     pulls, pull_bytes = nodes.pulls, nodes.pull_bytes
     sim.run(P.seconds)
     assert (nodes.pulls, nodes.pull_bytes) == (pulls, pull_bytes)  # ... and once converged, no more pulls
+
+
+def test_tombstones_dropped_at_different_moments_do_not_travel_back() -> None:
+    # Each node drops expired tombstones by its own timer (agent.config_spread.upkeep): here half
+    # of the nodes a minute before the other half.  In between their digests differ and they pull
+    # from each other; what the first half dropped must not come back to it from the second.
+    signer = Signer(bytes(32))
+    live = Entry.write(signer, "n0", "intention", "web/db", {"action": "deny"}, hlc.make(5_000))
+    tombstones = [Entry.write(signer, "n0", "intention", f"svc{i}/db", None, hlc.make(1_000 + i)) for i in range(50)]
+    sim = build(P)
+    nodes = SimConfig(sim)
+    nodes.preload([live, *tombstones])
+    expiry_ms = 1_000 + 50 + DEFAULT_TOMBSTONE_TTL_MS + 1
+    names = sorted(nodes.stores)
+    early, late = names[: len(names) // 2], names[len(names) // 2:]
+    sim.run(WARMUP)
+    for n in early:
+        nodes.stores[n].purge(expiry_ms)
+    sim.run(60.0)
+    assert nodes.pulls > 0  # the halves did differ, and pulled from each other
+    for n in late:
+        nodes.stores[n].purge(expiry_ms)
+    sim.run(60.0)
+    assert {n: [e.name for e in s] for n, s in nodes.stores.items()} == {n: ["web/db"] for n in names}
+    assert len(nodes.digests()) == 1
