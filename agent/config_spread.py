@@ -63,6 +63,16 @@ class ConfigSpread:
         #: Members whose push-pulls carry no config digest: agents of a release before config entries.
         self.unaware: set[str] = set()
 
+    def peers_without_config(self) -> list[str]:
+        """The members, still in the mesh, whose push-pulls carry no config digest (an older release).
+
+        One that left or died is no longer named: it holds nothing, and a mesh
+        whose last old agent has gone shows none.
+        """
+        members = self.membership.members
+        return sorted(n for n in self.unaware
+                      if (m := members.get(n)) is not None and m.status.up)
+
     def start(self, nursery: trio.Nursery) -> None:
         """Run in the agent's nursery: the pulls, and the entries' upkeep."""
         self.nursery = nursery

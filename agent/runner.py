@@ -755,7 +755,7 @@ class Agent:
             # Members that cannot take config entries yet (an older release): they keep
             # membership, catalog and traffic, but neither hold nor enforce the entries.
             "config_entries": {**self.config_entries.summary_view(),
-                               "peers_without_config": sorted(self.config_spread.unaware)},
+                               "peers_without_config": self.config_spread.peers_without_config()},
         }
 
     # -- logging ---------------------------------------------------------------------------

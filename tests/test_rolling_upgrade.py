@@ -77,8 +77,9 @@ def test_the_old_release_is_the_one_before_the_wire_change() -> None:
 def test_a_mesh_upgraded_one_node_at_a_time_keeps_membership_registry_and_traffic(
         cluster: Cluster, procs: Processes, old_python: Path, tmp_path: Path) -> None:
     names = ["n1", "n2", "n3"]
-    gossip = {n: free_port() for n in names}
-    api = {n: free_port() for n in names}
+    retired = "n4"  # an old agent that is never upgraded: it leaves at the end
+    gossip = {n: free_port() for n in [*names, retired]}
+    api = {n: free_port() for n in [*names, retired]}
     echo = {n: free_port() for n in names}
     listen = {n: free_port() for n in names}
     # Each node calls the service the next one hosts, through its upstream.
@@ -89,7 +90,7 @@ def test_a_mesh_upgraded_one_node_at_a_time_keeps_membership_registry_and_traffi
     def start(name: str, release: Path | None) -> AgentProc:
         data = tmp_path / f"data-{name}"
         data.mkdir(exist_ok=True)
-        joins = [f"127.0.0.1:{gossip[n]}" for n in names if n != name and n in agents and agents[n].running()]
+        joins = [f"127.0.0.1:{gossip[n]}" for n in agents if n != name and agents[n].running()]
         root = tmp_path if release is not None else ROOT  # the old release's code is in its venv only
         a = cluster.start(name, join=joins, gossip_port=gossip[name], api_port=api[name],
                           extra=["--data-dir", str(data)], root=root, python=release)
@@ -97,16 +98,19 @@ def test_a_mesh_upgraded_one_node_at_a_time_keeps_membership_registry_and_traffi
         (old.add if release is not None else old.discard)(name)
         return a
 
+    def running() -> list[AgentProc]:
+        return [a for a in agents.values() if a.running()]
+
     def everywhere(pred: Callable[[AgentProc], bool], what: str, state: Callable[[AgentProc], Any]) -> None:
-        wait_for(lambda: all(pred(a) for a in agents.values()), 30, what,
-                 lambda: json.dumps({a.name: state(a) for a in agents.values()}, indent=1, default=str))
+        wait_for(lambda: all(pred(a) for a in running()), 30, what,
+                 lambda: json.dumps({a.name: state(a) for a in running()}, indent=1, default=str))
 
     def passing(a: AgentProc) -> dict[str, int]:
         return {f"echo-{n}": len(a.try_call("GET", f"/v1/services/echo-{n}?passing") or []) for n in names}
 
     def works() -> None:
         """Membership, the catalog and traffic, across whatever mix of releases runs now."""
-        cluster.wait_converged(names, timeout=30)
+        cluster.wait_converged([a.name for a in running()], timeout=30)
         everywhere(lambda a: set(passing(a).values()) == {1}, "every echo service passing on every node", passing)
         for n in names:
             assert roundtrip(listen[n], f"{n} calls {calls[n]}".encode()) == f"{n} calls {calls[n]}".encode()
@@ -123,6 +127,7 @@ def test_a_mesh_upgraded_one_node_at_a_time_keeps_membership_registry_and_traffi
         a = start(n, old_python)
         a.call("PUT", "/v1/services", {"name": f"echo-{n}", "port": echo[n], "address": "127.0.0.1"})
         a.call("PUT", "/v1/upstreams", {"service": f"echo-{calls[n]}", "listen": f"127.0.0.1:{listen[n]}"})
+    start(retired, old_python)
     with pytest.raises(urllib.error.HTTPError) as info:
         agents["n1"].call("GET", "/v1/config")
     assert info.value.code == 404  # truly the release before config entries
@@ -150,4 +155,11 @@ def test_a_mesh_upgraded_one_node_at_a_time_keeps_membership_registry_and_traffi
         # Written on the first new agent, the entry reaches every new one (the last by anti-entropy).
         wait_for(lambda news=news, v=version: all(holds(a, v) for a in news), 30,
                  "the config entry on every new agent")
-    assert not old
+    assert old == {retired}
+    # The last old agent leaves for good: no new agent names it any more.
+    agents[retired].signal(signal.SIGTERM)
+    agents[retired].popen.wait(timeout=20)
+    old.clear()
+    wait_for(lambda: all(unaware(agents[n]) == [] for n in names), 30, "no agent names a peer without config",
+             lambda: json.dumps({n: unaware(agents[n]) for n in names}))
+    works()
