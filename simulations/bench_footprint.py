@@ -228,7 +228,8 @@ def crowd(col: Column, key: str, work: Path, n: int, timeout: float, api_request
     then the first agent's cost per members request."""
     procs = Processes()
     try:
-        ports = [(free_port(), free_port()) for _ in range(n)]
+        taken: set[int] = set()  # 2n ports picked before any is bound: never the same one twice
+        ports = [(free_port(taken), free_port(taken)) for _ in range(n)]
         names = [f"c{i:02d}" for i in range(n)]
         logs = [work / f"{col.label}-crowd-{nm}.log" for nm in names]
         for path in logs:  # a log from the run before would be read as this run's (Processes appends)
