@@ -25,6 +25,24 @@ from gossip.wire import MAX_QUERY_PAYLOAD, Address, ConfigPull, ConfigPush, Deco
 
 #: Answers one pull may take (each up to gossip.config_sync.MAX_PULL_ENTRIES entries).
 MAX_PULL_ANSWERS = 64
+#: How often expired tombstones are purged and the entries' file kept recent
+#: (ConfigEntries.maintain): far below its hourly touch, so the file's time is
+#: never more than an hour and a minute old while the agent runs.
+UPKEEP_EVERY = 60.0
+
+
+async def upkeep(entries: ConfigEntries, log: Any, every: float = UPKEEP_EVERY) -> None:
+    """Maintain ``entries`` every ``every`` seconds, for as long as the agent runs.
+
+    Without it tombstones would be kept for ever, and a node up for longer
+    than the tombstone TTL without a write would find its own file that old at
+    its next start and take its entries for stale (agent.config_entries).
+    """
+    while True:
+        await trio.sleep(every)
+        gone = entries.maintain()
+        if gone:
+            log.info("config_tombstones_purged", count=len(gone))
 
 
 class ConfigSpread:
@@ -45,6 +63,21 @@ class ConfigSpread:
         #: Members whose push-pulls carry no config digest: agents of a release before config entries.
         self.unaware: set[str] = set()
 
+    def peers_without_config(self) -> list[str]:
+        """The members, still in the mesh, whose push-pulls carry no config digest (an older release).
+
+        One that left or died is no longer named: it holds nothing, and a mesh
+        whose last old agent has gone shows none.
+        """
+        members = self.membership.members
+        return sorted(n for n in self.unaware
+                      if (m := members.get(n)) is not None and m.status.up)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run in the agent's nursery: the pulls, and the entries' upkeep."""
+        self.nursery = nursery
+        nursery.start_soon(upkeep, self.entries, self.log)
+
     def announce(self, entry: Entry) -> None:
         """Spread an entry written here to every member at once (gossip.config_sync, "Announcement")."""
         if self.entries.stale_before:
@@ -64,10 +97,10 @@ class ConfigSpread:
             self.unaware.add(peer)
             return
         self.unaware.discard(peer)
-        if digest == self.entries.digest():
+        if config_sync.wants_pull(self.entries.digest(), digest):
+            self._start_pull(peer, addr, 0)
+        else:
             self.entries.in_step_with(digest)
-            return
-        self._start_pull(peer, addr, 0)
 
     def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:
         push = self.entries.answer(pull)
@@ -117,10 +150,9 @@ class ConfigSpread:
             self.log.debug("config_pull_failed", member=peer, error=str(exc) or type(exc).__name__)
         finally:
             self._pulls.discard(peer)
-            news = self.entries.stats["pulled"] > news_before or told
-            dull = 0 if news else dull + 1
-            if (news or dull) and dull < config_sync.NEWS_DULL:
-                self._pull_next(after=peer, dull=dull)
+            carry = config_sync.next_pull(dull, learnt=self.entries.stats["pulled"] > news_before, told=told)
+            if carry is not None:
+                self._pull_next(after=peer, dull=carry)
             await self._flush()
 
     def on_query(self, fields: dict[str, Any]) -> None:

@@ -274,7 +274,7 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self.config_spread.nursery = nursery
+                self.config_spread.start(nursery)
                 self.services.start(nursery)
                 await nursery.start(self.tunnels.serve, tunnel_listeners)
                 self.proxy.start(nursery)
@@ -793,7 +793,7 @@ class Agent:
             # Members that cannot take config entries yet (an older release): they keep
             # membership, catalog and traffic, but neither hold nor enforce the entries.
             "config_entries": {**self.config_entries.summary_view(),
-                               "peers_without_config": sorted(self.config_spread.unaware)},
+                               "peers_without_config": self.config_spread.peers_without_config()},
         }
 
     # -- logging ---------------------------------------------------------------------------

@@ -21,7 +21,14 @@ total order:
   missed it.
 
 Tombstones cannot be kept for ever, so each is dropped ``tombstone_ttl`` after
-it was written.  A node that was away longer than that may still hold an
+it was written.  Nodes drop them at slightly different moments (each by its
+own clock and timer), and in between their digests differ; a node that has
+dropped a tombstone must then not take it back from one that has not yet, or
+the dropped tombstones would travel from node to node for as long as
+someone still held one.  So a store refuses a tombstone older than its last
+purge's horizon for a key it holds nothing of (for a reader, an absent key and
+a deleted one are the same); one that would delete an older entry it holds
+is still applied, and purged at the next turn.  A node that was away longer than that may still hold an
 entry whose delete it never heard and whose tombstone is now gone everywhere
 else; the store cannot tell that entry from a fresh one, so it is the
 caller's job to treat such a node's stored entries as *stale*
@@ -170,6 +177,11 @@ def _wins(entry: Entry, held: Entry | None) -> bool:
     return held is None or held.order < entry.order
 
 
+def _expired(entry: Entry, held: Entry | None, horizon_ms: int) -> bool:
+    """A tombstone from before the horizon, for a key held nothing of: it would change nothing."""
+    return held is None and entry.deleted and entry.written_ms < horizon_ms
+
+
 class ConfigStore:
     """The entries this node holds, live and deleted, merged as a last-writer-wins map."""
 
@@ -177,6 +189,8 @@ class ConfigStore:
         self.tombstone_ttl_ms = tombstone_ttl_ms
         self._entries: dict[Key, Entry] = {}
         self._digest: bytes | None = None
+        #: The latest purge's horizon (ms): tombstones older than this are not taken back.
+        self.horizon_ms = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -197,9 +211,13 @@ class ConfigStore:
         """Merge one entry (already verified); True if it replaced what this node held.
 
         Commutative, associative and idempotent: the state is the maximum entry
-        per key, whatever the order and repetition of the calls.
+        per key, whatever the order and repetition of the calls.  (Past a purge's
+        horizon, an old tombstone for an absent key is refused: module docstring.
+        Only a node that missed the delete for longer than the TTL could then see
+        order matter, and that node is the stale case drop_stale is for.)
         """
-        if not _wins(entry, self._entries.get(entry.key)):
+        held = self._entries.get(entry.key)
+        if not _wins(entry, held) or _expired(entry, held, self.horizon_ms):
             return False
         self._entries[entry.key] = entry
         self._digest = None
@@ -210,13 +228,14 @@ class ConfigStore:
         (a caller that saves before it applies writes this)."""
         after = dict(self._entries)
         for e in entries:
-            if _wins(e, after.get(e.key)):
+            held = after.get(e.key)
+            if _wins(e, held) and not _expired(e, held, self.horizon_ms):
                 after[e.key] = e
         return list(after.values())
 
     def purge(self, now_ms: int) -> list[Entry]:
         """Drop the tombstones older than the TTL; return them."""
-        horizon = now_ms - self.tombstone_ttl_ms
+        horizon = self.horizon_ms = max(self.horizon_ms, now_ms - self.tombstone_ttl_ms)
         gone = [e for e in self._entries.values() if e.deleted and e.written_ms < horizon]
         for e in gone:
             del self._entries[e.key]

@@ -141,6 +141,28 @@ def _row(item: Any) -> tuple[Key, tuple[int, str, bytes]]:
     return (kind, name), (version, writer, sig)
 
 
+def wants_pull(mine: bytes, theirs: bytes | None) -> bool:
+    """Whether a push-pull that carried ``theirs`` (a peer's digest; None from an agent that takes
+    no config entries) calls for a pull from that peer: only when the two stores differ, so a
+    converged mesh exchanges digests and nothing else."""
+    return theirs is not None and theirs != mine
+
+
+def next_pull(dull: int, learnt: bool, told: bool) -> int | None:
+    """The rumour-with-feedback rule ("News travels on"), after one pull ended.
+
+    ``dull`` counts the pulls in a row before this one that taught neither
+    side anything; ``learnt``: this pull brought the puller entries that
+    changed its state; ``told``: the answer said the puller's summary held news
+    for the answering node (``ConfigPush.pulling_back``).  Returns the count to
+    carry into one more pull from a random member, or None to stop; every
+    node, simulated or real, follows this one rule, so the simulator's spread
+    times are the agent's.
+    """
+    dull = 0 if learnt or told else dull + 1
+    return dull if dull < NEWS_DULL else None
+
+
 def has_news_for(store: ConfigStore, theirs: Summary) -> bool:
     """Whether ``theirs`` (a puller's summary) holds a version this store lacks or holds older."""
     for key, order in theirs.items():

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--starve", type=float, default=0.0, help="fraction of nodes periodically paused")
     run.add_argument("--regions", type=int, default=3)
     run.add_argument("--churn", type=float, default=0.01, help="fraction of nodes that leave, crash and join (churn)")
+    run.add_argument("--entries", type=int, default=1000, help="config entries every node holds (config_bytes)")
     run.add_argument("--check-packets", action="store_true", help="decode every datagram (slow)")
     run.add_argument("--cprofile", type=int, default=0, metavar="K", help="print the top K functions on stderr")
     run.add_argument("--json", action="store_true")
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = Params(nodes=args.nodes, seconds=args.seconds, seed=args.seed, loss=args.loss, profile=args.profile,
                lifeguard=not args.no_lifeguard, tcp_fallback=not args.no_tcp_fallback,
-               check_packets=args.check_packets, regions=args.regions, starve=args.starve, churn=args.churn)
+               check_packets=args.check_packets, regions=args.regions, starve=args.starve, churn=args.churn,
+               entries=args.entries)
     print(f"{args.scenario}: {p.nodes} nodes, {p.seconds:g} s, seed {p.seed}, loss {p.loss:g}, "
           f"lifeguard {'on' if p.lifeguard else 'off'}", file=sys.stderr, flush=True)
     prof = cProfile.Profile() if args.cprofile else None

@@ -9,7 +9,12 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
    median of ``--cli-calls`` calls against that agent;
 4. ``--agents`` agents spawned at once, all but the first told to join the first: spawn to every
    agent's log naming all of them (the agents' logs are read, not polled, so the observer costs
-   the 2 cores nothing), and the median RSS of those agents once they all have.
+   the 2 cores nothing), and the median RSS of those agents once they all have;
+5. in that crowd, the first agent's CPU per ``members`` request on a kept-alive connection
+   (ours: ``GET /v1/members``, all N members in the answer; Serf: its RPC's ``members``), over
+   ``--api-requests`` requests after 200 to warm up, less the CPU the agent spends meanwhile
+   on gossip (its rate over an idle span just before, times the requests' wall time).  Real
+   agents, real sockets: the figure includes h11, trio and the kernel's loopback.
 
 ``--ref REV`` adds a column for a git revision of our code, run from a snapshot, in the same run
 (interleaved: every run measures each column once), so a change's effect is a ratio, not a memory.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import re
@@ -159,11 +165,71 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
         procs.close()
 
 
-def crowd(col: Column, key: str, work: Path, n: int, timeout: float) -> None:
-    """Row 4: n agents spawned at once, all joining the first; until every log names all n."""
+#: The idle span over which an agent's background CPU rate is read before the API is timed.
+IDLE_SPAN = 3.0
+
+
+class MembersClient:
+    """``members`` asked of one agent over one kept-alive connection."""
+
+    def __init__(self, col: Column, ctl: int) -> None:
+        self.col = col
+        self.http: http.client.HTTPConnection | None = None
+        self.rpc: SerfRPC | None = None
+        if col.kind == "ours":
+            self.http = http.client.HTTPConnection(HOST, ctl, timeout=10)
+        else:
+            self.rpc = SerfRPC(ctl)
+
+    def members(self) -> int:
+        """Ask once; how many members the answer lists."""
+        if self.http is not None:
+            self.http.request("GET", "/v1/members")
+            resp = self.http.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"GET /v1/members: HTTP {resp.status}")
+            return body.count(b'"name"')
+        assert self.rpc is not None
+        return len(self.rpc.call("members")["Members"])
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+        if self.rpc is not None:
+            self.rpc.close()
+
+
+def api_cost_us(col: Column, pid: int, ctl: int, n: int, requests: int, timeout: float) -> float | None:
+    """Row 5: the agent's CPU per kept-alive ``members`` request, net of its background rate (us)."""
+    client = MembersClient(col, ctl)
+    try:
+        if not wait(lambda: client.members() >= n, timeout, 0.2):
+            print(f"  {col.label}: the first agent never listed all {n} members", file=sys.stderr)
+            return None
+        for _ in range(200):
+            client.members()
+        c0, t0 = proc_cpu_seconds(pid), time.monotonic()
+        time.sleep(IDLE_SPAN)
+        c1, t1 = proc_cpu_seconds(pid), time.monotonic()
+        for _ in range(requests):
+            client.members()
+        c2, t2 = proc_cpu_seconds(pid), time.monotonic()
+    finally:
+        client.close()
+    if c0 is None or c1 is None or c2 is None:
+        return None
+    background = (c1 - c0) / (t1 - t0) * (t2 - t1)
+    return max(0.0, c2 - c1 - background) / requests * 1e6
+
+
+def crowd(col: Column, key: str, work: Path, n: int, timeout: float, api_requests: int) -> None:
+    """Rows 4 and 5: n agents spawned at once, all joining the first; until every log names all n;
+    then the first agent's cost per members request."""
     procs = Processes()
     try:
-        ports = [(free_port(), free_port()) for _ in range(n)]
+        taken: set[int] = set()  # 2n ports picked before any is bound: never the same one twice
+        ports = [(free_port(taken), free_port(taken)) for _ in range(n)]
         names = [f"c{i:02d}" for i in range(n)]
         logs = [work / f"{col.label}-crowd-{nm}.log" for nm in names]
         for path in logs:  # a log from the run before would be read as this run's (Processes appends)
@@ -192,6 +258,8 @@ def crowd(col: Column, key: str, work: Path, n: int, timeout: float) -> None:
         else:
             print(f"  {col.label}: {len(pending)} of {n} agents never logged all {n} members in {timeout:.0f} s",
                   file=sys.stderr)
+        if api_requests:  # asks the first agent itself whether it lists all n, whatever the logs said
+            col.add("api_members_us", api_cost_us(col, pids[0], ports[0][1], n, api_requests, timeout))
     finally:
         procs.close()
 
@@ -234,6 +302,7 @@ ROWS = (
     ("cli_members_s", "`members` from the CLI, end to end (s)", 3),
     ("crowd_converged_s", "N agents spawned at once: spawn to every log naming all N (s)", 2),
     ("rss_in_crowd_mib", "RSS of an agent in that crowd, median (MiB)", 1),
+    ("api_members_us", "in that crowd, agent CPU per kept-alive `members` of N (us)", 1),
 )
 
 
@@ -250,6 +319,8 @@ def table(cols: list[Column], n: int) -> str:
 
     for key, title, digits in ROWS:
         vals = [med(c, key) for c in cols]
+        if all(v is None for v in vals):
+            continue  # a row this run did not measure (--crowd-only, --api-requests 0)
         cells = [title.replace("N ", f"{n} ")] + ["n/a" if v is None else f"{v:.{digits}f}" for v in vals]
         for c, v in zip(cols, vals, strict=True):
             if serf and c is not serf:
@@ -271,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref", help="also run this git revision of our code, side by side")
     ap.add_argument("--no-serf", action="store_true", help="leave Serf out")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on the crowd after this long (s)")
+    ap.add_argument("--api-requests", type=int, default=3000,
+                    help="members requests timed per run in the crowd (0: leave row 5 out)")
+    ap.add_argument("--crowd-only", action="store_true", help="rows 4 and 5 only (no single agent, no CLI)")
     ap.add_argument("--json", action="store_true", help="also print every sample as JSON on the last line")
     args = ap.parse_args(argv)
 
@@ -292,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             for col in cols:
                 print(f"run {run + 1}/{args.runs}: {col.label}", file=sys.stderr, flush=True)
-                one_agent(col, key, work, args.cli_calls)
-                crowd(col, key, work, args.agents, args.timeout)
+                if not args.crowd_only:
+                    one_agent(col, key, work, args.cli_calls)
+                crowd(col, key, work, args.agents, args.timeout, args.api_requests)
         print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs\n")
         print(table(cols, args.agents))
         print()

@@ -100,8 +100,8 @@ class Processes:
         self.all.clear()
 
 
-def mesh_agent_cmd() -> list[str]:
-    return [sys.executable, "-m", "cli.main"]
+def mesh_agent_cmd(python: Path | None = None) -> list[str]:
+    return [str(python or sys.executable), "-m", "cli.main"]
 
 
 class AgentProc:
@@ -185,11 +185,13 @@ class Cluster:
         wait: bool = True,
         timeout: float = 15,
         root: Path = ROOT,
+        python: Path | None = None,
     ) -> AgentProc:
-        """Start an agent (from the code under ``root``: another copy is another release)."""
+        """Start an agent (from the code under ``root``: another copy is another release; or, with
+        ``python``, from what that interpreter has installed, with ``root`` holding no code)."""
         gossip_port = gossip_port or free_port()
         api_port = api_port or free_port()
-        args = mesh_agent_cmd() + [
+        args = mesh_agent_cmd(python) + [
             "agent", "--name", name,
             "--bind", f"127.0.0.1:{gossip_port}",
             "--api", f"127.0.0.1:{api_port}",

@@ -21,10 +21,20 @@ from typing import Any
 from gossip import hlc
 from gossip.config import PROFILES, GossipConfig
 from gossip.config_store import ConfigStore, Entry
-from gossip.config_sync import NEWS_DULL, QUERY_NAME, announcement, has_news_for, parse_announcement, pull_reply
+from gossip.config_sync import (
+    QUERY_NAME,
+    announcement,
+    has_news_for,
+    lacks,
+    next_pull,
+    parse_announcement,
+    pull_reply,
+    summary_to_wire,
+    wants_pull,
+)
 from gossip.signing import Signer
 from gossip.swim import Event
-from gossip.wire import MAX_QUERY_PAYLOAD, Address, ConfigPull, ConfigPush
+from gossip.wire import MAX_QUERY_PAYLOAD, Address, ConfigPull, ConfigPush, encode_stream
 from simulations.sim import NetModel, Sim, SimNode
 
 WARMUP = 5.0
@@ -54,6 +64,8 @@ class Params:
     churn: float = 0.01
     #: Progress lines on stderr every this many virtual seconds (0: none).
     progress: float = 10.0
+    #: Config entries every node holds (config_bytes).
+    entries: int = 1000
 
     def config(self) -> GossipConfig:
         return dataclasses.replace(PROFILES[self.profile], lifeguard=self.lifeguard, tcp_fallback=self.tcp_fallback)
@@ -453,15 +465,18 @@ def churn(p: Params) -> Summary:
 # -- config entries -------------------------------------------------------------------------
 
 
-class _SimConfig:
+class SimConfig:
     """Each node's config entries, spread as the agent spreads them (gossip.config_sync): a query
     announces a write, and push-pulls whose digests differ make the puller fetch what it lacks,
-    one TCP exchange later, only while the two can reach each other."""
+    one TCP exchange later, only while the two can reach each other.  A pull's request and answer
+    are encoded as the agent sends them, and their bytes counted (``pull_bytes``, and in the
+    simulator's stream bytes)."""
 
     def __init__(self, sim: Sim) -> None:
         self.sim = sim
         self.stores: dict[str, ConfigStore] = {}
         self.pulls = 0
+        self.pull_bytes = 0
         self.rng = random.Random(f"config-news:{sim.seed}")
         for node in sim.nodes:
             self.attach(node)
@@ -470,6 +485,12 @@ class _SimConfig:
     def attach(self, node: SimNode) -> None:
         store = self.stores.setdefault(node.name, ConfigStore())
         node.m.set_config_peer(_SimPeer(self, node, store))
+
+    def preload(self, entries: list[Entry]) -> None:
+        """Every node holds ``entries`` already: a converged mesh."""
+        for store in self.stores.values():
+            for e in entries:
+                store.apply(e)
 
     def write(self, origin: SimNode, entry: Entry) -> None:
         self.stores[origin.name].apply(entry)
@@ -482,32 +503,43 @@ class _SimConfig:
             got = parse_announcement(e.fields["payload"])
             if isinstance(got, Entry):
                 self.stores[node.name].apply(got)
+            elif lacks(self.stores[node.name], got):
+                self.later(node, e.fields["origin"])
 
     def pull(self, node: SimNode, peer_name: str, dull: int = 0) -> None:
         """``node`` pulls from ``peer_name``; the peer pulls back if it saw news; a node that gained
-        news goes on pulling from random members until NEWS_DULL pulls in a row taught neither side
-        anything (``dull`` counts them), as the agent does (agent/runner.py, _pull_config)."""
+        news goes on pulling from random members while gossip.config_sync.next_pull says so, as the
+        agent does (agent/config_spread.py, _pull_config)."""
         peer = self.sim.by_name.get(peer_name)
         if peer is None or not (node.up and peer.up) or node.group != peer.group:
             return
         mine, theirs = self.stores[node.name], self.stores[peer_name]
-        news = 0
-        told = False
+        learnt = told = False
         while True:
             self.pulls += 1
             summary = mine.summary()
-            if has_news_for(theirs, summary):
-                told = True  # the answer says so (ConfigPush.pulling_back)
+            request = encode_stream([ConfigPull(node.name, summary_to_wire(summary))])
+            back = has_news_for(theirs, summary)
+            if back:
+                told = True
                 self.later(peer, node.name)  # the peer pulls back, and spreads what it learns itself
             entries, _keys, more = pull_reply(theirs, summary, with_keys=False)
-            news += sum(1 for entry in entries if mine.apply(entry))
+            reply = encode_stream([ConfigPush([e.to_wire() for e in entries], None, more, back)])
+            self._count(node, peer, len(request), len(reply))
+            learnt = sum(1 for entry in entries if mine.apply(entry)) > 0 or learnt
             if not more:
                 break
-        dull = 0 if news or told else dull + 1
-        if (news or told or dull) and dull < NEWS_DULL:
+        carry = next_pull(dull, learnt, told)
+        if carry is not None:
             others = [n for n in self.sim.nodes if n.up and n is not node and n is not peer]
             if others:
-                self.later(node, self.rng.choice(others).name, dull)
+                self.later(node, self.rng.choice(others).name, carry)
+
+    def _count(self, node: SimNode, peer: SimNode, request: int, reply: int) -> None:
+        node.stream_bytes_out += request
+        peer.stream_bytes_out += reply
+        self.sim.stream_bytes += request + reply
+        self.pull_bytes += request + reply
 
     def later(self, node: SimNode, peer: str, dull: int = 0) -> None:
         """A pull one round trip from now, as the agent's TCP exchange would take."""
@@ -520,14 +552,14 @@ class _SimConfig:
 
 
 class _SimPeer:
-    def __init__(self, owner: _SimConfig, node: SimNode, store: ConfigStore) -> None:
+    def __init__(self, owner: SimConfig, node: SimNode, store: ConfigStore) -> None:
         self.owner, self.node, self.store = owner, node, store
 
     def digest(self) -> bytes:
         return self.store.digest()
 
     def observed(self, peer: str, addr: Address, digest: bytes | None) -> None:
-        if digest is not None and digest != self.store.digest():
+        if wants_pull(self.store.digest(), digest):
             self.owner.later(self.node, peer)
 
     def answer(self, pull: ConfigPull, addr: Address) -> ConfigPush:  # the scenario pulls in process
@@ -540,7 +572,7 @@ def config_spread(p: Params) -> Summary:
     after the heal until every node holds the same entries (none may be left diverging)."""
     wall0 = time.perf_counter()
     sim = build(p)
-    cfg_nodes = _SimConfig(sim)
+    cfg_nodes = SimConfig(sim)
     sim.run(WARMUP)
     rng = random.Random(f"config:{p.seed}")
     origin = rng.choice(sim.nodes)
@@ -618,6 +650,68 @@ def config_spread(p: Params) -> Summary:
     return out
 
 
+def config_entries(n: int, writer: str = "n0") -> list[Entry]:
+    """``n`` signed intention entries, as many distinct writes."""
+    signer = Signer(bytes(32))
+    base = hlc.make(1_700_000_000_000)
+    return [Entry.write(signer, writer, "intention", f"svc{i}/db", {"source": f"svc{i}", "destination": "db",
+                                                                   "action": "deny" if i % 2 else "allow"},
+                        base + i)
+            for i in range(n)]
+
+
+def _converged_traffic(p: Params, entries: list[Entry]) -> Summary:
+    """A converged mesh whose every node holds ``entries``: what it sends over ``p.seconds``."""
+    sim = build(p)
+    cfg_nodes = SimConfig(sim)
+    cfg_nodes.preload(entries)
+    sim.run(WARMUP)
+    traffic = _Traffic(sim)
+    pp0, pulls0, pull_bytes0 = sim.push_pulls, cfg_nodes.pulls, cfg_nodes.pull_bytes
+    sim.run(p.seconds)
+    per = p.nodes * p.seconds
+    out = traffic.summary(p.nodes)
+    out.update({
+        "entries": len(entries),
+        "push_pulls": sim.push_pulls - pp0,
+        "config_pulls": cfg_nodes.pulls - pulls0,
+        "config_pull_bytes_per_node_per_s": round((cfg_nodes.pull_bytes - pull_bytes0) / per, 1),
+        "digests": len(cfg_nodes.digests()),
+    })
+    return out
+
+
+def config_bytes(p: Params) -> Summary:
+    """A converged mesh's anti-entropy bytes with ``p.entries`` config entries beside none, same seed.
+
+    Anti-entropy is everything sent over TCP (push-pulls, which carry the
+    config digest, and config pulls); gossip datagrams are shown apart.  A
+    converged mesh should send a constant-size digest, so the ratio should be
+    1; ``summary_bytes`` is what one pull's summary of that many entries
+    weighs, what every push-pull would cost without the digest.
+    """
+    wall0 = time.perf_counter()
+    entries = config_entries(p.entries)
+    without = _converged_traffic(p, [])
+    with_entries = _converged_traffic(p, entries)
+    store = ConfigStore()
+    for e in entries:
+        store.apply(e)
+    summary_bytes = len(encode_stream([ConfigPull("n0", summary_to_wire(store.summary()))]))
+    ae0 = without["stream_bytes_per_node_per_s"]
+    ae1 = with_entries["stream_bytes_per_node_per_s"]
+    out: Summary = {"scenario": "config_bytes", "nodes": p.nodes, "seed": p.seed, "profile": p.profile,
+                    "window_s": p.seconds, "entries": p.entries}
+    out.update({f"none_{k}": v for k, v in without.items() if k != "entries"})
+    out.update({f"with_{k}": v for k, v in with_entries.items() if k != "entries"})
+    out.update({
+        "anti_entropy_ratio": None if not ae0 else round(ae1 / ae0, 4),
+        "summary_bytes": summary_bytes,
+        "wall_s": round(time.perf_counter() - wall0, 2),
+    })
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Params], Summary]] = {
     "detection": detection,
     "dissemination": dissemination,
@@ -626,4 +720,5 @@ SCENARIOS: dict[str, Callable[[Params], Summary]] = {
     "partition": partition,
     "churn": churn,
     "config_spread": config_spread,
+    "config_bytes": config_bytes,
 }

@@ -7,9 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import structlog
+import trio
+import trio.testing
 
 from agent import store
 from agent.config_entries import STORE_FILE, TOUCH_EVERY_MS, ConfigEntries
+from agent.config_spread import UPKEEP_EVERY, upkeep
 from agent.services import ServiceError
 from gossip.config_store import Entry
 from gossip.hlc import MAX_DRIFT_MS, make
@@ -213,3 +217,22 @@ def test_malformed_pulls_and_pushes_are_counted_not_applied(tmp_path: Path) -> N
     a.write(DENY)
     assert a.answer(ConfigPull("x", [["bad"]])) == ConfigPush([]) and a.stats["refused_malformed"] == 1
     assert a.apply_push(ConfigPush([["not", "an", "entry"]]), "x") is False and a.stats["refused_malformed"] == 2
+
+
+async def test_the_agent_upkeep_purges_tombstones_and_keeps_the_file_recent(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    # The entries' wall clock follows trio's (virtual) one: hours pass in no time.
+    start = 1_700_000_000_000
+    c = ConfigEntries(tmp_path, "n1", Signer(b"n1".ljust(32, b".")), lambda: start + int(trio.current_time() * 1000),
+                      tombstone_ttl_ms=48 * HOUR)
+    c.load()
+    c.write(DENY)
+    c.write({**DENY, "source": "api"})
+    c.delete("intention", "web/db")
+    assert len(c.store) == 2
+    with trio.move_on_after(72 * 3600):  # three days of a running agent, with no write at all
+        await upkeep(c, structlog.get_logger())
+    assert [e.name for e in c.store] == ["api/db"]  # the tombstone went after its 48 hours
+    saved = json.loads((tmp_path / STORE_FILE).read_text())["saved_at_ms"]
+    assert c.wall() - saved <= TOUCH_EVERY_MS + UPKEEP_EVERY * 1000
+    assert node(tmp_path, clock=Clock(c.wall()), ttl=48 * HOUR).stale_before == 0  # a restart now is not stale

@@ -102,3 +102,23 @@ def test_a_node_restarted_from_an_old_data_dir_does_not_bring_a_delete_back(clus
     wait_for(lambda: ("intention", "web/db") not in entries(b), 15, "the delete reaches the restarted node")
     assert entries(a) == entries(b) == {}
     assert b.call("GET", "/v1/intentions") == []
+
+
+def test_agents_that_agree_exchange_digests_and_pull_nothing(cluster: Cluster) -> None:
+    agents = trio_of_agents(cluster, "q")
+    agents[0].call("PUT", "/v1/config", [{"kind": "intention", "source": f"s{i}", "destination": "db",
+                                          "action": "deny"} for i in range(60)])
+    wait_for(lambda: same_everywhere(agents) and len(entries(agents[2])) == 60, 15, "the entries everywhere")
+
+    def counted(key: str) -> int:
+        return sum(int(a.info()["counters"].get(key, 0)) for a in agents)
+
+    # One more round of push-pulls first: whatever pulls the writes set off are over by then.
+    first = counted("push_pull_in")
+    wait_for(lambda: counted("push_pull_in") >= first + 1, 40, "a push-pull")
+    pulls, push_pulls = counted("config_pulls_in"), counted("push_pull_in")
+    wait_for(lambda: counted("push_pull_in") >= push_pulls + 3, 60, "three more push-pulls",
+             lambda: f"push-pulls {counted('push_pull_in')} (from {push_pulls})")
+    # Every one carried a digest equal to the receiver's: no summary of the 60 entries went anywhere.
+    assert counted("config_pulls_in") == pulls
+    assert len({a.info()["config_entries"]["digest"] for a in agents}) == 1

@@ -155,3 +155,19 @@ def test_malformed_wire_entries_are_refused(raw: object) -> None:
 
 def test_canonical_sorts_maps_at_every_depth() -> None:
     assert canonical({"b": [{"d": 1, "c": 2}], "a": 0}) == [["a", 0], ["b", [[["c", 2], ["d", 1]]]]]
+
+
+def test_a_purged_tombstone_is_not_taken_back_but_still_deletes_what_it_covers() -> None:
+    s = ConfigStore(tombstone_ttl_ms=1000)
+    live = Entry.write(SIGNERS["n1"], "n1", "intention", "a/db", {"action": "deny"}, hlc.make(10))
+    gone = Entry.write(SIGNERS["n1"], "n1", "intention", "a/db", None, hlc.make(20))
+    s.apply(gone)
+    assert s.purge(now_ms=2000) == [gone] and len(s) == 0
+    # A peer that has not purged yet offers it back: refused, and the digest stays that of an empty store.
+    assert not s.apply(gone) and s.merged([gone]) == [] and s.digest() == ConfigStore().digest()
+    # But where it deletes an entry still held (a node that missed the delete), it is applied.
+    held = ConfigStore(tombstone_ttl_ms=1000)
+    held.apply(live)
+    held.purge(now_ms=2000)
+    assert held.apply(gone) and held.live() == []
+    assert held.purge(now_ms=2000) == [gone]

@@ -9,14 +9,17 @@ from gossip import hlc
 from gossip.config_store import ConfigStore, Entry
 from gossip.config_sync import (
     MAX_PULL_ENTRIES,
+    NEWS_DULL,
     Announced,
     SyncError,
     announcement,
     lacks,
+    next_pull,
     parse_announcement,
     pull_reply,
     summary_from_wire,
     summary_to_wire,
+    wants_pull,
 )
 from gossip.signing import Signer
 from gossip.wire import MAX_QUERY_PAYLOAD
@@ -88,3 +91,23 @@ def test_a_pull_returns_what_the_puller_lacks_in_bounded_batches() -> None:
         theirs.apply(e)
     assert theirs.digest() == mine.digest()
     assert pull_reply(mine, theirs.summary(), with_keys=False) == ([], None, False)
+
+
+def test_a_pull_follows_a_digest_that_differs_and_nothing_else() -> None:
+    a, b = bytes(32), b"\x01" * 32
+    assert wants_pull(a, b)
+    assert not wants_pull(a, a)
+    assert not wants_pull(a, None)  # an agent that takes no config entries is never pulled from
+
+
+def test_news_travels_on_until_news_dull_pulls_in_a_row_taught_nothing() -> None:
+    # A pull that taught either side something starts the count again, whatever it was.
+    assert next_pull(NEWS_DULL - 1, learnt=True, told=False) == 0
+    assert next_pull(NEWS_DULL - 1, learnt=False, told=True) == 0
+    # Dull pulls count up, and the last allowed one stops the rumour.
+    dull: int | None = 0
+    seen = []
+    while dull is not None:
+        seen.append(dull)
+        dull = next_pull(dull, learnt=False, told=False)
+    assert seen == list(range(NEWS_DULL))
