@@ -7,6 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests run beside real agents on a 2-core machine: a slow example is the machine's load,
+# not the code's, so no test fails for taking long (each @settings still sets its own examples).
+settings.register_profile("mesh", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mesh")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
