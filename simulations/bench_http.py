@@ -208,39 +208,40 @@ def run_wrk(path: Path_, conns: int, seconds: float) -> dict[str, float]:
             "cpu_us": (cpu / n * 1e6) if path.pids and n else float("nan")}
 
 
-def chaos(procs: Processes, workdir: Path, seconds: float) -> str:
+def chaos(procs: Processes, workdir: Path, seconds: float, scenario: str) -> str:
     """Issue 28's goal: wrk at 16 connections for ``seconds`` through http mode to three instances,
-    one answering 500 to everything (ejected, then tried half-open now and then) and one killed -9
-    a third of the way in; the client must see no error at all."""
+    one of which answers 500 to everything ("fail": ejected, then tried half-open now and then) or is
+    killed -9 a third of the way in ("kill"); the client must see no error at all (for "fail": once
+    the instance is ejected)."""
+    workdir = workdir / scenario
+    workdir.mkdir()
     ok1, ok2 = start_nginx(procs, workdir, 200, "ok1"), start_nginx(procs, workdir, 200, "ok2")
-    bad = start_nginx(procs, workdir, 500, "bad")
+    third = start_nginx(procs, workdir, 500 if scenario == "fail" else 200, "third")
     _, http = start_mesh(ok1, procs, workdir)
     b_api = _agent_api(http.pids[1])
     a_api = _agent_api(http.pids[0])
-    for i, port in enumerate((ok2, bad)):
+    for i, port in enumerate((ok2, third)):
         _api(b_api, "PUT", "/v1/services", {"name": "bench-http", "id": f"bench-http-{i}", "port": port,
                                             "address": HOST, "protocol": "http"})
     wait_for(lambda: len(_api_or_none(a_api, "GET", "/v1/services/bench-http?passing") or []) == 3, 30,
              "three instances on agent A")
     wrk = subprocess.Popen(["wrk", "-t1", "-c16", f"-d{seconds:g}s", f"http://{HOST}:{http.port}/"],
                            stdout=subprocess.PIPE, text=True)
-    time.sleep(seconds / 3)
-    _nginx_procs[ok2].kill()
-    log(f"killed the instance on port {ok2} (-9) at {seconds / 3:.0f} s")
+    what = "one answers 500 to everything"
+    if scenario == "kill":
+        time.sleep(seconds / 3)
+        _nginx_procs[third].kill()
+        what = f"one killed -9 at {seconds / 3:.0f} s"
     out, _ = wrk.communicate(timeout=seconds + 60)
     up = [u for u in _api(a_api, "GET", "/v1/upstreams") if u["service"] == "bench-http"][0]
     n = re.search(r"(\d+) requests in", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
-    return "\n".join([
-        f"chaos: wrk -c16 for {seconds:g} s, http mode, 3 instances: one answers 500 to everything, one killed -9 "
-        f"at {seconds / 3:.0f} s",
-        "", "| requests | client errors (non-2xx) | socket errors | retries | ejections | 5xx seen by the mesh |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {n.group(1) if n else '?'} | {errors.group(1) if errors else 0} | {sock.group(1) if sock else 'none'} | "
-        f"{up['retries']} | {up['ejections']} | {up['responses_5xx']} |", "",
-        "500 is not in retry_on, so the failing instance's answers reach clients until it is ejected (5 in a row, "
-        "the default consecutive_failures); from then on, half-open trials included, none should."])
+    for p in list(procs.all):  # this scenario's agents and servers: the next one starts afresh
+        procs.stop(p)
+    procs.all.clear()
+    return (f"| {what} | {n.group(1) if n else '?'} | {errors.group(1) if errors else 0} | "
+            f"{sock.group(1) if sock else 'none'} | {up['retries']} | {up['ejections']} | {up['responses_5xx']} |")
 
 
 def _agent_api(pid: int) -> int:
@@ -270,7 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         if args.chaos:
             try:
-                print(chaos(procs, workdir, args.chaos))
+                rows = [chaos(procs, workdir, args.chaos, scenario) for scenario in ("fail", "kill")]
+                print("\n".join([
+                    f"wrk -c16 for {args.chaos:g} s through http mode to 3 instances, of which:", "",
+                    "| one instance | requests | client errors (non-2xx) | socket errors | retries | ejections "
+                    "| 5xx seen by the mesh |", "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+                    "500 is not in retry_on, so a failing instance's answers reach clients until it is ejected "
+                    "(5 in a row, the default consecutive_failures); from then on, half-open trials included, "
+                    "none should."]))
             except SetupError as exc:
                 print(f"bench_http: {exc}", file=sys.stderr)
                 return 1
