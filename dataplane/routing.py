@@ -189,7 +189,8 @@ class Router:
             if key in exclude or not self.outlier.available(now, key):
                 continue
             by_key[key] = e
-            candidate = Candidate(key, rtt_of(e.node), self.outlier.weight(now, key))
+            suspect = bool(getattr(e, "suspect", False))  # dataplane.proxy.Endpoint's; others have none
+            candidate = Candidate(key, rtt_of(e.node), self.outlier.weight(now, key), suspect)
             refusal = self._refused.get(e.node)
             (allowing if refusal is None or self._due(now, refusal) else refusing).append(candidate)
         candidates = allowing or (refusing if last_resort else [])
