@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -226,7 +227,7 @@ def test_the_demo_runs_on_a_docker_engine(demo: Demo) -> None:
     # -- build: the offline path (docker/build-offline.sh), then compose's own build reaches the same image.
     t0 = time.monotonic()
     _run([str(BUILD_OFFLINE)], timeout=900, cwd=ROOT,
-         env={**d.env, "MESH_IMAGE": d.image, "MESH_BASE_IMAGE": d.base, "MESH_WHEELS": d.wheels})
+         env={**d.env, "PYTHON": sys.executable})
     d.timings["build_s"] = time.monotonic() - t0
     image_id = _run(["docker", "image", "inspect", "--format", "{{.Id}}", d.image]).stdout.strip()
     d.compose("build", "agent1")  # compose passes MESH_BASE_IMAGE / MESH_WHEELS as the build arguments
