@@ -270,6 +270,10 @@ def test_the_demo_runs_on_a_docker_engine(demo: Demo) -> None:
     d.timings["worst_call_around_kill_ms"] = max((c[2] for c in around if c[2] is not None), default=0.0)
     failures = [c[3] for c in calls[steady - 1:] if c[1] is None]
     assert not failures, failures
+    # Had the client's agent dialled the vanished agent3, it gave up after a few RTTs, not a timeout.
+    dials = [line for line in d.logs("agent5") if "tunnel_d" in line and "agent3" in line]
+    assert not [line for line in dials if " in 2s" in line], dials
+    d.timings["dials_to_agent3_given_up_at_rtt_bound"] = sum("tunnel_dial_rtt_bound" in line for line in dials)
 
     # -- back: agent3 and web-2 re-created, it rejoins and web-2 answers again.
     d.compose("up", "-d", "--force-recreate", "agent3", "web-2")
