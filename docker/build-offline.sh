@@ -62,7 +62,17 @@ arch=$(uname -m)
 say "wheels for CPython $pyver on $arch into $WHEELS ..."
 rm -rf "$WHEELS"
 mkdir -p "$WHEELS"
-"$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$WHEELS" .
+# From a copy of the package's files: setuptools leaves build/lib behind in a source tree, and a file
+# deleted since would still go into the wheel from there.
+src=$(mktemp -d)
+trap 'rm -rf "$src"' EXIT
+packages=$("$PYTHON" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["packages"]))')
+# shellcheck disable=SC2086  # the package names are words
+cp -r pyproject.toml README.md $packages "$src"/
+find "$src" -name __pycache__ -prune -exec rm -rf {} +
+"$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$WHEELS" "$src"
+rm -rf "$src"
+trap - EXIT
 "$PYTHON" -m pip download --quiet --only-binary=:all: --python-version "$pyver" --implementation cp \
     --abi "cp$pyver" --abi abi3 --abi none --platform "manylinux2014_$arch" --platform "manylinux_2_17_$arch" \
     --platform "manylinux_2_28_$arch" --platform any --dest "$WHEELS" "$WHEELS"/mesh_agent-*.whl
