@@ -23,6 +23,7 @@ from netns import Lab, sh
 
 from cli.demo_service import call_once
 from dataplane.balancer import POLICIES, Balancer, Candidate
+from dataplane.discovery_chain import DiscoveryChain, Target
 from dataplane.noise import generate_keypair
 from dataplane.proxy import Endpoint
 from dataplane.routing import Router
@@ -201,3 +202,15 @@ def test_a_call_through_the_mesh_does_not_wait_for_a_vanished_host(lab: Lab) -> 
     assert bounded and all(e["peer"] == "c" and e["bound_ms"] < 1000 for e in bounded), bounded
     failed = [json.loads(line) for line in a.log().splitlines() if "tunnel_dial_failed" in line]
     assert failed and all("RTT bound" in e["error"] and " in 2s" not in e["error"] for e in failed), failed
+
+
+def test_a_discovery_chain_fails_over_past_a_target_whose_instances_are_all_suspect() -> None:
+    chain = DiscoveryChain("web", None, {"web": {"failover": [{"service": "web-backup"}]}})
+    suspect = Endpoint("n1", "web-1", "127.0.0.1", 1, "web", suspect=True)
+    backup = Endpoint("n2", "backup-1", "127.0.0.1", 1, "web-backup")
+    catalog = {"web": [suspect], "web-backup": [backup]}
+    r = chain.resolve(Target("web"), lambda s: list(catalog.get(s, [])))
+    assert r.endpoints == [backup] and r.failed_over
+    catalog["web-backup"] = [Endpoint("n2", "backup-1", "127.0.0.1", 1, "web-backup", suspect=True)]
+    r = chain.resolve(Target("web"), lambda s: list(catalog.get(s, [])))
+    assert r.endpoints == [suspect] and not r.failed_over  # all suspect: the chosen target's, tried anyway
