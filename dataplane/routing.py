@@ -339,6 +339,8 @@ class Router:
                 "outstanding": self.balancer.outstanding(key),
                 "latency_ms": None if ewma is None else round(ewma * 1000.0, 3),
                 "policy": self.options.lb,
+                # Its node is suspected by gossip: chosen only when no other instance is left.
+                "suspect": bool(getattr(e, "suspect", False)),
                 # This node's intentions refuse the upstream's source: not routed to while
                 # another instance is left, asked again from time to time.
                 "refused": refusal is not None,

@@ -146,6 +146,16 @@ def test_the_proxys_retries_reach_a_suspect_after_the_others() -> None:
         tried.add((chosen.node, chosen.instance_id))
     assert order[-1] == "web-1" and sorted(order[:2]) == ["web-2", "web-3"]
 
+    class Paths:
+        def rtt_to(self, node: str) -> tuple[float, str] | None:
+            return (0.001, "measured")
+
+        def path_to(self, node: str) -> list[str]:
+            return ["me", node]
+
+    rows = {r["instance"]: r["suspect"] for r in router.view(0.0, eps, Paths(), "me")}
+    assert rows == {"web-1": True, "web-2": False, "web-3": False}
+
 
 # -- real agents: one host vanishes ---------------------------------------------------------------
 
