@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo compile cluster-key test lint typecheck unit canary bench bench-proxy bench-http bench-footprint bench-dns simulate clean
+.PHONY: demo compile cluster-key docker-offline test lint typecheck unit canary bench bench-proxy bench-http bench-footprint bench-dns simulate clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ cluster-key:
 	  umask 077; grep -vs '^MESH_CLUSTER_KEY=' .env > .env.new; \
 	  printf 'MESH_CLUSTER_KEY=%s\n' "$$($(PYTHON) -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')" >> .env.new; \
 	  mv .env.new .env; echo "wrote a new cluster key to .env"; fi
+
+# The compose demo's image where a build can reach neither an image registry nor the package index:
+# a Debian base from mmdebstrap and wheels made on this host (docker/build-offline.sh; README.md).
+docker-offline:
+	docker/build-offline.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gossip agent cli dataplane tests simulations

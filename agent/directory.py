@@ -26,14 +26,18 @@ class MeshDirectory:
     # -- for the proxy (dataplane.proxy.InstanceDirectory) ------------------------------------
 
     def passing_endpoints(self, service: str) -> list[Endpoint]:
+        """Passing instances on members that are up.  A suspect member's are listed, marked: the
+        balancer tries them only when no other is left (a suspicion is often false -- a slow or
+        lossy peer -- and its instances beat none), and the tunnel's dial to it is RTT-bounded."""
         out = []
         for node, inst in self.services.registry.all_instances():
             if inst.service != service or inst.health != "passing":
                 continue
             m = self.membership.members.get(node)
-            if m is None or m.status is not Status.ALIVE:
-                continue  # suspect members' instances are not routed to while others exist
-            out.append(Endpoint(node, inst.id, inst.address, inst.port, inst.service, inst.tags, inst.meta))
+            if m is None or m.status not in (Status.ALIVE, Status.SUSPECT):
+                continue
+            out.append(Endpoint(node, inst.id, inst.address, inst.port, inst.service, inst.tags, inst.meta,
+                                suspect=m.status is Status.SUSPECT))
         return out
 
     def protocol_of(self, service: str) -> str | None:

@@ -179,7 +179,7 @@ class Agent:
         self.tunnels = TunnelManager(
             cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
             stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
-            relays=self._relays_for,
+            relays=self._relays_for, rtt=self.proxy.rtt_to,
         )
         self.directory.tunnel_route = self.tunnels.route_to
         self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name,

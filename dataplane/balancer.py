@@ -31,6 +31,15 @@ they are saturated or failing".  The rule, applied before the policy:
   (:mod:`dataplane.outlier`) removes them before the balancer sees them, so a
   tier that empties by ejection spills over by construction.
 
+Suspects last.  A candidate whose node gossip suspects (``Candidate.suspect``)
+is chosen only when every other usable candidate is gone (counted as
+``stats["suspect_passed_over"]`` when set aside, ``stats["suspect_only"]`` when
+only suspects are left).  A suspect has stopped answering probes: most often it
+has died and will be declared so in a few probe rounds, and a connection sent
+there meanwhile waits out a dial to a host that is gone.  But a suspicion may
+be false (a slow or lossy peer refutes it), so its instances stay listed and
+beat routing nowhere; the proxy's retries reach them after the others failed.
+
 API
 ---
 ``Balancer(policy, rng, *, decay_time=10.0, default_rtt=0.030, failure_penalty=1.0,
@@ -163,11 +172,13 @@ class Candidate(Generic[K]):
 
     ``rtt``: the network RTT estimate in seconds (latency probes), or None.
     ``weight``: slow-start weight in [0, 1]; 1 for an instance in full service.
+    ``suspect``: its node is suspected by gossip: chosen only when nothing else is left.
     """
 
     key: K
     rtt: float | None = None
     weight: float = 1.0
+    suspect: bool = False
 
 
 class _Instance:
@@ -290,6 +301,12 @@ class Balancer(Generic[K]):
     def pick(self, now: float, candidates: Sequence[Candidate[K]]) -> K | None:
         if not candidates:
             return None
+        trusted = [c for c in candidates if not c.suspect]
+        if trusted and len(trusted) < len(candidates):
+            self.stats["suspect_passed_over"] += 1
+            candidates = trusted
+        elif not trusted:
+            self.stats["suspect_only"] += 1
         weighted = [(c, _clamp_weight(c.weight)) for c in candidates]
         usable = [(c, w) for c, w in weighted if w > 0.0]
         if not usable:

@@ -150,12 +150,20 @@ class DiscoveryChain:
         return True
 
     def resolve(self, chosen: Target, passing: Callable[[str], list[E]]) -> Resolved[E]:
-        """The passing instances of ``chosen``, or of the first failover target that has any."""
+        """The passing instances of ``chosen``, or of the first failover target that has any.
+
+        A target whose instances are all on members gossip suspects (``suspect`` on
+        dataplane.proxy.Endpoint) is used only when no target has another: the balancer
+        tries suspects last, and failing over is how a chain does that across targets.
+        """
+        fallback: Resolved[E] | None = None
         for target in [chosen, *self._failover(chosen)]:
             endpoints = [e for e in passing(target.service) if self.matches(target, e)]
-            if endpoints:
+            if any(not getattr(e, "suspect", False) for e in endpoints):
                 return Resolved(endpoints, chosen, target)
-        return Resolved([], chosen, chosen)
+            if endpoints and fallback is None:
+                fallback = Resolved(endpoints, chosen, target)
+        return fallback or Resolved([], chosen, chosen)
 
     def _failover(self, target: Target) -> list[Target]:
         resolver = self._resolvers.get(target.service) or {}

@@ -109,6 +109,7 @@ class Endpoint:
     #: What a resolver's subsets select on (dataplane.discovery_chain).
     tags: tuple[str, ...] = ()
     meta: tuple[tuple[str, str], ...] = ()
+    suspect: bool = False  # its node is suspected by gossip: the balancer tries it last (dataplane.balancer)
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,8 @@ class Router:
             if key in exclude or not self.outlier.available(now, key):
                 continue
             by_key[key] = e
-            candidate = Candidate(key, rtt_of(e.node), self.outlier.weight(now, key))
+            suspect = bool(getattr(e, "suspect", False))  # dataplane.proxy.Endpoint's; others have none
+            candidate = Candidate(key, rtt_of(e.node), self.outlier.weight(now, key), suspect)
             refusal = self._refused.get(e.node)
             (allowing if refusal is None or self._due(now, refusal) else refusing).append(candidate)
         candidates = allowing or (refusing if last_resort else [])
@@ -357,6 +358,8 @@ class Router:
                 "outstanding": self.balancer.outstanding(key),
                 "latency_ms": None if ewma is None else round(ewma * 1000.0, 3),
                 "policy": self.options.lb,
+                # Its node is suspected by gossip: chosen only when no other instance is left.
+                "suspect": bool(getattr(e, "suspect", False)),
                 # This node's intentions refuse the upstream's source: not routed to while
                 # another instance is left, asked again from time to time.
                 "refused": refusal is not None,

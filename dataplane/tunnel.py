@@ -14,6 +14,7 @@ session per pair, failure, tasks).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any, Final, Protocol
@@ -81,10 +82,31 @@ _STAT_KEYS: Final = (
     "sessions_open", "sessions_opened", "sessions_closed", "sessions_failed", "duplicate_sessions",
     "streams_opened", "streams_accepted", "streams_refused", "bytes_in", "bytes_out",
     "decrypt_failures", "protocol_errors", "handler_errors", "rekeys", "rekey_collisions", "rekey_failures",
-    "direct_dials_failed", "relayed_dials",
+    "direct_dials_failed", "relayed_dials", "dials_rtt_bounded",
 )  # fmt: skip
 #: Relays tried, best first, before a dial gives up.
 _MAX_RELAYS_TRIED: Final = 2
+#: The first dial to a peer waits for an answer at most max(DIAL_RTT_FLOOR, DIAL_RTT_FACTOR x the RTT the
+#: mesh estimates for it) (:func:`dial_bound`).  A live host's kernel answers a SYN within one RTT and the
+#: Noise reply takes one more, so silence past a few RTTs means the host has vanished (killed, unplugged,
+#: its address gone: no RST ever comes) far more often than that it is slow; the caller is better served
+#: trying another instance at once than waiting out a connect timeout of seconds.  3x is RFC 6298's first
+#: retransmission timeout from one sample (SRTT + 4 x RTTVAR with RTTVAR = SRTT/2).  The floor covers
+#: what the estimate does not see: a busy dialler's scheduling and an estimate taken by busy agents
+#: (gossip probes on a shared machine jitter by milliseconds), and stays far below the seconds it replaces.
+DIAL_RTT_FLOOR: Final = 0.050
+DIAL_RTT_FACTOR: Final = 3.0
+
+
+def dial_bound(rtt: float | None, ceiling: float, floor: float = DIAL_RTT_FLOOR,
+               factor: float = DIAL_RTT_FACTOR) -> float:
+    """How long a first dial waits for a peer whose estimated RTT is ``rtt`` seconds (None: unknown).
+
+    Never more than ``ceiling`` (the configured timeout, which alone applies when nothing is known).
+    """
+    if rtt is None or not math.isfinite(rtt) or rtt < 0:
+        return ceiling
+    return min(ceiling, max(floor, factor * rtt))
 
 
 class TunnelError(Exception):
@@ -141,6 +163,17 @@ class TunnelManager:
     flood of half-open connections costs each excess one a closed socket,
     counted as ``handshakes_failed_busy``).  ``connect(host, port)`` opens the
     transport of a dial; tests substitute memory streams.
+
+    ``rtt(peer)``: the mesh's RTT estimate to a member in seconds, or None.
+    With it, a dial to a peer waits only :func:`dial_bound` of it for the TCP
+    connect (and for a relay's answer) before it gives up, counted as
+    ``dials_rtt_bounded``.  Each bound that gives up doubles the next one for
+    that peer (up to the timeouts; forgotten ``direct_retry_after`` seconds
+    after the last), so an estimate that is wrong costs a few fast failures,
+    never a peer that cannot be reached, and a host that has vanished costs
+    each caller a short wait until gossip suspects it (then the balancer
+    tries it last) and declares it dead.  The caller's own timeout still
+    bounds the whole dial.
     """
 
     def __init__(
@@ -164,6 +197,7 @@ class TunnelManager:
         relays: Callable[[str], list[str]] | None = None,
         direct_connect_timeout: float = 2.0,
         direct_retry_after: float = 30.0,
+        rtt: Callable[[str], float | None] | None = None,
         use_reactor: bool = True,
         idle_hook: bool = True,
     ) -> None:
@@ -199,6 +233,9 @@ class TunnelManager:
         self.direct_retry_after = direct_retry_after
         #: Peers whose direct dial failed, and until when we go straight to a relay.
         self._direct_failed: dict[str, float] = {}
+        self.rtt = rtt
+        #: Peers whose RTT bound gave up on a dial: how many times in a row, and until when that counts.
+        self._bound_missed: dict[str, tuple[int, float]] = {}
         self._handshakes = 0
         self.stats: MutableMapping[str, int] = {} if stats is None else stats
         for key in _STAT_KEYS:
@@ -323,15 +360,25 @@ class TunnelManager:
         relays = self.relays(peer) if (allow_relay and self.relays is not None) else []
         now = trio.current_time()
         direct_error = ""
+        # A dial waits only as long as the mesh's latency estimate says an answer takes (doubled per miss).
+        misses, until = self._bound_missed.get(peer, (0, 0.0))
+        level = misses if until > now else 0
+        scale = 2.0**level
         if not relays or self._direct_failed.get(peer, 0.0) <= now:
             timeout = self.direct_connect_timeout if relays else self.handshake_timeout
+            rtt = self.rtt(peer) if self.rtt is not None else None
+            wait = timeout if rtt is None else min(timeout, dial_bound(rtt, timeout) * scale)
             try:
-                with trio.fail_after(timeout):
+                with trio.fail_after(wait):
                     transport = _raw(await self._connect(host, port))
                 self._direct_failed.pop(peer, None)
                 return transport, None
             except trio.TooSlowError:
-                direct_error = f"no answer from {host}:{port} in {timeout:g}s"
+                if wait < timeout:
+                    direct_error = f"no answer from {host}:{port} within {wait * 1000:.0f} ms (its RTT bound)"
+                    self._missed_bound(peer, level + 1, now, wait, rtt)
+                else:
+                    direct_error = f"no answer from {host}:{port} in {timeout:g}s"
             except OSError as exc:
                 direct_error = f"{host}:{port}: {exc.strerror or exc}"
             if not relays:
@@ -346,15 +393,34 @@ class TunnelManager:
             except TunnelError as exc:
                 errors.append(f"via {via}: {exc}")
                 continue
+            # Through a relay the answer takes our RTT to it, its RTT to the peer (at most its RTT to us
+            # plus ours to the peer, by the triangle the estimates keep), and back.
+            through: float | None = None
+            if self.rtt is not None:
+                to_via, to_peer = self.rtt(via), self.rtt(peer)
+                through = None if to_via is None or to_peer is None else 2 * to_via + to_peer
+            wait = dial_bound(through, math.inf) * scale
             try:
-                await relay.connect_through(stream)
-            except relay.RelayError as exc:
+                with trio.fail_after(wait):
+                    await relay.connect_through(stream)
+            except (relay.RelayError, trio.TooSlowError) as exc:
                 await trio.aclose_forcefully(stream)
+                if isinstance(exc, trio.TooSlowError):
+                    exc = relay.RelayError(f"no answer within {wait * 1000:.0f} ms (its RTT bound)")
+                    self._missed_bound(peer, level + 1, now, wait, None, via)
                 errors.append(f"via {via}: {exc}")
                 continue
             self.stats["relayed_dials"] += 1
             return stream, via
         raise TunnelError(f"cannot reach {peer} directly or through a relay: {'; '.join(errors)}")
+
+    def _missed_bound(self, peer: str, level: int, now: float, wait: float, rtt: float | None,
+                      via: str | None = None) -> None:
+        """A wait gave up at its RTT bound: counted, logged, and the peer's next dial waits twice as long."""
+        self._bound_missed[peer] = (level, now + self.direct_retry_after)
+        self.stats["dials_rtt_bounded"] += 1
+        self.log.info("tunnel_dial_rtt_bound", peer=peer, via=via, bound_ms=round(wait * 1000, 1),
+                      rtt_ms=None if rtt is None else round(rtt * 1000, 2))
 
     async def _dial(self, peer: str, allow_relay: bool = True) -> TunnelSession:
         target = self.directory.tunnel_peer(peer)
