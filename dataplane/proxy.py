@@ -321,24 +321,10 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
         pumper: SocketPump | None = None
         tap = None if taps is None or watched else taps[0] if src is a else taps[1]
         try:
-            if tap is not None:
-                while True:
-                    try:
-                        data = bytes(await src.receive_some(CHUNK))
-                    except _SPLICE_ERRORS as exc:
-                        fail(src, exc)
-                        return
-                    tap(data)
-                    if not data:
-                        break
-                    activity += 1
-                    await dst.send_all(data)
-                    delivered(len(data))
-                await dst.send_eof()
-            elif isinstance(src, SocketPump) and isinstance(dst, RawSocketStream):
+            if tap is None and isinstance(src, SocketPump) and isinstance(dst, RawSocketStream):
                 pumper = src
                 await src.pump_into(dst, delivered)  # the tunnel's reader writes into dst itself
-            elif isinstance(src, RawSocketStream) and isinstance(dst, SocketPump):
+            elif tap is None and isinstance(src, RawSocketStream) and isinstance(dst, SocketPump):
                 pumper = dst
                 await dst.pump_from(src, delivered, CHUNK)  # read straight into a record, sealed in place
             else:
@@ -348,6 +334,8 @@ async def splice(a: Duplex, b: Duplex, stats: Counter[str], on_error: Callable[[
                     except _SPLICE_ERRORS as exc:
                         fail(src, exc)
                         return
+                    if tap is not None:
+                        tap(data)
                     if not data:
                         break
                     activity += 1

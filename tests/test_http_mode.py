@@ -97,6 +97,15 @@ def get(c: http.client.HTTPConnection, path: str, headers: dict[str, str] | None
     return r.status, {k.lower(): v for k, v in r.getheaders()}, body
 
 
+def read_to_end(s: socket.socket) -> bytes:
+    got = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            return got
+        got += d
+
+
 def test_one_kept_alive_connection_is_balanced_per_request(mesh: Mesh) -> None:
     mesh.instances(["ok", "ok", "ok"], local_first=True)
     mesh.upstream(lb="round_robin")
@@ -245,12 +254,7 @@ def test_a_malformed_request_gets_a_400_and_reaches_no_instance(mesh: Mesh) -> N
     listen = mesh.upstream()
     with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
         s.sendall(b"GET /who HTTP/1.1\r\nHost: web\r\nthis is not a header\r\n\r\n")
-        answer = b""
-        while True:
-            d = s.recv(4096)
-            if not d:
-                break
-            answer += d
+        answer = read_to_end(s)
     assert answer.startswith(b"HTTP/1.1 400"), answer
     assert b"x-mesh-error: bad-request" in answer.lower()
     assert mesh.count("web-0") == Counter()
@@ -467,12 +471,7 @@ def test_ambiguous_framing_and_bad_heads_never_reach_an_instance(mesh: Mesh, hea
     listen = mesh.upstream()
     with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:
         s.sendall(head)
-        answer = b""
-        while True:
-            d = s.recv(4096)
-            if not d:
-                break
-            answer += d
+        answer = read_to_end(s)
     assert re.match(rb"HTTP/1\.1 (400|501) ", answer), answer
     assert mesh.count("web-0") == Counter()
 
@@ -489,12 +488,7 @@ def test_head_204_http10_and_an_instance_that_closes_each_connection(mesh: Mesh)
     assert get(c, "/who")[2] == b"web-0"  # the connection still frames correctly after bodiless answers
     with socket.create_connection(("127.0.0.1", listen), timeout=10) as s:  # an HTTP/1.0 client
         s.sendall(b"GET /bytes/3000 HTTP/1.0\r\nHost: web\r\n\r\n")
-        got = b""
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            got += d
+        got = read_to_end(s)
     head, body = got.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" not in head.lower()  # 1.0 cannot take chunks
     assert body == (bytes(range(256)) * 12)[:3000]

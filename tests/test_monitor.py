@@ -21,15 +21,20 @@ from simulations.harness import ROOT, AgentProc, Cluster, default_sigint, free_p
 
 
 class Monitor:
-    """A `mesh-agent monitor` process writing to files, so that reading them never blocks it."""
+    """A streaming CLI command (`mesh-agent monitor`; `tap` in test_traffic_api.py) writing to files, so that
+    reading them never blocks it."""
+
+    COMMAND = "monitor"
+    #: What the command says on stderr once the agent has answered.
+    ATTACHED = "monitoring"
 
     def __init__(self, tmp_path: Path, label: str, *args: str) -> None:
-        self.out_path = tmp_path / f"monitor-{label}.out"
-        self.err_path = tmp_path / f"monitor-{label}.err"
+        self.out_path = tmp_path / f"{self.COMMAND}-{label}.out"
+        self.err_path = tmp_path / f"{self.COMMAND}-{label}.err"
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.popen = subprocess.Popen([*mesh_agent_cmd(), "monitor", *args], stdout=out, stderr=err, cwd=ROOT,
-                                          env=env, start_new_session=True, preexec_fn=default_sigint)
+            self.popen = subprocess.Popen([*mesh_agent_cmd(), self.COMMAND, *args], stdout=out, stderr=err,
+                                          cwd=ROOT, env=env, start_new_session=True, preexec_fn=default_sigint)
 
     def out(self) -> str:
         return self.out_path.read_text(errors="replace")
@@ -43,8 +48,8 @@ class Monitor:
 
     def wait_attached(self) -> None:
         """The CLI says so once the agent has answered, which it does after subscribing."""
-        wait_for(lambda: "monitoring" in self.err() or self.popen.poll() is not None, 15, "monitor attached",
-                 self.err)
+        wait_for(lambda: self.ATTACHED in self.err() or self.popen.poll() is not None, 15,
+                 f"{self.COMMAND} attached", self.err)
         assert self.popen.poll() is None, self.err()
 
     def interrupt(self) -> int:

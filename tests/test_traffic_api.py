@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -15,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_monitor import Monitor
 
 from simulations.harness import (
     ROOT,
     AgentProc,
     Cluster,
     Processes,
-    default_sigint,
     free_port,
     mesh_agent_cmd,
     wait_for,
@@ -43,34 +42,14 @@ def http_error(agent: AgentProc, path: str) -> tuple[int, dict[str, Any]]:
     return info.value.code, body
 
 
-class Tap:
-    """A `mesh-agent tap` process writing to files, so that reading them never blocks it."""
+class Tap(Monitor):
+    """A `mesh-agent tap` process (test_monitor.Monitor's machinery)."""
+
+    COMMAND = "tap"
+    ATTACHED = "tapping"
 
     def __init__(self, tmp_path: Path, *args: str) -> None:
-        self.out_path, self.err_path = tmp_path / "tap.out", tmp_path / "tap.err"
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.popen = subprocess.Popen([*mesh_agent_cmd(), "tap", *args], stdout=out, stderr=err, cwd=ROOT,
-                                          env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
-                                          preexec_fn=default_sigint)
-
-    def out(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def err(self) -> str:
-        return self.err_path.read_text(errors="replace")
-
-    def wait_attached(self) -> None:
-        wait_for(lambda: "tapping" in self.err() or self.popen.poll() is not None, 15, "tap attached", self.err)
-        assert self.popen.poll() is None, self.err()
-
-    def interrupt(self) -> int:
-        self.popen.send_signal(signal.SIGINT)
-        return self.popen.wait(timeout=30)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(timeout=5)
+        super().__init__(tmp_path, args[0], *args)
 
 
 @pytest.fixture
