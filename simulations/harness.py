@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,24 +26,39 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Where free_port draws from: below the kernel's ephemeral range, so that neither a bind to port 0
+#: (an agent's `--tunnel HOST:0`) nor an outgoing connection's source port can take a port between
+#: its choice here and its owner's bind ("port already in use" at an agent's start, seen in CI once
+#: the tests made many more connections).
+_PORTS = (10000, max(10001, min(_ephemeral_low(), 65536) - 1))
+_pick = random.Random(os.getpid() ^ time.time_ns())
+
+
 def free_port(taken: set[int] | None = None, udp_too: bool = True) -> int:
     """A free loopback port, for UDP as well unless told otherwise (gossip uses both on one port).
 
     ``taken`` (which the port joins) keeps a caller that picks many ports
     before starting anything from being handed one twice.
     """
-    for _ in range(500):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = int(t.getsockname()[1])
-            if taken is not None and port in taken:
-                continue
+    for _ in range(2000):
+        port = _pick.randint(*_PORTS)
+        if taken is not None and port in taken:
+            continue
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                t.bind(("127.0.0.1", port))
             if udp_too:
-                try:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                        u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+        except OSError:
+            continue
         if taken is not None:
             taken.add(port)
         return port
