@@ -92,6 +92,8 @@ FAR_CONNECT_SHARE = 0.8
 #: Kind 1 (no status byte) is retired: an agent that speaks only it refuses
 #: kind 2 as unknown, a loud failure rather than a misread first byte.
 HEADER_KIND_CONNECT = 2
+#: A caller-side refusal is logged at most this often per upstream (counted always).
+DENIED_LOG_EVERY = 10.0
 #: The far end's first byte on a connect stream.
 STATUS_OK = 0
 STATUS_DENIED = 1
@@ -410,6 +412,8 @@ class UpstreamListener:
     budget: RetryBudget = field(default_factory=RetryBudget)
     #: The last protocol its service was known to speak (Proxy.protocol).
     protocol: str = "tcp"
+    #: When a refusal by this agent's own intentions was last logged (see DENIED_LOG_EVERY).
+    denied_logged_at: float = -math.inf
 
 
 #: What a failed attempt may raise, retried elsewhere (:class:`Denied` is handled apart: it rules out a node).
@@ -883,8 +887,14 @@ class Proxy:
             return True
         up.stats["denied"] += 1
         up.stats["denied_here"] += 1
-        self._info("proxy_denied_here", service=up.service, source=up.options.source, reason=verdict.reason,
-                   detail=f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
+        # Once per DENIED_LOG_EVERY per upstream: in http mode this runs per request, and a client
+        # retrying a denied call in a loop must not flood the log (the counters keep every one).
+        now = trio.current_time()
+        if now >= up.denied_logged_at + DENIED_LOG_EVERY:
+            up.denied_logged_at = now
+            self._info("proxy_denied_here", service=up.service, source=up.options.source, reason=verdict.reason,
+                       detail=f"intentions refuse {up.options.source or '(no source)'} -> {up.service}",
+                       refused_so_far=up.stats["denied_here"])
         return False
 
     def _authorize(self, node: str, source: str | None, destination: str) -> bool:

@@ -500,3 +500,17 @@ def test_head_204_http10_and_an_instance_that_closes_each_connection(mesh: Mesh)
     c.request("GET", "/who", headers={"connection": "close"})  # the client's close is honoured
     r = c.getresponse()
     assert r.read() == b"web-0" and r.getheader("connection") == "close"
+
+
+def test_a_denied_caller_gets_403s_counted_each_and_logged_once(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    mesh.b.call("PUT", "/v1/config", {"kind": "intention", "source": "*", "destination": "web", "action": "deny"})
+    wait_for(lambda: any(e["kind"] == "intention" for e in mesh.a.call("GET", "/v1/config")), 10,
+             "the deny on the caller")
+    mesh.upstream()
+    c = mesh.conn()
+    answers = [get(c, "/who") for _ in range(20)]
+    assert {(s, h["x-mesh-error"]) for s, h, _ in answers} == {(403, "denied")}
+    assert mesh.upstream_view()["denied_here"] == 20
+    assert mesh.a.log().count('"proxy_denied_here"') == 1  # a client retrying in a loop floods no log
+    assert mesh.count("web-0") == Counter()
