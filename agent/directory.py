@@ -43,11 +43,7 @@ class MeshDirectory:
     def protocol_of(self, service: str) -> str | None:
         """How the proxy carries ``service``: "http" (per request) or "tcp" (agent.services.effective_protocol);
         None while nothing says (no entry, no instance registered)."""
-        protocol, _ = self.services.protocol_of(service)
-        if protocol == "tcp" and self.services.declared_protocol(service) is None and not any(
-                inst.service == service for _, inst in self.services.registry.all_instances()):
-            return None
-        return protocol
+        return self.services.protocol_of(service)[0]
 
     def local_endpoint(self, instance_id: str) -> Endpoint | None:
         reg = self.services.registrations.get(instance_id)

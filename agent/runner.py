@@ -699,7 +699,7 @@ class Agent:
         for name, up in sorted(self.proxy.upstreams.items()):
             if service is not None and name != service:
                 continue
-            protocol, conflict = self.services.protocol_of(name)
+            protocol, conflict = self.proxy.protocol(up), self.services.protocol_of(name)[1]
             first = len(rows)
             self._route_rows(rows, name, up, now)
             for row in rows[first:]:

@@ -157,7 +157,7 @@ def validate(payload: Any, node: str, default_address: str, source: str = "api",
     return Registration(iid, name, address, port, list(tags), dict(meta), check, source, protocol)
 
 
-def effective_protocol(declared: str | None, registered: set[str]) -> tuple[str, str | None]:
+def effective_protocol(declared: str | None, registered: set[str]) -> tuple[str | None, str | None]:
     """A service's protocol, and the disagreement to show when there is one.
 
     The mesh-wide service-defaults entry decides when it names a protocol
@@ -165,6 +165,7 @@ def effective_protocol(declared: str | None, registered: set[str]) -> tuple[str,
     registrations do, when they agree.  Instances that disagree are carried
     as tcp, which carries anything, until they agree or an entry decides:
     the conflict is shown (``services``, ``routes``), never silently resolved.
+    None while nothing says (no entry, no instance registered).
     """
     if declared is not None:
         if registered - {declared}:
@@ -173,7 +174,7 @@ def effective_protocol(declared: str | None, registered: set[str]) -> tuple[str,
         return declared, None
     if len(registered) > 1:
         return "tcp", "instances are registered as both http and tcp: carried as tcp until they agree"
-    return (next(iter(registered)) if registered else "tcp"), None
+    return (next(iter(registered)) if registered else None), None
 
 
 def instance_protocol(meta: tuple[tuple[str, str], ...]) -> str:
@@ -396,7 +397,7 @@ class LocalServices:
             out.append(row)
         return out
 
-    def protocol_of(self, service: str) -> tuple[str, str | None]:
+    def protocol_of(self, service: str) -> tuple[str | None, str | None]:
         """The protocol the mesh carries ``service`` with, and any disagreement about it."""
         registered = {instance_protocol(inst.meta) for _, inst in self.registry.all_instances()
                       if inst.service == service}

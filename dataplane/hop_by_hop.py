@@ -26,8 +26,7 @@ from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
-#: RFC 9110 §7.6.1's list, plus Transfer-Encoding (re-applied by h11 from the
-#: message's framing) and Content-Length's absence rule handled in requests().
+#: RFC 9110 §7.6.1's list, and Transfer-Encoding: the outgoing framing is h11's (see _end_to_end).
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade",
 })
@@ -61,8 +60,9 @@ def _forwarded_node(client: str) -> bytes:
     return (f'"[{client}]"' if ":" in client else client).encode()
 
 
-def _strip(headers: Headers) -> tuple[Headers, bool]:
-    """The end-to-end fields, and whether the message was chunked."""
+def _end_to_end(headers: Headers) -> Headers:
+    """The fields to pass on, with chunked framing asked for again by name when the message had it
+    (RFC 9112 §6.3: then Transfer-Encoding wins over a Content-Length, which is dropped)."""
     named: set[bytes] = set()
     chunked = False
     for name, value in headers:
@@ -71,15 +71,15 @@ def _strip(headers: Headers) -> tuple[Headers, bool]:
         elif name == b"transfer-encoding":
             chunked = True
     drop = _HOP_BY_HOP | named
-    return [(n, v) for n, v in headers if n not in drop], chunked
+    if chunked:
+        return [(n, v) for n, v in headers if n not in drop and n != b"content-length"] + [
+            (b"transfer-encoding", b"chunked")]
+    return [(n, v) for n, v in headers if n not in drop]
 
 
 def request_headers(headers: Headers, client: str, request_id: bytes | None = None) -> Headers:
     """The fields to send an instance, from a request's as received (h11: lower-case names)."""
-    out, chunked = _strip(headers)
-    if chunked:
-        out = [(n, v) for n, v in out if n != b"content-length"]  # RFC 9112 §6.3: TE wins over Content-Length
-        out.append((b"transfer-encoding", b"chunked"))
+    out = _end_to_end(headers)
     has_id = False
     xff: int | None = None
     for i, (name, _) in enumerate(out):
@@ -100,8 +100,4 @@ def request_headers(headers: Headers, client: str, request_id: bytes | None = No
 
 def response_headers(headers: Headers) -> Headers:
     """The fields to send the client, from an instance's response as received."""
-    out, chunked = _strip(headers)
-    if chunked:
-        out = [(n, v) for n, v in out if n != b"content-length"]
-        out.append((b"transfer-encoding", b"chunked"))
-    return out
+    return _end_to_end(headers)

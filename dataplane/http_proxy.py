@@ -55,6 +55,7 @@ from dataplane import routing
 from dataplane.hop_by_hop import MESH_ERROR, request_headers, response_headers, wants_upgrade
 from dataplane.http_pool import InstanceConn
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
+from dataplane.proxy import ATTEMPT_ERRORS, CHUNK, MAX_ATTEMPTS, Denied
 from dataplane.rawsocket import RawSocketStream
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
 RETRY_BUFFER: Final = 64 * 1024
 #: RFC 9110 §9.2.2.
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_CHUNK: Final = 256 * 1024
 #: RFC 9112 §3: method SP request-target SP HTTP-version.  A first line that is not this is
 #: some other protocol, carried as bytes; one that is, and then fails to parse, is a bad request.
 _REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[01]\r?$")
@@ -81,7 +81,6 @@ BAD_RESPONSE: Final = "bad-response"
 DENIED: Final = "denied"
 OVERFLOW: Final = "overflow"
 BAD_REQUEST: Final = "bad-request"
-RETRY_BUDGET: Final = "retry-budget-exhausted"
 
 
 def looks_like_http1(raw: bytes | bytearray) -> bool:
@@ -116,7 +115,7 @@ class _Client:
                 return ev  # type: ignore[return-value]  # narrowed: NEED_DATA is handled here
             if self.eof:
                 raise h11.RemoteProtocolError("the client closed in the middle of a request", 400)
-            data = await self.stream.receive_some(_CHUNK)
+            data = await self.stream.receive_some(CHUNK)
             self.stats["bytes_out"] += len(data)
             if not data:
                 self.eof = True
@@ -352,18 +351,13 @@ def _record(proxy: Proxy, up: UpstreamListener, r: _Request) -> None:
 def _has_other(proxy: Proxy, up: UpstreamListener, tried: set[tuple[str, str]],
                route: tuple[DiscoveryChain, Target] | None) -> bool:
     now = trio.current_time()
-    if route is None:
-        endpoints = proxy.directory.passing_endpoints(up.service)
-    else:
-        endpoints = route[0].resolve(route[1], proxy.directory.passing_endpoints).endpoints
+    endpoints, _ = proxy.route_endpoints(up, route)
     return any((e.node, e.instance_id) not in tried and up.router.outlier.available(now, (e.node, e.instance_id))
                for e in endpoints)
 
 
 async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) -> None:
     """Instances until one answers, within the retry rules; raises _Answer when the mesh must."""
-    from dataplane.proxy import MAX_ATTEMPTS, Denied
-
     refused = up.router.admit()
     if refused is not None:
         up.stats[f"overflow_{refused}"] += 1
@@ -422,7 +416,7 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
             up.stats["refusals"] += 1
             last = _Answer(403, DENIED, str(exc))
             continue
-        except (trio.TooSlowError, *proxy.attempt_errors) as exc:
+        except ATTEMPT_ERRORS as exc:
             slow = isinstance(exc, trio.TooSlowError)
             router.failed(trio.current_time(), attempt, reason=routing.TIMEOUT if slow else routing.CONNECT_FAILED)
             up.stats["attempts_failed"] += 1
@@ -551,7 +545,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
                 await c.send_bytes(out)
                 out.clear()
             try:
-                data = await stream.receive_some(_CHUNK)
+                data = await stream.receive_some(CHUNK)
             except _IO_ERRORS as exc:
                 if r.response_started:
                     raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
@@ -571,7 +565,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
             continue
         if isinstance(ev, h11.Data):
             out += client.send(ev) or b""
-            if len(out) >= _CHUNK:
+            if len(out) >= CHUNK:
                 await c.send_bytes(out)
                 out.clear()
         elif isinstance(ev, h11.Response):

@@ -416,8 +416,9 @@ class UpstreamListener:
     denied_logged_at: float = -math.inf
 
 
-#: What a failed attempt may raise, retried elsewhere (:class:`Denied` is handled apart: it rules out a node).
-_ATTEMPT_ERRORS = (OSError, ProxyError, TunnelError, trio.BrokenResourceError, trio.ClosedResourceError,
+#: What a failed attempt may raise, retried elsewhere, here and by the HTTP layer (:class:`Denied` is
+#: handled apart: it rules out a node).
+ATTEMPT_ERRORS = (OSError, ProxyError, TunnelError, trio.BrokenResourceError, trio.ClosedResourceError,
                    trio.TooSlowError, ValueError)
 
 
@@ -433,8 +434,6 @@ class Proxy:
         #: A service's protocol ("tcp" or "http"), from the mesh-wide config and the registry; None
         #: while nothing says (an upstream then keeps the last it knew: see protocol()).
         self._protocols: Callable[[str], str | None] = protocols or (lambda service: "tcp")
-        #: What a failed attempt may raise (the HTTP layer retries the same ones).
-        self.attempt_errors = _ATTEMPT_ERRORS
         #: The mesh-wide splits, subsets and failover (None: every service is called plainly).
         self.chains = chains
         self._rng = rng or random.Random()
@@ -446,7 +445,7 @@ class Proxy:
         #: Latency and paths to members, for locality and the routes view (None: no estimates).
         self.paths = paths
         self._nursery: trio.Nursery | None = None
-        self._log = log or (lambda *a, **k: None)
+        self.log: Callable[..., None] = log or (lambda *a, **k: None)
         self._info = info or (lambda *a, **k: None)
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -498,7 +497,7 @@ class Proxy:
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 up.stats["accept_errors"] += 1
-                self._log("proxy_accept_failed", service=up.service, error=os.strerror(exc.errno or 0))
+                self.log("proxy_accept_failed", service=up.service, error=os.strerror(exc.errno or 0))
                 await trio.sleep(_ACCEPT_PAUSE)
                 continue
             nursery.start_soon(self._serve_client, up, RawSocketStream.adopt(sock))
@@ -555,19 +554,23 @@ class Proxy:
         """The router's choice among the passing instances not tried yet, on nodes that did not
         refuse this connection (dataplane.routing); within the connection's split target when the
         service has a discovery chain."""
-        if route is None:
-            endpoints = self.directory.passing_endpoints(up.service)
-        else:
-            chain, target = route
-            resolved = chain.resolve(target, self.directory.passing_endpoints)
-            endpoints = resolved.endpoints
-            if resolved.failed_over:
-                up.stats["failovers"] += 1
+        endpoints, failed_over = self.route_endpoints(up, route)
+        if failed_over:
+            up.stats["failovers"] += 1
         if refusing:  # excluded, not filtered out: the router must still see them listed
             exclude = exclude | {(e.node, e.instance_id) for e in endpoints if e.node in refusing}
         chosen = up.router.pick(trio.current_time(), endpoints, exclude, self.rtt_to, last_resort)
         assert chosen is None or isinstance(chosen, Endpoint)
         return chosen
+
+    def route_endpoints(self, up: UpstreamListener, route: tuple[DiscoveryChain, Target] | None
+                        ) -> tuple[list[Endpoint], bool]:
+        """The passing instances a connection or request may use, and whether its target failed over."""
+        if route is None:
+            return self.directory.passing_endpoints(up.service), False
+        chain, target = route
+        resolved = chain.resolve(target, self.directory.passing_endpoints)
+        return resolved.endpoints, resolved.failed_over
 
     async def _serve_client(self, up: UpstreamListener, client: RawSocketStream) -> None:
         up.stats["connections"] += 1
@@ -584,11 +587,11 @@ class Proxy:
         refused = up.router.admit()
         if refused is not None:
             up.stats[f"overflow_{refused}"] += 1
-            self._log("proxy_overflow", service=up.service, limit=refused)
+            self.log("proxy_overflow", service=up.service, limit=refused)
             _reset(client)
             await _close(client)
             return
-        if not self._allowed_here(up):
+        if not self.allowed_here(up):
             _reset(client)
             await _close(client)
             return
@@ -625,7 +628,7 @@ class Proxy:
                     failure = routing.RESET_BEFORE_REPLY
             if failure is not None:
                 up.stats[f"instance_{failure}"] += 1
-                self._log("proxy_instance_failed", service=up.service, node=attempt.key[0],
+                self.log("proxy_instance_failed", service=up.service, node=attempt.key[0],
                           instance=attempt.key[1], error=failure)
         finally:
             up.router.closed(trio.current_time(), attempt, failure, clean)
@@ -664,7 +667,7 @@ class Proxy:
             except _Delivered as exc:
                 router.failed(trio.current_time(), attempt, reason=exc.reason)
                 up.stats["connect_failures"] += 1
-                self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
+                self.log("proxy_connect_failed", service=up.service, node=endpoint.node,
                           instance=endpoint.instance_id, error=str(exc))
                 return None
             except Denied as exc:
@@ -677,12 +680,12 @@ class Proxy:
                 self._info("proxy_denied", service=up.service, source=up.options.source, node=endpoint.node,
                            detail=str(exc))
                 continue
-            except _ATTEMPT_ERRORS as exc:
+            except ATTEMPT_ERRORS as exc:
                 reason = routing.TIMEOUT if isinstance(exc, trio.TooSlowError) else routing.CONNECT_FAILED
                 router.failed(trio.current_time(), attempt, reason=reason)
                 failures += 1
                 up.stats["attempts_failed"] += 1
-                self._log("proxy_connect_failed", service=up.service, node=endpoint.node,
+                self.log("proxy_connect_failed", service=up.service, node=endpoint.node,
                           instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
                 continue
             except BaseException:
@@ -697,7 +700,7 @@ class Proxy:
             up.stats["denied"] += 1  # no instance left that this source may reach
         elif not tried:
             up.stats["no_instance"] += 1
-            self._log("proxy_no_instance", service=up.service)
+            self.log("proxy_no_instance", service=up.service)
         else:
             up.stats["connect_failures"] += 1
         return None
@@ -872,13 +875,7 @@ class Proxy:
             raise Denied(f"{endpoint.node} refuses {source or '(no source)'} -> {up.service} (intentions)")
         raise ProxyError(f"{endpoint.node} could not connect instance {endpoint.instance_id!r}")
 
-    def log(self, event: str, **fields: object) -> None:
-        self._log(event, **fields)
-
     def allowed_here(self, up: UpstreamListener) -> bool:
-        return self._allowed_here(up)
-
-    def _allowed_here(self, up: UpstreamListener) -> bool:
         """The caller's side of the intentions: every agent holds the same mesh-wide rules, so a
         call they deny is refused at once, before it is balanced onto instances that would refuse
         it one by one.  The destination's agent still decides for itself (handle_stream)."""
@@ -917,13 +914,13 @@ class Proxy:
             req = decode_connect(header)
         except ProxyError as exc:
             self.stats["far_connect_failures"] += 1
-            self._log("proxy_far_connect_failed", peer=peer, error=str(exc))
+            self.log("proxy_far_connect_failed", peer=peer, error=str(exc))
             await stream.aclose()  # resets the stream: the client sees a failure
             return
         endpoint = self.directory.local_endpoint(req.instance_id)
         if endpoint is None:
             self.stats["far_connect_failures"] += 1
-            self._log("proxy_far_connect_failed", peer=peer, error=f"no local instance {req.instance_id!r}")
+            self.log("proxy_far_connect_failed", peer=peer, error=f"no local instance {req.instance_id!r}")
             await _answer(stream, STATUS_UNAVAILABLE)
             return
         if not self._authorize(peer, req.source, endpoint.service):
@@ -934,7 +931,7 @@ class Proxy:
                 conn = await connect_tcp(endpoint.host, endpoint.port)
         except (OSError, trio.TooSlowError) as exc:
             self.stats["far_connect_failures"] += 1
-            self._log("proxy_far_connect_failed", peer=peer, instance=req.instance_id,
+            self.log("proxy_far_connect_failed", peer=peer, instance=req.instance_id,
                       error=str(exc) or type(exc).__name__)
             await _answer(stream, STATUS_UNAVAILABLE)
             return

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,20 +289,27 @@ def test_headers_a_proxy_owes_the_instance(mesh: Mesh) -> None:
     assert h2["x-seen-x-forwarded-for"] == "10.0.0.9, 127.0.0.1"
 
 
-def test_wrk_sees_no_errors_while_an_instance_is_killed(mesh: Mesh) -> None:
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed")
-    mesh.instances(["ok", "ok", "ok"])
-    listen = mesh.upstream()
-    wrk = subprocess.Popen(["wrk", "-t", "2", "-c", "16", "-d", "8s", f"http://127.0.0.1:{listen}/who"],
+def wrk_killing(mesh: Mesh, listen: int, seconds: int, before_kill: Callable[[], None]) -> str:
+    """wrk at 16 connections on /who for ``seconds``; web-1 is killed -9 once ``before_kill`` returns."""
+    wrk = subprocess.Popen(["wrk", "-t", "2", "-c", "16", "-d", f"{seconds}s", f"http://127.0.0.1:{listen}/who"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: mesh.upstream_view()["requests"] > 200, 10, "wrk's requests flowing")
+        before_kill()
         mesh.servers["web-1"].send_signal(signal.SIGKILL)
         out, _ = wrk.communicate(timeout=60)
     finally:
         if wrk.poll() is None:
             wrk.kill()
+    return out
+
+
+def test_wrk_sees_no_errors_while_an_instance_is_killed(mesh: Mesh) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed")
+    mesh.instances(["ok", "ok", "ok"])
+    listen = mesh.upstream()
+    out = wrk_killing(mesh, listen, 8, lambda: wait_for(lambda: mesh.upstream_view()["requests"] > 200, 10,
+                                                        "wrk's requests flowing"))
     assert "Non-2xx" not in out and "Socket errors" not in out, out
     done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     assert done > 500, out
@@ -413,15 +420,7 @@ def test_wrk_sees_no_errors_from_an_ejected_failing_instance_through_its_trials(
         get(c, "/who")
     wait_for(lambda: {r["instance"]: r for r in mesh.a.call("GET", "/v1/routes?service=web")}["web-2"]["state"]
              == "ejected", 10, "web-2 ejected")
-    wrk = subprocess.Popen(["wrk", "-t", "2", "-c", "16", "-d", "10s", f"http://127.0.0.1:{listen}/who"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        time.sleep(3)
-        mesh.servers["web-1"].send_signal(signal.SIGKILL)
-        out, _ = wrk.communicate(timeout=60)
-    finally:
-        if wrk.poll() is None:
-            wrk.kill()
+    out = wrk_killing(mesh, listen, 10, lambda: time.sleep(3))
     assert "Non-2xx" not in out and "Socket errors" not in out, out
     assert mesh.count("web-2")["GET /who"] > 5  # trials reached it during the run, and were retried
 
