@@ -19,7 +19,6 @@ one we would only have to discover.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Final, Protocol
 
 import h11
@@ -66,12 +65,11 @@ class InstanceConn:
 
 
 class Pool:
-    def __init__(self, idle_timeout: float = IDLE_TIMEOUT, max_idle: int = MAX_IDLE_PER_INSTANCE,
-                 on_close: Callable[[InstanceConn], None] | None = None) -> None:
+    def __init__(self, idle_timeout: float = IDLE_TIMEOUT, max_idle: int = MAX_IDLE_PER_INSTANCE) -> None:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        #: Per instance, oldest first (give appends), so the expired are always a prefix.
         self._idle: dict[Key, list[InstanceConn]] = {}
-        self._on_close = on_close
         self.reused = 0
         self.opened = 0
         self.stale = 0
@@ -112,16 +110,11 @@ class Pool:
 
     def sweep(self, now: float) -> None:
         """Close what has been idle too long (the upstream calls this now and then)."""
-        for key in list(self._idle):
-            idle = self._idle[key]
-            keep = [c for c in idle if now - c.idle_since <= self.idle_timeout]
-            for c in idle:
-                if now - c.idle_since > self.idle_timeout:
-                    self.expired += 1
-                    self._close(c)
-            if keep:
-                self._idle[key] = keep
-            else:
+        for key, idle in list(self._idle.items()):
+            while idle and now - idle[0].idle_since > self.idle_timeout:
+                self.expired += 1
+                self._close(idle.pop(0))
+            if not idle:
                 del self._idle[key]
 
     def forget(self, keys: set[Key]) -> None:
@@ -139,7 +132,6 @@ class Pool:
     def idle_count(self) -> int:
         return sum(len(v) for v in self._idle.values())
 
-    def _close(self, conn: InstanceConn) -> None:
+    @staticmethod
+    def _close(conn: InstanceConn) -> None:
         conn.stream.close_now()
-        if self._on_close is not None:
-            self._on_close(conn)

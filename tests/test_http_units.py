@@ -209,3 +209,16 @@ def test_a_request_no_route_matches_is_split() -> None:
     chain = _chain()
     assert chain.route(b"GET", b"/", []) is None
     assert chain.choose(random.Random(1)) == Target("web", "v1")  # the resolver's default subset
+
+
+def test_a_sweep_closes_only_what_idled_too_long() -> None:
+    pool = Pool(idle_timeout=4.0)
+    old, recent, other = _Conn(), _Conn(), _Conn()
+    pool.give(_done_conn(("n", "i"), old), 0.0)
+    pool.give(_done_conn(("n", "i"), recent), 3.0)
+    pool.give(_done_conn(("n", "j"), other), 0.5)
+    pool.sweep(5.0)
+    assert old.closed and other.closed and not recent.closed
+    assert pool.expired == 2 and pool.idle_count() == 1
+    got = pool.take(("n", "i"), 5.0)
+    assert got is not None and got.stream is recent
