@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
-import trio
+
+from agent.feed import LossyFeed
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 #: The level names a monitor may ask for.
@@ -39,45 +40,24 @@ MONITOR_BUFFER = 1024
 EventDict = MutableMapping[str, Any]
 
 
-class Subscription:
-    """One monitor's queue of rendered JSON lines, read with ``async for``.
-
-    Lines are offered from inside logging calls, which must never block or
-    fail, so a full queue drops the line and counts it; the next line that
-    fits is preceded by a ``monitor_lines_dropped`` line, so that the reader
-    sees the gap where it is.
-    """
+class Subscription(LossyFeed[bytes]):
+    """One monitor's queue of rendered JSON lines, read with ``async for`` (agent.feed: a full queue
+    drops lines and counts them); a line after a gap is preceded by a ``monitor_lines_dropped`` line,
+    so that the reader sees the gap where it is."""
 
     def __init__(self, level: int, buffer: int) -> None:
+        super().__init__(buffer)
         self.level = level
-        self.dropped = 0
-        self._missed = 0  # dropped since the last line that got through
-        self._send, self._receive = trio.open_memory_channel[bytes](buffer)
-
-    def offer(self, line: bytes) -> None:
-        if self._missed:
-            line = _render({"timestamp": _now_iso(), "level": "warning", "event": "monitor_lines_dropped",
-                            "dropped": self._missed,
-                            "detail": "this monitor read too slowly; lines were skipped"}) + line
-        try:
-            self._send.send_nowait(line)
-        except trio.WouldBlock:
-            self._missed += 1
-            self.dropped += 1
-        else:
-            self._missed = 0
-
-    def close(self) -> None:
-        self._send.close()
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
+        missed, line = await self.next_item()
+        if not missed:
+            return line
+        return _render({"timestamp": _now_iso(), "level": "warning", "event": "monitor_lines_dropped",
+                        "dropped": missed, "detail": "this monitor read too slowly; lines were skipped"}) + line
 
 
 class _Hub:

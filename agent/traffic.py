@@ -41,8 +41,7 @@ from datetime import UTC, datetime
 from itertools import accumulate
 from typing import Any, Final
 
-import trio
-
+from agent.feed import LossyFeed
 from agent.services import INSTANCE_ID_RE, SERVICE_NAME_RE
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
 
@@ -257,47 +256,37 @@ def tap_line(rec: RequestRecord) -> dict[str, Any]:
     }
 
 
-class TapSubscription:
+class TapSubscription(LossyFeed[RequestRecord]):
     """One tap's queue of records, read with ``async for`` as dicts (tap_line), gaps announced.
 
     Records are offered from the proxy's hot path, which must never wait: a
-    full queue drops the record and counts it, and the next item the reader
-    gets is ``{"event": "tap_dropped", "dropped": N}``, where the gap is.
+    full queue drops the record and counts it (agent.feed), and the next item
+    the reader gets is ``{"event": "tap_dropped", "dropped": N}``, where the gap is.
     """
 
     def __init__(self, flt: TapFilter, buffer: int) -> None:
+        super().__init__(buffer)
         self.filter = flt
-        self.dropped = 0
-        self._missed = 0
-        self._send, self._receive = trio.open_memory_channel[RequestRecord | int](buffer)
+        #: A record read behind a gap, handed out after the gap's notice.
+        self._held: RequestRecord | None = None
 
     def offer(self, rec: RequestRecord) -> None:
-        if not self.filter.matches(rec):
-            return
-        try:
-            if self._missed:
-                self._send.send_nowait(self._missed)
-                self._missed = 0
-            self._send.send_nowait(rec)
-        except trio.WouldBlock:
-            self._missed += 1
-            self.dropped += 1
-
-    def close(self) -> None:
-        self._send.close()
+        if self.filter.matches(rec):
+            super().offer(rec)
 
     def __aiter__(self) -> TapSubscription:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
-        try:
-            item = await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
-        if isinstance(item, int):
-            return {"event": "tap_dropped", "dropped": item,
+        if self._held is not None:
+            rec, self._held = self._held, None
+            return tap_line(rec)
+        missed, rec = await self.next_item()
+        if missed:
+            self._held = rec
+            return {"event": "tap_dropped", "dropped": missed,
                     "detail": "this tap read too slowly; requests were skipped"}
-        return tap_line(item)
+        return tap_line(rec)
 
 
 class Traffic:
