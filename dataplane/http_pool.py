@@ -4,7 +4,7 @@ In ``http`` mode each request is balanced on its own, so consecutive requests
 of one client go to different instances; opening a tunnel stream (and, on the
 far agent, a TCP connection to the instance) per request would cost a round
 trip each.  Each upstream keeps, per instance, the connections whose last
-exchange ended cleanly (both h11 sides DONE), and hands the most recently
+exchange ended cleanly (InstanceConn.reusable), and hands the most recently
 used first: it is the one least likely to have been closed by the instance's
 own keep-alive timeout meanwhile.  Before reuse a connection is checked at
 rest (nothing received, not ended: a peek, no read), which catches an
@@ -44,24 +44,44 @@ class Kept(Protocol):
 
 
 class InstanceConn:
-    """One connection to an instance and the h11 client state that frames requests on it."""
+    """One connection to an instance, and how its current exchange is framed.
 
-    __slots__ = ("key", "stream", "h", "uses", "idle_since", "local")
+    An exchange on the common path (dataplane.http_fastpath) sets ``clean``
+    when it ended so that the connection may carry another; one through h11
+    has its own client-role h11 connection (``framer``) for that exchange.
+    """
+
+    __slots__ = ("key", "stream", "h", "clean", "uses", "idle_since", "local")
 
     def __init__(self, key: Key, stream: Kept, local: bool) -> None:
         self.key = key
         self.stream = stream
-        self.h = h11.Connection(h11.CLIENT)
+        self.h: h11.Connection | None = None
+        self.clean = False
         #: Requests carried so far; a reused connection's failure may be a keep-alive race.
         self.uses = 0
         self.idle_since = 0.0
         #: To an instance on this node (a TCP connection), not a tunnel stream.
         self.local = local
 
+    def framer(self) -> h11.Connection:
+        """The h11 connection of an exchange that goes through h11 (made for it)."""
+        if self.h is None:
+            self.h = h11.Connection(h11.CLIENT)
+        return self.h
+
     def reusable(self) -> bool:
         """The exchange ended cleanly both ways, and the instance sent nothing past its response (a
         body after a 204, say): what it sent extra would be read as the next request's answer."""
-        return self.h.our_state is h11.DONE and self.h.their_state is h11.DONE and not self.h.trailing_data[0]
+        h = self.h
+        if h is None:
+            return self.clean
+        return h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0]
+
+    def next_exchange(self) -> None:
+        """Between exchanges: the next one starts with no framing state (h11's start_next_cycle)."""
+        self.h = None
+        self.clean = False
 
 
 class Pool:
@@ -97,11 +117,7 @@ class Pool:
         if not conn.reusable():
             self._close(conn)
             return
-        try:
-            conn.h.start_next_cycle()
-        except h11.LocalProtocolError:
-            self._close(conn)
-            return
+        conn.next_exchange()
         conn.idle_since = now
         idle = self._idle.setdefault(conn.key, [])
         idle.append(conn)

@@ -42,17 +42,29 @@ still resets a connection silent for that long.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import h11
+import httptools
 import trio
 
 from dataplane import routing
 from dataplane.hop_by_hop import MESH_ERROR, request_headers, response_headers, wants_upgrade
+from dataplane.http_fastpath import (
+    RETRY_BUFFER,
+    SLOW,
+    PlainRequest,
+    Response,
+    SlowPath,
+    answer_bytes,
+    head_bytes,
+    looks_like_http1,
+    parse_request,
+    request_bytes,
+)
 from dataplane.http_pool import InstanceConn
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
 from dataplane.proxy import ATTEMPT_ERRORS, CHUNK, MAX_ATTEMPTS, Denied
@@ -62,14 +74,10 @@ if TYPE_CHECKING:
     from dataplane.discovery_chain import DiscoveryChain, Target
     from dataplane.proxy import Proxy, UpstreamListener
 
-#: A request body up to this size is held whole before an instance is chosen, so the request can
-#: be retried; past it the body is streamed and the request is not retried once it went out.
-RETRY_BUFFER: Final = 64 * 1024
+__all__ = ["RETRY_BUFFER", "looks_like_http1", "serve"]
+
 #: RFC 9110 §9.2.2.
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-#: RFC 9112 §3: method SP request-target SP HTTP-version.  A first line that is not this is
-#: some other protocol, carried as bytes; one that is, and then fails to parse, is a bad request.
-_REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[01]\r?$")
 _IO_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 # Reasons the mesh names in x-mesh-error (and counts, and records).
@@ -83,32 +91,36 @@ OVERFLOW: Final = "overflow"
 BAD_REQUEST: Final = "bad-request"
 
 
-def looks_like_http1(raw: bytes | bytearray) -> bool:
-    """Whether the first line received is an HTTP/1 request line (or could still become one)."""
-    end = raw.find(b"\n")
-    if end < 0:
-        return len(raw) < 8 or b" " in raw  # too short to tell: h11 refused it as HTTP
-    return _REQUEST_LINE.fullmatch(bytes(raw[:end])) is not None
-
-
 class _Client:
-    """The client's connection: h11 in the server role over the accepted socket."""
+    """The client's connection: read into ``buf`` for the common path (dataplane.http_fastpath), and
+    for a request that path leaves to h11, h11 in the server role (``h``, made for that request)."""
 
-    __slots__ = ("stream", "h", "address", "raw", "eof", "stats")
+    __slots__ = ("stream", "h", "address", "raw", "eof", "stats", "buf")
 
     def __init__(self, stream: RawSocketStream, address: str, stats: Counter[str]) -> None:
         self.stream = stream
         #: The upstream's counters (bytes_out: from the client, bytes_in: to it, as in L4).
         self.stats = stats
-        self.h = h11.Connection(h11.SERVER)
+        self.h: h11.Connection | None = None
+        #: Received and not yet taken by a request.
+        self.buf = bytearray()
         self.address = address
         #: The bytes of the current request from its first, kept until its head is parsed, so a
         #: request that must go as bytes (an upgrade) can be sent as it came.
         self.raw: bytearray | None = None
         self.eof = False
 
+    async def receive(self) -> None:
+        data = await self.stream.receive_some(CHUNK)
+        self.stats["bytes_out"] += len(data)
+        if data:
+            self.buf += data
+        else:
+            self.eof = True
+
     async def event(self) -> h11.Event | type[h11.PAUSED]:
         h = self.h
+        assert h is not None
         while True:
             ev = h.next_event()
             if ev is not h11.NEED_DATA:
@@ -124,6 +136,7 @@ class _Client:
             h.receive_data(data)
 
     async def send(self, ev: h11.Event) -> None:
+        assert self.h is not None
         data = self.h.send(ev)
         if data:
             await self.send_bytes(data)
@@ -168,52 +181,16 @@ async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> 
     handed_off = False
     try:
         while True:
-            c.raw = bytearray(c.h.trailing_data[0])
-            # Between requests a kept-alive client may be silent up to the upstream's idle timeout;
-            # then the connection is closed, which RFC 9112 §9.6 lets a server do between requests.
-            idle = up.options.idle_timeout
-            ev: h11.Event | type[h11.PAUSED] | None = None
-            bad: h11.RemoteProtocolError | None = None
-            with trio.move_on_after(idle if idle > 0 and c.h.their_state is h11.IDLE else math.inf):
-                try:
-                    ev = await c.event()
-                except h11.RemoteProtocolError as exc:
-                    bad = exc
-            if bad is not None:
-                raw = bytes(c.raw)
-                if first and not looks_like_http1(raw):
-                    up.stats["http_fallbacks"] += 1
-                    handed_off = True
-                    await proxy.serve_l4(up, client, early=raw)
+            req = await _next_request(up, c)
+            if req is None:
+                return
+            if isinstance(req, PlainRequest):
+                if not await _plain_request(proxy, up, c, req):
                     return
-                up.stats["http_bad_requests"] += 1
-                await _answer(c, up, _Answer(bad.error_status_hint, BAD_REQUEST, f"bad request: {bad}"))
-                return
-            if ev is None:
-                up.stats["idle_timeouts"] += 1
-                return
-            if not isinstance(ev, h11.Request):
-                return  # ConnectionClosed: the client is done
-            raw = bytes(c.raw)
-            c.raw = None
-            if _both_framings(ev):
-                # RFC 9112 §6.3 lets a server take Transfer-Encoding over Content-Length, but a message
-                # with both is the shape of request smuggling; refused, as Envoy does by default.
-                up.stats["http_bad_requests"] += 1
-                await _answer(c, up, _Answer(400, BAD_REQUEST, "bad request: both Content-Length and "
-                                                               "Transfer-Encoding (RFC 9112 6.3)"))
-                return
-            if ev.method == b"CONNECT" or wants_upgrade(list(ev.headers)):
-                up.stats["http_fallbacks"] += 1
-                handed_off = True
-                await proxy.serve_l4(up, client, early=raw)
-                return
-            if not await _request(proxy, up, c, ev):
-                return
-            try:
-                c.h.start_next_cycle()
-            except h11.LocalProtocolError:
-                return
+            else:
+                go_on, handed_off = await _h11_request(proxy, up, c, first)
+                if not go_on:
+                    return
             first = False
     except _IO_ERRORS:
         up.stats["http_client_gone"] += 1
@@ -226,14 +203,108 @@ async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> 
             client.close_now()
 
 
+async def _next_request(up: UpstreamListener, c: _Client) -> PlainRequest | SlowPath | None:
+    """The client's next request, once it can be told which path carries it; None when the client
+    is done, or was silent between requests for the idle timeout (RFC 9112 §9.6 lets a server close
+    then)."""
+    idle = up.options.idle_timeout
+    with trio.move_on_after(idle if idle > 0 else math.inf):
+        while True:
+            req = parse_request(c.buf)
+            if req is not None:
+                return req
+            if c.eof:
+                return SLOW if c.buf else None  # h11 tells an incomplete request's client so
+            await c.receive()
+    up.stats["idle_timeouts"] += 1
+    return None
+
+
+async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: PlainRequest) -> bool:
+    """A request of the common path; whether the connection goes on."""
+    del c.buf[:req.length]
+    r = _Request(req.method, req.target, request_headers(req.headers, c.address), up.options.http.timeout,
+                 plain=True)
+    r.body += req.body
+    r.complete = True
+    r.close = req.close
+    return await _request(proxy, up, c, r) and not r.close
+
+
+async def _h11_request(proxy: Proxy, up: UpstreamListener, c: _Client, first: bool) -> tuple[bool, bool]:
+    """A request the common path leaves to h11, from the bytes ``c`` holds; whether the connection
+    goes on, and whether it was handed to the L4 path."""
+    h = c.h = h11.Connection(h11.SERVER)
+    # The bytes of the request from its first, kept until its head is parsed, so a request that must
+    # go as bytes (an upgrade) can be sent as it came.
+    c.raw = bytearray(c.buf)
+    h.receive_data(bytes(c.buf))
+    c.buf = bytearray()
+    if c.eof:
+        h.receive_data(b"")
+    idle = up.options.idle_timeout
+    ev: h11.Event | type[h11.PAUSED] | None = None
+    bad: h11.RemoteProtocolError | None = None
+    with trio.move_on_after(idle if idle > 0 else math.inf):
+        try:
+            ev = await c.event()
+        except h11.RemoteProtocolError as exc:
+            bad = exc
+    if bad is not None:
+        raw = bytes(c.raw)
+        if first and not looks_like_http1(raw):
+            up.stats["http_fallbacks"] += 1
+            await proxy.serve_l4(up, c.stream, early=raw)
+            return False, True
+        up.stats["http_bad_requests"] += 1
+        await _answer(c, up, _Answer(bad.error_status_hint, BAD_REQUEST, f"bad request: {bad}"))
+        return False, False
+    if ev is None:
+        up.stats["idle_timeouts"] += 1
+        return False, False
+    if not isinstance(ev, h11.Request):
+        return False, False  # ConnectionClosed: the client is done
+    raw = bytes(c.raw)
+    c.raw = None
+    if _both_framings(ev):
+        # RFC 9112 §6.3 lets a server take Transfer-Encoding over Content-Length, but a message
+        # with both is the shape of request smuggling; refused, as Envoy does by default.
+        up.stats["http_bad_requests"] += 1
+        await _answer(c, up, _Answer(400, BAD_REQUEST, "bad request: both Content-Length and "
+                                                       "Transfer-Encoding (RFC 9112 6.3)"))
+        return False, False
+    if ev.method == b"CONNECT" or wants_upgrade(list(ev.headers)):
+        up.stats["http_fallbacks"] += 1
+        await proxy.serve_l4(up, c.stream, early=raw)
+        return False, True
+    r = _Request(ev.method, ev.target, request_headers(list(ev.headers), c.address), up.options.http.timeout,
+                 plain=False)
+    if not await _request(proxy, up, c, r):
+        return False, False
+    if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        return False, False  # h11's start_next_cycle would refuse: one side asked to close
+    data, closed = h.trailing_data
+    c.buf = bytearray(data)
+    c.eof = c.eof or closed
+    c.h = None
+    return True, False
+
+
 def _both_framings(ev: h11.Request) -> bool:
     names = {name for name, _ in ev.headers}
     return b"content-length" in names and b"transfer-encoding" in names
 
 
-async def _answer(c: _Client, up: UpstreamListener, answer: _Answer) -> bool:
+async def _answer(c: _Client, up: UpstreamListener, answer: _Answer, close: bool = False) -> bool:
     """Answer for the mesh; whether the client connection can carry another request."""
     up.stats[f"http_mesh_{answer.reason}"] += 1
+    if c.h is None:  # a request of the common path, whole and unanswered
+        keep = not close and answer.status not in (400, 431)
+        try:
+            await c.send_bytes(answer_bytes(answer.status, answer.reason, str(answer), keep))
+        except _IO_ERRORS:
+            return False
+        return keep
     if c.h.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # IDLE: h11 lets a server answer a bad request
         return False
     keep = c.h.their_state is h11.DONE and answer.status not in (400, 431)
@@ -254,12 +325,19 @@ async def _answer(c: _Client, up: UpstreamListener, answer: _Answer) -> bool:
 class _Request:
     """One request's state across its attempts."""
 
-    __slots__ = ("ev", "headers", "body", "complete", "started", "wall", "status", "instance", "node",
-                 "mesh_error", "retries", "response_started", "deadline_scope", "timeout")
+    __slots__ = ("method", "target", "headers", "plain", "close", "body", "complete", "started", "wall", "status",
+                 "instance", "node", "mesh_error", "retries", "response_started", "deadline_scope", "timeout")
 
-    def __init__(self, ev: h11.Request, headers: list[tuple[bytes, bytes]], timeout: float) -> None:
-        self.ev = ev
+    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], timeout: float,
+                 plain: bool) -> None:
+        self.method = method
+        self.target = target
         self.headers = headers
+        #: Carried by the common path (dataplane.http_fastpath), not h11.
+        self.plain = plain
+        #: The client's connection ends after this exchange (its wish, or a body that ends with the
+        #: instance's connection); the common path's to keep.
+        self.close = False
         self.body = bytearray()
         #: The whole body is in ``body`` (so it can be sent again).
         self.complete = False
@@ -294,16 +372,15 @@ async def _prefetch(c: _Client, r: _Request) -> None:
             raise h11.RemoteProtocolError("unexpected event in a request body", 400)
 
 
-async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, ev: h11.Request) -> bool:
+async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) -> bool:
     """Carry one request to an instance and its response back; whether the connection goes on."""
     opts = up.options.http
-    r = _Request(ev, request_headers(list(ev.headers), c.address), opts.timeout)
     up.stats["http_requests"] += 1
     keep = True
     try:
         with trio.CancelScope() as scope:
             r.deadline_scope = scope
-            if not c.h.they_are_waiting_for_100_continue:
+            if c.h is not None and not c.h.they_are_waiting_for_100_continue:
                 await _prefetch(c, r)
             if r.complete:
                 r.request_done()
@@ -311,14 +388,14 @@ async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, ev: h11.Reque
                 await _attempts(proxy, up, c, r)
             except _Answer as answer:
                 r.status, r.mesh_error = answer.status, answer.reason
-                keep = await _answer(c, up, answer)
+                keep = await _answer(c, up, answer, r.close)
         if scope.cancelled_caught:
             up.stats["http_timeouts"] += 1
             if r.response_started:
                 raise _Reset("the request timeout passed while the response was being sent")
             r.status, r.mesh_error = 504, TIMEOUT
             keep = await _answer(c, up, _Answer(504, TIMEOUT, f"no complete answer from {up.service} within "
-                                                f"{opts.timeout:g}s"))
+                                                f"{opts.timeout:g}s"), r.close)
     except h11.RemoteProtocolError as exc:
         up.stats["http_bad_requests"] += 1
         r.status, r.mesh_error = exc.error_status_hint, BAD_REQUEST
@@ -337,8 +414,8 @@ async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, ev: h11.Reque
 
 def _record(proxy: Proxy, up: UpstreamListener, r: _Request) -> None:
     latency = trio.current_time() - r.started
-    method = r.ev.method.decode("ascii", "replace")
-    path = r.ev.target.decode("ascii", "replace")
+    method = r.method.decode("ascii", "replace")
+    path = r.target.decode("ascii", "replace")
     rec = RequestRecord(OUTBOUND, up.service, r.instance, r.node, up.options.source, method, path, r.status,
                         latency, r.wall, r.mesh_error, r.retries)
     proxy.sink.record(rec)
@@ -366,13 +443,13 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
         raise _Answer(403, DENIED, f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
     opts = up.options.http
     router = up.router
-    route = proxy.route_for(up, (r.ev.method, r.ev.target, r.headers))
+    route = proxy.route_for(up, (r.method, r.target, r.headers))
     tried: set[tuple[str, str]] = set()
     refusing: set[str] = set()
     asked_refusing = 0
     attempts = 0
     last: _Answer | None = None
-    idempotent = r.ev.method in IDEMPOTENT
+    idempotent = r.method in IDEMPOTENT
     up.budget.request(trio.current_time())
     paid = False
 
@@ -453,24 +530,29 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
 async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
                     attempt: routing.Attempt, can_retry: Callable[[], bool], trial: bool = False) -> None:
     """One request on one instance connection: raises _Retry, _Answer or _Reset when it fails."""
-    h = ic.h
     reused = ic.uses > 0
     ic.uses += 1
     clean = False
     fault: str | None = None
     try:
-        out = h.send(h11.Request(method=r.ev.method, target=r.ev.target, headers=r.headers))
-        if r.body:
-            out += h.send(h11.Data(data=bytes(r.body)))
-        if r.complete:
-            out += h.send(h11.EndOfMessage())
+        if r.plain:
+            out = request_bytes(r.method, r.target, r.headers, bytes(r.body))
+        else:
+            h = ic.framer()
+            out = h.send(h11.Request(method=r.method, target=r.target, headers=r.headers)) or b""
+            if r.body:
+                out += h.send(h11.Data(data=bytes(r.body))) or b""
+            if r.complete:
+                out += h.send(h11.EndOfMessage()) or b""
         try:
             await ic.stream.send_all(out)
         except _IO_ERRORS as exc:
             fault = None if reused else routing.RESET_BEFORE_REPLY
             raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: {exc}") \
                 from None
-        if r.complete:
+        if r.plain:
+            await _plain_response(up, c, r, ic, attempt, can_retry, reused, trial)
+        elif r.complete:
             await _response(up, c, r, ic, attempt, can_retry, reused, trial)
         else:
             async with trio.open_nursery() as nursery:
@@ -511,9 +593,9 @@ async def _stream_body(c: _Client, r: _Request, ic: InstanceConn) -> None:
     while True:
         ev = await c.event()
         if isinstance(ev, h11.Data):
-            await ic.stream.send_all(ic.h.send(ev) or b"")
+            await ic.stream.send_all(ic.framer().send(ev) or b"")
         elif isinstance(ev, h11.EndOfMessage):
-            await ic.stream.send_all(ic.h.send(ev) or b"")
+            await ic.stream.send_all(ic.framer().send(ev) or b"")
             r.complete = True
             r.request_done()
             return
@@ -524,13 +606,14 @@ async def _stream_body(c: _Client, r: _Request, ic: InstanceConn) -> None:
 async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
                     attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool, trial: bool) -> None:
     """Carry the instance's response to the client whole, or raise _Failed."""
-    h = ic.h
+    h = ic.framer()
     stream = ic.stream
     got_bytes = False
     #: What is due to the client, sent when the instance makes us wait (or at the end): a small
     #: response goes out in one write, however many events h11 made of it.
     out = bytearray()
     client = c.h
+    assert client is not None
     while True:
         try:
             ev = h.next_event()
@@ -592,3 +675,77 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
                                                          reason=ev.reason)) or b""
         else:  # ConnectionClosed before the end: h11 raised above for a framed body, so this is a close
             raise _Failed(_Reset("the instance closed before the response ended"), None)
+
+
+async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
+                          attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool,
+                          trial: bool) -> None:
+    """_response for a request of the common path: the same outcomes, read by httptools."""
+    resp = Response()
+    stream = ic.stream
+    got_bytes = False
+    interim = 0
+    out = bytearray()
+    while True:
+        try:
+            data = await stream.receive_some(CHUNK)
+        except _IO_ERRORS as exc:
+            if r.response_started:
+                raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
+            raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
+                          routing.RESET_BEFORE_REPLY) from None
+        if not data:
+            if resp.until_close:  # RFC 9112 §6.3 rule 8: the end of the connection ends the body
+                resp.done = True
+                out += resp.take_body()
+                await c.send_bytes(out)
+                return
+            if not got_bytes:
+                if reused:
+                    up.stats["http_stale_connections"] += 1
+                raise _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection "
+                                                    "without answering"),
+                              None if reused else routing.CLOSED_BEFORE_REPLY)
+            if r.response_started:
+                raise _Failed(_Reset("the instance closed before the response ended"), None)
+            up.stats["http_bad_responses"] += 1
+            raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} closed the connection "
+                                                     "in the middle of its response head"), routing.BAD_RESPONSE)
+        got_bytes = True
+        try:
+            resp.feed(data)
+        except httptools.HttpParserError as exc:
+            if r.response_started:
+                raise _Failed(_Reset(f"the response of {r.instance} broke off: {exc}"), None) from None
+            up.stats["http_bad_responses"] += 1
+            raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken "
+                                                     f"response: {exc}"), routing.BAD_RESPONSE) from None
+        while interim < len(resp.interim):
+            status, reason, fields = resp.interim[interim]
+            interim += 1
+            if status != 100:  # a 100 no client of this path waits for (it sent no Expect)
+                out += head_bytes(status, reason, response_headers(fields))
+        if resp.head_done and not r.response_started:
+            status = resp.status
+            up.router.answered(trio.current_time(), attempt, status < 500)
+            if status >= 500:
+                up.stats["http_5xx"] += 1
+                if (status in up.options.http.retry_on or trial) and can_retry():
+                    raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
+                                                                          f"answered {status}")), None)
+            r.status = status
+            r.response_started = True
+            fields = response_headers(resp.headers)
+            if resp.until_close or r.close:
+                r.close = True
+                fields.append((b"connection", b"close"))
+            out += head_bytes(status, resp.reason, fields)
+        if resp.head_done:
+            out += resp.take_body()
+        if resp.done:
+            await c.send_bytes(out)
+            ic.clean = resp.keep_alive()
+            return
+        if out:
+            await c.send_bytes(out)
+            out.clear()

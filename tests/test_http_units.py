@@ -144,10 +144,11 @@ class _Conn:
 
 def _done_conn(key: tuple[str, str], stream: _Conn) -> InstanceConn:
     ic = InstanceConn(key, stream, local=True)
-    ic.h.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    ic.h.send(h11.EndOfMessage())
-    ic.h.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    while ic.h.next_event() is not h11.NEED_DATA and ic.h.their_state is not h11.DONE:
+    h = ic.framer()
+    h.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    h.send(h11.EndOfMessage())
+    h.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    while h.next_event() is not h11.NEED_DATA and h.their_state is not h11.DONE:
         pass
     return ic
 
@@ -170,7 +171,7 @@ def test_the_pool_hands_back_the_most_recent_connection_and_drops_stale_ones() -
 def test_the_pool_keeps_only_cleanly_ended_exchanges_and_expires_idle_ones() -> None:
     pool = Pool(idle_timeout=4.0)
     half = InstanceConn(("n", "i"), _Conn(), local=True)
-    half.h.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    half.framer().send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
     pool.give(half, 0.0)
     assert half.stream.closed and pool.idle_count() == 0  # type: ignore[attr-defined]
     kept = _Conn()
