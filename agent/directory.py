@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from agent.services import LocalServices
 from dataplane.proxy import Endpoint
-from gossip.member import Status
+from gossip.member import MEMBER_CHANGES, Status
 from gossip.swim import Membership
 from gossip.wire import Address
 
@@ -22,14 +22,28 @@ class MeshDirectory:
         self.services = services
         #: The tunnel manager's route_to (set once it exists): relays on our session to a member.
         self.tunnel_route: Callable[[str], list[str] | None] | None = None
+        #: passing_endpoints' answers, valid while the registry's index and the member records are
+        #: unchanged: in http mode every request asks, and the answer changes far less often.
+        self._passing: dict[str, list[Endpoint]] = {}
+        self._passing_as_of: tuple[int, int, int] = (0, 0, 0)
 
     # -- for the proxy (dataplane.proxy.InstanceDirectory) ------------------------------------
 
     def passing_endpoints(self, service: str) -> list[Endpoint]:
         """Passing instances on members that are up.  A suspect member's are listed, marked: the
         balancer tries them only when no other is left (a suspicion is often false -- a slow or
-        lossy peer -- and its instances beat none), and the tunnel's dial to it is RTT-bounded."""
-        out = []
+        lossy peer -- and its instances beat none), and the tunnel's dial to it is RTT-bounded.
+
+        The list is shared between callers until something changes: read it, never change it.
+        """
+        as_of = (self.services.registry.index, MEMBER_CHANGES.value, len(self.membership.members))
+        if as_of != self._passing_as_of:
+            self._passing.clear()
+            self._passing_as_of = as_of
+        known = self._passing.get(service)
+        if known is not None:
+            return known
+        out = self._passing[service] = []
         for node, inst in self.services.registry.all_instances():
             if inst.service != service or inst.health != "passing":
                 continue

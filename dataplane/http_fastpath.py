@@ -100,6 +100,8 @@ class _RequestFields:
 def parse_request(buf: bytearray) -> PlainRequest | SlowPath | None:
     """The request at the start of ``buf`` if it is complete and this path may carry it, SLOW if h11
     must (now, or once more has come), None while more bytes are needed to tell."""
+    if not buf:
+        return None
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         line = buf.find(b"\n")

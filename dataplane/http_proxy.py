@@ -711,15 +711,22 @@ async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: Ins
             up.stats["http_bad_responses"] += 1
             raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} closed the connection "
                                                      "in the middle of its response head"), routing.BAD_RESPONSE)
-        got_bytes = True
         try:
             resp.feed(data)
         except httptools.HttpParserError as exc:
             if r.response_started:
                 raise _Failed(_Reset(f"the response of {r.instance} broke off: {exc}"), None) from None
+            if reused and not got_bytes:
+                # What a kept connection held before this request's answer: the rest of an earlier
+                # response that claimed to have none (a body after a 204, say), arriving late.  The
+                # connection is unfit, the instance not at fault: as a stale connection.
+                up.stats["http_stale_connections"] += 1
+                raise _Failed(_broken(r, can_retry, f"a kept connection to {r.instance} held stray bytes: "
+                                                    f"{exc}"), None) from None
             up.stats["http_bad_responses"] += 1
             raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken "
                                                      f"response: {exc}"), routing.BAD_RESPONSE) from None
+        got_bytes = True
         while interim < len(resp.interim):
             status, reason, fields = resp.interim[interim]
             interim += 1

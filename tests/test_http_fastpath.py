@@ -1,0 +1,180 @@
+"""The common path of the calling agent's HTTP layer: which requests it takes, and what it writes.
+
+What it writes is read back with h11, a parser it does not share, so a framing
+mistake here shows as a disagreement there.
+"""
+
+from __future__ import annotations
+
+import h11
+import httptools
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dataplane.http_fastpath import (
+    SLOW,
+    PlainRequest,
+    Response,
+    answer_bytes,
+    head_bytes,
+    parse_request,
+    request_bytes,
+)
+
+
+def plain(raw: bytes) -> PlainRequest:
+    got = parse_request(bytearray(raw))
+    assert isinstance(got, PlainRequest), got
+    return got
+
+
+def test_a_plain_request_is_read_with_lower_case_names_and_its_length() -> None:
+    raw = b"GET /a?b=1 HTTP/1.1\r\nHost: web\r\nX-Trace: T\r\n\r\n"
+    req = plain(raw + b"GET /next HTTP/1.1\r\n")  # a pipelined request behind it stays in the buffer
+    assert (req.method, req.target, req.body, req.length, req.close) == (b"GET", b"/a?b=1", b"", len(raw), False)
+    assert req.headers == [(b"host", b"web"), (b"x-trace", b"T")]
+
+
+def test_a_body_is_waited_for_whole() -> None:
+    head = b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\n"
+    assert parse_request(bytearray(head + b"abc")) is None
+    req = plain(head + b"abcdeEXTRA")
+    assert req.body == b"abcde" and req.length == len(head) + 5
+
+
+@pytest.mark.parametrize("raw", [b"", b"GET / HTTP/1.1\r\nHost: web\r\n", b"GE"])
+def test_an_incomplete_head_needs_more(raw: bytes) -> None:
+    assert parse_request(bytearray(raw)) is None
+
+
+@pytest.mark.parametrize("raw", [
+    b"HEAD / HTTP/1.1\r\nHost: web\r\n\r\n",  # its answer's length is not to be read
+    b"GET / HTTP/1.0\r\nHost: web\r\n\r\n",  # its answer must not be chunked
+    b"CONNECT web:443 HTTP/1.1\r\nHost: web:443\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\n\r\n",  # no Host: h11 answers 400
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: web\r\nConnection: x-private\r\n\r\n",  # names a field to drop
+    b"GET / HTTP/1.1\nHost: web\n\n",  # bare LF, which h11 reads
+    b"GET / HTTP/1.1\r\nHost: web\r\nBad Header: x\r\n\r\n",  # llhttp refuses: h11 says why
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\n",  # not HTTP at all: the L4 fallback decides
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 70000\r\n\r\n",  # beyond the retry buffer
+    b"GET /" + b"a" * 17000,  # a head past h11's limit
+])
+def test_anything_unusual_goes_to_h11(raw: bytes) -> None:
+    assert parse_request(bytearray(raw)) is SLOW
+
+
+def test_the_clients_close_is_noted_and_keep_alive_is_plain() -> None:
+    assert plain(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").close
+    assert not plain(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: Keep-Alive\r\n\r\n").close
+
+
+def test_what_is_written_is_read_back_by_h11() -> None:
+    raw = request_bytes(b"POST", b"/x", [(b"host", b"web"), (b"content-length", b"3")], b"abc")
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(raw)
+    req = server.next_event()
+    assert isinstance(req, h11.Request) and req.method == b"POST" and req.target == b"/x"
+    data = server.next_event()
+    assert isinstance(data, h11.Data) and data.data == b"abc"
+    assert isinstance(server.next_event(), h11.EndOfMessage)
+
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "web")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(answer_bytes(503, "no-passing-instances", "no passing instance of web", keep=False))
+    resp = client.next_event()
+    assert isinstance(resp, h11.Response) and resp.status_code == 503
+    assert dict(resp.headers)[b"x-mesh-error"] == b"no-passing-instances"
+    assert dict(resp.headers)[b"connection"] == b"close" and resp.reason == b"Service Unavailable"
+    body = client.next_event()
+    assert isinstance(body, h11.Data) and body.data == b"no passing instance of web\n"
+
+
+def _through(raw: bytes, splits: list[int]) -> tuple[Response, bytes]:
+    """Feed ``raw`` cut at ``splits`` and collect what the client would be sent (head + body)."""
+    resp = Response()
+    out = b""
+    cuts = sorted({0, len(raw), *[s % (len(raw) + 1) for s in splits]})
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        resp.feed(raw[a:b])
+        if resp.head_done and not out:
+            out = head_bytes(resp.status, resp.reason, resp.headers)
+        if resp.head_done:
+            out += resp.take_body()
+    return resp, out
+
+
+def _client_reads(wire: bytes) -> tuple[h11.Response, bytes, list[tuple[bytes, bytes]]]:
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "web")]))
+    client.send(h11.EndOfMessage())
+    client.receive_data(wire)
+    head = client.next_event()
+    assert isinstance(head, h11.Response)
+    body = b""
+    while True:
+        ev = client.next_event()
+        if isinstance(ev, h11.Data):
+            body += ev.data
+        else:
+            assert isinstance(ev, h11.EndOfMessage), ev
+            return head, body, list(ev.headers)
+
+
+@given(body=st.binary(max_size=3000), sizes=st.lists(st.integers(1, 700), max_size=8),
+       splits=st.lists(st.integers(0, 5000), max_size=6), chunked=st.booleans())
+def test_a_body_arrives_whole_however_it_is_cut(body: bytes, sizes: list[int], splits: list[int],
+                                                chunked: bool) -> None:
+    if chunked:
+        parts, rest = [], body
+        for n in sizes:
+            parts.append(rest[:n])
+            rest = rest[n:]
+        parts.append(rest)
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\nx-sum: 1\r\n\r\n"
+        raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
+    else:
+        raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    resp, wire = _through(raw, splits)
+    assert resp.done and resp.keep_alive() and not resp.until_close
+    head, got, trailers = _client_reads(wire)
+    assert head.status_code == 200 and got == body
+    if chunked:
+        assert trailers == [(b"x-sum", b"1")]
+
+
+def test_interim_answers_and_bodiless_ones() -> None:
+    resp, wire = _through(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+                          b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", [20, 50])
+    assert [(s, f) for s, _, f in resp.interim] == [(103, [(b"link", b"</a.css>")])]
+    assert resp.status == 204 and resp.done and resp.keep_alive() and wire.endswith(b"\r\n\r\n")
+    resp, _ = _through(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", [])
+    assert resp.done and resp.keep_alive()  # a 304's length is the representation's: no body follows
+
+
+def test_what_says_the_connection_cannot_be_kept() -> None:
+    resp, _ = _through(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", [])
+    assert resp.keep_alive()
+    for raw in (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",
+                b"HTTP/1.1 204 No Content\r\n\r\nstray bytes\n"):  # a body after a 204: unfit for reuse
+        resp, _ = _through(raw, [])
+        assert resp.done and not resp.keep_alive(), raw
+    resp, wire = _through(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", [])  # RFC 9112 6.3 rule 8
+    assert resp.until_close and not resp.done and resp.take_body() == b"" and wire.endswith(b"until the end")
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+])
+def test_a_response_this_path_cannot_carry_is_an_error(raw: bytes) -> None:
+    with pytest.raises(httptools.HttpParserError):
+        Response().feed(raw)
