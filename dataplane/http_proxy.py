@@ -378,11 +378,13 @@ async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) 
     up.stats["http_requests"] += 1
     keep = True
     try:
-        with trio.CancelScope() as scope:
+        # A request held whole already has its deadline (the common path's always are).
+        deadline = r.started + opts.timeout if r.complete and opts.timeout > 0 else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
             r.deadline_scope = scope
             if c.h is not None and not c.h.they_are_waiting_for_100_continue:
                 await _prefetch(c, r)
-            if r.complete:
+            if r.complete and deadline == math.inf:
                 r.request_done()
             try:
                 await _attempts(proxy, up, c, r)

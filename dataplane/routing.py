@@ -137,6 +137,8 @@ class Router:
         self.open = 0
         self.pending = 0
         self._known: set[Key] = set()
+        #: The list sync() last saw: the directory hands out the same list until something changes.
+        self._synced: object = None
         #: Nodes that refused this upstream's source, by node name.
         self._refused: dict[str, _Refusal] = {}
         #: The latest failure per instance: (reason, when).
@@ -158,6 +160,9 @@ class Router:
 
     def sync(self, now: float, endpoints: Sequence[Instance]) -> None:
         """Follow the catalog: forget instances that left; slow-start ones that join a running upstream."""
+        if endpoints is self._synced:
+            return
+        self._synced = endpoints
         keys = {(e.node, e.instance_id) for e in endpoints}
         if keys == self._known:
             return
