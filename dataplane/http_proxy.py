@@ -65,10 +65,11 @@ from dataplane.http_fastpath import (
     parse_request,
     request_bytes,
 )
-from dataplane.http_pool import InstanceConn
+from dataplane.http_pool import InstanceConn, Kept
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
 from dataplane.proxy import ATTEMPT_ERRORS, CHUNK, MAX_ATTEMPTS, Denied
 from dataplane.rawsocket import RawSocketStream
+from dataplane.stream import TunnelStream
 
 if TYPE_CHECKING:
     from dataplane.discovery_chain import DiscoveryChain, Target
@@ -143,7 +144,20 @@ class _Client:
 
     async def send_bytes(self, data: bytes | bytearray) -> None:
         self.stats["bytes_in"] += len(data)
-        await self.stream.send_all(data)
+        await _send(self.stream, data)
+
+
+async def _send(stream: Kept, data: bytes | bytearray) -> None:
+    """``send_all``, without its scheduling point and queue when the bytes can leave at once: a
+    request or response held whole usually can, and this layer awaits its next read anyway."""
+    if isinstance(stream, RawSocketStream):
+        sent = stream.try_send(data)
+        if sent < len(data):
+            await stream.send_all(memoryview(data)[sent:])
+        return
+    if isinstance(stream, TunnelStream) and stream.try_send_whole(data):
+        return
+    await stream.send_all(data)
 
 
 class _Answer(Exception):
@@ -547,7 +561,7 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
             if r.complete:
                 out += h.send(h11.EndOfMessage()) or b""
         try:
-            await ic.stream.send_all(out)
+            await _send(ic.stream, out)
         except _IO_ERRORS as exc:
             fault = None if reused else routing.RESET_BEFORE_REPLY
             raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: {exc}") \

@@ -288,6 +288,25 @@ class TunnelStream(SocketPump):
         if not waited:
             await self._fair.quick()
 
+    def try_send_whole(self, data: bytes | bytearray | memoryview) -> bool:
+        """Send all of ``data`` now as one record by the direct path (no queue, no scheduling
+        point) and True, or nothing and False: then ``send_all`` is the way.
+
+        For a message a caller holds whole (an HTTP request): the direct path's
+        rules hold (dataplane.mux.direct_room), so the wire carries what
+        ``send_all`` would have sent, in the same order.
+        """
+        n = len(data)
+        if (self._sending or self._closed or self._failure is not None or self._eof_sent or not n
+                or n > _DIRECT_MAX or self._session.direct_room(self) < n):
+            return False
+        scratch = self._scratch
+        scratch[mux.HEADER_SIZE : mux.HEADER_SIZE + n] = data
+        if self._tap_out is not None:
+            self._tap_out(scratch[mux.HEADER_SIZE : mux.HEADER_SIZE + n])
+        self._session.send_direct(self, scratch[: mux.HEADER_SIZE + n])
+        return True
+
     async def pump_from(self, source: RawSocketStream, delivered: Callable[[int], None], chunk: int) -> None:
         """Copy everything ``source`` receives into this stream, then half-close it.
 

@@ -383,6 +383,30 @@ async def test_half_close(waits: dict[str, bool]) -> None:
         await wait_until(lambda: not nodes["a"].manager.sessions_view()[0]["streams"])
 
 
+@WAITS
+async def test_a_whole_message_sent_at_once_keeps_the_streams_order(waits: dict[str, bool]) -> None:
+    """try_send_whole (the HTTP layer's way to send a request it holds whole) sends all or nothing,
+    and never overtakes what send_all queued: the peer reads the bytes in the order they were given."""
+    async with cluster("a", "b", **waits) as nodes:
+        stream = await nodes["a"].manager.open_stream("b", b"request")
+        await stream.send_all(b"first, ")
+        with trio.fail_after(5):  # once the stream's opening is out, the direct path is free
+            while not stream.try_send_whole(b"second, "):
+                await trio.sleep(0.01)
+        big = bytes(range(256)) * 1024  # more than one record: never sent by this path
+        assert not stream.try_send_whole(big)
+        await stream.send_all(b"third, ")
+        if not stream.try_send_whole(b"fourth"):  # whichever way it goes, it goes after "third, "
+            await stream.send_all(b"fourth")
+        await stream.send_eof()
+        assert not stream.try_send_whole(b"after the end")
+        got = bytearray()
+        while data := await stream.receive_some():
+            got += data
+        assert got == b"reply to first, second, third, fourth"
+        await stream.aclose()
+
+
 async def test_abandoned_or_crashed_handler_resets_the_stream() -> None:
     async with cluster("a", "b") as nodes:
         a, b = nodes["a"].manager, nodes["b"].manager
