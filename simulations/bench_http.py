@@ -19,6 +19,7 @@ goals are stated in.  A benchmark, not a test: it exits 0 whatever the figures.
 
     .venv/bin/python simulations/bench_http.py --runs 3        # make bench-http
     .venv/bin/python simulations/bench_http.py --quick         # a smoke run
+    .venv/bin/python simulations/bench_http.py --ref da71521   # and two agents of that revision
     .venv/bin/python simulations/bench_http.py --chaos 60      # errors a client sees while instances fail
 
 Needs wrk, nginx and haproxy (apt-get install wrk nginx-light haproxy).
@@ -27,6 +28,7 @@ Needs wrk, nginx and haproxy (apt-get install wrk nginx-light haproxy).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -42,6 +44,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from simulations.bench_footprint import compile_as_installed  # noqa: E402
 from simulations.bench_proxy import (  # noqa: E402
     HOST,
     MESH_AGENT,
@@ -53,6 +56,7 @@ from simulations.bench_proxy import (  # noqa: E402
     cpu_seconds,
     free_port,
     log,
+    snapshot_source,
     wait_for,
 )
 from simulations.harness import Processes  # noqa: E402
@@ -143,17 +147,21 @@ backend out
     return Path_("haproxy", target, pids)
 
 
-def start_mesh(server: int, procs: Processes, workdir: Path) -> tuple[Path_, Path_]:
+def start_mesh(server: int, procs: Processes, workdir: Path, env: dict[str, str] | None = None,
+               suffix: str = "") -> tuple[Path_, Path_]:
+    """Two agents, ``server`` registered on the second as a tcp and an http service, an upstream to
+    each on the first; ``env`` (PYTHONPATH) runs another snapshot of our code, ``suffix`` labels it."""
     key = _run([str(MESH_AGENT), "keygen"]).strip()
     agents: list[dict[str, Any]] = []
-    for name in ("bench-a", "bench-b"):
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", suffix)
+    for name in (f"bench-a{tag}", f"bench-b{tag}"):
         gossip, api, tunnel = free_port(udp_too=True), free_port(), free_port()
         argv = [str(MESH_AGENT), "agent", "--name", name, "--bind", f"{HOST}:{gossip}", "--api", f"{HOST}:{api}",
                 "--tunnel", f"{HOST}:{tunnel}", "--key", key, "--profile", "local", "--log-level", "warning",
                 ]
         if agents:
             argv += ["--join", f"{HOST}:{agents[0]['gossip']}"]
-        p = procs.start(argv, workdir / f"{name}.log")
+        p = procs.start(argv, workdir / f"{name}.log", env=env)
         agents.append({"name": name, "api": api, "gossip": gossip, "proc": p})
     a, b = agents
     for ag in agents:
@@ -173,7 +181,7 @@ def start_mesh(server: int, procs: Processes, workdir: Path) -> tuple[Path_, Pat
         listen = free_port()
         _api(a["api"], "PUT", "/v1/upstreams", {"service": service, "listen": f"{HOST}:{listen}"})
         wait_for(lambda listen=listen: probe(listen), 30, f"the {protocol} upstream")
-        out.append(Path_(protocol, listen, [a["proc"].pid, b["proc"].pid]))
+        out.append(Path_(protocol + suffix, listen, [a["proc"].pid, b["proc"].pid]))
     return out[0], out[1]
 
 
@@ -255,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", default="1,16,64")
     ap.add_argument("--quick", action="store_true", help="one run of 2 s per cell")
+    ap.add_argument("--ref", metavar="REV", help="also run two agents of this git revision (tcp@REV, http@REV rows)")
     ap.add_argument("--chaos", type=float, metavar="SECONDS",
                     help="instead: wrk for SECONDS while one instance fails every request and one is killed")
     args = ap.parse_args(argv)
@@ -289,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             server = start_nginx(procs, workdir)
             tcp, http = start_mesh(server, procs, workdir)
             paths = [Path_("direct", server), tcp, http, start_haproxy_chain(server, procs, workdir)]
+            if args.ref:
+                code, what = snapshot_source(workdir / "ref", args.ref, None)
+                compile_as_installed(code)
+                log(f"ref: {what}")
+                paths += start_mesh(server, procs, workdir, dict(os.environ, PYTHONPATH=str(code)), f"@{args.ref}")
             for path in paths:  # warm: kept connections, JIT-free but caches and pools
                 run_wrk(path, 16, 1.0)
             for run in range(args.runs):
@@ -315,8 +329,9 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], conns: list[i
     lines = [f"HTTP through the mesh, median of {args.runs} runs of {args.seconds:g} s, wrk -t1, 1 KiB answers "
              f"({time.strftime('%Y-%m-%d %H:%M')})", "",
              "| path | conns | req/s | p50 us | p99 us | proxy CPU us/req |", "|---|---:|---:|---:|---:|---:|"]
+    labels = [*PATHS, *sorted({label for label, _ in results if label not in PATHS})]
     for c in conns:
-        for label in PATHS:
+        for label in labels:
             rs = results.get((label, c))
             if not rs:
                 continue
@@ -331,6 +346,13 @@ def report(results: dict[tuple[str, int], list[dict[str, float]]], conns: list[i
                          f"{'>= 0.5' if c == 16 else ''} |")
             if c == 1:
                 lines.append(f"| http - tcp p50 (us) | 1 | {(_med(h, 'p50') - _med(t, 'p50')) * 1e6:+.0f} | <= +150 |")
+        if args.ref:
+            hr, tr = results.get((f"http@{args.ref}", c)), results.get((f"tcp@{args.ref}", c))
+            if hr and tr:
+                lines.append(f"| http/tcp req/s at {args.ref} | {c} | {_med(hr, 'rps') / _med(tr, 'rps'):.2f} | |")
+                if c == 1:
+                    lines.append(f"| http - tcp p50 (us) at {args.ref} | 1 | "
+                                 f"{(_med(hr, 'p50') - _med(tr, 'p50')) * 1e6:+.0f} | |")
         if h and x:
             lines.append(f"| http/haproxy req/s | {c} | {_med(h, 'rps') / _med(x, 'rps'):.2f} | report |")
             lines.append(f"| http/haproxy CPU per req | {c} | {_med(h, 'cpu_us') / _med(x, 'cpu_us'):.2f} | report |")
