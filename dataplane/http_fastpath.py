@@ -97,16 +97,26 @@ class _RequestFields:
         self.complete = True
 
 
-def parse_request(buf: bytearray) -> PlainRequest | SlowPath | None:
+def parse_request(buf: bytearray, searched: list[int] | None = None) -> PlainRequest | SlowPath | None:
     """The request at the start of ``buf`` if it is complete and this path may carry it, SLOW if h11
-    must (now, or once more has come), None while more bytes are needed to tell."""
+    must (now, or once more has come), None while more bytes are needed to tell.
+
+    ``searched`` (one int, kept by the caller across calls for one request, starting at 0): how
+    much of ``buf`` was seen without the head's end, so a head that arrives a byte at a time is
+    not searched again from its start on every call (as h11's receive buffer does).
+    """
     if not buf:
         return None
-    end = buf.find(b"\r\n\r\n")
+    seen = searched[0] if searched else 0
+    start = max(seen - 3, 0)
+    end = buf.find(b"\r\n\r\n", start)
     if end < 0:
-        line = buf.find(b"\n")
-        if len(buf) > MAX_HEAD or b"\n\n" in buf or (line >= 0 and not looks_like_http1(buf)):
+        if len(buf) > MAX_HEAD or buf.find(b"\n\n", max(seen - 1, 0)) >= 0:
             return SLOW
+        if buf.find(b"\n", 0, seen) < 0 and buf.find(b"\n", seen) >= 0 and not looks_like_http1(buf):
+            return SLOW  # the first line just ended, and it is no request line
+        if searched:
+            searched[0] = len(buf)
         return None
     head = end + 4
     if buf.find(b"\n\n", 0, head) >= 0:

@@ -223,8 +223,9 @@ async def _next_request(up: UpstreamListener, c: _Client) -> PlainRequest | Slow
     then)."""
     idle = up.options.idle_timeout
     with trio.move_on_after(idle if idle > 0 else math.inf):
+        searched = [0]
         while True:
-            req = parse_request(c.buf)
+            req = parse_request(c.buf, searched)
             if req is not None:
                 return req
             if c.eof:

@@ -178,3 +178,29 @@ def test_what_says_the_connection_cannot_be_kept() -> None:
 def test_a_response_this_path_cannot_carry_is_an_error(raw: bytes) -> None:
     with pytest.raises(httptools.HttpParserError):
         Response().feed(raw)
+
+
+@given(cut=st.lists(st.integers(1, 40), min_size=1, max_size=30), which=st.integers(0, 5))
+def test_a_request_told_a_piece_at_a_time_is_told_as_if_whole(cut: list[int], which: int) -> None:
+    """The caller keeps how far it searched across reads (so a head trickling in is not searched
+    again from its start each time); that must never change the verdict."""
+    raw = [
+        b"GET /a HTTP/1.1\r\nHost: web\r\n\r\n",
+        b"POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 7\r\n\r\nabcdefg",
+        b"GET /a HTTP/1.1\nHost: web\n\n",
+        b"\x16\x03\x01 binary\nstuff",
+        b"GET /" + b"x" * (17 * 1024) + b" HTTP/1.1\r\n",
+        b"GET / HTTP/1.0\r\nHost: web\r\n\r\n",
+    ][which]
+    whole = parse_request(bytearray(raw))
+    buf, searched, pos, got = bytearray(), [0], 0, None
+    sizes = iter(cut * (len(raw) // sum(cut) + 1))
+    while pos < len(raw) and got is None:
+        step = next(sizes)
+        buf += raw[pos:pos + step]
+        pos += step
+        got = parse_request(buf, searched)
+    if isinstance(whole, PlainRequest):
+        assert isinstance(got, PlainRequest) and (got.length, got.body) == (whole.length, whole.body)
+    else:
+        assert got is whole
