@@ -35,6 +35,9 @@ from dataplane.hop_by_hop import Headers
 
 #: As h11's default limit on a request head (its max_incomplete_event_size): past it h11 decides.
 MAX_HEAD: Final = 16 * 1024
+#: Trailer fields of a chunked response passed on at most (a bound on what an instance can make
+#: the agent hold; trailers are rare, and a handful in practice).
+MAX_TRAILERS: Final = 100
 #: RFC 9112 §3: method SP request-target SP HTTP-version.  A first line that is not this is
 #: some other protocol, carried as bytes; one that is, and then fails to parse, is a bad request.
 _REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[01]\r?$")
@@ -187,10 +190,13 @@ class Response:
     this path carries no other) follows the instance's: a Content-Length body
     passes as it is, a chunked one is chunked again piece by piece (trailers
     kept), and one that ends with the connection ends the client's too.
+    What an instance sends before its final head is bounded by MAX_HEAD, as
+    h11 bounds it, and its trailers by MAX_TRAILERS: llhttp itself sets no
+    limit.
     """
 
     __slots__ = ("parser", "reason", "headers", "status", "head_done", "done", "chunked", "until_close",
-                 "interim", "trailers", "body", "extra", "persistent")
+                 "interim", "trailers", "body", "extra", "persistent", "before_head")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -210,6 +216,8 @@ class Response:
         self.extra = False
         #: RFC 9112 §9.3, read with the head (llhttp forgets it once the message is complete).
         self.persistent = False
+        #: Bytes fed before the final head was complete: llhttp sets no limit, h11 16 KiB.
+        self.before_head = 0
 
     # -- httptools' callbacks --
 
@@ -221,7 +229,12 @@ class Response:
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        (self.trailers if self.head_done else self.headers).append((name.lower(), value))
+        if self.head_done:
+            if len(self.trailers) >= MAX_TRAILERS:
+                raise ValueError(f"more than {MAX_TRAILERS} trailer fields")
+            self.trailers.append((name.lower(), value))
+        else:
+            self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -259,6 +272,8 @@ class Response:
         if self.done:
             self.extra = True
             return
+        if not self.head_done:
+            self.before_head += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:  # a 101 to a request that asked for no upgrade
@@ -267,6 +282,8 @@ class Response:
             if not self.done:
                 raise
             self.extra = True
+        if not self.head_done and self.before_head > MAX_HEAD:
+            raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
 
     def keep_alive(self) -> bool:
         """The instance's connection may carry another request (RFC 9112 §9.3)."""

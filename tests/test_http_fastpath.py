@@ -204,3 +204,21 @@ def test_a_request_told_a_piece_at_a_time_is_told_as_if_whole(cut: list[int], wh
         assert isinstance(got, PlainRequest) and (got.length, got.body) == (whole.length, whole.body)
     else:
         assert got is whole
+
+
+def test_a_response_head_without_end_is_refused_past_the_limit() -> None:
+    """llhttp sets no limit on a head; h11's 16 KiB holds here too, so an instance streaming header
+    fields forever costs the agent bounded memory and the client a 502."""
+    resp = Response()
+    resp.feed(b"HTTP/1.1 200 OK\r\n")
+    with pytest.raises(httptools.HttpParserError):
+        for _ in range(1000):
+            resp.feed(b"x-filler: " + b"y" * 100 + b"\r\n")
+    ok = Response()
+    ok.feed(b"HTTP/1.1 200 OK\r\n" + b"x-filler: y\r\n" * 500 + b"Content-Length: 0\r\n\r\n")
+    assert ok.done
+    endless = Response()
+    endless.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n")
+    with pytest.raises(httptools.HttpParserError):
+        for _ in range(200):
+            endless.feed(b"x-t: 1\r\n")
