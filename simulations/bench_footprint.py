@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="also print every sample as JSON on the last line")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]  # the machine may be shared: wall-clock rows are only as good as its quiet
     work = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     try:
         code, what = snapshot_source(work / "ours", None)
@@ -369,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.crowd_only:
                     one_agent(col, key, work, args.cli_calls)
                 crowd(col, key, work, args.agents, args.timeout, args.api_requests)
-        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs\n")
+        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs; load average (1 min) "
+              f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n")
         print(table(cols, args.agents))
         print()
         for col in cols:
