@@ -90,16 +90,22 @@ class RequestReader:
         #: Why the stream cannot be read further (answered once the ready requests are), and the status.
         self.error: str | None = None
         self.error_status = 400
+        #: Set after an upgrade request: what follows it is not read.
+        self._stopped = False
 
     def feed(self, data: bytes) -> None:
-        if self.error is not None:
+        if self.error is not None or self._stopped:
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # An upgrade (or CONNECT) is not offered: the request is answered as a plain one and
             # the connection ends there, as the bytes after it are not HTTP/1.1.
-            self.error = "upgrade not supported"
+            if self.ready and self.current is None:
+                self.ready[-1].keep_alive = False
+                self._stopped = True
+            else:
+                self.error = "upgrade not supported"
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, BadRequest):
@@ -138,7 +144,8 @@ class RequestReader:
         parser = self._parser
         req.method = parser.get_method().decode("ascii", "replace")
         req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keep-alive is not offered (h11 did not either): such a client is answered, then closed.
+        req.keep_alive = req.version == "1.1" and parser.should_keep_alive()
         if req.version == "1.1" and not any(name == b"host" for name, _ in req.headers):
             raise BadRequest("missing mandatory Host header")
         self._on_head(req)

@@ -129,3 +129,19 @@ async def test_a_chunked_request_body_is_read_and_a_head_request_gets_no_body() 
         reply = await _read_until_closed(client)
         assert reply.startswith(b"HTTP/1.1 405") and reply.endswith(b"\r\n\r\n"), reply  # a head, no body
         nursery.cancel_scope.cancel()
+
+
+async def test_an_upgrade_request_is_answered_as_a_plain_one_then_closed() -> None:
+    async with trio.open_nursery() as nursery:
+        reply = await _exchange(nursery, b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: upgrade\r\n"
+                                         b"upgrade: websocket\r\n\r\n\x81\x85garbage")
+        assert reply.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1, reply
+        assert b"connection: close" in reply.lower()
+        nursery.cancel_scope.cancel()
+
+
+async def test_http10_keep_alive_is_not_offered() -> None:
+    async with trio.open_nursery() as nursery:
+        reply = await _exchange(nursery, b"GET /v1/health HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower(), reply
+        nursery.cancel_scope.cancel()
