@@ -1,4 +1,4 @@
-"""The local HTTP/JSON API, served with h11 on trio.
+"""The local HTTP/JSON API, served on trio (framing: agent.api_http).
 
 Local only (127.0.0.1 by default).  Every request passes agent.access's
 rules at its head, before its body is read: a refused request's body is
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import h11
 import trio
 
-from agent import log
+from agent import api_http, log
 from agent.access import SAFE_METHODS, Refused
+from agent.api_http import Request, RequestReader
 from agent.health import parse_duration
 from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError, shown
@@ -40,7 +40,6 @@ from gossip.address import parse_addr
 if TYPE_CHECKING:
     from agent.runner import Agent
 
-MAX_BODY = 1024 * 1024
 REQUEST_TIMEOUT = 10.0
 #: How long a kept-alive connection may sit idle between requests.
 KEEPALIVE_IDLE = 30.0
@@ -53,25 +52,8 @@ def _encode(payload: Any) -> bytes:
     return (json.dumps(payload) + "\n").encode()
 
 
-class _TooLarge(Exception):
-    pass
-
-
-#: The request headers agent.access reads (h11 gives names in lower case).
+#: The request headers agent.access reads (names in lower case).
 _ACCESS_HEADERS = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"content-type"})
-
-
-def _head_facts(request: h11.Request) -> tuple[dict[str, str], bool]:
-    """The headers the access rules read (the last value of each), and whether the head announces a
-    body (RFC 9112 §6.3: chunked, or a Content-Length above 0), in one pass over the headers."""
-    headers: dict[str, str] = {}
-    body = False
-    for name, value in request.headers:
-        if name in _ACCESS_HEADERS:
-            headers[name.decode()] = value.decode("latin-1")
-        elif name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
-            body = True
-    return headers, body
 
 
 @dataclass(frozen=True)
@@ -426,7 +408,7 @@ class ApiServer:
             return uid_cache[0]
 
         stream = RawSocketStream.adopt(accepted)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        reader = RequestReader(functools.partial(self._check_head, peer_uid))
         # One cancel scope for the whole connection, its deadline moved only when a
         # phase must wait: entering and leaving scopes per request, and moving a
         # deadline four times, were over a third of a kept-alive poll's CPU.  The
@@ -434,65 +416,90 @@ class ApiServer:
         # reading the rest of a request (REQUEST_TIMEOUT from its first bytes), the
         # handler (no deadline of ours), and sending an answer the kernel did not
         # take at once (REQUEST_TIMEOUT).
-        reading = False
+        reading = armed = False
+        served = 0
         try:
             with trio.CancelScope() as scope:
-                for served in range(KEEPALIVE_MAX_REQUESTS):
-                    if served and not conn.trailing_data[0]:  # (pipelined: already here)
-                        scope.deadline = trio.current_time() + KEEPALIVE_IDLE
+                while True:
+                    if not reader.ready:
+                        failed = self._failure(reader)
+                        if failed is not None:  # answered, and the connection ends
+                            reading = False
+                            scope.deadline = trio.current_time() + REQUEST_TIMEOUT
+                            await stream.send_all(self._response(*failed, close=True))
+                            return
+                        if reader.current is None and served:  # a kept-alive client's pause
+                            reading = False
+                            scope.deadline = trio.current_time() + KEEPALIVE_IDLE
+                        elif not armed:  # REQUEST_TIMEOUT from the request's first bytes (or the accept)
+                            reading = armed = True
+                            scope.deadline = trio.current_time() + REQUEST_TIMEOUT
                         data = await stream.receive_some(65536)
                         if not data:
-                            return  # the kept-alive client went away
-                        conn.receive_data(data)
-                    reading = True
-                    reply = await self._serve_one(conn, stream, scope, peer_uid)
-                    reading = False
+                            return  # the client went away
+                        reader.feed(data)
+                        continue
+                    request = reader.ready.popleft()
+                    reading = armed = False
+                    served += 1
+                    if request.too_large:
+                        await stream.send_all(self._response(413, {"error": "request body too large"}, close=True))
+                        return
+                    reply = await self._serve_one(request, scope)
                     status, payload, *extra = reply
                     if isinstance(payload, Streamed):
                         scope.deadline = math.inf
-                        await self._stream(conn, stream, status, payload, extra[0] if extra else [])
+                        await self._stream(stream, status, payload, extra[0] if extra else [],
+                                           chunked=request.version == "1.1")
                         return  # a stream lasts until the client goes away: the connection ends with it
-                    out = self._response(conn, *reply, close=served == KEEPALIVE_MAX_REQUESTS - 1)
+                    close = not request.keep_alive or status >= 400 or served >= KEEPALIVE_MAX_REQUESTS
+                    out = self._response(*reply, close=close, head_only=request.method == "HEAD")
                     sent = stream.try_send(out)
                     if sent < len(out):
                         scope.deadline = trio.current_time() + REQUEST_TIMEOUT
                         await stream.send_all(memoryview(out)[sent:])
-                    if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                        return  # a close was asked for, or the request was not read to its end
-                    conn.start_next_cycle()
+                    if close:
+                        return  # a close was asked for, or an error may have left the stream out of step
             if scope.cancelled_caught and reading:
                 with trio.move_on_after(REQUEST_TIMEOUT):
-                    await stream.send_all(self._response(conn, 408, {"error": "request not received in time"}))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, OSError):
+                    await stream.send_all(self._response(408, {"error": "request not received in time"}, close=True))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_one(self, conn: h11.Connection, stream: RawSocketStream, scope: trio.CancelScope,
-                         peer_uid: Callable[[], int | None]) -> Reply:
-        """Read one request and answer it; the handler runs with ``scope``'s deadline lifted."""
-        body = bytearray()
+    @staticmethod
+    def _failure(reader: RequestReader) -> tuple[int, Any] | None:
+        """The answer that ends a connection whose next request cannot be read, if so."""
+        if reader.current is not None and reader.current.too_large:
+            return 413, {"error": "request body too large"}  # answered without reading the rest
+        if reader.error is not None:
+            return reader.error_status, {"error": f"bad HTTP request: {reader.error}"}
+        return None
+
+    def _check_head(self, peer_uid: Callable[[], int | None], request: Request) -> None:
+        """The access rules, at a request's head: a refused request's body is counted, never kept."""
+        split = urlsplit(request.target.decode("ascii", "replace"))
+        path = split.path.rstrip("/") or "/"
         try:
-            request = await self._read_head(conn, stream, scope)
-            if request is None:
-                return 400, {"error": "no request"}
-            method = request.method.decode("ascii", "replace")
-            split = urlsplit(request.target.decode("ascii", "replace"))
-            path = split.path.rstrip("/") or "/"
-            try:
-                caller = self.policy.check(method, path, *_head_facts(request), peer_uid)
-            except Refused as exc:
-                self.policy.count(exc, method, path)  # first: a body too large still counts the refusal
-                await self._read_body(conn, stream, None)  # read to its end, kept nowhere
-                return exc.status, {"error": exc.message}
-            await self._read_body(conn, stream, body)
-        except h11.RemoteProtocolError as exc:
-            return 400, {"error": f"bad HTTP request: {exc}"}
-        except _TooLarge:
-            return 413, {"error": "request body too large"}
+            caller = self.policy.check(request.method, path, *request.facts(_ACCESS_HEADERS), peer_uid)
+        except Refused as exc:
+            self.policy.count(exc, request.method, path)  # first: a body too large still counts the refusal
+            request.body = None
+            request.verdict = (path, split.query, exc)
+            return
+        request.verdict = (path, split.query, caller)
+
+    async def _serve_one(self, request: Request, scope: trio.CancelScope) -> Reply:
+        """Answer one request read to its end; the handler runs with ``scope``'s deadline lifted."""
+        path, query, caller = request.verdict
+        if isinstance(caller, Refused):
+            return caller.status, {"error": caller.message}
         if scope.deadline != math.inf:
             scope.deadline = math.inf
-        reply = await self._dispatch(method, path, split.query, body)
+        method = request.method
+        body = request.body or bytearray()
+        reply = await self._dispatch(method, path, query, body)
         if reply[0] < 400 and method not in SAFE_METHODS:
             self.log.info("api_change", method=method, route=path, by=str(caller),
                           change=_redacted(self._json(body)))
@@ -504,37 +511,6 @@ class ApiServer:
             return json.loads(body) if body else None
         except (ValueError, UnicodeDecodeError):
             return None
-
-    async def _read_head(self, conn: h11.Connection, stream: RawSocketStream,
-                         scope: trio.CancelScope) -> h11.Request | None:
-        armed = False
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if not armed:  # REQUEST_TIMEOUT from the request's first bytes (or the accept)
-                    scope.deadline = trio.current_time() + REQUEST_TIMEOUT
-                    armed = True
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Request):
-                return event
-            elif isinstance(event, h11.ConnectionClosed):
-                return None
-
-    async def _read_body(self, conn: h11.Connection, stream: RawSocketStream, body: bytearray | None) -> None:
-        """Read the request's body to its end, into ``body`` (or nowhere), at most MAX_BODY bytes."""
-        seen = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Data):
-                seen += len(event.data)
-                if seen > MAX_BODY:
-                    raise _TooLarge()
-                if body is not None:
-                    body += event.data
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                return
 
     async def _dispatch(self, method: str, path: str, query: str, body: bytearray) -> Reply:
         handler: Handler | None = self.routes.get((method, path)) or self._match_prefixed(method, path)
@@ -576,44 +552,30 @@ class ApiServer:
         return None
 
     @staticmethod
-    def _response(conn: h11.Connection, status: int, payload: Any,
-                  extra: list[tuple[str, str]] | None = None, *, close: bool = False) -> bytes:
+    def _response(status: int, payload: Any, extra: list[tuple[str, str]] | None = None, *, close: bool = False,
+                  head_only: bool = False) -> bytes:
         data = payload if isinstance(payload, bytes) else _encode(payload)
-        # Errors close the connection: after a bad request the stream may be
-        # out of step.  h11 itself adds "connection: close" when the client
-        # asked for it or spoke HTTP/1.0.
+        # Errors close the connection: after a bad request the stream may be out of step.
         extra = extra or []
-        headers = [
-            *([] if any(k == "content-type" for k, _ in extra) else [("content-type", "application/json")]),
-            ("content-length", str(len(data))),
-            *([("connection", "close")] if close or status >= 400 else []),
-            *extra,
-        ]
-        try:
-            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-            out += conn.send(h11.Data(data=data)) or b""
-            out += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            # h11 will not answer a request it could not parse; answer raw.
-            head = f"HTTP/1.1 {status} Error\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-            out = head.encode() + b"\r\n" + data
-        return out
+        headers = [("content-type", "application/json"), *extra] if all(k != "content-type" for k, _ in extra) \
+            else extra
+        return api_http.response(status, data, headers, close=close or status >= 400, head_only=head_only)
 
-    async def _stream(self, conn: h11.Connection, stream: RawSocketStream, status: int, body: Streamed,
-                      extra: list[tuple[str, str]]) -> None:
-        """Send ``body`` chunk by chunk until it ends, the client hangs up, or stops reading.
+    async def _stream(self, stream: RawSocketStream, status: int, body: Streamed, extra: list[tuple[str, str]],
+                      *, chunked: bool) -> None:
+        """Send ``body`` piece by piece until it ends, the client hangs up, or stops reading.
 
-        Without a content-length h11 frames the body as chunked for an
-        HTTP/1.1 client (close-delimited for HTTP/1.0).  A second task reads
-        the socket only to notice the client leaving, which would otherwise
-        go unseen until the next chunk, perhaps much later.
+        Without a content-length the body is chunked for an HTTP/1.1 client and
+        close-delimited for HTTP/1.0.  A second task reads the socket only to
+        notice the client leaving, which would otherwise go unseen until the
+        next piece, perhaps much later.
         """
         headers = [("content-type", body.content_type), ("cache-control", "no-store"), ("connection", "close"),
                    *extra]
         with body.open() as chunks:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_hangup, stream, nursery.cancel_scope)
-                await self._pump(conn, stream, h11.Response(status_code=status, headers=headers), chunks)
+                await self._pump(stream, api_http.stream_head(status, headers, chunked), chunks, chunked)
                 nursery.cancel_scope.cancel()
 
     @staticmethod
@@ -626,19 +588,19 @@ class ApiServer:
         scope.cancel()
 
     @staticmethod
-    async def _pump(conn: h11.Connection, stream: RawSocketStream, head: h11.Response,
-                    chunks: AsyncIterator[bytes]) -> None:
+    async def _pump(stream: RawSocketStream, head: bytes, chunks: AsyncIterator[bytes], chunked: bool) -> None:
         try:
             with trio.move_on_after(REQUEST_TIMEOUT) as scope:
-                await stream.send_all(conn.send(head) or b"")
+                await stream.send_all(head)
             if scope.cancelled_caught:
                 return
-            async for chunk in chunks:
+            async for piece in chunks:
                 # A client that stays connected but stops reading is dropped.
                 with trio.move_on_after(REQUEST_TIMEOUT) as scope:
-                    await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                    await stream.send_all(api_http.chunk(piece, chunked))
                 if scope.cancelled_caught:
                     return
-            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.LocalProtocolError):
+            if chunked:
+                await stream.send_all(api_http.LAST_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass

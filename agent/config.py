@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import stat
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +103,8 @@ def _env_value(kind: str, raw: str) -> Any:
 
 
 def _file_values(path: str) -> dict[str, Any]:
+    import tomllib  # only an agent started with a config file reads TOML
+
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from agent import log
@@ -290,6 +289,8 @@ async def _probe_http(spec: CheckSpec) -> tuple[str, str]:
     Redirects are not followed: a health endpoint that redirects is misconfigured, and following it could
     send the probe somewhere else entirely.
     """
+    import h11  # loaded by the first HTTP check: an agent with none never pays for it
+
     url = _parse_http_url(spec.target)
     phase = "connect"
     with trio.move_on_after(spec.timeout):

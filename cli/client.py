@@ -1,8 +1,13 @@
-"""A tiny client for the agent's local API, on the standard library's http.client.
+"""A tiny client for the agent's local API.
 
-http.client (with the email parser it brings) is imported by the first call,
-not by ``import cli.client``: ``mesh-agent agent`` imports this module too and
-never calls it, and an agent is not made to carry a client it does not use.
+A one-shot call (every command but the streams) is one request on a socket,
+its answer parsed by httptools (llhttp, a dependency of the agent already):
+the CLI is what scripts call all day, and the standard library's http.client
+brings ssl and the email parser with it, a third of a short command's start.
+The streams (monitor, tap) use http.client, imported by the first of them:
+they run for long, and its chunked reading is what they need.  Neither is
+imported by ``import cli.client``: ``mesh-agent agent`` imports this module
+too and never calls it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from gossip.address import parse_addr
+from gossip.address import Address, format_addr, parse_addr
 
 if TYPE_CHECKING:
     import http.client
@@ -48,13 +53,17 @@ def _auth_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
+def _address(api: str) -> Address:
+    try:
+        return parse_addr(api, 7947)
+    except ValueError as exc:
+        raise ApiError(f"--api: {exc}") from None
+
+
 def _connection(api: str, timeout: float) -> http.client.HTTPConnection:
     import http.client
 
-    try:
-        host, port = parse_addr(api, 7947)
-    except ValueError as exc:
-        raise ApiError(f"--api: {exc}") from None
+    host, port = _address(api)
     return http.client.HTTPConnection(host, port, timeout=timeout)
 
 
@@ -63,32 +72,70 @@ def _unreachable(api: str, exc: Exception) -> ApiError:
     return ApiError(f"no agent answering at {api} ({reason}); is `mesh-agent agent` running?")
 
 
-def _refused(resp: http.client.HTTPResponse, data: Any) -> ApiError:
+def _refused(status: int, reason: str, data: Any) -> ApiError:
     msg = data.get("error") if isinstance(data, dict) else None
-    return ApiError(f"agent refused: {msg or resp.reason} (HTTP {resp.status})")
+    return ApiError(f"agent refused: {msg or reason} (HTTP {status})")
+
+
+class _Answer:
+    """httptools' callbacks for one response: its reason phrase, its body, and whether it is all in."""
+
+    def __init__(self) -> None:
+        self.reason = b""
+        self.body = bytearray()
+        self.complete = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_body(self, data: bytes) -> None:
+        self.body += data
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def _request_head(method: str, path: str, addr: Address, payload: bytes | None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"host: {format_addr(addr)}", "connection: close",
+             "accept-encoding: identity"]
+    if payload is not None:
+        lines += ["content-type: application/json", f"content-length: {len(payload)}"]
+    elif method in ("POST", "PUT"):
+        lines.append("content-length: 0")
+    lines += [f"{k}: {v}" for k, v in _auth_headers().items()]
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    if any(c in path for c in "\r\n ") or head.count("\r\n") != len(lines) + 1:
+        raise ApiError("a request line or header would hold a line break or a space (a token with a new line?)")
+    return head.encode("latin-1")
 
 
 def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
-    import http.client
+    import socket
 
-    conn = _connection(api, timeout)
+    import httptools
+
+    addr = _address(api)
     payload = None if body is None else json.dumps(body).encode()
-    headers = {"content-type": "application/json"} if payload is not None else {}
-    headers.update(_auth_headers())
+    request = _request_head(method, path, addr, payload) + (payload or b"")
+    answer = _Answer()
+    parser = httptools.HttpResponseParser(answer)
     try:
-        conn.request(method, path, body=payload, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-    except (ConnectionRefusedError, TimeoutError, OSError, http.client.HTTPException) as exc:
+        with socket.create_connection(addr, timeout=timeout) as sock:
+            sock.sendall(request)
+            while not answer.complete:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError("the connection closed before the answer was complete")
+                parser.feed_data(chunk)
+    except (OSError, httptools.HttpParserError) as exc:
         raise _unreachable(api, exc) from None
-    finally:
-        conn.close()
+    status = parser.get_status_code()
     try:
-        data = json.loads(raw) if raw else None
+        data = json.loads(answer.body) if answer.body else None
     except ValueError:
         raise ApiError(f"agent at {api} sent a response that is not JSON") from None
-    if resp.status >= 400:
-        raise _refused(resp, data)
+    if status >= 400:
+        raise _refused(status, answer.reason.decode("latin-1"), data)
     return data
 
 
@@ -118,7 +165,7 @@ def stream_lines(api: str, path: str, timeout: float = 30.0) -> Iterator[bytes]:
         except (ValueError, OSError, http.client.HTTPException):
             data = None
         conn.close()
-        raise _refused(resp, data)
+        raise _refused(resp.status, resp.reason, data)
     if sock is not None:
         sock.settimeout(None)
     return _lines(conn, resp)

@@ -19,7 +19,10 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
 ``--ref REV`` adds a column for a git revision of our code, run from a snapshot, in the same run
 (interleaved: every run measures each column once), so a change's effect is a ratio, not a memory.
 It ends with the import-time profile of the agent and of the CLI (``python -X importtime``),
-grouped by top-level package.  A benchmark, not a test: it exits 0 whatever the numbers say.
+grouped by top-level package, and the floor: what an interpreter that imports only the agent's
+dependencies costs, next to one that imports what the agent does (CPU and RSS), so what is ours
+to cut shows apart from what trio, structlog and click cost.  A benchmark, not a test: it exits 0
+whatever the numbers say.
 
     .venv/bin/python simulations/bench_footprint.py --runs 3 [--ref HEAD~5] [--agents 25]
 
@@ -295,6 +298,29 @@ def import_profile(code: Path | None, statement: str, top: int = 8) -> str:
     return f"{total / 1000:.0f} ms: " + ", ".join(f"{k} {v / 1000:.0f}" for k, v in parts)
 
 
+#: What an agent imports that is not ours: its dependencies, as the agent loads them at start.
+DEPENDENCIES = "import trio, structlog, click, msgpack, httptools, nacl.secret, nacl.signing, nacl.public"
+#: What an agent imports before it answers its API.
+AGENT_IMPORTS = "import cli.main, agent.runner, agent.api"
+_MEASURE = ("; import resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
+            "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {u.ru_maxrss / 1024}')")
+
+
+def import_cost(code: Path | None, statement: str, runs: int) -> tuple[float, float]:
+    """Median CPU seconds and peak RSS (MiB) of a fresh interpreter that runs ``statement``."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    cpu, rss = [], []
+    for _ in range(runs):
+        r = subprocess.run([sys.executable, "-c", statement + _MEASURE], capture_output=True, text=True,
+                           cwd=code or ROOT, env=env, timeout=60, check=True)
+        c, m = r.stdout.split()
+        cpu.append(float(c))
+        rss.append(float(m))
+    return statistics.median(cpu), statistics.median(rss)
+
+
 ROWS = (
     ("rss_alone_mib", "RSS of one idle agent, alone, after 2 s (MiB)", 1),
     ("start_s", "spawn to API answering (s)", 3),
@@ -348,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="also print every sample as JSON on the last line")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0]  # the machine may be shared: wall-clock rows are only as good as its quiet
     work = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     try:
         code, what = snapshot_source(work / "ours", None)
@@ -369,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.crowd_only:
                     one_agent(col, key, work, args.cli_calls)
                 crowd(col, key, work, args.agents, args.timeout, args.api_requests)
-        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs\n")
+        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs; load average (1 min) "
+              f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n")
         print(table(cols, args.agents))
         print()
         for col in cols:
@@ -378,6 +406,15 @@ def main(argv: list[str] | None = None) -> int:
                       + import_profile(col.code, "import cli.main, agent.runner"))
                 print(f"- import time, {col.label}, CLI (`import cli.main`): "
                       + import_profile(col.code, "import cli.main"))
+        floor_cpu, floor_rss = import_cost(None, DEPENDENCIES, max(5, args.runs))
+        print(f"- floor: an interpreter importing only the dependencies (`{DEPENDENCIES}`): "
+              f"{floor_cpu:.3f} CPU-s, {floor_rss:.1f} MiB")
+        for col in cols:
+            if col.kind == "ours":
+                c, m = import_cost(col.code, AGENT_IMPORTS, max(5, args.runs))
+                print(f"- {col.label}: an interpreter importing what the agent does (`{AGENT_IMPORTS}`): "
+                      f"{c:.3f} CPU-s, {m:.1f} MiB (ours beyond the floor: {c - floor_cpu:+.3f} CPU-s, "
+                      f"{m - floor_rss:+.1f} MiB)")
         if args.json:
             print(json.dumps({c.label: c.samples for c in cols}))
     finally:
