@@ -11,7 +11,9 @@ The parser reads everything it is fed, several pipelined requests included:
 requests queue here in order as their last byte arrives, and the server
 answers them one by one.  What h11 enforced and llhttp does not is checked
 here: a request head (target and headers) larger than MAX_HEAD, and an HTTP/1.1
-request without Host (RFC 9112 §3.2), are bad requests.  A body is counted as
+request without Host or any request with two (RFC 9112 §3.2; the access rules read
+Host against DNS rebinding, so which of two counts must never be a question), are
+bad requests.  A body is counted as
 it arrives: past MAX_BODY the request is marked, so the server can answer 413
 without reading the rest; a body the access rules refused at the head is
 counted and never kept.
@@ -146,8 +148,9 @@ class RequestReader:
         req.version = parser.get_http_version()
         # HTTP/1.0 keep-alive is not offered (h11 did not either): such a client is answered, then closed.
         req.keep_alive = req.version == "1.1" and parser.should_keep_alive()
-        if req.version == "1.1" and not any(name == b"host" for name, _ in req.headers):
-            raise BadRequest("missing mandatory Host header")
+        hosts = sum(1 for name, _ in req.headers if name == b"host")
+        if hosts > 1 or (req.version == "1.1" and not hosts):  # RFC 9112 §3.2: a 400 either way
+            raise BadRequest("missing mandatory Host header" if not hosts else "more than one Host header")
         self._on_head(req)
 
     def on_body(self, data: bytes) -> None:

@@ -19,9 +19,10 @@ one we would only have to discover.
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-import h11
+if TYPE_CHECKING:
+    import h11
 
 #: Kept per instance; more concurrent requests than this open more, and close the extra after use.
 MAX_IDLE_PER_INSTANCE: Final = 64
@@ -67,6 +68,8 @@ class InstanceConn:
     def framer(self) -> h11.Connection:
         """The h11 connection of an exchange that goes through h11 (made for it)."""
         if self.h is None:
+            import h11  # loaded with the first request that needs it (issue 30: not at start)
+
             self.h = h11.Connection(h11.CLIENT)
         return self.h
 
@@ -76,6 +79,8 @@ class InstanceConn:
         h = self.h
         if h is None:
             return self.clean
+        import h11
+
         return h.our_state is h11.DONE and h.their_state is h11.DONE and not h.trailing_data[0]
 
     def next_exchange(self) -> None:

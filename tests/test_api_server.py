@@ -80,6 +80,7 @@ async def _exchange(nursery: trio.Nursery, request: bytes) -> bytes:
 
 @pytest.mark.parametrize(("request_bytes", "status", "detail"), [
     (b"GET /v1/health HTTP/1.1\r\n\r\n", b"400", b"Host"),  # RFC 9112 3.2
+    (b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\nhost: evil.example\r\n\r\n", b"400", b"Host"),  # 3.2 too
     (b"GET /v1/health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: " + b"a" * 20_000 + b"\r\n\r\n", b"400", b"too large"),
     (b"GET /v1/" + b"v" * 20_000 + b" HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n", b"400", b"too large"),
     (b"POST /v1/join HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
