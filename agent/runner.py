@@ -898,5 +898,5 @@ class _LazyTunnels:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def open_stream(self, peer: str, header: bytes) -> PeerStream:
-        return await self.agent.tunnels.open_stream(peer, header)
+    async def open_stream(self, peer: str, header: bytes, *, alternative: bool = False) -> PeerStream:
+        return await self.agent.tunnels.open_stream(peer, header, alternative=alternative)

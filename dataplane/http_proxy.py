@@ -408,7 +408,8 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
         known_refusing = router.refuses(endpoint.node)
         attempt = router.attempt(trio.current_time(), key)
         try:
-            ic = await proxy.instance_conn(up, endpoint)
+            ic = await proxy.instance_conn(up, endpoint, attempts < opts.max_retries
+                                           and proxy.has_alternative(up, endpoint, tried, refusing, route))
         except Denied as exc:
             router.denied(trio.current_time(), attempt)
             refusing.add(endpoint.node)
