@@ -90,7 +90,7 @@ def main() -> None:
         else:
             times = trio.run(dial, args.host, args.port, bytes.fromhex(keys["d"]), bytes.fromhex(keys["r_pub"]),
                              args.dials)
-            print(json.dumps(times))
+            print("RESULT " + json.dumps(times))  # the tunnel's own log lines go to stdout too
         return
     r_priv, r_pub = generate_keypair()
     d_priv, d_pub = generate_keypair()
@@ -107,7 +107,8 @@ def main() -> None:
     port = 17981
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--host", host, "--port", str(port), "--keys", keys]
-    responder = subprocess.Popen([*wrap_r, *me, "--role", "respond", *common], start_new_session=True)
+    responder = subprocess.Popen([*wrap_r, *me, "--role", "respond", *common], start_new_session=True,
+                                 stdout=subprocess.DEVNULL)
     rows = []
     try:
         time.sleep(1.5)
@@ -121,7 +122,7 @@ def main() -> None:
                 for p in spin:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
-            times = sorted(json.loads(out))
+            times = sorted(json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:]))
             rows.append((burners, times))
     finally:
         os.killpg(responder.pid, signal.SIGKILL)
