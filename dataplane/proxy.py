@@ -65,7 +65,7 @@ from dataplane.rawsocket import RawSocketStream, SocketPump, connect_tcp
 from dataplane.retry_budget import RetryBudget
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.stream import TunnelStream
-from dataplane.tunnel import StreamResetError, TunnelError
+from dataplane.tunnel import DialAbandoned, StreamResetError, TunnelError
 
 #: Bytes read from a client or instance socket at a time: fewer, larger reads
 #: and tunnel records per byte (see mux.DEFAULT_MAX_RECORD).
@@ -189,10 +189,12 @@ Duplex = trio.abc.HalfCloseableStream | PeerStream
 
 
 class TunnelOpener(Protocol):
-    """``alternative``: the caller has another instance elsewhere to try, so it waits for a new tunnel only
-    as long as the peer's RTT says an answer takes (dataplane.tunnel.TunnelManager.open_stream)."""
+    """``alternative()``, asked only when a new tunnel must be dialled: whether the caller has another
+    instance elsewhere to try; then it waits for the tunnel only as long as the peer's RTT says an answer
+    takes (dataplane.tunnel.TunnelManager.open_stream)."""
 
-    async def open_stream(self, peer: str, header: bytes, *, alternative: bool = False) -> PeerStream: ...
+    async def open_stream(self, peer: str, header: bytes, *,
+                          alternative: Callable[[], bool] | None = None) -> PeerStream: ...
 
 
 class ProxyError(Exception):
@@ -672,7 +674,10 @@ class Proxy:
             tried.add(key)
             known_refusing = router.refuses(endpoint.node)
             attempt = router.attempt(trio.current_time(), key)
-            alternative = failures + 1 < MAX_ATTEMPTS and self.has_alternative(up, endpoint, tried, refusing, route)
+
+            def alternative(endpoint: Endpoint = endpoint, attempt_left: bool = failures + 1 < MAX_ATTEMPTS) -> bool:
+                return attempt_left and self.has_alternative(up, endpoint, tried, refusing, route)
+
             try:
                 far = await self._connect(up, endpoint, client, early, alternative)
             except _ClientGone:
@@ -697,7 +702,8 @@ class Proxy:
                 continue
             except ATTEMPT_ERRORS as exc:
                 reason = routing.TIMEOUT if isinstance(exc, trio.TooSlowError) else routing.CONNECT_FAILED
-                router.failed(trio.current_time(), attempt, reason=reason)
+                # A dial left at its RTT bound says nothing against the instance (DialAbandoned).
+                router.failed(trio.current_time(), attempt, not isinstance(exc, DialAbandoned), reason)
                 failures += 1
                 up.stats["attempts_failed"] += 1
                 self.log("proxy_connect_failed", service=up.service, node=endpoint.node,
@@ -721,7 +727,7 @@ class Proxy:
         return None
 
     async def _connect(self, up: UpstreamListener, endpoint: Endpoint, client: RawSocketStream,
-                       early: _Early, alternative: bool = False) -> Duplex:
+                       early: _Early, alternative: Callable[[], bool] | None = None) -> Duplex:
         timeout = up.options.connect_timeout
         source = up.options.source
         if endpoint.node == self.local_node:
@@ -855,11 +861,12 @@ class Proxy:
         up.stats[f"split.{target}"] += 1
         return chain, target
 
-    async def instance_conn(self, up: UpstreamListener, endpoint: Endpoint, alternative: bool = False
-                            ) -> InstanceConn:
+    async def instance_conn(self, up: UpstreamListener, endpoint: Endpoint,
+                            alternative: Callable[[], bool] | None = None) -> InstanceConn:
         """A kept connection to the instance for one HTTP request, or a new one.
 
-        ``alternative``: a failure would be retried on another node (:meth:`has_alternative`).
+        ``alternative()``: whether a failure would be retried on another node (:meth:`has_alternative`);
+        asked only if a new tunnel must be dialled.
 
         Raises Denied when the instance's agent refuses the source, and the
         attempt errors when it cannot be connected; nothing is sent to the

@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_REJECT_AFTER_TIME",
     "DEFAULT_REKEY_AFTER_MESSAGES",
     "DEFAULT_REKEY_AFTER_TIME",
+    "DialAbandoned",
     "MAGIC",
     "PREAMBLE",
     "REFUSAL_REASONS",
@@ -118,6 +119,14 @@ def dial_bound(rtt: float | None, ceiling: float, floor: float = DIAL_RTT_FLOOR,
 
 class TunnelError(Exception):
     """A stream could not be opened: no route to the peer, a failed dial, or we are not running."""
+
+
+class DialAbandoned(TunnelError):
+    """The caller stopped waiting for a dial at its RTT bound (``alternative``); the dial goes on.
+
+    Not evidence against the peer: a live peer on a busy host may answer a little later, and the
+    session it brings up serves the next call.  A peer that has vanished is gossip's to declare.
+    """
 
 
 class PeerDirectory(Protocol):
@@ -307,17 +316,19 @@ class TunnelManager:
     # -- outgoing ---------------------------------------------------------------------
 
     async def open_stream(self, peer: str, header: bytes = b"", *, direct_only: bool = False,
-                          alternative: bool = False) -> TunnelStream:
+                          alternative: Callable[[], bool] | None = None) -> TunnelStream:
         """A new stream to ``peer`` carrying ``header`` in its OPEN.
 
         Reuses the session to ``peer`` or dials one (concurrent callers share the
         dial).  Raises :class:`TunnelError` if no session can be had.
         ``direct_only``: the session must not itself run through a relay (a
         relay's own session must be direct, or relays could chain).
-        ``alternative``: the caller has another instance, elsewhere, to try:
-        it waits for a new session only :meth:`patience` from the dial's start,
-        then gives up while the dial goes on (a host that vanished answers no
-        dial at all, and a connect timeout of seconds is paid by every call).
+        ``alternative()``, asked only when there is no session yet: whether
+        the caller has another instance, elsewhere, to try.  If so it waits
+        for a new session only :meth:`patience` from the dial's start, then
+        raises :class:`DialAbandoned` while the dial goes on (a host that
+        vanished answers no dial at all, and a connect timeout of seconds
+        would be paid by every call).
         """
         if len(header) > mux.MAX_OPEN_HEADER:
             raise ValueError(f"stream header of {len(header)} bytes exceeds {mux.MAX_OPEN_HEADER}")
@@ -333,7 +344,8 @@ class TunnelManager:
                 if dial is None:
                     dial = self._pending[peer] = _Dial(trio.current_time())
                     self._nursery.start_soon(self._dial_task, peer, dial, not direct_only)
-                await self._wait_for(peer, dial, self.patience(peer) if alternative else None)
+                patient = alternative is not None and alternative()
+                await self._wait_for(peer, dial, self.patience(peer) if patient else None)
                 sess = self._active.get(peer)
                 if sess is None:
                     raise TunnelError(dial.error or f"tunnel to {peer} closed right after it opened")
@@ -369,8 +381,8 @@ class TunnelManager:
             rtt = self.rtt(peer) if self.rtt is not None else None
             self.log.info("tunnel_dial_rtt_bound", peer=peer, bound_ms=round(patience * 1000, 1),
                           rtt_ms=None if rtt is None else round(rtt * 1000, 2))
-        raise TunnelError(f"no tunnel to {peer} within {patience * 1000:.0f} ms of dialling (its RTT bound); "
-                          f"the dial goes on")
+        raise DialAbandoned(f"no tunnel to {peer} within {patience * 1000:.0f} ms of dialling (its RTT bound); "
+                            f"the dial goes on")
 
     async def _dial_task(self, peer: str, dial: _Dial, allow_relay: bool = True) -> None:
         sess: TunnelSession | None = None
