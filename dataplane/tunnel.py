@@ -97,13 +97,14 @@ _MAX_RELAYS_TRIED: Final = 2
 #: dialler's scheduling and the jitter of gossip's RTT samples on a shared machine.
 DIAL_RTT_FLOOR: Final = 0.050
 DIAL_RTT_FACTOR: Final = 3.0
-#: A caller that has another instance to go to waits for a new session at most
-#: max(DIAL_PATIENCE_FLOOR, DIAL_RTT_FACTOR x RTT) from the dial's start (:meth:`TunnelManager.patience`), and
-#: the dial goes on without it.  A dial is a TCP connect and one Noise round trip: two RTTs and well under a
-#: millisecond of CPU per side on an idle host.  The floor covers both ends' scheduling when the host is loaded:
-#: docs/dataplane.md, "A vanished host costs an RTT-derived wait", has the figures it rests on.  Giving up too
-#: early on a live peer costs the caller a move to another instance, never a failure (the caller without
-#: one waits), and the session still comes up for the next call.
+#: A caller that has another instance to go to waits for a new dial to reach the peer's host (a TCP
+#: connection up, directly or through a relay) at most max(DIAL_PATIENCE_FLOOR, DIAL_RTT_FACTOR x RTT) from
+#: the dial's start (:meth:`TunnelManager.patience`), and the dial goes on without it.  The host's kernel
+#: answers a SYN in one RTT however busy the agent on it is, so only our own scheduling and the network
+#: count; once the host has answered, the caller waits for the handshake, which a busy agent answers late
+#: but answers.  The floor covers a loaded dialler: docs/dataplane.md, "A vanished host costs an
+#: RTT-derived wait", has the figures it rests on.  Giving up too early costs the caller a move to another
+#: instance, never a failure (the caller without one waits), and the session still comes up for the next.
 DIAL_PATIENCE_FLOOR: Final = 0.020
 
 
@@ -149,10 +150,12 @@ def _raw(transport: trio.abc.Stream) -> trio.abc.Stream:
 
 
 class _Dial:
-    __slots__ = ("done", "error", "started", "abandoned")
+    __slots__ = ("done", "reached", "error", "started", "abandoned")
 
     def __init__(self, started: float) -> None:
         self.done = trio.Event()
+        #: Set once a transport to the peer's host is up (its kernel answered), or the dial is over.
+        self.reached = trio.Event()
         self.error: str | None = None
         #: When it began (trio's clock): a caller's patience counts from here, not from its own arrival.
         self.started = started
@@ -189,8 +192,8 @@ class TunnelManager:
     once the direct connect has been silent for :func:`dial_bound` of it
     (counted as ``relays_raced``), so a peer that only a relay reaches costs
     no connect timeout; and a caller of :meth:`open_stream` that says it has
-    another instance to go to (``alternative``) waits for a new session only
-    :meth:`patience` from the dial's start, counted as ``dials_rtt_bounded``
+    another instance to go to (``alternative``) waits for a new dial to reach
+    the peer's host only :meth:`patience` from its start, counted as ``dials_rtt_bounded``
     (the dial goes on: a session that comes up after all is kept for the next
     call, counted as ``dials_late``).  A caller without one waits for the dial,
     which its own timeout bounds: a live peer that is slow is still reached.
@@ -325,10 +328,11 @@ class TunnelManager:
         relay's own session must be direct, or relays could chain).
         ``alternative()``, asked only when there is no session yet: whether
         the caller has another instance, elsewhere, to try.  If so it waits
-        for a new session only :meth:`patience` from the dial's start, then
-        raises :class:`DialAbandoned` while the dial goes on (a host that
-        vanished answers no dial at all, and a connect timeout of seconds
-        would be paid by every call).
+        for the dial to reach the peer's host only :meth:`patience` from the
+        dial's start, then raises :class:`DialAbandoned` while the dial goes
+        on (a host that vanished answers no dial at all, and a connect timeout
+        of seconds would be paid by every call); once the host has answered,
+        it waits for the session.
         """
         if len(header) > mux.MAX_OPEN_HEADER:
             raise ValueError(f"stream header of {len(header)} bytes exceeds {mux.MAX_OPEN_HEADER}")
@@ -361,19 +365,21 @@ class TunnelManager:
 
     def patience(self, peer: str) -> float | None:
         """How long after a dial to ``peer`` began a caller with another instance to go to stops waiting
-        for it: :func:`dial_bound` of the RTT estimate with :data:`DIAL_PATIENCE_FLOOR`; None (wait for
-        the dial) while no estimate is known."""
+        for it to reach the host: :func:`dial_bound` of the RTT estimate with :data:`DIAL_PATIENCE_FLOOR`;
+        None (wait for the dial) while no estimate is known."""
         rtt = self.rtt(peer) if self.rtt is not None else None
         bound = dial_bound(rtt, math.inf, DIAL_PATIENCE_FLOOR)
         return None if math.isinf(bound) else bound
 
     async def _wait_for(self, peer: str, dial: _Dial, patience: float | None) -> None:
-        """Wait for ``dial`` to end; with ``patience``, until ``patience`` after it began at most."""
+        """Wait for ``dial`` to end; with ``patience``, leave if it has not reached the host by then."""
         if patience is None:
             await dial.done.wait()
             return
         with trio.move_on_at(dial.started + patience):
-            await dial.done.wait()
+            await dial.reached.wait()
+        if dial.reached.is_set():
+            await dial.done.wait()  # the host answered: its agent will, however busy
             return
         dial.abandoned += 1
         self.stats["dials_rtt_bounded"] += 1
@@ -381,13 +387,13 @@ class TunnelManager:
             rtt = self.rtt(peer) if self.rtt is not None else None
             self.log.info("tunnel_dial_rtt_bound", peer=peer, bound_ms=round(patience * 1000, 1),
                           rtt_ms=None if rtt is None else round(rtt * 1000, 2))
-        raise DialAbandoned(f"no tunnel to {peer} within {patience * 1000:.0f} ms of dialling (its RTT bound); "
-                            f"the dial goes on")
+        raise DialAbandoned(f"no answer from {peer}'s host within {patience * 1000:.0f} ms of dialling "
+                            f"(its RTT bound); the dial goes on")
 
     async def _dial_task(self, peer: str, dial: _Dial, allow_relay: bool = True) -> None:
         sess: TunnelSession | None = None
         try:
-            sess = await self._dial(peer, allow_relay)
+            sess = await self._dial(peer, allow_relay, dial.reached)
             self._register(sess)
             if dial.abandoned:
                 self.stats["dials_late"] += 1
@@ -400,6 +406,7 @@ class TunnelManager:
         finally:
             if self._pending.get(peer) is dial:
                 del self._pending[peer]
+            dial.reached.set()
             dial.done.set()
         if sess is not None:
             await sess.run(None)
@@ -499,7 +506,7 @@ class TunnelManager:
             raise
         return stream
 
-    async def _dial(self, peer: str, allow_relay: bool = True) -> TunnelSession:
+    async def _dial(self, peer: str, allow_relay: bool = True, reached: trio.Event | None = None) -> TunnelSession:
         target = self.directory.tunnel_peer(peer)
         if target is None:
             raise TunnelError(f"no tunnel route to {peer!r}: not a live member with a tunnel key")
@@ -507,6 +514,8 @@ class TunnelManager:
         try:
             with trio.fail_after(self.handshake_timeout + self.direct_connect_timeout):
                 transport, via = await self._transport(peer, host, port, allow_relay)
+                if reached is not None:
+                    reached.set()
                 try:
                     initiation = Initiation(self._static_private, key, self.name, self._next_timestamp())
                     await transport.send_all(initiation.first_flight)
