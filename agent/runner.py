@@ -18,6 +18,7 @@ import json
 import signal
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -898,5 +899,6 @@ class _LazyTunnels:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    async def open_stream(self, peer: str, header: bytes) -> PeerStream:
-        return await self.agent.tunnels.open_stream(peer, header)
+    async def open_stream(self, peer: str, header: bytes, *,
+                          alternative: Callable[[], bool] | None = None) -> PeerStream:
+        return await self.agent.tunnels.open_stream(peer, header, alternative=alternative)

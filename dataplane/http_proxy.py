@@ -67,9 +67,10 @@ from dataplane.http_fastpath import (
 )
 from dataplane.http_pool import InstanceConn, Kept
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
-from dataplane.proxy import ATTEMPT_ERRORS, CHUNK, MAX_ATTEMPTS, Denied
+from dataplane.proxy import ATTEMPT_ERRORS, CHUNK, MAX_ATTEMPTS, Denied, Endpoint
 from dataplane.rawsocket import RawSocketStream
 from dataplane.stream import TunnelStream
+from dataplane.tunnel import DialAbandoned
 
 if TYPE_CHECKING:
     from dataplane.discovery_chain import DiscoveryChain, Target
@@ -501,8 +502,14 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
         r.instance, r.node = endpoint.instance_id, endpoint.node
         known_refusing = router.refuses(endpoint.node)
         attempt = router.attempt(trio.current_time(), key)
+
+        def alternative(endpoint: Endpoint = endpoint, retry_left: bool = attempts < opts.max_retries) -> bool:
+            """A failure could be retried elsewhere: a new tunnel is then waited for only its RTT bound."""
+            return (retry_left and up.budget.can_retry(trio.current_time())
+                    and proxy.has_alternative(up, endpoint, tried, refusing, route))
+
         try:
-            ic = await proxy.instance_conn(up, endpoint)
+            ic = await proxy.instance_conn(up, endpoint, alternative)
         except Denied as exc:
             router.denied(trio.current_time(), attempt)
             refusing.add(endpoint.node)
@@ -512,7 +519,8 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
             continue
         except ATTEMPT_ERRORS as exc:
             slow = isinstance(exc, trio.TooSlowError)
-            router.failed(trio.current_time(), attempt, reason=routing.TIMEOUT if slow else routing.CONNECT_FAILED)
+            router.failed(trio.current_time(), attempt, not isinstance(exc, DialAbandoned),
+                          routing.TIMEOUT if slow else routing.CONNECT_FAILED)
             up.stats["attempts_failed"] += 1
             proxy.log("proxy_connect_failed", service=up.service, node=endpoint.node,
                       instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)

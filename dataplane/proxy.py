@@ -65,7 +65,7 @@ from dataplane.rawsocket import RawSocketStream, SocketPump, connect_tcp
 from dataplane.retry_budget import RetryBudget
 from dataplane.routing import Attempt, PathView, Router, RoutingOptions
 from dataplane.stream import TunnelStream
-from dataplane.tunnel import StreamResetError, TunnelError
+from dataplane.tunnel import DialAbandoned, StreamResetError, TunnelError
 
 #: Bytes read from a client or instance socket at a time: fewer, larger reads
 #: and tunnel records per byte (see mux.DEFAULT_MAX_RECORD).
@@ -189,7 +189,12 @@ Duplex = trio.abc.HalfCloseableStream | PeerStream
 
 
 class TunnelOpener(Protocol):
-    async def open_stream(self, peer: str, header: bytes) -> PeerStream: ...
+    """``alternative()``, asked only when a new tunnel must be dialled: whether the caller has another
+    instance elsewhere to try; then it waits for the tunnel only as long as the peer's RTT says an answer
+    takes (dataplane.tunnel.TunnelManager.open_stream)."""
+
+    async def open_stream(self, peer: str, header: bytes, *,
+                          alternative: Callable[[], bool] | None = None) -> PeerStream: ...
 
 
 class ProxyError(Exception):
@@ -563,6 +568,17 @@ class Proxy:
         assert chosen is None or isinstance(chosen, Endpoint)
         return chosen
 
+    def has_alternative(self, up: UpstreamListener, endpoint: Endpoint, tried: set[tuple[str, str]],
+                        refusing: set[str], route: tuple[DiscoveryChain, Target] | None) -> bool:
+        """Whether a failed attempt on ``endpoint`` could go on to an instance on another node: one not
+        tried, on a node that did not refuse, that outlier detection has not ejected.  Only then is a
+        new tunnel to ``endpoint``'s node waited for no longer than its RTT says (the attempt's caller
+        also checks it has an attempt left); without one, the attempt waits out its connect timeout."""
+        now = trio.current_time()
+        endpoints, _ = self.route_endpoints(up, route)
+        return any(e.node != endpoint.node and e.node not in refusing and (e.node, e.instance_id) not in tried
+                   and up.router.outlier.available(now, (e.node, e.instance_id)) for e in endpoints)
+
     def route_endpoints(self, up: UpstreamListener, route: tuple[DiscoveryChain, Target] | None
                         ) -> tuple[list[Endpoint], bool]:
         """The passing instances a connection or request may use, and whether its target failed over."""
@@ -658,8 +674,12 @@ class Proxy:
             tried.add(key)
             known_refusing = router.refuses(endpoint.node)
             attempt = router.attempt(trio.current_time(), key)
+
+            def alternative(endpoint: Endpoint = endpoint, attempt_left: bool = failures + 1 < MAX_ATTEMPTS) -> bool:
+                return attempt_left and self.has_alternative(up, endpoint, tried, refusing, route)
+
             try:
-                far = await self._connect(up, endpoint, client, early)
+                far = await self._connect(up, endpoint, client, early, alternative)
             except _ClientGone:
                 router.failed(trio.current_time(), attempt, instance_fault=False)
                 up.stats["client_gone"] += 1
@@ -682,7 +702,8 @@ class Proxy:
                 continue
             except ATTEMPT_ERRORS as exc:
                 reason = routing.TIMEOUT if isinstance(exc, trio.TooSlowError) else routing.CONNECT_FAILED
-                router.failed(trio.current_time(), attempt, reason=reason)
+                # A dial left at its RTT bound says nothing against the instance (DialAbandoned).
+                router.failed(trio.current_time(), attempt, not isinstance(exc, DialAbandoned), reason)
                 failures += 1
                 up.stats["attempts_failed"] += 1
                 self.log("proxy_connect_failed", service=up.service, node=endpoint.node,
@@ -706,7 +727,7 @@ class Proxy:
         return None
 
     async def _connect(self, up: UpstreamListener, endpoint: Endpoint, client: RawSocketStream,
-                       early: _Early) -> Duplex:
+                       early: _Early, alternative: Callable[[], bool] | None = None) -> Duplex:
         timeout = up.options.connect_timeout
         source = up.options.source
         if endpoint.node == self.local_node:
@@ -732,7 +753,7 @@ class Proxy:
         early.sent = False
         try:
             with trio.fail_after(timeout):
-                stream = await self.tunnels.open_stream(endpoint.node, header)
+                stream = await self.tunnels.open_stream(endpoint.node, header, alternative=alternative)
                 try:
                     status = await self._early_data(stream, client, early)
                 except BaseException:
@@ -840,8 +861,12 @@ class Proxy:
         up.stats[f"split.{target}"] += 1
         return chain, target
 
-    async def instance_conn(self, up: UpstreamListener, endpoint: Endpoint) -> InstanceConn:
+    async def instance_conn(self, up: UpstreamListener, endpoint: Endpoint,
+                            alternative: Callable[[], bool] | None = None) -> InstanceConn:
         """A kept connection to the instance for one HTTP request, or a new one.
+
+        ``alternative()``: whether a failure would be retried on another node (:meth:`has_alternative`);
+        asked only if a new tunnel must be dialled.
 
         Raises Denied when the instance's agent refuses the source, and the
         attempt errors when it cannot be connected; nothing is sent to the
@@ -862,7 +887,7 @@ class Proxy:
             return InstanceConn(key, conn, local=True)
         header = encode_connect(endpoint.instance_id, source, timeout * FAR_CONNECT_SHARE, http=True)
         with trio.fail_after(timeout):
-            stream = await self.tunnels.open_stream(endpoint.node, header)
+            stream = await self.tunnels.open_stream(endpoint.node, header, alternative=alternative)
             try:
                 status = await stream.receive_some(1)
             except BaseException:

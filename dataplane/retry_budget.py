@@ -65,11 +65,14 @@ class RetryBudget:
 
     def try_retry(self, now: float) -> bool:
         """Take one retry from the budget, or say there is none left (counted)."""
-        slot = self._advance(now)
-        cfg = self.config
-        allowed = cfg.ratio * sum(self._requests) + cfg.min_per_second * cfg.ttl
-        if sum(self._retries) + 1 > allowed:
+        if not self.can_retry(now):
             self.exhausted += 1
             return False
-        self._retries[slot] += 1
+        self._retries[self._advance(now)] += 1
         return True
+
+    def can_retry(self, now: float) -> bool:
+        """Whether a retry is left now; takes none."""
+        self._advance(now)
+        cfg = self.config
+        return sum(self._retries) + 1 <= cfg.ratio * sum(self._requests) + cfg.min_per_second * cfg.ttl

@@ -59,6 +59,7 @@ __all__ = [
     "DEFAULT_REJECT_AFTER_TIME",
     "DEFAULT_REKEY_AFTER_MESSAGES",
     "DEFAULT_REKEY_AFTER_TIME",
+    "DialAbandoned",
     "MAGIC",
     "PREAMBLE",
     "REFUSAL_REASONS",
@@ -82,28 +83,36 @@ _STAT_KEYS: Final = (
     "sessions_open", "sessions_opened", "sessions_closed", "sessions_failed", "duplicate_sessions",
     "streams_opened", "streams_accepted", "streams_refused", "bytes_in", "bytes_out",
     "decrypt_failures", "protocol_errors", "handler_errors", "rekeys", "rekey_collisions", "rekey_failures",
-    "direct_dials_failed", "relayed_dials", "dials_rtt_bounded",
+    "direct_dials_failed", "relayed_dials", "dials_rtt_bounded", "dials_late", "relays_raced",
 )  # fmt: skip
 #: Relays tried, best first, before a dial gives up.
 _MAX_RELAYS_TRIED: Final = 2
-#: The first dial to a peer waits for an answer at most max(DIAL_RTT_FLOOR, DIAL_RTT_FACTOR x the RTT the
-#: mesh estimates for it) (:func:`dial_bound`).  A live host's kernel answers a SYN within one RTT and the
-#: Noise reply takes one more, so silence past a few RTTs means the host has vanished (killed, unplugged,
-#: its address gone: no RST ever comes) far more often than that it is slow; the caller is better served
-#: trying another instance at once than waiting out a connect timeout of seconds.  3x is RFC 6298's first
-#: retransmission timeout from one sample (SRTT + 4 x RTTVAR with RTTVAR = SRTT/2).  The floor covers
-#: what the estimate does not see: a busy dialler's scheduling and an estimate taken by busy agents
-#: (gossip probes on a shared machine jitter by milliseconds), and stays far below the seconds it replaces.
+#: A dial's attempts race (Happy Eyeballs, RFC 8305): the direct TCP connect first, then each relay once the
+#: attempt before it has been silent for max(DIAL_RTT_FLOOR, DIAL_RTT_FACTOR x the RTT the mesh estimates for
+#: its path) (:func:`dial_bound`), or has failed.  No attempt is given up at that bound: a live but slow peer
+#: still answers the attempt that reached it, and the first transport up wins.  A live host's kernel answers a
+#: SYN within one RTT, so silence past a few RTTs means the path (or the host) is gone far more often than
+#: slow.  3x is RFC 6298's first retransmission timeout from one sample (SRTT + 4 x RTTVAR with
+#: RTTVAR = SRTT/2); the floor, which starting a spare relay attempt early costs little, covers a busy
+#: dialler's scheduling and the jitter of gossip's RTT samples on a shared machine.
 DIAL_RTT_FLOOR: Final = 0.050
 DIAL_RTT_FACTOR: Final = 3.0
+#: A caller that has another instance to go to waits for a new dial to reach the peer's host (a TCP
+#: connection up, directly or through a relay) at most max(DIAL_PATIENCE_FLOOR, DIAL_RTT_FACTOR x RTT) from
+#: the dial's start (:meth:`TunnelManager.patience`), and the dial goes on without it.  The host's kernel
+#: answers a SYN in one RTT however busy the agent on it is, so only our own scheduling and the network
+#: count; once the host has answered, the caller waits for the handshake, which a busy agent answers late
+#: but answers.  The floor covers a loaded dialler: docs/dataplane.md, "A vanished host costs an
+#: RTT-derived wait", has the figures it rests on.  Giving up too early costs the caller a move to another
+#: instance, never a failure (the caller without one waits), and the session still comes up for the next.
+DIAL_PATIENCE_FLOOR: Final = 0.020
 
 
 def dial_bound(rtt: float | None, ceiling: float, floor: float = DIAL_RTT_FLOOR,
                factor: float = DIAL_RTT_FACTOR) -> float:
-    """How long a first dial waits for a peer whose estimated RTT is ``rtt`` seconds (None: unknown).
-
-    Never more than ``ceiling`` (the configured timeout, which alone applies when nothing is known).
-    """
+    """How long an answer from a peer whose estimated RTT is ``rtt`` seconds (None: unknown) may take
+    before its silence says something: ``max(floor, factor x rtt)``, never more than ``ceiling`` (which
+    alone applies when nothing is known)."""
     if rtt is None or not math.isfinite(rtt) or rtt < 0:
         return ceiling
     return min(ceiling, max(floor, factor * rtt))
@@ -111,6 +120,14 @@ def dial_bound(rtt: float | None, ceiling: float, floor: float = DIAL_RTT_FLOOR,
 
 class TunnelError(Exception):
     """A stream could not be opened: no route to the peer, a failed dial, or we are not running."""
+
+
+class DialAbandoned(TunnelError):
+    """The caller stopped waiting for a dial at its RTT bound (``alternative``); the dial goes on.
+
+    Not evidence against the peer: a live peer on a busy host may answer a little later, and the
+    session it brings up serves the next call.  A peer that has vanished is gossip's to declare.
+    """
 
 
 class PeerDirectory(Protocol):
@@ -133,11 +150,17 @@ def _raw(transport: trio.abc.Stream) -> trio.abc.Stream:
 
 
 class _Dial:
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "reached", "error", "started", "abandoned")
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
         self.done = trio.Event()
+        #: Set once a transport to the peer's host is up (its kernel answered), or the dial is over.
+        self.reached = trio.Event()
         self.error: str | None = None
+        #: When it began (trio's clock): a caller's patience counts from here, not from its own arrival.
+        self.started = started
+        #: Callers that stopped waiting for it at their RTT bound.
+        self.abandoned = 0
 
 
 # -- the manager ----------------------------------------------------------------------
@@ -165,15 +188,15 @@ class TunnelManager:
     transport of a dial; tests substitute memory streams.
 
     ``rtt(peer)``: the mesh's RTT estimate to a member in seconds, or None.
-    With it, a dial to a peer waits only :func:`dial_bound` of it for the TCP
-    connect (and for a relay's answer) before it gives up, counted as
-    ``dials_rtt_bounded``.  Each bound that gives up doubles the next one for
-    that peer (up to the timeouts; forgotten ``direct_retry_after`` seconds
-    after the last), so an estimate that is wrong costs a few fast failures,
-    never a peer that cannot be reached, and a host that has vanished costs
-    each caller a short wait until gossip suspects it (then the balancer
-    tries it last) and declares it dead.  The caller's own timeout still
-    bounds the whole dial.
+    With it, a dial races its routes (:data:`DIAL_RTT_FLOOR`): a relay joins
+    once the direct connect has been silent for :func:`dial_bound` of it
+    (counted as ``relays_raced``), so a peer that only a relay reaches costs
+    no connect timeout; and a caller of :meth:`open_stream` that says it has
+    another instance to go to (``alternative``) waits for a new dial to reach
+    the peer's host only :meth:`patience` from its start, counted as ``dials_rtt_bounded``
+    (the dial goes on: a session that comes up after all is kept for the next
+    call, counted as ``dials_late``).  A caller without one waits for the dial,
+    which its own timeout bounds: a live peer that is slow is still reached.
     """
 
     def __init__(
@@ -234,8 +257,6 @@ class TunnelManager:
         #: Peers whose direct dial failed, and until when we go straight to a relay.
         self._direct_failed: dict[str, float] = {}
         self.rtt = rtt
-        #: Peers whose RTT bound gave up on a dial: how many times in a row, and until when that counts.
-        self._bound_missed: dict[str, tuple[int, float]] = {}
         self._handshakes = 0
         self.stats: MutableMapping[str, int] = {} if stats is None else stats
         for key in _STAT_KEYS:
@@ -297,13 +318,21 @@ class TunnelManager:
 
     # -- outgoing ---------------------------------------------------------------------
 
-    async def open_stream(self, peer: str, header: bytes = b"", *, direct_only: bool = False) -> TunnelStream:
+    async def open_stream(self, peer: str, header: bytes = b"", *, direct_only: bool = False,
+                          alternative: Callable[[], bool] | None = None) -> TunnelStream:
         """A new stream to ``peer`` carrying ``header`` in its OPEN.
 
         Reuses the session to ``peer`` or dials one (concurrent callers share the
         dial).  Raises :class:`TunnelError` if no session can be had.
         ``direct_only``: the session must not itself run through a relay (a
         relay's own session must be direct, or relays could chain).
+        ``alternative()``, asked only when there is no session yet: whether
+        the caller has another instance, elsewhere, to try.  If so it waits
+        for the dial to reach the peer's host only :meth:`patience` from the
+        dial's start, then raises :class:`DialAbandoned` while the dial goes
+        on (a host that vanished answers no dial at all, and a connect timeout
+        of seconds would be paid by every call); once the host has answered,
+        it waits for the session.
         """
         if len(header) > mux.MAX_OPEN_HEADER:
             raise ValueError(f"stream header of {len(header)} bytes exceeds {mux.MAX_OPEN_HEADER}")
@@ -317,9 +346,10 @@ class TunnelManager:
             if sess is None:
                 dial = self._pending.get(peer)
                 if dial is None:
-                    dial = self._pending[peer] = _Dial()
+                    dial = self._pending[peer] = _Dial(trio.current_time())
                     self._nursery.start_soon(self._dial_task, peer, dial, not direct_only)
-                await dial.done.wait()
+                patient = alternative is not None and alternative()
+                await self._wait_for(peer, dial, self.patience(peer) if patient else None)
                 sess = self._active.get(peer)
                 if sess is None:
                     raise TunnelError(dial.error or f"tunnel to {peer} closed right after it opened")
@@ -333,96 +363,150 @@ class TunnelManager:
                 sess.start_drain("cannot open streams")
         raise TunnelError(f"tunnel to {peer} keeps closing")
 
+    def patience(self, peer: str) -> float | None:
+        """How long after a dial to ``peer`` began a caller with another instance to go to stops waiting
+        for it to reach the host: :func:`dial_bound` of the RTT estimate with :data:`DIAL_PATIENCE_FLOOR`;
+        None (wait for the dial) while no estimate is known."""
+        rtt = self.rtt(peer) if self.rtt is not None else None
+        bound = dial_bound(rtt, math.inf, DIAL_PATIENCE_FLOOR)
+        return None if math.isinf(bound) else bound
+
+    async def _wait_for(self, peer: str, dial: _Dial, patience: float | None) -> None:
+        """Wait for ``dial`` to end; with ``patience``, leave if it has not reached the host by then."""
+        if patience is None:
+            await dial.done.wait()
+            return
+        with trio.move_on_at(dial.started + patience):
+            await dial.reached.wait()
+        if dial.reached.is_set():
+            await dial.done.wait()  # the host answered: its agent will, however busy
+            return
+        dial.abandoned += 1
+        self.stats["dials_rtt_bounded"] += 1
+        if dial.abandoned == 1:  # one line per dial, however many callers leave it
+            rtt = self.rtt(peer) if self.rtt is not None else None
+            self.log.info("tunnel_dial_rtt_bound", peer=peer, bound_ms=round(patience * 1000, 1),
+                          rtt_ms=None if rtt is None else round(rtt * 1000, 2))
+        raise DialAbandoned(f"no answer from {peer}'s host within {patience * 1000:.0f} ms of dialling "
+                            f"(its RTT bound); the dial goes on")
+
     async def _dial_task(self, peer: str, dial: _Dial, allow_relay: bool = True) -> None:
         sess: TunnelSession | None = None
         try:
-            sess = await self._dial(peer, allow_relay)
+            sess = await self._dial(peer, allow_relay, dial.reached)
             self._register(sess)
+            if dial.abandoned:
+                self.stats["dials_late"] += 1
+                self.log.info("tunnel_dial_late", peer=peer, via=sess.via, abandoned_by=dial.abandoned,
+                              after_ms=round((trio.current_time() - dial.started) * 1000, 1))
         except TunnelError as exc:
             dial.error = str(exc)
             self.stats["dials_failed"] += 1
-            self.log.info("tunnel_dial_failed", peer=peer, error=str(exc))
+            self.log.info("tunnel_dial_failed", peer=peer, error=str(exc), abandoned_by=dial.abandoned)
         finally:
             if self._pending.get(peer) is dial:
                 del self._pending[peer]
+            dial.reached.set()
             dial.done.set()
         if sess is not None:
             await sess.run(None)
 
     async def _transport(self, peer: str, host: str, port: int,
                          allow_relay: bool) -> tuple[trio.abc.Stream, str | None]:
-        """A byte stream to ``peer``'s tunnel port: dialled directly, or through a relay when that fails.
+        """A byte stream to ``peer``'s tunnel port: dialled directly, or through a relay, whichever answers first.
 
-        After a failed direct dial we go straight to a relay for
-        ``direct_retry_after`` seconds, so every new session does not first
-        wait out a dead route; then the direct route is tried again.
+        The routes race, staggered (see :data:`DIAL_RTT_FLOOR`): each starts when the one before it failed
+        or has been silent past its RTT bound, and none is given up at that bound.  After a failed direct
+        dial we go straight to the relays for ``direct_retry_after`` seconds, so every new session does not
+        first wait on a dead route; then the direct route is tried again.
         """
-        relays = self.relays(peer) if (allow_relay and self.relays is not None) else []
-        now = trio.current_time()
-        direct_error = ""
-        # A dial waits only as long as the mesh's latency estimate says an answer takes (doubled per miss).
-        misses, until = self._bound_missed.get(peer, (0, 0.0))
-        level = misses if until > now else 0
-        scale = 2.0**level
-        if not relays or self._direct_failed.get(peer, 0.0) <= now:
-            timeout = self.direct_connect_timeout if relays else self.handshake_timeout
-            rtt = self.rtt(peer) if self.rtt is not None else None
-            wait = timeout if rtt is None else min(timeout, dial_bound(rtt, timeout) * scale)
+        relays = self.relays(peer)[:_MAX_RELAYS_TRIED] if (allow_relay and self.relays is not None) else []
+        direct = not relays or self._direct_failed.get(peer, 0.0) <= trio.current_time()
+        routes: list[str | None] = ([None] if direct else []) + list(relays)
+        errors: list[str] = []
+        won: tuple[trio.abc.Stream, str | None] | None = None
+
+        async def attempt(via: str | None, failed: trio.Event) -> None:
+            nonlocal won
             try:
-                with trio.fail_after(wait):
-                    transport = _raw(await self._connect(host, port))
-                self._direct_failed.pop(peer, None)
-                return transport, None
-            except trio.TooSlowError:
-                if wait < timeout:
-                    direct_error = f"no answer from {host}:{port} within {wait * 1000:.0f} ms (its RTT bound)"
-                    self._missed_bound(peer, level + 1, now, wait, rtt)
-                else:
-                    direct_error = f"no answer from {host}:{port} in {timeout:g}s"
-            except OSError as exc:
-                direct_error = f"{host}:{port}: {exc.strerror or exc}"
-            if not relays:
-                raise TunnelError(f"cannot reach {peer} at {direct_error}")
-            self._direct_failed[peer] = now + self.direct_retry_after
-            self.stats["direct_dials_failed"] += 1
-            self.log.info("tunnel_direct_failed", peer=peer, error=direct_error, relays=relays[:3])
-        errors = [direct_error] if direct_error else []
-        for via in relays[:_MAX_RELAYS_TRIED]:
-            try:
-                stream = await self.open_stream(via, relay.encode_relay(peer), direct_only=True)
+                transport = await (self._direct(peer, host, port, bool(relays)) if via is None
+                                   else self._relayed(peer, via))
             except TunnelError as exc:
-                errors.append(f"via {via}: {exc}")
-                continue
-            # Through a relay the answer takes our RTT to it, its RTT to the peer (at most its RTT to us
-            # plus ours to the peer, by the triangle the estimates keep), and back.
-            through: float | None = None
-            if self.rtt is not None:
-                to_via, to_peer = self.rtt(via), self.rtt(peer)
-                through = None if to_via is None or to_peer is None else 2 * to_via + to_peer
-            wait = dial_bound(through, math.inf) * scale
-            try:
-                with trio.fail_after(wait):
-                    await relay.connect_through(stream)
-            except (relay.RelayError, trio.TooSlowError) as exc:
-                await trio.aclose_forcefully(stream)
-                if isinstance(exc, trio.TooSlowError):
-                    exc = relay.RelayError(f"no answer within {wait * 1000:.0f} ms (its RTT bound)")
-                    self._missed_bound(peer, level + 1, now, wait, None, via)
-                errors.append(f"via {via}: {exc}")
-                continue
+                errors.append(str(exc))
+                failed.set()
+                return
+            if won is None:
+                won = (transport, via)
+                nursery.cancel_scope.cancel()
+            else:
+                await trio.aclose_forcefully(transport)  # a slower route that answered in the same instant
+
+        async with trio.open_nursery() as nursery:
+            for i, via in enumerate(routes):
+                failed = trio.Event()
+                nursery.start_soon(attempt, via, failed)
+                if i + 1 == len(routes):
+                    break
+                wait = self._silence(peer, via)
+                with trio.move_on_after(wait):
+                    await failed.wait()
+                if not failed.is_set():
+                    self.stats["relays_raced"] += 1
+                    self.log.info("tunnel_relay_raced", peer=peer, silent=via or "direct", next=routes[i + 1],
+                                  after_ms=round(wait * 1000, 1))
+        if won is None:
+            if len(errors) == 1 and not relays:
+                raise TunnelError(errors[0])
+            raise TunnelError(f"cannot reach {peer} directly or through a relay: {'; '.join(errors)}")
+        if won[1] is not None:
             self.stats["relayed_dials"] += 1
-            return stream, via
-        raise TunnelError(f"cannot reach {peer} directly or through a relay: {'; '.join(errors)}")
+        return won
 
-    def _missed_bound(self, peer: str, level: int, now: float, wait: float, rtt: float | None,
-                      via: str | None = None) -> None:
-        """A wait gave up at its RTT bound: counted, logged, and the peer's next dial waits twice as long."""
-        self._bound_missed[peer] = (level, now + self.direct_retry_after)
-        self.stats["dials_rtt_bounded"] += 1
-        self.log.info("tunnel_dial_rtt_bound", peer=peer, via=via, bound_ms=round(wait * 1000, 1),
-                      rtt_ms=None if rtt is None else round(rtt * 1000, 2))
+    def _silence(self, peer: str, via: str | None) -> float:
+        """How long the attempt through ``via`` (None: direct) may be silent before the next route joins."""
+        if self.rtt is None:
+            return math.inf
+        if via is None:
+            return dial_bound(self.rtt(peer), math.inf)
+        # Through a relay the answer takes our RTT to it, its RTT to the peer (at most its RTT to us
+        # plus ours to the peer, by the triangle the estimates keep), and back.
+        to_via, to_peer = self.rtt(via), self.rtt(peer)
+        return dial_bound(None if to_via is None or to_peer is None else 2 * to_via + to_peer, math.inf)
 
-    async def _dial(self, peer: str, allow_relay: bool = True) -> TunnelSession:
+    async def _direct(self, peer: str, host: str, port: int, relays: bool) -> trio.abc.Stream:
+        timeout = self.direct_connect_timeout if relays else self.handshake_timeout
+        try:
+            with trio.fail_after(timeout):
+                transport = _raw(await self._connect(host, port))
+            self._direct_failed.pop(peer, None)
+            return transport
+        except trio.TooSlowError:
+            error = f"no answer from {host}:{port} in {timeout:g}s"
+        except OSError as exc:
+            error = f"{host}:{port}: {exc.strerror or exc}"
+        if not relays:
+            raise TunnelError(f"cannot reach {peer} at {error}")
+        self._direct_failed[peer] = trio.current_time() + self.direct_retry_after
+        self.stats["direct_dials_failed"] += 1
+        self.log.info("tunnel_direct_failed", peer=peer, error=error)
+        raise TunnelError(f"directly: {error}")
+
+    async def _relayed(self, peer: str, via: str) -> trio.abc.Stream:
+        try:
+            stream = await self.open_stream(via, relay.encode_relay(peer), direct_only=True)
+        except TunnelError as exc:
+            raise TunnelError(f"via {via}: {exc}") from None
+        try:
+            await relay.connect_through(stream)
+        except relay.RelayError as exc:
+            await trio.aclose_forcefully(stream)
+            raise TunnelError(f"via {via}: {exc}") from None
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _dial(self, peer: str, allow_relay: bool = True, reached: trio.Event | None = None) -> TunnelSession:
         target = self.directory.tunnel_peer(peer)
         if target is None:
             raise TunnelError(f"no tunnel route to {peer!r}: not a live member with a tunnel key")
@@ -430,6 +514,8 @@ class TunnelManager:
         try:
             with trio.fail_after(self.handshake_timeout + self.direct_connect_timeout):
                 transport, via = await self._transport(peer, host, port, allow_relay)
+                if reached is not None:
+                    reached.set()
                 try:
                     initiation = Initiation(self._static_private, key, self.name, self._next_timestamp())
                     await transport.send_all(initiation.first_flight)

@@ -529,7 +529,7 @@ async def test_proxy_retries_refused_instances_and_stops_at_a_denial() -> None:
         far = Proxy("n2", directory, None, authorizer=store)  # type: ignore[arg-type]
 
         class Opener:
-            async def open_stream(self, peer: str, header: bytes) -> Any:
+            async def open_stream(self, peer: str, header: bytes, *, alternative: Any = None) -> Any:
                 near_side, far_side = trio.testing.memory_stream_pair()
                 nursery.start_soon(far.handle_stream, "n1", header, far_side)
                 return near_side
