@@ -628,6 +628,51 @@ async def _stream_body(c: _Client, r: _Request, ic: InstanceConn) -> None:
             raise h11.RemoteProtocolError("unexpected event in a request body", 400)
 
 
+async def _receive(r: _Request, stream: Kept, can_retry: Callable[[], bool]) -> bytes | bytearray:
+    """The instance's next bytes; a broken connection raised as the attempt's failure."""
+    try:
+        return await stream.receive_some(CHUNK)
+    except _IO_ERRORS as exc:
+        if r.response_started:
+            raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
+        raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
+                      routing.RESET_BEFORE_REPLY) from None
+
+
+def _closed_unanswered(up: UpstreamListener, r: _Request, can_retry: Callable[[], bool], reused: bool) -> _Failed:
+    """Nothing came back.  On a kept connection this is most often the instance closing it just as
+    the request went out (a keep-alive race), not a failing instance."""
+    if reused:
+        up.stats["http_stale_connections"] += 1
+    return _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection without "
+                                         "answering"), None if reused else routing.CLOSED_BEFORE_REPLY)
+
+
+def _broken_response(up: UpstreamListener, r: _Request, why: str) -> _Failed:
+    """What the instance sent is not an HTTP response: a reset once the client has its start, else a 502
+    that counts against the instance."""
+    if r.response_started:
+        return _Failed(_Reset(f"the response of {r.instance} broke off: {why}"), None)
+    up.stats["http_bad_responses"] += 1
+    return _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken response: {why}"),
+                   routing.BAD_RESPONSE)
+
+
+def _final_head(up: UpstreamListener, r: _Request, attempt: routing.Attempt, status: int,
+                can_retry: Callable[[], bool], trial: bool) -> None:
+    """The instance's final answer is in: outlier detection counts it; a 5xx the request may be retried
+    for (a retry_on status, or any answer to a half-open trial) raises the retry; else the response
+    has started."""
+    up.router.answered(trio.current_time(), attempt, status < 500)
+    if status >= 500:
+        up.stats["http_5xx"] += 1
+        if (status in up.options.http.retry_on or trial) and can_retry():
+            raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
+                                                                  f"answered {status}")), None)
+    r.status = status
+    r.response_started = True
+
+
 async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
                     attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool, trial: bool) -> None:
     """Carry the instance's response to the client whole, or raise _Failed."""
@@ -643,32 +688,16 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
         try:
             ev = h.next_event()
         except h11.RemoteProtocolError as exc:
-            if r.response_started:
-                raise _Failed(_Reset(f"the response of {r.instance} broke off: {exc}"), None) from None
-            up.stats["http_bad_responses"] += 1
-            raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken "
-                                                     f"response: {exc}"), routing.BAD_RESPONSE) from None
+            raise _broken_response(up, r, str(exc)) from None
         if ev is h11.NEED_DATA:
             if out:
                 await c.send_bytes(out)
                 out.clear()
-            try:
-                data = await stream.receive_some(CHUNK)
-            except _IO_ERRORS as exc:
-                if r.response_started:
-                    raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
-                raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
-                              routing.RESET_BEFORE_REPLY) from None
+            data = await _receive(r, stream, can_retry)
             if data:
                 got_bytes = True
             elif not got_bytes:
-                # Nothing came back.  On a kept connection this is most often the instance closing
-                # it just as the request went out (a keep-alive race), not a failing instance.
-                if reused:
-                    up.stats["http_stale_connections"] += 1
-                raise _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection "
-                                                    "without answering"),
-                              None if reused else routing.CLOSED_BEFORE_REPLY)
+                raise _closed_unanswered(up, r, can_retry, reused)
             h.receive_data(bytes(data))
             continue
         if isinstance(ev, h11.Data):
@@ -678,14 +707,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
                 out.clear()
         elif isinstance(ev, h11.Response):
             status = ev.status_code
-            up.router.answered(trio.current_time(), attempt, status < 500)
-            if status >= 500:
-                up.stats["http_5xx"] += 1
-                if (status in up.options.http.retry_on or trial) and can_retry():
-                    raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
-                                                                          f"answered {status}")), None)
-            r.status = status
-            r.response_started = True
+            _final_head(up, r, attempt, status, can_retry, trial)
             out += client.send(h11.Response(status_code=status, headers=response_headers(list(ev.headers)),
                                             reason=ev.reason)) or b""
         elif isinstance(ev, h11.EndOfMessage):
@@ -712,13 +734,7 @@ async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: Ins
     interim = 0
     out = bytearray()
     while True:
-        try:
-            data = await stream.receive_some(CHUNK)
-        except _IO_ERRORS as exc:
-            if r.response_started:
-                raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
-            raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
-                          routing.RESET_BEFORE_REPLY) from None
+        data = await _receive(r, stream, can_retry)
         if not data:
             if resp.until_close:  # RFC 9112 §6.3 rule 8: the end of the connection ends the body
                 resp.done = True
@@ -726,21 +742,11 @@ async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: Ins
                 await c.send_bytes(out)
                 return
             if not got_bytes:
-                if reused:
-                    up.stats["http_stale_connections"] += 1
-                raise _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection "
-                                                    "without answering"),
-                              None if reused else routing.CLOSED_BEFORE_REPLY)
-            if r.response_started:
-                raise _Failed(_Reset("the instance closed before the response ended"), None)
-            up.stats["http_bad_responses"] += 1
-            raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} closed the connection "
-                                                     "in the middle of its response head"), routing.BAD_RESPONSE)
+                raise _closed_unanswered(up, r, can_retry, reused)
+            raise _broken_response(up, r, "the connection closed before the response ended")
         try:
             resp.feed(data)
         except httptools.HttpParserError as exc:
-            if r.response_started:
-                raise _Failed(_Reset(f"the response of {r.instance} broke off: {exc}"), None) from None
             if reused and not got_bytes:
                 # What a kept connection held before this request's answer: the rest of an earlier
                 # response that claimed to have none (a body after a 204, say), arriving late.  The
@@ -748,9 +754,7 @@ async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: Ins
                 up.stats["http_stale_connections"] += 1
                 raise _Failed(_broken(r, can_retry, f"a kept connection to {r.instance} held stray bytes: "
                                                     f"{exc}"), None) from None
-            up.stats["http_bad_responses"] += 1
-            raise _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken "
-                                                     f"response: {exc}"), routing.BAD_RESPONSE) from None
+            raise _broken_response(up, r, str(exc)) from None
         got_bytes = True
         while interim < len(resp.interim):
             status, reason, fields = resp.interim[interim]
@@ -759,14 +763,7 @@ async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: Ins
                 out += head_bytes(status, reason, response_headers(fields))
         if resp.head_done and not r.response_started:
             status = resp.status
-            up.router.answered(trio.current_time(), attempt, status < 500)
-            if status >= 500:
-                up.stats["http_5xx"] += 1
-                if (status in up.options.http.retry_on or trial) and can_retry():
-                    raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
-                                                                          f"answered {status}")), None)
-            r.status = status
-            r.response_started = True
+            _final_head(up, r, attempt, status, can_retry, trial)
             fields = response_headers(resp.headers)
             if resp.until_close or r.close:
                 r.close = True
