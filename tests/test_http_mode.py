@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import random
 import re
 import shutil
 import signal
@@ -178,6 +179,21 @@ def test_a_request_that_reached_no_instance_is_retried_whatever_its_method(mesh:
         r = c.getresponse()
         assert r.status == 200 and r.read().startswith(f"{i} ".encode())
     assert mesh.upstream_view()["retries"] >= 1
+
+
+def test_bodies_held_whole_arrive_byte_exact_on_one_kept_connection(mesh: Mesh) -> None:
+    """The common path (no h11) carries Content-Length bodies up to the retry buffer: every size
+    around its edges, on one connection, reaches the instance exactly; one past it takes h11's path."""
+    mesh.instances(["ok", "ok"])
+    mesh.upstream()
+    c = mesh.conn()
+    rng = random.Random(28)
+    for n in (0, 1, 2, 1023, 1024, 4095, 65535, 65536, 65537, 200_000):
+        body = rng.randbytes(n)
+        c.request("POST", "/echo", body=body)
+        r = c.getresponse()
+        assert (r.status, r.read()) == (200, f"{n} {hashlib.sha256(body).hexdigest()}".encode()), n
+    assert mesh.upstream_view()["connections"] == 1
 
 
 def test_a_slow_instance_trips_the_request_timeout_with_a_504(mesh: Mesh) -> None:
