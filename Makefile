@@ -53,11 +53,13 @@ test: lint typecheck $(STAMP) compile
 # breaks the hook shows here before users meet it.  It reports and never fails (CI runs it).
 CANARY := $(VENV)-canary
 CANARY_TESTS := tests/test_reactor.py tests/test_rawsocket.py tests/test_tunnel.py tests/test_proxy.py
+# Every runtime dependency by name, from pyproject.toml (a hand-kept list here once missed one,
+# and the canary then blamed trio for an ImportError).
+export CANARY_DEPS := import re, tomllib; print(" ".join(re.split(r"[<>=!~;\[ ]", d)[0] for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
 canary:
 	@rm -rf $(CANARY)
 	@if ! { $(PYTHON) -m venv $(CANARY) && $(CANARY)/bin/pip install --quiet --upgrade \
-	      trio msgpack pynacl cryptography structlog click h11 prometheus-client dnspython \
-	      pytest pytest-trio hypothesis > $(VENV)-canary.pip.log 2>&1; }; then \
+	      $$($(PYTHON) -c "$$CANARY_DEPS") pytest pytest-trio hypothesis > $(VENV)-canary.pip.log 2>&1; }; then \
 	  echo "CANARY: could not install the newest dependencies (no package index?); nothing checked"; \
 	else \
 	  v=$$($(CANARY)/bin/python -c 'import trio; print(trio.__version__)'); \
