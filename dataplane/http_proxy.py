@@ -4,12 +4,15 @@ An L4 proxy sends everything a client connection carries to one instance, so
 a client with one kept-alive connection (every HTTP client library, every
 pool) loads one instance however many there are, and an instance that
 answers 500 to everything looks healthy because its connections succeed.
-For a service whose protocol is ``http`` the calling agent reads requests
-(h11, server role, towards the client), picks an instance per request with
-the same router as L4 (P2C over peak-EWMA, weights, slow start, outlier
-ejection), and writes the request again on a kept-alive connection to that
-instance (h11, client role; dataplane.http_pool).  The instance's agent only
-watches the bytes go by for its inbound figures (dataplane.http_observer).
+For a service whose protocol is ``http`` the calling agent reads requests,
+picks an instance per request with the same router as L4 (P2C over
+peak-EWMA, weights, slow start, outlier ejection), and writes the request
+again on a kept-alive connection to that instance (dataplane.http_pool).
+The common request shape is read and written without h11
+(dataplane.http_fastpath); anything else goes through h11, in the server
+role towards the client and the client role towards the instance, one h11
+connection per such request.  The instance's agent only watches the bytes go
+by for its inbound figures (dataplane.http_observer).
 
 What the mesh owes the client, whatever fails:
 
