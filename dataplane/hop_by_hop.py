@@ -1,17 +1,18 @@
 """What a proxy changes in a message's header section as it passes it on.
 
-The calling agent re-frames every request and response (h11 parses and
-serializes), so the fields that describe one connection must not be copied to
-the next one, and the fields a proxy is expected to add are added here, in one
-place, once per message.
+The calling agent re-frames every request and response (dataplane.http_fastpath
+or h11 parses and writes them), so the fields that describe one connection must
+not be copied to the next one, and the fields a proxy is expected to add are
+added here, in one place, once per message.
 
 * RFC 9110 §7.6.1: a proxy removes ``Connection`` and every field it names,
   and the fields that are hop-by-hop although no sender lists them
   (``Proxy-Connection``, ``Keep-Alive``, ``TE``, ``Transfer-Encoding``,
-  ``Upgrade``).  The outgoing framing is h11's to write: a received
+  ``Upgrade``).  The outgoing framing is the writer's: a received
   ``Content-Length`` is kept (it is the message's length, not the
-  connection's), chunked transfer coding is asked for again by name, and h11
-  adds ``Connection: close`` when the connection needs it.
+  connection's), chunked transfer coding is asked for again by name, and the
+  writer (h11, or the common path) adds ``Connection: close`` when the
+  connection needs it.
 * RFC 7239 ``Forwarded`` and the de-facto ``X-Forwarded-For``: the client's
   address is appended, so the instance can tell who called through the mesh.
 * ``x-request-id``: added when absent, so both agents' logs and the
@@ -27,7 +28,8 @@ from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
-#: RFC 9110 §7.6.1's list, and Transfer-Encoding: the outgoing framing is h11's (see _end_to_end).
+#: RFC 9110 §7.6.1's list, and Transfer-Encoding: the outgoing framing is the writer's
+#: (see _end_to_end).
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade",
 })
@@ -83,7 +85,8 @@ def _end_to_end(headers: Headers) -> Headers:
 
 
 def request_headers(headers: Headers, client: str, request_id: bytes | None = None) -> Headers:
-    """The fields to send an instance, from a request's as received (h11: lower-case names)."""
+    """The fields to send an instance, from a request's as received (lower-case names, as both
+    parsers give them)."""
     out = _end_to_end(headers)
     has_id = False
     xff: int | None = None

@@ -160,7 +160,7 @@ def parse_request(buf: bytearray, searched: list[int] | None = None) -> PlainReq
     return PlainRequest(method, fields.url, fields.headers, bytes(buf[head:head + size]), head + size, close)
 
 
-def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes) -> bytes:
+def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes | bytearray) -> bytes:
     """RFC 9112 §3 and §5: the request line, the fields, the empty line, the body."""
     return b"".join([method, b" ", target, b" HTTP/1.1\r\n",
                      *[b"%s: %s\r\n" % field for field in headers], b"\r\n", body])

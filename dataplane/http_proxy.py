@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from dataplane.discovery_chain import DiscoveryChain, Target
     from dataplane.proxy import Proxy, UpstreamListener
 
-__all__ = ["RETRY_BUFFER", "looks_like_http1", "serve"]
+__all__ = ["serve"]
 
 #: RFC 9110 §9.2.2.
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -244,7 +244,7 @@ async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: Pl
     del c.buf[:req.length]
     r = _Request(req.method, req.target, request_headers(req.headers, c.address), up.options.http.timeout,
                  plain=True)
-    r.body += req.body
+    r.body = req.body
     r.complete = True
     r.close = req.close
     return await _request(proxy, up, c, r) and not r.close
@@ -357,7 +357,8 @@ class _Request:
         #: The client's connection ends after this exchange (its wish, or a body that ends with the
         #: instance's connection); the common path's to keep.
         self.close = False
-        self.body = bytearray()
+        #: The common path's body as parsed (bytes); h11's path appends what it reads.
+        self.body: bytes | bytearray = bytearray()
         #: The whole body is in ``body`` (so it can be sent again).
         self.complete = False
         self.started = trio.current_time()
@@ -564,7 +565,7 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
     fault: str | None = None
     try:
         if r.plain:
-            out = request_bytes(r.method, r.target, r.headers, bytes(r.body))
+            out = request_bytes(r.method, r.target, r.headers, r.body)
         else:
             h = ic.framer()
             out = h.send(h11.Request(method=r.method, target=r.target, headers=r.headers)) or b""
