@@ -74,6 +74,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "DEFAULT_RTT",
     "POLICIES",
+    "SAMPLE_WEIGHT_FLOOR",
     "Balancer",
     "Candidate",
     "PeakEwma",
@@ -91,6 +92,13 @@ DEFAULT_FAILURE_PENALTY: Final = 1.0
 #: Costs are floored here so that outstanding connections always count, even for
 #: an instance whose estimate is 0 (Finagle charges `Penalty + pending` in that case).
 _MIN_ESTIMATE: Final = 1e-6
+#: The least weight a lower sample has, however soon it follows the one before.  Finagle weighs a
+#: sample by the time since the last (``1 - exp(-elapsed / decay_time)``), which suits one sample per
+#: connection; per request, samples come a millisecond apart and weigh 1e-4 each, so the estimate is
+#: the largest spike of the last ten seconds whatever came after it.  With the floor, five ordinary
+#: samples take most of a spike away: a peak is still taken at once, and an instance that stays slow
+#: stays expensive, since its samples stay high.
+SAMPLE_WEIGHT_FLOOR: Final = 0.2
 
 DEFAULT_POLICY: Final = "p2c_peak_ewma"
 POLICIES: Final = frozenset({"p2c_peak_ewma", "round_robin", "least_connections"})
@@ -157,8 +165,10 @@ class PeakEwma:
         if sample > current:
             self._value = sample  # peak: take it at once
         else:
-            # Finagle: cost * w + rtt * (1 - w), where cost * w is the decayed estimate.
-            self._value = current + sample * (1.0 - w)
+            # Finagle: cost * w + rtt * (1 - w), where cost * w is the decayed estimate; the sample's
+            # weight is floored (see SAMPLE_WEIGHT_FLOOR).
+            a = max(1.0 - w, SAMPLE_WEIGHT_FLOOR)
+            self._value = self._value * (1.0 - a) + sample * a
         self._stamp = max(self._stamp, now)
 
     def cost(self, now: float, outstanding: int, prior: float | None = None) -> float:
@@ -342,19 +352,23 @@ class Balancer(Generic[K]):
         # random candidates, the lower cost wins.  A slow-start weight scales
         # the cost up, so a warming instance wins proportionally less often.
         #
-        # The pair's choice is random, weighted by the inverse square of cost (a
-        # 2x cheaper instance wins 4/5 of the time, a 10x cheaper one 100/101),
-        # not "the lower one wins": latency samples of equally fast instances
+        # The pair's choice is random, weighted by the inverse of cost (a 2x
+        # cheaper instance wins 2/3 of the time, a 10x cheaper one 10/11), not
+        # "the lower one wins": latency samples of equally fast instances
         # jitter by more than their differences, and a peak-EWMA holds a spike
-        # for seconds, so a strict comparison gives a one-at-a-time client's
-        # requests 2/3 to whichever instance looks fastest just now and none to
-        # the one last seen slow, which then gets no sample to recover with.
+        # until later samples wear it down, so a strict comparison gives a
+        # one-at-a-time client's requests 2/3 to whichever instance looks
+        # fastest just now and none to the one last seen slow, which then gets
+        # no sample to recover with.  (Weighting by the inverse square starved
+        # an instance hit by one scheduling stall just as surely: 10x the cost
+        # after a 10 ms stall, 1/101 of its pairs, too few samples to recover.)
         # A real difference still decides: a failing instance (observed at 1 s)
-        # loses to a 1 ms one a million times to one.
+        # loses to a 1 ms one a thousand times to one, and the outlier detector
+        # ejects it after a few.
         i, j = self.rng.sample(range(len(pool)), 2)
         a, b = pool[i], pool[j]
         ca, cb = self._cost(now, a), self._cost(now, b)
-        wa, wb = cb * cb, ca * ca
+        wa, wb = cb, ca
         return a[0].key if self.rng.random() * (wa + wb) < wa else b[0].key
 
     def _cost(self, now: float, cw: tuple[Candidate[K], float]) -> float:

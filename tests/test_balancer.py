@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.balancer import DEFAULT_RTT, Balancer, Candidate, PeakEwma
+from dataplane.balancer import DEFAULT_RTT, SAMPLE_WEIGHT_FLOOR, Balancer, Candidate, PeakEwma
 
 SETTINGS = settings(derandomize=True, deadline=None, database=None, max_examples=200)
 
@@ -64,10 +64,26 @@ def test_lower_sample_pulls_down_with_time_weight() -> None:
     # Finagle: cost * w + rtt * (1 - w)
     assert e.value(10.0) == pytest.approx(0.050 * w + 0.010 * (1 - w))
     assert e.value(10.0) == pytest.approx(0.024715, abs=1e-6)
-    # A sample at the same instant as the last one barely moves it (w = 1).
+    # A sample at the same instant as the last one (w = 1) still weighs SAMPLE_WEIGHT_FLOOR: per-request
+    # samples come a millisecond apart, and a spike must wear off with them, not only with time.
     before = e.value(10.0)
     e.observe(10.0, 0.001)
-    assert e.value(10.0) == pytest.approx(before)
+    assert e.value(10.0) == pytest.approx(before * (1 - SAMPLE_WEIGHT_FLOOR) + 0.001 * SAMPLE_WEIGHT_FLOOR)
+
+
+def test_a_one_off_spike_wears_off_with_the_samples_after_it() -> None:
+    e = PeakEwma(decay_time=10.0)
+    for i in range(20):
+        e.observe(i * 0.001, 0.001)
+    e.observe(0.020, 0.020)  # one stall: taken at once
+    assert e.value(0.020) == pytest.approx(0.020)
+    for i in range(21, 41):  # twenty ordinary requests within the next 20 ms
+        e.observe(i * 0.001, 0.001)
+    assert e.value(0.040) < 0.0013  # back within a third of the ordinary latency; time alone left it at 0.020
+    # An instance that stays slow stays expensive: its samples keep the estimate up.
+    for i in range(41, 61):
+        e.observe(i * 0.001, 0.010 if i % 2 else 0.012)
+    assert e.value(0.060) >= 0.010
 
 
 def test_spike_after_decay_is_taken_at_once() -> None:
@@ -88,8 +104,8 @@ def test_steady_samples_converge() -> None:
 def test_clock_stepping_back_counts_as_no_time() -> None:
     e = PeakEwma(decay_time=10.0)
     e.observe(10.0, 0.040)
-    e.observe(5.0, 0.010)  # elapsed clamped to 0: w = 1, no pull
-    assert e.value(10.0) == pytest.approx(0.040)
+    e.observe(5.0, 0.010)  # elapsed clamped to 0: w = 1, only the floor's pull
+    assert e.value(10.0) == pytest.approx(0.040 * (1 - SAMPLE_WEIGHT_FLOOR) + 0.010 * SAMPLE_WEIGHT_FLOOR)
 
 
 def test_cost_is_estimate_times_outstanding_plus_one() -> None:
@@ -205,7 +221,9 @@ def simulate(
 def test_p2c_prefers_the_fast_instance() -> None:
     b: Balancer[Key] = Balancer("p2c_peak_ewma", random.Random(1))
     counts = simulate(b, {A: 0.001, B: 0.010}, picks=2000)
-    assert counts[A] / 2000 >= 0.8
+    # Pairs are won in inverse proportion to cost, and about ten connections are open at a time, so
+    # the slow one wins now and then and takes about a fifth: enough samples to see it recover.
+    assert counts[A] / 2000 >= 0.75
     assert counts[B] > 0  # load still spills to the slow one when the fast one is busy
 
 
@@ -242,10 +260,10 @@ def test_p2c_unmeasured_instance_without_rtt_is_eventually_tried() -> None:
     b.pick(0.0, cands(A, B))  # B first seen at t=0 with only the 30 ms default
     for _ in range(3):
         b.started(0.0, A)
-    # 4 outstanding * 2 ms < 30 ms: A still wins; once the guess has decayed, B is tried.
-    assert b.pick(0.0, cands(A, B)) == A
+    # 4 outstanding * 2 ms < 30 ms: A mostly wins; once the guess has decayed, B mostly does.
+    assert Counter(b.pick(0.0, cands(A, B)) for _ in range(300))[A] > 200
     b.observe(40.0, A, 0.002, ok=True)
-    assert b.pick(40.0, cands(A, B)) == B
+    assert Counter(b.pick(40.0, cands(A, B)) for _ in range(300))[B] > 200
 
 
 def test_p2c_fast_failing_instance_is_avoided() -> None:

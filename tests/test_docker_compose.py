@@ -270,9 +270,13 @@ def test_the_demo_runs_on_a_docker_engine(demo: Demo) -> None:
     d.timings["worst_call_around_kill_ms"] = max((c[2] for c in around if c[2] is not None), default=0.0)
     failures = [c[3] for c in calls[steady - 1:] if c[1] is None]
     assert not failures, failures
-    # Had the client's agent dialled the vanished agent3, it gave up after a few RTTs, not a timeout.
+    # Had the client's agent dialled the vanished agent3, its callers left after a few RTTs, not a timeout.
+    # The dial itself goes on and may time out later (a late session is kept): that is fine, as long as
+    # nobody was still waiting for it (abandoned_by=0).
     dials = [line for line in d.logs("agent5") if "tunnel_d" in line and "agent3" in line]
-    assert not [line for line in dials if " in 2s" in line], dials
+    waited_out = [line for line in dials if "tunnel_dial_failed" in line and "abandoned_by=0" in line
+                  and " in 2s" in line]
+    assert not waited_out, dials
     d.timings["dials_to_agent3_given_up_at_rtt_bound"] = sum("tunnel_dial_rtt_bound" in line for line in dials)
 
     # -- back: agent3 and web-2 re-created, it rejoins and web-2 answers again.
