@@ -57,6 +57,7 @@ from agent.upstreams import Upstreams
 from dataplane import noise, relay
 from dataplane.proxy import PeerStream, Proxy, ProxyError, UpstreamListener
 from dataplane.rawsocket import connect_tcp
+from dataplane.reactor import Reactor
 from dataplane.tunnel import TunnelManager
 from gossip import config_sync
 from gossip.keyring import Keyring
@@ -902,3 +903,8 @@ class _LazyTunnels:
     async def open_stream(self, peer: str, header: bytes, *,
                           alternative: Callable[[], bool] | None = None) -> PeerStream:
         return await self.agent.tunnels.open_stream(peer, header, alternative=alternative)
+
+    @property
+    def reactor(self) -> Reactor:
+        """Where the HTTP layer's callbacks run (dataplane.http_turns)."""
+        return self.agent.tunnels.reactor

@@ -227,6 +227,13 @@ class Reactor:
 
         await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def wake(self, sock: socket.socket) -> None:
+        """End ``sock``'s watch and wake its task, from another socket's callback that found work for
+        that task (dataplane.http_turns); nothing if it is not watched."""
+        watch = self._watches.get(sock.fileno())
+        if watch is not None:
+            self._finish(watch, outcome.Value(None))
+
     def closing(self, sock: socket.socket) -> None:
         """``sock`` is about to be closed: wake its waiting task with ``ClosedResourceError``."""
         watch = self._watches.get(sock.fileno())  # -1 once closed: never watched

@@ -377,6 +377,33 @@ def _read_response(s: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
     return head + b"\r\n\r\n" + rest[:length], rest[length:]
 
 
+def _read_head(s: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    while b"\r\n\r\n" not in buf:
+        got = s.recv(65536)
+        assert got, "the connection ended before a response head"
+        buf += got
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    return head, rest
+
+
+def _read_chunked(s: socket.socket, buf: bytes) -> bytes:
+    """A chunked body from ``buf`` plus what the socket sends (no trailers)."""
+    body = bytearray()
+    while True:
+        while b"\r\n" not in buf:
+            buf += s.recv(65536)
+        size_line, buf = buf.split(b"\r\n", 1)
+        size = int(size_line, 16)
+        while len(buf) < size + 2:
+            got = s.recv(65536)
+            assert got, "the connection ended inside a chunk"
+            buf += got
+        if size == 0:
+            return bytes(body)
+        body += buf[:size]
+        buf = buf[size + 2:]
+
+
 def test_pipelined_requests_are_answered_in_order(mesh: Mesh) -> None:
     mesh.instances(["ok", "ok"])
     listen = mesh.upstream(lb="round_robin")
@@ -532,3 +559,81 @@ def test_a_denied_caller_gets_403s_counted_each_and_logged_once(mesh: Mesh) -> N
     assert mesh.upstream_view()["denied_here"] == 20
     assert mesh.a.log().count('"proxy_denied_here"') == 1  # a client retrying in a loop floods no log
     assert mesh.count("web-0") == Counter()
+
+
+# -- the reactor's turns (dataplane.http_turns): requests on kept connections, carried in callbacks ----------
+
+
+def test_requests_on_kept_connections_are_carried_in_the_reactors_turns(mesh: Mesh) -> None:
+    mesh.instances(["ok", "ok", "ok"])
+    mesh.upstream(lb="round_robin")
+    c = mesh.conn()
+    got: Counter[str] = Counter()
+    for i in range(300):
+        if i % 4:
+            status, headers, body = get(c, "/who", {"traceparent": f"00-{i:032x}-{i:016x}-01"})
+            assert status == 200 and headers["x-seen-traceparent"] == f"00-{i:032x}-{i:016x}-01"
+            assert re.fullmatch(r"[0-9a-f]{32}", headers["x-seen-x-request-id"]), headers
+            got[body.decode()] += 1
+        else:
+            payload = random.randbytes(random.randrange(0, 60_000))
+            c.request("POST", "/echo", body=payload)
+            r = c.getresponse()
+            assert (r.status, r.read().decode()) == (200, f"{len(payload)} {hashlib.sha256(payload).hexdigest()}")
+    assert set(got) == {"web-0", "web-1", "web-2"} and all(n >= 60 for n in got.values()), got
+    view = mesh.upstream_view()
+    assert view["requests"] == 300 and view["connections"] == 1
+    # Only a request that needs a new connection to its instance is the task's.
+    assert view["turns"]["carried"] >= 300 - view["pool"]["opened"], view["turns"]
+    assert view["turns"]["handed_over"] == 0, view
+    stat = mesh.a.call("GET", "/v1/stat?service=web")["outbound"]  # recorded like the task's
+    assert [(row["service"], row["requests"], row["counts"]) for row in stat] == [("web", 300, {"2xx": 300})]
+
+
+def test_turns_hand_a_retryable_status_to_the_task_which_retries_it_elsewhere(mesh: Mesh) -> None:
+    mesh.instances(["ok", "ok"])
+    mesh.upstream(lb="round_robin", consecutive_failures=1000)
+    c = mesh.conn()
+    for _ in range(4):
+        assert get(c, "/who")[0] == 200  # a kept connection to each instance
+    before = mesh.upstream_view()
+    status, headers, _ = get(c, "/status/503")
+    assert status == 503 and "x-mesh-error" not in headers  # both instances said 503: the last answer passes
+    after = mesh.upstream_view()
+    assert after["retries"] == before["retries"] + 1
+    assert after["turns"]["handed_over"] >= before["turns"]["handed_over"] + 1
+    assert sum(mesh.count(f"web-{i}")["GET /status/503"] for i in range(2)) == 2
+    assert get(c, "/who")[0] == 200  # and the connection goes on
+
+
+def test_turns_hand_a_slow_client_to_the_task_and_the_answer_arrives_byte_exact(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    listen = mesh.upstream()
+    # 16 MiB the client reads only after a while: the socket's buffers fill, and the task sends the rest.
+    with socket.create_connection(("127.0.0.1", listen), timeout=30) as s:
+        s.sendall(b"GET /who HTTP/1.1\r\nHost: web\r\n\r\n")  # a kept connection to the instance
+        _, buf = _read_response(s, b"")
+        n = 16 * 1024 * 1024
+        s.sendall(f"GET /bytes/{n} HTTP/1.1\r\nHost: web\r\n\r\n".encode())
+        time.sleep(0.5)
+        head, rest = _read_head(s, buf)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        body = _read_chunked(s, rest)
+        assert body == (PATTERN * (n // len(PATTERN) + 1))[:n]
+        s.sendall(b"GET /who HTTP/1.1\r\nHost: web\r\n\r\n")  # and the connection goes on
+        one, _ = _read_response(s, b"")
+        assert one.startswith(b"HTTP/1.1 200") and one.endswith(b"web-0")
+    view = mesh.upstream_view()
+    assert view["turns"]["handed_over"] >= 1 and view["turns"]["carried"] >= 1, view["turns"]
+
+
+def test_turns_hand_a_request_past_its_timeout_to_the_task_which_answers_504(mesh: Mesh) -> None:
+    mesh.instances(["ok"])
+    mesh.upstream(timeout="0.5s")
+    c = mesh.conn()
+    assert get(c, "/who")[0] == 200  # a kept connection: the next request starts in the turns
+    status, headers, _ = get(c, "/sleep/2")
+    assert status == 504 and headers["x-mesh-error"] == "timeout", (status, headers)
+    view = mesh.upstream_view()
+    assert view["timeouts"] == 1 and view["turns"]["handed_over"] == 1, view
+    assert get(c, "/who")[0] == 200
