@@ -68,7 +68,7 @@ def _tunnel(call: Call) -> TunnelStream:
 class Turns:
     """One client connection's requests, carried in the reactor's callbacks while they can be."""
 
-    __slots__ = ("proxy", "up", "c", "reactor", "view", "searched", "call", "ready", "picked", "scope",
+    __slots__ = ("proxy", "up", "c", "reactor", "view", "searched", "call", "ready", "picked", "handing",
                  "active", "closing")
 
     def __init__(self, proxy: Proxy, up: UpstreamListener, c: _Client, reactor: Reactor) -> None:
@@ -85,7 +85,8 @@ class Turns:
         #: The instance they chose for it, which the task then tries first: choosing again would
         #: take a second turn of round robin, and starve the instance the first one fell on.
         self.picked: Endpoint | None = None
-        self.scope: trio.CancelScope | None = None
+        #: The callbacks want the task to take the request under way.
+        self.handing = False
         #: When the connection last carried a request to its end (its idle timeout runs from there).
         self.active = trio.current_time()
         #: The last request asked for the connection's end.
@@ -99,41 +100,52 @@ class Turns:
     async def next(self) -> Call | PlainRequest | SlowPath | None:
         """Park in the reactor while its callbacks carry the client's requests; what the task must
         carry next: a request they started and hand over, one they leave to it (as
-        ``_next_request`` returns them), or None when the connection is done."""
+        ``_next_request`` returns them), or None when the connection is done.
+
+        The park's deadline is never moved by the callbacks (moving a cancel scope's deadline costs
+        more than the rest of a request's turn): it is the idle timeout's, or the soonest a request
+        started meanwhile could time out, whichever comes first; a wake-up that finds nothing due
+        parks again."""
         c = self.c
         idle = self.up.options.idle_timeout
+        timeout = self.up.options.http.timeout
         try:
             while True:
+                now = trio.current_time()
                 call = self.call
                 if call is not None:
-                    self.call = None
-                    self.up.stats["http_handed_over"] += 1
-                    _tunnel(call).read_by(None)
-                    return call
-                req, self.ready = self.ready, None
-                if req is None and not self.closing:
-                    req = parse_request(c.buf, self.searched)
-                if req is not None:
-                    self.searched[0] = 0
-                    return req
-                if self.closing:
-                    return None
-                if c.eof:
-                    return SLOW if c.buf else None  # h11 tells an incomplete request's client so
-                deadline = self.active + idle if idle > 0 else math.inf
-                if trio.current_time() >= deadline:
-                    self.up.stats["idle_timeouts"] += 1
-                    return None
-                if not self.reactor.running:
-                    from dataplane.http_proxy import _next_request
+                    due = call.r.started + timeout if timeout > 0 else math.inf
+                    if self.handing or now >= due or not self.reactor.running:
+                        self.call = None
+                        self.handing = False
+                        self.up.stats["http_handed_over"] += 1
+                        _tunnel(call).read_by(None)
+                        return call
+                    deadline = due  # between requests the idle timeout, during one the request's
+                else:
+                    req, self.ready = self.ready, None
+                    if req is None and not self.closing:
+                        req = parse_request(c.buf, self.searched)
+                    if req is not None:
+                        self.searched[0] = 0
+                        return req
+                    if self.closing:
+                        return None
+                    if c.eof:
+                        return SLOW if c.buf else None  # h11 tells an incomplete request's client so
+                    deadline = self.active + idle if idle > 0 else math.inf
+                    if now >= deadline:
+                        self.up.stats["idle_timeouts"] += 1
+                        return None
+                    if not self.reactor.running:
+                        from dataplane.http_proxy import _next_request
 
-                    return await _next_request(self.up, c)
-                with trio.move_on_at(deadline) as scope:
-                    self.scope = scope
+                        return await _next_request(self.up, c)
+                    if timeout > 0:
+                        deadline = min(deadline, now + timeout)
+                with trio.move_on_at(deadline):
                     await c.stream.wait_readable_in(self.reactor, self.on_client)
-                self.scope = None
         except BaseException:
-            self.scope = None
             if self.call is not None:
                 self._abandon()
             raise
@@ -148,12 +160,16 @@ class Turns:
             return True
         if n == 0:
             c.eof = True
+            self.handing = self.call is not None
             return False
         c.stats["bytes_out"] += n
         c.buf += self.view[:n]
         if self.call is not None:
             # Pipelined behind the request under way: kept for after its answer, up to a head's worth.
-            return len(c.buf) <= MAX_HEAD
+            if len(c.buf) <= MAX_HEAD:
+                return True
+            self.handing = True
+            return False
         req = parse_request(c.buf, self.searched)
         if req is None:
             return True
@@ -209,9 +225,6 @@ class Turns:
         self.call = Call(r, ic, attempt, reused=ic.uses > 0)
         ic.uses += 1
         stream.read_by(self)
-        scope = self.scope
-        if scope is not None and opts.http.timeout > 0:
-            scope.deadline = min(scope.deadline, r.started + opts.http.timeout)
         return True
 
     def on_chunk(self, data: memoryview | bytes) -> bool:
@@ -259,6 +272,7 @@ class Turns:
     def _hand_over(self) -> None:
         call = self.call
         assert call is not None
+        self.handing = True
         _tunnel(call).read_by(None)
         self.reactor.wake(self.c.stream.raw)
 
@@ -281,9 +295,6 @@ class Turns:
         if call.r.close or self.c.buf:
             self.closing = call.r.close
             self.reactor.wake(self.c.stream.raw)
-        elif self.scope is not None:
-            idle = up.options.idle_timeout
-            self.scope.deadline = now + idle if idle > 0 else math.inf
 
     def _abandon(self) -> None:
         """The task is leaving (cancelled, or the client failed) with a request under way here."""
