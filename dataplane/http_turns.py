@@ -235,7 +235,7 @@ class Turns:
         up, r, st = self.up, call.r, call.st
         try:
             try:
-                st.resp.feed(bytes(data))
+                st.resp.feed(data)
             except httptools.HttpParserError as exc:
                 st.error = exc  # the task tells a stale connection from a broken answer
                 self._hand_over()

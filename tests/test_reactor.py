@@ -157,6 +157,34 @@ async def test_closing_the_socket_wakes_its_task_and_unregisters_it_first(idle_h
     peer.close()
 
 
+async def test_another_sockets_callback_wakes_a_task_with_wake_and_it_goes_on(idle_hook: bool) -> None:
+    """What the HTTP layer's turns do: the answer arrives on one socket, and its callback wakes the
+    task parked on the client's socket (dataplane.http_turns)."""
+    parked, parked_peer = pair()
+    other, other_peer = pair()
+    buf = memoryview(bytearray(16))
+
+    def on_other() -> bool:
+        other.try_receive_into(buf)
+        reactor.wake(parked.raw)
+        reactor.wake(parked.raw)  # a second wake finds nothing to end
+        return True
+
+    async with running_reactor(idle_hook) as (reactor, nursery):
+        nursery.start_soon(other.wait_readable_in, reactor, on_other)
+        await trio.testing.wait_all_tasks_blocked()
+        other_peer.send(b"x")
+        await parked.wait_readable_in(reactor, lambda: True)  # returns: woken, not readable
+        assert reactor.watching == 1 and reactor.woken == 1  # only the parked socket's watch ended
+        reactor.wake(parked.raw)  # not watched now: nothing happens
+        parked_peer.send(b"y")  # and it can be waited on again
+        await parked.wait_readable_in(reactor, lambda: False)
+    for s in (parked, other):
+        s.close_now()
+    parked_peer.close()
+    other_peer.close()
+
+
 async def test_a_callback_that_closes_its_own_socket_wakes_the_task_once(idle_hook: bool) -> None:
     stream, peer = pair()
 
