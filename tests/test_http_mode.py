@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -637,3 +638,73 @@ def test_turns_hand_a_request_past_its_timeout_to_the_task_which_answers_504(mes
     view = mesh.upstream_view()
     assert view["timeouts"] == 1 and view["turns"]["handed_over"] == 1, view
     assert get(c, "/who")[0] == 200
+
+
+def test_mixed_traffic_on_many_kept_connections_arrives_exact_and_every_request_is_accounted_for(
+        mesh: Mesh) -> None:
+    """Whichever path carries each request (the turns, handed over, or the task), each answer is the
+    right one and whole, and the counters add up: requests, the instances' own counts, the turns'."""
+    mesh.instances(["ok", "ok", "ok"])
+    mesh.upstream(consecutive_failures=1000)  # 503s here are asked for, not an instance failing
+    errors: list[str] = []
+    sent: Counter[str] = Counter()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        c = mesh.conn(timeout=30)
+        try:
+            for _ in range(120):
+                kind = rng.choice(["who", "echo", "bytes", "status", "sleep", "pipeline"])
+                sent[kind] += 1
+                if kind == "who":
+                    status, _, body = get(c, "/who")
+                    ok = status == 200 and body.decode() in {"web-0", "web-1", "web-2"}
+                elif kind == "echo":
+                    payload = rng.randbytes(rng.choice([0, 1, 700, 15_000, 17_000, 64 * 1024, 100_000]))
+                    c.request("POST", "/echo", body=payload)
+                    r = c.getresponse()
+                    ok = (r.status, r.read().decode()) == (200, f"{len(payload)} "
+                                                               f"{hashlib.sha256(payload).hexdigest()}")
+                elif kind == "bytes":
+                    n = rng.choice([0, 1, 5_000, 70_000, 300_000])
+                    status, _, body = get(c, f"/bytes/{n}")
+                    ok = status == 200 and body == (PATTERN * (n // len(PATTERN) + 1))[:n]
+                elif kind == "status":
+                    code = rng.choice([201, 204, 404, 503])
+                    sent[f"status {code}"] += 1
+                    status, _, body = get(c, f"/status/{code}")
+                    ok = status == code
+                elif kind == "sleep":
+                    status, _, body = get(c, "/sleep/0.01")
+                    ok = status == 200
+                else:  # two requests in one write, then both answers in order
+                    with socket.create_connection(("127.0.0.1", mesh.listen), timeout=30) as s:
+                        s.sendall(b"GET /status/202 HTTP/1.1\r\nHost: web\r\n\r\n"
+                                  b"GET /status/203 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+                        first, rest = _read_response(s, b"")
+                        second, _ = _read_response(s, rest)
+                    ok = first.startswith(b"HTTP/1.1 202") and second.startswith(b"HTTP/1.1 203")
+                    sent["pipelined requests"] += 2
+                if not ok:
+                    errors.append(f"{kind}: wrong answer")
+        except Exception as exc:  # noqa: BLE001 - collected and reported below
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:5]
+    one_each = sum(v for k, v in sent.items() if k not in ("pipeline", "pipelined requests") and " " not in k)
+    total = one_each + sent["pipelined requests"]
+    view = mesh.upstream_view()
+    assert view["requests"] == total, (view["requests"], total, sent)
+    # Each 503 is retried once on another instance (retry_on's default), so instances saw more.
+    reached = sum(sum(mesh.count(f"web-{i}").values()) for i in range(3))
+    assert reached == total + view["retries"], (reached, total, view["retries"])
+    assert view["retries"] >= sent["status 503"], (view["retries"], sent)
+    assert view["turns"]["carried"] > total // 3, view["turns"]
+    assert view["mesh_answers"] == {}, view["mesh_answers"]
