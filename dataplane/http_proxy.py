@@ -621,6 +621,14 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
     clean = False
     fault: str | None = None
     try:
+        if st is not None and st.unsent:
+            try:
+                await _send(ic.stream, st.unsent)
+            except _IO_ERRORS as exc:
+                fault = None if reused else routing.RESET_BEFORE_REPLY
+                raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: "
+                                            f"{exc}") from None
+            st.unsent = b""
         if st is None:
             if r.plain:
                 out = request_bytes(r.method, r.target, r.headers, r.body)
@@ -695,10 +703,13 @@ async def _receive(r: _Request, stream: Kept, can_retry: Callable[[], bool]) -> 
     try:
         return await stream.receive_some(CHUNK)
     except _IO_ERRORS as exc:
-        if r.response_started:
-            raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
-        raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
-                      routing.RESET_BEFORE_REPLY) from None
+        raise _receive_failure(r, exc, can_retry) from None
+
+
+def _receive_failure(r: _Request, exc: BaseException, can_retry: Callable[[], bool]) -> _Failed:
+    if r.response_started:
+        return _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None)
+    return _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"), routing.RESET_BEFORE_REPLY)
 
 
 def _closed_unanswered(up: UpstreamListener, r: _Request, can_retry: Callable[[], bool], reused: bool) -> _Failed:
@@ -792,7 +803,7 @@ class PlainRead:
     """How far the instance's answer to a request of the common path has been read; shared by the
     request's task (_plain_response) and the reactor's turns (dataplane.http_turns), which hand it on."""
 
-    __slots__ = ("resp", "interim", "got_bytes", "out", "done", "error")
+    __slots__ = ("resp", "interim", "got_bytes", "out", "done", "error", "read_error", "unsent")
 
     def __init__(self) -> None:
         self.resp = Response()
@@ -804,6 +815,10 @@ class PlainRead:
         self.done = False
         #: What the turns met and the task raises in their place, as if it had met it itself.
         self.error: BaseException | None = None
+        #: What reading the instance's connection raised in the turns (as _receive would meet it).
+        self.read_error: BaseException | None = None
+        #: The end of the request, which the instance's socket did not take at once.
+        self.unsent = b""
 
 
 def plain_feed(up: UpstreamListener, r: _Request, st: PlainRead, data: bytes | bytearray,
@@ -873,6 +888,8 @@ async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: Ins
             raise _parse_failure(up, r, st, st.error, reused, can_retry)
         if st.error is not None:
             raise st.error
+        if st.read_error is not None:
+            raise _receive_failure(r, st.read_error, can_retry)
         plain_advance(up, r, attempt, st, can_retry, trial)
     while not st.done:
         if st.out:

@@ -14,21 +14,24 @@ waiting is carried here, in the reactor's callbacks: the client's socket is
 readable, the request is parsed, an instance is chosen by the same router, a
 kept connection to it is taken from the pool and the request is sent on it at
 once; the answer is read as the session's reader delivers it
-(TunnelStream.read_by), re-framed, and sent to the client at once; the
-connection goes back to the pool and the request is recorded.  The task that
-owns the client connection stays parked in the reactor all along.
+(TunnelStream.read_by), or, from an instance on this node, as its socket's own
+watch in the reactor reads it (Reactor.watch), re-framed, and sent to the
+client at once; the connection goes back to the pool and the request is
+recorded.  The task that owns the client connection stays parked in the
+reactor all along.
 
 Everything else is the task's, and nothing is decided twice:
 
 * before a request goes out, anything that would need a wait or a decision
-  of the slow path (no kept connection to the chosen instance, an instance on
-  this node, a half-open trial, a discovery chain, intentions that refuse,
-  full limits, a send that would queue) leaves the request unsent in the
-  client's buffer, and the task carries it as it always did;
+  of the slow path (no kept connection to the chosen instance, a half-open
+  trial, a discovery chain, intentions that refuse, full limits, a send that
+  would queue) leaves the request unsent in the client's buffer, and the task
+  carries it as it always did, to the instance already chosen;
 * once it went out, anything but the plain course of the answer (a status the
   request may be retried for, bytes that are no HTTP, the connection's end, a
-  client that does not take the answer at once, a timeout, the client's end)
-  hands the request over to the task (a ``Call``), as far as it got: the task
+  client that does not take the answer at once, a timeout, the client's end,
+  a local instance's socket that took only part of the request) hands the
+  request over to the task (a ``Call``), as far as it got: the task
   goes on from there in dataplane.http_proxy with its retries, answers and
   counting, the first attempt counted as one.
 
@@ -47,6 +50,7 @@ import trio
 from dataplane.hop_by_hop import request_headers
 from dataplane.http_fastpath import MAX_HEAD, SLOW, PlainRequest, SlowPath, parse_request, request_bytes
 from dataplane.http_proxy import Call, _Client, _record, _Request, plain_advance
+from dataplane.rawsocket import RawSocketStream
 from dataplane.stream import WHOLE_MAX, TunnelStream
 
 if TYPE_CHECKING:
@@ -60,9 +64,13 @@ def _never() -> bool:
     return False
 
 
-def _tunnel(call: Call) -> TunnelStream:
-    """The call's connection: the callbacks start calls on tunnel streams only (_start)."""
-    return cast(TunnelStream, call.ic.stream)
+def _release(call: Call) -> None:
+    """The callbacks stop reading the call's connection: the task may read it, or the pool keep it."""
+    stream = call.ic.stream
+    if isinstance(stream, TunnelStream):
+        stream.read_by(None)
+    else:
+        cast(RawSocketStream, stream).unwatch()
 
 
 class Turns:
@@ -119,7 +127,7 @@ class Turns:
                         self.call = None
                         self.handing = False
                         self.up.stats["http_handed_over"] += 1
-                        _tunnel(call).read_by(None)
+                        _release(call)
                         return call
                     deadline = due  # between requests the idle timeout, during one the request's
                 else:
@@ -174,12 +182,13 @@ class Turns:
         if req is None:
             return True
         if isinstance(req, PlainRequest) and self._start(req):
-            return True
+            return not self.handing  # (sent in part: the task sends the rest)
         self.ready = req
         return False
 
     def _start(self, req: PlainRequest) -> bool:
-        """Send ``req`` on a kept connection now, or nothing and False (the module docstring says when)."""
+        """Send ``req`` on a kept connection now (all of it, or on a local instance's socket at least
+        a part), or nothing and False (the module docstring says when)."""
         proxy, up, c = self.proxy, self.up, self.c
         router = up.router
         opts = up.options
@@ -197,8 +206,6 @@ class Turns:
         if endpoint is None:
             return False
         self.picked = endpoint
-        if endpoint.node == proxy.local_node:
-            return False
         now = trio.current_time()
         key = (endpoint.node, endpoint.instance_id)
         if router.outlier.state(now, key) == "half-open":
@@ -207,7 +214,21 @@ class Turns:
         if ic is None:
             return False
         stream = ic.stream
-        if not (isinstance(stream, TunnelStream) and stream.try_send_whole(out)):
+        unsent = b""
+        if isinstance(stream, TunnelStream):
+            if not stream.try_send_whole(out):
+                up.pool.restore(ic)
+                return False
+        elif isinstance(stream, RawSocketStream):  # an instance on this node
+            try:
+                sent = stream.try_send(out)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                sent = 0  # the task's take finds it unfit (at_rest) and closes it
+            if not sent:
+                up.pool.restore(ic)
+                return False
+            unsent = out[sent:]  # the task sends the rest (below)
+        else:
             up.pool.restore(ic)
             return False
         self.picked = None
@@ -222,9 +243,15 @@ class Turns:
         up.budget.request(now)
         attempt = router.attempt(now, key)
         router.connected(now, attempt)
-        self.call = Call(r, ic, attempt, reused=ic.uses > 0)
+        call = self.call = Call(r, ic, attempt, reused=ic.uses > 0)
         ic.uses += 1
-        stream.read_by(self)
+        if isinstance(stream, TunnelStream):
+            stream.read_by(self)
+        elif unsent:
+            call.st.unsent = unsent
+            self.handing = True  # the task waits for the instance's socket to take the rest
+        else:
+            stream.watch_in(self.reactor, self.on_local, self.on_local_end)
         return True
 
     def on_chunk(self, data: memoryview | bytes) -> bool:
@@ -232,34 +259,7 @@ class Turns:
         call = self.call
         if call is None:
             return False
-        up, r, st = self.up, call.r, call.st
-        try:
-            try:
-                st.resp.feed(data)
-            except httptools.HttpParserError as exc:
-                st.error = exc  # the task tells a stale connection from a broken answer
-                self._hand_over()
-                return True
-            st.got_bytes = True
-            resp = st.resp
-            if (resp.head_done and not r.response_started and resp.status >= 500
-                    and resp.status in up.options.http.retry_on):
-                self._hand_over()  # whether to retry is the task's to decide (and to pay for)
-                return True
-            plain_advance(up, r, call.attempt, st, _never, False)
-            if st.out:
-                n = self.c.stream.try_send(st.out)
-                self.c.stats["bytes_in"] += n
-                del st.out[:n]
-                if st.out:
-                    self._hand_over()  # the client is slow to take it: the task waits for it
-                    return True
-        except Exception as exc:
-            st.error = exc
-            self._hand_over()
-            return True
-        if st.done:
-            self._finish(call)
+        self._answer(call, data)
         return True
 
     def on_end(self) -> None:
@@ -267,13 +267,66 @@ class Turns:
         if self.call is not None:
             self._hand_over()
 
+    def on_local(self) -> bool:
+        """A local instance's socket is readable (RawSocketStream.watch_in): read its answer."""
+        call = self.call
+        if call is None:
+            return False
+        n = cast(RawSocketStream, call.ic.stream).try_receive_into(self.view)
+        if n is None:
+            return True
+        if n == 0:
+            return False  # the end: on_local_end hands it over, and the task reads the end again
+        self._answer(call, self.view[:n])
+        return True
+
+    def on_local_end(self, error: BaseException | None) -> None:
+        """The local instance's watch ended by itself: its end, an error reading it, or the reactor's."""
+        call = self.call
+        if call is None:
+            return
+        if error is not None:
+            call.st.read_error = error
+        self._hand_over()
+
+    def _answer(self, call: Call, data: memoryview | bytes) -> None:
+        """The instance's next bytes: on to the client if the answer runs its plain course."""
+        up, r, st = self.up, call.r, call.st
+        try:
+            try:
+                st.resp.feed(data)
+            except httptools.HttpParserError as exc:
+                st.error = exc  # the task tells a stale connection from a broken answer
+                self._hand_over()
+                return
+            st.got_bytes = True
+            resp = st.resp
+            if (resp.head_done and not r.response_started and resp.status >= 500
+                    and resp.status in up.options.http.retry_on):
+                self._hand_over()  # whether to retry is the task's to decide (and to pay for)
+                return
+            plain_advance(up, r, call.attempt, st, _never, False)
+            if st.out:
+                n = self.c.stream.try_send(st.out)
+                self.c.stats["bytes_in"] += n
+                del st.out[:n]
+                if st.out:
+                    self._hand_over()  # the client is slow to take it: the task waits for it
+                    return
+        except Exception as exc:
+            st.error = exc
+            self._hand_over()
+            return
+        if st.done:
+            self._finish(call)
+
     # -- ends -----------------------------------------------------------------------------------
 
     def _hand_over(self) -> None:
         call = self.call
         assert call is not None
         self.handing = True
-        _tunnel(call).read_by(None)
+        _release(call)
         self.reactor.wake(self.c.stream.raw)
 
     def _finish(self, call: Call) -> None:
@@ -283,7 +336,7 @@ class Turns:
         if not ic.reusable():
             self._hand_over()  # the task closes it, out of the session's reader
             return
-        _tunnel(call).read_by(None)
+        _release(call)
         self.call = None
         up = self.up
         now = trio.current_time()
@@ -301,7 +354,7 @@ class Turns:
         call = self.call
         assert call is not None
         self.call = None
-        _tunnel(call).read_by(None)
+        _release(call)
         self.up.router.closed(trio.current_time(), call.attempt, None, False)
         call.ic.stream.close_now()
         _record(self.proxy, self.up, call.r)
