@@ -196,7 +196,7 @@ class Response:
     """
 
     __slots__ = ("parser", "reason", "headers", "status", "head_done", "done", "chunked", "until_close",
-                 "interim", "trailers", "body", "extra", "persistent", "before_head")
+                 "interim", "trailers", "body", "extra", "persistent", "before_head", "length")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -218,6 +218,8 @@ class Response:
         self.persistent = False
         #: Bytes fed before the final head was complete: llhttp sets no limit, h11 16 KiB.
         self.before_head = 0
+        #: The body's Content-Length, when the response has one (and no chunked framing).
+        self.length: int | None = None
 
     # -- httptools' callbacks --
 
@@ -255,6 +257,7 @@ class Response:
                 self.chunked = True
             elif name == b"content-length":
                 length = True
+                self.length = int(value)  # llhttp has checked it: digits, and only one value
         self.until_close = not (self.chunked or length)
 
     def on_body(self, data: bytes) -> None:

@@ -25,7 +25,9 @@ What the mesh owes the client, whatever fails:
   complete response head, 403 when intentions refuse the call; each with a
   short plain body and an ``x-mesh-error`` header naming the reason.  Once
   the response has started, a failure resets the client (a truncated body
-  must never look complete);
+  must never look complete); a small answer is held until it is complete
+  (plain_advance), so an instance dying in the middle of one is a retry or a
+  502, not a reset;
 * no request delivered twice unless the method allows it: a request is
   retried (on another instance when there is one) after a connect failure,
   which provably reached no instance, for any method; after a broken
@@ -734,9 +736,10 @@ def _broken_response(up: UpstreamListener, r: _Request, why: str) -> _Failed:
 def _final_head(up: UpstreamListener, r: _Request, attempt: routing.Attempt, status: int,
                 can_retry: Callable[[], bool], trial: bool) -> None:
     """The instance's final answer is in: outlier detection counts it; a 5xx the request may be retried
-    for (a retry_on status, or any answer to a half-open trial) raises the retry; else the response
-    has started.  Whether to retry is asked first, before anything is counted: the reactor's turns
-    (dataplane.http_turns) leave that question to the request's task, which then comes back here."""
+    for (a retry_on status, or any answer to a half-open trial) raises the retry; else it is the
+    answer (its head goes to the client when the caller sends it).  Whether to retry is asked first,
+    before anything is counted: the reactor's turns (dataplane.http_turns) leave that question to
+    the request's task, which then comes back here."""
     retry = status >= 500 and (status in up.options.http.retry_on or trial) and can_retry()
     up.router.answered(trio.current_time(), attempt, status < 500)
     if status >= 500:
@@ -745,7 +748,6 @@ def _final_head(up: UpstreamListener, r: _Request, attempt: routing.Attempt, sta
             raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
                                                                   f"answered {status}")), None)
     r.status = status
-    r.response_started = True
 
 
 async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
@@ -783,6 +785,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
         elif isinstance(ev, h11.Response):
             status = ev.status_code
             _final_head(up, r, attempt, status, can_retry, trial)
+            r.response_started = True
             out += client.send(h11.Response(status_code=status, headers=response_headers(list(ev.headers)),
                                             reason=ev.reason)) or b""
         elif isinstance(ev, h11.EndOfMessage):
@@ -803,7 +806,8 @@ class PlainRead:
     """How far the instance's answer to a request of the common path has been read; shared by the
     request's task (_plain_response) and the reactor's turns (dataplane.http_turns), which hand it on."""
 
-    __slots__ = ("resp", "interim", "got_bytes", "out", "done", "error", "read_error", "unsent")
+    __slots__ = ("resp", "interim", "got_bytes", "out", "done", "error", "read_error", "unsent", "answered",
+                 "head")
 
     def __init__(self) -> None:
         self.resp = Response()
@@ -819,6 +823,10 @@ class PlainRead:
         self.read_error: BaseException | None = None
         #: The end of the request, which the instance's socket did not take at once.
         self.unsent = b""
+        #: The final head went through _final_head.
+        self.answered = False
+        #: The final head, held back until the body is complete (plain_advance says when).
+        self.head: bytes | None = None
 
 
 def plain_feed(up: UpstreamListener, r: _Request, st: PlainRead, data: bytes | bytearray,
@@ -834,6 +842,9 @@ def plain_feed(up: UpstreamListener, r: _Request, st: PlainRead, data: bytes | b
             return
         if not st.got_bytes:
             raise _closed_unanswered(up, r, can_retry, reused)
+        if not r.response_started:  # a held answer (plain_advance): nothing reached the client
+            raise _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection "
+                                                "before its answer ended"), None)
         raise _broken_response(up, r, "the connection closed before the response ended")
     try:
         resp.feed(data)
@@ -855,22 +866,33 @@ def _parse_failure(up: UpstreamListener, r: _Request, st: PlainRead, exc: httpto
 
 def plain_advance(up: UpstreamListener, r: _Request, attempt: routing.Attempt, st: PlainRead,
                   can_retry: Callable[[], bool], trial: bool) -> None:
-    """Turn what has been parsed into what is due to the client (``st.out``); sets ``st.done``."""
+    """Turn what has been parsed into what is due to the client (``st.out``); sets ``st.done``.
+
+    An answer with a Content-Length body of at most RETRY_BUFFER is held until it is complete, head
+    and all: an instance that dies in the middle of it (killed between its head and its body, say)
+    has then sent the client nothing, and the request may still be retried elsewhere, or answered
+    502, instead of resetting a client whose answer had begun.  Larger and chunked bodies go on as
+    they come."""
     resp = st.resp
     while st.interim < len(resp.interim):
         status, reason, fields = resp.interim[st.interim]
         st.interim += 1
         if status != 100:  # a 100 no client of this path waits for (it sent no Expect)
             st.out += head_bytes(status, reason, response_headers(fields))
-    if resp.head_done and not r.response_started:
+    if resp.head_done and not st.answered:
         status = resp.status
         _final_head(up, r, attempt, status, can_retry, trial)
+        st.answered = True
         fields = response_headers(resp.headers)
         if resp.until_close or r.close:
             r.close = True
             fields.append((b"connection", b"close"))
-        st.out += head_bytes(status, resp.reason, fields)
-    if resp.head_done:
+        st.head = head_bytes(status, resp.reason, fields)
+    if st.head is not None and (resp.done or resp.chunked or resp.length is None or resp.length > RETRY_BUFFER):
+        st.out += st.head
+        st.head = None
+        r.response_started = True
+    if r.response_started:
         st.out += resp.take_body()
     if resp.done:
         st.done = True

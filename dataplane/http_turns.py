@@ -301,7 +301,7 @@ class Turns:
                 return
             st.got_bytes = True
             resp = st.resp
-            if (resp.head_done and not r.response_started and resp.status >= 500
+            if (resp.head_done and not st.answered and resp.status >= 500
                     and resp.status in up.options.http.retry_on):
                 self._hand_over()  # whether to retry is the task's to decide (and to pay for)
                 return

@@ -1,7 +1,7 @@
 """An HTTP/1.1 service instance for the tests: python tests/http_instance.py PORT IDENT [MODE].
 
 MODE: ok (default), fail[:CODE] (CODE, default 500, to everything but /count), slow:SECONDS (every
-answer waits that long).  Routes:
+answer waits that long), truncate (every answer ends after its head and 10 of its 100 bytes).  Routes:
 
 * ``/who``: the instance's name, and what the mesh added (x-request-id, forwarded headers) in
   ``x-seen-*`` headers;
@@ -10,6 +10,7 @@ answer waits that long).  Routes:
 * ``/count``: JSON of the requests it received, by method and path;
 * ``/status/CODE``: answers CODE;
 * ``/sleep/SECONDS``: its name, that many seconds late;
+* ``/truncate``: a head promising 100 bytes, 10 of them, and the connection's end;
 * an ``Upgrade: websocket`` request: 101, then every byte is echoed back (the mesh carries it as bytes).
 """
 
@@ -89,6 +90,16 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(float(MODE[5:]))
         if MODE.startswith("fail"):
             self._send(int(MODE.partition(":")[2] or 500), b"failing on purpose\n")
+            return
+        if MODE == "truncate" or self.path == "/truncate":  # dies in the middle of its answer
+            self.send_response(200)
+            self.send_header("content-length", "100")
+            self.send_header("x-instance", IDENT)
+            self.end_headers()
+            self.wfile.write(b"only ten b")
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
             return
         if self.path == "/who":
             seen = {f"x-seen-{h}": self.headers.get(h, "-")

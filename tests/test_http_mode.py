@@ -729,3 +729,24 @@ def test_mixed_traffic_on_many_kept_connections_arrives_exact_and_every_request_
     assert view["retries"] >= sent["status 503"], (view["retries"], sent)
     assert view["turns"]["carried"] > total // 3, view["turns"]
     assert view["mesh_answers"] == {}, view["mesh_answers"]
+
+
+def test_an_answer_cut_off_after_its_head_is_retried_not_reset_when_nothing_reached_the_client(mesh: Mesh) -> None:
+    """A small answer is held until complete (plain_advance): an instance that dies between its head and
+    its body (here: every answer of web-0 stops 90 bytes short) has sent the client nothing, so an
+    idempotent request goes to another instance, and any other gets a 502, not a reset."""
+    mesh.instances(["truncate", "ok"])
+    mesh.upstream(lb="round_robin", consecutive_failures=1000)
+    c = mesh.conn()
+    got = [get(c, "/who") for _ in range(40)]
+    assert [(status, body) for status, _, body in got] == [(200, b"web-1")] * 40
+    assert mesh.upstream_view()["retries"] >= 15
+    assert mesh.count("web-0")["GET /who"] >= 15  # it was asked, and cut its answers off
+    statuses = []
+    for _ in range(6):  # a POST is never sent twice: where web-0 cut it off, the client gets a 502
+        c.request("POST", "/echo", body=b"x" * 10)
+        r = c.getresponse()
+        r.read()
+        statuses.append((r.status, r.getheader("x-mesh-error")))
+    assert set(statuses) == {(200, None), (502, "upstream-reset")}, statuses
+    assert mesh.count("web-0")["POST /echo"] == statuses.count((502, "upstream-reset"))
