@@ -331,13 +331,14 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     upstreams = file_data.get("upstream", [])
     if not isinstance(upstreams, list) or not all(isinstance(u, dict) for u in upstreams):
         raise ConfigError(f"config file {config_path}: [[upstream]] must be an array of tables")
-    from agent.upstreams import validate as validate_upstream
+    if upstreams:  # agent.upstreams brings the data plane's modules (agent/plane.py): only for a config with some
+        from agent.upstreams import validate as validate_upstream
 
-    for i, raw in enumerate(upstreams):
-        try:
-            validate_upstream(raw)
-        except ServiceError as exc:
-            raise ConfigError(f"config file {config_path}: upstream #{i + 1}: {exc}") from None
+        for i, raw in enumerate(upstreams):
+            try:
+                validate_upstream(raw)
+            except ServiceError as exc:
+                raise ConfigError(f"config file {config_path}: upstream #{i + 1}: {exc}") from None
 
     intentions = file_data.get("intention", [])
     if not isinstance(intentions, list) or not all(isinstance(r, dict) for r in intentions):

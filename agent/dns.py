@@ -161,8 +161,8 @@ class DnsServer:
             return None
         catalog = AgentCatalog(agent.membership, agent.registry)
         logger = agent.log.bind(part="dns")
-        virtual = VirtualUpstreams(agent.upstreams, agent.proxy, catalog.port_for, cfg.dns_settings.virtual_idle,
-                                   logger)
+        virtual = VirtualUpstreams(agent.upstream_listeners, agent.load_upstreams, catalog.port_for,
+                                   cfg.dns_settings.virtual_idle, logger)
         return cls(cfg.dns, cfg.dns_explicit, cfg.dns_settings, catalog, virtual, logger)
 
     @property
