@@ -30,7 +30,7 @@ import trio
 from agent import api_http, log
 from agent.access import SAFE_METHODS, Refused
 from agent.api_http import Request, RequestReader
-from agent.health import parse_duration
+from agent.durations import parse_duration
 from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError, shown
 from agent.store import StoreError
