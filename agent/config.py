@@ -153,9 +153,21 @@ def _addr(text: str, what: str, default_port: int | None = None) -> Address:
         raise ConfigError(f"--{what}: {exc}") from None
 
 
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
 def _local_addr(text: str, what: str, default_port: int) -> Address:
     """An address this agent binds: its host must resolve now (a seed's may not, yet)."""
     addr = _addr(text, what, default_port)
+    if _is_ip(addr[0]):
+        return addr  # what getaddrinfo would say, without loading the idna codec it encodes names with
     try:
         socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):

@@ -27,6 +27,7 @@ import trio
 
 from agent.dns_settings import DEFAULT_DNS, DnsSettings
 from agent.peercred import is_loopback
+from agent.transport import open_tcp_listeners
 from agent.virtual import VirtualUpstreams
 from gossip.registry import Instance
 from gossip.wire import Address, format_addr
@@ -184,7 +185,7 @@ class DnsServer:
             udp.setblocking(False)
             udp.bind((host, port))
             port = udp.getsockname()[1]
-            self._tcp = await trio.open_tcp_listeners(port, host=host)
+            self._tcp = await open_tcp_listeners(host, port)
         except OSError as exc:
             udp.close()
             why = ("port already in use" if exc.errno == errno.EADDRINUSE

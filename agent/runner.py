@@ -47,6 +47,7 @@ from agent.transport import (
     OpenError,
     Sealer,
     normalize,
+    open_tcp_listeners,
     open_udp,
     receive_frame,
     send_frame,
@@ -377,7 +378,7 @@ class Agent:
 
     async def _bind_tcp(self, addr: Address, what: str) -> list[trio.SocketListener]:
         try:
-            return await trio.open_tcp_listeners(addr[1], host=addr[0])
+            return await open_tcp_listeners(addr[0], addr[1])
         except OSError as exc:
             raise StartupError(_bind_error(what, addr, exc)) from None
 
