@@ -326,6 +326,9 @@ class ApiServer:
             lambda: self.agent.services.instances(name, passing_only=passing))
 
     async def register(self, query: dict[str, list[str]], body: Any) -> Reply:
+        # The data plane first: peers route to an instance as soon as gossip tells them of it, and
+        # their first streams would otherwise wait for it to load (or go elsewhere meanwhile).
+        await self.agent.load_plane()
         reg = self.agent.services.register(body)
         return 200, {"ok": True, "id": reg.id}
 

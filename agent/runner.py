@@ -275,6 +275,9 @@ class Agent:
                 self.config_spread.start(nursery)
                 self.services.start(nursery)
                 nursery.start_soon(self._accept_tunnels, tunnel_listeners)
+                if self.services.registrations:
+                    # Before anything is sent: peers learn of our instances once we can take their streams.
+                    await self.load_plane()
                 if self.cfg.upstreams or self._saved_upstreams():
                     await self._open_upstreams()
                 nursery.start_soon(self._udp_loop)
@@ -417,9 +420,6 @@ class Agent:
 
     async def flush(self) -> None:
         """Do what the machine asked for, log its events, and re-arm the timer."""
-        if self.services.registrations and not self._plane_loading and self._nursery is not None:
-            # Peers will open streams to our instances: have the data plane ready before the first.
-            self._nursery.start_soon(self.load_plane)
         effects, events = self.membership.drain()
         for ev in events:
             if ev.kind is EventKind.QUERY:
