@@ -144,6 +144,8 @@ class Intentions:
         #: ``has_instance(node, service)``: is an instance of ``service`` registered on ``node``.
         self.has_instance = has_instance
         self.rules: dict[tuple[str, str], Intention] = {}
+        #: Verdicts for calls that name no source, for the rules they were decided on.
+        self._anonymous: tuple[dict[tuple[str, str], Intention], dict[str, Verdict]] = (self.rules, {})
         self.log = log.get("mesh.intentions").bind(node=node)
 
     def refresh(self) -> None:
@@ -184,8 +186,17 @@ class Intentions:
     # -- the data plane asks -------------------------------------------------------------
 
     def authorize(self, node: str, source: str | None, destination: str) -> Verdict:
-        verified = source is not None and self.has_instance(node, source)
-        return decide(self.rules, source, destination, verified)
+        if source is None:
+            # Asked per HTTP request: without a source the verdict depends on the rules alone, which
+            # refresh replaces whole, so it is kept until they are.
+            rules, verdicts = self._anonymous
+            if rules is not self.rules:
+                self._anonymous = rules, verdicts = self.rules, {}
+            verdict = verdicts.get(destination)
+            if verdict is None:
+                verdict = verdicts[destination] = decide(rules, None, destination, False)
+            return verdict
+        return decide(self.rules, source, destination, self.has_instance(node, source))
 
     # -- API: a front for the intention entries ---------------------------------------------
 

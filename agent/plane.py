@@ -19,6 +19,7 @@ from agent.entry_kinds import SERVICE_DEFAULTS
 from agent.upstreams import Upstreams
 from dataplane import relay
 from dataplane.proxy import PeerStream, Proxy
+from dataplane.reactor import Reactor
 from dataplane.tunnel import TunnelManager
 
 if TYPE_CHECKING:
@@ -59,3 +60,8 @@ class _LateTunnels:
     async def open_stream(self, peer: str, header: bytes, *,
                           alternative: Callable[[], bool] | None = None) -> PeerStream:
         return await self.plane.tunnels.open_stream(peer, header, alternative=alternative)
+
+    @property
+    def reactor(self) -> Reactor:
+        """Where the HTTP layer's callbacks run (dataplane.http_turns)."""
+        return self.plane.tunnels.reactor

@@ -341,6 +341,9 @@ class Upstreams:
                 "timeouts": up.stats["http_timeouts"],
                 "responses_5xx": up.stats["http_5xx"],
                 "mesh_answers": {k[len("http_mesh_"):]: v for k, v in up.stats.items() if k.startswith("http_mesh_")},
+                # Of the requests, those carried whole in the reactor's callbacks, and those they began and
+                # handed to the request's task (dataplane.http_turns).
+                "turns": {"carried": up.stats["http_in_turns"], "handed_over": up.stats["http_handed_over"]},
                 "pool": {"idle": up.pool.idle_count(), "opened": up.pool.opened, "reused": up.pool.reused,
                          "stale": up.pool.stale, "expired": up.pool.expired},
                 "open": up.router.open,

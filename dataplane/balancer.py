@@ -176,7 +176,7 @@ class PeakEwma:
         return max(self.value(now, prior), _MIN_ESTIMATE) * (max(outstanding, 0) + 1)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate(Generic[K]):
     """One instance the caller is willing to use now.
 
@@ -323,6 +323,8 @@ class Balancer(Generic[K]):
             usable = [(c, 1.0) for c, _ in weighted]
         for c, _ in usable:
             self._get(now, c.key).rtt = c.rtt
+        if len(usable) == 1:  # its own tier, whatever its load: what _local_pool would leave
+            return usable[0][0].key
         pool = self._local_pool(usable) if self.prefer_local else usable
         if len(pool) == 1:
             return pool[0][0].key

@@ -22,6 +22,7 @@ added here, in one place, once per message.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from typing import Final
@@ -77,7 +78,7 @@ def _end_to_end(headers: Headers) -> Headers:
             named |= _listed(value)
         elif name == b"transfer-encoding":
             chunked = True
-    drop = _HOP_BY_HOP | named
+    drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
     if chunked:
         return [(n, v) for n, v in headers if n not in drop and n != b"content-length"] + [
             (b"transfer-encoding", b"chunked")]
@@ -97,13 +98,20 @@ def request_headers(headers: Headers, client: str, request_id: bytes | None = No
             xff = i
     if not has_id:
         out.append((REQUEST_ID, request_id or b"%s%016x" % (_ID_PREFIX, next(_ids))))
+    address, forwarded = _client_fields(client)
     if xff is None:
-        out.append((b"x-forwarded-for", client.encode()))
+        out.append((b"x-forwarded-for", address))
     else:
         name, value = out[xff]
-        out[xff] = (name, value + b", " + client.encode())
-    out.append((b"forwarded", b"for=" + _forwarded_node(client) + b";proto=http"))
+        out[xff] = (name, value + b", " + address)
+    out.append((b"forwarded", forwarded))
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _client_fields(client: str) -> tuple[bytes, bytes]:
+    """The client's address as X-Forwarded-For and Forwarded give it; the same few clients ask again and again."""
+    return client.encode(), b"for=" + _forwarded_node(client) + b";proto=http"
 
 
 def response_headers(headers: Headers) -> Headers:

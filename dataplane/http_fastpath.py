@@ -266,9 +266,10 @@ class Response:
 
     # -- the owner's side --
 
-    def feed(self, data: bytes | bytearray) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Raises httptools.HttpParserError when the bytes are not a response; past the response's
-        end nothing raises (what follows only makes the connection unfit for reuse)."""
+        end nothing raises (what follows only makes the connection unfit for reuse).  ``data`` is not
+        kept (llhttp hands the callbacks copies)."""
         if self.done:
             self.extra = True
             return

@@ -117,6 +117,11 @@ class Pool:
             return conn
         return None
 
+    def restore(self, conn: InstanceConn) -> None:
+        """Put back what ``take`` just handed out and was not used (nothing was sent on it)."""
+        self.reused -= 1
+        self._idle.setdefault(conn.key, []).append(conn)
+
     def give(self, conn: InstanceConn, now: float) -> None:
         """Keep ``conn`` for another request if its last exchange ended cleanly; else close it."""
         if not conn.reusable():

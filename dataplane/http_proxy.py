@@ -12,7 +12,10 @@ The common request shape is read and written without h11
 (dataplane.http_fastpath); anything else goes through h11, in the server
 role towards the client and the client role towards the instance, one h11
 connection per such request.  The instance's agent only watches the bytes go
-by for its inbound figures (dataplane.http_observer).
+by for its inbound figures (dataplane.http_observer).  A request of the common
+path on a kept connection usually never reaches this module's task at all: the
+reactor's callbacks carry it (dataplane.http_turns), and hand it back here, as
+far as it got, whenever it needs waiting or a decision.
 
 What the mesh owes the client, whatever fails:
 
@@ -40,6 +43,11 @@ What the mesh owes the client, whatever fails:
 The request timeout (Envoy's route timeout) runs from the end of the request
 to the end of the response and covers retries; the upstream's idle timeout
 still resets a connection silent for that long.
+
+One module past 700 lines: a request's life (its client, its attempts, the
+exchange on each, the answers the mesh gives for it) shares one state and one
+set of outcomes (_Request, _Answer, _Retry, _Reset, _Failed), whichever path
+reads it; split, each part would need the others' internals.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from dataplane.http_pool import InstanceConn, Kept
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
 from dataplane.proxy import ATTEMPT_ERRORS, CHUNK, MAX_ATTEMPTS, Denied, Endpoint
 from dataplane.rawsocket import RawSocketStream
+from dataplane.reactor import Reactor
 from dataplane.stream import TunnelStream
 from dataplane.tunnel import DialAbandoned
 
@@ -197,13 +206,24 @@ async def serve(proxy: Proxy, up: UpstreamListener, client: RawSocketStream) -> 
     c = _Client(client, _peer_host(client), up.stats)
     first = True
     handed_off = False
+    turns = None
+    reactor = getattr(proxy.tunnels, "reactor", None)  # a TunnelManager's (tests may hand in other openers)
+    if isinstance(reactor, Reactor) and reactor.running:
+        from dataplane.http_turns import Turns
+
+        turns = Turns(proxy, up, c, reactor)
     try:
         while True:
-            req = await _next_request(up, c)
+            req = await _next_request(up, c) if turns is None else await turns.next()
             if req is None:
                 return
+            if isinstance(req, Call):
+                if not await _request(proxy, up, c, req.r, req) or req.r.close:
+                    return
+                first = False
+                continue
             if isinstance(req, PlainRequest):
-                if not await _plain_request(proxy, up, c, req):
+                if not await _plain_request(proxy, up, c, req, None if turns is None else turns.take_picked()):
                     return
             else:
                 go_on, handed_off = await _h11_request(proxy, up, c, first)
@@ -239,15 +259,16 @@ async def _next_request(up: UpstreamListener, c: _Client) -> PlainRequest | Slow
     return None
 
 
-async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: PlainRequest) -> bool:
-    """A request of the common path; whether the connection goes on."""
+async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: PlainRequest,
+                         first: Endpoint | None = None) -> bool:
+    """A request of the common path; whether the connection goes on.  ``first``: the instance to try first."""
     del c.buf[:req.length]
     r = _Request(req.method, req.target, request_headers(req.headers, c.address), up.options.http.timeout,
                  plain=True)
     r.body = req.body
     r.complete = True
     r.close = req.close
-    return await _request(proxy, up, c, r) and not r.close
+    return await _request(proxy, up, c, r, first=first) and not r.close
 
 
 async def _h11_request(proxy: Proxy, up: UpstreamListener, c: _Client, first: bool) -> tuple[bool, bool]:
@@ -379,6 +400,20 @@ class _Request:
             self.deadline_scope.deadline = trio.current_time() + self.timeout
 
 
+class Call:
+    """A request of the common path that the reactor's turns (dataplane.http_turns) sent on a kept
+    connection; its answer read as far as ``st`` says.  Its task takes it over from there."""
+
+    __slots__ = ("r", "ic", "attempt", "st", "reused")
+
+    def __init__(self, r: _Request, ic: InstanceConn, attempt: routing.Attempt, reused: bool) -> None:
+        self.r = r
+        self.ic = ic
+        self.attempt = attempt
+        self.st = PlainRead()
+        self.reused = reused
+
+
 async def _prefetch(c: _Client, r: _Request) -> None:
     """Read the body that comes with the request, up to RETRY_BUFFER, so it can be sent again."""
     while len(r.body) <= RETRY_BUFFER:
@@ -392,10 +427,13 @@ async def _prefetch(c: _Client, r: _Request) -> None:
             raise h11.RemoteProtocolError("unexpected event in a request body", 400)
 
 
-async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) -> bool:
-    """Carry one request to an instance and its response back; whether the connection goes on."""
+async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, call: Call | None = None,
+                   first: Endpoint | None = None) -> bool:
+    """Carry one request to an instance and its response back; whether the connection goes on.  ``call``:
+    the reactor's turns started it (and counted it); ``first``: they chose that instance for it."""
     opts = up.options.http
-    up.stats["http_requests"] += 1
+    if call is None:
+        up.stats["http_requests"] += 1
     keep = True
     try:
         # A request held whole already has its deadline (the common path's always are).
@@ -407,7 +445,7 @@ async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) 
             if r.complete and deadline == math.inf:
                 r.request_done()
             try:
-                await _attempts(proxy, up, c, r)
+                await _attempts(proxy, up, c, r, call, first)
             except _Answer as answer:
                 r.status, r.mesh_error = answer.status, answer.reason
                 keep = await _answer(c, up, answer, r.close)
@@ -455,24 +493,30 @@ def _has_other(proxy: Proxy, up: UpstreamListener, tried: set[tuple[str, str]],
                for e in endpoints)
 
 
-async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request) -> None:
-    """Instances until one answers, within the retry rules; raises _Answer when the mesh must."""
-    refused = up.router.admit()
-    if refused is not None:
-        up.stats[f"overflow_{refused}"] += 1
-        raise _Answer(503, OVERFLOW, f"{up.service}: this agent's {refused} limit is reached")
-    if not proxy.allowed_here(up):
-        raise _Answer(403, DENIED, f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
+async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, call: Call | None = None,
+                    first: Endpoint | None = None) -> None:
+    """Instances until one answers, within the retry rules; raises _Answer when the mesh must.  ``call``:
+    the first attempt, already under way in the reactor's turns (dataplane.http_turns), which made the
+    checks before it and count it here as an attempt like any other; ``first``: the instance they
+    chose for the first attempt and left to this task."""
     opts = up.options.http
     router = up.router
-    route = proxy.route_for(up, (r.method, r.target, r.headers))
+    route: tuple[DiscoveryChain, Target] | None = None
+    if call is None:
+        refused = router.admit()
+        if refused is not None:
+            up.stats[f"overflow_{refused}"] += 1
+            raise _Answer(503, OVERFLOW, f"{up.service}: this agent's {refused} limit is reached")
+        if not proxy.allowed_here(up):
+            raise _Answer(403, DENIED, f"intentions refuse {up.options.source or '(no source)'} -> {up.service}")
+        route = proxy.route_for(up, (r.method, r.target, r.headers))
+        up.budget.request(trio.current_time())
     tried: set[tuple[str, str]] = set()
     refusing: set[str] = set()
     asked_refusing = 0
     attempts = 0
     last: _Answer | None = None
     idempotent = r.method in IDEMPOTENT
-    up.budget.request(trio.current_time())
     paid = False
 
     def may_retry(body_sent: bool) -> bool:
@@ -489,60 +533,73 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
         return True
 
     while True:
-        if attempts > 0 and not paid and not may_retry(body_sent=False):
-            break
-        paid = False
-        endpoint = proxy.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS, route)
-        if endpoint is None:
-            break
-        if attempts > 0:
-            r.retries += 1
-            up.stats["http_retries"] += 1
-        key = (endpoint.node, endpoint.instance_id)
-        # A half-open trial (dataplane.outlier): any 5xx it gets is retried elsewhere when the request
-        # allows it, so a client does not pay for the mesh's look at an instance that was failing.
-        trial = router.outlier.state(trio.current_time(), key) == "half-open"
-        tried.add(key)
-        r.instance, r.node = endpoint.instance_id, endpoint.node
-        known_refusing = router.refuses(endpoint.node)
-        attempt = router.attempt(trio.current_time(), key)
+        st: PlainRead | None = None
+        if call is not None:
+            ic, attempt, st, reused, trial = call.ic, call.attempt, call.st, call.reused, False
+            tried.add(attempt.key)
+            call = None
+        else:
+            if attempts > 0 and not paid and not may_retry(body_sent=False):
+                break
+            paid = False
+            if first is not None and route is None:
+                endpoint: Endpoint | None = first
+            else:
+                endpoint = proxy.pick(up, frozenset(tried), frozenset(refusing), asked_refusing < MAX_ATTEMPTS,
+                                      route)
+            first = None
+            if endpoint is None:
+                break
+            if attempts > 0:
+                r.retries += 1
+                up.stats["http_retries"] += 1
+            key = (endpoint.node, endpoint.instance_id)
+            # A half-open trial (dataplane.outlier): any 5xx it gets is retried elsewhere when the request
+            # allows it, so a client does not pay for the mesh's look at an instance that was failing.
+            trial = router.outlier.state(trio.current_time(), key) == "half-open"
+            tried.add(key)
+            r.instance, r.node = endpoint.instance_id, endpoint.node
+            known_refusing = router.refuses(endpoint.node)
+            attempt = router.attempt(trio.current_time(), key)
 
-        def alternative(endpoint: Endpoint = endpoint, retry_left: bool = attempts < opts.max_retries) -> bool:
-            """A failure could be retried elsewhere: a new tunnel is then waited for only its RTT bound."""
-            return (retry_left and up.budget.can_retry(trio.current_time())
-                    and proxy.has_alternative(up, endpoint, tried, refusing, route))
+            def alternative(endpoint: Endpoint = endpoint, retry_left: bool = attempts < opts.max_retries) -> bool:
+                """A failure could be retried elsewhere: a new tunnel is then waited for only its RTT bound."""
+                return (retry_left and up.budget.can_retry(trio.current_time())
+                        and proxy.has_alternative(up, endpoint, tried, refusing, route))
 
-        try:
-            ic = await proxy.instance_conn(up, endpoint, alternative)
-        except Denied as exc:
-            router.denied(trio.current_time(), attempt)
-            refusing.add(endpoint.node)
-            asked_refusing += known_refusing
-            up.stats["refusals"] += 1
-            last = _Answer(403, DENIED, str(exc))
-            continue
-        except ATTEMPT_ERRORS as exc:
-            slow = isinstance(exc, trio.TooSlowError)
-            router.failed(trio.current_time(), attempt, not isinstance(exc, DialAbandoned),
-                          routing.TIMEOUT if slow else routing.CONNECT_FAILED)
-            up.stats["attempts_failed"] += 1
-            proxy.log("proxy_connect_failed", service=up.service, node=endpoint.node,
-                      instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
-            attempts += 1
-            last = _Answer(503, CONNECT_FAILED, f"could not connect an instance of {up.service}: "
-                                                f"{str(exc) or type(exc).__name__}")
-            continue  # it reached no instance: any method may go elsewhere
-        except BaseException:
-            router.failed(trio.current_time(), attempt, instance_fault=False)
-            raise
-        router.connected(trio.current_time(), attempt)
-        # The request's latency sample starts as it goes out: a connect made for it (once per kept
-        # connection) is not the instance's answer time, and would mark an instance slow for the
-        # peak-EWMA's memory just for being new.
-        attempt.started = trio.current_time()
+            try:
+                ic = await proxy.instance_conn(up, endpoint, alternative)
+            except Denied as exc:
+                router.denied(trio.current_time(), attempt)
+                refusing.add(endpoint.node)
+                asked_refusing += known_refusing
+                up.stats["refusals"] += 1
+                last = _Answer(403, DENIED, str(exc))
+                continue
+            except ATTEMPT_ERRORS as exc:
+                slow = isinstance(exc, trio.TooSlowError)
+                router.failed(trio.current_time(), attempt, not isinstance(exc, DialAbandoned),
+                              routing.TIMEOUT if slow else routing.CONNECT_FAILED)
+                up.stats["attempts_failed"] += 1
+                proxy.log("proxy_connect_failed", service=up.service, node=endpoint.node,
+                          instance=endpoint.instance_id, error=str(exc) or type(exc).__name__)
+                attempts += 1
+                last = _Answer(503, CONNECT_FAILED, f"could not connect an instance of {up.service}: "
+                                                    f"{str(exc) or type(exc).__name__}")
+                continue  # it reached no instance: any method may go elsewhere
+            except BaseException:
+                router.failed(trio.current_time(), attempt, instance_fault=False)
+                raise
+            router.connected(trio.current_time(), attempt)
+            # The request's latency sample starts as it goes out: a connect made for it (once per kept
+            # connection) is not the instance's answer time, and would mark an instance slow for the
+            # peak-EWMA's memory just for being new.
+            attempt.started = trio.current_time()
+            reused = ic.uses > 0
+            ic.uses += 1
         attempts += 1
         try:
-            await _exchange(proxy, up, c, r, ic, attempt, can_retry=lambda: may_retry(body_sent=True), trial=trial)
+            await _exchange(proxy, up, c, r, ic, attempt, lambda: may_retry(body_sent=True), trial, reused, st)
         except _Retry as exc:
             last = exc.answer
             continue
@@ -557,30 +614,39 @@ async def _attempts(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request)
 
 
 async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
-                    attempt: routing.Attempt, can_retry: Callable[[], bool], trial: bool = False) -> None:
-    """One request on one instance connection: raises _Retry, _Answer or _Reset when it fails."""
-    reused = ic.uses > 0
-    ic.uses += 1
+                    attempt: routing.Attempt, can_retry: Callable[[], bool], trial: bool, reused: bool,
+                    st: PlainRead | None) -> None:
+    """One request on one instance connection: raises _Retry, _Answer or _Reset when it fails.  ``st``:
+    the request already went out in the reactor's turns, and its answer was read that far."""
     clean = False
     fault: str | None = None
     try:
+        if st is not None and st.unsent:
+            try:
+                await _send(ic.stream, st.unsent)
+            except _IO_ERRORS as exc:
+                fault = None if reused else routing.RESET_BEFORE_REPLY
+                raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: "
+                                            f"{exc}") from None
+            st.unsent = b""
+        if st is None:
+            if r.plain:
+                out = request_bytes(r.method, r.target, r.headers, r.body)
+            else:
+                h = ic.framer()
+                out = h.send(h11.Request(method=r.method, target=r.target, headers=r.headers)) or b""
+                if r.body:
+                    out += h.send(h11.Data(data=bytes(r.body))) or b""
+                if r.complete:
+                    out += h.send(h11.EndOfMessage()) or b""
+            try:
+                await _send(ic.stream, out)
+            except _IO_ERRORS as exc:
+                fault = None if reused else routing.RESET_BEFORE_REPLY
+                raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: "
+                                            f"{exc}") from None
         if r.plain:
-            out = request_bytes(r.method, r.target, r.headers, r.body)
-        else:
-            h = ic.framer()
-            out = h.send(h11.Request(method=r.method, target=r.target, headers=r.headers)) or b""
-            if r.body:
-                out += h.send(h11.Data(data=bytes(r.body))) or b""
-            if r.complete:
-                out += h.send(h11.EndOfMessage()) or b""
-        try:
-            await _send(ic.stream, out)
-        except _IO_ERRORS as exc:
-            fault = None if reused else routing.RESET_BEFORE_REPLY
-            raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: {exc}") \
-                from None
-        if r.plain:
-            await _plain_response(up, c, r, ic, attempt, can_retry, reused, trial)
+            await _plain_response(up, c, r, ic, attempt, can_retry, reused, trial, st)
         elif r.complete:
             await _response(up, c, r, ic, attempt, can_retry, reused, trial)
         else:
@@ -637,10 +703,13 @@ async def _receive(r: _Request, stream: Kept, can_retry: Callable[[], bool]) -> 
     try:
         return await stream.receive_some(CHUNK)
     except _IO_ERRORS as exc:
-        if r.response_started:
-            raise _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None) from None
-        raise _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"),
-                      routing.RESET_BEFORE_REPLY) from None
+        raise _receive_failure(r, exc, can_retry) from None
+
+
+def _receive_failure(r: _Request, exc: BaseException, can_retry: Callable[[], bool]) -> _Failed:
+    if r.response_started:
+        return _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None)
+    return _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"), routing.RESET_BEFORE_REPLY)
 
 
 def _closed_unanswered(up: UpstreamListener, r: _Request, can_retry: Callable[[], bool], reused: bool) -> _Failed:
@@ -666,11 +735,13 @@ def _final_head(up: UpstreamListener, r: _Request, attempt: routing.Attempt, sta
                 can_retry: Callable[[], bool], trial: bool) -> None:
     """The instance's final answer is in: outlier detection counts it; a 5xx the request may be retried
     for (a retry_on status, or any answer to a half-open trial) raises the retry; else the response
-    has started."""
+    has started.  Whether to retry is asked first, before anything is counted: the reactor's turns
+    (dataplane.http_turns) leave that question to the request's task, which then comes back here."""
+    retry = status >= 500 and (status in up.options.http.retry_on or trial) and can_retry()
     up.router.answered(trio.current_time(), attempt, status < 500)
     if status >= 500:
         up.stats["http_5xx"] += 1
-        if (status in up.options.http.retry_on or trial) and can_retry():
+        if retry:
             raise _Failed(_Retry(_Answer(status, UPSTREAM_RESET, f"{up.service} instance {r.instance} "
                                                                   f"answered {status}")), None)
     r.status = status
@@ -728,57 +799,107 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
             raise _Failed(_Reset("the instance closed before the response ended"), None)
 
 
+class PlainRead:
+    """How far the instance's answer to a request of the common path has been read; shared by the
+    request's task (_plain_response) and the reactor's turns (dataplane.http_turns), which hand it on."""
+
+    __slots__ = ("resp", "interim", "got_bytes", "out", "done", "error", "read_error", "unsent")
+
+    def __init__(self) -> None:
+        self.resp = Response()
+        self.interim = 0
+        self.got_bytes = False
+        #: Due to the client and not sent yet.
+        self.out = bytearray()
+        #: The response is complete (``out`` may still hold its end).
+        self.done = False
+        #: What the turns met and the task raises in their place, as if it had met it itself.
+        self.error: BaseException | None = None
+        #: What reading the instance's connection raised in the turns (as _receive would meet it).
+        self.read_error: BaseException | None = None
+        #: The end of the request, which the instance's socket did not take at once.
+        self.unsent = b""
+
+
+def plain_feed(up: UpstreamListener, r: _Request, st: PlainRead, data: bytes | bytearray,
+               reused: bool, can_retry: Callable[[], bool]) -> None:
+    """The instance's next bytes (``b""``: its end) into the response; raises _Failed when they end
+    the attempt."""
+    resp = st.resp
+    if not data:
+        if resp.until_close:  # RFC 9112 §6.3 rule 8: the end of the connection ends the body
+            resp.done = True
+            st.out += resp.take_body()
+            st.done = True
+            return
+        if not st.got_bytes:
+            raise _closed_unanswered(up, r, can_retry, reused)
+        raise _broken_response(up, r, "the connection closed before the response ended")
+    try:
+        resp.feed(data)
+    except httptools.HttpParserError as exc:
+        raise _parse_failure(up, r, st, exc, reused, can_retry) from None
+    st.got_bytes = True
+
+
+def _parse_failure(up: UpstreamListener, r: _Request, st: PlainRead, exc: httptools.HttpParserError,
+                   reused: bool, can_retry: Callable[[], bool]) -> _Failed:
+    if reused and not st.got_bytes:
+        # What a kept connection held before this request's answer: the rest of an earlier
+        # response that claimed to have none (a body after a 204, say), arriving late.  The
+        # connection is unfit, the instance not at fault: as a stale connection.
+        up.stats["http_stale_connections"] += 1
+        return _Failed(_broken(r, can_retry, f"a kept connection to {r.instance} held stray bytes: {exc}"), None)
+    return _broken_response(up, r, str(exc))
+
+
+def plain_advance(up: UpstreamListener, r: _Request, attempt: routing.Attempt, st: PlainRead,
+                  can_retry: Callable[[], bool], trial: bool) -> None:
+    """Turn what has been parsed into what is due to the client (``st.out``); sets ``st.done``."""
+    resp = st.resp
+    while st.interim < len(resp.interim):
+        status, reason, fields = resp.interim[st.interim]
+        st.interim += 1
+        if status != 100:  # a 100 no client of this path waits for (it sent no Expect)
+            st.out += head_bytes(status, reason, response_headers(fields))
+    if resp.head_done and not r.response_started:
+        status = resp.status
+        _final_head(up, r, attempt, status, can_retry, trial)
+        fields = response_headers(resp.headers)
+        if resp.until_close or r.close:
+            r.close = True
+            fields.append((b"connection", b"close"))
+        st.out += head_bytes(status, resp.reason, fields)
+    if resp.head_done:
+        st.out += resp.take_body()
+    if resp.done:
+        st.done = True
+
+
 async def _plain_response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceConn,
                           attempt: routing.Attempt, can_retry: Callable[[], bool], reused: bool,
-                          trial: bool) -> None:
-    """_response for a request of the common path: the same outcomes, read by httptools."""
-    resp = Response()
-    stream = ic.stream
-    got_bytes = False
-    interim = 0
-    out = bytearray()
-    while True:
-        data = await _receive(r, stream, can_retry)
-        if not data:
-            if resp.until_close:  # RFC 9112 §6.3 rule 8: the end of the connection ends the body
-                resp.done = True
-                out += resp.take_body()
-                await c.send_bytes(out)
-                return
-            if not got_bytes:
-                raise _closed_unanswered(up, r, can_retry, reused)
-            raise _broken_response(up, r, "the connection closed before the response ended")
-        try:
-            resp.feed(data)
-        except httptools.HttpParserError as exc:
-            if reused and not got_bytes:
-                # What a kept connection held before this request's answer: the rest of an earlier
-                # response that claimed to have none (a body after a 204, say), arriving late.  The
-                # connection is unfit, the instance not at fault: as a stale connection.
-                up.stats["http_stale_connections"] += 1
-                raise _Failed(_broken(r, can_retry, f"a kept connection to {r.instance} held stray bytes: "
-                                                    f"{exc}"), None) from None
-            raise _broken_response(up, r, str(exc)) from None
-        got_bytes = True
-        while interim < len(resp.interim):
-            status, reason, fields = resp.interim[interim]
-            interim += 1
-            if status != 100:  # a 100 no client of this path waits for (it sent no Expect)
-                out += head_bytes(status, reason, response_headers(fields))
-        if resp.head_done and not r.response_started:
-            status = resp.status
-            _final_head(up, r, attempt, status, can_retry, trial)
-            fields = response_headers(resp.headers)
-            if resp.until_close or r.close:
-                r.close = True
-                fields.append((b"connection", b"close"))
-            out += head_bytes(status, resp.reason, fields)
-        if resp.head_done:
-            out += resp.take_body()
-        if resp.done:
-            await c.send_bytes(out)
-            ic.clean = resp.keep_alive()
-            return
-        if out:
-            await c.send_bytes(out)
-            out.clear()
+                          trial: bool, st: PlainRead | None = None) -> None:
+    """_response for a request of the common path: the same outcomes, read by httptools.  ``st``: where
+    the reactor's turns left it (dataplane.http_turns)."""
+    if st is None:
+        st = PlainRead()
+    else:
+        if isinstance(st.error, httptools.HttpParserError):
+            raise _parse_failure(up, r, st, st.error, reused, can_retry)
+        if st.error is not None:
+            raise st.error
+        if st.read_error is not None:
+            raise _receive_failure(r, st.read_error, can_retry)
+        plain_advance(up, r, attempt, st, can_retry, trial)
+    while not st.done:
+        if st.out:
+            await c.send_bytes(st.out)
+            st.out.clear()
+        data = await _receive(r, ic.stream, can_retry)
+        plain_feed(up, r, st, data, reused, can_retry)
+        if data:
+            plain_advance(up, r, attempt, st, can_retry, trial)
+    await c.send_bytes(st.out)
+    st.out.clear()
+    if not st.resp.until_close:
+        ic.clean = st.resp.keep_alive()

@@ -19,7 +19,7 @@ OUTBOUND: Final = "outbound"
 INBOUND: Final = "inbound"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and a frozen one's __init__ costs 6x; never changed
 class RequestRecord:
     #: OUTBOUND (this agent called a service for a local client) or INBOUND
     #: (a peer's or a local caller's request reached a local instance).

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import trio
 
 if TYPE_CHECKING:
-    from dataplane.reactor import OnReady, Reactor
+    from dataplane.reactor import OnEnd, OnReady, Reactor
 
 __all__ = ["RECEIVE_SIZE", "YIELD_EVERY", "Fairness", "RawSocketStream", "SocketPump", "connect_tcp"]
 
@@ -202,6 +202,22 @@ class RawSocketStream(trio.abc.HalfCloseableStream):
             await reactor.wait(self._sock, on_ready)
         finally:
             self._reactor = None
+        self._emptied = False
+
+    def watch_in(self, reactor: Reactor, on_ready: OnReady, on_end: OnEnd) -> None:
+        """``Reactor.watch`` for this socket, for a task that waits elsewhere: ``on_ready`` may call
+        ``try_receive_into``; ``unwatch`` ends it (closing the socket does too, with ``on_end``)."""
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        reactor.watch(self._sock, on_ready, on_end)
+        self._reactor = reactor
+
+    def unwatch(self) -> None:
+        reactor, self._reactor = self._reactor, None
+        if reactor is not None and not self._closed:
+            reactor.unwatch(self._sock)
         self._emptied = False
 
     async def _receive(self, op: Callable[[_A], _R], arg: _A, want: int) -> _R:

@@ -75,7 +75,7 @@ import trio
 
 from dataplane.rawsocket import YIELD_EVERY
 
-__all__ = ["OnReady", "Reactor"]
+__all__ = ["OnEnd", "OnReady", "Reactor"]
 
 #: Called in the reactor task when the socket is readable: True to keep
 #: watching (it did the work), False to wake the waiting task instead.
@@ -84,13 +84,21 @@ OnReady = Callable[[], bool]
 _MAX_EVENTS: Final = 256
 
 
-class _Watch:
-    __slots__ = ("fd", "on_ready", "task")
+#: Called in the reactor when a watch made by ``Reactor.watch`` ends by itself: with the error its
+#: callback raised (or the socket's close), or None (the callback returned False, or the reactor stopped).
+OnEnd = Callable[[BaseException | None], None]
 
-    def __init__(self, fd: int, on_ready: OnReady, task: trio.lowlevel.Task) -> None:
+
+class _Watch:
+    __slots__ = ("fd", "on_ready", "task", "on_end")
+
+    def __init__(self, fd: int, on_ready: OnReady, task: trio.lowlevel.Task | None,
+                 on_end: OnEnd | None = None) -> None:
         self.fd = fd
         self.on_ready = on_ready
+        #: The task waiting in ``wait``; None for a watch made by ``watch``, which ends with ``on_end``.
         self.task = task
+        self.on_end = on_end
 
 
 class ReactorMode(StrEnum):
@@ -186,6 +194,10 @@ class Reactor:
         """Stop watching and wake the task with ``result``, once (a callback may
         already have ended its own watch, by closing its socket)."""
         if self._forget(watch):
+            if watch.task is None:
+                assert watch.on_end is not None
+                watch.on_end(result.error if isinstance(result, outcome.Error) else None)
+                return
             self.woken += 1
             trio.lowlevel.reschedule(watch.task, result)
 
@@ -226,6 +238,33 @@ class Reactor:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def watch(self, sock: socket.socket, on_ready: OnReady, on_end: OnEnd) -> None:
+        """Run ``on_ready`` each time ``sock`` is readable, for a task that waits elsewhere (the HTTP
+        layer's turns read a local instance's answer so, while the task is parked on its client's
+        socket: dataplane.http_turns), until ``unwatch``, or until the watch ends by itself: then
+        ``on_end`` runs, in the reactor, and must not raise."""
+        epoll = self._epoll
+        if epoll is None:
+            raise RuntimeError("the reactor is not running")
+        fd = sock.fileno()
+        if fd in self._watches:
+            raise trio.BusyResourceError("another task is already waiting on this socket")
+        epoll.register(fd, select.EPOLLIN)
+        self._watches[fd] = _Watch(fd, on_ready, None, on_end)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """End a watch made by ``watch``, without its ``on_end``; nothing if there is none."""
+        watch = self._watches.get(sock.fileno())
+        if watch is not None and watch.task is None:
+            self._forget(watch)
+
+    def wake(self, sock: socket.socket) -> None:
+        """End ``sock``'s watch and wake its task, from another socket's callback that found work for
+        that task (dataplane.http_turns); nothing if it is not watched."""
+        watch = self._watches.get(sock.fileno())
+        if watch is not None:
+            self._finish(watch, outcome.Value(None))
 
     def closing(self, sock: socket.socket) -> None:
         """``sock`` is about to be closed: wake its waiting task with ``ClosedResourceError``."""

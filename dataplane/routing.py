@@ -104,7 +104,7 @@ BAD_RESPONSE = "bad_response"
 HTTP_5XX = "http_5xx"
 
 
-@dataclass
+@dataclass(slots=True)
 class Attempt:
     """One connection the router handed out; report its life through the router."""
 

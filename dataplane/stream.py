@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -22,12 +22,14 @@ from dataplane.rawsocket import Fairness, RawSocketStream, SocketPump
 if TYPE_CHECKING:
     from dataplane.session import TunnelSession
 
-__all__ = ["SCRATCH_SIZE", "StreamResetError", "TunnelStream", "new_scratch"]
+__all__ = ["SCRATCH_SIZE", "WHOLE_MAX", "ChunkReader", "StreamResetError", "TunnelStream", "new_scratch"]
 
 #: The scratch buffer pump_from reads a proxied socket into: room for a mux
 #: header, then a full record's data.
 SCRATCH_SIZE: Final = mux.DEFAULT_MAX_RECORD
 _DIRECT_MAX: Final = SCRATCH_SIZE - mux.HEADER_SIZE
+#: The most ``try_send_whole`` sends.
+WHOLE_MAX: Final = _DIRECT_MAX
 
 
 def new_scratch() -> memoryview:
@@ -45,6 +47,16 @@ class StreamResetError(trio.BrokenResourceError):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+
+
+class ChunkReader(Protocol):
+    """Who reads a stream in the session's reader (TunnelStream.read_by)."""
+
+    def on_chunk(self, data: memoryview | bytes) -> bool:
+        """Take ``data`` (a view the session reuses: what is kept is copied); False to decline it."""
+
+    def on_end(self) -> None:
+        """The stream ended or failed: the next ``receive_some`` tells which."""
 
 
 class TunnelStream(SocketPump):
@@ -72,6 +84,8 @@ class TunnelStream(SocketPump):
         self._buf: deque[bytes | memoryview] = deque()
         #: Set while pump_into runs: the socket the reader may write into directly.
         self._sink: RawSocketStream | None = None
+        #: Set while the reactor's turns read this stream (read_by).
+        self._reader: ChunkReader | None = None
         self._delivered: Callable[[int], None] | None = None
         self._sink_busy = False
         self._buffered = 0
@@ -101,6 +115,8 @@ class TunnelStream(SocketPump):
         self._buffered = 0
         self._recv_event.set()
         self._send_event.set()
+        if self._reader is not None:
+            self._reader.on_end()
 
     def on_data(self, data: bytes | memoryview) -> bool:
         """Take data the peer sent: straight into the sink socket when one is set and
@@ -115,6 +131,10 @@ class TunnelStream(SocketPump):
             return False
         if self._tap_in is not None:
             self._tap_in(data)
+        reader = self._reader
+        if reader is not None and not self._buf and reader.on_chunk(data):
+            self._session.mux.consumed(self.stream_id, len(data))
+            return True
         sink = self._sink
         if sink is not None and not self._buf and not self._sink_busy:
             try:
@@ -137,10 +157,19 @@ class TunnelStream(SocketPump):
         """The peer half-closed: ``receive_some`` returns ``b""`` once the data is read."""
         self._eof_received = True
         self._recv_event.set()
+        if self._reader is not None:
+            self._reader.on_end()
 
     def wake_sender(self) -> None:
         """Room in the send buffer, or the peer's credit, for a sender the session holds waiting."""
         self._send_event.set()
+
+    def read_by(self, reader: ChunkReader | None) -> None:
+        """Hand what arrives from now on to ``reader`` (None: to ``receive_some`` again), in the session's
+        reader, as it arrives: the reactor's turns of the HTTP layer read answers so
+        (dataplane.http_turns), waking no task.  What the reader declines is kept for ``receive_some``
+        as usual, and so is all that follows it, in order."""
+        self._reader = reader
 
     def unusable(self) -> bool:
         """Closed by the application, or failed: no sender on it will wait for room again."""

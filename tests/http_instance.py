@@ -9,6 +9,7 @@ answer waits that long).  Routes:
 * ``/bytes/N``: N bytes of a fixed pattern, chunked;
 * ``/count``: JSON of the requests it received, by method and path;
 * ``/status/CODE``: answers CODE;
+* ``/sleep/SECONDS``: its name, that many seconds late;
 * an ``Upgrade: websocket`` request: 101, then every byte is echoed back (the mesh carries it as bytes).
 """
 
@@ -109,6 +110,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         elif self.path == "/bad204":  # a server bug: a body after a 204, which has none
             self._send(204, b"stray bytes\n")
+        elif self.path.startswith("/sleep/"):  # this answer only, after that many seconds
+            time.sleep(float(self.path[7:]))
+            self._send(200, IDENT.encode())
         elif self.path.startswith("/status/"):
             code = int(self.path[8:])
             self._send(code, b"" if code in (204, 304) else b"as asked\n")

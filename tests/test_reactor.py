@@ -157,6 +157,85 @@ async def test_closing_the_socket_wakes_its_task_and_unregisters_it_first(idle_h
     peer.close()
 
 
+async def test_another_sockets_callback_wakes_a_task_with_wake_and_it_goes_on(idle_hook: bool) -> None:
+    """What the HTTP layer's turns do: the answer arrives on one socket, and its callback wakes the
+    task parked on the client's socket (dataplane.http_turns)."""
+    parked, parked_peer = pair()
+    other, other_peer = pair()
+    buf = memoryview(bytearray(16))
+
+    def on_other() -> bool:
+        other.try_receive_into(buf)
+        reactor.wake(parked.raw)
+        reactor.wake(parked.raw)  # a second wake finds nothing to end
+        return True
+
+    async with running_reactor(idle_hook) as (reactor, nursery):
+        nursery.start_soon(other.wait_readable_in, reactor, on_other)
+        await trio.testing.wait_all_tasks_blocked()
+        other_peer.send(b"x")
+        await parked.wait_readable_in(reactor, lambda: True)  # returns: woken, not readable
+        assert reactor.watching == 1 and reactor.woken == 1  # only the parked socket's watch ended
+        reactor.wake(parked.raw)  # not watched now: nothing happens
+        parked_peer.send(b"y")  # and it can be waited on again
+        await parked.wait_readable_in(reactor, lambda: False)
+    for s in (parked, other):
+        s.close_now()
+    parked_peer.close()
+    other_peer.close()
+
+
+async def test_a_watch_for_a_task_parked_elsewhere_runs_until_unwatched_or_its_end(idle_hook: bool) -> None:
+    """Reactor.watch: callbacks with no task waiting on the socket; on_end when the watch ends by itself
+    (its callback returned False or raised, its socket was closed, the reactor stopped), never after
+    unwatch."""
+    buf = memoryview(bytearray(64))
+    ends: dict[str, list[BaseException | None]] = {}
+
+    def watched(name: str, stream: RawSocketStream, reactor: Reactor, got: bytearray) -> None:
+        ends[name] = []
+
+        def on_ready() -> bool:
+            n = stream.try_receive_into(buf)
+            if n is None:
+                return True
+            if n == 0:
+                return False
+            if bytes(buf[:n]) == b"boom":
+                raise ValueError("boom")
+            got.extend(buf[:n])
+            return True
+
+        stream.watch_in(reactor, on_ready, ends[name].append)
+
+    streams = {name: pair() for name in ("data", "eof", "error", "closed", "unwatched", "stopped")}
+    got = {name: bytearray() for name in streams}
+    async with running_reactor(idle_hook) as (reactor, _):
+        for name, (stream, _peer) in streams.items():
+            watched(name, stream, reactor, got[name])
+        assert reactor.watching == len(streams)
+        streams["data"][1].send(b"hello")
+        streams["eof"][1].shutdown(socket.SHUT_WR)
+        streams["error"][1].send(b"boom")
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(0.05)
+        assert got["data"] == b"hello" and ends["data"] == []
+        assert ends["eof"] == [None]
+        assert len(ends["error"]) == 1 and isinstance(ends["error"][0], ValueError)
+        streams["closed"][0].close_now()
+        assert len(ends["closed"]) == 1 and isinstance(ends["closed"][0], trio.ClosedResourceError)
+        streams["unwatched"][0].unwatch()
+        streams["unwatched"][1].send(b"late")
+        await trio.sleep(0.05)
+        assert got["unwatched"] == b"" and ends["unwatched"] == []  # nothing ran after unwatch
+        assert reactor.watching == 2  # data and stopped
+        assert reactor.woken == 0  # no task was woken for any of it
+    assert ends["stopped"] == [None] and ends["data"] == [None]  # the reactor stopped: their end
+    for stream, peer in streams.values():
+        stream.close_now()
+        peer.close()
+
+
 async def test_a_callback_that_closes_its_own_socket_wakes_the_task_once(idle_hook: bool) -> None:
     stream, peer = pair()
 
