@@ -30,7 +30,7 @@ import trio
 from agent import api_http, log
 from agent.access import SAFE_METHODS, Refused
 from agent.api_http import Request, RequestReader
-from agent.health import parse_duration
+from agent.durations import parse_duration
 from agent.peercred import loopback_peer_uid
 from agent.services import ServiceError, shown
 from agent.store import StoreError
@@ -207,12 +207,13 @@ class ApiServer:
             raise HttpError(400, str(exc)) from None
 
     async def tunnels(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        return 200, self.agent.tunnels.sessions_view()
+        plane = self.agent.plane
+        return 200, [] if plane is None else plane.tunnels.sessions_view()
 
     async def routing_table(self, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
         wanted = query.get("service")
         service = wanted[0] if wanted and wanted[0] else None
-        if service is not None and service not in self.agent.proxy.upstreams:
+        if service is not None and service not in self.agent.upstream_listeners():
             raise HttpError(404, f"no upstream for {service!r} on this agent (see `mesh-agent upstreams`)")
         return 200, self.agent.routes_view(service)
 
@@ -325,6 +326,9 @@ class ApiServer:
             lambda: self.agent.services.instances(name, passing_only=passing))
 
     async def register(self, query: dict[str, list[str]], body: Any) -> Reply:
+        # The data plane first: peers route to an instance as soon as gossip tells them of it, and
+        # their first streams would otherwise wait for it to load (or go elsewhere meanwhile).
+        await self.agent.load_plane()
         reg = self.agent.services.register(body)
         return 200, {"ok": True, "id": reg.id}
 
@@ -333,13 +337,14 @@ class ApiServer:
         return 200, {"ok": True, "id": iid, "service": reg.name, "node": self.agent.cfg.name}
 
     async def upstreams(self, query: dict[str, list[str]], body: Any) -> Reply:
-        return 200, self.agent.upstreams.view()
+        plane = self.agent.plane
+        return 200, [] if plane is None else plane.upstreams.view()
 
     async def upstream_add(self, query: dict[str, list[str]], body: Any) -> Reply:
-        return 200, await self.agent.upstreams.add(body)
+        return 200, await (await self.agent.load_upstreams()).add(body)
 
     async def upstream_remove(self, service: str, query: dict[str, list[str]], body: Any) -> Reply:
-        return 200, await self.agent.upstreams.remove(service)
+        return 200, await (await self.agent.load_upstreams()).remove(service)
 
     async def intentions(self, query: dict[str, list[str]], body: Any) -> Reply:
         return 200, self.agent.intentions.view()

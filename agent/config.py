@@ -153,9 +153,21 @@ def _addr(text: str, what: str, default_port: int | None = None) -> Address:
         raise ConfigError(f"--{what}: {exc}") from None
 
 
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
 def _local_addr(text: str, what: str, default_port: int) -> Address:
     """An address this agent binds: its host must resolve now (a seed's may not, yet)."""
     addr = _addr(text, what, default_port)
+    if _is_ip(addr[0]):
+        return addr  # what getaddrinfo would say, without loading the idna codec it encodes names with
     try:
         socket.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -331,13 +343,14 @@ def resolve(flags: dict[str, Any], environ: dict[str, str] | None = None) -> Age
     upstreams = file_data.get("upstream", [])
     if not isinstance(upstreams, list) or not all(isinstance(u, dict) for u in upstreams):
         raise ConfigError(f"config file {config_path}: [[upstream]] must be an array of tables")
-    from agent.upstreams import validate as validate_upstream
+    if upstreams:  # agent.upstreams brings the data plane's modules (agent/plane.py): only for a config with some
+        from agent.upstreams import validate as validate_upstream
 
-    for i, raw in enumerate(upstreams):
-        try:
-            validate_upstream(raw)
-        except ServiceError as exc:
-            raise ConfigError(f"config file {config_path}: upstream #{i + 1}: {exc}") from None
+        for i, raw in enumerate(upstreams):
+            try:
+                validate_upstream(raw)
+            except ServiceError as exc:
+                raise ConfigError(f"config file {config_path}: upstream #{i + 1}: {exc}") from None
 
     intentions = file_data.get("intention", [])
     if not isinstance(intentions, list) or not all(isinstance(r, dict) for r in intentions):

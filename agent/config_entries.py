@@ -26,16 +26,18 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import entry_kinds, log, store
 from agent.services import ServiceError, shown
-from dataplane.discovery_chain import DiscoveryChain
 from gossip import config_sync
 from gossip.config_store import ConfigStore, Entry, EntryError, Key
 from gossip.hlc import ClockDriftError, HybridClock
 from gossip.signing import Signer, Verifier
 from gossip.wire import ConfigPull, ConfigPush
+
+if TYPE_CHECKING:
+    from dataplane.discovery_chain import DiscoveryChain
 
 STORE_FILE = "config_entries.json"
 #: Entries with versions this old were carried over from per-node stores (agent.intentions.migrate).
@@ -140,7 +142,12 @@ class ConfigEntries:
             router = self.lookup(entry_kinds.SERVICE_ROUTER, service)
             resolvers = {e.name: e.body or {} for e in self.store.live(entry_kinds.SERVICE_RESOLVER)}
             shaped = splitter is not None or router is not None or service in resolvers
-            self._chains[service] = DiscoveryChain(service, splitter, resolvers, router) if shaped else None
+            if shaped:
+                from dataplane.discovery_chain import DiscoveryChain  # only the data plane compiles chains
+
+                self._chains[service] = DiscoveryChain(service, splitter, resolvers, router)
+            else:
+                self._chains[service] = None
         return self._chains[service]
 
     def summary_view(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from agent.services import LocalServices
-from dataplane.proxy import Endpoint
+from dataplane.endpoint import Endpoint
 from gossip.member import MEMBER_CHANGES, Status
 from gossip.swim import Membership
 from gossip.wire import Address

@@ -20,20 +20,21 @@ import errno
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from agent.dns_settings import DEFAULT_DNS, DnsSettings
 from agent.peercred import is_loopback
-from agent.virtual import VirtualUpstreams
+from agent.transport import open_tcp_listeners
 from gossip.registry import Instance
 from gossip.wire import Address, format_addr
 
 if TYPE_CHECKING:
     from agent.dns_answers import Answers, Prepared
     from agent.runner import Agent
+    from agent.virtual import VirtualUpstreams
     from gossip.registry import Registry
     from gossip.swim import Membership
 
@@ -131,12 +132,15 @@ class SourceLimiter:
 
 class DnsServer:
     def __init__(self, addr: Address, explicit: bool, settings: DnsSettings, catalog: Any,
-                 virtual: VirtualUpstreams | None, logger: Any) -> None:
+                 virtual: Callable[[], VirtualUpstreams] | None, logger: Any) -> None:
         self.addr = addr
         self.explicit = explicit
         self.settings = settings
         self.catalog = catalog
-        self.virtual = virtual
+        #: Makes the virtual upstreams (agent.virtual), built with the answers at the first query:
+        #: until then no virtual name was looked up, so none is open and none needs reaping.
+        self._make_virtual = virtual
+        self.virtual: VirtualUpstreams | None = None
         #: Built at the first query: dnspython is loaded then, not at every agent's start.
         self._answers: Answers | None = None
         self._malformed: type[Exception] = Exception
@@ -161,8 +165,13 @@ class DnsServer:
             return None
         catalog = AgentCatalog(agent.membership, agent.registry)
         logger = agent.log.bind(part="dns")
-        virtual = VirtualUpstreams(agent.upstreams, agent.proxy, catalog.port_for, cfg.dns_settings.virtual_idle,
-                                   logger)
+
+        def virtual() -> VirtualUpstreams:
+            from agent.virtual import VirtualUpstreams
+
+            return VirtualUpstreams(agent.upstream_listeners, agent.load_upstreams, catalog.port_for,
+                                    cfg.dns_settings.virtual_idle, logger)
+
         return cls(cfg.dns, cfg.dns_explicit, cfg.dns_settings, catalog, virtual, logger)
 
     @property
@@ -170,6 +179,10 @@ class DnsServer:
         if self._answers is None:
             from agent import dns_answers
 
+            if self._make_virtual is not None:
+                self.virtual = self._make_virtual()
+                if self._nursery is not None:
+                    self._nursery.start_soon(self.virtual.reap_loop)
             self._answers = dns_answers.Answers(self.settings, self.catalog, self.virtual)
             self._malformed = dns_answers.Malformed
         return self._answers
@@ -184,7 +197,7 @@ class DnsServer:
             udp.setblocking(False)
             udp.bind((host, port))
             port = udp.getsockname()[1]
-            self._tcp = await trio.open_tcp_listeners(port, host=host)
+            self._tcp = await open_tcp_listeners(host, port)
         except OSError as exc:
             udp.close()
             why = ("port already in use" if exc.errno == errno.EADDRINUSE
@@ -217,7 +230,7 @@ class DnsServer:
                 self._nursery = nursery
                 nursery.start_soon(self._udp_loop, self._udp)
                 nursery.start_soon(trio.serve_listeners, self._tcp_client, self._tcp)
-                if self.virtual is not None:
+                if self.virtual is not None:  # the answers were built before the server ran
                     nursery.start_soon(self.virtual.reap_loop)
         finally:
             self.close()

@@ -47,12 +47,13 @@ def collect(agent: Agent) -> Iterator[Metric]:
     c = CounterMetricFamily("mesh_dns_answers_built", "Answers built from the registry (the rest were reused).")
     c.add_metric([], server.built)
     yield c
-    if server.virtual is not None:
-        g = GaugeMetricFamily("mesh_dns_virtual_upstreams", "Upstreams open for NAME.virtual lookups.")
-        g.add_metric([], len(server.virtual.opened))
-        yield g
-        c = CounterMetricFamily("mesh_dns_virtual_upstream_events", "Virtual upstreams opened, reaped when idle, "
-                                "or that failed to open.", labels=["event"])
-        for event in ("opened", "reaped", "failed"):
-            c.add_metric([event], server.virtual.stats[event])
-        yield c
+    # Before the first query there are no virtual upstreams yet (agent.dns builds them with the answers).
+    virtual = server.virtual
+    g = GaugeMetricFamily("mesh_dns_virtual_upstreams", "Upstreams open for NAME.virtual lookups.")
+    g.add_metric([], 0 if virtual is None else len(virtual.opened))
+    yield g
+    c = CounterMetricFamily("mesh_dns_virtual_upstream_events", "Virtual upstreams opened, reaped when idle, "
+                            "or that failed to open.", labels=["event"])
+    for event in ("opened", "reaped", "failed"):
+        c.add_metric([event], 0 if virtual is None else virtual.stats[event])
+    yield c

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from agent import dns_metrics
 from dataplane.reactor import ReactorMode
-from dataplane.tunnel import REFUSAL_REASONS
+from dataplane.tunnel_stats import REFUSAL_REASONS
 from gossip import hlc
 from gossip.swim import RTT_BUCKETS
 
@@ -256,7 +256,8 @@ class AgentCollector(Collector):
     def _tunnels(self) -> Iterator[Metric]:
         ag = self.agent
         dp = ag.dp_stats
-        sessions = ag.tunnels.sessions_view()
+        plane = ag.plane
+        sessions = [] if plane is None else plane.tunnels.sessions_view()
         g = GaugeMetricFamily("mesh_tunnel_sessions", "Encrypted sessions to other agents, by path.", labels=["path"])
         g.add_metric(["direct"], sum(1 for s in sessions if s["via"] is None))
         g.add_metric(["relayed"], sum(1 for s in sessions if s["via"] is not None))
@@ -294,23 +295,23 @@ class AgentCollector(Collector):
         # Which way the data plane waits (dataplane/reactor.py): "idle_hook" is
         # the fast one; "task" means trio's internals were not as the hook
         # expects, which costs latency at low concurrency, not correctness.
-        reactor = ag.tunnels.reactor
-        mode = reactor.mode if reactor.running else ReactorMode.OFF
+        reactor = None if plane is None else plane.tunnels.reactor
+        mode = reactor.mode if reactor is not None and reactor.running else ReactorMode.OFF
         g = GaugeMetricFamily("mesh_dataplane_reactor_mode", "1 for the way the data plane's reactor waits.",
                               labels=["mode"])
         for m in ReactorMode:
             g.add_metric([m.value], 1 if m is mode else 0)
         yield g
         c = _counter("mesh_dataplane_reactor_callbacks_total", "Socket readiness served without waking a task.")
-        c.add_metric([], reactor.dispatched)
+        c.add_metric([], 0 if reactor is None else reactor.dispatched)
         yield c
         c = _counter("mesh_dataplane_reactor_wakeups_total", "Tasks the reactor woke to do what needs waiting.")
-        c.add_metric([], reactor.woken)
+        c.add_metric([], 0 if reactor is None else reactor.woken)
         yield c
 
     def _upstreams(self) -> Iterator[Metric]:
         ag = self.agent
-        ups = sorted(ag.proxy.upstreams.items())
+        ups = sorted(ag.upstream_listeners().items())
         outcomes = _counter("mesh_upstream_connections_total", "Client connections to an upstream, by outcome.",
                             ["upstream", "outcome"])
         proxied = _counter("mesh_proxy_bytes_total", "Bytes proxied for an upstream's clients, by direction.",

@@ -18,9 +18,8 @@ import json
 import signal
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -35,7 +34,6 @@ from agent.entry_kinds import SERVICE_DEFAULTS
 from agent.intentions import Intentions
 from agent.keys import KeyManager
 from agent.services import LocalServices
-from agent.traffic import Traffic
 from agent.transport import (
     DEFERRED_ICMP,
     ENCRYPTED,
@@ -49,16 +47,13 @@ from agent.transport import (
     OpenError,
     Sealer,
     normalize,
+    open_tcp_listeners,
     open_udp,
     receive_frame,
     send_frame,
 )
-from agent.upstreams import Upstreams
-from dataplane import noise, relay
-from dataplane.proxy import PeerStream, Proxy, ProxyError, UpstreamListener
 from dataplane.rawsocket import connect_tcp
-from dataplane.reactor import Reactor
-from dataplane.tunnel import TunnelManager
+from dataplane.tunnel_stats import STAT_KEYS
 from gossip import config_sync
 from gossip.keyring import Keyring
 from gossip.member import Status
@@ -74,6 +69,12 @@ from gossip.wire import (
     encode_push_pull_stream,
     format_addr,
 )
+
+if TYPE_CHECKING:
+    from agent.plane import DataPlane
+    from agent.traffic import Traffic
+    from agent.upstreams import Upstreams
+    from dataplane.proxy import UpstreamListener
 
 #: Datagrams handled per wake-up, at most, before the agent flushes and yields.
 UDP_BURST = 32
@@ -164,9 +165,9 @@ class Agent:
         )
         self.directory = MeshDirectory(self.membership, self.services)
         self.services.declared_protocol = self._declared_protocol
-        self.dp_stats: Counter[str] = Counter()
-        #: The golden metrics of HTTP requests, fed by the proxy (its RequestSink): stat, tap, /metrics.
-        self.traffic = Traffic()
+        #: The tunnel manager's counters: shown at zero before the data plane is loaded, as after.
+        self.dp_stats: Counter[str] = Counter(dict.fromkeys(STAT_KEYS, 0))
+        self._traffic: Traffic | None = None
         #: Mesh-wide config entries (agent.config_entries), signed with the identity alives are signed with.
         self.config_entries = ConfigEntries(cfg.data_dir, cfg.name, signer)
         self.config_entries.on_change = self._config_changed
@@ -175,17 +176,12 @@ class Agent:
         self.config_entries.on_written = self.config_spread.announce
         self.membership.set_config_peer(self.config_spread)
         self.intentions = Intentions(self.config_entries, cfg.data_dir, cfg.name, self.directory.has_instance)
-        self.proxy = Proxy(cfg.name, self.directory, _LazyTunnels(self), log=self.log.warning,
-                           authorizer=self.intentions, info=self.log.info, paths=self.directory,
-                           chains=self.config_entries, protocols=self.directory.protocol_of, sink=self.traffic)
-        self.tunnels = TunnelManager(
-            cfg.name, self.tunnel_private, self.directory, on_stream=self._on_stream,
-            stats=self.dp_stats, log=self.log, handshake_timeout=cfg.gossip.tcp_timeout,
-            relays=self._relays_for, rtt=self.proxy.rtt_to,
-        )
-        self.directory.tunnel_route = self.tunnels.route_to
-        self.upstreams = Upstreams(self.proxy, cfg.data_dir, cfg.name,
-                                   defaults=lambda service: self.config_entries.lookup(SERVICE_DEFAULTS, service))
+        #: The proxy, the tunnel manager and the upstreams (agent.plane): None until the first
+        #: local service, upstream or tunnel connection needs them (load_plane).
+        self.plane: DataPlane | None = None
+        self._plane_running = trio.Event()
+        #: Saves nothing: what `info` and /metrics show for upstreams.json before the data plane exists.
+        self._no_upstreams_saver = store.Saver(None, self.log)
         #: The DNS server (agent.dns), None with --dns off.
         self.dns = DnsServer.for_agent(self)
         self.keys = KeyManager(self.sealer.keyring, cfg.data_dir, self.membership, self.log, self._wake)
@@ -205,8 +201,8 @@ class Agent:
         self._kick = trio.Event()
         self._sleep_until = 0.0
         self._leave_done = trio.Event()
-        #: Set once a local service or upstream exists (flush): the cipher is then loaded.
-        self._carries_traffic = False
+        #: Set by the first load_plane: its later callers wait for _plane_running.
+        self._plane_loading = False
         #: Sources of input no installed key opens: (transport, host, port, kind) -> what is known of them.
         #: A TCP stream comes from a new port every time, so TCP sources are kept by host (port 0).
         self._no_key: dict[_StrangerKey, _Stranger] = {}
@@ -278,12 +274,12 @@ class Agent:
                 self._nursery = nursery
                 self.config_spread.start(nursery)
                 self.services.start(nursery)
-                await nursery.start(self.tunnels.serve, tunnel_listeners)
-                self.proxy.start(nursery)
-                try:
-                    await self.upstreams.load(self.cfg.upstreams)
-                except ProxyError as exc:
-                    raise StartupError(f"upstream: {exc}") from None
+                nursery.start_soon(self._accept_tunnels, tunnel_listeners)
+                if self.services.registrations:
+                    # Before anything is sent: peers learn of our instances once we can take their streams.
+                    await self.load_plane()
+                if self.cfg.upstreams or self._saved_upstreams():
+                    await self._open_upstreams()
                 nursery.start_soon(self._udp_loop)
                 nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._signal_loop)
@@ -303,6 +299,80 @@ class Agent:
             self._udp.close()
         self.log.info("agent_stopped")
 
+    # -- the data plane (agent.plane) ---------------------------------------------------
+
+    async def load_plane(self) -> DataPlane:
+        """The data plane, built and started by its first caller; the others wait until it runs."""
+        if not self._plane_loading:
+            self._plane_loading = True
+            assert self._nursery is not None
+            # Shielded: a first caller cancelled here (its client gone) must not leave the
+            # data plane half built for every later one.
+            with trio.CancelScope(shield=True):
+                # Its modules and the tunnel cipher load in a worker thread: a running agent
+                # keeps answering probes meanwhile (the interpreter switches threads every few
+                # ms), where an import on the event loop would stall its acks for the whole
+                # load and show in its peers' RTT to it, which the balancers prefer low.
+                await trio.to_thread.run_sync(_import_plane)
+                from agent.plane import DataPlane
+
+                self.plane = plane = DataPlane(self)
+                self.directory.tunnel_route = plane.tunnels.route_to
+                plane.proxy.start(self._nursery)
+                await self._nursery.start(plane.tunnels.serve)
+            self._plane_running.set()
+        await self._plane_running.wait()
+        assert self.plane is not None
+        return self.plane
+
+    async def _accept_tunnels(self, listeners: list[trio.SocketListener]) -> None:
+        """The tunnel port accepts from the start: a peer may dial us before we carry traffic
+        (we relay for it, or it saw our service before we did), and its connection loads the data plane."""
+
+        async def handle(stream: trio.SocketStream) -> None:
+            plane = await self.load_plane()
+            await plane.tunnels.handle_connection(stream)
+
+        await trio.serve_listeners(handle, listeners)
+
+    def _saved_upstreams(self) -> bool:
+        """Whether --data-dir holds upstreams to reopen (or a file that cannot be read: opening it says why)."""
+        if self.cfg.data_dir is None:
+            return False
+        try:
+            return (self.cfg.data_dir / "upstreams.json").read_text().strip() != "[]"
+        except FileNotFoundError:
+            return False
+        except (OSError, UnicodeDecodeError):
+            return True
+
+    async def _open_upstreams(self) -> None:
+        """The configured and the saved upstreams, at start: one that cannot open stops the agent."""
+        from dataplane.proxy import ProxyError
+
+        plane = await self.load_plane()
+        try:
+            await plane.upstreams.load(self.cfg.upstreams)
+        except ProxyError as exc:
+            raise StartupError(f"upstream: {exc}") from None
+
+    @property
+    def traffic(self) -> Traffic:
+        """The golden metrics of HTTP requests, fed by the proxy (its RequestSink): stat, tap, /metrics."""
+        if self._traffic is None:
+            from agent.traffic import Traffic
+
+            self._traffic = Traffic()
+        return self._traffic
+
+    async def load_upstreams(self) -> Upstreams:
+        """The upstream machinery, loading the data plane if it is not yet."""
+        return (await self.load_plane()).upstreams
+
+    def upstream_listeners(self) -> dict[str, UpstreamListener]:
+        """The open upstreams by service (none while the data plane is not loaded); callers must not modify it."""
+        return {} if self.plane is None else self.plane.proxy.upstreams
+
     async def _bind_udp(self) -> DatagramSocket:
         try:
             return await open_udp(self.cfg.bind)
@@ -311,7 +381,7 @@ class Agent:
 
     async def _bind_tcp(self, addr: Address, what: str) -> list[trio.SocketListener]:
         try:
-            return await trio.open_tcp_listeners(addr[1], host=addr[0])
+            return await open_tcp_listeners(addr[0], addr[1])
         except OSError as exc:
             raise StartupError(_bind_error(what, addr, exc)) from None
 
@@ -350,11 +420,6 @@ class Agent:
 
     async def flush(self) -> None:
         """Do what the machine asked for, log its events, and re-arm the timer."""
-        if not self._carries_traffic and (self.services.registrations or self.proxy.upstreams):
-            # This node will carry service traffic: load the tunnel cipher before the first
-            # connection needs it (dataplane.noise.preload), not inside it.
-            self._carries_traffic = True
-            noise.preload()
         effects, events = self.membership.drain()
         for ev in events:
             if ev.kind is EventKind.QUERY:
@@ -364,9 +429,9 @@ class Agent:
                     self.keys.on_event(ev.fields)
                 continue
             self._log_event(ev.kind, ev.fields)
-            if ev.kind is EventKind.MEMBER and ev.fields["status"] in ("dead", "left"):
+            if ev.kind is EventKind.MEMBER and ev.fields["status"] in ("dead", "left") and self.plane is not None:
                 # Streams to a member gossip gave up on fail now, not at a TCP timeout.
-                self.tunnels.drop_peer(ev.fields["name"], f"member {ev.fields['status']}")
+                self.plane.tunnels.drop_peer(ev.fields["name"], f"member {ev.fields['status']}")
         if self.registry.index != self._registry_index or any(ev.kind is EventKind.MEMBER for ev in events):
             self._registry_index = self.registry.index
             self.services.notify()
@@ -661,14 +726,7 @@ class Agent:
 
     # -- relays (dataplane.relay) ------------------------------------------------------------
 
-    async def _on_stream(self, peer: str, header: bytes, stream: PeerStream) -> None:
-        if header[:1] == bytes([relay.HEADER_KIND_RELAY]):
-            await relay.serve(peer, header, stream, self.directory, self.dp_stats,
-                              connect_timeout=self.cfg.gossip.tcp_timeout, log=self.log.info)
-            return
-        await self.proxy.handle_stream(peer, header, stream)
-
-    def _relays_for(self, peer: str) -> list[str]:
+    def relays_for(self, peer: str) -> list[str]:
         """Members that may carry our session to ``peer``, best first.
 
         Alive members with a tunnel; one we already hold a direct session to
@@ -676,11 +734,12 @@ class Agent:
         through it (our RTT to it plus its coordinate distance to the peer).
         """
         ms = self.membership
+        assert self.plane is not None
         ranked: list[tuple[int, float, str]] = []
         for m in ms.members.values():
             if m.name in (ms.name, peer) or m.status is not Status.ALIVE or m.tunnel is None:
                 continue
-            route = self.tunnels.route_to(m.name)
+            route = self.plane.tunnels.route_to(m.name)
             if route:  # itself relayed: relays do not chain
                 continue
             leg1 = ms.rtt_estimate(ms.name, m.name)
@@ -698,10 +757,13 @@ class Agent:
         """The routing table: every passing instance of each upstream's service, as its router sees it."""
         now = trio.current_time()
         rows: list[dict[str, Any]] = []
-        for name, up in sorted(self.proxy.upstreams.items()):
+        if self.plane is None:
+            return rows
+        proxy = self.plane.proxy
+        for name, up in sorted(proxy.upstreams.items()):
             if service is not None and name != service:
                 continue
-            protocol, conflict = self.proxy.protocol(up), self.services.protocol_of(name)[1]
+            protocol, conflict = proxy.protocol(up), self.services.protocol_of(name)[1]
             first = len(rows)
             self._route_rows(rows, name, up, now)
             for row in rows[first:]:
@@ -750,12 +812,13 @@ class Agent:
 
     def _config_changed(self, changed: list[Any]) -> None:
         self.intentions.refresh()
-        if any(e.kind == SERVICE_DEFAULTS for e in changed):
-            self.upstreams.defaults_changed()
+        if any(e.kind == SERVICE_DEFAULTS for e in changed) and self.plane is not None:
+            self.plane.upstreams.defaults_changed()
 
     def savers(self) -> dict[str, store.Saver]:
         """The files under --data-dir that run-time changes are saved to, by file name (agent.store)."""
-        return {"services.json": self.services.saver, "upstreams.json": self.upstreams.saver,
+        upstreams = self._no_upstreams_saver if self.plane is None else self.plane.upstreams.saver
+        return {"services.json": self.services.saver, "upstreams.json": upstreams,
                 "keyring.json": self.keys.saver, "config_entries.json": self.config_entries.saver}
 
     def self_view(self) -> dict[str, Any]:
@@ -763,7 +826,8 @@ class Agent:
         stats = dict(ms.counters.stats)
         stats.update(self.io)
         stats.update({f"dataplane.{k}": v for k, v in self.dp_stats.items()})
-        stats.update({f"proxy.{k}": v for k, v in self.proxy.stats.items()})
+        if self.plane is not None:
+            stats.update({f"proxy.{k}": v for k, v in self.plane.proxy.stats.items()})
         return {
             "name": self.cfg.name,
             "address": format_addr(self.cfg.advertise),
@@ -876,6 +940,15 @@ def raise_open_files_limit(logger: Any) -> None:
         logger.warning("open_files_limit_unchanged", detail=str(exc))
 
 
+def _import_plane() -> None:
+    """What building the data plane needs loaded (load_plane runs it in a worker thread)."""
+    import agent.plane  # noqa: F401
+    from dataplane import noise
+
+    # The first tunnel needs the cipher at once: loaded here, not inside its handshake.
+    noise.preload()
+
+
 def _refused(exc: OSError) -> bool:
     """Was this connect refused by the far host?  trio.open_tcp_stream wraps the
     attempts' errors in an ExceptionGroup, the cause of the OSError it raises."""
@@ -892,19 +965,3 @@ def _bind_error(what: str, addr: Address, exc: OSError) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"cannot bind {what} on {format_addr(addr)}: address not available on this host"
     return f"cannot bind {what} on {format_addr(addr)}: {exc.strerror or exc}"
-
-
-class _LazyTunnels:
-    """Lets the proxy and the tunnel manager refer to each other at construction."""
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    async def open_stream(self, peer: str, header: bytes, *,
-                          alternative: Callable[[], bool] | None = None) -> PeerStream:
-        return await self.agent.tunnels.open_stream(peer, header, alternative=alternative)
-
-    @property
-    def reactor(self) -> Reactor:
-        """Where the HTTP layer's callbacks run (dataplane.http_turns)."""
-        return self.agent.tunnels.reactor

@@ -18,16 +18,18 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from agent import log, store
-from agent.health import CheckRunner, CheckSpec
 from gossip.member import Status
 from gossip.registry import Instance, Registry
 from gossip.swim import Membership
 from gossip.wire import format_addr
+
+if TYPE_CHECKING:
+    from agent.health import CheckRunner, CheckSpec
 
 SERVICE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
@@ -148,6 +150,8 @@ def validate(payload: Any, node: str, default_address: str, source: str = "api",
     if raw_check is not None:
         if not isinstance(raw_check, dict):
             raise ServiceError("check must be an object with type and target")
+        from agent.health import CheckSpec  # the check machinery loads with the first check
+
         try:
             check = CheckSpec.from_dict(raw_check)
         except ValueError as exc:
@@ -294,6 +298,8 @@ class LocalServices:
             if self.registry.set_health(iid, health, output):
                 self.log.info("health_changed", id=iid, service=reg.name, health=health, output=output)
                 self._changed()
+
+        from agent.health import CheckRunner
 
         runner = CheckRunner(reg.check, on_change)
         scope = trio.CancelScope()

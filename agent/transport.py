@@ -229,6 +229,16 @@ def _ask_for_icmp_errors(raw: _stdsocket.socket) -> bool:
     return True
 
 
+async def open_tcp_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """trio.open_tcp_listeners, given an ASCII host as bytes.
+
+    The stdlib's getaddrinfo, which trio asks first, encodes a str host with
+    the idna codec: a codec module and stringprep's tables, loaded into every
+    agent for addresses that are almost always numeric.
+    """
+    return await trio.open_tcp_listeners(port, host=host.encode("ascii") if host.isascii() else host)
+
+
 async def open_udp(bind: Address) -> DatagramSocket:
     raw = _stdsocket.socket(family_of(bind[0]), _stdsocket.SOCK_DGRAM)
     try:

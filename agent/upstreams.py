@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import log, store
-from agent.health import parse_duration
+from agent.durations import parse_duration
 from agent.peercred import is_loopback
 from agent.services import SERVICE_NAME_RE, ServiceError, shown
 from dataplane.balancer import POLICIES

@@ -22,17 +22,19 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from agent.peercred import is_loopback
 from agent.services import ServiceError
-from agent.upstreams import Upstreams
-from dataplane.proxy import Proxy, ProxyError, UpstreamExists
 from gossip.wire import format_addr
+
+if TYPE_CHECKING:
+    from agent.upstreams import Upstreams
+    from dataplane.proxy import UpstreamListener
 
 VIRTUAL_NET = ipaddress.ip_network("127.64.0.0/10")
 #: After a failed open, lookups answer SERVFAIL for this long before trying again.
@@ -52,10 +54,13 @@ class _Opened:
 
 
 class VirtualUpstreams:
-    def __init__(self, upstreams: Upstreams, proxy: Proxy, port_for: Callable[[str], int | None], idle: float,
+    def __init__(self, listeners: Callable[[], Mapping[str, UpstreamListener]],
+                 upstreams: Callable[[], Awaitable[Upstreams]], port_for: Callable[[str], int | None], idle: float,
                  logger: Any) -> None:
+        #: The open upstreams by service, and the upstream machinery (loading the data plane when it is not yet:
+        #: a DNS lookup of a virtual name is a first use of it, agent/plane.py).
+        self.listeners = listeners
         self.upstreams = upstreams
-        self.proxy = proxy
         self.port_for = port_for
         self.idle = idle
         self.log = logger
@@ -67,7 +72,7 @@ class VirtualUpstreams:
         self.stats: Counter[str] = Counter()
 
     def address_for(self, service: str) -> str:
-        hand = self.proxy.upstreams.get(service)
+        hand = self.listeners().get(service)
         if hand is not None and service not in self.opened:
             host = hand.listen[0]
             return host if is_loopback(host) and ":" not in host else "127.0.0.1"
@@ -91,11 +96,11 @@ class VirtualUpstreams:
         """Whether lookups can be answered at once (and note the lookup, which keeps it open)."""
         opened = self.opened.get(service)
         if opened is not None:
-            if service in self.proxy.upstreams:
+            if service in self.listeners():
                 opened.last_used = trio.current_time()
                 return True
             del self.opened[service]  # removed through the API
-        return service in self.proxy.upstreams
+        return service in self.listeners()
 
     async def ensure(self, service: str) -> bool:
         """Open the service's virtual upstream unless it is open; False when it cannot be."""
@@ -121,8 +126,11 @@ class VirtualUpstreams:
         if port is None:
             self._failed[service] = now
             return False
+        upstreams = await self.upstreams()
+        from dataplane.proxy import ProxyError, UpstreamExists  # loaded with the upstreams above
+
         try:
-            await self.upstreams.open_unsaved(service, (address, port), "dns")
+            await upstreams.open_unsaved(service, (address, port), "dns")
         except UpstreamExists:
             return True  # opened by hand meanwhile
         except (ProxyError, ServiceError) as exc:
@@ -144,7 +152,7 @@ class VirtualUpstreams:
     async def reap(self) -> None:
         now = trio.current_time()
         for service, opened in list(self.opened.items()):
-            up = self.proxy.upstreams.get(service)
+            up = self.listeners().get(service)
             if up is None:
                 del self.opened[service]
                 continue
@@ -156,7 +164,7 @@ class VirtualUpstreams:
                 continue
             del self.opened[service]
             try:
-                await self.upstreams.close_unsaved(service)
+                await (await self.upstreams()).close_unsaved(service)
             except ServiceError:
                 continue
             self.stats["reaped"] += 1

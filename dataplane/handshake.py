@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from dataplane.noise import CipherState, HandshakeState, NoiseError
+from dataplane.tunnel_stats import REFUSAL_REASONS
 
 __all__ = [
     "MAGIC",
@@ -54,13 +55,6 @@ MAX_MESSAGE1: Final = 96 + _HELLO_TS.size + MAX_NAME
 #: The replay table is pruned of keys that are no longer members when it
 #: reaches twice its size after the last pruning, and never below this many entries.
 REPLAY_TABLE_MIN: Final = 256
-
-#: Why a responder refused a connection: each is a ``handshakes_failed_<reason>`` counter.
-REFUSAL_REASONS: Final = (
-    "bad_magic", "bad_version", "bad_handshake", "name_mismatch", "unknown_key", "replay", "timeout", "io_error",
-    "busy",
-)  # fmt: skip
-
 
 class Refused(Exception):
     """The responder turns the connection away; ``reason`` is one of REFUSAL_REASONS."""

@@ -57,6 +57,7 @@ import trio
 
 from dataplane import routing
 from dataplane.discovery_chain import ChainSource, DiscoveryChain, Target
+from dataplane.endpoint import Endpoint as Endpoint  # re-exported: the data plane names it from here
 from dataplane.http_options import HttpOptions
 from dataplane.http_pool import IDLE_TIMEOUT as POOL_IDLE_TIMEOUT
 from dataplane.http_pool import InstanceConn, Kept, Pool
@@ -99,19 +100,6 @@ STATUS_OK = 0
 STATUS_DENIED = 1
 STATUS_UNAVAILABLE = 2
 
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    node: str
-    instance_id: str
-    host: str
-    port: int
-    service: str = ""
-    #: What a resolver's subsets select on (dataplane.discovery_chain).
-    tags: tuple[str, ...] = ()
-    meta: tuple[tuple[str, str], ...] = ()
-    suspect: bool = False  # its node is suspected by gossip: the balancer tries it last (dataplane.balancer)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from dataplane.rekey import (
 )
 from dataplane.session import StreamHandler, TunnelSession
 from dataplane.stream import StreamResetError, TunnelStream, new_scratch
+from dataplane.tunnel_stats import STAT_KEYS as _STAT_KEYS
 
 __all__ = [
     "DEFAULT_MAX_HANDSHAKES",
@@ -78,13 +79,6 @@ __all__ = [
 _NS: Final = 1_000_000_000
 #: Handshakes the listener runs at once; excess connections are closed unread.
 DEFAULT_MAX_HANDSHAKES: Final = 256
-_STAT_KEYS: Final = (
-    "handshakes_ok", *(f"handshakes_failed_{r}" for r in REFUSAL_REASONS), "dials_failed",
-    "sessions_open", "sessions_opened", "sessions_closed", "sessions_failed", "duplicate_sessions",
-    "streams_opened", "streams_accepted", "streams_refused", "bytes_in", "bytes_out",
-    "decrypt_failures", "protocol_errors", "handler_errors", "rekeys", "rekey_collisions", "rekey_failures",
-    "direct_dials_failed", "relayed_dials", "dials_rtt_bounded", "dials_late", "relays_raced",
-)  # fmt: skip
 #: Relays tried, best first, before a dial gives up.
 _MAX_RELAYS_TRIED: Final = 2
 #: A dial's attempts race (Happy Eyeballs, RFC 8305): the direct TCP connect first, then each relay once the

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import string
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -53,3 +56,30 @@ def test_tracebacks_are_left_to_consolerenderer() -> None:
         ours, theirs = _both({"level": "error", "event": "api_handler_failed", "exc_info": exc})
     assert "ValueError: boom" in ours
     assert ours == theirs
+
+
+_STAND_IN = r"""
+import sys
+import agent.log
+import structlog
+assert "asyncio" not in sys.modules, "structlog's import loaded asyncio"
+import structlog._native
+stand_in = vars(structlog._native)["asyncio"]
+# Another importer gets the real module, and structlog's reference reads through to it.
+import asyncio
+assert type(asyncio).__name__ == "module" and stand_in.get_running_loop is asyncio.get_running_loop
+lines = []
+structlog.configure(processors=[lambda _l, _m, ev: lines.append(ev["event"]) or ev["event"]],
+                    logger_factory=structlog.ReturnLoggerFactory(),
+                    wrapper_class=structlog.make_filtering_bound_logger(0))
+asyncio.run(structlog.get_logger().ainfo("async methods still log"))  # run_in_executor, through the stand-in
+assert lines == ["async methods still log"], lines
+print("ok")
+"""
+
+
+def test_structlog_is_imported_without_asyncio_which_loads_on_first_use() -> None:
+    """agent.log keeps structlog's unconditional ``import asyncio`` from costing an agent at start."""
+    r = subprocess.run([sys.executable, "-c", _STAND_IN], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -1,0 +1,22 @@
+"""One instance of a service as the data plane routes to it.
+
+Apart from dataplane/proxy.py because the agent's directory hands these out
+(agent/directory.py) whether or not this agent has loaded its data plane.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    node: str
+    instance_id: str
+    host: str
+    port: int
+    service: str = ""
+    #: What a resolver's subsets select on (dataplane.discovery_chain).
+    tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()
+    suspect: bool = False  # its node is suspected by gossip: the balancer tries it last (dataplane.balancer)
