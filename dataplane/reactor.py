@@ -221,17 +221,7 @@ class Reactor:
         it must not block and must tolerate being called when a read then finds
         nothing.  The caller must re-check its state when this returns.
         """
-        epoll = self._epoll
-        if epoll is None:
-            raise RuntimeError("the reactor is not running")
-        fd = sock.fileno()
-        if fd in self._watches:
-            raise trio.BusyResourceError("another task is already waiting on this socket")
-        watch = _Watch(fd, on_ready, trio.lowlevel.current_task())
-        # Level-triggered: a callback that leaves data unread is called again on
-        # the next batch, so fairness never loses a wake-up.
-        epoll.register(fd, select.EPOLLIN)
-        self._watches[fd] = watch
+        watch = self._add(sock, on_ready, trio.lowlevel.current_task(), None)
 
         def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
             self._forget(watch)
@@ -244,14 +234,22 @@ class Reactor:
         layer's turns read a local instance's answer so, while the task is parked on its client's
         socket: dataplane.http_turns), until ``unwatch``, or until the watch ends by itself: then
         ``on_end`` runs, in the reactor, and must not raise."""
+        self._add(sock, on_ready, None, on_end)
+
+    def _add(self, sock: socket.socket, on_ready: OnReady, task: trio.lowlevel.Task | None,
+             on_end: OnEnd | None) -> _Watch:
         epoll = self._epoll
         if epoll is None:
             raise RuntimeError("the reactor is not running")
         fd = sock.fileno()
         if fd in self._watches:
             raise trio.BusyResourceError("another task is already waiting on this socket")
+        watch = _Watch(fd, on_ready, task, on_end)
+        # Level-triggered: a callback that leaves data unread is called again on
+        # the next batch, so fairness never loses a wake-up.
         epoll.register(fd, select.EPOLLIN)
-        self._watches[fd] = _Watch(fd, on_ready, None, on_end)
+        self._watches[fd] = watch
+        return watch
 
     def unwatch(self, sock: socket.socket) -> None:
         """End a watch made by ``watch``, without its ``on_end``; nothing if there is none."""
