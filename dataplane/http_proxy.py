@@ -265,12 +265,17 @@ async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: Pl
                          first: Endpoint | None = None) -> bool:
     """A request of the common path; whether the connection goes on.  ``first``: the instance to try first."""
     del c.buf[:req.length]
-    r = _Request(req.method, req.target, request_headers(req.headers, c.address), up.options.http.timeout,
-                 plain=True)
+    r = plain_state(req, request_headers(req.headers, c.address), up.options.http.timeout)
+    return await _request(proxy, up, c, r, first=first) and not r.close
+
+
+def plain_state(req: PlainRequest, headers: list[tuple[bytes, bytes]], timeout: float) -> _Request:
+    """The state of a request of the common path, held whole (the task's and the reactor's turns')."""
+    r = _Request(req.method, req.target, headers, timeout, plain=True)
     r.body = req.body
     r.complete = True
     r.close = req.close
-    return await _request(proxy, up, c, r, first=first) and not r.close
+    return r
 
 
 async def _h11_request(proxy: Proxy, up: UpstreamListener, c: _Client, first: bool) -> tuple[bool, bool]:
@@ -623,15 +628,7 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
     clean = False
     fault: str | None = None
     try:
-        if st is not None and st.unsent:
-            try:
-                await _send(ic.stream, st.unsent)
-            except _IO_ERRORS as exc:
-                fault = None if reused else routing.RESET_BEFORE_REPLY
-                raise _broken(r, can_retry, f"the connection to {r.instance} broke as the request went out: "
-                                            f"{exc}") from None
-            st.unsent = b""
-        if st is None:
+        if st is None:  # the request goes out now (else the reactor's turns sent it, perhaps in part)
             if r.plain:
                 out = request_bytes(r.method, r.target, r.headers, r.body)
             else:
@@ -641,6 +638,9 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
                     out += h.send(h11.Data(data=bytes(r.body))) or b""
                 if r.complete:
                     out += h.send(h11.EndOfMessage()) or b""
+        else:
+            out, st.unsent = st.unsent, b""
+        if out:
             try:
                 await _send(ic.stream, out)
             except _IO_ERRORS as exc:

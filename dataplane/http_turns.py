@@ -49,7 +49,7 @@ import trio
 
 from dataplane.hop_by_hop import request_headers
 from dataplane.http_fastpath import MAX_HEAD, SLOW, PlainRequest, SlowPath, parse_request, request_bytes
-from dataplane.http_proxy import Call, _Client, _record, _Request, plain_advance
+from dataplane.http_proxy import Call, _Client, _next_request, _record, plain_advance, plain_state
 from dataplane.rawsocket import RawSocketStream
 from dataplane.stream import WHOLE_MAX, TunnelStream
 
@@ -146,8 +146,6 @@ class Turns:
                         self.up.stats["idle_timeouts"] += 1
                         return None
                     if not self.reactor.running:
-                        from dataplane.http_proxy import _next_request
-
                         return await _next_request(self.up, c)
                     if timeout > 0:
                         deadline = min(deadline, now + timeout)
@@ -192,8 +190,8 @@ class Turns:
         proxy, up, c = self.proxy, self.up, self.c
         router = up.router
         opts = up.options
-        if router.open >= router.options.max_connections or router.pending >= router.options.max_pending:
-            return False
+        if router.refusal() is not None:
+            return False  # the task refuses it, and counts it
         if proxy.chains is not None and proxy.chains.chain_for(up.service) is not None:
             return False
         if not proxy.authorizer.authorize(proxy.local_node, opts.source, up.service).allowed:
@@ -234,10 +232,7 @@ class Turns:
         self.picked = None
         del c.buf[:req.length]
         self.searched[0] = 0
-        r = _Request(req.method, req.target, headers, opts.http.timeout, plain=True)
-        r.body = req.body
-        r.complete = True
-        r.close = req.close
+        r = plain_state(req, headers, opts.http.timeout)
         r.instance, r.node = endpoint.instance_id, endpoint.node
         up.stats["http_requests"] += 1
         up.budget.request(now)

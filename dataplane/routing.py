@@ -148,11 +148,16 @@ class Router:
 
     def admit(self) -> str | None:
         """None if a new client may be served now; else the counted reason it is refused."""
+        refused = self.refusal()
+        if refused is not None:
+            self.stats[f"overflow_{refused}"] += 1
+        return refused
+
+    def refusal(self) -> str | None:
+        """The limit a new client would exceed now, if any (``admit`` counts it)."""
         if self.open >= self.options.max_connections:
-            self.stats["overflow_max_connections"] += 1
             return "max_connections"
         if self.pending >= self.options.max_pending:
-            self.stats["overflow_max_pending"] += 1
             return "max_pending"
         return None
 
