@@ -361,9 +361,9 @@ class Balancer(Generic[K]):
         # until later samples wear it down, so a strict comparison gives a
         # one-at-a-time client's requests 2/3 to whichever instance looks
         # fastest just now and none to the one last seen slow, which then gets
-        # no sample to recover with.  (Weighting by the inverse square starved
-        # an instance hit by one scheduling stall just as surely: 10x the cost
-        # after a 10 ms stall, 1/101 of its pairs, too few samples to recover.)
+        # no sample to recover with.  Not by the inverse square either: an
+        # instance whose cost one stall made 10x would win 1/101 of its pairs,
+        # too few samples to wear the stall off.
         # A real difference still decides: a failing instance (observed at 1 s)
         # loses to a 1 ms one a thousand times to one, and the outlier detector
         # ejects it after a few.
