@@ -62,6 +62,9 @@ class ConfigSpread:
         self._pulls: set[str] = set()
         #: Members whose push-pulls carry no config digest: agents of a release before config entries.
         self.unaware: set[str] = set()
+        #: Members whose push-pulls carried one: the only ones a pull may go to unasked (_pull_next).
+        #: A member not yet push-pulled with is in neither set, and may be of the older release.
+        self.aware: set[str] = set()
 
     def peers_without_config(self) -> list[str]:
         """The members, still in the mesh, whose push-pulls carry no config digest (an older release).
@@ -95,8 +98,10 @@ class ConfigSpread:
     def observed(self, peer: str, addr: Address, digest: bytes | None) -> None:
         if digest is None:
             self.unaware.add(peer)
+            self.aware.discard(peer)
             return
         self.unaware.discard(peer)
+        self.aware.add(peer)
         if config_sync.wants_pull(self.entries.digest(), digest):
             self._start_pull(peer, addr, 0)
         else:
@@ -121,7 +126,7 @@ class ConfigSpread:
         """Go on spreading news: one more pull from a random member (gossip.config_sync, "News travels on")."""
         me = self.membership.name
         peers = [m for m in self.membership.members.values()
-                 if m.status is Status.ALIVE and m.name not in (me, after) and m.name not in self.unaware]
+                 if m.status is Status.ALIVE and m.name not in (me, after) and m.name in self.aware]
         if peers:
             m = random.choice(peers)
             self._start_pull(m.name, m.addr, dull)
