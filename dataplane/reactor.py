@@ -35,6 +35,20 @@ What it keeps of trio's rules:
 * When the reactor stops, its waiting tasks wake and go on with trio's own
   waits (``running`` is then False).
 
+Sends at the end of a batch
+---------------------------
+Many requests ready at once on many client sockets all go to the same peer,
+through one tunnel: sent one by one, each pays a system call and, on the
+far side, a wake-up and a read of its own.  A callback that writes to a
+tunnel may ``defer`` the send to the end of the batch (dataplane.session),
+so what a batch wrote to one tunnel leaves in one write, in the order it was
+sealed.  Nothing waits longer than the batch it was written in, and a batch
+of one (one request in flight) sends as before.  Nor does it wait for long
+batches: past DEFER_MAX after the first deferral, what is deferred runs after
+the callback under way.  Where each callback is costly (an HTTP request parsed
+and re-framed), waiting for the whole batch held the first request back while
+the rest were handled, and the instance's side sat idle meanwhile.
+
 The idle hook
 -------------
 Nested in trio, a readable socket still costs one trip through trio's
@@ -76,6 +90,9 @@ import trio
 from dataplane.rawsocket import YIELD_EVERY
 
 __all__ = ["OnEnd", "OnReady", "Reactor"]
+
+#: How long what a batch's callbacks defer may wait for the batch's end (seconds).
+DEFER_MAX: Final = 50e-6
 
 #: Called in the reactor task when the socket is readable: True to keep
 #: watching (it did the work), False to wake the waiting task instead.
@@ -122,6 +139,12 @@ class Reactor:
         #: Callbacks run and tasks woken, for tests and diagnosis.
         self.dispatched = 0
         self.woken = 0
+        #: True while a batch's callbacks run: what they ``defer`` runs when it ends.
+        self.in_batch = False
+        self._deferred: list[Callable[[], None]] = []
+        self._defer_until = 0.0
+        #: Deferred calls run, for tests and diagnosis.
+        self.deferred_runs = 0
 
     @property
     def running(self) -> bool:
@@ -171,14 +194,35 @@ class Reactor:
         assert self._epoll is not None
         events = self._epoll.poll(0, _MAX_EVENTS)
         watches = self._watches
-        for fd, _mask in events:
-            # A watch that ended earlier in this batch is gone; one that took
-            # over its descriptor number since only sees a spurious call, which
-            # every callback tolerates.
-            watch = watches.get(fd)
-            if watch is not None:
-                self._fire(watch)
+        self.in_batch = True
+        try:
+            for fd, _mask in events:
+                # A watch that ended earlier in this batch is gone; one that took
+                # over its descriptor number since only sees a spurious call, which
+                # every callback tolerates.
+                watch = watches.get(fd)
+                if watch is not None:
+                    self._fire(watch)
+                    if self._deferred and time.perf_counter() >= self._defer_until:
+                        self._run_deferred()
+        finally:
+            self.in_batch = False
+            if self._deferred:
+                self._run_deferred()
         return len(events)
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the batch under way ends (module docstring, "Sends at the end of a batch");
+        only from a callback (``in_batch``).  ``fn`` must not raise: nobody could be told."""
+        if not self._deferred:
+            self._defer_until = time.perf_counter() + DEFER_MAX
+        self._deferred.append(fn)
+
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for fn in deferred:
+            self.deferred_runs += 1
+            fn()
 
     def _fire(self, watch: _Watch) -> None:
         self.dispatched += 1

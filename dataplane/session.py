@@ -35,6 +35,9 @@ _DRAIN: Final = b"MESH-DRN"
 _RTT_PING: Final = b"MESH-RTT"
 #: How long a closing session may spend flushing its last records.
 _FLUSH_TIMEOUT: Final = 1.0
+#: What a reactor batch may seal into one tunnel before it is sent anyway: a few dozen small requests,
+#: far below WRITE_BATCH, past which direct senders would queue.
+CORK_MAX: Final = 64 * 1024
 #: How long a dead session's stream handlers get to notice before they are cancelled.
 _HANDLER_GRACE: Final = 5.0
 
@@ -131,6 +134,8 @@ class TunnelSession:
         self._try_send = self._raw.try_send if self._raw is not None else None
         #: The writer task waits for the socket: only it may send until it is writable again.
         self._writer_waiting = False
+        #: A send is deferred to the end of the reactor's batch (send_direct).
+        self._corked = False
         #: Set once _out drains below WRITE_BATCH, for pump_from waiting on a full one.
         self._out_room: trio.Event | None = None
         self._io: trio.Nursery | None = None
@@ -525,7 +530,18 @@ class TunnelSession:
             return
         if self._control_out or self._try_send is None or self._writer_waiting:
             self._write()  # a rekey to send as well, or the writer task's turn
-        elif self._send_now() and self._out:
+        elif self.reactor.in_batch and len(self._out) < CORK_MAX:
+            # Sent with the rest of the reactor's batch (dataplane.reactor, "Sends at the end of a
+            # batch"): _out keeps the order records were sealed in, whoever sends it.
+            if not self._corked:
+                self._corked = True
+                self.reactor.defer(self._uncork)
+        else:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        self._corked = False
+        if not self.dead and self._send_now() and self._out:
             self._kick.set()  # the kernel is full: the writer task waits for it
         # Else all is out, and nothing can have been queued meanwhile
         # (direct_room saw to it): _write's look at the queues would find none.
