@@ -311,6 +311,12 @@ class Balancer(Generic[K]):
     def pick(self, now: float, candidates: Sequence[Candidate[K]]) -> K | None:
         if not candidates:
             return None
+        if len(candidates) == 1:  # what the general way below comes to for one, without its lists
+            only = candidates[0]
+            if only.suspect:
+                self.stats["suspect_only"] += 1
+            self._get(now, only.key).rtt = only.rtt
+            return only.key
         trusted = [c for c in candidates if not c.suspect]
         if trusted and len(trusted) < len(candidates):
             self.stats["suspect_passed_over"] += 1

@@ -31,7 +31,7 @@ Headers = list[tuple[bytes, bytes]]
 
 #: RFC 9110 §7.6.1's list, and Transfer-Encoding: the outgoing framing is the writer's
 #: (see _end_to_end).
-_HOP_BY_HOP: Final = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade",
 })
 REQUEST_ID: Final = b"x-request-id"
@@ -78,7 +78,7 @@ def _end_to_end(headers: Headers) -> Headers:
             named |= _listed(value)
         elif name == b"transfer-encoding":
             chunked = True
-    drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
     if chunked:
         return [(n, v) for n, v in headers if n not in drop and n != b"content-length"] + [
             (b"transfer-encoding", b"chunked")]

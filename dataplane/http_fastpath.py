@@ -31,7 +31,7 @@ from typing import Final
 
 import httptools
 
-from dataplane.hop_by_hop import Headers
+from dataplane.hop_by_hop import HOP_BY_HOP, Headers
 
 #: As h11's default limit on a request head (its max_incomplete_event_size): past it h11 decides.
 MAX_HEAD: Final = 16 * 1024
@@ -46,6 +46,9 @@ _REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[
 RETRY_BUFFER: Final = 64 * 1024
 _NOT_HERE: Final = frozenset({b"HEAD", b"CONNECT"})
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
+#: The one hop-by-hop field (RFC 9110 §7.6.1) a response head may carry and still pass on as it came,
+#: less this line: nearly every server sends it, and it says nothing an HTTP/1.1 client needs.
+_KEEP_ALIVE_LINE: Final = re.compile(rb"\r\nconnection:[ \t]*keep-alive[ \t]*(?=\r\n)", re.IGNORECASE)
 
 
 def looks_like_http1(raw: bytes | bytearray) -> bool:
@@ -196,7 +199,7 @@ class Response:
     """
 
     __slots__ = ("parser", "reason", "headers", "status", "head_done", "done", "chunked", "until_close",
-                 "interim", "trailers", "body", "extra", "persistent", "before_head", "length")
+                 "interim", "trailers", "body", "extra", "persistent", "before_head", "length", "raw_head")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
@@ -220,6 +223,8 @@ class Response:
         self.before_head = 0
         #: The body's Content-Length, when the response has one (and no chunked framing).
         self.length: int | None = None
+        #: The final head as the instance sent it, when it can go to the client as it is (see _as_sent).
+        self.raw_head: bytes | None = None
 
     # -- httptools' callbacks --
 
@@ -276,6 +281,7 @@ class Response:
         if self.done:
             self.extra = True
             return
+        first = not self.head_done and not self.before_head
         if not self.head_done:
             self.before_head += len(data)
         try:
@@ -286,8 +292,42 @@ class Response:
             if not self.done:
                 raise
             self.extra = True
-        if not self.head_done and self.before_head > MAX_HEAD:
-            raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
+        if not self.head_done:
+            if self.before_head > MAX_HEAD:
+                raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
+        elif first and not self.interim:
+            self.raw_head = self._as_sent(data)
+
+    def _as_sent(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """The final head, which came whole in the first bytes fed, as it may go to the client unchanged
+        but for a ``Connection: keep-alive`` line; None when it must be written anew (head_bytes).
+
+        Writing it anew gives the same message: the same status line and fields, less the hop-by-hop
+        ones (RFC 9110 §7.6.1), which are checked to be absent.  The bytes are checked to be one
+        CRLF-ended line per field, so no obs-fold (RFC 9112 §5.2) and no bare LF goes on, as a
+        rewrite would not pass them either; an HTTP/1.0 status line is rewritten as 1.1's.
+        """
+        if self.parser.get_http_version() != "1.1":
+            return None
+        keep_alive = 0
+        for name, value in self.headers:
+            if name in HOP_BY_HOP:
+                if name != b"connection" or value.strip().lower() != b"keep-alive" or keep_alive:
+                    return None
+                keep_alive = 1
+        raw = bytes(data[:MAX_HEAD + 4]) if not isinstance(data, bytes) else data
+        end = raw.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = raw[:end + 4]
+        if keep_alive:
+            head, removed = _KEEP_ALIVE_LINE.subn(b"", head, 1)
+            if removed != 1:
+                return None
+        lines = len(self.headers) + 2 - keep_alive
+        if head.count(b"\n") != lines or head.count(b"\r\n") != lines:
+            return None
+        return head
 
     def keep_alive(self) -> bool:
         """The instance's connection may carry another request (RFC 9112 §9.3)."""

@@ -269,9 +269,10 @@ async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: Pl
     return await _request(proxy, up, c, r, first=first) and not r.close
 
 
-def plain_state(req: PlainRequest, headers: list[tuple[bytes, bytes]], timeout: float) -> _Request:
+def plain_state(req: PlainRequest, headers: list[tuple[bytes, bytes]], timeout: float,
+                now: float | None = None) -> _Request:
     """The state of a request of the common path, held whole (the task's and the reactor's turns')."""
-    r = _Request(req.method, req.target, headers, timeout, plain=True)
+    r = _Request(req.method, req.target, headers, timeout, True, now)
     r.body = req.body
     r.complete = True
     r.close = req.close
@@ -376,7 +377,7 @@ class _Request:
                  "instance", "node", "mesh_error", "retries", "response_started", "deadline_scope", "timeout")
 
     def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], timeout: float,
-                 plain: bool) -> None:
+                 plain: bool, now: float | None = None) -> None:
         self.method = method
         self.target = target
         self.headers = headers
@@ -389,7 +390,7 @@ class _Request:
         self.body: bytes | bytearray = bytearray()
         #: The whole body is in ``body`` (so it can be sent again).
         self.complete = False
-        self.started = trio.current_time()
+        self.started = trio.current_time() if now is None else now
         self.wall = time.time()
         self.status = 0
         self.instance = ""
@@ -479,8 +480,8 @@ async def _request(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request, 
     return keep
 
 
-def _record(proxy: Proxy, up: UpstreamListener, r: _Request) -> None:
-    latency = trio.current_time() - r.started
+def _record(proxy: Proxy, up: UpstreamListener, r: _Request, now: float | None = None) -> None:
+    latency = (trio.current_time() if now is None else now) - r.started
     method = r.method.decode("ascii", "replace")
     path = r.target.decode("ascii", "replace")
     rec = RequestRecord(OUTBOUND, up.service, r.instance, r.node, up.options.source, method, path, r.status,
@@ -734,14 +735,14 @@ def _broken_response(up: UpstreamListener, r: _Request, why: str) -> _Failed:
 
 
 def _final_head(up: UpstreamListener, r: _Request, attempt: routing.Attempt, status: int,
-                can_retry: Callable[[], bool], trial: bool) -> None:
+                can_retry: Callable[[], bool], trial: bool, now: float | None = None) -> None:
     """The instance's final answer is in: outlier detection counts it; a 5xx the request may be retried
     for (a retry_on status, or any answer to a half-open trial) raises the retry; else it is the
     answer (its head goes to the client when the caller sends it).  Whether to retry is asked first,
     before anything is counted: the reactor's turns (dataplane.http_turns) leave that question to
     the request's task, which then comes back here."""
     retry = status >= 500 and (status in up.options.http.retry_on or trial) and can_retry()
-    up.router.answered(trio.current_time(), attempt, status < 500)
+    up.router.answered(trio.current_time() if now is None else now, attempt, status < 500)
     if status >= 500:
         up.stats["http_5xx"] += 1
         if retry:
@@ -865,7 +866,7 @@ def _parse_failure(up: UpstreamListener, r: _Request, st: PlainRead, exc: httpto
 
 
 def plain_advance(up: UpstreamListener, r: _Request, attempt: routing.Attempt, st: PlainRead,
-                  can_retry: Callable[[], bool], trial: bool) -> None:
+                  can_retry: Callable[[], bool], trial: bool, now: float | None = None) -> None:
     """Turn what has been parsed into what is due to the client (``st.out``); sets ``st.done``.
 
     An answer with a Content-Length body of at most RETRY_BUFFER is held until it is complete, head
@@ -881,13 +882,13 @@ def plain_advance(up: UpstreamListener, r: _Request, attempt: routing.Attempt, s
             st.out += head_bytes(status, reason, response_headers(fields))
     if resp.head_done and not st.answered:
         status = resp.status
-        _final_head(up, r, attempt, status, can_retry, trial)
+        _final_head(up, r, attempt, status, can_retry, trial, now)
         st.answered = True
-        fields = response_headers(resp.headers)
         if resp.until_close or r.close:
             r.close = True
-            fields.append((b"connection", b"close"))
-        st.head = head_bytes(status, resp.reason, fields)
+            st.head = head_bytes(status, resp.reason, response_headers(resp.headers) + [(b"connection", b"close")])
+        else:
+            st.head = resp.raw_head or head_bytes(status, resp.reason, response_headers(resp.headers))
     if st.head is not None and (resp.done or resp.chunked or resp.length is None or resp.length > RETRY_BUFFER):
         st.out += st.head
         st.head = None

@@ -77,7 +77,7 @@ class Turns:
     """One client connection's requests, carried in the reactor's callbacks while they can be."""
 
     __slots__ = ("proxy", "up", "c", "reactor", "view", "searched", "call", "ready", "picked", "handing",
-                 "active", "closing")
+                 "active", "closing", "clock")
 
     def __init__(self, proxy: Proxy, up: UpstreamListener, c: _Client, reactor: Reactor) -> None:
         self.proxy = proxy
@@ -99,6 +99,8 @@ class Turns:
         self.active = trio.current_time()
         #: The last request asked for the connection's end.
         self.closing = False
+        #: trio.current_time without its two calls of indirection: the callbacks read it for every request.
+        self.clock = trio.lowlevel.current_clock().current_time
 
     def take_picked(self) -> Endpoint | None:
         """The instance chosen for the request ``next`` just returned, if the callbacks chose one."""
@@ -200,11 +202,11 @@ class Turns:
         out = request_bytes(req.method, req.target, headers, req.body)
         if len(out) > WHOLE_MAX:
             return False  # decided before the pick: a pick made twice would skew round robin
-        endpoint = proxy.pick(up)
+        now = self.clock()
+        endpoint = proxy.pick(up, now=now)
         if endpoint is None:
             return False
         self.picked = endpoint
-        now = trio.current_time()
         key = (endpoint.node, endpoint.instance_id)
         if router.outlier.state(now, key) == "half-open":
             return False
@@ -232,7 +234,7 @@ class Turns:
         self.picked = None
         del c.buf[:req.length]
         self.searched[0] = 0
-        r = plain_state(req, headers, opts.http.timeout)
+        r = plain_state(req, headers, opts.http.timeout, now)
         r.instance, r.node = endpoint.instance_id, endpoint.node
         up.stats["http_requests"] += 1
         up.budget.request(now)
@@ -300,7 +302,8 @@ class Turns:
                     and resp.status in up.options.http.retry_on):
                 self._hand_over()  # whether to retry is the task's to decide (and to pay for)
                 return
-            plain_advance(up, r, call.attempt, st, _never, False)
+            now = self.clock()
+            plain_advance(up, r, call.attempt, st, _never, False, now)
             if st.out:
                 n = self.c.stream.try_send(st.out)
                 self.c.stats["bytes_in"] += n
@@ -313,7 +316,7 @@ class Turns:
             self._hand_over()
             return
         if st.done:
-            self._finish(call)
+            self._finish(call, now)
 
     # -- ends -----------------------------------------------------------------------------------
 
@@ -324,7 +327,7 @@ class Turns:
         _release(call)
         self.reactor.wake(self.c.stream.raw)
 
-    def _finish(self, call: Call) -> None:
+    def _finish(self, call: Call, now: float) -> None:
         """The answer went out whole: the connection goes back to the pool, the request is recorded."""
         ic = call.ic
         ic.clean = call.st.resp.keep_alive()
@@ -334,10 +337,9 @@ class Turns:
         _release(call)
         self.call = None
         up = self.up
-        now = trio.current_time()
         up.router.closed(now, call.attempt, None, True)
         up.pool.give(ic, now)
-        _record(self.proxy, up, call.r)
+        _record(self.proxy, up, call.r, now)
         up.stats["http_in_turns"] += 1
         self.active = now
         if call.r.close or self.c.buf:

@@ -159,6 +159,16 @@ class OutlierDetector(Generic[K]):
         # Half-open: exactly one trial at a time.
         return h.trial_at is None or now - h.trial_at >= self.config.trial_timeout
 
+    def offer(self, now: float, key: K) -> float | None:
+        """``weight`` if the instance is ``available``, else None: the two questions a pick asks of
+        every instance, answered with one look-up (the common case: no history at all)."""
+        h = self._hosts.get(key)
+        if h is None:
+            return 1.0
+        if not self.available(now, key):
+            return None
+        return self.weight(now, key)
+
     def weight(self, now: float, key: K) -> float:
         """0 when unavailable; a free half-open trial is offered at full weight
         (the one-trial gate, not the weight, limits it, and a low weight would

@@ -543,7 +543,7 @@ class Proxy:
 
     def pick(self, up: UpstreamListener, exclude: frozenset[tuple[str, str]] = frozenset(),
              refusing: frozenset[str] = frozenset(), last_resort: bool = True,
-             route: tuple[DiscoveryChain, Target] | None = None) -> Endpoint | None:
+             route: tuple[DiscoveryChain, Target] | None = None, now: float | None = None) -> Endpoint | None:
         """The router's choice among the passing instances not tried yet, on nodes that did not
         refuse this connection (dataplane.routing); within the connection's split target when the
         service has a discovery chain."""
@@ -552,7 +552,8 @@ class Proxy:
             up.stats["failovers"] += 1
         if refusing:  # excluded, not filtered out: the router must still see them listed
             exclude = exclude | {(e.node, e.instance_id) for e in endpoints if e.node in refusing}
-        chosen = up.router.pick(trio.current_time(), endpoints, exclude, self.rtt_to, last_resort)
+        chosen = up.router.pick(trio.current_time() if now is None else now, endpoints, exclude, self.rtt_to,
+                                last_resort)
         assert chosen is None or isinstance(chosen, Endpoint)
         return chosen
 

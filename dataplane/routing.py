@@ -199,11 +199,12 @@ class Router:
         refusing: list[Candidate[Key]] = []
         for e in endpoints:
             key = (e.node, e.instance_id)
-            if key in exclude or not self.outlier.available(now, key):
+            weight = None if key in exclude else self.outlier.offer(now, key)
+            if weight is None:
                 continue
             by_key[key] = e
             suspect = bool(getattr(e, "suspect", False))  # dataplane.proxy.Endpoint's; others have none
-            candidate = Candidate(key, rtt_of(e.node), self.outlier.weight(now, key), suspect)
+            candidate = Candidate(key, rtt_of(e.node), weight, suspect)
             refusal = self._refused.get(e.node)
             (allowing if refusal is None or self._due(now, refusal) else refusing).append(candidate)
         candidates = allowing or (refusing if last_resort else [])

@@ -222,3 +222,58 @@ def test_a_response_head_without_end_is_refused_past_the_limit() -> None:
     with pytest.raises(httptools.HttpParserError):
         for _ in range(200):
             endless.feed(b"x-t: 1\r\n")
+
+
+# -- a final head passed on as the instance sent it ------------------------------------------------
+
+_NGINX_HEAD = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+               b"Connection: keep-alive\r\nETag: \"x\"\r\n\r\n")
+
+
+def test_a_plain_head_goes_on_as_sent_less_its_keep_alive_line() -> None:
+    resp = Response()
+    resp.feed(memoryview(_NGINX_HEAD + b"hello"))
+    assert resp.raw_head == (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 5\r\nETag: \"x\"\r\n\r\n")
+    head, body, _ = _client_reads(resp.raw_head + resp.take_body())
+    assert head.status_code == 200 and body == b"hello"
+    assert (b"connection", b"keep-alive") not in head.headers and (b"etag", b'"x"') in head.headers
+
+
+@pytest.mark.parametrize("raw", [
+    # hop-by-hop fields a proxy must drop (RFC 9110 §7.6.1), or a Connection that names one
+    b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-secret\r\nX-Secret: 1\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nContent-Length: 0\r\n\r\n",
+    # an HTTP/1.0 status line, and a final head after an interim one
+    b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+])
+def test_a_head_with_anything_to_change_is_written_anew(raw: bytes) -> None:
+    resp = Response()
+    resp.feed(raw)
+    assert resp.head_done and resp.raw_head is None
+
+
+def test_a_head_that_came_in_pieces_is_written_anew() -> None:
+    resp = Response()
+    resp.feed(_NGINX_HEAD[:20])
+    resp.feed(_NGINX_HEAD[20:])
+    assert resp.head_done and resp.raw_head is None
+
+
+@given(st.binary(min_size=1, max_size=40).filter(lambda v: b"\r" not in v and b"\n" not in v))
+def test_a_passed_on_head_says_what_a_rewritten_one_says(value: bytes) -> None:
+    raw = b"HTTP/1.1 200 OK\r\nX-A: " + value + b"\r\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\nok"
+    resp = Response()
+    try:
+        resp.feed(raw)
+    except httptools.HttpParserError:
+        return  # llhttp refuses the value: nothing goes on at all
+    if resp.raw_head is None:
+        return
+    rewritten = head_bytes(resp.status, resp.reason, [f for f in resp.headers if f[0] != b"connection"])
+    passed, rewrote = _client_reads(resp.raw_head + b"ok")[0], _client_reads(rewritten + b"ok")[0]
+    assert list(passed.headers) == list(rewrote.headers) and passed.status_code == rewrote.status_code
