@@ -68,7 +68,8 @@ class MeshDirectory:
     # -- for routing (dataplane.routing.PathView) -------------------------------------------
 
     def rtt_to(self, node: str) -> tuple[float, str] | None:
-        return self.membership.rtt_estimate(self.membership.name, node)
+        membership = self.membership
+        return membership.latency.rtt_estimate(membership.name, node)
 
     def path_to(self, node: str) -> list[str]:
         me = self.membership.name

@@ -88,7 +88,12 @@ def _end_to_end(headers: Headers) -> Headers:
 def request_headers(headers: Headers, client: str, request_id: bytes | None = None) -> Headers:
     """The fields to send an instance, from a request's as received (lower-case names, as both
     parsers give them)."""
-    out = _end_to_end(headers)
+    for name, _ in headers:
+        if name in HOP_BY_HOP:
+            out = _end_to_end(headers)
+            break
+    else:
+        out = headers.copy()  # nothing to drop (most requests): _end_to_end would copy it as it is
     has_id = False
     xff: int | None = None
     for i, (name, _) in enumerate(out):

@@ -321,9 +321,13 @@ class Response:
             return None
         head = raw[:end + 4]
         if keep_alive:
-            head, removed = _KEEP_ALIVE_LINE.subn(b"", head, 1)
-            if removed != 1:
-                return None
+            cut = head.find(b"\r\nConnection: keep-alive\r\n")  # as nearly every server writes it
+            if cut >= 0:
+                head = head[:cut] + head[cut + 24:]
+            else:
+                head, removed = _KEEP_ALIVE_LINE.subn(b"", head, 1)
+                if removed != 1:
+                    return None
         lines = len(self.headers) + 2 - keep_alive
         if head.count(b"\n") != lines or head.count(b"\r\n") != lines:
             return None
