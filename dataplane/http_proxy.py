@@ -711,7 +711,7 @@ async def _receive(r: _Request, stream: Kept, can_retry: Callable[[], bool]) -> 
 
 def _receive_failure(r: _Request, exc: BaseException, can_retry: Callable[[], bool]) -> _Failed:
     if r.response_started:
-        return _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), None)
+        return _Failed(_Reset(f"the connection to {r.instance} broke: {exc}"), routing.ANSWER_CUT_OFF)
     return _Failed(_broken(r, can_retry, f"the connection to {r.instance} broke: {exc}"), routing.RESET_BEFORE_REPLY)
 
 
@@ -728,7 +728,7 @@ def _broken_response(up: UpstreamListener, r: _Request, why: str) -> _Failed:
     """What the instance sent is not an HTTP response: a reset once the client has its start, else a 502
     that counts against the instance."""
     if r.response_started:
-        return _Failed(_Reset(f"the response of {r.instance} broke off: {why}"), None)
+        return _Failed(_Reset(f"the response of {r.instance} broke off: {why}"), routing.ANSWER_CUT_OFF)
     up.stats["http_bad_responses"] += 1
     return _Failed(_Answer(502, BAD_RESPONSE, f"{up.service} instance {r.instance} sent a broken response: {why}"),
                    routing.BAD_RESPONSE)
@@ -800,7 +800,7 @@ async def _response(up: UpstreamListener, c: _Client, r: _Request, ic: InstanceC
                                                          headers=response_headers(list(ev.headers)),
                                                          reason=ev.reason)) or b""
         else:  # ConnectionClosed before the end: h11 raised above for a framed body, so this is a close
-            raise _Failed(_Reset("the instance closed before the response ended"), None)
+            raise _Failed(_Reset("the instance closed before the response ended"), routing.ANSWER_CUT_OFF)
 
 
 class PlainRead:
@@ -845,7 +845,8 @@ def plain_feed(up: UpstreamListener, r: _Request, st: PlainRead, data: bytes | b
             raise _closed_unanswered(up, r, can_retry, reused)
         if not r.response_started:  # a held answer (plain_advance): nothing reached the client
             raise _Failed(_broken(r, can_retry, f"{up.service} instance {r.instance} closed the connection "
-                                                "before its answer ended"), None)
+                                                "before its answer ended"),
+                          routing.ANSWER_CUT_OFF if st.answered else None)
         raise _broken_response(up, r, "the connection closed before the response ended")
     try:
         resp.feed(data)

@@ -102,6 +102,8 @@ CLOSED_BEFORE_REPLY = "closed_before_reply"
 #: HTTP only: a response head that did not parse, and a 5xx answer.
 BAD_RESPONSE = "bad_response"
 HTTP_5XX = "http_5xx"
+#: HTTP only: the instance's connection broke, or ended, after the answer's head and before its end.
+ANSWER_CUT_OFF = "answer_cut_off"
 
 
 @dataclass(slots=True)
@@ -113,6 +115,8 @@ class Attempt:
     connected: bool = False
     observed: bool = False
     open: bool = True
+    #: An HTTP answer's head said it went well: the outlier detector hears so once the answer ends whole.
+    answer_pending: bool = False
 
 
 @dataclass
@@ -299,7 +303,9 @@ class Router:
         a.observed = True
         self.balancer.observe(now, a.key, now - a.started, ok=ok)
         if ok:
-            self.outlier.on_success(now, a.key)
+            # Counted at its end (closed): an instance that cuts every answer off after its head
+            # would otherwise count a success per request, and never be ejected.
+            a.answer_pending = True
         else:
             self.outlier.on_failure(now, a.key, max(1, len(self._known)))
             self._last_failure[a.key] = (HTTP_5XX, now)
@@ -310,7 +316,8 @@ class Router:
 
         ``failure``: the instance reset or closed it before its first reply byte
         (RESET_BEFORE_REPLY, CLOSED_BEFORE_REPLY), counted against it; ignored once
-        it has replied.  Otherwise, with no reply, ``clean`` (both directions
+        it has replied, except after an HTTP answer's good head (``answered``),
+        which ``failure`` says was cut off before its end.  Otherwise, with no reply, ``clean`` (both directions
         ended without error) is a success for the outlier detector -- an
         instance that takes data and never answers (a sink) is not failing --
         and anything else, the client's reset or an idle timeout, teaches
@@ -325,6 +332,15 @@ class Router:
             self._failure(now, a, failure)
             return
         a.open = False
+        if a.answer_pending:
+            # An HTTP answer whose head was fine (answered): whole, it is a success; broken off after
+            # its head, a gateway failure (Envoy's consecutive_gateway_failure counts it so too).
+            if clean:
+                self.outlier.on_success(now, a.key)
+            elif failure is not None:
+                self.outlier.on_failure(now, a.key, max(1, len(self._known)))
+                self._last_failure[a.key] = (failure, now)
+                self.stats["answers_cut_off"] += 1
         if a.connected:
             self.open -= 1
             if clean and not a.observed:

@@ -750,3 +750,18 @@ def test_an_answer_cut_off_after_its_head_is_retried_not_reset_when_nothing_reac
         statuses.append((r.status, r.getheader("x-mesh-error")))
     assert set(statuses) == {(200, None), (502, "upstream-reset")}, statuses
     assert mesh.count("web-0")["POST /echo"] == statuses.count((502, "upstream-reset"))
+
+
+def test_an_instance_that_cuts_every_answer_off_after_its_head_is_ejected(mesh: Mesh) -> None:
+    """A good head followed by a broken-off body is a gateway failure, not a success: outlier detection
+    counts it when the answer ends short (routing.ANSWER_CUT_OFF), so five in a row eject the instance,
+    as five 5xx would, and requests stop reaching it."""
+    mesh.instances(["truncate", "ok"])
+    mesh.upstream(lb="round_robin")  # consecutive_failures 5, base_ejection_time 30 s: the defaults
+    c = mesh.conn()
+    got = [get(c, "/who") for _ in range(60)]
+    assert [(status, body) for status, _, body in got] == [(200, b"web-1")] * 60  # each cut-off retried
+    asked = mesh.count("web-0")["GET /who"]
+    assert asked == 5, asked  # one per failure until the fifth ejected it
+    row = {r["instance"]: r for r in mesh.a.call("GET", "/v1/routes?service=web")}["web-0"]
+    assert row["state"] == "ejected" and row["last_failure"] == "answer_cut_off", row
