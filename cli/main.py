@@ -78,6 +78,12 @@ def main() -> None:
               help="Allow exec checks registered over the API (config-file exec checks need nothing).")
 def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     """Run an agent in the foreground; SIGINT/SIGTERM leave gracefully."""
+    from agent import lean
+
+    # First, before anything imports hashlib or trio: see agent/lean.py.
+    lean.import_trio()
+    import trio
+
     from agent.config import ConfigError, resolve
 
     flags["api"] = api_addr
@@ -87,8 +93,6 @@ def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
-    import trio
-
     from agent import log
     from agent.runner import Agent, StartupError
 
