@@ -617,6 +617,7 @@ class Agent:
         """Initiator side of push-pull: one frame out, one frame back."""
         reply: bytes | None = None
         error = "timed out"
+        refused = False
         with trio.move_on_after(self.cfg.gossip.tcp_timeout):
             try:
                 reply = await self._exchange(target, self.membership.push_pull_payload(
@@ -628,10 +629,11 @@ class Agent:
                 error = f"bad reply ({exc.reason})"
             except OSError as exc:
                 error = exc.strerror or str(exc)
+                refused = _refused(exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 error = "connection closed"
         ok, reason = self.membership.complete_push_pull(
-            trio.current_time(), target, purpose, reply, error
+            trio.current_time(), target, purpose, reply, error, refused
         )
         await self.flush()
         return ok, reason
