@@ -24,8 +24,9 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
 (interleaved: every run measures each column once), so a change's effect is a ratio, not a memory.
 It ends with the import-time profile of the agent and of the CLI (``python -X importtime``),
 grouped by top-level package, and the floor: what an interpreter that imports only the agent's
-dependencies costs, next to one that imports what the agent does (CPU and RSS), so what is ours
-to cut shows apart from what trio, structlog and click cost.  A benchmark, not a test: it exits 0
+dependencies costs (as a plain ``import`` does, and as the agent imports them: agent/lean.py),
+next to one that imports what the agent does (CPU and RSS), so what is ours to cut shows apart
+from what trio, structlog and click cost.  A benchmark, not a test: it exits 0
 whatever the numbers say.
 
     .venv/bin/python simulations/bench_footprint.py --runs 3 [--ref HEAD~5] [--agents 25]
@@ -365,6 +366,13 @@ def import_profile(code: Path | None, statement: str, top: int = 8) -> str:
 DEPENDENCIES = "import trio, structlog, click, msgpack, httptools, nacl.secret, nacl.signing, nacl.public"
 #: What an agent imports before it answers its API.
 AGENT_IMPORTS = "import cli.main, agent.runner, agent.api"
+#: How the agent command imports trio (and hashlib), in code that has agent/lean.py.
+LEAN = "from agent import lean; lean.import_trio(); "
+
+
+def lean_prefix(code: Path | None) -> str:
+    """LEAN for a revision that imports that way, else nothing."""
+    return LEAN if ((code or ROOT) / "agent" / "lean.py").exists() else ""
 _MEASURE = ("; import resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
             "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {u.ru_maxrss / 1024}')")
 
@@ -474,19 +482,24 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for col in cols:
             if col.kind == "ours":
-                print(f"- import time, {col.label}, agent (`import agent.runner`): "
-                      + import_profile(col.code, "import cli.main, agent.runner"))
+                print(f"- import time, {col.label}, agent (`{lean_prefix(col.code)}import agent.runner`): "
+                      + import_profile(col.code, lean_prefix(col.code) + "import cli.main, agent.runner"))
                 print(f"- import time, {col.label}, CLI (`import cli.main`): "
                       + import_profile(col.code, "import cli.main"))
         floor_cpu, floor_rss = import_cost(None, DEPENDENCIES, max(5, args.runs))
         print(f"- floor: an interpreter importing only the dependencies (`{DEPENDENCIES}`): "
               f"{floor_cpu:.3f} CPU-s, {floor_rss:.1f} MiB")
+        lean_cpu, lean_rss = import_cost(cols[0].code, LEAN + DEPENDENCIES, max(5, args.runs))
+        print(f"- the same, trio and hashlib imported as our agent does (`{LEAN}...`): "
+              f"{lean_cpu:.3f} CPU-s, {lean_rss:.1f} MiB")
         for col in cols:
             if col.kind == "ours":
-                c, m = import_cost(col.code, AGENT_IMPORTS, max(5, args.runs))
-                print(f"- {col.label}: an interpreter importing what the agent does (`{AGENT_IMPORTS}`): "
-                      f"{c:.3f} CPU-s, {m:.1f} MiB (ours beyond the floor: {c - floor_cpu:+.3f} CPU-s, "
-                      f"{m - floor_rss:+.1f} MiB)")
+                statement = lean_prefix(col.code) + AGENT_IMPORTS
+                base_cpu, base_rss = (lean_cpu, lean_rss) if lean_prefix(col.code) else (floor_cpu, floor_rss)
+                c, m = import_cost(col.code, statement, max(5, args.runs))
+                print(f"- {col.label}: an interpreter importing what the agent does (`{statement}`): "
+                      f"{c:.3f} CPU-s, {m:.1f} MiB (ours beyond the floor it imports: {c - base_cpu:+.3f} CPU-s, "
+                      f"{m - base_rss:+.1f} MiB)")
         if args.json:
             print(json.dumps({c.label: c.samples for c in cols}))
     finally:
