@@ -368,12 +368,17 @@ DEPENDENCIES = "import trio, structlog, click, msgpack, httptools, nacl.secret, 
 AGENT_IMPORTS = "import cli.main, agent.runner, agent.api"
 #: How the agent command imports trio (and hashlib), in code that has agent/lean.py.
 LEAN = "from agent import lean; lean.import_trio(); "
+#: The dependencies imported as the agent imports them (agent/lean.py, and agent/log.py for structlog).
+LEAN_DEPENDENCIES = (LEAN + DEPENDENCIES.replace("structlog, ", "")
+                     + "\nwith lean.standing_in('asyncio'):\n    import structlog")
 
 
 def lean_prefix(code: Path | None) -> str:
     """LEAN for a revision that imports that way, else nothing."""
     return LEAN if ((code or ROOT) / "agent" / "lean.py").exists() else ""
-_MEASURE = ("; import resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
+
+
+_MEASURE = ("\nimport resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
             "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {u.ru_maxrss / 1024}')")
 
 
@@ -489,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         floor_cpu, floor_rss = import_cost(None, DEPENDENCIES, max(5, args.runs))
         print(f"- floor: an interpreter importing only the dependencies (`{DEPENDENCIES}`): "
               f"{floor_cpu:.3f} CPU-s, {floor_rss:.1f} MiB")
-        lean_cpu, lean_rss = import_cost(cols[0].code, LEAN + DEPENDENCIES, max(5, args.runs))
-        print(f"- the same, trio and hashlib imported as our agent does (`{LEAN}...`): "
+        lean_cpu, lean_rss = import_cost(cols[0].code, LEAN_DEPENDENCIES, max(5, args.runs))
+        print(f"- the same, imported as our agent imports them (trio without ssl, hashlib without OpenSSL, "
+              f"structlog without asyncio: agent/lean.py): "
               f"{lean_cpu:.3f} CPU-s, {lean_rss:.1f} MiB")
         for col in cols:
             if col.kind == "ours":
