@@ -378,8 +378,11 @@ def lean_prefix(code: Path | None) -> str:
     return LEAN if ((code or ROOT) / "agent" / "lean.py").exists() else ""
 
 
+#: CPU from getrusage; the peak RSS from VmHWM, not ru_maxrss, which Linux keeps across execve: it
+#: would start from the size of this bench's own process at the fork, 30 MiB after a crowd.
 _MEASURE = ("\nimport resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
-            "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {u.ru_maxrss / 1024}')")
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]; "
+            "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {int(hwm) / 1024}')")
 
 
 def import_cost(code: Path | None, statement: str, runs: int) -> tuple[float, float]:
