@@ -24,39 +24,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent.feed import LossyFeed
-
-
-class _AsyncioOnDemand(types.ModuleType):
-    """What structlog's modules get for ``import asyncio``: the real asyncio, imported on first use.
-
-    structlog imports asyncio unconditionally, for async logging methods this
-    agent never calls (it runs on trio), and every agent would pay asyncio's
-    import, in start-up CPU and in memory, for nothing.  This stands in only
-    while structlog is being imported (sys.modules holds it for that time
-    alone, so any other importer gets the real module); structlog's own
-    references load the real one on first attribute access and read through.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        if sys.modules.get("asyncio") is self:  # used while structlog is still being imported
-            del sys.modules["asyncio"]
-        import asyncio
-
-        self.__dict__.update(vars(asyncio))
-        return getattr(asyncio, name)
+from agent.lean import standing_in
 
 
 def _import_structlog() -> types.ModuleType:
-    if "asyncio" in sys.modules or "structlog" in sys.modules:
-        import structlog as already
-
-        return already
-    stand_in = sys.modules["asyncio"] = _AsyncioOnDemand("asyncio")
-    try:
+    # structlog imports asyncio for async logging methods this agent never calls (agent/lean.py).
+    with standing_in("asyncio"):
         import structlog as imported
-    finally:
-        if sys.modules.get("asyncio") is stand_in:
-            del sys.modules["asyncio"]
     return imported
 
 

@@ -315,6 +315,12 @@ class Agent:
                 # load and show in its peers' RTT to it, which the balancers prefer low.
                 await trio.to_thread.run_sync(_import_plane)
                 from agent.plane import DataPlane
+                from dataplane import noise
+
+                # OpenSSL's cipher waits for the first session (it is most of the data plane's
+                # memory), then loads in a worker thread too; libsodium seals the session's
+                # messages meanwhile.
+                noise.fast_cipher_wanted = self._load_fast_cipher
 
                 self.plane = plane = DataPlane(self)
                 self.directory.tunnel_route = plane.tunnels.route_to
@@ -324,6 +330,12 @@ class Agent:
         await self._plane_running.wait()
         assert self.plane is not None
         return self.plane
+
+    def _load_fast_cipher(self) -> None:
+        from dataplane import noise
+
+        assert self._nursery is not None
+        self._nursery.start_soon(trio.to_thread.run_sync, noise.load_fast_cipher)
 
     async def _accept_tunnels(self, listeners: list[trio.SocketListener]) -> None:
         """The tunnel port accepts from the start: a peer may dial us before we carry traffic
@@ -605,6 +617,7 @@ class Agent:
         """Initiator side of push-pull: one frame out, one frame back."""
         reply: bytes | None = None
         error = "timed out"
+        refused = False
         with trio.move_on_after(self.cfg.gossip.tcp_timeout):
             try:
                 reply = await self._exchange(target, self.membership.push_pull_payload(
@@ -616,10 +629,11 @@ class Agent:
                 error = f"bad reply ({exc.reason})"
             except OSError as exc:
                 error = exc.strerror or str(exc)
+                refused = _refused(exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 error = "connection closed"
         ok, reason = self.membership.complete_push_pull(
-            trio.current_time(), target, purpose, reply, error
+            trio.current_time(), target, purpose, reply, error, refused
         )
         await self.flush()
         return ok, reason
@@ -943,10 +957,6 @@ def raise_open_files_limit(logger: Any) -> None:
 def _import_plane() -> None:
     """What building the data plane needs loaded (load_plane runs it in a worker thread)."""
     import agent.plane  # noqa: F401
-    from dataplane import noise
-
-    # The first tunnel needs the cipher at once: loaded here, not inside its handshake.
-    noise.preload()
 
 
 def _refused(exc: OSError) -> bool:

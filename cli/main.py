@@ -78,6 +78,19 @@ def main() -> None:
               help="Allow exec checks registered over the API (config-file exec checks need nothing).")
 def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     """Run an agent in the foreground; SIGINT/SIGTERM leave gracefully."""
+    import gc
+
+    # No cyclic collection while the agent's modules load: every agent of a node pays the
+    # collector's passes over the import's young objects at each start, for the little they
+    # would free (import-time cycles, kept and frozen with the rest; docs/footprint.md has
+    # both figures).
+    gc.disable()
+    from agent import lean
+
+    # First, before anything imports hashlib or trio: see agent/lean.py.
+    lean.import_trio()
+    import trio
+
     from agent.config import ConfigError, resolve
 
     flags["api"] = api_addr
@@ -87,18 +100,15 @@ def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
     except ConfigError as exc:
         _fail(str(exc), 2)
         return
-    import trio
-
     from agent import log
     from agent.runner import Agent, StartupError
 
     log.configure(cfg.log_format, cfg.log_level)
-    import gc
-
     # Everything imported so far lives as long as the process: keep it out of
     # the cyclic collector's full passes, which would otherwise walk it again
     # and again on a busy agent.
     gc.freeze()
+    gc.enable()
 
     async def _main() -> None:
         await Agent(cfg).run()

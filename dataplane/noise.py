@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import nacl.bindings
@@ -49,9 +50,12 @@ if TYPE_CHECKING:
 # each agent's CPU in this cipher, so its speed is the proxy's speed
 # (docs/dataplane.md, "The cipher").  The ciphertexts are byte-identical
 # (tests/test_noise.py checks both against each other and against the
-# vectors); the handshake, which runs once per session, stays on PyNaCl.
-# OpenSSL's bindings are loaded by the first transport key, not at import: an
-# agent that carries no service traffic never pays their memory.
+# vectors), so a transport key can move from one to the other between any two
+# messages: until OpenSSL's bindings are loaded, transport messages go through
+# libsodium.  Those bindings are a large shared library, about 7 MiB of a
+# process's RSS once mapped, so they load with the first transport key (the
+# first session), never for an agent that only has services registered; an
+# application with an event loop loads them off it (``fast_cipher_wanted``).
 
 
 __all__ = [
@@ -75,27 +79,38 @@ class _NotLoaded(Exception):
     """Stands for cryptography's InvalidTag until the first key loads it."""
 
 
-#: cryptography's InvalidTag once _aead_for has run (no cipher can fail before).
+#: cryptography's InvalidTag once load_fast_cipher has run (no OpenSSL cipher can fail before).
 _InvalidTag: type[Exception] = _NotLoaded
+#: OpenSSL's ChaCha20-Poly1305 once load_fast_cipher has run.
+_Fast: type[ChaCha20Poly1305] | None = None
+#: Whether the first transport key has asked for _Fast.
+_wanted = False
+#: Called (once, with no arguments) by the first transport key instead of loading OpenSSL's
+#: bindings there: the agent loads them in a worker thread, so that tens of milliseconds of
+#: mapping a shared library do not stall its event loop inside a handshake.  Left None, the
+#: first transport key loads them itself.
+fast_cipher_wanted: Callable[[], None] | None = None
 
 
-def preload() -> None:
-    """Load OpenSSL's cipher now, where a first tunnel is about to be needed.
-
-    Its bindings (a large shared library) take tens of milliseconds to map the
-    first time: paid inside a first handshake, they would show as a slow first
-    connection, and as a latency the balancer remembers for a while.
-    """
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305  # noqa: F401
-
-
-def _aead_for(key: bytes) -> ChaCha20Poly1305:
-    global _InvalidTag
+def load_fast_cipher() -> None:
+    """Load OpenSSL's cipher: every transport key uses it from its next message on."""
+    global _Fast, _InvalidTag
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     _InvalidTag = InvalidTag
-    return ChaCha20Poly1305(key)
+    _Fast = ChaCha20Poly1305  # last: a key that sees it may already fail with InvalidTag
+
+
+def _want_fast_cipher() -> None:
+    global _wanted
+    if _Fast is not None or _wanted:
+        return
+    _wanted = True
+    if fast_cipher_wanted is None:
+        load_fast_cipher()
+    else:
+        fast_cipher_wanted()
 
 PROTOCOL_NAME: Final = b"Noise_IK_25519_ChaChaPoly_BLAKE2b"  # §8
 #: §3: every Noise message, handshake or transport, is at most 65535 bytes.
@@ -253,7 +268,7 @@ class CipherState:
 
     def _set_key(self, key: bytes | None) -> None:
         self._k = key
-        self._aead = None if key is None else _aead_for(key)
+        self._aead = None if key is None or _Fast is None else _Fast(key)
 
     # §5.1 HasKey()
     def has_key(self) -> bool:
@@ -299,21 +314,29 @@ class CipherState:
         at the start of ``into``; return how many bytes that is.
 
         The transport's sending path, with the 2-byte length prefix the
-        transport frames messages with (§7.5's suggestion for TCP).  The cipher
-        writes straight into the caller's send buffer, so a sealed byte is
-        never copied in Python.  ``into`` must hold ``len(plaintext) + 18`` bytes;
+        transport frames messages with (§7.5's suggestion for TCP).  OpenSSL's
+        cipher writes straight into the caller's send buffer, so a sealed byte is
+        never copied in Python (libsodium's, until OpenSSL's is loaded, is
+        copied once).  ``into`` must hold ``len(plaintext) + 18`` bytes;
         on any error nothing is written and the nonce does not advance.
         """
         aead = self._aead
         if aead is None:
-            raise NoiseError("no key")
+            if self._k is None:
+                raise NoiseError("no key")
+            if _Fast is not None:
+                aead = self._aead = _Fast(self._k)
         clen = len(plaintext) + TAGLEN
         if clen > MAX_MESSAGE:
             raise NoiseError("message too long")
         if len(into) < clen + 2:
             raise ValueError(f"{len(into)} bytes of room for a framed message of {clen + 2}")
         self._check_usable()
-        aead.encrypt_into(_nonce(self._n), plaintext, None, into[2 : clen + 2])
+        if aead is not None:
+            aead.encrypt_into(_nonce(self._n), plaintext, None, into[2 : clen + 2])
+        else:
+            assert self._k is not None
+            into[2 : clen + 2] = _encrypt(self._k, self._n, b"", bytes(plaintext))
         into[0] = clen >> 8
         into[1] = clen & 0xFF
         self._n += 1
@@ -331,7 +354,10 @@ class CipherState:
         """
         aead = self._aead
         if aead is None:
-            raise NoiseError("no key")
+            if self._k is None:
+                raise NoiseError("no key")
+            if _Fast is not None:
+                aead = self._aead = _Fast(self._k)
         clen = len(ciphertext)
         if clen > MAX_MESSAGE:
             raise NoiseError("message too long")
@@ -339,10 +365,14 @@ class CipherState:
             raise NoiseError("ciphertext shorter than tag")
         self._check_usable()
         opened = _DEC_VIEW[: clen - TAGLEN]
-        try:
-            aead.decrypt_into(_nonce(self._n), ciphertext, None, opened)
-        except _InvalidTag:
-            raise NoiseError("authentication failed") from None
+        if aead is not None:
+            try:
+                aead.decrypt_into(_nonce(self._n), ciphertext, None, opened)
+            except _InvalidTag:
+                raise NoiseError("authentication failed") from None
+        else:
+            assert self._k is not None
+            opened[:] = _decrypt(self._k, self._n, b"", bytes(ciphertext))
         self._n += 1
         return opened
 
@@ -434,6 +464,7 @@ class SymmetricState:
     def split(self) -> tuple[CipherState, CipherState]:
         """(c1, c2): c1 encrypts initiator-to-responder, c2 the reverse (§5)."""
         temp_k1, temp_k2 = _hkdf(self._ck, b"", 2)
+        _want_fast_cipher()
         return CipherState(temp_k1[:KEYLEN]), CipherState(temp_k2[:KEYLEN])
 
 

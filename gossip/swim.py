@@ -305,11 +305,14 @@ class Membership:
         return self.sync.handle_streams(now, requests)
 
     def complete_push_pull(
-        self, now: float, target: Address, purpose: Purpose, reply: bytes | None, error: str = ""
+        self, now: float, target: Address, purpose: Purpose, reply: bytes | None, error: str = "",
+        refused: bool = False,
     ) -> tuple[bool, str]:
-        """We were the initiator: merge the reply (or note the failure)."""
+        """We were the initiator: merge the reply (or note the failure).  ``refused``: the target's
+        host refused the connection (nothing listens on that port), which a join retries sooner."""
         self.table.now = now
-        return self.sync.complete(now, target, Purpose(purpose), reply, error)  # (a driver may hand back the value)
+        # (Purpose(): a driver may hand back the enum's value.)
+        return self.sync.complete(now, target, Purpose(purpose), reply, error, refused)
 
     def complete_fetch(self, now: float, node: str, reply: bytes | None) -> bool:
         """The reply to a FetchState arrived (or None: it failed)."""

@@ -68,6 +68,8 @@ class _JoinLoop:
     in_flight: int = 0
     done: bool = False
     last_error: str = ""
+    #: Whether every seed of the current attempt refused the connection so far.
+    all_refused: bool = True
 
 
 class Sync:
@@ -213,6 +215,7 @@ class Sync:
             return
         j.attempt += 1
         j.in_flight = len(j.seeds)
+        j.all_refused = True
         for seed in j.seeds:
             self.table.outbox.append(StartPushPull(seed, Purpose.JOIN))
 
@@ -294,8 +297,9 @@ class Sync:
         return replies
 
     def complete(self, now: float, target: Address, purpose: Purpose, reply: bytes | None,
-                 error: str = "") -> tuple[bool, str]:
-        """We were the initiator: merge the reply (or note the failure)."""
+                 error: str = "", refused: bool = False) -> tuple[bool, str]:
+        """We were the initiator: merge the reply (or note the failure); ``refused``: the target's
+        host refused the connection (nothing listens there)."""
         ok, reason = False, error or "no reply"
         if reply is not None:
             remote = self._decode_push_pull(reply)
@@ -366,11 +370,14 @@ class Sync:
                 j.last_error = ""
             else:
                 j.last_error = f"{format_addr(target)}: {reason}"
+                j.all_refused = j.all_refused and refused and reply is None
                 if j.in_flight == 0:
-                    backoff = min(
-                        self.config.join_retry_max,
-                        self.config.join_retry_min * 2 ** min(j.attempt - 1, 16),
-                    )
+                    # Seeds that all refused are most often agents started with this one (a
+                    # rollout, a compose file, a boot) that do not listen yet: they are asked
+                    # again after a gossip round, backing off from there, not from the retry
+                    # interval, which would leave this agent out of the cluster for a second.
+                    first = self.config.gossip_interval if j.all_refused else self.config.join_retry_min
+                    backoff = min(self.config.join_retry_max, first * 2 ** min(j.attempt - 1, 16))
                     j.next_at = now + backoff * self._rng.uniform(0.8, 1.2)
                     self.table.event(EventKind.JOIN_RETRY, seeds=[format_addr(s) for s in j.seeds],
                                      error=j.last_error, retry_in=round(j.next_at - now, 2))

@@ -7,10 +7,14 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
    time and the CPU seconds the process had spent by then;
 3. ``members`` from the command line, end to end (``mesh-agent members`` / ``serf members``),
    median of ``--cli-calls`` calls against that agent;
-4. ``--agents`` agents spawned at once, all but the first told to join the first: spawn to every
+4. ``--members`` agents (5) joined into one cluster, each with ``--services`` services (3) registered
+   through its API, so every agent's data plane is loaded and the registry holds them all: the
+   median RSS of those agents ``SETTLE`` s after the last registration was gossiped to all of
+   them (Serf: the same agents with no services, which it has not);
+5. ``--agents`` agents spawned at once, all but the first told to join the first: spawn to every
    agent's log naming all of them (the agents' logs are read, not polled, so the observer costs
    the 2 cores nothing), and the median RSS of those agents once they all have;
-5. in that crowd, the first agent's CPU per ``members`` request on a kept-alive connection
+6. in that crowd, the first agent's CPU per ``members`` request on a kept-alive connection
    (ours: ``GET /v1/members``, all N members in the answer; Serf: its RPC's ``members``), over
    ``--api-requests`` requests after 200 to warm up, less the CPU the agent spends meanwhile
    on gossip (its rate over an idle span just before, times the requests' wall time).  Real
@@ -20,8 +24,9 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
 (interleaved: every run measures each column once), so a change's effect is a ratio, not a memory.
 It ends with the import-time profile of the agent and of the CLI (``python -X importtime``),
 grouped by top-level package, and the floor: what an interpreter that imports only the agent's
-dependencies costs, next to one that imports what the agent does (CPU and RSS), so what is ours
-to cut shows apart from what trio, structlog and click cost.  A benchmark, not a test: it exits 0
+dependencies costs (as a plain ``import`` does, and as the agent imports them: agent/lean.py),
+next to one that imports what the agent does (CPU and RSS), so what is ours to cut shows apart
+from what trio, structlog and click cost.  A benchmark, not a test: it exits 0
 whatever the numbers say.
 
     .venv/bin/python simulations/bench_footprint.py --runs 3 [--ref HEAD~5] [--agents 25]
@@ -45,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -168,6 +174,64 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
         procs.close()
 
 
+#: How long after the members all list every service their RSS is read: the data plane's load,
+#: the registrations' push-pulls and the tunnels' first handshakes have settled by then.
+SETTLE = 3.0
+#: The services each member registers: one spoken as HTTP, so that half of the data plane is as
+#: loaded as a mesh that carries HTTP needs it.
+SERVICES = (("web", "http"), ("api", "tcp"), ("cache", "tcp"))
+
+
+def started(col: Column, p: subprocess.Popen[bytes], ctl: int) -> bool:
+    """Whether the agent answers its API, or has exited."""
+    return col.ready(ctl) or p.poll() is not None
+
+
+def serf_members(ctl: int) -> int:
+    rpc = SerfRPC(ctl)
+    try:
+        return len(rpc.call("members")["Members"])
+    finally:
+        rpc.close()
+
+
+def members_with_services(col: Column, key: str, work: Path, n: int, services: int) -> None:
+    """Row 4: n agents joined into one cluster, ``services`` services each; their median RSS once settled."""
+    procs = Processes()
+    try:
+        taken: set[int] = set()
+        ports = [(free_port(taken), free_port(taken)) for _ in range(n)]
+        pids = []
+        for i, (port, ctl) in enumerate(ports):
+            p = procs.start(col.agent_cmd(f"m{i}", port, ctl, key, ports[0][0] if i else None),
+                            work / f"{col.label}-members-m{i}.log", col.env(), col.cwd())
+            if not wait(partial(started, col, p, ctl), 30, 0.01) or p.poll() is not None:
+                print(f"  {col.label}: member m{i} did not start; see {work}", file=sys.stderr)
+                return
+            pids.append(p.pid)
+        if col.kind == "ours":
+            for i, (_, ctl) in enumerate(ports):
+                for name, protocol in SERVICES[:services]:
+                    http_json(ctl, "PUT", "/v1/services", {"name": name, "id": f"{name}-m{i}",
+                                                           "port": free_port(taken), "protocol": protocol})
+
+            def all_listed() -> bool:
+                want = {name: n for name, _ in SERVICES[:services]}
+                return all({s["name"]: s["instances"] for s in http_json(ctl, "GET", "/v1/services")} == want
+                           for _, ctl in ports)
+        else:
+            def all_listed() -> bool:
+                return all(serf_members(ctl) == n for _, ctl in ports)
+        if not wait(all_listed, 30, 0.2):
+            print(f"  {col.label}: the members never all listed every service", file=sys.stderr)
+            return
+        time.sleep(SETTLE)
+        rss = [proc_rss_mib(pid) for pid in pids]
+        col.add("rss_members_mib", statistics.median(r for r in rss if r is not None))
+    finally:
+        procs.close()
+
+
 #: The idle span over which an agent's background CPU rate is read before the API is timed.
 IDLE_SPAN = 3.0
 
@@ -204,7 +268,7 @@ class MembersClient:
 
 
 def api_cost_us(col: Column, pid: int, ctl: int, n: int, requests: int, timeout: float) -> float | None:
-    """Row 5: the agent's CPU per kept-alive ``members`` request, net of its background rate (us)."""
+    """Row 6: the agent's CPU per kept-alive ``members`` request, net of its background rate (us)."""
     client = MembersClient(col, ctl)
     try:
         if not wait(lambda: client.members() >= n, timeout, 0.2):
@@ -227,7 +291,7 @@ def api_cost_us(col: Column, pid: int, ctl: int, n: int, requests: int, timeout:
 
 
 def crowd(col: Column, key: str, work: Path, n: int, timeout: float, api_requests: int) -> None:
-    """Rows 4 and 5: n agents spawned at once, all joining the first; until every log names all n;
+    """Rows 5 and 6: n agents spawned at once, all joining the first; until every log names all n;
     then the first agent's cost per members request."""
     procs = Processes()
     try:
@@ -302,8 +366,23 @@ def import_profile(code: Path | None, statement: str, top: int = 8) -> str:
 DEPENDENCIES = "import trio, structlog, click, msgpack, httptools, nacl.secret, nacl.signing, nacl.public"
 #: What an agent imports before it answers its API.
 AGENT_IMPORTS = "import cli.main, agent.runner, agent.api"
-_MEASURE = ("; import resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
-            "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {u.ru_maxrss / 1024}')")
+#: How the agent command imports trio (and hashlib), in code that has agent/lean.py.
+LEAN = "from agent import lean; lean.import_trio(); "
+#: The dependencies imported as the agent imports them (agent/lean.py, and agent/log.py for structlog).
+LEAN_DEPENDENCIES = (LEAN + DEPENDENCIES.replace("structlog, ", "")
+                     + "\nwith lean.standing_in('asyncio'):\n    import structlog")
+
+
+def lean_prefix(code: Path | None) -> str:
+    """LEAN for a revision that imports that way, else nothing."""
+    return LEAN if ((code or ROOT) / "agent" / "lean.py").exists() else ""
+
+
+#: CPU from getrusage; the peak RSS from VmHWM, not ru_maxrss, which Linux keeps across execve: it
+#: would start from the size of this bench's own process at the fork, 30 MiB after a crowd.
+_MEASURE = ("\nimport resource, sys; u = resource.getrusage(resource.RUSAGE_SELF); "
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]; "
+            "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {int(hwm) / 1024}')")
 
 
 def import_cost(code: Path | None, statement: str, runs: int) -> tuple[float, float]:
@@ -326,13 +405,14 @@ ROWS = (
     ("start_s", "spawn to API answering (s)", 3),
     ("start_cpu_s", "CPU spent by then (s)", 3),
     ("cli_members_s", "`members` from the CLI, end to end (s)", 3),
+    ("rss_members_mib", "RSS of an agent among {members} members with {services} services each, median (MiB)", 1),
     ("crowd_converged_s", "N agents spawned at once: spawn to every log naming all N (s)", 2),
     ("rss_in_crowd_mib", "RSS of an agent in that crowd, median (MiB)", 1),
     ("api_members_us", "in that crowd, agent CPU per kept-alive `members` of N (us)", 1),
 )
 
 
-def table(cols: list[Column], n: int) -> str:
+def table(cols: list[Column], n: int, members: int, services: int) -> str:
     ours = cols[0]
     serf = next((c for c in cols if c.kind == "serf"), None)
     head = ["metric"] + [c.label for c in cols] + [f"{c.label}/{serf.label}" for c in cols if serf and c is not serf]
@@ -347,7 +427,8 @@ def table(cols: list[Column], n: int) -> str:
         vals = [med(c, key) for c in cols]
         if all(v is None for v in vals):
             continue  # a row this run did not measure (--crowd-only, --api-requests 0)
-        cells = [title.replace("N ", f"{n} ")] + ["n/a" if v is None else f"{v:.{digits}f}" for v in vals]
+        cells = [title.replace("N ", f"{n} ").format(members=members, services=services)]
+        cells += ["n/a" if v is None else f"{v:.{digits}f}" for v in vals]
         for c, v in zip(cols, vals, strict=True):
             if serf and c is not serf:
                 s = med(serf, key)
@@ -364,13 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="measurements of each row per column (median)")
     ap.add_argument("--agents", type=int, default=25, help="agents in the crowd spawned at once")
+    ap.add_argument("--members", type=int, default=5, help="agents in the cluster whose services are registered")
+    ap.add_argument("--services", type=int, default=3, choices=range(len(SERVICES) + 1),
+                    help="services each of those members registers")
     ap.add_argument("--cli-calls", type=int, default=10, help="CLI calls per run (median)")
     ap.add_argument("--ref", help="also run this git revision of our code, side by side")
     ap.add_argument("--no-serf", action="store_true", help="leave Serf out")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on the crowd after this long (s)")
     ap.add_argument("--api-requests", type=int, default=3000,
                     help="members requests timed per run in the crowd (0: leave row 5 out)")
-    ap.add_argument("--crowd-only", action="store_true", help="rows 4 and 5 only (no single agent, no CLI)")
+    ap.add_argument("--crowd-only", action="store_true", help="rows 5 and 6 only")
+    ap.add_argument("--members-only", action="store_true", help="row 4 only")
     ap.add_argument("--json", action="store_true", help="also print every sample as JSON on the last line")
     args = ap.parse_args(argv)
 
@@ -393,28 +478,37 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             for col in cols:
                 print(f"run {run + 1}/{args.runs}: {col.label}", file=sys.stderr, flush=True)
-                if not args.crowd_only:
+                if not (args.crowd_only or args.members_only):
                     one_agent(col, key, work, args.cli_calls)
-                crowd(col, key, work, args.agents, args.timeout, args.api_requests)
+                if not args.crowd_only:
+                    members_with_services(col, key, work, args.members, args.services)
+                if not args.members_only:
+                    crowd(col, key, work, args.agents, args.timeout, args.api_requests)
         print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs; load average (1 min) "
               f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n")
-        print(table(cols, args.agents))
+        print(table(cols, args.agents, args.members, args.services))
         print()
         for col in cols:
             if col.kind == "ours":
-                print(f"- import time, {col.label}, agent (`import agent.runner`): "
-                      + import_profile(col.code, "import cli.main, agent.runner"))
+                print(f"- import time, {col.label}, agent (`{lean_prefix(col.code)}import agent.runner`): "
+                      + import_profile(col.code, lean_prefix(col.code) + "import cli.main, agent.runner"))
                 print(f"- import time, {col.label}, CLI (`import cli.main`): "
                       + import_profile(col.code, "import cli.main"))
         floor_cpu, floor_rss = import_cost(None, DEPENDENCIES, max(5, args.runs))
         print(f"- floor: an interpreter importing only the dependencies (`{DEPENDENCIES}`): "
               f"{floor_cpu:.3f} CPU-s, {floor_rss:.1f} MiB")
+        lean_cpu, lean_rss = import_cost(cols[0].code, LEAN_DEPENDENCIES, max(5, args.runs))
+        print(f"- the same, imported as our agent imports them (trio without ssl, hashlib without OpenSSL, "
+              f"structlog without asyncio: agent/lean.py): "
+              f"{lean_cpu:.3f} CPU-s, {lean_rss:.1f} MiB")
         for col in cols:
             if col.kind == "ours":
-                c, m = import_cost(col.code, AGENT_IMPORTS, max(5, args.runs))
-                print(f"- {col.label}: an interpreter importing what the agent does (`{AGENT_IMPORTS}`): "
-                      f"{c:.3f} CPU-s, {m:.1f} MiB (ours beyond the floor: {c - floor_cpu:+.3f} CPU-s, "
-                      f"{m - floor_rss:+.1f} MiB)")
+                statement = lean_prefix(col.code) + AGENT_IMPORTS
+                base_cpu, base_rss = (lean_cpu, lean_rss) if lean_prefix(col.code) else (floor_cpu, floor_rss)
+                c, m = import_cost(col.code, statement, max(5, args.runs))
+                print(f"- {col.label}: an interpreter importing what the agent does (`{statement}`): "
+                      f"{c:.3f} CPU-s, {m:.1f} MiB (ours beyond the floor it imports: {c - base_cpu:+.3f} CPU-s, "
+                      f"{m - base_rss:+.1f} MiB)")
         if args.json:
             print(json.dumps({c.label: c.samples for c in cols}))
     finally:

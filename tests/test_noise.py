@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataplane import noise
 from dataplane.noise import (
     MAX_MESSAGE,
     MAX_NONCE,
@@ -542,3 +543,46 @@ def test_unkeyed_cipher_state_is_identity() -> None:
     assert cipher.nonce == 0
     with pytest.raises(NoiseError, match="rekey without a key"):
         cipher.rekey()
+
+
+def test_transport_before_the_fast_cipher_loads_is_the_same_and_moves_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until OpenSSL's cipher is loaded, the transport path seals with libsodium: the same bytes,
+    the same nonce rules, and the next message after the load goes through OpenSSL."""
+    noise.load_fast_cipher()
+    loaded = noise._Fast
+    assert loaded is not None
+    monkeypatch.setattr(noise, "_Fast", None)
+    key = b"\x07" * 32
+    send, recv, reference = CipherState(key), CipherState(key), CipherState(key)
+    out = bytearray(64)
+    for loaded_now in (False, True):
+        if loaded_now:
+            monkeypatch.setattr(noise, "_Fast", loaded)
+        n = send.encrypt_framed_into(memoryview(out), b"message")
+        ciphertext = reference.encrypt_with_ad(b"", b"message")
+        assert bytes(out[2:n]) == ciphertext
+        assert (send._aead is not None) is loaded_now
+        forged = bytearray(ciphertext)
+        forged[0] ^= 1
+        with pytest.raises(NoiseError, match="authentication failed"):
+            recv.decrypt_view(forged)
+        assert bytes(recv.decrypt_view(ciphertext)) == b"message"
+        assert (recv._aead is not None) is loaded_now
+
+
+def test_the_first_split_asks_for_the_fast_cipher_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[None] = []
+    monkeypatch.setattr(noise, "_Fast", None)
+    monkeypatch.setattr(noise, "_wanted", False)
+    monkeypatch.setattr(noise, "fast_cipher_wanted", lambda: asked.append(None))
+    for before in ([], [None]):
+        init_s, _ = generate_keypair()
+        resp_s, resp_pub = generate_keypair()
+        i = HandshakeState.initiator(init_s, resp_pub)
+        r = HandshakeState.responder(resp_s)
+        r.read_message(i.write_message(b""))
+        i.read_message(r.write_message(b""))
+        assert asked == before  # the handshake's own keys are libsodium's
+        i.split()
+        r.split()
+        assert asked == [None]

@@ -1194,6 +1194,30 @@ def test_join_retries_with_backoff_until_a_seed_answers() -> None:
     assert {"s1", "p1"} <= set(m.members)
 
 
+def test_a_join_that_every_seed_refused_is_retried_after_a_gossip_round_backing_off() -> None:
+    """Seeds that refuse the connection do not listen yet (started with us): asked again sooner."""
+    cfg = LAN
+    m = Membership("j", A("j"), cfg, rng=random.Random(4))
+    m.join(0.0, [A("s1"), A("s2")])
+    now = 0.0
+    for attempt in range(1, 10):
+        assert len(drain(m, now).push_pulls) == 2
+        m.complete_push_pull(now, A("s1"), "join", None, "Connection refused", refused=True)
+        m.complete_push_pull(now, A("s2"), "join", None, "Connection refused", refused=True)
+        [retry] = drain(m).of_kind("join_retry")
+        base = min(cfg.join_retry_max, cfg.gossip_interval * 2 ** (attempt - 1))
+        assert 0.8 * base - 0.01 <= retry["retry_in"] <= 1.2 * base + 0.01  # type: ignore[operator]
+        now += retry["retry_in"] + 0.006  # type: ignore[operator]
+        m.tick(now)
+    # One seed that answered badly (a timeout, a wrong key) puts the attempt back on the slower pace.
+    assert len(drain(m, now).push_pulls) == 2
+    m.complete_push_pull(now, A("s1"), "join", None, "Connection refused", refused=True)
+    m.complete_push_pull(now, A("s2"), "join", None, "timed out")
+    [retry] = drain(m).of_kind("join_retry")
+    base = min(cfg.join_retry_max, cfg.join_retry_min * 2 ** 9)
+    assert 0.8 * base - 0.01 <= retry["retry_in"] <= 1.2 * base + 0.01  # type: ignore[operator]
+
+
 def test_periodic_sync_runs_every_interval_with_a_member_still_here() -> None:
     m = machine("a", ["b", "c"])
     feed(m, 0.0, Dead("c", 0, "c"))  # c left for good
