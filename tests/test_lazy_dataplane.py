@@ -26,9 +26,14 @@ def reactor_mode(a: AgentProc) -> str:
 
 
 def listening(port: int) -> bool:
+    """Whether something accepts connections on ``port``.  An upstream with no instance resets a
+    connection as soon as it accepts it, and on loopback that reset can reach connect() itself
+    (ECONNRESET): something listened."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             return True
+    except ConnectionResetError:
+        return True
     except OSError:
         return False
 
