@@ -55,7 +55,9 @@ def test_http_mode_reaches_an_older_agents_instance_and_an_older_caller_still_ca
     assert inbound and inbound[0]["requests"] == 20
 
     old_listen = free_port()
-    old.call("PUT", "/v1/upstreams", {"service": "web", "listen": f"127.0.0.1:{old_listen}"})
+    # Round robin: whether the older caller reaches both is the question, not which one its P2C of
+    # the time preferred (under load it could give all 30 to one instance that looked faster).
+    old.call("PUT", "/v1/upstreams", {"service": "web", "listen": f"127.0.0.1:{old_listen}", "lb": "round_robin"})
     answers: Counter[str] = Counter()
     for _ in range(30):  # the older caller balances per connection, as it always did
         conn = http.client.HTTPConnection("127.0.0.1", old_listen, timeout=20)
