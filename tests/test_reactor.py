@@ -473,3 +473,50 @@ async def test_reactors_in_one_run_share_the_hook_and_none_sleeps_through_anothe
         s.close_now()
     for p in (peer, other_peer):
         p.close()
+
+
+@pytest.mark.parametrize("defer_max", [10.0, 1e-9], ids=["batch end", "past DEFER_MAX"])
+async def test_what_a_batch_defers_runs_once_in_order_at_its_end_or_past_defer_max(
+        idle_hook: bool, defer_max: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataplane.session sends what a batch sealed for a tunnel this way: all at the batch's end, in the
+    order it was deferred, unless DEFER_MAX passed since the first deferral: then after the callback
+    under way (here DEFER_MAX is set so that each case is certain, whatever the machine's load)."""
+    import dataplane.reactor
+
+    monkeypatch.setattr(dataplane.reactor, "DEFER_MAX", defer_max)
+    pairs = [pair() for _ in range(4)]
+    log: list[str] = []
+
+    async with running_reactor(idle_hook) as (reactor, nursery):
+        def callback(i: int, stream: RawSocketStream) -> OnReady:
+            buf = memoryview(bytearray(64))
+
+            def on_ready() -> bool:
+                if not stream.try_receive_into(buf):
+                    return True
+                log.append(f"cb{i}")
+                assert reactor.in_batch
+                reactor.defer(lambda: log.append(f"sent{i}"))
+                return True
+            return on_ready
+
+        for i, (stream, _) in enumerate(pairs):
+            nursery.start_soon(stream.wait_readable_in, reactor, callback(i, stream))
+        await trio.testing.wait_all_tasks_blocked()
+        runs = reactor.deferred_runs
+        for _, peer in pairs:  # all four readable before the reactor's next batch
+            peer.send(b"x")
+        while len(log) < 8:
+            await trio.sleep(0.001)
+        assert not reactor.in_batch
+    callbacks = [entry for entry in log if entry.startswith("cb")]
+    sent = ["sent" + entry[2:] for entry in callbacks]
+    assert sorted(callbacks) == ["cb0", "cb1", "cb2", "cb3"]
+    if defer_max > 1:
+        assert log == callbacks + sent  # one batch: every callback, then everything deferred
+    else:
+        assert log == [x for pair_ in zip(callbacks, sent, strict=True) for x in pair_]
+    assert reactor.deferred_runs - runs == 4
+    for stream, peer in pairs:
+        stream.close_now()
+        peer.close()
