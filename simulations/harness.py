@@ -276,6 +276,26 @@ class Cluster:
         self._procs.close()
 
 
+def listening(port: int, tries: int = 5) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port, asked now.
+
+    A refusal is "no".  A reset is "yes": an upstream with no instance resets a connection as soon
+    as it accepts it, and on loopback that reset can reach connect() itself (ECONNRESET).  Anything
+    else (a timeout on a small, busy box) is asked again, up to ``tries`` times.
+    """
+    for _ in range(tries):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except ConnectionResetError:
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def wait_port(port: int, what: str, timeout: float = 10) -> None:
     """Wait until something accepts TCP connections on 127.0.0.1:port."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.harness import AgentProc, Cluster, free_port, wait_for
+from simulations.harness import AgentProc, Cluster, free_port, listening, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,19 +23,6 @@ def reactor_mode(a: AgentProc) -> str:
         if line.startswith("mesh_dataplane_reactor_mode{") and line.endswith(" 1.0"):
             return line.split('"')[1]
     raise AssertionError("no reactor mode is 1 in /metrics")
-
-
-def listening(port: int) -> bool:
-    """Whether something accepts connections on ``port``.  An upstream with no instance resets a
-    connection as soon as it accepts it, and on loopback that reset can reach connect() itself
-    (ECONNRESET): something listened."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return True
-    except ConnectionResetError:
-        return True
-    except OSError:
-        return False
 
 
 def stop(a: AgentProc) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 
 from gossip.keyring import generate_key
-from simulations.harness import ROOT, AgentProc, Cluster, free_port
+from simulations.harness import ROOT, AgentProc, Cluster, free_port, listening
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only or full data dir needs root")]
@@ -66,19 +65,6 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
 def cli(api: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli.main", *args, "--api", api], capture_output=True, text=True,
                           cwd=ROOT, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def listening(port: int) -> bool:
-    """Whether something accepts on the port (asked a few times: this box is small and busy)."""
-    for _ in range(5):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5):
-                return True
-        except ConnectionRefusedError:
-            return False
-        except OSError:
-            continue
-    return False
 
 
 def view(a: AgentProc) -> dict[str, Any]:
