@@ -71,6 +71,11 @@ def _forwarded_node(client: str) -> bytes:
 def _end_to_end(headers: Headers) -> Headers:
     """The fields to pass on, with chunked framing asked for again by name when the message had it
     (RFC 9112 §6.3: then Transfer-Encoding wins over a Content-Length, which is dropped)."""
+    for name, _ in headers:
+        if name in HOP_BY_HOP:
+            break
+    else:
+        return headers.copy()  # nothing to drop, as in most messages (chunked framing would be one)
     named: set[bytes] = set()
     chunked = False
     for name, value in headers:
@@ -88,12 +93,7 @@ def _end_to_end(headers: Headers) -> Headers:
 def request_headers(headers: Headers, client: str, request_id: bytes | None = None) -> Headers:
     """The fields to send an instance, from a request's as received (lower-case names, as both
     parsers give them)."""
-    for name, _ in headers:
-        if name in HOP_BY_HOP:
-            out = _end_to_end(headers)
-            break
-    else:
-        out = headers.copy()  # nothing to drop (most requests): _end_to_end would copy it as it is
+    out = _end_to_end(headers)
     has_id = False
     xff: int | None = None
     for i, (name, _) in enumerate(out):
