@@ -307,8 +307,7 @@ class Router:
             # would otherwise count a success per request, and never be ejected.
             a.answer_pending = True
         else:
-            self.outlier.on_failure(now, a.key, max(1, len(self._known)))
-            self._last_failure[a.key] = (HTTP_5XX, now)
+            self._instance_failed(now, a.key, HTTP_5XX)
             self.stats["http_5xx"] += 1
 
     def closed(self, now: float, a: Attempt, failure: str | None = None, clean: bool = False) -> None:
@@ -338,8 +337,7 @@ class Router:
             if clean:
                 self.outlier.on_success(now, a.key)
             elif failure is not None:
-                self.outlier.on_failure(now, a.key, max(1, len(self._known)))
-                self._last_failure[a.key] = (failure, now)
+                self._instance_failed(now, a.key, failure)
                 self.stats["answers_cut_off"] += 1
         if a.connected:
             self.open -= 1
@@ -349,10 +347,14 @@ class Router:
             self.pending -= 1
         self.balancer.finished(now, a.key)
 
+    def _instance_failed(self, now: float, key: Key, reason: str) -> None:
+        """A failure towards ejection, and the last one ``routes`` shows for the instance."""
+        self.outlier.on_failure(now, key, max(1, len(self._known)))
+        self._last_failure[key] = (reason, now)
+
     def _failure(self, now: float, a: Attempt, reason: str) -> None:
         self.balancer.finished(now, a.key, now - a.started, ok=False)
-        self.outlier.on_failure(now, a.key, max(1, len(self._known)))
-        self._last_failure[a.key] = (reason, now)
+        self._instance_failed(now, a.key, reason)
         self.stats["connect_failures" if not a.connected else "failures_before_reply"] += 1
 
     # -- the view -------------------------------------------------------------------
