@@ -309,6 +309,15 @@ class CipherState:
         self._n += 1
         return ciphertext
 
+    def _late_aead(self) -> ChaCha20Poly1305 | None:
+        """OpenSSL's cipher for this key if it has loaded since the key was set (kept from then on),
+        else None: libsodium's, until it does."""
+        if self._k is None:
+            raise NoiseError("no key")
+        if _Fast is not None:
+            self._aead = _Fast(self._k)
+        return self._aead
+
     def encrypt_framed_into(self, into: memoryview, plaintext: bytes | bytearray | memoryview) -> int:
         """Write ``len(c).to_bytes(2, "big") + c``, for ``c = EncryptWithAd(b"", plaintext)``,
         at the start of ``into``; return how many bytes that is.
@@ -322,10 +331,7 @@ class CipherState:
         """
         aead = self._aead
         if aead is None:
-            if self._k is None:
-                raise NoiseError("no key")
-            if _Fast is not None:
-                aead = self._aead = _Fast(self._k)
+            aead = self._late_aead()
         clen = len(plaintext) + TAGLEN
         if clen > MAX_MESSAGE:
             raise NoiseError("message too long")
@@ -354,10 +360,7 @@ class CipherState:
         """
         aead = self._aead
         if aead is None:
-            if self._k is None:
-                raise NoiseError("no key")
-            if _Fast is not None:
-                aead = self._aead = _Fast(self._k)
+            aead = self._late_aead()
         clen = len(ciphertext)
         if clen > MAX_MESSAGE:
             raise NoiseError("message too long")
