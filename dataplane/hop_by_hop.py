@@ -102,7 +102,7 @@ def request_headers(headers: Headers, client: str, request_id: bytes | None = No
         elif name == b"x-forwarded-for":
             xff = i
     if not has_id:
-        out.append((REQUEST_ID, request_id or b"%s%016x" % (_ID_PREFIX, next(_ids))))
+        out.append((REQUEST_ID, request_id or new_request_id()))
     address, forwarded = _client_fields(client)
     if xff is None:
         out.append((b"x-forwarded-for", address))
@@ -113,10 +113,21 @@ def request_headers(headers: Headers, client: str, request_id: bytes | None = No
     return out
 
 
+def new_request_id() -> bytes:
+    return b"%s%016x" % (_ID_PREFIX, next(_ids))
+
+
 @functools.lru_cache(maxsize=256)
 def _client_fields(client: str) -> tuple[bytes, bytes]:
     """The client's address as X-Forwarded-For and Forwarded give it; the same few clients ask again and again."""
     return client.encode(), b"for=" + _forwarded_node(client) + b";proto=http"
+
+
+@functools.lru_cache(maxsize=256)
+def client_lines(client: str) -> bytes:
+    """request_headers' X-Forwarded-For and Forwarded for a request that had neither, as field lines."""
+    address, forwarded = _client_fields(client)
+    return b"x-forwarded-for: %s\r\nforwarded: %s\r\n" % (address, forwarded)
 
 
 def response_headers(headers: Headers) -> Headers:

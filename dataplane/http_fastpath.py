@@ -31,7 +31,7 @@ from typing import Final
 
 import httptools
 
-from dataplane.hop_by_hop import HOP_BY_HOP, Headers
+from dataplane.hop_by_hop import HOP_BY_HOP, Headers, client_lines, new_request_id, request_headers
 
 #: As h11's default limit on a request head (its max_incomplete_event_size): past it h11 decides.
 MAX_HEAD: Final = 16 * 1024
@@ -46,9 +46,6 @@ _REQUEST_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ ]+ HTTP/1\.[
 RETRY_BUFFER: Final = 64 * 1024
 _NOT_HERE: Final = frozenset({b"HEAD", b"CONNECT"})
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b""})
-#: The one hop-by-hop field (RFC 9110 §7.6.1) a response head may carry and still pass on as it came,
-#: less this line: nearly every server sends it, and it says nothing an HTTP/1.1 client needs.
-_KEEP_ALIVE_LINE: Final = re.compile(rb"\r\nconnection:[ \t]*keep-alive[ \t]*(?=\r\n)", re.IGNORECASE)
 
 
 def looks_like_http1(raw: bytes | bytearray) -> bool:
@@ -67,40 +64,36 @@ SLOW: Final = SlowPath()
 
 
 class PlainRequest:
-    """A complete request this path carries: its fields with lower-case names, as h11 gives them."""
+    """A complete request this path carries."""
 
-    __slots__ = ("method", "target", "headers", "body", "length", "close")
+    __slots__ = ("method", "target", "head", "body", "length", "close", "_headers")
 
-    def __init__(self, method: bytes, target: bytes, headers: Headers, body: bytes, length: int,
-                 close: bool) -> None:
+    def __init__(self, method: bytes, target: bytes, head: bytes, body: bytes, length: int, close: bool) -> None:
         self.method = method
         self.target = target
-        self.headers = headers
+        #: The head as received, through its empty line; llhttp accepted it.
+        self.head = head
         self.body = body
         #: Bytes of the client's stream this request took (head and body).
         self.length = length
         #: The client asked for the connection to end after this exchange.
         self.close = close
+        self._headers: Headers | None = None
+
+    @property
+    def headers(self) -> Headers:
+        """Its fields with lower-case names, as h11 gives them; split from the head only when asked for."""
+        if self._headers is None:
+            self._headers = fields_of(self.head)
+        return self._headers
 
 
-class _RequestFields:
-    """httptools' callbacks for one request head."""
-
-    __slots__ = ("url", "headers", "complete")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: Headers = []
-        self.complete = False
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.complete = True
+#: llhttp reads the request head for its verdict alone: no callbacks, so no call into Python per field.
+_NO_CALLBACKS: Final = object()
+#: Request fields this path leaves to h11 (the module's docstring), found as CRLF, name, colon in the
+#: head in lower case: llhttp refuses whitespace before the colon and obs-fold (RFC 9112 §5.1,
+#: §5.2), so no field hides from that search.
+_NOT_PLAIN: Final = re.compile(rb"\r\n(?:transfer-encoding|expect|upgrade):")
 
 
 def parse_request(buf: bytearray, searched: list[int] | None = None) -> PlainRequest | SlowPath | None:
@@ -124,43 +117,66 @@ def parse_request(buf: bytearray, searched: list[int] | None = None) -> PlainReq
         if searched:
             searched[0] = len(buf)
         return None
-    head = end + 4
-    if buf.find(b"\n\n", 0, head) >= 0:
-        return SLOW  # bare LF line ends, which h11 reads and llhttp refuses
-    fields = _RequestFields()
-    parser = httptools.HttpRequestParser(fields)
+    size = end + 4
+    head = bytes(buf[:size])
+    parser = httptools.HttpRequestParser(_NO_CALLBACKS)
     try:
-        parser.feed_data(bytes(buf[:head]))
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # CONNECT and Upgrade are h11's
-        return SLOW
+        parser.feed_data(head)  # through the empty line, which ends the head: complete if nothing raised
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return SLOW  # CONNECT and Upgrade are h11's, and so are bare LF line ends, which h11 reads
     method = parser.get_method()
-    if not fields.complete or parser.get_http_version() != "1.1" or method in _NOT_HERE:
+    line = head[:head.find(b"\r\n")]
+    if method in _NOT_HERE or not line.endswith(b" HTTP/1.1"):
         return SLOW
-    hosts = 0
-    length: bytes | None = None
+    target = line[len(method) + 1:-9]  # method SP target SP version: llhttp checked the method and version
+    if not target or b" " in target or line[len(method):len(method) + 1] != b" ":
+        return SLOW  # more than one space between them, which llhttp lets by and h11 decides on
+    low = head.lower()
+    if _NOT_PLAIN.search(low) is not None or low.count(b"\r\nhost:") != 1:
+        return SLOW  # RFC 9112 §3.2: a missing or repeated Host is h11's to answer 400
     close = False
-    for name, value in fields.headers:
-        if name == b"host":
-            hosts += 1
-        elif name == b"content-length":
-            if length is not None:
-                return SLOW
-            length = value
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+    at = low.find(b"\r\nconnection:")
+    while at >= 0:
+        eol = low.find(b"\r\n", at + 2)
+        tokens = {t.strip(b" \t") for t in low[at + 13:eol].split(b",")}
+        if not tokens <= _PLAIN_CONNECTION:
             return SLOW
-        elif name == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            if not tokens <= _PLAIN_CONNECTION:
-                return SLOW
-            close = close or b"close" in tokens
-    if hosts != 1:
-        return SLOW
-    size = int(length) if length is not None else 0  # llhttp checked it is digits
-    if size > RETRY_BUFFER:
-        return SLOW
-    if len(buf) < head + size:
+        close = close or b"close" in tokens
+        at = low.find(b"\r\nconnection:", eol)
+    length = 0
+    at = low.find(b"\r\ncontent-length:")
+    if at >= 0:  # only one: llhttp refuses a repeated Content-Length
+        length = int(head[at + 17:low.find(b"\r\n", at + 2)])  # and checked it is digits
+        if length > RETRY_BUFFER:
+            return SLOW
+    if len(buf) < size + length:
         return None
-    return PlainRequest(method, fields.url, fields.headers, bytes(buf[head:head + size]), head + size, close)
+    return PlainRequest(method, target, head, bytes(buf[size:size + length]), size + length, close)
+
+
+#: Request fields the head as received cannot keep on its way to an instance: hop-by-hop ones
+#: (RFC 9110 §7.6.1; Connection is cut apart, and Transfer-Encoding and Upgrade never take this
+#: path), and an X-Forwarded-For the client's address must be appended to.
+_REQUEST_REWRITTEN: Final = re.compile(rb"\r\n(?:keep-alive|proxy-connection|te|x-forwarded-for):")
+
+
+def forward_bytes(req: PlainRequest, client: str) -> bytes:
+    """The request as it goes to an instance: hop_by_hop.request_headers' changes, made on the head as
+    received when they are a ``Connection`` line to cut and fields to add (as nearly always), else
+    on its fields, written anew."""
+    head = req.head
+    low = head.lower()
+    if _REQUEST_REWRITTEN.search(low) is not None:
+        return request_bytes(req.method, req.target, request_headers(req.headers, client), req.body)
+    at = low.find(b"\r\nconnection:")
+    while at >= 0:  # it names no other field: this path takes only keep-alive and close
+        eol = low.find(b"\r\n", at + 2)
+        head, low = head[:at] + head[eol:], low[:at] + low[eol:]
+        at = low.find(b"\r\nconnection:", at)
+    added = client_lines(client)
+    if low.find(b"\r\nx-request-id:") < 0:
+        added = b"x-request-id: %s\r\n%s" % (new_request_id(), added)
+    return b"".join([head[:-2], added, b"\r\n", req.body])
 
 
 def request_bytes(method: bytes, target: bytes, headers: Headers, body: bytes | bytearray) -> bytes:
@@ -196,15 +212,25 @@ class Response:
     What an instance sends before its final head is bounded by MAX_HEAD, as
     h11 bounds it, and its trailers by MAX_TRAILERS: llhttp itself sets no
     limit.
+
+    Two readings, chosen by the first bytes fed.  A head that came whole in
+    them and needs nothing changed but its ``Connection: keep-alive`` line
+    (_plain_head says exactly when) is read by llhttp alone, with no call
+    into Python per field: it goes to the client as it came, and its fields
+    are split from it only if someone asks for them.  Anything else (a head in
+    pieces, interim answers, chunked framing and its trailers, hop-by-hop
+    fields, HTTP/1.0) is read field by field through _Fields.
     """
 
-    __slots__ = ("parser", "reason", "headers", "status", "head_done", "done", "chunked", "until_close",
-                 "interim", "trailers", "body", "extra", "persistent", "before_head", "length", "raw_head")
+    __slots__ = ("parser", "_reason", "_headers", "status", "head_done", "done", "chunked", "until_close",
+                 "interim", "trailers", "body", "extra", "persistent", "before_head", "length", "raw_head",
+                 "_received", "_length_field")
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.reason = b""
-        self.headers: Headers = []
+        #: Made with the first bytes, which decide the reading (see the class's docstring).
+        self.parser: httptools.HttpResponseParser | None = None
+        self._reason = b""
+        self._headers: Headers | None = []
         self.status = 0
         self.head_done = False
         self.done = False
@@ -223,36 +249,49 @@ class Response:
         self.before_head = 0
         #: The body's Content-Length, when the response has one (and no chunked framing).
         self.length: int | None = None
-        #: The final head as the instance sent it, when it can go to the client as it is (see _as_sent).
+        #: The final head as it goes to the client unchanged (less a ``Connection: keep-alive``
+        #: line), when it may; else None, and it is written anew (head_bytes).
         self.raw_head: bytes | None = None
+        #: The final head as received, when it is read without per-field callbacks.
+        self._received = b""
+        self._length_field: bytes | None = None
 
-    # -- httptools' callbacks --
+    @property
+    def headers(self) -> Headers:
+        """The final head's fields (the interim ones' until it comes), lower-case names, as h11 gives them."""
+        if self._headers is None:
+            self._headers = fields_of(self._received)
+        return self._headers
+
+    @property
+    def reason(self) -> bytes:
+        if self._received and not self._reason:
+            line = self._received[:self._received.find(b"\r\n")]
+            self._reason = line[13:]  # b"HTTP/1.1 200 " is 13 bytes; llhttp checked the line's shape
+        return self._reason
+
+    # -- httptools' callbacks (the per-field ones are _Fields') --
 
     def on_message_begin(self) -> None:
         if self.done:
             self.extra = True
 
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_done:
-            if len(self.trailers) >= MAX_TRAILERS:
-                raise ValueError(f"more than {MAX_TRAILERS} trailer fields")
-            self.trailers.append((name.lower(), value))
-        else:
-            self.headers.append((name.lower(), value))
-
     def on_headers_complete(self) -> None:
+        assert self.parser is not None
         status = self.parser.get_status_code()
         if status < 200:
-            self.interim.append((status, self.reason, self.headers))
-            self.reason, self.headers = b"", []
+            self.interim.append((status, self._reason, self.headers))
+            self._reason, self._headers = b"", []
             return
         self.status = status
         self.head_done = True
         self.persistent = self.parser.should_keep_alive()
         if status in (204, 304):
+            return
+        if self._received:
+            if self._length_field is not None:
+                self.length = int(self._length_field)  # llhttp has checked it: digits, and only one value
+            self.until_close = self.length is None
             return
         length = False
         for name, value in self.headers:
@@ -281,57 +320,28 @@ class Response:
         if self.done:
             self.extra = True
             return
-        first = not self.head_done and not self.before_head
+        parser = self.parser
+        if parser is None:
+            plain = _plain_head(data)
+            if plain is None:
+                parser = httptools.HttpResponseParser(_Fields(self))
+            else:
+                self._received, self.raw_head, self._length_field = plain
+                self._headers = None
+                parser = httptools.HttpResponseParser(self)
+            self.parser = parser
         if not self.head_done:
             self.before_head += len(data)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:  # a 101 to a request that asked for no upgrade
             raise httptools.HttpParserError(f"an upgrade nobody asked for: {exc}") from None
         except httptools.HttpParserError:
             if not self.done:
                 raise
             self.extra = True
-        if not self.head_done:
-            if self.before_head > MAX_HEAD:
-                raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
-        elif first and not self.interim:
-            self.raw_head = self._as_sent(data)
-
-    def _as_sent(self, data: bytes | bytearray | memoryview) -> bytes | None:
-        """The final head, which came whole in the first bytes fed, as it may go to the client unchanged
-        but for a ``Connection: keep-alive`` line; None when it must be written anew (head_bytes).
-
-        Writing it anew gives the same message: the same status line and fields, less the hop-by-hop
-        ones (RFC 9110 §7.6.1), which are checked to be absent.  The bytes are checked to be one
-        CRLF-ended line per field, so no obs-fold (RFC 9112 §5.2) and no bare LF goes on, as a
-        rewrite would not pass them either; an HTTP/1.0 status line is rewritten as 1.1's.
-        """
-        if self.parser.get_http_version() != "1.1":
-            return None
-        keep_alive = 0
-        for name, value in self.headers:
-            if name in HOP_BY_HOP:
-                if name != b"connection" or value.strip().lower() != b"keep-alive" or keep_alive:
-                    return None
-                keep_alive = 1
-        raw = bytes(data[:MAX_HEAD + 4]) if not isinstance(data, bytes) else data
-        end = raw.find(b"\r\n\r\n")
-        if end < 0:
-            return None
-        head = raw[:end + 4]
-        if keep_alive:
-            cut = head.find(b"\r\nConnection: keep-alive\r\n")  # as nearly every server writes it
-            if cut >= 0:
-                head = head[:cut] + head[cut + 24:]
-            else:
-                head, removed = _KEEP_ALIVE_LINE.subn(b"", head, 1)
-                if removed != 1:
-                    return None
-        lines = len(self.headers) + 2 - keep_alive
-        if head.count(b"\n") != lines or head.count(b"\r\n") != lines:
-            return None
-        return head
+        if not self.head_done and self.before_head > MAX_HEAD:
+            raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
 
     def keep_alive(self) -> bool:
         """The instance's connection may carry another request (RFC 9112 §9.3)."""
@@ -346,3 +356,77 @@ class Response:
                 out += b"".join([b"0\r\n", *[b"%s: %s\r\n" % t for t in self.trailers], b"\r\n"])
             return out
         return b"".join(parts)
+
+
+class _Fields:
+    """httptools' callbacks for a response read field by field (Response's second reading)."""
+
+    __slots__ = ("resp", "on_message_begin", "on_headers_complete", "on_body", "on_message_complete")
+
+    def __init__(self, resp: Response) -> None:
+        self.resp = resp
+        self.on_message_begin = resp.on_message_begin
+        self.on_headers_complete = resp.on_headers_complete
+        self.on_body = resp.on_body
+        self.on_message_complete = resp.on_message_complete
+
+    def on_status(self, reason: bytes) -> None:
+        self.resp._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        resp = self.resp
+        if resp.head_done:
+            if len(resp.trailers) >= MAX_TRAILERS:
+                raise ValueError(f"more than {MAX_TRAILERS} trailer fields")
+            resp.trailers.append((name.lower(), value))
+        else:
+            resp.headers.append((name.lower(), value))
+
+
+#: Fields that, in a response head, must be dropped or acted on (RFC 9110 §7.6.1; Transfer-Encoding
+#: is re-framed), found in the head in lower case: a head with one is read field by field and written
+#: anew.  ``Connection`` is checked apart: ``keep-alive`` alone is cut out and the rest passed on.
+_REWRITTEN: Final = re.compile(rb"\r\n(?:%s):" % b"|".join(sorted(HOP_BY_HOP - {b"connection"})))
+
+
+def _plain_head(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, bytes | None] | None:
+    """For a final head that came whole at the start of ``data`` and may go on as it came: the head as
+    received, as it goes to the client, and its Content-Length value; None when it must be read field
+    by field and written anew.
+
+    It may go on when it is HTTP/1.1 and final (not 1xx) and carries no hop-by-hop field but one
+    ``Connection: keep-alive`` (RFC 9110 §7.6.1: cut out; every server sends it, and it says nothing
+    an HTTP/1.1 client needs).  Fields are found as CRLF, name, colon in the head in lower case:
+    llhttp, which reads the head next, refuses whitespace before the colon, obs-fold and bare LF
+    line ends (RFC 9112 §5.1, §5.2, §2.2), so no field can hide from that search, and a head it
+    refuses goes nowhere.
+    """
+    raw = data if isinstance(data, bytes) else bytes(data[:MAX_HEAD + 4])
+    end = raw.find(b"\r\n\r\n")
+    if end < 0 or not raw.startswith(b"HTTP/1.1 ") or raw[9:10] == b"1":
+        return None
+    head = raw[:end + 4]
+    low = head.lower()
+    if _REWRITTEN.search(low) is not None:
+        return None
+    passed = head
+    at = low.find(b"\r\nconnection:")
+    if at >= 0:
+        eol = low.find(b"\r\n", at + 2)
+        if low[at + 13:eol].strip(b" \t") != b"keep-alive" or low.find(b"\r\nconnection:", eol) >= 0:
+            return None
+        passed = head[:at] + head[eol:]
+    length: bytes | None = None
+    at = low.find(b"\r\ncontent-length:")
+    if at >= 0:
+        length = head[at + 17:low.find(b"\r\n", at + 2)].strip(b" \t")
+    return head, passed, length
+
+
+def fields_of(head: bytes) -> Headers:
+    """The fields of a head llhttp accepted, as its callbacks would have given them."""
+    fields: Headers = []
+    for line in head.split(b"\r\n")[1:-2]:
+        name, _, value = line.partition(b":")
+        fields.append((name.lower(), value.lstrip(b" \t")))  # llhttp keeps trailing whitespace
+    return fields

@@ -73,10 +73,11 @@ from dataplane.http_fastpath import (
     Response,
     SlowPath,
     answer_bytes,
+    fields_of,
+    forward_bytes,
     head_bytes,
     looks_like_http1,
     parse_request,
-    request_bytes,
 )
 from dataplane.http_pool import InstanceConn, Kept
 from dataplane.observed import INBOUND, OUTBOUND, RequestRecord
@@ -265,14 +266,15 @@ async def _plain_request(proxy: Proxy, up: UpstreamListener, c: _Client, req: Pl
                          first: Endpoint | None = None) -> bool:
     """A request of the common path; whether the connection goes on.  ``first``: the instance to try first."""
     del c.buf[:req.length]
-    r = plain_state(req, request_headers(req.headers, c.address), up.options.http.timeout)
+    r = plain_state(req, forward_bytes(req, c.address), up.options.http.timeout)
     return await _request(proxy, up, c, r, first=first) and not r.close
 
 
-def plain_state(req: PlainRequest, headers: list[tuple[bytes, bytes]], timeout: float,
-                now: float | None = None) -> _Request:
-    """The state of a request of the common path, held whole (the task's and the reactor's turns')."""
-    r = _Request(req.method, req.target, headers, timeout, True, now)
+def plain_state(req: PlainRequest, wire: bytes, timeout: float, now: float | None = None) -> _Request:
+    """The state of a request of the common path, held whole (the task's and the reactor's turns'); ``wire``:
+    the request as it goes to an instance (forward_bytes)."""
+    r = _Request(req.method, req.target, None, timeout, True, now)
+    r.wire = wire
     r.body = req.body
     r.complete = True
     r.close = req.close
@@ -373,14 +375,18 @@ async def _answer(c: _Client, up: UpstreamListener, answer: _Answer, close: bool
 class _Request:
     """One request's state across its attempts."""
 
-    __slots__ = ("method", "target", "headers", "plain", "close", "body", "complete", "started", "wall", "status",
-                 "instance", "node", "mesh_error", "retries", "response_started", "deadline_scope", "timeout")
+    __slots__ = ("method", "target", "_headers", "wire", "plain", "close", "body", "complete", "started", "wall",
+                 "status", "instance", "node", "mesh_error", "retries", "response_started", "deadline_scope",
+                 "timeout")
 
-    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], timeout: float,
+    def __init__(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]] | None, timeout: float,
                  plain: bool, now: float | None = None) -> None:
         self.method = method
         self.target = target
-        self.headers = headers
+        #: The fields as they go to an instance; a request of the common path has them from ``wire``.
+        self._headers = headers
+        #: A request of the common path, whole, as it goes to an instance (head and body).
+        self.wire = b""
         #: Carried by the common path (dataplane.http_fastpath), not h11.
         self.plain = plain
         #: The client's connection ends after this exchange (its wish, or a body that ends with the
@@ -401,6 +407,12 @@ class _Request:
         self.response_started = False
         self.deadline_scope: trio.CancelScope | None = None
         self.timeout = timeout
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self._headers is None:
+            self._headers = fields_of(self.wire[:self.wire.find(b"\r\n\r\n") + 4])
+        return self._headers
 
     def request_done(self) -> None:
         """The request is all sent or held: the request timeout starts (Envoy's route timeout)."""
@@ -631,7 +643,7 @@ async def _exchange(proxy: Proxy, up: UpstreamListener, c: _Client, r: _Request,
     try:
         if st is None:  # the request goes out now (else the reactor's turns sent it, perhaps in part)
             if r.plain:
-                out = request_bytes(r.method, r.target, r.headers, r.body)
+                out = r.wire
             else:
                 h = ic.framer()
                 out = h.send(h11.Request(method=r.method, target=r.target, headers=r.headers)) or b""

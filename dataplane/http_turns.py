@@ -47,8 +47,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 import trio
 
-from dataplane.hop_by_hop import request_headers
-from dataplane.http_fastpath import MAX_HEAD, SLOW, PlainRequest, SlowPath, parse_request, request_bytes
+from dataplane.http_fastpath import MAX_HEAD, SLOW, PlainRequest, SlowPath, forward_bytes, parse_request
 from dataplane.http_proxy import Call, _Client, _next_request, _record, plain_advance, plain_state
 from dataplane.rawsocket import RawSocketStream
 from dataplane.stream import WHOLE_MAX, TunnelStream
@@ -198,8 +197,7 @@ class Turns:
             return False
         if not proxy.authorizer.authorize(proxy.local_node, opts.source, up.service).allowed:
             return False
-        headers = request_headers(req.headers, c.address)
-        out = request_bytes(req.method, req.target, headers, req.body)
+        out = forward_bytes(req, c.address)
         if len(out) > WHOLE_MAX:
             return False  # decided before the pick: a pick made twice would skew round robin
         now = self.clock()
@@ -234,7 +232,7 @@ class Turns:
         self.picked = None
         del c.buf[:req.length]
         self.searched[0] = 0
-        r = plain_state(req, headers, opts.http.timeout, now)
+        r = plain_state(req, out, opts.http.timeout, now)
         r.instance, r.node = endpoint.instance_id, endpoint.node
         up.stats["http_requests"] += 1
         up.budget.request(now)

@@ -12,11 +12,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dataplane.hop_by_hop import request_headers, response_headers
 from dataplane.http_fastpath import (
     SLOW,
     PlainRequest,
     Response,
     answer_bytes,
+    forward_bytes,
     head_bytes,
     parse_request,
     request_bytes,
@@ -277,3 +279,114 @@ def test_a_passed_on_head_says_what_a_rewritten_one_says(value: bytes) -> None:
     rewritten = head_bytes(resp.status, resp.reason, [f for f in resp.headers if f[0] != b"connection"])
     passed, rewrote = _client_reads(resp.raw_head + b"ok")[0], _client_reads(rewritten + b"ok")[0]
     assert list(passed.headers) == list(rewrote.headers) and passed.status_code == rewrote.status_code
+
+
+# -- heads read by llhttp alone, and requests passed on as they came ---------------------------------
+#
+# The plain readings find fields by searching the head for CRLF, name, colon, and take what llhttp
+# accepted as the head's shape.  These pin the llhttp behaviour that makes that search exact, and
+# check the plain readings against the field-by-field ones and against request_headers.
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",  # whitespace before the colon
+    b"HTTP/1.1 200 OK\r\nX-A: 1\r\n Content-Length: 2\r\n\r\nok",  # obs-fold
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\n\r\nok",  # a bare LF
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+])
+def test_llhttp_refuses_the_heads_a_field_could_hide_in(raw: bytes) -> None:
+    with pytest.raises(httptools.HttpParserError):
+        Response().feed(raw)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET / HTTP/1.1\r\nHost : web\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: web\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: web\r\nX-A: 1\nHost: other\r\n\r\n",  # a bare LF
+    b"GET  / HTTP/1.1\r\nHost: web\r\n\r\n",  # llhttp lets two spaces by; h11 decides
+])
+def test_requests_a_field_could_hide_in_go_to_h11(raw: bytes) -> None:
+    assert parse_request(bytearray(raw)) is SLOW
+
+
+_NAMES = st.sampled_from([b"Server", b"Date", b"X-A", b"content-type", b"ETag", b"Vary", b"Set-Cookie",
+                          b"Connection", b"Content-Length", b"Keep-Alive", b"Transfer-Encoding"])
+_VALUES = st.binary(min_size=0, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)
+
+
+@given(fields=st.lists(st.tuples(_NAMES, _VALUES), max_size=8), status=st.sampled_from([200, 204, 304, 404, 503]),
+       reason=st.sampled_from([b"", b" OK", b" Not Found At All"]), body=st.binary(max_size=40))
+def test_a_head_read_by_llhttp_alone_says_what_one_read_field_by_field_says(
+        fields: list[tuple[bytes, bytes]], status: int, reason: bytes, body: bytes) -> None:
+    raw = b"HTTP/1.1 %d%s\r\n" % (status, reason) + b"".join(b"%s: %s\r\n" % f for f in fields) + b"\r\n" + body
+    whole, pieces = Response(), Response()
+    errors = []
+    for resp, cuts in ((whole, [raw]), (pieces, [raw[:10], raw[10:]])):
+        try:
+            for cut in cuts:
+                resp.feed(cut)
+            errors.append(None)
+        except (httptools.HttpParserError, ValueError) as exc:
+            errors.append(type(exc))
+    assert errors[0] == errors[1]
+    assert pieces.raw_head is None  # a head in pieces is always read field by field
+    if errors[0] is not None:
+        return
+    for name in ("status", "reason", "headers", "head_done", "done", "chunked", "until_close", "length",
+                 "persistent", "extra", "interim"):
+        assert getattr(whole, name) == getattr(pieces, name), name
+    assert whole.keep_alive() == pieces.keep_alive() and whole.take_body() == pieces.take_body()
+    if whole.raw_head is not None and not whole.until_close:
+        passed = _client_reads(whole.raw_head + b"x" * (whole.length or 0))[0]
+        rewritten = _client_reads(head_bytes(whole.status, whole.reason, response_headers(whole.headers))
+                                  + b"x" * (whole.length or 0))[0]
+        assert list(passed.headers) == list(rewritten.headers) and passed.reason == rewritten.reason
+
+
+def _instance_reads(wire: bytes) -> tuple[h11.Request, bytes]:
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(wire)
+    req = server.next_event()
+    assert isinstance(req, h11.Request), req
+    body = b""
+    while not isinstance(ev := server.next_event(), h11.EndOfMessage):
+        assert isinstance(ev, h11.Data), ev
+        body += ev.data
+    assert server.next_event() is h11.NEED_DATA  # and nothing after it
+    return req, body
+
+
+_REQUEST_FIELDS = st.lists(st.tuples(
+    st.sampled_from([b"Accept", b"X-Request-Id", b"x-forwarded-for", b"Keep-Alive", b"TE", b"Connection",
+                     b"Proxy-Connection", b"traceparent", b"Cookie", b"Forwarded"]),
+    st.sampled_from([b"keep-alive", b"close", b"Keep-Alive, close", b"1.2.3.4", b"a=1", b"trailers", b""])),
+    max_size=6)
+
+
+@given(fields=_REQUEST_FIELDS, body=st.binary(max_size=30), client=st.sampled_from(["10.0.0.7", "::1"]))
+def test_a_request_passed_on_as_it_came_says_what_one_written_anew_says(
+        fields: list[tuple[bytes, bytes]], body: bytes, client: str) -> None:
+    raw = (b"POST /p?q=1 HTTP/1.1\r\nHost: web\r\n" + b"".join(b"%s: %s\r\n" % f for f in fields)
+           + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    req = parse_request(bytearray(raw))
+    if req is SLOW:
+        return  # a Connection that names other fields: h11's
+    assert isinstance(req, PlainRequest)
+    passed, passed_body = _instance_reads(forward_bytes(req, client))
+    rewritten, rewritten_body = _instance_reads(
+        request_bytes(req.method, req.target, request_headers(req.headers, client, b"the-id"), req.body))
+    passed_ids = [v for n, v in passed.headers if n == b"x-request-id"]
+    rewritten_ids = [v for n, v in rewritten.headers if n == b"x-request-id"]
+    named = [v for n, v in fields if n.lower() == b"x-request-id"]
+    if named:
+        assert passed_ids == rewritten_ids == named
+    else:
+        assert len(passed_ids) == 1 and rewritten_ids == [b"the-id"]
+
+    def others(h: h11.Request) -> list[tuple[bytes, bytes]]:
+        return sorted((n, v) for n, v in h.headers if n != b"x-request-id")
+
+    assert others(passed) == others(rewritten)
+    assert (passed.method, passed.target, passed_body) == (rewritten.method, rewritten.target, rewritten_body)
+    assert passed_body == body
