@@ -202,12 +202,6 @@ class _Instance:
         self.credit = credit
 
 
-def _clamp_weight(w: float) -> float:
-    if math.isnan(w):
-        return 0.0
-    return min(max(w, 0.0), 1.0)
-
-
 class Balancer(Generic[K]):
     """Per-service choice of instance; one Balancer per upstream service."""
 
@@ -315,7 +309,10 @@ class Balancer(Generic[K]):
             only = candidates[0]
             if only.suspect:
                 self.stats["suspect_only"] += 1
-            self._get(now, only.key).rtt = only.rtt
+            if only.rtt is not None:  # (a lone candidate's RTT compares with nothing: callers may skip it)
+                self._get(now, only.key).rtt = only.rtt
+            else:
+                self._get(now, only.key)
             return only.key
         trusted = [c for c in candidates if not c.suspect]
         if trusted and len(trusted) < len(candidates):
@@ -323,12 +320,15 @@ class Balancer(Generic[K]):
             candidates = trusted
         elif not trusted:
             self.stats["suspect_only"] += 1
-        weighted = [(c, _clamp_weight(c.weight)) for c in candidates]
-        usable = [(c, w) for c, w in weighted if w > 0.0]
+        usable = [(c, c.weight if c.weight < 1.0 else 1.0) for c in candidates if c.weight > 0.0]  # (NaN: not)
         if not usable:
-            usable = [(c, 1.0) for c, _ in weighted]
+            usable = [(c, 1.0) for c in candidates]
+        instances = self._instances
         for c, _ in usable:
-            self._get(now, c.key).rtt = c.rtt
+            inst = instances.get(c.key)
+            if inst is None:
+                inst = self._get(now, c.key)
+            inst.rtt = c.rtt
         if len(usable) == 1:  # its own tier, whatever its load: what _local_pool would leave
             return usable[0][0].key
         pool = self._local_pool(usable) if self.prefer_local else usable
@@ -373,8 +373,10 @@ class Balancer(Generic[K]):
         # A real difference still decides: a failing instance (observed at 1 s)
         # loses to a 1 ms one a thousand times to one, and the outlier detector
         # ejects it after a few.
-        i, j = self.rng.sample(range(len(pool)), 2)
-        a, b = pool[i], pool[j]
+        n = len(pool)
+        i = int(self.rng.random() * n)
+        j = int(self.rng.random() * (n - 1))
+        a, b = pool[i], pool[j + 1 if j >= i else j]  # two distinct, every pair as likely (random.sample's cost, less)
         ca, cb = self._cost(now, a), self._cost(now, b)
         wa, wb = cb, ca
         return a[0].key if self.rng.random() * (wa + wb) < wa else b[0].key

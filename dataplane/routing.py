@@ -46,10 +46,10 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, get_args
 
 from dataplane.balancer import DEFAULT_POLICY, POLICIES, Balancer, Candidate
-from dataplane.outlier import OutlierConfig, OutlierDetector
+from dataplane.outlier import OutlierConfig, OutlierDetector, State
 
 #: Envoy's defaults for both thresholds.
 DEFAULT_MAX_CONNECTIONS = 1024
@@ -104,6 +104,8 @@ BAD_RESPONSE = "bad_response"
 HTTP_5XX = "http_5xx"
 #: HTTP only: the instance's connection broke, or ended, after the answer's head and before its end.
 ANSWER_CUT_OFF = "answer_cut_off"
+#: The counter each pick adds to, by the state of the instance it chose (made once, not per pick).
+_PICKED: Final[dict[State, str]] = {state: f"picked.{state}" for state in get_args(State)}
 
 
 @dataclass(slots=True)
@@ -201,15 +203,17 @@ class Router:
         by_key: dict[Key, Instance] = {}
         allowing: list[Candidate[Key]] = []
         refusing: list[Candidate[Key]] = []
+        offer, refused = self.outlier.offer, self._refused
+        lone = len(endpoints) == 1  # its RTT compares with nothing (the balancer takes it as it is)
         for e in endpoints:
             key = (e.node, e.instance_id)
-            weight = None if key in exclude else self.outlier.offer(now, key)
+            weight = None if key in exclude else offer(now, key)
             if weight is None:
                 continue
             by_key[key] = e
             suspect = bool(getattr(e, "suspect", False))  # dataplane.proxy.Endpoint's; others have none
-            candidate = Candidate(key, rtt_of(e.node), weight, suspect)
-            refusal = self._refused.get(e.node)
+            candidate = Candidate(key, None if lone else rtt_of(e.node), weight, suspect)
+            refusal = refused.get(e.node)
             (allowing if refusal is None or self._due(now, refusal) else refusing).append(candidate)
         candidates = allowing or (refusing if last_resort else [])
         if not candidates:
@@ -224,7 +228,7 @@ class Router:
         if refusal is not None:
             refusal.asking = now
             self.stats["refusal_rechecks" if allowing else "refused_last_resort"] += 1
-        self.stats[f"picked.{self.outlier.state(now, chosen)}"] += 1
+        self.stats[_PICKED[self.outlier.state(now, chosen)]] += 1
         return by_key[chosen]
 
     def refuses(self, node: str) -> bool:
