@@ -224,7 +224,7 @@ class Response:
 
     __slots__ = ("parser", "_reason", "_headers", "status", "head_done", "done", "chunked", "until_close",
                  "interim", "trailers", "body", "extra", "persistent", "before_head", "length", "raw_head",
-                 "_received", "_length_field")
+                 "_received", "_length_field", "_left")
 
     def __init__(self) -> None:
         #: Made with the first bytes, which decide the reading (see the class's docstring).
@@ -255,6 +255,8 @@ class Response:
         #: The final head as received, when it is read without per-field callbacks.
         self._received = b""
         self._length_field: bytes | None = None
+        #: The plain reading's body bytes still to come (it counts them itself); None in the other.
+        self._left: int | None = None
 
     @property
     def headers(self) -> Headers:
@@ -270,11 +272,7 @@ class Response:
             self._reason = line[13:]  # b"HTTP/1.1 200 " is 13 bytes; llhttp checked the line's shape
         return self._reason
 
-    # -- httptools' callbacks (the per-field ones are _Fields') --
-
-    def on_message_begin(self) -> None:
-        if self.done:
-            self.extra = True
+    # -- httptools' callbacks (_Fields' are the field-by-field reading's) --
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
@@ -286,12 +284,14 @@ class Response:
         self.status = status
         self.head_done = True
         self.persistent = self.parser.should_keep_alive()
-        if status in (204, 304):
+        if self._received:  # the plain reading: _plain_head found a Content-Length, or a bodiless status
+            if status in (204, 304):
+                self._left = 0
+            else:
+                assert self._length_field is not None
+                self.length = self._left = int(self._length_field)  # llhttp checked it: digits, one value
             return
-        if self._received:
-            if self._length_field is not None:
-                self.length = int(self._length_field)  # llhttp has checked it: digits, and only one value
-            self.until_close = self.length is None
+        if status in (204, 304):
             return
         length = False
         for name, value in self.headers:
@@ -304,12 +304,16 @@ class Response:
                 self.length = int(value)  # llhttp has checked it: digits, and only one value
         self.until_close = not (self.chunked or length)
 
-    def on_body(self, data: bytes) -> None:
-        self.body.append(data)
-
     def on_message_complete(self) -> None:
         if self.head_done and not self.done:
             self.done = True
+
+    def _message_begin(self) -> None:
+        if self.done:
+            self.extra = True
+
+    def _body(self, data: bytes) -> None:
+        self.body.append(data)
 
     # -- the owner's side --
 
@@ -320,16 +324,16 @@ class Response:
         if self.done:
             self.extra = True
             return
+        if self._left is not None:
+            self._count(data)
+            return
         parser = self.parser
         if parser is None:
             plain = _plain_head(data)
-            if plain is None:
-                parser = httptools.HttpResponseParser(_Fields(self))
-            else:
-                self._received, self.raw_head, self._length_field = plain
-                self._headers = None
-                parser = httptools.HttpResponseParser(self)
-            self.parser = parser
+            if plain is not None:
+                self._plain(data, *plain)
+                return
+            parser = self.parser = httptools.HttpResponseParser(_Fields(self))
         if not self.head_done:
             self.before_head += len(data)
         try:
@@ -342,6 +346,30 @@ class Response:
             self.extra = True
         if not self.head_done and self.before_head > MAX_HEAD:
             raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
+
+    def _plain(self, data: bytes | bytearray | memoryview, head: bytes, passed: bytes, length: bytes | None) -> None:
+        """The plain reading: llhttp reads the head alone, with no callback per field, and the body is
+        counted off its Content-Length (RFC 9112 §6.2; no body for 204 and 304, §6.3), as llhttp
+        would frame it."""
+        self._received, self.raw_head, self._length_field = head, passed, length
+        self._headers = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.parser.feed_data(head)  # its refusals are the caller's, as in the other reading
+        self._count(memoryview(data)[len(head):])
+
+    def _count(self, data: bytes | bytearray | memoryview) -> None:
+        left = self._left
+        assert left is not None
+        n = len(data)
+        if n > left:
+            self.extra = True  # what follows the response: the connection is unfit for reuse
+            data, n = data[:left], left
+        if n:
+            self.body.append(bytes(data))
+            left -= n
+        self._left = left
+        if not left:
+            self.done = True
 
     def keep_alive(self) -> bool:
         """The instance's connection may carry another request (RFC 9112 §9.3)."""
@@ -365,9 +393,9 @@ class _Fields:
 
     def __init__(self, resp: Response) -> None:
         self.resp = resp
-        self.on_message_begin = resp.on_message_begin
+        self.on_message_begin = resp._message_begin
         self.on_headers_complete = resp.on_headers_complete
-        self.on_body = resp.on_body
+        self.on_body = resp._body
         self.on_message_complete = resp.on_message_complete
 
     def on_status(self, reason: bytes) -> None:
@@ -391,10 +419,11 @@ _REWRITTEN: Final = re.compile(rb"\r\n(?:%s):" % b"|".join(sorted(HOP_BY_HOP - {
 
 def _plain_head(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, bytes | None] | None:
     """For a final head that came whole at the start of ``data`` and may go on as it came: the head as
-    received, as it goes to the client, and its Content-Length value; None when it must be read field
-    by field and written anew.
+    received, as it goes to the client, and its Content-Length value (None for a 204 or 304 without
+    one); None when it must be read field by field, and its body by llhttp.
 
-    It may go on when it is HTTP/1.1 and final (not 1xx) and carries no hop-by-hop field but one
+    It may go on when it is HTTP/1.1, final (not 1xx), framed by a Content-Length (or a 204 or 304,
+    which have no body) and carries no hop-by-hop field but one
     ``Connection: keep-alive`` (RFC 9110 §7.6.1: cut out; every server sends it, and it says nothing
     an HTTP/1.1 client needs).  Fields are found as CRLF, name, colon in the head in lower case:
     llhttp, which reads the head next, refuses whitespace before the colon, obs-fold and bare LF
@@ -420,6 +449,8 @@ def _plain_head(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, byt
     at = low.find(b"\r\ncontent-length:")
     if at >= 0:
         length = head[at + 17:low.find(b"\r\n", at + 2)].strip(b" \t")
+    elif raw[9:12] not in (b"204", b"304"):
+        return None  # a body that ends with the connection (RFC 9112 §6.3 rule 8): rare, and read by llhttp
     return head, passed, length
 
 

@@ -311,21 +311,33 @@ def test_requests_a_field_could_hide_in_go_to_h11(raw: bytes) -> None:
 
 
 _NAMES = st.sampled_from([b"Server", b"Date", b"X-A", b"content-type", b"ETag", b"Vary", b"Set-Cookie",
-                          b"Connection", b"Content-Length", b"Keep-Alive", b"Transfer-Encoding"])
+                          b"Connection", b"Keep-Alive"])
 _VALUES = st.binary(min_size=0, max_size=20).filter(lambda v: b"\r" not in v and b"\n" not in v)
 
 
-@given(fields=st.lists(st.tuples(_NAMES, _VALUES), max_size=8), status=st.sampled_from([200, 204, 304, 404, 503]),
-       reason=st.sampled_from([b"", b" OK", b" Not Found At All"]), body=st.binary(max_size=40))
+_FIELDS = st.lists(st.one_of(st.tuples(_NAMES, _VALUES),
+                             st.tuples(st.just(b"Content-Length"), st.integers(0, 60).map(lambda n: b"%d" % n)),
+                             st.sampled_from([(b"Connection", b"keep-alive"), (b"Transfer-Encoding", b"chunked"),
+                                              (b"Content-Length", b"x")])), max_size=6)
+
+
+@given(fields=_FIELDS, status=st.sampled_from([200, 204, 304, 404, 503]),
+       reason=st.sampled_from([b"", b" OK", b" Not Found At All"]), body=st.binary(max_size=40),
+       cuts=st.lists(st.integers(0, 60), max_size=3))
 def test_a_head_read_by_llhttp_alone_says_what_one_read_field_by_field_says(
-        fields: list[tuple[bytes, bytes]], status: int, reason: bytes, body: bytes) -> None:
-    raw = b"HTTP/1.1 %d%s\r\n" % (status, reason) + b"".join(b"%s: %s\r\n" % f for f in fields) + b"\r\n" + body
+        fields: list[tuple[bytes, bytes]], status: int, reason: bytes, body: bytes, cuts: list[int]) -> None:
+    """The plain reading (the head whole in the first bytes) against the field-by-field one (the head
+    in two pieces), the body cut anywhere after the head in the first."""
+    head = b"HTTP/1.1 %d%s\r\n" % (status, reason) + b"".join(b"%s: %s\r\n" % f for f in fields) + b"\r\n"
+    raw = head + body
+    at = sorted({len(head) + c for c in cuts if len(head) + c < len(raw)})
     whole, pieces = Response(), Response()
     errors = []
-    for resp, cuts in ((whole, [raw]), (pieces, [raw[:10], raw[10:]])):
+    for resp, parts in ((whole, [raw[a:b] for a, b in zip([0, *at], [*at, len(raw)], strict=True)]),
+                        (pieces, [raw[:10], raw[10:]])):
         try:
-            for cut in cuts:
-                resp.feed(cut)
+            for part in parts:
+                resp.feed(part)
             errors.append(None)
         except (httptools.HttpParserError, ValueError) as exc:
             errors.append(type(exc))
@@ -342,6 +354,22 @@ def test_a_head_read_by_llhttp_alone_says_what_one_read_field_by_field_says(
         rewritten = _client_reads(head_bytes(whole.status, whole.reason, response_headers(whole.headers))
                                   + b"x" * (whole.length or 0))[0]
         assert list(passed.headers) == list(rewritten.headers) and passed.reason == rewritten.reason
+
+
+@pytest.mark.parametrize("after", [b"", b"HTTP/1.1 200 OK\r\n", b"junk"])
+def test_a_counted_body_ends_where_its_length_says(after: bytes) -> None:
+    raw = _NGINX_HEAD + b"hello" + after
+    head = len(_NGINX_HEAD)
+    for cut in range(head, len(raw) + 1):
+        plain, ref = Response(), Response()
+        plain.feed(raw[:cut])
+        if cut < len(raw):
+            plain.feed(raw[cut:])
+        ref.feed(raw[:10])
+        ref.feed(raw[10:])
+        assert plain.raw_head is not None and ref.raw_head is None
+        assert (plain.done, plain.extra, plain.keep_alive(), plain.take_body()) == (
+            ref.done, ref.extra, ref.keep_alive(), ref.take_body()) == (True, bool(after), not after, b"hello"), cut
 
 
 def _instance_reads(wire: bytes) -> tuple[h11.Request, bytes]:
