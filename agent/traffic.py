@@ -94,22 +94,11 @@ TAP_PATH_MAX: Final = 1024
 SeriesKey = tuple[str, str, str, str]
 
 
-def _fine_index(latency: float) -> int:
-    if latency <= FINE_BASE:
-        return 0
-    return min(int(math.log(latency / FINE_BASE) * _FINE_SCALE) + 1, _FINE_MAX)
-
-
 def _fine_value(index: int) -> float:
     """A bucket's representative latency: the geometric middle of its bounds (bucket 0: the base)."""
     if index == 0:
         return FINE_BASE
     return FINE_BASE * 2 ** ((index - 0.5) / FINE_PER_OCTAVE)
-
-
-def _class_of(status: int) -> int:
-    c = status // 100
-    return c if 1 <= c <= 5 else _NONE
 
 
 class _Slot:
@@ -139,7 +128,9 @@ class Series:
         self.slots = [_Slot() for _ in range(SLOTS)]
 
     def add(self, rec: RequestRecord, end: float) -> None:
-        cls = _class_of(rec.status)
+        cls = rec.status // 100  # (this runs once per request: no helper calls)
+        if not 1 <= cls <= 5:
+            cls = _NONE
         latency = rec.latency if 0.0 < rec.latency < MAX_LATENCY else MAX_LATENCY if rec.latency >= MAX_LATENCY else 0.0
         self.counts[cls] += 1
         self.prom[bisect_left(PROM_BUCKETS, latency)] += 1
@@ -162,7 +153,8 @@ class Series:
             slot.counts = [0] * len(CLASSES)
             slot.fine = _ZERO_COUNTS[:]
         slot.counts[cls] += 1
-        slot.fine[_fine_index(latency)] += 1
+        slot.fine[0 if latency <= FINE_BASE else min(int(math.log(latency / FINE_BASE) * _FINE_SCALE) + 1,
+                                                       _FINE_MAX)] += 1
 
 
 @dataclass

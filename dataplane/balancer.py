@@ -160,7 +160,7 @@ class PeakEwma:
             # The first measurement replaces the prior outright.
             self._value, self._stamp, self._observed = sample, now, True
             return
-        w = self._decay(now)
+        w = math.exp(-max(now - self._stamp, 0.0) / self.decay_time)  # _decay's, without its call per sample
         current = self._value * w
         if sample > current:
             self._value = sample  # peak: take it at once
@@ -267,7 +267,8 @@ class Balancer(Generic[K]):
         self._instances.pop(key, None)
 
     def started(self, now: float, key: K) -> None:
-        self._get(now, key).outstanding += 1
+        inst = self._instances.get(key)
+        (inst if inst is not None else self._get(now, key)).outstanding += 1
 
     def observe(self, now: float, key: K, latency: float | None, ok: bool) -> None:
         """Feed a connect outcome to the estimate, leaving the outstanding count alone.

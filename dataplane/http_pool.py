@@ -127,6 +127,10 @@ class Pool:
         if not conn.reusable():
             self._close(conn)
             return
+        self.keep(conn, now)
+
+    def keep(self, conn: InstanceConn, now: float) -> None:
+        """``give`` for a connection its caller has just found reusable."""
         conn.next_exchange()
         conn.idle_since = now
         idle = self._idle.setdefault(conn.key, [])

@@ -42,13 +42,14 @@ in the call and raised in the task, as if it had met it itself.
 from __future__ import annotations
 
 import math
+from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
 import httptools
 import trio
 
 from dataplane.http_fastpath import MAX_HEAD, SLOW, PlainRequest, SlowPath, forward_bytes, parse_request
-from dataplane.http_proxy import Call, _Client, _next_request, _record, plain_advance, plain_state
+from dataplane.http_proxy import Call, _Client, _next_request, _record, _Request, plain_advance
 from dataplane.rawsocket import RawSocketStream
 from dataplane.stream import WHOLE_MAX, TunnelStream
 
@@ -57,6 +58,15 @@ if TYPE_CHECKING:
     from dataplane.reactor import Reactor
 
 __all__ = ["Turns"]
+
+
+def clock_offset(clock: trio.abc.Clock) -> float | None:
+    """What trio's SystemClock adds to perf_counter(), so the clock can be read with no Python call at
+    all; None for any other clock (a test's MockClock), or one that does not read so."""
+    offset = getattr(clock, "offset", None)
+    if type(clock).__name__ != "SystemClock" or not isinstance(offset, float):
+        return None
+    return offset if abs(offset + perf_counter() - clock.current_time()) < 0.001 else None
 
 
 def _never() -> bool:
@@ -76,7 +86,7 @@ class Turns:
     """One client connection's requests, carried in the reactor's callbacks while they can be."""
 
     __slots__ = ("proxy", "up", "c", "reactor", "view", "searched", "call", "ready", "picked", "handing",
-                 "active", "closing", "clock")
+                 "active", "closing", "clock", "offset")
 
     def __init__(self, proxy: Proxy, up: UpstreamListener, c: _Client, reactor: Reactor) -> None:
         self.proxy = proxy
@@ -98,8 +108,11 @@ class Turns:
         self.active = trio.current_time()
         #: The last request asked for the connection's end.
         self.closing = False
-        #: trio.current_time without its two calls of indirection: the callbacks read it for every request.
-        self.clock = trio.lowlevel.current_clock().current_time
+        #: trio.current_time without its calls of indirection: the callbacks read it for every request,
+        #: as ``offset + perf_counter()`` when they can (clock_offset), else by calling this.
+        clock = trio.lowlevel.current_clock()
+        self.clock = clock.current_time
+        self.offset = clock_offset(clock)
 
     def take_picked(self) -> Endpoint | None:
         """The instance chosen for the request ``next`` just returned, if the callbacks chose one."""
@@ -200,13 +213,14 @@ class Turns:
         out = forward_bytes(req, c.address)
         if len(out) > WHOLE_MAX:
             return False  # decided before the pick: a pick made twice would skew round robin
-        now = self.clock()
+        offset = self.offset
+        now = offset + perf_counter() if offset is not None else self.clock()
         endpoint = proxy.pick(up, now=now)
         if endpoint is None:
             return False
         self.picked = endpoint
         key = (endpoint.node, endpoint.instance_id)
-        if router.outlier.state(now, key) == "half-open":
+        if router.picked_state == "half-open":
             return False
         ic = up.pool.take(key, now)
         if ic is None:
@@ -232,7 +246,8 @@ class Turns:
         self.picked = None
         del c.buf[:req.length]
         self.searched[0] = 0
-        r = plain_state(req, out, opts.http.timeout, now)
+        r = _Request(req.method, req.target, None, opts.http.timeout, True, now)  # (http_proxy.plain_state's)
+        r.wire, r.body, r.complete, r.close = out, req.body, True, req.close
         r.instance, r.node = endpoint.instance_id, endpoint.node
         up.stats["http_requests"] += 1
         up.budget.request(now)
@@ -300,7 +315,8 @@ class Turns:
                     and resp.status in up.options.http.retry_on):
                 self._hand_over()  # whether to retry is the task's to decide (and to pay for)
                 return
-            now = self.clock()
+            offset = self.offset
+            now = offset + perf_counter() if offset is not None else self.clock()
             plain_advance(up, r, call.attempt, st, _never, False, now)
             if st.out:
                 n = self.c.stream.try_send(st.out)
@@ -332,11 +348,15 @@ class Turns:
         if not ic.reusable():
             self._hand_over()  # the task closes it, out of the session's reader
             return
-        _release(call)
+        stream = ic.stream
+        if isinstance(stream, TunnelStream):  # (_release's, without its call)
+            stream.read_by(None)
+        else:
+            cast(RawSocketStream, stream).unwatch()
         self.call = None
         up = self.up
         up.router.closed(now, call.attempt, None, True)
-        up.pool.give(ic, now)
+        up.pool.keep(ic, now)
         _record(self.proxy, up, call.r, now)
         up.stats["http_in_turns"] += 1
         self.active = now

@@ -61,7 +61,8 @@ class RetryBudget:
 
     def request(self, now: float) -> None:
         """A first attempt was made: it earns ``ratio`` of a retry."""
-        self._requests[self._advance(now)] += 1
+        second = int(now)  # (asked per HTTP request: the common case is the same second, with no _advance)
+        self._requests[self._advance(now) if second != self._second else second % self._slots] += 1
 
     def try_retry(self, now: float) -> bool:
         """Take one retry from the budget, or say there is none left (counted)."""

@@ -149,6 +149,8 @@ class Router:
         self._refused: dict[str, _Refusal] = {}
         #: The latest failure per instance: (reason, when).
         self._last_failure: dict[Key, tuple[str, float]] = {}
+        #: The outlier state of the instance the last pick chose, as it chose it.
+        self.picked_state: State = "active"
 
     # -- admission (circuit-breaker thresholds) ------------------------------------------
 
@@ -228,7 +230,8 @@ class Router:
         if refusal is not None:
             refusal.asking = now
             self.stats["refusal_rechecks" if allowing else "refused_last_resort"] += 1
-        self.stats[_PICKED[self.outlier.state(now, chosen)]] += 1
+        state = self.picked_state = self.outlier.state(now, chosen)
+        self.stats[_PICKED[state]] += 1
         return by_key[chosen]
 
     def refuses(self, node: str) -> bool:

@@ -1,14 +1,16 @@
 """The HTTP layer's pure parts: the retry budget, hop-by-hop rules, the far end's observer, the pool,
-and the service-router's matching."""
+the service-router's matching, and the clock the reactor's turns read."""
 
 from __future__ import annotations
 
 import random
+from time import perf_counter
 from typing import Any
 
 import h11
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +18,7 @@ from dataplane.discovery_chain import DiscoveryChain, Target
 from dataplane.hop_by_hop import request_headers, response_headers, wants_upgrade
 from dataplane.http_observer import ExchangeObserver
 from dataplane.http_pool import InstanceConn, Pool
+from dataplane.http_turns import clock_offset
 from dataplane.retry_budget import BudgetConfig, RetryBudget
 
 # -- retry budget ---------------------------------------------------------------------------
@@ -223,3 +226,19 @@ def test_a_sweep_closes_only_what_idled_too_long() -> None:
     assert pool.expired == 2 and pool.idle_count() == 1
     got = pool.take(("n", "i"), 5.0)
     assert got is not None and got.stream is recent
+
+
+# -- the turns' clock ------------------------------------------------------------------------
+
+
+async def test_the_turns_read_trios_own_clock_without_calling_it() -> None:
+    offset = clock_offset(trio.lowlevel.current_clock())
+    assert offset is not None
+    for _ in range(100):
+        before = trio.current_time()
+        read = offset + perf_counter()
+        assert before <= read <= trio.current_time()
+
+
+def test_any_other_clock_is_called() -> None:
+    assert clock_offset(trio.testing.MockClock()) is None
