@@ -153,23 +153,29 @@ class PeakEwma:
         return self._value * self._decay(now)
 
     def observe(self, now: float, sample: float) -> None:
-        if math.isnan(sample):
-            return
-        sample = max(sample, 0.0)
+        # (Once per request in http mode: comparisons rather than max() calls, and _decay inline.)
+        if not sample > 0.0:
+            if math.isnan(sample):
+                return
+            sample = 0.0
         if not self._observed:
             # The first measurement replaces the prior outright.
             self._value, self._stamp, self._observed = sample, now, True
             return
-        w = math.exp(-max(now - self._stamp, 0.0) / self.decay_time)  # _decay's, without its call per sample
+        elapsed = now - self._stamp
+        w = math.exp(-elapsed / self.decay_time) if elapsed > 0.0 else 1.0  # a clock stepping back: no time
         current = self._value * w
         if sample > current:
             self._value = sample  # peak: take it at once
         else:
             # Finagle: cost * w + rtt * (1 - w), where cost * w is the decayed estimate; the sample's
             # weight is floored (see SAMPLE_WEIGHT_FLOOR).
-            a = max(1.0 - w, SAMPLE_WEIGHT_FLOOR)
+            a = 1.0 - w
+            if a < SAMPLE_WEIGHT_FLOOR:
+                a = SAMPLE_WEIGHT_FLOOR
             self._value = self._value * (1.0 - a) + sample * a
-        self._stamp = max(self._stamp, now)
+        if now > self._stamp:
+            self._stamp = now
 
     def cost(self, now: float, outstanding: int, prior: float | None = None) -> float:
         """Expected latency of one more connection: estimate * (outstanding + 1) (Finagle)."""
@@ -297,7 +303,8 @@ class Balancer(Generic[K]):
         inst = self._instances.get(key)
         if inst is None:
             return
-        inst.outstanding = max(inst.outstanding - 1, 0)
+        if inst.outstanding > 0:
+            inst.outstanding -= 1
         if latency is not None or not ok:
             self.observe(now, key, latency, ok)
 
@@ -312,7 +319,7 @@ class Balancer(Generic[K]):
                 self.stats["suspect_only"] += 1
             if only.rtt is not None:  # (a lone candidate's RTT compares with nothing: callers may skip it)
                 self._get(now, only.key).rtt = only.rtt
-            else:
+            elif only.key not in self._instances:
                 self._get(now, only.key)
             return only.key
         trusted = [c for c in candidates if not c.suspect]
