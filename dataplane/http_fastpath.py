@@ -331,7 +331,14 @@ class Response:
         if parser is None:
             plain = _plain_head(data)
             if plain is not None:
-                self._plain(data, *plain)
+                # The plain reading: llhttp reads the head alone, with no callback per field, and the
+                # body is counted off its Content-Length (RFC 9112 §6.2; no body for 204 and 304,
+                # §6.3), as llhttp would frame it.
+                head, self.raw_head, self._length_field = plain
+                self._received, self._headers = head, None
+                parser = self.parser = httptools.HttpResponseParser(self)
+                parser.feed_data(head)  # its refusals are the caller's, as in the other reading
+                self._count(memoryview(data)[len(head):])
                 return
             parser = self.parser = httptools.HttpResponseParser(_Fields(self))
         if not self.head_done:
@@ -346,16 +353,6 @@ class Response:
             self.extra = True
         if not self.head_done and self.before_head > MAX_HEAD:
             raise httptools.HttpParserError(f"no end of the response head in {MAX_HEAD} bytes")
-
-    def _plain(self, data: bytes | bytearray | memoryview, head: bytes, passed: bytes, length: bytes | None) -> None:
-        """The plain reading: llhttp reads the head alone, with no callback per field, and the body is
-        counted off its Content-Length (RFC 9112 §6.2; no body for 204 and 304, §6.3), as llhttp
-        would frame it."""
-        self._received, self.raw_head, self._length_field = head, passed, length
-        self._headers = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.parser.feed_data(head)  # its refusals are the caller's, as in the other reading
-        self._count(memoryview(data)[len(head):])
 
     def _count(self, data: bytes | bytearray | memoryview) -> None:
         left = self._left
