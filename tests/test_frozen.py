@@ -1,10 +1,17 @@
-"""The protocol's records (gossip.frozen): named tuples that behave as the frozen dataclasses did."""
+"""Immutable records (gossip.frozen): named tuples that compare and refuse changes as frozen dataclasses do."""
 
 from __future__ import annotations
 
 import pytest
 
+from agent.access import Caller
+from agent.dns_settings import DnsSettings
+from agent.intentions import Intention, Verdict
+from gossip.config_store import Entry
+from gossip.config_sync import Announced
+from gossip.coordinate import Coordinate
 from gossip.effects import Event, EventKind, FetchState, Purpose, SendPacket, StartPushPull, TcpProbe
+from gossip.registry import Instance
 from gossip.wire import (
     Ack,
     Alive,
@@ -32,14 +39,18 @@ RECORDS = [
     QueryResponse(7, "b", b"r"), ConfigPull("a", []), ConfigPush([]),
     SendPacket(A, b"x"), StartPushPull(A, Purpose.JOIN), FetchState("b", A), TcpProbe(A, 8, b"x", 1.0),
     Event(EventKind.MEMBER, {"name": "a"}),
+    Entry("service-defaults", "web", None, 1, "a", b"k", b"s"), Announced("service-defaults", "web", (1, "a", b"s")),
+    Coordinate((0.0, 0.5), 1.5, 0.0, 1e-5), Instance("web-1", "web", "10.0.0.1", 80, ("v1",)),
+    Caller(0, False), DnsSettings(), Intention("web", "db", "allow"), Verdict(True, "default allow"),
 ]
+UNHASHABLE = (Alive, PushPull, ConfigPull, ConfigPush, Event)  # they hold lists or dicts
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
 def test_equal_only_within_a_class(record: tuple[object, ...]) -> None:
     same = type(record)(*record)
     assert record == same and not record != same
-    if type(record) not in (Alive, PushPull, ConfigPull, ConfigPush, Event):  # those hold lists or dicts
+    if type(record) not in UNHASHABLE:
         assert hash(record) == hash(same)
     as_tuple = tuple(record)
     assert record != as_tuple and not record == as_tuple
