@@ -6,11 +6,13 @@ Apart from dataplane/proxy.py because the agent's directory hands these out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
+
+from gossip.frozen import same_class_equality
 
 
-@dataclass(frozen=True)
-class Endpoint:
+@same_class_equality
+class Endpoint(NamedTuple):
     node: str
     instance_id: str
     host: str

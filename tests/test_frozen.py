@@ -7,6 +7,7 @@ import pytest
 from agent.access import Caller
 from agent.dns_settings import DnsSettings
 from agent.intentions import Intention, Verdict
+from dataplane.endpoint import Endpoint
 from gossip.config_store import Entry
 from gossip.config_sync import Announced
 from gossip.coordinate import Coordinate
@@ -42,6 +43,7 @@ RECORDS = [
     Entry("service-defaults", "web", None, 1, "a", b"k", b"s"), Announced("service-defaults", "web", (1, "a", b"s")),
     Coordinate((0.0, 0.5), 1.5, 0.0, 1e-5), Instance("web-1", "web", "10.0.0.1", 80, ("v1",)),
     Caller(0, False), DnsSettings(), Intention("web", "db", "allow"), Verdict(True, "default allow"),
+    Endpoint("n1", "web-1", "127.0.0.1", 80, "web", ("v1",)),
 ]
 UNHASHABLE = (Alive, PushPull, ConfigPull, ConfigPush, Event)  # they hold lists or dicts
 
