@@ -32,8 +32,6 @@ The checks here are pure: the server hands over the request's head and a
 way to learn the peer's uid, and gets back who is calling or a ``Refused``.
 """
 
-from __future__ import annotations
-
 import hmac
 import ipaddress
 import os

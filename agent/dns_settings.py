@@ -4,8 +4,6 @@ Apart from agent/dns_answers.py so that reading the configuration does not
 load dnspython: the agent loads it when the first query arrives.
 """
 
-from __future__ import annotations
-
 import re
 from typing import Any, NamedTuple
 

@@ -4,8 +4,6 @@ Apart from dataplane/proxy.py because the agent's directory hands these out
 (agent/directory.py) whether or not this agent has loaded its data plane.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 from gossip.frozen import same_class_equality

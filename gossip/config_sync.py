@@ -30,8 +30,6 @@ reasons):
 Pure: message bodies in and out, no I/O; gossip.wire carries them.
 """
 
-from __future__ import annotations
-
 from typing import Any, Final, NamedTuple, Protocol
 
 import msgpack

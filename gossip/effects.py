@@ -6,8 +6,6 @@ line) behind, which the driver takes with ``Membership.drain()``; counters are
 read whenever the driver wants them (``mesh-agent info``, ``/metrics``).
 """
 
-from __future__ import annotations
-
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum

@@ -16,8 +16,6 @@ One module past 700 lines because the format is one table of messages:
 each encoder sits beside its decoder, so a field is never changed on one side only.
 """
 
-from __future__ import annotations
-
 import struct
 import zlib
 from typing import Any, NamedTuple
