@@ -352,6 +352,7 @@ class Sync:
                     # Announce ourselves to the members we just learned about
                     # now, rather than at the next gossip tick.
                     self.dissemination.gossip_now(now)
+                    self.rules.announce_joined(target)
         if purpose is Purpose.SETTLE and not ok and self._settle_left > 0:
             self._settle_pending = True  # that peer failed us: another, after the doubled quiet
         if purpose in (Purpose.JOIN, Purpose.RECONNECT):
