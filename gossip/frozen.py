@@ -1,14 +1,14 @@
 """Immutable records as named tuples that compare the way frozen dataclasses do.
 
-Every agent builds the protocol's message and effect classes at each start,
-and a frozen dataclass costs about 0.5 ms to build on Python 3.11 (it compiles
-six generated methods, one ``exec`` each), a named tuple about a tenth of that
-(docs/footprint.md).  A named tuple is also quicker to construct, which every
+Every agent builds the protocol's message and effect classes at each start.
+Python 3.11 builds a frozen dataclass by compiling six generated methods, one
+``exec`` each; a named tuple takes one, for its ``__new__`` (docs/footprint.md
+has the figures).  A named tuple is also quicker to construct, which every
 decoded datagram does several times.
 
 A module that defines many of them leaves out ``from __future__ import
 annotations``: typing.NamedTuple turns each string annotation into a
-ForwardRef, compiling it, about half of what the class then costs to build.
+ForwardRef, compiling it too.
 
 What a named tuple does that the dataclass did not is compare equal to any
 tuple with the same items: a Suspect to the Dead of the same member and

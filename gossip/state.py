@@ -349,11 +349,10 @@ class StateRules:
 
         Gossip alone reaches the last of them a few rounds later, and in a burst of joins
         the members that joined together know each other only from gossip.  Said directly,
-        as a leave is, every member the join's push-pull named hears it at once.  Only up to
-        JOIN_DIRECT members: a simulated burst of 100 joins (0.3 s, one seed) converged no
-        sooner with 32 of them told directly and sent 77 % more datagrams in its first 3 s,
-        since there most joiners are news to each other, which no push-pull names yet
-        (docs/membership.md, "Join bursts").
+        as a leave is, every member the join's push-pull named hears it at once.  Only in a
+        cluster of up to JOIN_DIRECT: in a large burst most joiners are news to each other,
+        which no push-pull names yet, so telling a sample of the cluster adds datagrams and
+        gains nothing (docs/membership.md, "Join bursts", has the simulator's figures).
         """
         me = self._me
         up = [m for m in self._members.values() if m.name != self._name and m.status.up and m.addr != skip]
