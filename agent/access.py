@@ -32,18 +32,16 @@ The checks here are pure: the server hands over the request's head and a
 way to learn the peer's uid, and gets back who is calling or a ``Refused``.
 """
 
-from __future__ import annotations
-
 import hmac
 import ipaddress
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from gossip.address import Address, parse_addr
+from gossip.frozen import same_class_equality
 
 #: Routes anyone who reaches the API may call: liveness for health checkers.
 PUBLIC: frozenset[tuple[str, str]] = frozenset({("GET", "/v1/health")})
@@ -67,8 +65,8 @@ class Refused(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Caller:
+@same_class_equality
+class Caller(NamedTuple):
     """Who made an accepted request, as the audit log names it."""
 
     uid: int | None = None

@@ -21,8 +21,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
@@ -36,6 +35,7 @@ from agent.services import ServiceError, shown
 from agent.store import StoreError
 from dataplane.rawsocket import RawSocketStream
 from gossip.address import parse_addr
+from gossip.frozen import same_class_equality
 
 if TYPE_CHECKING:
     from agent.runner import Agent
@@ -56,8 +56,8 @@ def _encode(payload: Any) -> bytes:
 _ACCESS_HEADERS = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization", b"content-type"})
 
 
-@dataclass(frozen=True)
-class Streamed:
+@same_class_equality
+class Streamed(NamedTuple):
     """A reply whose body is sent as it is produced, until it ends or the client goes away.
 
     ``open`` is entered before the response head goes out, so whatever it

@@ -8,7 +8,6 @@ moving after a pull brought some.  The membership calls it as its ConfigPeer.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -113,7 +112,7 @@ class ConfigSpread:
             return push
         member = self.membership.members.get(pull.source)
         if member is None:
-            return dataclasses.replace(push, pulling_back=False)  # nowhere to pull back from
+            return push._replace(pulling_back=False)  # nowhere to pull back from
         self._start_pull(pull.source, member.addr, 0)  # pull back what it has and we lack
         return push
 

@@ -4,11 +4,10 @@ Apart from agent/dns_answers.py so that reading the configuration does not
 load dnspython: the agent loads it when the first query arrives.
 """
 
-from __future__ import annotations
-
 import re
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from gossip.frozen import same_class_equality
 
 #: Consul's DNS port, on loopback: the host's resolver forwards the mesh's domain here.
 DEFAULT_DNS = "127.0.0.1:8600"
@@ -16,8 +15,8 @@ DEFAULT_DNS = "127.0.0.1:8600"
 _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 
-@dataclass(frozen=True)
-class DnsSettings:
+@same_class_equality
+class DnsSettings(NamedTuple):
     """What the config file's ``[dns_config]`` table may set (Consul's names where it has one)."""
 
     domain: str = "mesh."

@@ -25,14 +25,14 @@ agent knows the same rules, so a denied call can be refused before it leaves.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent import entry_kinds, log, store
 from agent.config_entries import ConfigEntries
 from agent.services import SERVICE_NAME_RE, ServiceError, shown
 from gossip import hlc
+from gossip.frozen import same_class_equality
 
 STORE_FILE = "intentions.json"
 WILDCARD = "*"
@@ -41,8 +41,8 @@ FIELDS = {"source", "destination", "action", "description"}
 MAX_DESCRIPTION = 512
 
 
-@dataclass(frozen=True)
-class Intention:
+@same_class_equality
+class Intention(NamedTuple):
     source: str
     destination: str
     action: str
@@ -70,8 +70,8 @@ class Intention:
                 "version": self.version}
 
 
-@dataclass(frozen=True)
-class Verdict:
+@same_class_equality
+class Verdict(NamedTuple):
     allowed: bool
     #: "allow", "deny", "default" (no rule matched) or "unverified".
     reason: str

@@ -2,20 +2,23 @@
 
 An agent runs on every node and is restarted on every rollout, so what its
 process imports for nothing is paid in start-up CPU and in memory many times
-over (docs/footprint.md).  Three such imports are worth refusing:
+over (docs/footprint.md).  Four such imports are worth refusing:
 
 - structlog imports asyncio, for async logging methods this agent never calls
   (it runs on trio);
 - trio imports ssl, for TLS streams the agent never opens (its tunnels are
   Noise over TCP), and ssl loads and initialises OpenSSL's libssl and
   libcrypto;
+- trio imports the ``idna`` package (and its tables) to encode host names
+  that are not ASCII, which the agent never resolves: its addresses are IP
+  literals or plain host names;
 - hashlib imports OpenSSL's ``_hashlib`` for its constructors, which maps and
   initialises libcrypto again.  The agent hashes with BLAKE2b, which is always
   CPython's own implementation, and with SHA-256 over a few hundred bytes at a
   time, where CPython's builtin serves as well; without ``_hashlib`` hashlib
   uses the builtins for every algorithm, and libcrypto is never mapped.
 
-The first two are imported through a stand-in (:class:`OnDemand`) that holds
+The first three are imported through a stand-in (:class:`OnDemand`) that holds
 their place in ``sys.modules`` only while the dependency itself is imported:
 the dependency's references to it import the real module on first use, and
 any other importer gets the real module.
@@ -81,7 +84,7 @@ def hashlib_without_openssl() -> None:
 
 
 def import_trio() -> None:
-    """Import trio without ssl, and hashlib and hmac (which trio imports) without OpenSSL."""
+    """Import trio without ssl and idna, and hashlib and hmac (which trio imports) without OpenSSL."""
     hashlib_without_openssl()
-    with standing_in("ssl"):
+    with standing_in("ssl", "idna"):
         import trio  # noqa: F401

@@ -4,13 +4,13 @@ Apart from dataplane/proxy.py because the agent's directory hands these out
 (agent/directory.py) whether or not this agent has loaded its data plane.
 """
 
-from __future__ import annotations
+from typing import NamedTuple
 
-from dataclasses import dataclass
+from gossip.frozen import same_class_equality
 
 
-@dataclass(frozen=True)
-class Endpoint:
+@same_class_equality
+class Endpoint(NamedTuple):
     node: str
     instance_id: str
     host: str

@@ -51,12 +51,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from msgpack import packb
 
 from gossip import hlc
+from gossip.frozen import same_class_equality
 from gossip.signing import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Signer, Verifier
 
 #: Domain separation: a config entry's signature is never valid as an alive's or anything else.
@@ -95,8 +95,8 @@ def signed_bytes(kind: str, name: str, body: dict[str, Any] | None, version: int
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+@same_class_equality
+class Entry(NamedTuple):
     kind: str
     name: str
     #: None for a delete (a tombstone).

@@ -30,15 +30,13 @@ reasons):
 Pure: message bodies in and out, no I/O; gossip.wire carries them.
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import msgpack
 
 from gossip.address import Address
 from gossip.config_store import MAX_KIND, MAX_NAME, ConfigStore, Entry, EntryError, Key, Summary
+from gossip.frozen import same_class_equality
 from gossip.wire import ConfigPull, ConfigPush
 
 #: The gossip query that announces a written entry.
@@ -73,8 +71,8 @@ class SyncError(ValueError):
     """A peer's announcement, summary or pull reply that is not well formed."""
 
 
-@dataclass(frozen=True)
-class Announced:
+@same_class_equality
+class Announced(NamedTuple):
     """An announcement too large to carry its entry: which version to fetch, from the writer."""
 
     kind: str

@@ -31,6 +31,9 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from gossip.frozen import same_class_equality
 
 #: Below this, two points count as the same place (serf's zeroThreshold).  It
 #: is also the floor for an RTT and for the summed error, to keep divisions
@@ -99,8 +102,8 @@ def _is_number(value: object) -> bool:
     return type(value) is float or type(value) is int
 
 
-@dataclass(frozen=True)
-class Coordinate:
+@same_class_equality
+class Coordinate(NamedTuple):
     """A node's place in the coordinate space; all fields in seconds except error.
 
     Immutable so that a coordinate handed to the wire layer, or kept as the

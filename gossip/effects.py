@@ -6,21 +6,20 @@ line) behind, which the driver takes with ``Membership.drain()``; counters are
 read whenever the driver wants them (``mesh-agent info``, ``/metrics``).
 """
 
-from __future__ import annotations
-
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
+from gossip.frozen import same_class_equality
 from gossip.wire import Address
 
 #: Upper bounds (seconds) of the probe RTT histogram: loopback to intercontinental.
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-@dataclass(frozen=True)
-class SendPacket:
+@same_class_equality
+class SendPacket(NamedTuple):
     """Send this (plaintext) packet as one UDP datagram to ``addr``."""
 
     addr: Address
@@ -48,8 +47,8 @@ class Purpose(StrEnum):
     SELF = "self"
 
 
-@dataclass(frozen=True)
-class StartPushPull:
+@same_class_equality
+class StartPushPull(NamedTuple):
     """Open TCP to ``target``, send ``push_pull_payload()``, read the reply, and
     report back with ``complete_push_pull``.  ``target`` may hold a host name
     (a seed), which the driver resolves at each attempt."""
@@ -58,8 +57,8 @@ class StartPushPull:
     purpose: Purpose
 
 
-@dataclass(frozen=True)
-class FetchState:
+@same_class_equality
+class FetchState(NamedTuple):
     """Ask ``addr`` over TCP for ``node``'s full state (``state_request_payload``)
     and hand the reply to ``complete_fetch``."""
 
@@ -67,8 +66,8 @@ class FetchState:
     addr: Address
 
 
-@dataclass(frozen=True)
-class TcpProbe:
+@same_class_equality
+class TcpProbe(NamedTuple):
     """memberlist's fallback ping: send ``payload`` (a Ping) over TCP to ``addr``
     and report the reply (an Ack) with ``complete_tcp_probe(seq, reply)`` before
     ``deadline``.  A member whose UDP is blocked by a firewall stays alive this
@@ -104,8 +103,8 @@ class EventKind(StrEnum):
     UDP_RESTORED = "udp_restored"
 
 
-@dataclass(frozen=True)
-class Event:
+@same_class_equality
+class Event(NamedTuple):
     """Something worth a log line: ``kind`` is the event name, ``fields`` its data."""
 
     kind: EventKind

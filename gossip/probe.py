@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass
 
 from gossip.dissemination import Dissemination
 from gossip.effects import RTT_BUCKETS, EventKind, TcpProbe
@@ -37,31 +36,38 @@ from gossip.wire import (
 )
 
 
-@dataclass
 class Probe:
     """The probe in flight: its target, and how far it got."""
 
-    target: str
-    seq: int
-    sent: float
-    direct_deadline: float
-    end: float
-    indirect_sent: bool = False
-    expected_nacks: int = 0
-    nacks: int = 0
-    #: The TCP fallback probe got the target's ack.
-    tcp_ok: bool = False
+    # (Plain classes, not dataclasses: built at every agent start, and nothing
+    # compares or prints them; gossip.frozen says what a dataclass costs.)
+    __slots__ = ("target", "seq", "sent", "direct_deadline", "end", "indirect_sent", "expected_nacks", "nacks",
+                 "tcp_ok")
+
+    def __init__(self, target: str, seq: int, sent: float, direct_deadline: float, end: float) -> None:
+        self.target = target
+        self.seq = seq
+        self.sent = sent
+        self.direct_deadline = direct_deadline
+        self.end = end
+        self.indirect_sent = False
+        self.expected_nacks = 0
+        self.nacks = 0
+        #: The TCP fallback probe got the target's ack.
+        self.tcp_ok = False
 
 
-@dataclass
 class _Relay:
     """A ping-req we are serving for someone else."""
 
-    requester: Address
-    orig_seq: int
-    target: str
-    nack_at: float | None
-    expire: float
+    __slots__ = ("requester", "orig_seq", "target", "nack_at", "expire")
+
+    def __init__(self, requester: Address, orig_seq: int, target: str, nack_at: float | None, expire: float) -> None:
+        self.requester = requester
+        self.orig_seq = orig_seq
+        self.target = target
+        self.nack_at = nack_at
+        self.expire = expire
 
 
 class Prober:

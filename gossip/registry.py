@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
+from gossip.frozen import same_class_equality
 from gossip.wire import MAX_NAME_LEN, DecodeError
 
 HEALTH_STATES = ("passing", "warning", "critical")
@@ -34,8 +35,8 @@ MAX_META_VALUE = 512
 MAX_OUTPUT = 512
 
 
-@dataclass(frozen=True)
-class Instance:
+@same_class_equality
+class Instance(NamedTuple):
     id: str
     service: str
     address: str

@@ -33,6 +33,9 @@ from gossip.wire import (
 
 #: Live members a leaving agent tells directly, besides gossiping its leave.
 LEAVE_DIRECT = 32
+#: A joining agent tells every live member directly, once its join's push-pull has named them,
+#: when they are at most this many; a larger cluster hears of it by gossip alone.
+JOIN_DIRECT = 32
 #: A member seen for the first time has its signature checked this long after
 #: it arrived, and before its tunnel key is used (``checked``).  Why it may
 #: wait: on first sight the signature cannot bind anything -- the name takes
@@ -339,6 +342,25 @@ class StateRules:
             me.sig = self.signer.sign(alive_bytes(me.name, me.addr, me.incarnation, me.tags, me.state, me.tunnel))
         self._broadcast(self._name, Alive(self._name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel,
                                           me.identity, me.sig))
+
+    def announce_joined(self, skip: Address) -> None:
+        """Just joined a small cluster: our alive, said directly to every live member but ``skip``
+        (the member we joined through, which knows), one datagram each.
+
+        Gossip alone reaches the last of them a few rounds later, and in a burst of joins
+        the members that joined together know each other only from gossip.  Said directly,
+        as a leave is, every member the join's push-pull named hears it at once.  Only in a
+        cluster of up to JOIN_DIRECT: in a large burst most joiners are news to each other,
+        which no push-pull names yet, so telling a sample of the cluster adds datagrams and
+        gains nothing (docs/membership.md, "Join bursts", has the simulator's figures).
+        """
+        me = self._me
+        up = [m for m in self._members.values() if m.name != self._name and m.status.up and m.addr != skip]
+        if len(up) > JOIN_DIRECT:
+            return
+        alive = Alive(self._name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel, me.identity, me.sig)
+        for m in up:
+            self.dissemination.send_only(m.addr, [alive])
 
     def state_changed(self) -> None:
         """The delegate's state changed: a new incarnation advertises it."""

@@ -13,7 +13,6 @@ we can still reach.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
 
 from gossip.config_sync import ConfigPeer
@@ -60,16 +59,19 @@ class Refusal(StrEnum):
     NAME_ALIVE = "name_alive"
 
 
-@dataclass
 class _JoinLoop:
-    seeds: list[Address]
-    next_at: float
-    attempt: int = 0
-    in_flight: int = 0
-    done: bool = False
-    last_error: str = ""
-    #: Whether every seed of the current attempt refused the connection so far.
-    all_refused: bool = True
+    # A plain class, not a dataclass: built at every start, never compared or printed (gossip.frozen).
+    __slots__ = ("seeds", "next_at", "attempt", "in_flight", "done", "last_error", "all_refused")
+
+    def __init__(self, seeds: list[Address], next_at: float) -> None:
+        self.seeds = seeds
+        self.next_at = next_at
+        self.attempt = 0
+        self.in_flight = 0
+        self.done = False
+        self.last_error = ""
+        #: Whether every seed of the current attempt refused the connection so far.
+        self.all_refused = True
 
 
 class Sync:
@@ -350,6 +352,7 @@ class Sync:
                     # Announce ourselves to the members we just learned about
                     # now, rather than at the next gossip tick.
                     self.dissemination.gossip_now(now)
+                    self.rules.announce_joined(target)
         if purpose is Purpose.SETTLE and not ok and self._settle_left > 0:
             self._settle_pending = True  # that peer failed us: another, after the doubled quiet
         if purpose in (Purpose.JOIN, Purpose.RECONNECT):

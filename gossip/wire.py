@@ -16,12 +16,8 @@ One module past 700 lines because the format is one table of messages:
 each encoder sits beside its decoder, so a field is never changed on one side only.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import struct
 import zlib
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
@@ -30,6 +26,7 @@ import msgpack
 from gossip.address import Address as Address
 from gossip.address import format_addr as format_addr
 from gossip.address import parse_addr as parse_addr
+from gossip.frozen import same_class_equality
 
 PROTOCOL_VERSION = 1
 
@@ -57,6 +54,8 @@ Tunnel = tuple[Address, bytes]
 #: The tags of a record built without any.  Shared, so never edited in place:
 #: nothing in mesh-agent edits a tags dict, a change replaces the whole dict.
 _NO_TAGS: dict[str, str] = {}
+#: The coordinates of a push-pull built without any: shared the same way.
+_NO_COORDS: dict[str, tuple[float, ...]] = {}
 TUNNEL_KEY_SIZE = 32
 
 
@@ -72,15 +71,15 @@ class DecodeError(Exception):
 # -- messages -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ping:
+@same_class_equality
+class Ping(NamedTuple):
     seq: int
     target: str  # the name we expect to answer, so a reused address cannot ack
     source: str
 
 
-@dataclass(frozen=True)
-class PingReq:
+@same_class_equality
+class PingReq(NamedTuple):
     """SWIM's ping-req: ask the receiver to probe ``target`` for us."""
 
     seq: int
@@ -98,28 +97,28 @@ MAX_COORD_FLOATS = 64
 MAX_COORDS = 100_000
 
 
-@dataclass(frozen=True)
-class Ack:
+@same_class_equality
+class Ack(NamedTuple):
     seq: int
     source: str
     #: The acking member's network coordinate (Serf piggy-backs it the same way).
     coord: tuple[float, ...] | None = None
 
 
-@dataclass(frozen=True)
-class Nack:
+@same_class_equality
+class Nack(NamedTuple):
     """Lifeguard: a ping-req helper could not reach the target either."""
 
     seq: int
     source: str
 
 
-@dataclass(frozen=True)
-class Alive:
+@same_class_equality
+class Alive(NamedTuple):
     name: str
     incarnation: int
     addr: Address
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = _NO_TAGS
     state: NodeState | None = None
     tunnel: Tunnel | None = None
     #: The member's Ed25519 public key and its signature over the fields
@@ -128,15 +127,15 @@ class Alive:
     sig: bytes | None = None
 
 
-@dataclass(frozen=True)
-class Suspect:
+@same_class_equality
+class Suspect(NamedTuple):
     name: str
     incarnation: int
     source: str
 
 
-@dataclass(frozen=True)
-class Dead:
+@same_class_equality
+class Dead(NamedTuple):
     """``source == name`` means the member left gracefully."""
 
     name: str
@@ -164,8 +163,8 @@ class MemberRecord(NamedTuple):
     sig: bytes | None = None
 
 
-@dataclass(frozen=True)
-class PushPull:
+@same_class_equality
+class PushPull(NamedTuple):
     source: str
     join: bool
     members: list[MemberRecord]
@@ -175,7 +174,7 @@ class PushPull:
     delegate: bytes = b""
     #: Network coordinates the sender holds, its own included, so a member can
     #: estimate its RTT to nodes it has never probed.
-    coords: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    coords: dict[str, tuple[float, ...]] = _NO_COORDS
     #: A periodic sync without the members' signatures (gossip.sync: lite
     #: push-pull); a receiver that finds something new in it asks for a full one.
     lite: bool = False
@@ -190,8 +189,8 @@ class PushPull:
     config: bytes | None = None
 
 
-@dataclass(frozen=True)
-class ConfigPull:
+@same_class_equality
+class ConfigPull(NamedTuple):
     """Ask a member (over TCP) for the config entries newer than ``summary`` (gossip.config_sync).
 
     Sent only to members whose push-pull carried a config digest, so never to an
@@ -205,8 +204,8 @@ class ConfigPull:
     stale: bool = False
 
 
-@dataclass(frozen=True)
-class ConfigPush:
+@same_class_equality
+class ConfigPush(NamedTuple):
     """The answer to a ConfigPull: entries in their wire form, checked and verified by the receiver."""
 
     entries: list[Any]
@@ -218,22 +217,22 @@ class ConfigPush:
     pulling_back: bool = False
 
 
-@dataclass(frozen=True)
-class StateRequest:
+@same_class_equality
+class StateRequest(NamedTuple):
     """Ask a member (over TCP) for one node's full application state."""
 
     source: str
     node: str
 
 
-@dataclass(frozen=True)
-class StateReply:
+@same_class_equality
+class StateReply(NamedTuple):
     node: str
     data: bytes  # empty when the responder holds nothing for that node
 
 
-@dataclass(frozen=True)
-class Query:
+@same_class_equality
+class Query(NamedTuple):
     """Serf's internal query: spread to everyone by gossip, answered by each member directly.
 
     Cluster-wide operations (key rotation) ask every member to do something
@@ -247,8 +246,8 @@ class Query:
     payload: bytes
 
 
-@dataclass(frozen=True)
-class QueryResponse:
+@same_class_equality
+class QueryResponse(NamedTuple):
     id: int
     source: str
     payload: bytes
@@ -658,7 +657,7 @@ def encode_push_pull_stream(msg: PushPull, packed_records: list[bytes]) -> bytes
     exchange would be most of its cost at thousands of members, while a record
     changes only when its member does.  ``msg.members`` is ignored.
     """
-    head = message_to_obj(dataclasses.replace(msg, members=[]))
+    head = message_to_obj(msg._replace(members=[]))
     del head["members"]
     packed_head: bytes = msgpack.packb(head, use_bin_type=True)
     n = len(head) + 1

@@ -12,8 +12,8 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
    median RSS of those agents ``SETTLE`` s after the last registration was gossiped to all of
    them (Serf: the same agents with no services, which it has not);
 5. ``--agents`` agents spawned at once, all but the first told to join the first: spawn to every
-   agent's log naming all of them (the agents' logs are read, not polled, so the observer costs
-   the 2 cores nothing), and the median RSS of those agents once they all have;
+   agent's log naming all of them (the agents are not asked: their logs are read as they grow,
+   each line once, every CROWD_POLL), and the median RSS of those agents once they all have;
 6. in that crowd, the first agent's CPU per ``members`` request on a kept-alive connection
    (ours: ``GET /v1/members``, all N members in the answer; Serf: its RPC's ``members``), over
    ``--api-requests`` requests after 200 to warm up, less the CPU the agent spends meanwhile
@@ -72,6 +72,9 @@ RSS_AFTER = 2.0
 #: How often readiness is probed while an agent starts: fine enough to time Serf, which answers
 #: within milliseconds of being spawned.
 READY_POLL = 0.002
+#: How often the crowd's logs are looked at: each look reads only what they gained, so it can be
+#: often, and the figure is at most this late.
+CROWD_POLL = 0.01
 
 
 @dataclass
@@ -137,6 +140,33 @@ class Column:
                 except (ValueError, KeyError, TypeError):
                     pass
         return names
+
+
+class LogTail:
+    """What an agent's log gained since the last look: whole lines only, each read once.
+
+    The crowd's observer shares the 2 cores with the agents it times: each look
+    costs it a read per log of what is new, however long the logs have grown,
+    so it can look often.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def new_lines(self) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return ""
+        self.offset += len(data)
+        data = self.partial + data
+        cut = data.rfind(b"\n") + 1
+        self.partial = data[cut:]
+        return data[:cut].decode(errors="replace")
 
 
 def wait(pred: Callable[[], bool], timeout: float, interval: float) -> bool:
@@ -307,18 +337,17 @@ def crowd(col: Column, key: str, work: Path, n: int, timeout: float, api_request
                 for i, (nm, (port, ctl)) in enumerate(zip(names, ports, strict=True))]
         want = set(names)
         pending = set(range(n))
+        tails = [LogTail(path) for path in logs]
+        seen: list[set[str]] = [{nm} for nm in names]
 
         def all_seen() -> bool:
             for i in list(pending):
-                try:
-                    text = logs[i].read_text(errors="replace")
-                except OSError:
-                    continue
-                if want <= col.names_in_log(text) | {names[i]}:
+                seen[i] |= col.names_in_log(tails[i].new_lines())
+                if want <= seen[i]:
                     pending.discard(i)
             return not pending
 
-        if wait(all_seen, timeout, 0.02):
+        if wait(all_seen, timeout, CROWD_POLL):
             col.add("crowd_converged_s", time.monotonic() - t0)
             rss = [proc_rss_mib(pid) for pid in pids]
             col.add("rss_in_crowd_mib", statistics.median(r for r in rss if r is not None))

@@ -135,7 +135,7 @@ def test_signatures_hold_through_the_wire_and_fail_on_any_change() -> None:
     assert back == e
     for field, value in (("body", {"protocol": "tcp"}), ("version", hlc.make(43)), ("writer", "n2"),
                          ("name", "web"), ("kind", "service-resolver"), ("body", None)):
-        forged = Entry(**{**{f: getattr(e, f) for f in e.__slots__}, field: value})  # type: ignore[arg-type]
+        forged = e._replace(**{field: value})
         with pytest.raises(EntryError, match="does not hold"):
             forged.verify(v)
     other = SIGNERS["n2"]

@@ -78,10 +78,10 @@ def test_distance_to_matches_serf() -> None:
     assert c1.distance_to(c2) == pytest.approx(SERF_DIST)
     assert c1.distance_to(c2) == c2.distance_to(c1)
     # Positive adjustments add ...
-    c1, c2 = dataclasses.replace(c1, adjustment=0.1), dataclasses.replace(c2, adjustment=0.2)
+    c1, c2 = c1._replace(adjustment=0.1), c2._replace(adjustment=0.2)
     assert c1.distance_to(c2) == pytest.approx(SERF_DIST + 0.3)
     # ... and so do heights.
-    c1, c2 = dataclasses.replace(c1, height=0.7), dataclasses.replace(c2, height=0.1)
+    c1, c2 = c1._replace(height=0.7), c2._replace(height=0.1)
     assert c1.distance_to(c2) == pytest.approx(SERF_DIST + 0.3 + 0.8)
     assert c1.raw_distance_to(c2) == pytest.approx(SERF_DIST + 0.8)
 
@@ -90,10 +90,10 @@ def test_adjustment_ignored_when_it_would_make_distance_non_positive() -> None:
     c1, c2 = coord((-0.5, 1.3, 2.4), adjustment=-1.0e6), coord((1.2, -2.3, 3.4))
     assert c1.distance_to(c2) == pytest.approx(SERF_DIST)
     # Exactly zero counts as "not positive" too.
-    c1 = dataclasses.replace(c1, adjustment=-SERF_DIST)
+    c1 = c1._replace(adjustment=-SERF_DIST)
     assert c1.distance_to(c2) == pytest.approx(SERF_DIST)
     # A negative adjustment that leaves a positive distance is applied.
-    c1 = dataclasses.replace(c1, adjustment=-1.0)
+    c1 = c1._replace(adjustment=-1.0)
     assert c1.distance_to(c2) == pytest.approx(SERF_DIST - 1.0)
 
 
@@ -113,10 +113,10 @@ def test_is_valid() -> None:
         for i in range(3):
             vec = list(base.vec)
             vec[i] = bad
-            assert not dataclasses.replace(base, vec=tuple(vec)).is_valid()
+            assert not base._replace(vec=tuple(vec)).is_valid()
         for field in ("error", "adjustment", "height"):
             changes: dict[str, Any] = {field: bad}
-            assert not dataclasses.replace(base, **changes).is_valid()
+            assert not base._replace(**changes).is_valid()
 
 
 def test_apply_force_matches_serf() -> None:
@@ -232,7 +232,7 @@ def test_from_wire_only_ever_raises_value_error(obj: object) -> None:
 def test_update_moves_away_when_rtt_longer_than_predicted() -> None:
     # serf TestClient_Update: a node right above, an RTT twice the distance.
     cl = client()
-    other = dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.001))
+    other = Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.001))
     c = cl.update("node", other, 2 * 0.001)
     assert c.vec[2] < 0.0
     assert c == cl.coordinate
@@ -240,7 +240,7 @@ def test_update_moves_away_when_rtt_longer_than_predicted() -> None:
 
 def test_update_moves_closer_when_rtt_shorter_than_predicted() -> None:
     cl = client()
-    other = dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.5))
+    other = Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.5))
     c = cl.update("node", other, 0.1)
     assert 0.0 < c.vec[2] < 0.5
 
@@ -260,7 +260,7 @@ def test_two_nodes_converge_on_their_rtt() -> None:
 def test_update_rejects_bad_rtt(rtt: float) -> None:
     # serf TestClient_InvalidInPingValues: refused, and nothing changes.
     cl = client()
-    other = dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.001))
+    other = Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.001))
     before = cl.distance_to(other)
     with pytest.raises(ValueError):
         cl.update("node", other, rtt)
@@ -273,7 +273,7 @@ def test_update_rejects_bad_rtt(rtt: float) -> None:
 
 def test_update_accepts_rtt_bounds() -> None:
     cl = client()
-    other = dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.001))
+    other = Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.001))
     cl.update("a", other, 0.0)
     cl.update("b", other, 10.0)
     assert cl.coordinate.is_valid()
@@ -283,8 +283,8 @@ def test_update_accepts_rtt_bounds() -> None:
 def test_update_rejects_invalid_and_incompatible_peers() -> None:
     # serf TestClient_NaN_Defense.
     cl = client()
-    for bad in (dataclasses.replace(Coordinate.origin(C3), vec=(math.nan, 0.0, 0.0)),
-                dataclasses.replace(Coordinate.origin(C3), height=math.inf),
+    for bad in (Coordinate.origin(C3)._replace(vec=(math.nan, 0.0, 0.0)),
+                Coordinate.origin(C3)._replace(height=math.inf),
                 Coordinate.origin(DEFAULT)):
         with pytest.raises(ValueError):
             cl.update("node", bad, 0.25)
@@ -312,7 +312,7 @@ def test_latency_filter_matches_serf() -> None:
 
 
 def test_latency_filter_hides_a_spike_from_vivaldi() -> None:
-    peer = dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.02), error=0.2)
+    peer = Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.02), error=0.2)
     filtered, steady = client(seed=5), client(seed=5)
     for rtt in (0.020, 0.021):
         filtered.update("p", peer, rtt)
@@ -329,7 +329,7 @@ def test_latency_filter_hides_a_spike_from_vivaldi() -> None:
 def test_adjustment_is_half_the_mean_of_the_window() -> None:
     config = dataclasses.replace(C3, adjustment_window_size=4, gravity_rho=1e12)
     cl = client(config)
-    peer = dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.02), error=1e-9)
+    peer = Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.02), error=1e-9)
     rtt = 0.05
     c = cl.update("p", peer, rtt)
     # One sample of rtt - raw distance, in a window of 4, halved.
@@ -352,7 +352,7 @@ def test_gravity_pulls_toward_origin() -> None:
 
 
 def test_gravity_stronger_with_small_rho() -> None:
-    peer = dataclasses.replace(Coordinate.origin(C3), error=0.1)
+    peer = Coordinate.origin(C3)._replace(error=0.1)
     weak = client(dataclasses.replace(C3, gravity_rho=1e12), seed=3)
     strong = client(dataclasses.replace(C3, gravity_rho=5.0), seed=3)
     for _ in range(20):
@@ -363,7 +363,7 @@ def test_gravity_stronger_with_small_rho() -> None:
 
 def test_invalid_result_resets_to_origin() -> None:
     cl = client()
-    cl.update("a", dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.01)), 0.01)
+    cl.update("a", Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.01)), 0.01)
     assert cl.coordinate != Coordinate.origin(C3)
     # Finite, so accepted, but so large that the predicted distance overflows
     # to infinity and the step produces NaN: serf starts over rather than
@@ -374,14 +374,14 @@ def test_invalid_result_resets_to_origin() -> None:
     assert c == Coordinate.origin(C3) == cl.coordinate
     assert cl.stats["resets"] == 1
     # And it keeps working afterwards.
-    cl.update("a", dataclasses.replace(Coordinate.origin(C3), vec=(0.0, 0.0, 0.01)), 0.01)
+    cl.update("a", Coordinate.origin(C3)._replace(vec=(0.0, 0.0, 0.01)), 0.01)
     assert cl.coordinate.is_valid() and cl.stats["resets"] == 1
 
 
 def test_poisoned_state_resets() -> None:
     # serf TestClient_NaN_Defense: poison the internal state, next update resets.
     cl = client()
-    cl._coord = dataclasses.replace(cl.coordinate, vec=(math.nan, 0.0, 0.0))
+    cl._coord = cl.coordinate._replace(vec=(math.nan, 0.0, 0.0))
     c = cl.update("node", Coordinate.origin(C3), 0.25)
     assert c.is_valid() and c == Coordinate.origin(C3)
     assert cl.stats["resets"] == 1

@@ -39,6 +39,7 @@ lean.import_trio()
 import trio
 assert "ssl" not in sys.modules and "_ssl" not in sys.modules, "trio's import loaded ssl"
 assert "_hashlib" not in sys.modules, "hashlib loaded OpenSSL"
+assert "idna" not in sys.modules, "trio's import loaded idna"
 import hashlib, hmac
 assert hashlib.sha256(b"abc").hexdigest() == (
     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
@@ -49,11 +50,16 @@ assert hmac.compare_digest(b"a", b"a") and not hmac.compare_digest(b"a", b"b")
 bio = trio._ssl._stdlib_ssl.MemoryBIO()
 import ssl
 assert type(ssl).__name__ == "module" and isinstance(bio, ssl.MemoryBIO)
+# The same for idna: a host name that is not ASCII is encoded by the real module, on first use.
+assert trio._socket.encode_hostname("bücher.example") == b"xn--bcher-kva.example"
+assert trio._socket.encode_hostname("127.0.0.1") == b"127.0.0.1"
+import idna
+assert type(idna).__name__ == "module" and idna.encode("bücher.example") == b"xn--bcher-kva.example"
 print("ok")
 """
 
 
-def test_trio_imports_without_ssl_and_hashlib_without_openssl() -> None:
+def test_trio_imports_without_ssl_and_idna_and_hashlib_without_openssl() -> None:
     r = subprocess.run([sys.executable, "-c", _LEAN], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 
@@ -59,11 +58,11 @@ def test_a_forged_alive_is_rejected_and_counted() -> None:
     b = signer()
     good = signed(b, "b", 0, A("b"))
     # First sight: taken at once, its signature checked VERIFY_DELAY later.
-    feed(m, 1.0, dataclasses.replace(good, incarnation=5))  # signature over other fields
+    feed(m, 1.0, good._replace(incarnation=5))  # signature over other fields
     assert "b" in m.members and m.counters.drops["bad_signature"] == 0
     assert "member_forged" in settle_checks(m, 1.0)
     assert "b" not in m.members and m.counters.drops["bad_signature"] == 1
-    feed(m, 2.0, dataclasses.replace(good, sig=bytes(64)))
+    feed(m, 2.0, good._replace(sig=bytes(64)))
     settle_checks(m, 2.0)
     assert "b" not in m.members and m.counters.drops["bad_signature"] == 2
     feed(m, 3.0, Alive("b", 0, A("b")))  # unsigned, in a signed cluster: refused at once
@@ -77,7 +76,7 @@ def test_first_sight_checks_come_verify_delay_after_arrival() -> None:
     m = machine()
     signers = {f"n{i}": signer() for i in range(6)}
     forged = signed(signers["n0"], "n0", 0, A("n0"))
-    forged = dataclasses.replace(forged, addr=A("elsewhere"))  # a relay changed the address
+    forged = forged._replace(addr=A("elsewhere"))  # a relay changed the address
     feed(m, 1.0, forged)
     # A burst of joins goes on: nothing is checked during it ...
     for i in range(1, 6):
@@ -117,7 +116,7 @@ def test_an_update_to_an_unchecked_member_checks_what_we_hold_first() -> None:
     m = machine()
     b, mallory = signer(), signer()
     # Mallory's alive for b, under b's key but not signed by it, arrives first ...
-    feed(m, 1.0, dataclasses.replace(signed(b, "b", 0, A("b")), addr=A("mallory")))
+    feed(m, 1.0, signed(b, "b", 0, A("b"))._replace(addr=A("mallory")))
     assert m.members["b"].addr == A("mallory")
     # ... then b's own: the record held is checked, found forged, and b's taken instead.
     feed(m, 1.1, signed(b, "b", 1, A("b")))

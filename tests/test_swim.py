@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from gossip.config import LAN, LOCAL, GossipConfig
 from gossip.keyring import SEAL_OVERHEAD
 from gossip.member import Status, overrides
+from gossip.state import JOIN_DIRECT
 from gossip.swim import LEAVE_DIRECT, SETTLE_MAX, Event, Membership, SendPacket, StartPushPull, TcpProbe
 from gossip.wire import (
     Ack,
@@ -1044,6 +1045,30 @@ def _joined_through(seed: Membership) -> Membership:
     assert joiner.complete_push_pull(0.0, seed.addr, "join", reply)[0]
     drain(joiner)
     return joiner
+
+
+def _join_and_watch(peers: list[str]) -> Out:
+    """What "j" sends as its join through "s" (which knows ``peers``) completes."""
+    seed = machine("s", peers)
+    joiner = Membership("j", A("j"), LAN, rng=random.Random(1))
+    joiner.join(0.0, [seed.addr])
+    drain(joiner)
+    reply = seed.handle_stream(0.0, A("j"), joiner.push_pull_payload(True))
+    assert joiner.complete_push_pull(0.0, seed.addr, "join", reply)[0]
+    return drain(joiner)
+
+
+def test_a_joiner_in_a_small_cluster_tells_every_member_directly() -> None:
+    peers = [f"p{i}" for i in range(JOIN_DIRECT)]
+    out = _join_and_watch(peers)
+    alone = {to for _, to, _, msgs in out.packets if [type(m) for m in msgs] == [Alive] and msgs[0].name == "j"}
+    assert alone == set(peers)  # each in a datagram of its own; not the seed, which knows
+
+
+def test_a_joiner_in_a_larger_cluster_leaves_it_to_gossip() -> None:
+    out = _join_and_watch([f"p{i}" for i in range(JOIN_DIRECT + 1)])
+    told = {to for _, to, _, msgs in out.packets if any(isinstance(m, Alive) and m.name == "j" for m in msgs)}
+    assert 0 < len(told) <= LAN.gossip_nodes  # its gossip round, no more
 
 
 def test_a_joiner_syncs_once_more_when_news_of_new_members_stops() -> None:

@@ -57,21 +57,24 @@ tags = st.dictionaries(tag_text, tag_text, max_size=MAX_TAGS)
 small_tags = st.dictionaries(st.text(_chars, max_size=20), st.text(_chars, max_size=40), max_size=6)
 statuses = st.sampled_from(["alive", "suspect", "dead", "left"])
 
-# The optional fields are named: for a NamedTuple, builds() would otherwise draw
-# them from their type hints, unbounded (a node state the wire rightly refuses).
+# The optional fields are named: for a NamedTuple (the messages are named tuples too,
+# gossip.frozen), builds() would otherwise draw them from their type hints, unbounded
+# (a node state the wire rightly refuses).
 records = st.builds(MemberRecord, nonempty_names, addrs, u63, statuses, small_tags,
                     state=st.none(), tunnel=st.none(), identity=st.none(), sig=st.none())
 
 messages = st.one_of(
     st.builds(Ping, u63, names, names),
     st.builds(PingReq, u63, names, addrs, names, st.booleans()),
-    st.builds(Ack, u63, names),
+    st.builds(Ack, u63, names, coord=st.none()),
     st.builds(Nack, u63, names),
-    st.builds(Alive, names, u63, addrs, tags),
+    st.builds(Alive, names, u63, addrs, tags, state=st.none(), tunnel=st.none(), identity=st.none(),
+              sig=st.none()),
     st.builds(Suspect, names, u63, names),
     st.builds(Dead, names, u63, names),
     st.builds(PushPull, names, st.booleans(), st.lists(records, max_size=8),
-              st.text(_chars, max_size=1024)),
+              st.text(_chars, max_size=1024), delegate=st.just(b""), coords=st.just({}), lite=st.just(False),
+              fresh=st.just(()), refusal=st.just(""), config=st.none()),
 )
 
 
@@ -141,7 +144,7 @@ def test_every_message_type_has_its_own_tag() -> None:
 
 
 @SETTINGS
-@given(st.lists(st.builds(Ack, u63, names), min_size=0, max_size=40))
+@given(st.lists(st.builds(Ack, u63, names, coord=st.none()), min_size=0, max_size=40))
 def test_pack_packet_equals_encode_packet_at_every_array_size(msgs: list[Ack]) -> None:
     # 0..15 messages use a fixarray header, 16 and more an array16 one.
     packed = pack_packet([encode_message(m) for m in msgs])
