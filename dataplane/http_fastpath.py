@@ -414,6 +414,10 @@ class _Fields:
 _REWRITTEN: Final = re.compile(rb"\r\n(?:%s):" % b"|".join(sorted(HOP_BY_HOP - {b"connection"})))
 
 
+#: Most response heads are a few hundred bytes: the first bytes copied to look for the head's end.
+_HEAD_GUESS: Final = 512
+
+
 def _plain_head(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, bytes | None] | None:
     """For a final head that came whole at the start of ``data`` and may go on as it came: the head as
     received, as it goes to the client, and its Content-Length value (None for a 204 or 304 without
@@ -427,8 +431,11 @@ def _plain_head(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, byt
     line ends (RFC 9112 §5.1, §5.2, §2.2), so no field can hide from that search, and a head it
     refuses goes nowhere.
     """
-    raw = data if isinstance(data, bytes) else bytes(data[:MAX_HEAD + 4])
+    raw = data if isinstance(data, bytes) else bytes(data[:_HEAD_GUESS])  # not the body: _count copies it
     end = raw.find(b"\r\n\r\n")
+    if end < 0 and len(raw) == _HEAD_GUESS:
+        raw = bytes(data[:MAX_HEAD + 4])
+        end = raw.find(b"\r\n\r\n")
     if end < 0 or not raw.startswith(b"HTTP/1.1 ") or raw[9:10] == b"1":
         return None
     head = raw[:end + 4]

@@ -418,3 +418,12 @@ def test_a_request_passed_on_as_it_came_says_what_one_written_anew_says(
     assert others(passed) == others(rewritten)
     assert (passed.method, passed.target, passed_body) == (rewritten.method, rewritten.target, rewritten_body)
     assert passed_body == body
+
+
+@pytest.mark.parametrize("fillers", [0, 30, 300])  # heads well under, about and well over the first copy
+def test_a_long_head_in_a_buffer_is_read_plainly_too(fillers: int) -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"x-filler: y\r\n" * fillers + b"Content-Length: 2\r\n\r\n"
+    resp = Response()
+    resp.feed(memoryview(bytearray(head + b"ok")))
+    assert resp.raw_head == head and resp.done and resp.take_body() == b"ok"
+    assert len(resp.headers) == fillers + 1
