@@ -178,8 +178,15 @@ class PeakEwma:
             self._stamp = now
 
     def cost(self, now: float, outstanding: int, prior: float | None = None) -> float:
-        """Expected latency of one more connection: estimate * (outstanding + 1) (Finagle)."""
-        return max(self.value(now, prior), _MIN_ESTIMATE) * (max(outstanding, 0) + 1)
+        """Expected latency of one more connection: estimate * (outstanding + 1) (Finagle).
+
+        ``value`` and ``_decay`` inline, comparisons for max(): a P2C pick asks this twice."""
+        if not self._observed and prior is not None:
+            v = max(prior, 0.0)
+        else:
+            elapsed = now - self._stamp
+            v = self._value * math.exp(-elapsed / self.decay_time) if elapsed > 0.0 else self._value
+        return max(v, _MIN_ESTIMATE) * (outstanding + 1 if outstanding > 0 else 1)
 
 
 @dataclass(slots=True)
@@ -385,14 +392,12 @@ class Balancer(Generic[K]):
         i = int(self.rng.random() * n)
         j = int(self.rng.random() * (n - 1))
         a, b = pool[i], pool[j + 1 if j >= i else j]  # two distinct, every pair as likely (random.sample's cost, less)
-        ca, cb = self._cost(now, a), self._cost(now, b)
+        instances = self._instances
+        ia, ib = instances[a[0].key], instances[b[0].key]
+        ca = ia.ewma.cost(now, ia.outstanding, a[0].rtt) / a[1]  # (_cost's, without its call)
+        cb = ib.ewma.cost(now, ib.outstanding, b[0].rtt) / b[1]
         wa, wb = cb, ca
         return a[0].key if self.rng.random() * (wa + wb) < wa else b[0].key
-
-    def _cost(self, now: float, cw: tuple[Candidate[K], float]) -> float:
-        c, w = cw
-        inst = self._instances[c.key]
-        return inst.ewma.cost(now, inst.outstanding, c.rtt) / w
 
     def _round_robin(self, pool: list[tuple[Candidate[K], float]]) -> K:
         # Smooth weighted round robin (nginx): every candidate earns its weight,

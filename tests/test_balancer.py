@@ -118,6 +118,19 @@ def test_cost_is_estimate_times_outstanding_plus_one() -> None:
     assert 0 < z.cost(0.0, 0) < z.cost(0.0, 5)
 
 
+@given(samples=st.lists(st.tuples(st.floats(0, 100), st.floats(-1, 5)), max_size=20),
+       now=st.floats(0, 200), outstanding=st.integers(-2, 50),
+       prior=st.one_of(st.none(), st.floats(-1, 1)))
+def test_cost_is_the_estimate_as_value_reads_it(samples: list[tuple[float, float]], now: float, outstanding: int,
+                                                prior: float | None) -> None:
+    """cost() reads the estimate itself (it runs twice per pick); it must agree with value()."""
+    e = PeakEwma(decay_time=10.0)
+    for t, sample in sorted(samples):
+        e.observe(t, sample)
+    expected = max(e.value(now, prior), 1e-6) * (max(outstanding, 0) + 1)
+    assert e.cost(now, outstanding, prior) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
 def test_rejects_bad_decay_time() -> None:
     with pytest.raises(ValueError):
         PeakEwma(decay_time=0.0)
