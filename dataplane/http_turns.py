@@ -49,7 +49,7 @@ import httptools
 import trio
 
 from dataplane.http_fastpath import MAX_HEAD, SLOW, PlainRequest, SlowPath, forward_bytes, parse_request
-from dataplane.http_proxy import Call, _Client, _next_request, _record, _Request, plain_advance
+from dataplane.http_proxy import Call, _Client, _next_request, _record, plain_advance, plain_state
 from dataplane.rawsocket import RawSocketStream
 from dataplane.stream import WHOLE_MAX, TunnelStream
 
@@ -246,8 +246,7 @@ class Turns:
         self.picked = None
         del c.buf[:req.length]
         self.searched[0] = 0
-        r = _Request(req.method, req.target, None, opts.http.timeout, True, now)  # (http_proxy.plain_state's)
-        r.wire, r.body, r.complete, r.close = out, req.body, True, req.close
+        r = plain_state(req, out, opts.http.timeout, now)
         r.instance, r.node = endpoint.instance_id, endpoint.node
         up.stats["http_requests"] += 1
         up.budget.request(now)
@@ -348,11 +347,7 @@ class Turns:
         if not ic.reusable():
             self._hand_over()  # the task closes it, out of the session's reader
             return
-        stream = ic.stream
-        if isinstance(stream, TunnelStream):  # (_release's, without its call)
-            stream.read_by(None)
-        else:
-            cast(RawSocketStream, stream).unwatch()
+        _release(call)
         self.call = None
         up = self.up
         up.router.closed(now, call.attempt, None, True)

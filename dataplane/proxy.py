@@ -547,12 +547,9 @@ class Proxy:
         """The router's choice among the passing instances not tried yet, on nodes that did not
         refuse this connection (dataplane.routing); within the connection's split target when the
         service has a discovery chain."""
-        if route is None:  # (route_endpoints' first case, without its call: asked per HTTP request)
-            endpoints = self.directory.passing_endpoints(up.service)
-        else:
-            endpoints, failed_over = self.route_endpoints(up, route)
-            if failed_over:
-                up.stats["failovers"] += 1
+        endpoints, failed_over = self.route_endpoints(up, route)
+        if failed_over:
+            up.stats["failovers"] += 1
         if refusing:  # excluded, not filtered out: the router must still see them listed
             exclude = exclude | {(e.node, e.instance_id) for e in endpoints if e.node in refusing}
         chosen = up.router.pick(trio.current_time() if now is None else now, endpoints, exclude, self.rtt_to,
