@@ -88,6 +88,10 @@ class PlainRequest:
         return self._headers
 
 
+#: Two fields both readings look at, as they start a line of a head in lower case (a field is found
+#: as CRLF, name, colon: see _NOT_PLAIN and _plain_head for why that search is exact).
+_CONNECTION: Final = b"\r\nconnection:"
+_CONTENT_LENGTH: Final = b"\r\ncontent-length:"
 #: llhttp reads the request head for its verdict alone: no callbacks, so no call into Python per field.
 _NO_CALLBACKS: Final = object()
 #: Request fields this path leaves to h11 (the module's docstring), found as CRLF, name, colon in the
@@ -135,18 +139,18 @@ def parse_request(buf: bytearray, searched: list[int] | None = None) -> PlainReq
     if _NOT_PLAIN.search(low) is not None or low.count(b"\r\nhost:") != 1:
         return SLOW  # RFC 9112 §3.2: a missing or repeated Host is h11's to answer 400
     close = False
-    at = low.find(b"\r\nconnection:")
+    at = low.find(_CONNECTION)
     while at >= 0:
         eol = low.find(b"\r\n", at + 2)
-        tokens = {t.strip(b" \t") for t in low[at + 13:eol].split(b",")}
+        tokens = {t.strip(b" \t") for t in low[at + len(_CONNECTION):eol].split(b",")}
         if not tokens <= _PLAIN_CONNECTION:
             return SLOW
         close = close or b"close" in tokens
-        at = low.find(b"\r\nconnection:", eol)
+        at = low.find(_CONNECTION, eol)
     length = 0
-    at = low.find(b"\r\ncontent-length:")
+    at = low.find(_CONTENT_LENGTH)
     if at >= 0:  # only one: llhttp refuses a repeated Content-Length
-        length = int(head[at + 17:low.find(b"\r\n", at + 2)])  # and checked it is digits
+        length = int(head[at + len(_CONTENT_LENGTH):low.find(b"\r\n", at + 2)])  # and checked it is digits
         if length > RETRY_BUFFER:
             return SLOW
     if len(buf) < size + length:
@@ -168,11 +172,11 @@ def forward_bytes(req: PlainRequest, client: str) -> bytes:
     low = head.lower()
     if _REQUEST_REWRITTEN.search(low) is not None:
         return request_bytes(req.method, req.target, request_headers(req.headers, client), req.body)
-    at = low.find(b"\r\nconnection:")
+    at = low.find(_CONNECTION)
     while at >= 0:  # it names no other field: this path takes only keep-alive and close
         eol = low.find(b"\r\n", at + 2)
         head, low = head[:at] + head[eol:], low[:at] + low[eol:]
-        at = low.find(b"\r\nconnection:", at)
+        at = low.find(_CONNECTION, at)
     added = client_lines(client)
     if low.find(b"\r\nx-request-id:") < 0:
         added = b"x-request-id: %s\r\n%s" % (new_request_id(), added)
@@ -443,16 +447,16 @@ def _plain_head(data: bytes | bytearray | memoryview) -> tuple[bytes, bytes, byt
     if _REWRITTEN.search(low) is not None:
         return None
     passed = head
-    at = low.find(b"\r\nconnection:")
+    at = low.find(_CONNECTION)
     if at >= 0:
         eol = low.find(b"\r\n", at + 2)
-        if low[at + 13:eol].strip(b" \t") != b"keep-alive" or low.find(b"\r\nconnection:", eol) >= 0:
+        if low[at + len(_CONNECTION):eol].strip(b" \t") != b"keep-alive" or low.find(_CONNECTION, eol) >= 0:
             return None
         passed = head[:at] + head[eol:]
     length: bytes | None = None
-    at = low.find(b"\r\ncontent-length:")
+    at = low.find(_CONTENT_LENGTH)
     if at >= 0:
-        length = head[at + 17:low.find(b"\r\n", at + 2)].strip(b" \t")
+        length = head[at + len(_CONTENT_LENGTH):low.find(b"\r\n", at + 2)].strip(b" \t")
     elif raw[9:12] not in (b"204", b"304"):
         return None  # a body that ends with the connection (RFC 9112 §6.3 rule 8): rare, and read by llhttp
     return head, passed, length

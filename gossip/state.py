@@ -340,8 +340,12 @@ class StateRules:
         if self.signer is not None:
             me.identity = self.signer.public
             me.sig = self.signer.sign(alive_bytes(me.name, me.addr, me.incarnation, me.tags, me.state, me.tunnel))
-        self._broadcast(self._name, Alive(self._name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel,
-                                          me.identity, me.sig))
+        self._broadcast(self._name, self._own_alive())
+
+    def _own_alive(self) -> Alive:
+        """Our own alive as it stands."""
+        me = self._me
+        return Alive(self._name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel, me.identity, me.sig)
 
     def announce_joined(self, skip: Address) -> None:
         """Just joined a small cluster: our alive, said directly to every live member but ``skip``
@@ -354,11 +358,10 @@ class StateRules:
         which no push-pull names yet, so telling a sample of the cluster adds datagrams and
         gains nothing (docs/membership.md, "Join bursts", has the simulator's figures).
         """
-        me = self._me
         up = [m for m in self._members.values() if m.name != self._name and m.status.up and m.addr != skip]
         if len(up) > JOIN_DIRECT:
             return
-        alive = Alive(self._name, me.incarnation, me.addr, dict(me.tags), me.state, me.tunnel, me.identity, me.sig)
+        alive = self._own_alive()
         for m in up:
             self.dissemination.send_only(m.addr, [alive])
 
