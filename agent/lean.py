@@ -2,7 +2,7 @@
 
 An agent runs on every node and is restarted on every rollout, so what its
 process imports for nothing is paid in start-up CPU and in memory many times
-over (docs/footprint.md).  Four such imports are worth refusing:
+over (docs/footprint.md).  Five such imports are worth refusing:
 
 - structlog imports asyncio, for async logging methods this agent never calls
   (it runs on trio);
@@ -16,7 +16,12 @@ over (docs/footprint.md).  Four such imports are worth refusing:
   initialises libcrypto again.  The agent hashes with BLAKE2b, which is always
   CPython's own implementation, and with SHA-256 over a few hundred bytes at a
   time, where CPython's builtin serves as well; without ``_hashlib`` hashlib
-  uses the builtins for every algorithm, and libcrypto is never mapped.
+  uses the builtins for every algorithm, and libcrypto is never mapped;
+- trio's thread cache asks ``ctypes.util.find_library("pthread")`` once, at
+  import, for the library that names its worker threads.  On Linux that
+  module imports shutil, tempfile, bz2 and lzma and runs ``ldconfig -p`` in a
+  child process to answer; on glibc the answer is always the soname
+  ``libpthread.so.0`` (:func:`glibc_pthread`), so trio is given it directly.
 
 The first three are imported through a stand-in (:class:`OnDemand`) that holds
 their place in ``sys.modules`` only while the dependency itself is imported:
@@ -27,6 +32,7 @@ any other importer gets the real module.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 from collections.abc import Iterator
@@ -83,8 +89,55 @@ def hashlib_without_openssl() -> None:
         del sys.modules["_hashlib"]
 
 
+#: The soname glibc gives its threads library (in libc itself since 2.34, kept as a stub).
+GLIBC_PTHREAD = "libpthread.so.0"
+
+
+def glibc_pthread() -> str | None:
+    """``libpthread.so.0`` where the C library is glibc, else None (musl, say, has no such library)."""
+    try:
+        return GLIBC_PTHREAD if os.confstr("CS_GNU_LIBC_VERSION") else None
+    except (ValueError, OSError):  # a C library without the name: not glibc
+        return None
+
+
+class _FindPthread(OnDemand):
+    """``ctypes.util`` for trio's import on glibc: the pthread question answered without ldconfig.
+
+    Any other question, or any other attribute, goes to the real module.
+    """
+
+    def find_library(self, name: str) -> str | None:
+        if name == "pthread":
+            return glibc_pthread()
+        find: Any = self.__getattr__("find_library")
+        return find(name)  # type: ignore[no-any-return]
+
+
+@contextmanager
+def pthread_without_ldconfig() -> Iterator[None]:
+    """While the block runs, ``ctypes.util`` is :class:`_FindPthread`, on glibc and unless already imported."""
+    if "ctypes.util" in sys.modules or glibc_pthread() is None:
+        yield
+        return
+    import ctypes
+
+    stand_in = _FindPthread("ctypes.util")
+    sys.modules["ctypes.util"] = ctypes.util = stand_in  # the import system sets the attribute only on a load
+    try:
+        yield
+    finally:
+        if sys.modules.get("ctypes.util") is stand_in:
+            del sys.modules["ctypes.util"]
+        if getattr(ctypes, "util", None) is stand_in:
+            del ctypes.util
+
+
 def import_trio() -> None:
-    """Import trio without ssl and idna, and hashlib and hmac (which trio imports) without OpenSSL."""
+    """Import trio without ssl and idna, and hashlib and hmac (which trio imports) without OpenSSL.
+
+    On glibc, trio finds the library that names its threads without running ldconfig.
+    """
     hashlib_without_openssl()
-    with standing_in("ssl", "idna"):
+    with standing_in("ssl", "idna"), pthread_without_ldconfig():
         import trio  # noqa: F401

@@ -59,8 +59,32 @@ print("ok")
 """
 
 
-def test_trio_imports_without_ssl_and_idna_and_hashlib_without_openssl() -> None:
+def test_trio_imports_without_ssl_idna_or_ldconfig_and_hashlib_without_openssl() -> None:
     r = subprocess.run([sys.executable, "-c", _LEAN], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+_FIND_LIBRARY = r"""
+import sys
+from agent import lean
+with lean.pthread_without_ldconfig():
+    import ctypes
+    import ctypes.util
+    assert ctypes.util.find_library("pthread") == "libpthread.so.0"
+    assert "shutil" not in sys.modules
+    # Any other question goes to the real module, which stays for every later importer.
+    assert ctypes.util.find_library("c") == "libc.so.6"
+    assert "shutil" in sys.modules
+import ctypes.util as real
+assert type(real).__name__ == "module" and real.find_library("pthread") == "libpthread.so.0"
+assert ctypes.util is real and sys.modules["ctypes.util"] is real
+print("ok")
+"""
+
+
+def test_the_pthread_answer_and_every_other_question_to_ctypes_util() -> None:
+    r = subprocess.run([sys.executable, "-c", _FIND_LIBRARY], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
