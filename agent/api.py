@@ -31,6 +31,7 @@ from agent.access import SAFE_METHODS, Refused
 from agent.api_http import Request, RequestReader
 from agent.durations import parse_duration
 from agent.peercred import loopback_peer_uid
+from agent.runner import PlaneUnavailable
 from agent.services import ServiceError, shown
 from agent.store import StoreError
 from dataplane.rawsocket import RawSocketStream
@@ -537,6 +538,8 @@ class ApiServer:
             return exc.status, {"error": exc.message}
         except StoreError as exc:  # a change that could not be saved, and so was not made
             return 507, {"error": str(exc)}
+        except PlaneUnavailable as exc:  # what needed the data plane was not done; the agent runs on
+            return 503, {"error": str(exc)}
         except ServiceError as exc:  # what the registries refuse, with its 4xx status
             if exc.reason is not None:  # a policy refusal (script checks, a public listener): counted
                 self.policy.count(Refused(exc.status, exc.reason, str(exc)), method, path)

@@ -131,6 +131,25 @@ class StartupError(Exception):
     """The agent cannot start (e.g. a port in use); worded as one line."""
 
 
+#: How long a data plane that failed to build answers with its cause before it is tried again (s).
+PLANE_RETRY_AFTER = 5.0
+
+
+class PlaneUnavailable(Exception):
+    """The data plane could not be built (load_plane); worded as one line, with the cause."""
+
+
+class _PlaneAttempt:
+    """One build of the data plane, which its callers wait for."""
+
+    __slots__ = ("at", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: str | None = None
+        self.at = 0.0  # when it failed
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -179,7 +198,6 @@ class Agent:
         #: The proxy, the tunnel manager and the upstreams (agent.plane): None until the first
         #: local service, upstream or tunnel connection needs them (load_plane).
         self.plane: DataPlane | None = None
-        self._plane_running = trio.Event()
         #: Saves nothing: what `info` and /metrics show for upstreams.json before the data plane exists.
         self._no_upstreams_saver = store.Saver(None, self.log)
         #: The DNS server (agent.dns), None with --dns off.
@@ -201,8 +219,10 @@ class Agent:
         self._kick = trio.Event()
         self._sleep_until = 0.0
         self._leave_done = trio.Event()
-        #: Set by the first load_plane: its later callers wait for _plane_running.
-        self._plane_loading = False
+        #: The data plane's build under way (load_plane): its other callers wait for it.
+        self._plane_attempt: _PlaneAttempt | None = None
+        #: The last build that failed, while its cause is the answer (PLANE_RETRY_AFTER).
+        self._plane_failed: _PlaneAttempt | None = None
         #: Sources of input no installed key opens: (transport, host, port, kind) -> what is known of them.
         #: A TCP stream comes from a new port every time, so TCP sources are kept by host (port 0).
         self._no_key: dict[_StrangerKey, _Stranger] = {}
@@ -277,7 +297,7 @@ class Agent:
                 nursery.start_soon(self._accept_tunnels, tunnel_listeners)
                 if self.services.registrations:
                     # Before anything is sent: peers learn of our instances once we can take their streams.
-                    await self.load_plane()
+                    await self._plane_at_start()
                 if self.cfg.upstreams or self._saved_upstreams():
                     await self._open_upstreams()
                 nursery.start_soon(self._udp_loop)
@@ -302,47 +322,91 @@ class Agent:
     # -- the data plane (agent.plane) ---------------------------------------------------
 
     async def load_plane(self) -> DataPlane:
-        """The data plane, built and started by its first caller; the others wait until it runs."""
-        if not self._plane_loading:
-            self._plane_loading = True
-            assert self._nursery is not None
-            # Shielded: a first caller cancelled here (its client gone) must not leave the
-            # data plane half built for every later one.
-            with trio.CancelScope(shield=True):
-                # Its modules and the tunnel cipher load in a worker thread: a running agent
-                # keeps answering probes meanwhile (the interpreter switches threads every few
-                # ms), where an import on the event loop would stall its acks for the whole
-                # load and show in its peers' RTT to it, which the balancers prefer low.
-                await trio.to_thread.run_sync(_import_plane)
-                from agent.plane import DataPlane
-                from dataplane import noise
+        """The data plane, built and started by its first caller; the others wait until it runs.
 
-                # OpenSSL's cipher waits for the first session (it is most of the data plane's
-                # memory), then loads in a worker thread too; libsodium seals the session's
-                # messages meanwhile.
-                noise.fast_cipher_wanted = self._load_fast_cipher
-
-                self.plane = plane = DataPlane(self)
-                self.directory.tunnel_route = plane.tunnels.route_to
-                plane.proxy.start(self._nursery)
-                await self._nursery.start(plane.tunnels.serve)
-            self._plane_running.set()
-        await self._plane_running.wait()
-        assert self.plane is not None
+        If it cannot be built, the agent stays up without it: every caller waiting for
+        that attempt gets :class:`PlaneUnavailable` with the cause, and so does every
+        call for PLANE_RETRY_AFTER; the first call after that tries again (what was
+        missing may have been put back), so a peer that keeps dialling our tunnel port
+        cannot make us rebuild, and log, in a loop.
+        """
+        if self.plane is not None:
+            return self.plane
+        attempt = self._plane_attempt
+        if attempt is None:
+            failed = self._plane_failed
+            if failed is not None and trio.current_time() - failed.at < PLANE_RETRY_AFTER:
+                raise PlaneUnavailable(f"the data plane could not start: {failed.error}")
+            attempt = self._plane_attempt = _PlaneAttempt()
+            try:
+                # Shielded: a first caller cancelled here (its client gone) must not leave the
+                # data plane half built for every later one.
+                with trio.CancelScope(shield=True):
+                    self.plane = await self._build_plane()
+            except Exception as exc:  # whatever it was, nothing of the data plane was kept
+                attempt.error = f"{type(exc).__name__}: {exc}"
+                attempt.at = trio.current_time()
+                self._plane_failed = attempt
+                self._plane_attempt = None
+                self.log.error("data_plane_failed", detail=attempt.error)
+            finally:
+                attempt.done.set()
+        await attempt.done.wait()
+        if self.plane is None:
+            raise PlaneUnavailable(f"the data plane could not start: {attempt.error}")
         return self.plane
 
-    def _load_fast_cipher(self) -> None:
+    async def _plane_at_start(self) -> DataPlane:
+        """The data plane for what the configuration asks of it at start: without it, no start."""
+        try:
+            return await self.load_plane()
+        except PlaneUnavailable as exc:
+            raise StartupError(str(exc)) from None
+
+    async def _build_plane(self) -> DataPlane:
+        assert self._nursery is not None
+        # Its modules and the tunnel cipher load in a worker thread: a running agent
+        # keeps answering probes meanwhile (the interpreter switches threads every few
+        # ms), where an import on the event loop would stall its acks for the whole
+        # load and show in its peers' RTT to it, which the balancers prefer low.
+        await trio.to_thread.run_sync(_import_plane)
+        from agent.plane import DataPlane
         from dataplane import noise
 
+        # OpenSSL's cipher waits for the first session (it is most of the data plane's
+        # memory), then loads in a worker thread too; libsodium seals the session's
+        # messages meanwhile.
+        noise.fast_cipher_wanted = self._load_fast_cipher
+
+        plane = DataPlane(self)
+        plane.proxy.start(self._nursery)
+        await self._nursery.start(plane.tunnels.serve)
+        self.directory.tunnel_route = plane.tunnels.route_to
+        return plane
+
+    def _load_fast_cipher(self) -> None:
         assert self._nursery is not None
-        self._nursery.start_soon(trio.to_thread.run_sync, noise.load_fast_cipher)
+        self._nursery.start_soon(self._fast_cipher)
+
+    async def _fast_cipher(self) -> None:
+        from dataplane import noise
+
+        try:
+            await trio.to_thread.run_sync(noise.load_fast_cipher)
+        except Exception as exc:  # libsodium's cipher keeps sealing: byte for byte the same, only slower
+            self.log.warning("fast_cipher_unavailable", detail=f"{type(exc).__name__}: {exc}",
+                             sealing_with="libsodium")
 
     async def _accept_tunnels(self, listeners: list[trio.SocketListener]) -> None:
         """The tunnel port accepts from the start: a peer may dial us before we carry traffic
         (we relay for it, or it saw our service before we did), and its connection loads the data plane."""
 
         async def handle(stream: trio.SocketStream) -> None:
-            plane = await self.load_plane()
+            try:
+                plane = await self.load_plane()
+            except PlaneUnavailable:  # logged where it failed; the peer sees its tunnel closed
+                await stream.aclose()
+                return
             await plane.tunnels.handle_connection(stream)
 
         await trio.serve_listeners(handle, listeners)
@@ -362,7 +426,7 @@ class Agent:
         """The configured and the saved upstreams, at start: one that cannot open stops the agent."""
         from dataplane.proxy import ProxyError
 
-        plane = await self.load_plane()
+        plane = await self._plane_at_start()
         try:
             await plane.upstreams.load(self.cfg.upstreams)
         except ProxyError as exc:

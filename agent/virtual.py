@@ -126,7 +126,16 @@ class VirtualUpstreams:
         if port is None:
             self._failed[service] = now
             return False
-        upstreams = await self.upstreams()
+        from agent.runner import PlaneUnavailable
+
+        try:
+            upstreams = await self.upstreams()
+        except PlaneUnavailable as exc:
+            self._failed[service] = now
+            self.stats["failed"] += 1
+            self.log.warning("virtual_upstream_failed", service=service, listen=format_addr((address, port)),
+                             detail=str(exc))
+            return False
         from dataplane.proxy import ProxyError, UpstreamExists  # loaded with the upstreams above
 
         try:

@@ -93,11 +93,20 @@ fast_cipher_wanted: Callable[[], None] | None = None
 
 
 def load_fast_cipher() -> None:
-    """Load OpenSSL's cipher: every transport key uses it from its next message on."""
+    """Load OpenSSL's cipher: every transport key uses it from its next message on.
+
+    It is taken only once it has sealed a message exactly as libsodium's does;
+    otherwise this raises and libsodium's stays in use: the cryptography package
+    missing or broken, or an OpenSSL that refuses ChaCha20-Poly1305 (FIPS mode
+    does, at the first key).
+    """
     global _Fast, _InvalidTag
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+    key, message = bytes(range(KEYLEN)), b"mesh-agent: the fast cipher's check"
+    if ChaCha20Poly1305(key).encrypt(_nonce(0), message, b"") != _encrypt(key, 0, b"", message):
+        raise NoiseError("OpenSSL's ChaCha20-Poly1305 does not seal as libsodium's does")
     _InvalidTag = InvalidTag
     _Fast = ChaCha20Poly1305  # last: a key that sees it may already fail with InvalidTag
 
@@ -108,7 +117,10 @@ def _want_fast_cipher() -> None:
         return
     _wanted = True
     if fast_cipher_wanted is None:
-        load_fast_cipher()
+        try:
+            load_fast_cipher()
+        except Exception:  # noqa: BLE001  # no agent to tell: libsodium's keeps sealing, byte for byte the same
+            pass
     else:
         fast_cipher_wanted()
 

@@ -202,9 +202,13 @@ class Cluster:
         timeout: float = 15,
         root: Path = ROOT,
         python: Path | None = None,
+        pythonpath: list[Path] | None = None,
     ) -> AgentProc:
         """Start an agent (from the code under ``root``: another copy is another release; or, with
-        ``python``, from what that interpreter has installed, with ``root`` holding no code)."""
+        ``python``, from what that interpreter has installed, with ``root`` holding no code).
+
+        ``pythonpath`` comes first on the agent's import path, before ``root`` and the
+        installed packages: what it holds stands in for them (a dependency broken on purpose)."""
         gossip_port = gossip_port or free_port()
         api_port = api_port or free_port()
         args = mesh_agent_cmd(python) + [
@@ -224,7 +228,8 @@ class Cluster:
         log_path = self.workdir / f"{name}-{len(self._all)}.log"
         # Agents without --data-dir keep their identity in a default place under the state home
         # (agent/identity.py): this run's own, so that no run leaves anything behind.
-        env = dict(os.environ, PYTHONPATH=str(root), XDG_STATE_HOME=str(self.workdir / "state"))
+        path = os.pathsep.join(str(p) for p in [*(pythonpath or []), root])
+        env = dict(os.environ, PYTHONPATH=path, XDG_STATE_HOME=str(self.workdir / "state"))
         popen = self._procs.start(args, log_path, env, root)
         proc = AgentProc(name, gossip_port, api_port, log_path, popen)
         self.agents[name] = proc

@@ -116,6 +116,22 @@ def test_no_instance_or_dead_instance_fails_loudly(cluster: Cluster) -> None:
     assert a.running() and b.running()
 
 
+def test_an_upstream_that_cannot_listen_at_start_stops_the_start_in_one_line(cluster: Cluster,
+                                                                            tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(f'[[upstream]]\nservice = "web"\nlisten = "127.0.0.1:{port}"\n')
+        a = cluster.start("u0", extra=["--config", str(cfg)], wait=False)
+        assert a.popen.wait(30) == 1
+    log = a.log()
+    assert "Traceback" not in log, log
+    assert log.strip().splitlines()[-1] == f"mesh-agent: upstream: cannot listen on 127.0.0.1:{port}: " \
+        "Address already in use", log[-500:]
+
+
 def test_upstream_errors_are_clear(cluster: Cluster) -> None:
     a = cluster.start("u1")
     port = free_port()
