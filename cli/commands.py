@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import click
 
@@ -32,6 +30,8 @@ from cli.common import (
     _emit,
     _fail,
     _print_json,
+    _query,
+    _segment,
     _table,
     api_option,
     json_option,
@@ -124,7 +124,7 @@ def leave(api: str, as_json: bool) -> None:
 @click.argument("node")
 def force_leave(api: str, as_json: bool, node: str) -> None:
     """Mark NODE, a member that will never come back, as left everywhere (before the reap removes it)."""
-    data = _call(api, "PUT", f"/v1/agent/force-leave/{quote(node, safe='')}")
+    data = _call(api, "PUT", f"/v1/agent/force-leave/{_segment(node)}")
     _emit(data, as_json, f"{data['node']} (was {data['was']}): {data['detail']}")
 
 
@@ -137,6 +137,8 @@ def keygen(out: str | None, force: bool) -> None:
 
     key = generate_key()
     if out:
+        from pathlib import Path
+
         path = Path(out)
         try:
             # O_EXCL: a key file that exists may be the only copy of a cluster's key.
@@ -176,7 +178,7 @@ def services(ctx: click.Context, api: str, as_json: bool) -> None:
 @click.argument("name")
 def services_show(api: str, as_json: bool, passing: bool, name: str) -> None:
     """Show the instances of service NAME across the mesh."""
-    path = f"/v1/services/{quote(name, safe='')}" + ("?passing" if passing else "")
+    path = f"/v1/services/{_segment(name)}" + ("?passing" if passing else "")
     data = _call(api, "GET", path)
     if as_json:
         _print_json(data)  # the API's objects whole (node_status included)
@@ -246,7 +248,7 @@ def services_register(api: str, as_json: bool, name: str, port: int, iid: str | 
 @click.argument("iid", metavar="ID")
 def services_deregister(api: str, as_json: bool, iid: str) -> None:
     """Remove instance ID from the local agent."""
-    data = _call(api, "DELETE", f"/v1/services/{quote(iid, safe='')}")
+    data = _call(api, "DELETE", f"/v1/services/{_segment(iid)}")
     # Ids are per node (as in Consul): say whose instance this was.
     _emit(data, as_json, f"deregistered {data['id']} (service {data['service']}) from node {data['node']}")
 
@@ -319,7 +321,7 @@ def upstreams_add(api: str, as_json: bool, service: str, listen: str, source: st
 @click.argument("service")
 def upstreams_remove(api: str, as_json: bool, service: str) -> None:
     """Close the upstream for SERVICE."""
-    data = _call(api, "DELETE", f"/v1/upstreams/{quote(service, safe='')}")
+    data = _call(api, "DELETE", f"/v1/upstreams/{_segment(service)}")
     _emit(data, as_json, f"removed upstream {data['service']}")
 
 
@@ -378,7 +380,7 @@ def intentions_deny(api: str, as_json: bool, description: str | None, source: st
 @click.argument("destination")
 def intentions_remove(api: str, as_json: bool, source: str, destination: str) -> None:
     """Remove the rule from SOURCE to DESTINATION."""
-    data = _call(api, "DELETE", f"/v1/intentions/{quote(source, safe='')}/{quote(destination, safe='')}")
+    data = _call(api, "DELETE", f"/v1/intentions/{_segment(source)}/{_segment(destination)}")
     _emit(data, as_json, f"removed {data['source']} -> {data['destination']}")
 
 
@@ -420,7 +422,7 @@ def config_write(api: str, as_json: bool, cas: int | None, file: Any) -> None:
 @click.argument("name")
 def config_read(api: str, as_json: bool, kind: str, name: str) -> None:
     """Show one entry, with who wrote it and when."""
-    data = _call(api, "GET", f"/v1/config/{quote(kind, safe='')}/{quote(name, safe='')}")
+    data = _call(api, "GET", f"/v1/config/{_segment(kind)}/{_segment(name)}")
     if as_json:
         _print_json(data)
         return
@@ -435,7 +437,7 @@ def config_read(api: str, as_json: bool, kind: str, name: str) -> None:
 @click.argument("kind", required=False)
 def config_list(api: str, as_json: bool, kind: str | None) -> None:
     """List the entries, of one KIND or all."""
-    data = _call(api, "GET", "/v1/config" + (f"/{quote(kind, safe='')}" if kind else ""))
+    data = _call(api, "GET", "/v1/config" + (f"/{_segment(kind)}" if kind else ""))
     if as_json:
         _print_json(data)
         return
@@ -452,7 +454,7 @@ def config_list(api: str, as_json: bool, kind: str | None) -> None:
 @click.argument("name")
 def config_delete(api: str, as_json: bool, cas: int | None, kind: str, name: str) -> None:
     """Delete an entry everywhere (the delete itself spreads, so it cannot come back)."""
-    path = f"/v1/config/{quote(kind, safe='')}/{quote(name, safe='')}" + (f"?cas={cas}" if cas else "")
+    path = f"/v1/config/{_segment(kind)}/{_segment(name)}" + (f"?cas={cas}" if cas else "")
     data = _call(api, "DELETE", path)
     _emit(data, as_json, f"deleted {data['kind']} {data['name']} (version {data['version']})")
 
@@ -527,7 +529,7 @@ def keys_remove(api: str, as_json: bool, key: str) -> None:
 @click.argument("service", required=False)
 def routes(api: str, as_json: bool, service: str | None) -> None:
     """Show the routing table: each upstream's instances with RTT, path, weight and state."""
-    path = "/v1/routes" + ("?" + urlencode({"service": service}) if service else "")
+    path = "/v1/routes" + ("?" + _query({"service": service}) if service else "")
     data = _call(api, "GET", path)
     if as_json:
         _print_json(data)
@@ -553,7 +555,7 @@ def routes(api: str, as_json: bool, service: str | None) -> None:
 def rtt(api: str, as_json: bool, node: str, node2: str | None) -> None:
     """Round-trip time from this agent to NODE, or from NODE to NODE2 (estimated from coordinates)."""
     query = {"to": node} if node2 is None else {"from": node, "to": node2}
-    data = _call(api, "GET", "/v1/rtt?" + urlencode(query))
+    data = _call(api, "GET", "/v1/rtt?" + _query(query))
     _emit(data, as_json, f"{data['from']} <-> {data['to']}: {data['rtt_ms']:.3f} ms ({data['source']})")
 
 
@@ -576,7 +578,7 @@ def monitor(api: str, as_json: bool, log_level: str) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         try:
-            lines = stream_lines(api, "/v1/agent/monitor?" + urlencode({"log_level": log_level}))
+            lines = stream_lines(api, "/v1/agent/monitor?" + _query({"log_level": log_level}))
         except ApiError as exc:
             _fail(str(exc))
         click.echo(f"mesh-agent: monitoring {api} at level {log_level} (Ctrl-C to stop)", err=True)

@@ -19,6 +19,22 @@ from cli.client import ApiError, call
 DEFAULT_API = "127.0.0.1:7947"
 STATUSES = ("alive", "suspect", "dead", "left")
 
+
+def _segment(value: str) -> str:
+    """``value`` as one path segment of an API URL: percent-encoded, "/" included."""
+    # urllib.parse (with ipaddress) loads only for the commands that build such URLs, not for
+    # `members` or `info`, which operators and their scripts call all day.
+    from urllib.parse import quote
+
+    return quote(value, safe="")
+
+
+def _query(fields: dict[str, Any]) -> str:
+    """``fields`` as a URL query string (no leading "?")."""
+    from urllib.parse import urlencode
+
+    return urlencode(fields)
+
 _api_address = click.option(
     "--api", envvar="MESH_API", default=DEFAULT_API, show_default=True, show_envvar=True,
     help="Address of the local agent's API.",

@@ -13,11 +13,11 @@ import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
-from urllib.parse import urlencode
 
 import click
 
 from cli.client import ApiError, call, stream_lines
+from cli.common import _query
 
 Decorator = Callable[[Any], Any]
 
@@ -82,7 +82,7 @@ def tap_text(item: dict[str, Any]) -> str:
 @click.argument("service", required=False)
 def stat(api: str, as_json: bool, service: str | None) -> None:
     """Success rate, requests/s and latency p50/p95/p99 of HTTP services over the last minute."""
-    path = "/v1/stat" + (f"?{urlencode({'service': service})}" if service else "")
+    path = "/v1/stat" + (f"?{_query({'service': service})}" if service else "")
     try:
         view = call(api, "GET", path)
     except ApiError as exc:
@@ -106,7 +106,7 @@ def tap(api: str, as_json: bool, service: str, instance: str | None, method: str
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends us quietly
     try:
         try:
-            lines = stream_lines(api, "/v1/tap?" + urlencode(query))
+            lines = stream_lines(api, "/v1/tap?" + _query(query))
         except ApiError as exc:
             _fail(str(exc))
         click.echo(f"mesh-agent: tapping {service} at {api} (Ctrl-C to stop)", err=True)
