@@ -61,6 +61,7 @@ from simulations.bench_cluster import (  # noqa: E402
     SerfRPC,
     http_json,
     proc_cpu_seconds,
+    proc_cpu_seconds_fine,
     proc_rss_mib,
     snapshot_source,
 )
@@ -190,7 +191,7 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
             print(f"  {col.label}: the agent did not start; see {work}", file=sys.stderr)
             return
         col.add("start_s", time.monotonic() - t0)
-        col.add("start_cpu_s", proc_cpu_seconds(p.pid))
+        col.add("start_cpu_s", proc_cpu_seconds_fine(p.pid))
         time.sleep(max(0.0, t0 + RSS_AFTER - time.monotonic()))
         col.add("rss_alone_mib", proc_rss_mib(p.pid))
         walls = []
