@@ -100,6 +100,14 @@ def test_a_service_configured_at_start_with_no_data_plane_stops_the_start_with_t
     assert "Traceback" not in a.log(), a.log()
 
 
+def packages(site: Path, files: dict[str, str]) -> Path:
+    """``site`` holding ``files`` (path -> text): packages to put first on an import path."""
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    return site
+
+
 #: cryptography as a broken install leaves it: the package is there, its cipher module is not.
 _MISSING = {"cryptography/__init__.py": "",
             "cryptography/exceptions.py": "class InvalidTag(Exception):\n    pass\n",
@@ -125,10 +133,7 @@ _FIPS = dict(_MISSING, **{
 ], ids=["cipher-missing", "fips-openssl"])
 def test_without_openssls_cipher_tunnels_seal_with_libsodium_and_say_so(
         cluster: Cluster, tmp_path: Path, files: dict[str, str], cause: str) -> None:
-    fake = tmp_path / "site"
-    for rel, text in files.items():
-        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
-        (fake / rel).write_text(text)
+    fake = packages(tmp_path / "site", files)
     a = cluster.start("fc-a", pythonpath=[fake])
     c = cluster.start("fc-c", join=[a.addr], pythonpath=[fake])
     cluster.wait_converged(["fc-a", "fc-c"])
@@ -155,14 +160,11 @@ def test_without_openssls_cipher_tunnels_seal_with_libsodium_and_say_so(
 
 def test_load_fast_cipher_takes_openssls_only_once_it_seals_as_libsodium_does(tmp_path: Path) -> None:
     """In a fresh interpreter: a cipher that seals differently is refused and libsodium's kept."""
-    fake = tmp_path / "site"
     wrong = dict(_MISSING, **{"cryptography/hazmat/primitives/ciphers/aead.py":
                               "class ChaCha20Poly1305:\n"
                               "    def __init__(self, key):\n        pass\n"
                               "    def encrypt(self, nonce, data, ad):\n        return bytes(len(data) + 16)\n"})
-    for rel, text in wrong.items():
-        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
-        (fake / rel).write_text(text)
+    fake = packages(tmp_path / "site", wrong)
     prog = ("from dataplane import noise\n"
             "try:\n    noise.load_fast_cipher()\nexcept noise.NoiseError as e:\n    print('refused:', e)\n"
             "assert noise._Fast is None\n"
