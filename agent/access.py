@@ -97,6 +97,10 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+#: Allowed Host values remembered as sent (AccessPolicy.host_allowed).
+HOSTS_SEEN = 64
+
+
 class AccessPolicy:
     """The API's rules, with the refusal counters and the rate-limited refusal log."""
 
@@ -108,6 +112,9 @@ class AccessPolicy:
         #: The names and addresses a request's Host may carry (RFC 9110 §7.2).
         self.hosts = {"localhost", "127.0.0.1", "::1", bound}
         self.hosts.update(a[0] for a in (_authority(h, self.port) for h in allow_hosts) if a is not None)
+        #: Host values seen allowed, as sent: every poll of a kept-alive client sends the same one.
+        #: Only allowed values are kept, and at most HOSTS_SEEN of them, so no client can grow it.
+        self._hosts_seen: set[str] = set()
         self._token = token.encode() if token else None
         self.agent_uid = os.geteuid() if agent_uid is None else agent_uid
         self.refused: Counter[str] = Counter({r: 0 for r in REASONS})
@@ -119,10 +126,13 @@ class AccessPolicy:
 
     def host_allowed(self, host: str | None) -> bool:
         """A missing Host (HTTP/1.0) is no browser's; an IP literal cannot be rebound, so a wildcard bind takes any."""
-        if host is None:
+        if host is None or host in self._hosts_seen:
             return True
         addr = _authority(host, self.port)
-        return addr is not None and self._name_allowed(addr[0])
+        allowed = addr is not None and self._name_allowed(addr[0])
+        if allowed and len(self._hosts_seen) < HOSTS_SEEN:
+            self._hosts_seen.add(host)
+        return allowed
 
     def _name_allowed(self, name: str) -> bool:
         return name in self.hosts or (self.wildcard and _is_ip(name))

@@ -533,7 +533,7 @@ class ApiServer:
             except (ValueError, UnicodeDecodeError):
                 return 400, {"error": "request body is not valid JSON"}
         try:
-            return await handler(parse_qs(query, keep_blank_values=True), parsed)
+            return await handler(parse_qs(query, keep_blank_values=True) if query else {}, parsed)
         except HttpError as exc:
             return exc.status, {"error": exc.message}
         except StoreError as exc:  # a change that could not be saved, and so was not made

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agent.access import LOG_EVERY, AccessPolicy, Caller, Refused
+from agent.access import HOSTS_SEEN, LOG_EVERY, AccessPolicy, Caller, Refused
 
 TOKEN = "t0ken-of-the-operator-0123456789"
 
@@ -49,6 +49,22 @@ def test_allowed_names_and_a_bound_address() -> None:
     wildcard = policy(("0.0.0.0", 7947))
     assert check(wildcard, host="192.0.2.9:7947")  # an IP literal cannot be rebound
     assert refusal(wildcard, host="evil.example:7947") == (403, "host")
+
+
+def test_the_host_verdicts_remembered_change_nothing_and_stay_bounded() -> None:
+    """Allowed Host values are remembered as sent (a poller sends the same one each time): a
+    refused one is refused again, and no client can grow what is remembered."""
+    p = policy()
+    for _ in range(3):
+        assert check(p, host="localhost:7947") == Caller(uid=1000)
+        assert refusal(p, host="evil.example:7947") == (403, "host")
+        assert refusal(p, host="LOCALHOST:7947.evil") == (403, "host")
+    wildcard = policy(("0.0.0.0", 7947))
+    for i in range(HOSTS_SEEN * 4):
+        assert check(wildcard, host=f"10.0.{i // 250}.{i % 250 + 1}:7947")
+        assert refusal(wildcard, host=f"host{i}.evil.example:7947") == (403, "host")
+    assert len(wildcard._hosts_seen) == HOSTS_SEEN
+    assert check(wildcard, host="10.9.9.9:7947")  # past the bound, still decided, just not remembered
 
 
 @pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:8080", "https://127.0.0.1:7947",
