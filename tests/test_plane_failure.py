@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_dns import dig, status
 from test_proxy import echo_server, roundtrip
 
 from simulations.harness import ROOT, AgentProc, Cluster, free_port, wait_for
@@ -52,7 +53,8 @@ def status_of(a: AgentProc, method: str, path: str, body: Any = None) -> tuple[i
 def test_a_data_plane_that_cannot_load_fails_each_request_with_its_cause(cluster: Cluster,
                                                                          tmp_path: Path) -> None:
     root = broken_plane(tmp_path)
-    a = cluster.start("pf-a", root=root)
+    dns_port = free_port()
+    a = cluster.start("pf-a", root=root, extra=["--dns", f"127.0.0.1:{dns_port}"])
     service = {"name": "web", "port": free_port(), "address": "127.0.0.1"}
     code, body = status_of(a, "PUT", "/v1/services", service)
     assert code == 503, body
@@ -83,6 +85,12 @@ def test_a_data_plane_that_cannot_load_fails_each_request_with_its_cause(cluster
     b = cluster.start("pf-b", join=[a.addr])
     cluster.wait_converged(["pf-a", "pf-b"])
     assert a.running() and b.running()
+    # A virtual name needs an upstream, so the data plane: the answer is SERVFAIL, with the cause logged.
+    b.call("PUT", "/v1/services", {"name": "db", "port": free_port(), "address": "127.0.0.1"})
+    wait_for(lambda: len(a.call("GET", "/v1/services/db")) == 1, 10, "db visible on pf-a")
+    assert status(dig(dns_port, "db.virtual.mesh")) == "SERVFAIL"
+    virtual = [line for line in a.log().splitlines() if '"virtual_upstream_failed"' in line]
+    assert virtual and BROKEN in virtual[0], virtual
     # The install repaired, a call after PLANE_RETRY_AFTER builds the data plane, and the service is served.
     shutil.copy(ROOT / "dataplane" / "relay.py", root / "dataplane" / "relay.py")
     wait_for(lambda: status_of(a, "PUT", "/v1/services", service)[0] == 200, 20, "the data plane built at last")
