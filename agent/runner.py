@@ -149,6 +149,10 @@ class _PlaneAttempt:
         self.error: str | None = None
         self.at = 0.0  # when it failed
 
+    def unavailable(self) -> PlaneUnavailable:
+        """What its callers get when it failed."""
+        return PlaneUnavailable(f"the data plane could not start: {self.error}")
+
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
@@ -315,6 +319,16 @@ class Agent:
                 task_status.started()
                 await self._leave_done.wait()
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # trio wraps what the nursery's body raised: a start that fails in there (the data
+            # plane, an upstream) leaves as the StartupError it is, as the binds' above do.
+            startup, rest = group.split(StartupError)
+            if startup is None or rest is not None:
+                raise
+            first: BaseException = startup
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         finally:
             self._udp.close()
         self.log.info("agent_stopped")
@@ -336,7 +350,7 @@ class Agent:
         if attempt is None:
             failed = self._plane_failed
             if failed is not None and trio.current_time() - failed.at < PLANE_RETRY_AFTER:
-                raise PlaneUnavailable(f"the data plane could not start: {failed.error}")
+                raise failed.unavailable()
             attempt = self._plane_attempt = _PlaneAttempt()
             try:
                 # Shielded: a first caller cancelled here (its client gone) must not leave the
@@ -353,7 +367,7 @@ class Agent:
                 attempt.done.set()
         await attempt.done.wait()
         if self.plane is None:
-            raise PlaneUnavailable(f"the data plane could not start: {attempt.error}")
+            raise attempt.unavailable()
         return self.plane
 
     async def _plane_at_start(self) -> DataPlane:

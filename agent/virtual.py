@@ -131,11 +131,7 @@ class VirtualUpstreams:
         try:
             upstreams = await self.upstreams()
         except PlaneUnavailable as exc:
-            self._failed[service] = now
-            self.stats["failed"] += 1
-            self.log.warning("virtual_upstream_failed", service=service, listen=format_addr((address, port)),
-                             detail=str(exc))
-            return False
+            return self._could_not_open(service, address, port, now, exc)
         from dataplane.proxy import ProxyError, UpstreamExists  # loaded with the upstreams above
 
         try:
@@ -143,15 +139,19 @@ class VirtualUpstreams:
         except UpstreamExists:
             return True  # opened by hand meanwhile
         except (ProxyError, ServiceError) as exc:
-            self._failed[service] = now
-            self.stats["failed"] += 1
-            self.log.warning("virtual_upstream_failed", service=service, listen=format_addr((address, port)),
-                             detail=str(exc))
-            return False
+            return self._could_not_open(service, address, port, now, exc)
         self.opened[service] = _Opened(address, port, now)
         self.stats["opened"] += 1
         self.log.info("virtual_upstream_opened", service=service, listen=format_addr((address, port)))
         return True
+
+    def _could_not_open(self, service: str, address: str, port: int, now: float, exc: Exception) -> bool:
+        """Count and log a virtual upstream that could not be opened; lookups wait RETRY_AFTER to try again."""
+        self._failed[service] = now
+        self.stats["failed"] += 1
+        self.log.warning("virtual_upstream_failed", service=service, listen=format_addr((address, port)),
+                         detail=str(exc))
+        return False
 
     async def reap_loop(self) -> None:
         while True:

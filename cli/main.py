@@ -117,15 +117,6 @@ def agent(api_addr: str | None, config_file: str | None, **flags: Any) -> None:
         trio.run(_main)
     except StartupError as exc:
         _fail(str(exc), 1)
-    except BaseExceptionGroup as group:
-        # What the start's nursery raises comes wrapped (trio's strict exception groups).
-        match, rest = group.split(StartupError)
-        if match is None or rest is not None:
-            raise
-        first: BaseException = match
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        _fail(str(first), 1)
     except KeyboardInterrupt:
         sys.exit(130)
 
