@@ -36,6 +36,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.IN.SRV
 
+from agent.dns_codes import BADVERS, COUNTED_TYPES, FORMERR, NOERROR, NOTIMP, NXDOMAIN, RCODE_NAMES, REFUSED
 from agent.dns_settings import DnsSettings
 from gossip.registry import Instance
 
@@ -93,11 +94,6 @@ _HEADER = struct.Struct("!HHHHH")
 _RR_FIXED = struct.Struct("!HHIH")
 A, AAAA, SRV, TXT, SOA, ANY, OPT = (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.SRV, dns.rdatatype.TXT,
                                     dns.rdatatype.SOA, dns.rdatatype.ANY, dns.rdatatype.OPT)
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED, BADVERS = 0, 1, 2, 3, 4, 5, 16
-RCODE_NAMES = {NOERROR: "NOERROR", FORMERR: "FORMERR", SERVFAIL: "SERVFAIL", NXDOMAIN: "NXDOMAIN",
-               NOTIMP: "NOTIMP", REFUSED: "REFUSED", BADVERS: "BADVERS"}
-#: Query types counted by name in /metrics; the rest as "other".
-COUNTED_TYPES = ("A", "AAAA", "SRV", "TXT", "SOA", "NS", "ANY", "PTR", "CNAME", "MX", "AXFR", "IXFR")
 
 
 class Malformed(Exception):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.dns_answers import COUNTED_TYPES, RCODE_NAMES
+from agent.dns_codes import COUNTED_TYPES, RCODE_NAMES
 
 if TYPE_CHECKING:
     from agent.runner import Agent

@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from test_proxy import echo_server
@@ -13,6 +15,8 @@ from test_proxy import echo_server
 from simulations.harness import Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def scrape(api: str) -> tuple[str, str]:
@@ -88,3 +92,21 @@ def test_metrics_pass_promtool_and_count_what_happened(cluster: Cluster) -> None
     assert value(other, "mesh_tunnel_streams_accepted_total") >= 5
     assert value(other, 'mesh_gossip_push_pull_total{result="ok",role="initiator"}') >= 1  # its join
     assert value(text, 'mesh_gossip_push_pull_total{result="ok",role="responder"}') >= 1
+
+
+_METRICS_IMPORT = r"""
+import sys
+from agent import lean
+lean.import_trio()  # as the agent imports trio: without idna (agent/lean.py)
+import agent.metrics
+print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("dns", "idna", "httptools", "h11"))))
+"""
+
+
+def test_a_scrape_loads_no_dns_or_http_parser() -> None:
+    """An agent that is scraped but never asked a name, nor carries HTTP, keeps dnspython and the parsers out:
+    /metrics names their series from constants of their own (agent/dns_codes.py)."""
+    r = subprocess.run([sys.executable, "-c", _METRICS_IMPORT], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [], r.stdout
