@@ -4,7 +4,8 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
 
 1. RSS of one idle agent, alone, 2 s after it was spawned;
 2. spawn to the API answering (ours ``GET /v1/health``; Serf: its RPC answers ``members``), wall
-   time and the CPU seconds the process had spent by then;
+   time and the CPU seconds the process had spent by then, for that agent and ``--starts`` - 1
+   more started alone after it (one agent is one sample, and single starts scatter by 10 %);
 3. ``members`` from the command line, end to end (``mesh-agent members`` / ``serf members``),
    median of ``--cli-calls`` calls against that agent;
 4. ``--members`` agents (5) joined into one cluster, each with ``--services`` services (3) registered
@@ -179,19 +180,17 @@ def wait(pred: Callable[[], bool], timeout: float, interval: float) -> bool:
     return pred()
 
 
-def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
-    """Rows 1-3: start one agent, time it to ready, read its RSS at 2 s, time the CLI against it."""
+def one_agent(col: Column, key: str, work: Path, cli_calls: int, starts: int) -> None:
+    """Rows 1-3: start one agent, time it to ready, read its RSS at 2 s, time the CLI against it;
+    then ``starts - 1`` more agents, one at a time, timed to ready only."""
     procs = Processes()
     try:
         port, ctl = free_port(), free_port()
         t0 = time.monotonic()
         p = procs.start(col.agent_cmd("solo", port, ctl, key, None), work / f"{col.label}-solo.log", col.env(),
                         col.cwd())
-        if not wait(lambda: col.ready(ctl) or p.poll() is not None, 30, READY_POLL) or p.poll() is not None:
-            print(f"  {col.label}: the agent did not start; see {work}", file=sys.stderr)
+        if not timed_start(col, p, ctl, t0, work):
             return
-        col.add("start_s", time.monotonic() - t0)
-        col.add("start_cpu_s", proc_cpu_seconds_fine(p.pid))
         time.sleep(max(0.0, t0 + RSS_AFTER - time.monotonic()))
         col.add("rss_alone_mib", proc_rss_mib(p.pid))
         walls = []
@@ -203,6 +202,26 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int) -> None:
         col.add("cli_members_s", statistics.median(walls) if walls else None)
     finally:
         procs.close()
+    for i in range(starts - 1):  # a start is one sample: more of them, for a median that holds still
+        procs = Processes()
+        try:
+            port, ctl = free_port(), free_port()
+            t0 = time.monotonic()
+            p = procs.start(col.agent_cmd(f"solo{i}", port, ctl, key, None), work / f"{col.label}-solo{i}.log",
+                            col.env(), col.cwd())
+            timed_start(col, p, ctl, t0, work)
+        finally:
+            procs.close()
+
+
+def timed_start(col: Column, p: subprocess.Popen[bytes], ctl: int, t0: float, work: Path) -> bool:
+    """Rows 2 and 3 for one agent spawned at ``t0``: False if it never answered."""
+    if not wait(lambda: col.ready(ctl) or p.poll() is not None, 30, READY_POLL) or p.poll() is not None:
+        print(f"  {col.label}: the agent did not start; see {work}", file=sys.stderr)
+        return False
+    col.add("start_s", time.monotonic() - t0)
+    col.add("start_cpu_s", proc_cpu_seconds_fine(p.pid))
+    return True
 
 
 #: How long after the members all list every service their RSS is read: the data plane's load,
@@ -479,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--services", type=int, default=3, choices=range(len(SERVICES) + 1),
                     help="services each of those members registers")
     ap.add_argument("--cli-calls", type=int, default=10, help="CLI calls per run (median)")
+    ap.add_argument("--starts", type=int, default=5, help="agents started alone per run for rows 2 and 3 (median)")
     ap.add_argument("--ref", help="also run this git revision of our code, side by side")
     ap.add_argument("--no-serf", action="store_true", help="leave Serf out")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on the crowd after this long (s)")
@@ -509,12 +529,13 @@ def main(argv: list[str] | None = None) -> int:
             for col in cols:
                 print(f"run {run + 1}/{args.runs}: {col.label}", file=sys.stderr, flush=True)
                 if not (args.crowd_only or args.members_only):
-                    one_agent(col, key, work, args.cli_calls)
+                    one_agent(col, key, work, args.cli_calls, max(1, args.starts))
                 if not args.crowd_only:
                     members_with_services(col, key, work, args.members, args.services)
                 if not args.members_only:
                     crowd(col, key, work, args.agents, args.timeout, args.api_requests)
-        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs; load average (1 min) "
+        print(f"code: {what}; {os.cpu_count()} cores; median of {args.runs} runs (the start's rows: of "
+              f"{args.runs * max(1, args.starts)} starts); load average (1 min) "
               f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n")
         print(table(cols, args.agents, args.members, args.services))
         print()
