@@ -132,6 +132,30 @@ def test_client_commands_speak_only_http(cluster: Cluster) -> None:
     assert imported == ["gossip", "gossip.address"], p.stdout
 
 
+_CODEC_PROBE = """
+import sys
+from cli.main import main
+for argv in (["members"], ["info"], ["services"]):
+    try:
+        main(argv + ["--api", {api!r}], standalone_mode=False)
+    except SystemExit:
+        pass
+print("LOADED", "encodings.idna" in sys.modules, "stringprep" in sys.modules)
+"""
+
+
+def test_the_commands_operators_call_all_day_load_no_idna_codec(cluster: Cluster) -> None:
+    """``members``, ``info`` and ``services`` reach the agent by an ASCII name or address: the resolver is
+    asked without Python's "idna" codec, which loads stringprep and unicodedata at every call."""
+    s = cluster.start("c1")
+    for api in (s.api, f"localhost:{s.api_port}"):
+        p = subprocess.run([sys.executable, "-c", _CODEC_PROBE.format(api=api)], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert p.returncode == 0, p.stderr
+        assert "c1" in p.stdout  # the commands did reach the agent
+        assert p.stdout.splitlines()[-1] == "LOADED False False", p.stdout
+
+
 def test_join_command_and_env_api(cluster: Cluster) -> None:
     a = cluster.start("j1")
     b = cluster.start("j2")
