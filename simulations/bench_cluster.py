@@ -605,7 +605,10 @@ def snapshot_source(dest: Path, ref: str | None, src_root: Path | None = None) -
         data = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref],
                               capture_output=True, check=True, timeout=120).stdout
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.11.4 and later
+                tar.extractall(dest, filter="data")
+            else:  # an archive git made of this repository's own commit
+                tar.extractall(dest)
         what = f"git revision {ref} ({commit})"
     else:
         root = src_root or ROOT
