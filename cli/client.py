@@ -122,8 +122,8 @@ def call(api: str, method: str, path: str, body: Any = None, timeout: float = 30
     host, port = addr
     try:
         # getaddrinfo runs a str host through Python's "idna" codec, which loads it, stringprep and
-        # unicodedata at every call (about 1 ms of a command); an ASCII name or address as bytes asks
-        # the resolver the same question.
+        # unicodedata in every command; an ASCII name or address as bytes asks the resolver the same
+        # question.
         target = (host.encode("ascii") if host.isascii() else host, port)
         with socket.create_connection(target, timeout=timeout) as sock:  # type: ignore[arg-type]
             sock.sendall(request)

@@ -5,7 +5,7 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
 1. RSS of one idle agent, alone, 2 s after it was spawned;
 2. spawn to the API answering (ours ``GET /v1/health``; Serf: its RPC answers ``members``), wall
    time and the CPU seconds the process had spent by then, for that agent and ``--starts`` - 1
-   more started alone after it (one agent is one sample, and single starts scatter by 10 %);
+   more started alone after it (one agent is one sample, and single starts scatter);
 3. ``members`` from the command line, end to end (``mesh-agent members`` / ``serf members``),
    median of ``--cli-calls`` calls against that agent;
 4. ``--members`` agents (5) joined into one cluster, each with ``--services`` services (3) registered
@@ -185,12 +185,10 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int, starts: int) ->
     then ``starts - 1`` more agents, one at a time, timed to ready only."""
     procs = Processes()
     try:
-        port, ctl = free_port(), free_port()
-        t0 = time.monotonic()
-        p = procs.start(col.agent_cmd("solo", port, ctl, key, None), work / f"{col.label}-solo.log", col.env(),
-                        col.cwd())
-        if not timed_start(col, p, ctl, t0, work):
+        spawned = start_alone(col, procs, "solo", key, work)
+        if spawned is None:
             return
+        p, ctl, t0 = spawned
         time.sleep(max(0.0, t0 + RSS_AFTER - time.monotonic()))
         col.add("rss_alone_mib", proc_rss_mib(p.pid))
         walls = []
@@ -205,23 +203,25 @@ def one_agent(col: Column, key: str, work: Path, cli_calls: int, starts: int) ->
     for i in range(starts - 1):  # a start is one sample: more of them, for a median that holds still
         procs = Processes()
         try:
-            port, ctl = free_port(), free_port()
-            t0 = time.monotonic()
-            p = procs.start(col.agent_cmd(f"solo{i}", port, ctl, key, None), work / f"{col.label}-solo{i}.log",
-                            col.env(), col.cwd())
-            timed_start(col, p, ctl, t0, work)
+            start_alone(col, procs, f"solo{i}", key, work)
         finally:
             procs.close()
 
 
-def timed_start(col: Column, p: subprocess.Popen[bytes], ctl: int, t0: float, work: Path) -> bool:
-    """Rows 2 and 3 for one agent spawned at ``t0``: False if it never answered."""
-    if not wait(lambda: col.ready(ctl) or p.poll() is not None, 30, READY_POLL) or p.poll() is not None:
+def start_alone(col: Column, procs: Processes, name: str, key: str,
+                work: Path) -> tuple[subprocess.Popen[bytes], int, float] | None:
+    """Spawn one agent on its own and record rows 2 and 3 for it: (process, API port, spawn time),
+    or None if it never answered."""
+    port, ctl = free_port(), free_port()
+    t0 = time.monotonic()
+    p = procs.start(col.agent_cmd(name, port, ctl, key, None), work / f"{col.label}-{name}.log", col.env(),
+                    col.cwd())
+    if not wait(lambda: started(col, p, ctl), 30, READY_POLL) or p.poll() is not None:
         print(f"  {col.label}: the agent did not start; see {work}", file=sys.stderr)
-        return False
+        return None
     col.add("start_s", time.monotonic() - t0)
     col.add("start_cpu_s", proc_cpu_seconds_fine(p.pid))
-    return True
+    return p, ctl, t0
 
 
 #: How long after the members all list every service their RSS is read: the data plane's load,
