@@ -1,5 +1,14 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
-PYTHON ?= python3
+# The venv's interpreter: the distribution's own python3 where it is 3.11 or newer and has its venv module,
+# else the first python3 on PATH; `make PYTHON=...` picks another.  The distribution's is the one the
+# compose images run, and it is built with profile-guided and link-time optimization, which a python3
+# built from source (pyenv's default) is not: every agent start and CLI call costs less CPU on it
+# (docs/footprint.md, "The interpreter").
+SYSTEM_PYTHON := /usr/bin/python3
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell $(SYSTEM_PYTHON) -c 'import ensurepip, sys, venv; sys.exit(sys.version_info < (3, 11))' \
+            >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
+endif
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
