@@ -22,7 +22,9 @@ Side by side in one run, mesh-agent (lan profile, encrypted) and HashiCorp Serf,
    agents, real sockets: the figure includes h11, trio and the kernel's loopback.
 
 ``--ref REV`` adds a column for a git revision of our code, run from a snapshot, in the same run
-(interleaved: every run measures each column once), so a change's effect is a ratio, not a memory.
+(interleaved: every run measures each column once), so a change's effect is a ratio, not a memory;
+``--python PATH`` adds one for our code run by another interpreter (a venv's python that has the
+dependencies installed), so an interpreter's effect is one too.
 It ends with the import-time profile of the agent and of the CLI (``python -X importtime``),
 grouped by top-level package, and the floor: what an interpreter that imports only the agent's
 dependencies costs (as a plain ``import`` does, and as the agent imports them: agent/lean.py),
@@ -86,6 +88,7 @@ class Column:
     label: str
     kind: str  # "ours" or "serf"
     code: Path | None = None  # ours: the snapshot to run (PYTHONPATH)
+    python: str = sys.executable  # ours: the interpreter that runs it
     samples: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, metric: str, value: float | None) -> None:
@@ -104,7 +107,7 @@ class Column:
 
     def agent_cmd(self, name: str, port: int, ctl: int, key: str, join: int | None) -> list[str]:
         if self.kind == "ours":
-            cmd = [sys.executable, "-m", "cli.main", "agent", "--name", name, "--bind", f"{HOST}:{port}",
+            cmd = [self.python, "-m", "cli.main", "agent", "--name", name, "--bind", f"{HOST}:{port}",
                    "--api", f"{HOST}:{ctl}", "--tunnel", f"{HOST}:0", "--key", key, "--profile", "lan",
                    "--log-format", "json"]
             return cmd + (["--join", f"{HOST}:{join}"] if join else [])
@@ -127,7 +130,7 @@ class Column:
 
     def cli_cmd(self, ctl: int) -> list[str]:
         if self.kind == "ours":
-            return [sys.executable, "-m", "cli.main", "members", "--api", f"{HOST}:{ctl}"]
+            return [self.python, "-m", "cli.main", "members", "--api", f"{HOST}:{ctl}"]
         return [SERF, "members", f"-rpc-addr={HOST}:{ctl}"]
 
     def names_in_log(self, text: str) -> set[str]:
@@ -380,23 +383,30 @@ def crowd(col: Column, key: str, work: Path, n: int, timeout: float, api_request
         procs.close()
 
 
-def compile_as_installed(code: Path) -> None:
+def python_version(python: str) -> str:
+    """``python 3.11.2``: what an interpreter says it is, for a column's label."""
+    r = subprocess.run([python, "-c", "import platform; print(platform.python_version())"], capture_output=True,
+                       text=True, check=True, timeout=30)
+    return f"python {r.stdout.strip()}"
+
+
+def compile_as_installed(code: Path, python: str = sys.executable) -> None:
     """Byte-compile the snapshot, as pip does when it installs a wheel.
 
     Without it every agent would compile our sources at each start (this
     machine sets PYTHONDONTWRITEBYTECODE, so nothing is ever cached), and the
     table would show a cost no installed agent pays.
     """
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(code)], check=True, capture_output=True,
+    subprocess.run([python, "-m", "compileall", "-q", str(code)], check=True, capture_output=True,
                    timeout=300)
 
 
-def import_profile(code: Path | None, statement: str, top: int = 8) -> str:
+def import_profile(code: Path | None, statement: str, top: int = 8, python: str = sys.executable) -> str:
     """``python -X importtime`` of ``statement``, summed by top-level package: the biggest first."""
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = str(code)
-    r = subprocess.run([sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True,
+    r = subprocess.run([python, "-X", "importtime", "-c", statement], capture_output=True, text=True,
                        cwd=code or ROOT, env=env, timeout=60)
     by_pkg: dict[str, int] = {}
     total = 0
@@ -434,14 +444,14 @@ _MEASURE = ("\nimport resource, sys; u = resource.getrusage(resource.RUSAGE_SELF
             "sys.stdout.write(f'{u.ru_utime + u.ru_stime} {int(hwm) / 1024}')")
 
 
-def import_cost(code: Path | None, statement: str, runs: int) -> tuple[float, float]:
+def import_cost(code: Path | None, statement: str, runs: int, python: str = sys.executable) -> tuple[float, float]:
     """Median CPU seconds and peak RSS (MiB) of a fresh interpreter that runs ``statement``."""
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = str(code)
     cpu, rss = [], []
     for _ in range(runs):
-        r = subprocess.run([sys.executable, "-c", statement + _MEASURE], capture_output=True, text=True,
+        r = subprocess.run([python, "-c", statement + _MEASURE], capture_output=True, text=True,
                            cwd=code or ROOT, env=env, timeout=60, check=True)
         c, m = r.stdout.split()
         cpu.append(float(c))
@@ -500,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-calls", type=int, default=10, help="CLI calls per run (median)")
     ap.add_argument("--starts", type=int, default=5, help="agents started alone per run for rows 2 and 3 (median)")
     ap.add_argument("--ref", help="also run this git revision of our code, side by side")
+    ap.add_argument("--python", action="append", default=[], metavar="PATH",
+                    help="also run our code with this interpreter, side by side (repeatable)")
     ap.add_argument("--no-serf", action="store_true", help="leave Serf out")
     ap.add_argument("--timeout", type=float, default=60.0, help="give up on the crowd after this long (s)")
     ap.add_argument("--api-requests", type=int, default=3000,
@@ -520,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             compile_as_installed(ref_code)
             cols.append(Column(f"ref {args.ref}", "ours", ref_code))
             what += f"; ref: {ref_what}"
+        for python in args.python:
+            compile_as_installed(code, python)
+            cols.append(Column(f"ours on {python_version(python)}", "ours", code, python))
         if not args.no_serf and shutil.which(SERF):
             cols.append(Column("serf", "serf"))
         elif not args.no_serf:
@@ -542,30 +557,37 @@ def main(argv: list[str] | None = None) -> int:
         for col in cols:
             if col.kind == "ours":
                 print(f"- import time, {col.label}, agent (`{lean_prefix(col.code)}import agent.runner`): "
-                      + import_profile(col.code, lean_prefix(col.code) + "import cli.main, agent.runner"))
+                      + import_profile(col.code, lean_prefix(col.code) + "import cli.main, agent.runner",
+                                       python=col.python))
                 print(f"- import time, {col.label}, CLI (`import cli.main`): "
-                      + import_profile(col.code, "import cli.main"))
-        floor_cpu, floor_rss = import_cost(None, DEPENDENCIES, max(5, args.runs))
-        print(f"- floor: an interpreter importing only the dependencies (`{DEPENDENCIES}`): "
-              f"{floor_cpu:.3f} CPU-s, {floor_rss:.1f} MiB")
-        lean_cpu, lean_rss = import_cost(cols[0].code, LEAN_DEPENDENCIES, max(5, args.runs))
-        print(f"- the same, imported as our agent imports them (trio without ssl, hashlib without OpenSSL, "
-              f"structlog without asyncio: agent/lean.py): "
-              f"{lean_cpu:.3f} CPU-s, {lean_rss:.1f} MiB")
+                      + import_profile(col.code, "import cli.main", python=col.python))
         cores = os.cpu_count() or 1
-        if not args.members_only:  # what the crowd row cannot beat on this machine, whatever our code does
-            print(f"- the crowd's floor from the dependencies: {args.agents} agents x {lean_cpu:.3f} CPU-s / "
-                  f"{cores} cores = {args.agents * lean_cpu / cores:.2f} s")
-            # Issue 30 set the crowd's goal (2.0 s) beside this yardstick, at 0.1 CPU-s (a floor of 1.25 s):
-            # the machine's speed that day, against which a run on a slower or faster day can be read.
-            trio_cpu, _ = import_cost(None, "import trio", max(5, args.runs))
-            print(f"- trio's import alone (issue 30's yardstick, 0.1 CPU-s when its goals were set): {trio_cpu:.3f} "
-                  f"CPU-s; {args.agents} x that / {cores} cores = {args.agents * trio_cpu / cores:.2f} s")
+        floors: dict[str, tuple[float, float, float, float]] = {}
+        for python in dict.fromkeys(c.python for c in cols if c.kind == "ours"):
+            print(f"- on {python_version(python)} ({python}):")
+            floor_cpu, floor_rss = import_cost(None, DEPENDENCIES, max(5, args.runs), python)
+            print(f"  - floor: an interpreter importing only the dependencies (`{DEPENDENCIES}`): "
+                  f"{floor_cpu:.3f} CPU-s, {floor_rss:.1f} MiB")
+            lean_cpu, lean_rss = import_cost(cols[0].code, LEAN_DEPENDENCIES, max(5, args.runs), python)
+            print(f"  - the same, imported as our agent imports them (trio without ssl, hashlib without OpenSSL, "
+                  f"structlog without asyncio: agent/lean.py): {lean_cpu:.3f} CPU-s, {lean_rss:.1f} MiB")
+            floors[python] = floor_cpu, floor_rss, lean_cpu, lean_rss
+            if not args.members_only:  # what the crowd row cannot beat on this machine, whatever our code does
+                print(f"  - the crowd's floor from the dependencies: {args.agents} agents x {lean_cpu:.3f} CPU-s / "
+                      f"{cores} cores = {args.agents * lean_cpu / cores:.2f} s")
+                # Issue 30 set the crowd's goal (2.0 s) beside this yardstick, at 0.1 CPU-s (a floor of
+                # 1.25 s), read on pyenv's python3.11 built without --enable-optimizations: the machine's
+                # speed that day, against which a run on a slower or faster day can be read.
+                trio_cpu, _ = import_cost(None, "import trio", max(5, args.runs), python)
+                print(f"  - trio's import alone (issue 30's yardstick, 0.1 CPU-s on pyenv's python3.11 when its "
+                      f"goals were set): {trio_cpu:.3f} CPU-s; {args.agents} x that / {cores} cores = "
+                      f"{args.agents * trio_cpu / cores:.2f} s")
         for col in cols:
             if col.kind == "ours":
+                floor_cpu, floor_rss, lean_cpu, lean_rss = floors[col.python]
                 statement = lean_prefix(col.code) + AGENT_IMPORTS
                 base_cpu, base_rss = (lean_cpu, lean_rss) if lean_prefix(col.code) else (floor_cpu, floor_rss)
-                c, m = import_cost(col.code, statement, max(5, args.runs))
+                c, m = import_cost(col.code, statement, max(5, args.runs), col.python)
                 print(f"- {col.label}: an interpreter importing what the agent does (`{statement}`): "
                       f"{c:.3f} CPU-s, {m:.1f} MiB (ours beyond the floor it imports: {c - base_cpu:+.3f} CPU-s, "
                       f"{m - base_rss:+.1f} MiB)")
