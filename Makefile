@@ -13,7 +13,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo compile cluster-key docker-offline test lint typecheck unit canary bench bench-proxy bench-http bench-footprint bench-dns simulate clean
+.PHONY: demo compile cluster-key docker-offline test lint typecheck unit canary bench bench-proxy bench-http bench-footprint bench-dns simulate clean which-python
 
 # editable_mode=compat: the checkout goes on sys.path through a plain .pth line, as a wheel's files would
 # be found; setuptools' default editable finder makes every interpreter start import pathlib and
@@ -118,6 +118,10 @@ $(SIM_STAMP): $(STAMP)
 simulate: $(SIM_STAMP)
 	$(PY) -m simulations report --sizes $(SIM_SIZES) --partition-sizes $(SIM_PARTITION_SIZES) \
 		--churn-sizes $(SIM_CHURN_SIZES) --out $(SIM_OUT)
+
+# The interpreter a new venv would be built from (the existing one's: .venv/pyvenv.cfg).
+which-python:
+	@echo $(PYTHON)
 
 clean:
 	rm -rf $(VENV) $(CANARY) .pytest_cache .mypy_cache .ruff_cache *.egg-info
