@@ -53,7 +53,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -383,8 +383,9 @@ def crowd(col: Column, key: str, work: Path, n: int, timeout: float, api_request
         procs.close()
 
 
+@cache
 def python_version(python: str) -> str:
-    """``python 3.11.2``: what an interpreter says it is, for a column's label."""
+    """``python 3.11.2``: what an interpreter says it is, for a column's label and its floor lines."""
     r = subprocess.run([python, "-c", "import platform; print(platform.python_version())"], capture_output=True,
                        text=True, check=True, timeout=30)
     return f"python {r.stdout.strip()}"

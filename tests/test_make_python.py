@@ -28,27 +28,27 @@ def which_python(*args: str, env: dict[str, str] | None = None) -> str:
     return r.stdout.strip()
 
 
-def stand_in(tmp_path: Path, name: str, status: int) -> Path:
+def stand_in(tmp_path: Path, status: int) -> Path:
     """An 'interpreter' whose answer to the Makefile's check is ``status`` (0: 3.11+ with venv)."""
-    path = tmp_path / name
+    path = tmp_path / "python3"
     path.write_text(f"#!/bin/sh\nexit {status}\n")
     path.chmod(0o755)
     return path
 
 
 def test_the_distributions_interpreter_is_taken_when_it_passes(tmp_path: Path) -> None:
-    ok = stand_in(tmp_path, "python3", 0)
+    ok = stand_in(tmp_path, 0)
     assert which_python(f"SYSTEM_PYTHON={ok}") == str(ok)
 
 
 def test_one_without_venv_or_too_old_falls_back_to_python3_on_path(tmp_path: Path) -> None:
-    refused = stand_in(tmp_path, "python3", 1)
+    refused = stand_in(tmp_path, 1)
     assert which_python(f"SYSTEM_PYTHON={refused}") == "python3"
     assert which_python(f"SYSTEM_PYTHON={tmp_path / 'absent'}") == "python3"
 
 
 def test_an_explicit_python_wins(tmp_path: Path) -> None:
-    ok = stand_in(tmp_path, "python3", 0)
+    ok = stand_in(tmp_path, 0)
     assert which_python(f"SYSTEM_PYTHON={ok}", "PYTHON=/opt/other/python3.11") == "/opt/other/python3.11"
     env = dict(os.environ, PYTHON="/opt/from/env/python3")
     assert which_python(f"SYSTEM_PYTHON={ok}", env=env) == "/opt/from/env/python3"

@@ -7,16 +7,13 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 from test_proxy import echo_server
 
-from simulations.harness import Cluster, free_port, wait_for
+from simulations.harness import ROOT, Cluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def scrape(api: str) -> tuple[str, str]:
